@@ -1,0 +1,140 @@
+//! Machine state: everything besides memory that a VM needs to continue on
+//! another host or in another process. All types are serde-serializable
+//! (kvm-bindings' serde feature for the KVM structures).
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+};
+use serde::{Deserialize, Serialize};
+
+/// The shape of a VM: a replica or a restored VM must match it exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    /// Total RAM in bytes.
+    pub mem_bytes: u64,
+    /// Guest-physical RAM ranges (start, length), in KVM slot order.
+    pub ram_ranges: Vec<(u64, u64)>,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Digest of the guest image the VM booted.
+    pub image_id: u64,
+}
+
+/// Per-vCPU architectural state, in the order it is saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u32,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// Raw KVM_GET_XSAVE2 region (sized by KVM_CAP_XSAVE2), as u32 words.
+    pub xsave: Vec<u32>,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub vcpu_events: kvm_vcpu_events,
+    /// TSC frequency in kHz, if KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// VM-wide state of the in-kernel devices.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// `kv` operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[repr(u32)]
+pub enum KvOp {
+    #[default]
+    Get = 1,
+    Put = 2,
+    Add = 3,
+    Del = 4,
+}
+
+/// A `kv` request: a client id and sequence number make retries idempotent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+pub struct KvRequest {
+    pub client: u32,
+    pub seq: u32,
+    pub op: KvOp,
+    pub key: u64,
+    pub value: u64,
+}
+
+/// A `kv` response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+pub struct KvResponse {
+    pub client: u32,
+    pub seq: u32,
+    /// 0 ok, 1 not found, 2 table full, 3 stale sequence, 4 bad op.
+    pub status: u32,
+    pub value: u64,
+    /// The table's applied-operation counter after this request.
+    pub ops: u64,
+}
+
+/// Something a device sent out of the VM (subject to output commit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// One console line from the guest.
+    Console { cpu: u32, line: String },
+    /// A kv response.
+    Kv(KvResponse),
+    /// A workload reported that it finished.
+    Done { cpu: u32, code: u32 },
+    /// A workload phase marker (tests).
+    Mark { cpu: u32, value: u32 },
+}
+
+/// The saveable state of the VMM's own devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Requests waiting for each cpu.
+    pub kv_queues: Vec<Vec<KvRequest>>,
+    /// Requests each cpu has taken from its mailbox and not yet answered.
+    pub kv_in_flight: Vec<Vec<KvRequest>>,
+    /// Output not yet drained by the owner.
+    pub outbox: Vec<Output>,
+    /// Console lines produced so far.
+    pub console_lines: u64,
+}
+
+/// The complete non-memory state of a machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineState {
+    pub shape: VmShape,
+    /// Guest boot parameters (the workload configuration), opaque here.
+    pub boot: Vec<u8>,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub devices: DeviceState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    #[test]
+    fn device_state_round_trips() {
+        let st = DeviceState {
+            kv_queues: vec![vec![KvRequest { client: 1, seq: 2, op: KvOp::Put, key: 3, value: 4 }], vec![]],
+            kv_in_flight: vec![vec![], vec![KvRequest::default()]],
+            outbox: vec![Output::Console { cpu: 0, line: "hi".into() }, Output::Kv(KvResponse::default())],
+            console_lines: 9,
+        };
+        let b = codec::encode(&st).expect("encode");
+        assert_eq!(codec::decode::<DeviceState>(&b).expect("decode"), st);
+        assert!(codec::decode::<DeviceState>(&b[..b.len() - 1]).is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! The guest ABI: mirrors `vmm/guest/abi.h` (guest physical layout, ports,
+//! hypercalls, workload parameters). The built-in image is embedded here.
+
+/// The built-in guest image (kernel + workloads), built from `vmm/guest` by build.rs.
+pub static GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
+
+pub const PAGE_SIZE: u64 = 0x1000;
+pub const BOOT_INFO_GPA: u64 = 0x1000;
+pub const GDT_GPA: u64 = 0x2000;
+pub const TSS_GPA: u64 = 0x3000;
+pub const IDT_GPA: u64 = 0x4000;
+pub const PML4_GPA: u64 = 0x20000;
+pub const PDPT_GPA: u64 = 0x21000;
+pub const PD_GPA: u64 = 0x22000;
+/// Page directories available for the identity map (one per GiB).
+pub const MAX_PD_PAGES: u64 = 64;
+pub const IMAGE_GPA: u64 = 0x100000;
+pub const IMAGE_MAX: u64 = 0x100000;
+pub const KSTACK_GPA: u64 = 0x200000;
+pub const KSTACK_SIZE: u64 = 0x4000;
+pub const USTACK_GPA: u64 = 0x220000;
+pub const USTACK_SIZE: u64 = 0x8000;
+pub const PERCPU_GPA: u64 = 0x300000;
+pub const MAILBOX_GPA: u64 = 0x310000;
+pub const KV_HEADER_GPA: u64 = 0x320000;
+/// Everything below this is the guest kernel's own (tables, stacks, per-cpu data).
+pub const KERNEL_END: u64 = 0x400000;
+pub const MAX_CPUS: u32 = 8;
+
+pub const SEL_KCODE: u16 = 0x08;
+pub const SEL_KDATA: u16 = 0x10;
+pub const SEL_TSS0: u16 = 0x28;
+
+pub const PORT_CONSOLE: u16 = 0x500;
+pub const PORT_DONE: u16 = 0x501;
+pub const PORT_FAULT: u16 = 0x502;
+pub const PORT_KV_POLL: u16 = 0x510;
+pub const PORT_KV_RESP: u16 = 0x511;
+pub const PORT_MARK: u16 = 0x520;
+
+pub const VEC_WAKE: u32 = 0x40;
+
+pub const PC_TICKS: u64 = 0x00;
+pub const PC_WRITES: u64 = 0x08;
+pub const PC_STAMP: u64 = 0x10;
+pub const PC_KV_OPS: u64 = 0x20;
+
+pub const KV_MAX_BATCH: usize = 32;
+pub const KV_RESP_OFF: u64 = 0x800;
+
+pub const BOOT_MAGIC: u64 = 0x3154_4f4f_4252_5453;
+pub const IMAGE_MAGIC: u64 = 0x3147_4d49_5254_5343;
+
+/// Guest console line limit (bytes), as in `struct con_buf`.
+pub const CONSOLE_MAX: u32 = 252;
+
+/// Which workload the guest's CPL3 code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(u32)]
+pub enum WorkloadKind {
+    /// Waits for interrupts (no writes at CPL3).
+    Idle = 0,
+    /// The memory writer.
+    Dirty = 1,
+    /// The key-value service.
+    Kv = 2,
+    /// CPL0 (emulated) page writes: used to provoke ring overflow.
+    KernelWrite = 3,
+}
+
+/// Page selection pattern of the `dirty` workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(u32)]
+pub enum Pattern {
+    Sequential = 0,
+    Random = 1,
+    HotCold = 2,
+}
+
+/// `struct boot_info` of abi.h / user.c, written by the VMM at [`BOOT_INFO_GPA`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    pub magic: u64,
+    pub ncpus: u32,
+    pub workload: u32,
+    pub tsc_khz: u64,
+    pub timer_count: u64,
+    pub ram_size: u64,
+    pub hole_start: u64,
+    pub hole_size: u64,
+    pub heap_offset: u64,
+    pub ws_pages: u64,
+    pub ws_stride: u64,
+    pub pattern: u32,
+    pub hot_percent: u32,
+    pub rate: u64,
+    pub seed: u64,
+    pub report_ms: u64,
+    pub max_writes: u64,
+    pub kv_slots: u64,
+    pub kv_clients: u64,
+}
+const _: () = assert!(std::mem::size_of::<BootInfo>() == 136);
+
+impl BootInfo {
+    /// The little-endian bytes the guest reads.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(136);
+        v.extend_from_slice(&self.magic.to_le_bytes());
+        v.extend_from_slice(&self.ncpus.to_le_bytes());
+        v.extend_from_slice(&self.workload.to_le_bytes());
+        for x in [
+            self.tsc_khz,
+            self.timer_count,
+            self.ram_size,
+            self.hole_start,
+            self.hole_size,
+            self.heap_offset,
+            self.ws_pages,
+            self.ws_stride,
+        ] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.extend_from_slice(&self.pattern.to_le_bytes());
+        v.extend_from_slice(&self.hot_percent.to_le_bytes());
+        for x in [self.rate, self.seed, self.report_ms, self.max_writes, self.kv_slots, self.kv_clients] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v
+    }
+}
+
+pub use common::state::{KvOp, KvRequest, KvResponse};
+
+pub const KV_OK: u32 = 0;
+pub const KV_NOT_FOUND: u32 = 1;
+
+/// Mailbox encoding of a request (`struct kv_req`).
+pub fn kv_request_bytes(r: &KvRequest) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[0..4].copy_from_slice(&r.client.to_le_bytes());
+    b[4..8].copy_from_slice(&r.seq.to_le_bytes());
+    b[8..12].copy_from_slice(&(r.op as u32).to_le_bytes());
+    b[16..24].copy_from_slice(&r.key.to_le_bytes());
+    b[24..32].copy_from_slice(&r.value.to_le_bytes());
+    b
+}
+
+/// Decodes a mailbox response (`struct kv_resp`).
+pub fn kv_response_from_bytes(b: &[u8; 32]) -> KvResponse {
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    KvResponse { client: u32_at(0), seq: u32_at(4), status: u32_at(8), value: u64_at(16), ops: u64_at(24) }
+}
+
+/// The header at the start of the image (`image_header` in boot.S).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub entry: u64,
+    pub vector_table: u64,
+    pub user_main: u64,
+    pub bss_start: u64,
+    pub image_end: u64,
+}
+
+/// Why an image was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AbiError {
+    #[error("guest image too small or bad magic")]
+    BadMagic,
+    #[error("guest image address {0:#x} outside the image window")]
+    BadAddress(u64),
+}
+
+impl ImageHeader {
+    /// Parses and checks the header of `image` (loaded at [`IMAGE_GPA`]).
+    pub fn parse(image: &[u8]) -> Result<Self, AbiError> {
+        let q = |i: usize| -> Option<u64> {
+            image.get(i * 8..i * 8 + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        if q(0) != Some(IMAGE_MAGIC) {
+            return Err(AbiError::BadMagic);
+        }
+        let h = ImageHeader {
+            entry: q(1).ok_or(AbiError::BadMagic)?,
+            vector_table: q(2).ok_or(AbiError::BadMagic)?,
+            user_main: q(3).ok_or(AbiError::BadMagic)?,
+            bss_start: q(4).ok_or(AbiError::BadMagic)?,
+            image_end: q(5).ok_or(AbiError::BadMagic)?,
+        };
+        for a in [h.entry, h.vector_table, h.user_main, h.bss_start, h.image_end] {
+            if !(IMAGE_GPA..=IMAGE_GPA + IMAGE_MAX).contains(&a) {
+                return Err(AbiError::BadAddress(a));
+            }
+        }
+        Ok(h)
+    }
+
+    /// Handler address for each of the 256 vectors (0 = not present).
+    pub fn vectors(&self, image: &[u8]) -> Vec<u64> {
+        let off = (self.vector_table - IMAGE_GPA) as usize;
+        (0..256)
+            .map(|v| {
+                image
+                    .get(off + v * 8..off + v * 8 + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+/// A 64-bit FNV-1a digest of the image: the guest image id of the VM shape.
+pub fn image_id(image: &[u8]) -> u64 {
+    image.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_image_header_is_sane() {
+        let h = ImageHeader::parse(GUEST_IMAGE).expect("header");
+        assert!(h.image_end as usize - IMAGE_GPA as usize >= GUEST_IMAGE.len());
+        let v = h.vectors(GUEST_IMAGE);
+        assert!(v[3] != 0 && v[13] != 0 && v[14] != 0 && v[0x20] != 0 && v[0x40] != 0 && v[0xff] != 0);
+        assert_eq!(v[0x21], 0);
+    }
+
+    #[test]
+    fn bad_images_are_refused() {
+        assert_eq!(ImageHeader::parse(&[0u8; 8]), Err(AbiError::BadMagic));
+        let mut img = GUEST_IMAGE.to_vec();
+        img[8..16].copy_from_slice(&0x10u64.to_le_bytes());
+        assert_eq!(ImageHeader::parse(&img), Err(AbiError::BadAddress(0x10)));
+    }
+
+    #[test]
+    fn boot_info_bytes_match_layout() {
+        let b = BootInfo { magic: BOOT_MAGIC, timer_count: 7, kv_clients: 9, ..Default::default() };
+        let v = b.to_bytes();
+        assert_eq!(v.len(), 136);
+        assert_eq!(&v[24..32], &7u64.to_le_bytes());
+        assert_eq!(&v[128..136], &9u64.to_le_bytes());
+    }
+}

@@ -1,0 +1,282 @@
+//! Devices: the console (guest lines out) and the `kv` service mailbox.
+//!
+//! Everything a device sends out of the VM goes to the *outbox*; the machine's
+//! owner drains it at epoch boundaries, which is where output commit hooks in.
+//! Device state (queued and in-flight requests, undrained output) is saveable.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::kvm_msi;
+use kvm_ioctls::VmFd;
+pub use common::state::{DeviceState, Output};
+
+use crate::abi::*;
+use crate::memory::GuestMem;
+
+/// Errors of the devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("kv request queue for cpu {0} is full ({1} requests)")]
+    QueueFull(u32, usize),
+    #[error("guest memory: {0}")]
+    Memory(#[from] crate::memory::MemoryError),
+}
+
+/// Bound on queued kv requests per cpu (back-pressure for clients).
+pub const KV_QUEUE_LIMIT: usize = 4096;
+/// Bound on undrained console lines; beyond it lines are counted and dropped.
+pub const CONSOLE_BACKLOG: usize = 10_000;
+
+/// An unexpected exception in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestFault {
+    pub cpu: u32,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queues: Vec<VecDeque<KvRequest>>,
+    in_flight: Vec<Vec<KvRequest>>,
+    outbox: Vec<Output>,
+    console_backlog: usize,
+}
+
+/// A log limiter: the first `burst` events are logged, then one in `every`.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    seen: AtomicU64,
+}
+
+impl LogLimiter {
+    /// Whether this occurrence should be logged (returns the count so far).
+    pub fn allow(&self) -> Option<u64> {
+        let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        (n <= 10 || n.is_power_of_two()).then_some(n)
+    }
+}
+
+/// The devices of one machine.
+#[derive(Debug)]
+pub struct Devices {
+    mem: Arc<GuestMem>,
+    vm: Arc<VmFd>,
+    ncpus: u32,
+    inner: Mutex<Inner>,
+    console_lines: AtomicU64,
+    dropped_lines: AtomicU64,
+    bad_io: LogLimiter,
+}
+
+/// What the vCPU loop must do after an I/O exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoAction {
+    Continue,
+    /// The guest reported an exception (vector); the vCPU stops.
+    Fault(u64),
+}
+
+impl Devices {
+    pub fn new(mem: Arc<GuestMem>, vm: Arc<VmFd>, ncpus: u32) -> Self {
+        Devices {
+            mem,
+            vm,
+            ncpus,
+            inner: Mutex::new(Inner {
+                queues: vec![VecDeque::new(); ncpus as usize],
+                in_flight: vec![Vec::new(); ncpus as usize],
+                ..Default::default()
+            }),
+            console_lines: AtomicU64::new(0),
+            dropped_lines: AtomicU64::new(0),
+            bad_io: LogLimiter::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cpu that serves `client` (requests of one client stay in order).
+    pub fn cpu_for_client(&self, client: u32) -> u32 {
+        client % self.ncpus
+    }
+
+    /// Queues a kv request for the guest and wakes the serving vCPU.
+    pub fn submit(&self, req: KvRequest) -> Result<(), DeviceError> {
+        let cpu = self.cpu_for_client(req.client);
+        {
+            let mut g = self.lock();
+            let q = &mut g.queues[cpu as usize];
+            if q.len() >= KV_QUEUE_LIMIT {
+                return Err(DeviceError::QueueFull(cpu, q.len()));
+            }
+            q.push_back(req);
+        }
+        self.wake(cpu);
+        Ok(())
+    }
+
+    /// Sends the wake-up interrupt to `cpu` (MSI straight to its LAPIC).
+    pub fn wake(&self, cpu: u32) {
+        let msi = kvm_msi { address_lo: 0xfee0_0000 | (cpu << 12), address_hi: 0, data: VEC_WAKE, ..Default::default() };
+        if let Err(e) = self.vm.signal_msi(msi) {
+            if let Some(n) = self.bad_io.allow() {
+                tracing::warn!(cpu, error = %e, occurrences = n, "kv wake-up interrupt failed");
+            }
+        }
+    }
+
+    /// Takes everything the devices sent out since the last call.
+    pub fn drain(&self) -> Vec<Output> {
+        let mut g = self.lock();
+        g.console_backlog = 0;
+        std::mem::take(&mut g.outbox)
+    }
+
+    /// Console lines produced so far (and lines dropped for backlog).
+    pub fn console_counts(&self) -> (u64, u64) {
+        (self.console_lines.load(Ordering::Relaxed), self.dropped_lines.load(Ordering::Relaxed))
+    }
+
+    fn console(&self, cpu: u32, gpa: u64) {
+        let line = (|| {
+            let len = self.mem.read_u32(gpa).ok()?;
+            if len > CONSOLE_MAX {
+                return None;
+            }
+            let mut buf = vec![0u8; len as usize];
+            self.mem.read(gpa + 4, &mut buf).ok()?;
+            Some(String::from_utf8_lossy(&buf).into_owned())
+        })();
+        let Some(line) = line else {
+            if let Some(n) = self.bad_io.allow() {
+                tracing::warn!(cpu, gpa, occurrences = n, "malformed console buffer from guest");
+            }
+            return;
+        };
+        self.console_lines.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.lock();
+        if g.console_backlog >= CONSOLE_BACKLOG {
+            self.dropped_lines.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        g.console_backlog += 1;
+        g.outbox.push(Output::Console { cpu, line });
+    }
+
+    fn kv_poll(&self, cpu: u32) -> u32 {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let (queue, in_flight) = (&mut g.queues[cpu as usize], &mut g.in_flight[cpu as usize]);
+        if !in_flight.is_empty() {
+            // The guest polled again without answering: it lost its batch. Deliver it again.
+            if let Some(n) = self.bad_io.allow() {
+                tracing::warn!(cpu, pending = in_flight.len(), occurrences = n, "kv poll with unanswered batch");
+            }
+        } else {
+            while in_flight.len() < KV_MAX_BATCH {
+                match queue.pop_front() {
+                    Some(r) => in_flight.push(r),
+                    None => break,
+                }
+            }
+        }
+        let mut bytes = Vec::with_capacity(in_flight.len() * 32);
+        for r in in_flight.iter() {
+            bytes.extend_from_slice(&kv_request_bytes(r));
+        }
+        if self.mem.write(MAILBOX_GPA + u64::from(cpu) * PAGE_SIZE, &bytes).is_err() {
+            return 0;
+        }
+        in_flight.len() as u32
+    }
+
+    fn kv_responses(&self, cpu: u32, n: u32) {
+        let mut g = self.lock();
+        let in_flight = std::mem::take(&mut g.in_flight[cpu as usize]);
+        if n as usize != in_flight.len() {
+            if let Some(c) = self.bad_io.allow() {
+                tracing::warn!(cpu, answered = n, delivered = in_flight.len(), occurrences = c, "kv answer count mismatch");
+            }
+        }
+        for (i, req) in in_flight.iter().enumerate().take(n as usize) {
+            let mut b = [0u8; 32];
+            let gpa = MAILBOX_GPA + u64::from(cpu) * PAGE_SIZE + KV_RESP_OFF + i as u64 * 32;
+            if self.mem.read(gpa, &mut b).is_err() {
+                continue;
+            }
+            let resp = kv_response_from_bytes(&b);
+            if resp.client != req.client || resp.seq != req.seq {
+                if let Some(c) = self.bad_io.allow() {
+                    tracing::warn!(cpu, ?resp, ?req, occurrences = c, "kv response does not match its request");
+                }
+                continue;
+            }
+            g.outbox.push(Output::Kv(resp));
+        }
+    }
+
+    /// Handles an OUT from the guest.
+    pub fn io_out(&self, cpu: u32, port: u16, data: &[u8]) -> IoAction {
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(v);
+        match port {
+            PORT_CONSOLE => self.console(cpu, u64::from(value)),
+            PORT_KV_RESP => self.kv_responses(cpu, value),
+            PORT_DONE => self.lock().outbox.push(Output::Done { cpu, code: value }),
+            PORT_MARK => self.lock().outbox.push(Output::Mark { cpu, value }),
+            PORT_FAULT => return IoAction::Fault(u64::from(value)),
+            _ => {
+                if let Some(c) = self.bad_io.allow() {
+                    tracing::debug!(cpu, port, value, occurrences = c, "OUT to unknown port ignored");
+                }
+            }
+        }
+        IoAction::Continue
+    }
+
+    /// Handles an IN from the guest.
+    pub fn io_in(&self, cpu: u32, port: u16, data: &mut [u8]) {
+        let value = match port {
+            PORT_KV_POLL => self.kv_poll(cpu),
+            _ => {
+                if let Some(c) = self.bad_io.allow() {
+                    tracing::debug!(cpu, port, occurrences = c, "IN from unknown port");
+                }
+                u32::MAX
+            }
+        };
+        let b = value.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = b[i % 4];
+        }
+    }
+
+    /// Saves the device state (call with all vCPUs parked).
+    pub fn save(&self) -> DeviceState {
+        let g = self.lock();
+        DeviceState {
+            kv_queues: g.queues.iter().map(|q| q.iter().copied().collect()).collect(),
+            kv_in_flight: g.in_flight.clone(),
+            outbox: g.outbox.clone(),
+            console_lines: self.console_lines.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Restores device state saved by [`Devices::save`] (same cpu count).
+    pub fn restore(&self, st: &DeviceState) {
+        let mut g = self.lock();
+        let n = self.ncpus as usize;
+        g.queues = (0..n).map(|i| st.kv_queues.get(i).cloned().unwrap_or_default().into()).collect();
+        g.in_flight = (0..n).map(|i| st.kv_in_flight.get(i).cloned().unwrap_or_default()).collect();
+        g.outbox = st.outbox.clone();
+        self.console_lines.store(st.console_lines, Ordering::Relaxed);
+    }
+}

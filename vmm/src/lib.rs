@@ -1,0 +1,25 @@
+//! castor-vmm: the KVM machine that castor's primary and secondary both run.
+//!
+//! * [`memory`]: guest memory (vm-memory, MAP_NORESERVE) and the VMM's tracked write path.
+//! * [`ring`]: the KVM dirty ring (mmap, harvest, reset, overflow detection).
+//! * [`tracker`]: ring and bitmap trackers behind one [`tracker::DirtySet`].
+//! * [`vcpu`]: vCPU threads with kick/park/resume.
+//! * [`devices`]: console and the `kv` mailbox.
+//! * [`state`]: full vCPU and VM state save/restore.
+//! * [`snapshot`]: memory + state to a file and back.
+//! * [`machine`]: all of it together.
+//! * [`abi`], [`boot`]: the built-in guest and how it is booted.
+
+pub mod abi;
+pub mod boot;
+pub mod devices;
+pub mod machine;
+pub mod memory;
+pub mod ring;
+pub mod snapshot;
+pub mod state;
+pub mod tracker;
+pub mod vcpu;
+
+pub use machine::{Machine, MachineConfig, MachineError, WorkloadConfig};
+pub use tracker::{DirtySet, TrackerKind};

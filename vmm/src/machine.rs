@@ -1,0 +1,532 @@
+//! The machine: a KVM VM with guest memory, vCPU threads, dirty tracking,
+//! devices and full state save/restore. Both castor's primary and secondary
+//! run this.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::abi::{self, BootInfo, Pattern, WorkloadKind, BOOT_MAGIC, KERNEL_END, PAGE_SIZE, PERCPU_GPA};
+use crate::boot::{self, BootError};
+use crate::devices::{Devices, GuestFault};
+use crate::memory::{self, GuestMem, MemoryError};
+use crate::ring::{self, RingError, RingFlavour};
+use crate::state::{self, MachineState, SaveContext, StateError, VmShape};
+use crate::tracker::{self, DirtySet, SlotTable, TrackerError, TrackerKind};
+use crate::vcpu::{RingState, RunState, Vcpu, VcpuContext, VcpuError};
+
+/// How long a pause may take before the machine reports the vCPU stuck.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(vmm_sys_util::errno::Error),
+    #[error("KVM setup step '{0}' failed: {1}")]
+    Setup(&'static str, vmm_sys_util::errno::Error),
+    #[error("{0} vCPUs requested: 1 to {max} are supported", max = abi::MAX_CPUS)]
+    BadVcpus(u32),
+    #[error("workload: {0}")]
+    BadWorkload(String),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the machine must be paused for {0}")]
+    NotPaused(&'static str),
+    #[error("saved state does not fit: {0}")]
+    ShapeMismatch(String),
+}
+
+/// Workload parameters handed to the guest in its boot info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadConfig {
+    pub kind: WorkloadKind,
+    /// dirty: pages in each vCPU's working set; kwrite: pages per round.
+    pub ws_pages: u64,
+    /// dirty: distance between working-set pages, in pages (spreads the set over RAM).
+    pub ws_stride: u64,
+    pub pattern: Pattern,
+    /// hot/cold: percentage of writes that go to the hot tenth of the set.
+    pub hot_percent: u32,
+    /// Page writes per second per vCPU, 0 = as fast as possible.
+    pub rate: u64,
+    pub seed: u64,
+    /// Progress line period in ms, 0 = none.
+    pub report_ms: u64,
+    /// dirty: writes per vCPU before reporting done; kwrite: rounds. 0 = forever.
+    pub max_writes: u64,
+    /// kv: table slots (power of two).
+    pub kv_slots: u64,
+    /// kv: client dedup slots (power of two).
+    pub kv_clients: u64,
+}
+
+impl WorkloadConfig {
+    /// A `dirty` writer.
+    pub fn dirty(ws_pages: u64, pattern: Pattern, rate: u64) -> Self {
+        WorkloadConfig { kind: WorkloadKind::Dirty, ws_pages, pattern, rate, ..Self::idle() }
+    }
+    /// The `kv` service.
+    pub fn kv() -> Self {
+        WorkloadConfig { kind: WorkloadKind::Kv, ..Self::idle() }
+    }
+    /// A guest that only takes timer interrupts.
+    pub fn idle() -> Self {
+        WorkloadConfig {
+            kind: WorkloadKind::Idle,
+            ws_pages: 0,
+            ws_stride: 1,
+            pattern: Pattern::Sequential,
+            hot_percent: 90,
+            rate: 0,
+            seed: 1,
+            report_ms: 1000,
+            max_writes: 0,
+            kv_slots: 1 << 16,
+            kv_clients: 1 << 12,
+        }
+    }
+}
+
+/// Everything needed to build a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub tracker: TrackerKind,
+    /// Ring only: scan the whole ring for stray entries after each harvest
+    /// (catches desynchronisation early, costs a ring scan per collection).
+    pub ring_verify: bool,
+    /// Guest LAPIC timer frequency.
+    pub timer_hz: u32,
+    pub workload: WorkloadConfig,
+}
+
+impl MachineConfig {
+    pub fn new(mem_bytes: u64, vcpus: u32, tracker: TrackerKind, workload: WorkloadConfig) -> Self {
+        MachineConfig { mem_bytes, vcpus, tracker, ring_verify: false, timer_hz: 250, workload }
+    }
+}
+
+/// Latency of one pause or resume.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PauseTiming {
+    pub elapsed: Duration,
+}
+
+/// A KVM virtual machine.
+#[derive(Debug)]
+pub struct Machine {
+    _kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: Arc<GuestMem>,
+    vcpus: Vec<Arc<Vcpu>>,
+    devices: Arc<Devices>,
+    slots: SlotTable,
+    cfg: MachineConfig,
+    ctx: VcpuContext,
+    save_ctx: SaveContext,
+    shape: VmShape,
+    ring_flavour: Option<RingFlavour>,
+    started: bool,
+    paused: bool,
+    lost_pending: bool,
+}
+
+impl Machine {
+    fn build(cfg: &MachineConfig) -> Result<(Machine, Vec<VcpuFd>), MachineError> {
+        if cfg.vcpus == 0 || cfg.vcpus > abi::MAX_CPUS {
+            return Err(MachineError::BadVcpus(cfg.vcpus));
+        }
+        let mem = Arc::new(GuestMem::new(cfg.mem_bytes)?);
+        let kvm = Kvm::new().map_err(MachineError::Kvm)?;
+        let vm = kvm.create_vm().map_err(|e| MachineError::Setup("KVM_CREATE_VM", e))?;
+        let ring_flavour = match cfg.tracker {
+            TrackerKind::Ring { entries } => Some(ring::enable(&vm, entries)?),
+            TrackerKind::Bitmap => {
+                tracker::enable_manual_protect(&vm)?;
+                None
+            }
+        };
+        let _ = vm.set_tss_address(0xfffb_d000);
+        vm.create_irq_chip().map_err(|e| MachineError::Setup("KVM_CREATE_IRQCHIP", e))?;
+        vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(|e| MachineError::Setup("KVM_CREATE_PIT2", e))?;
+        let regions = mem.regions();
+        for (slot, &(gpa, size, host)) in regions.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: `host..host+size` is a mapping owned by `mem`, which the
+            // machine keeps alive (Arc) for as long as the VM fd exists, and the
+            // slots do not overlap (ram_ranges are disjoint).
+            unsafe { vm.set_user_memory_region(region) }.map_err(|e| MachineError::Setup("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| MachineError::Setup("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut fds = Vec::new();
+        for id in 0..cfg.vcpus {
+            let fd = vm.create_vcpu(u64::from(id)).map_err(|e| MachineError::Setup("KVM_CREATE_VCPU", e))?;
+            let mut cpuid = supported.clone();
+            for e in cpuid.as_mut_slice() {
+                match e.function {
+                    1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+                    0xb | 0x1f => e.edx = id,
+                    _ => {}
+                }
+            }
+            fd.set_cpuid2(&cpuid).map_err(|e| MachineError::Setup("KVM_SET_CPUID2", e))?;
+            fds.push(fd);
+        }
+        let save_ctx = SaveContext::probe(&kvm, &vm, &fds[0])?;
+        let vm = Arc::new(vm);
+        let devices = Arc::new(Devices::new(Arc::clone(&mem), Arc::clone(&vm), cfg.vcpus));
+        let ctx = VcpuContext {
+            vm: Arc::clone(&vm),
+            mem: Arc::clone(&mem),
+            devices: Arc::clone(&devices),
+            reset_lock: Arc::new(Mutex::new(())),
+            faults: Arc::new(Mutex::new(Vec::new())),
+        };
+        let shape = VmShape {
+            mem_bytes: cfg.mem_bytes,
+            ram_ranges: memory::ram_ranges(cfg.mem_bytes),
+            vcpus: cfg.vcpus,
+            image_id: abi::image_id(abi::GUEST_IMAGE),
+        };
+        let m = Machine {
+            _kvm: kvm,
+            vm,
+            slots: SlotTable::new(&regions),
+            mem,
+            vcpus: Vec::new(),
+            devices,
+            cfg: *cfg,
+            ctx,
+            save_ctx,
+            shape,
+            ring_flavour,
+            started: false,
+            paused: true,
+            lost_pending: false,
+        };
+        Ok((m, fds))
+    }
+
+    fn attach_vcpus(&mut self, fds: Vec<VcpuFd>) -> Result<(), MachineError> {
+        for (id, fd) in fds.into_iter().enumerate() {
+            let ring = match self.cfg.tracker {
+                TrackerKind::Ring { entries } => Some(RingState {
+                    ring: ring::DirtyRing::map(&fd, entries)?,
+                    pending: Vec::new(),
+                    lost: false,
+                    full_exits: 0,
+                    verify: self.cfg.ring_verify,
+                }),
+                TrackerKind::Bitmap => None,
+            };
+            self.vcpus.push(Arc::new(Vcpu::new(id as u32, fd, ring)));
+        }
+        Ok(())
+    }
+
+    fn boot_info(&self, tsc_khz: u64) -> Result<BootInfo, MachineError> {
+        let w = &self.cfg.workload;
+        let ram = self.cfg.mem_bytes;
+        let heap = KERNEL_END;
+        let need = match w.kind {
+            WorkloadKind::Dirty => w.ws_pages * w.ws_stride.max(1) * u64::from(self.cfg.vcpus) * PAGE_SIZE,
+            WorkloadKind::KernelWrite => w.ws_pages * u64::from(self.cfg.vcpus) * PAGE_SIZE,
+            WorkloadKind::Kv => w.kv_slots * 32 + w.kv_clients * 48,
+            WorkloadKind::Idle => 0,
+        };
+        if heap + need > ram {
+            return Err(MachineError::BadWorkload(format!(
+                "working set of {need} bytes does not fit {ram} bytes of RAM above the {heap:#x} kernel area"
+            )));
+        }
+        if w.kind == WorkloadKind::Kv && (!w.kv_slots.is_power_of_two() || !w.kv_clients.is_power_of_two()) {
+            return Err(MachineError::BadWorkload("kv slots and clients must be powers of two".into()));
+        }
+        if w.kind == WorkloadKind::Dirty && w.hot_percent > 100 {
+            return Err(MachineError::BadWorkload("hot percent above 100".into()));
+        }
+        Ok(BootInfo {
+            magic: BOOT_MAGIC,
+            ncpus: self.cfg.vcpus,
+            workload: w.kind as u32,
+            tsc_khz,
+            timer_count: 1_000_000_000 / u64::from(self.cfg.timer_hz.clamp(10, 10_000)),
+            ram_size: ram,
+            hole_start: memory::HOLE_START,
+            hole_size: memory::HOLE_SIZE,
+            heap_offset: heap,
+            ws_pages: w.ws_pages,
+            ws_stride: w.ws_stride.max(1),
+            pattern: w.pattern as u32,
+            hot_percent: w.hot_percent,
+            rate: w.rate,
+            seed: w.seed,
+            report_ms: w.report_ms,
+            max_writes: w.max_writes,
+            kv_slots: w.kv_slots,
+            kv_clients: w.kv_clients,
+        })
+    }
+
+    /// Builds and boots a fresh machine (vCPUs not yet started).
+    pub fn new(cfg: MachineConfig) -> Result<Machine, MachineError> {
+        let (mut m, fds) = Self::build(&cfg)?;
+        let tsc_khz = u64::from(fds[0].get_tsc_khz().unwrap_or(0));
+        let info = m.boot_info(tsc_khz)?;
+        let header = boot::setup(&m.mem, abi::GUEST_IMAGE, cfg.vcpus, &info)?;
+        for (id, fd) in fds.iter().enumerate() {
+            let id = id as u32;
+            let sregs = fd.get_sregs().map_err(|e| MachineError::Setup("KVM_GET_SREGS", e))?;
+            fd.set_sregs(&boot::initial_sregs(sregs, id)).map_err(|e| MachineError::Setup("KVM_SET_SREGS", e))?;
+            fd.set_regs(&boot::initial_regs(&header, id)).map_err(|e| MachineError::Setup("KVM_SET_REGS", e))?;
+            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+                .map_err(|e| MachineError::Setup("KVM_SET_MP_STATE", e))?;
+        }
+        m.attach_vcpus(fds)?;
+        // Boot writes are the initial image, not guest activity.
+        m.mem.take_vmm_dirty();
+        Ok(m)
+    }
+
+    /// Builds a machine from saved state; `load` fills guest memory before any
+    /// vCPU state is restored. The vCPUs are not yet started.
+    pub fn restore(
+        tracker: TrackerKind,
+        st: &MachineState,
+        load: impl FnOnce(&GuestMem) -> Result<(), MachineError>,
+    ) -> Result<Machine, MachineError> {
+        let workload: WorkloadConfig = common::codec::decode(&st.boot)
+            .map_err(|e| MachineError::ShapeMismatch(format!("boot parameters: {e}")))?;
+        let cfg = MachineConfig::new(st.shape.mem_bytes, st.shape.vcpus, tracker, workload);
+        if st.shape.ram_ranges != memory::ram_ranges(st.shape.mem_bytes) {
+            return Err(MachineError::ShapeMismatch("RAM layout differs from this VMM's".into()));
+        }
+        if st.vcpus.len() != st.shape.vcpus as usize || st.vcpus.iter().enumerate().any(|(i, v)| v.id != i as u32) {
+            return Err(MachineError::ShapeMismatch("vCPU states do not match the vCPU count".into()));
+        }
+        let (mut m, fds) = Self::build(&cfg)?;
+        m.shape.image_id = st.shape.image_id;
+        load(&m.mem)?;
+        m.mem.take_vmm_dirty();
+        state::restore_vm(&m.vm, &st.vm)?;
+        for (fd, vs) in fds.iter().zip(&st.vcpus) {
+            state::restore_vcpu(fd, vs, &m.save_ctx)?;
+        }
+        m.devices.restore(&st.devices);
+        m.attach_vcpus(fds)?;
+        Ok(m)
+    }
+
+    /// Starts the vCPU threads; the guest runs.
+    pub fn start(&mut self) -> Result<(), MachineError> {
+        if self.started {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.start(self.ctx.clone(), false)?;
+        }
+        self.started = true;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Stops every vCPU at a point where its state can be saved.
+    pub fn pause(&mut self) -> Result<PauseTiming, MachineError> {
+        let t = Instant::now();
+        if !self.started || self.paused {
+            self.paused = true;
+            return Ok(PauseTiming { elapsed: t.elapsed() });
+        }
+        for v in &self.vcpus {
+            v.request_pause()?;
+        }
+        for v in &self.vcpus {
+            v.wait_parked(PAUSE_TIMEOUT)?;
+        }
+        self.paused = true;
+        Ok(PauseTiming { elapsed: t.elapsed() })
+    }
+
+    /// Lets the vCPUs run again (returns once every thread has left its park).
+    pub fn resume(&mut self) -> Result<PauseTiming, MachineError> {
+        let t = Instant::now();
+        if !self.started {
+            return self.start().map(|_| PauseTiming { elapsed: t.elapsed() });
+        }
+        for v in &self.vcpus {
+            v.resume();
+        }
+        self.paused = false;
+        Ok(PauseTiming { elapsed: t.elapsed() })
+    }
+
+    /// True while the vCPUs are parked (or not started).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Pages dirtied since the previous collection (the machine must be paused).
+    /// The trackers are re-armed before this returns, so page contents must be
+    /// read while still paused.
+    pub fn collect(&mut self) -> Result<DirtySet, MachineError> {
+        if !self.paused {
+            return Err(MachineError::NotPaused("collecting the dirty set"));
+        }
+        let mut gfns = Vec::new();
+        let mut lost = std::mem::take(&mut self.lost_pending);
+        let from_kvm;
+        match self.cfg.tracker {
+            TrackerKind::Ring { .. } => {
+                let _g = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let mut entries = Vec::new();
+                let mut expected = 0;
+                let mut cores: Vec<_> = self.vcpus.iter().map(|v| v.core()).collect();
+                for core in cores.iter_mut() {
+                    let rs = core.ring.as_mut().expect("ring tracker has rings");
+                    entries.append(&mut rs.pending);
+                    lost |= std::mem::take(&mut rs.lost);
+                    let h = rs.ring.harvest(&mut entries, rs.verify);
+                    lost |= h.overflow || h.stray;
+                    expected += h.expected_reset();
+                }
+                match ring::reset_rings(&self.vm) {
+                    Ok(n) if n == expected => {}
+                    Ok(n) => {
+                        tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
+                        lost = true;
+                        for core in cores.iter_mut() {
+                            core.ring.as_mut().expect("ring").ring.mark_desynchronised();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
+                        lost = true;
+                    }
+                }
+                from_kvm = entries.len();
+                for (slot, offset) in entries {
+                    match self.slots.gfn(slot, offset) {
+                        Some(g) => gfns.push(g),
+                        None => {
+                            tracing::warn!(slot, offset, "ring entry outside guest memory: tracking lost");
+                            lost = true;
+                        }
+                    }
+                }
+            }
+            TrackerKind::Bitmap => {
+                from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns)?;
+            }
+        }
+        if lost {
+            tracing::warn!("dirty tracking lost for this collection: all memory must be treated as dirty");
+        }
+        Ok(tracker::finish(gfns, from_kvm, self.mem.take_vmm_dirty(), lost))
+    }
+
+    /// Saves the full machine state (the machine must be paused).
+    pub fn save(&self) -> Result<MachineState, MachineError> {
+        if !self.paused {
+            return Err(MachineError::NotPaused("saving state"));
+        }
+        let vm = state::save_vm(&self.vm)?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(state::save_vcpu(&v.core().fd, v.id, &self.save_ctx)?);
+        }
+        Ok(MachineState {
+            shape: self.shape.clone(),
+            boot: common::codec::encode(&self.cfg.workload).map_err(|e| MachineError::BadWorkload(e.to_string()))?,
+            vcpus,
+            vm,
+            devices: self.devices.save(),
+        })
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    pub fn config(&self) -> &MachineConfig {
+        &self.cfg
+    }
+
+    pub fn shape(&self) -> &VmShape {
+        &self.shape
+    }
+
+    pub fn ring_flavour(&self) -> Option<RingFlavour> {
+        self.ring_flavour
+    }
+
+    /// Guest exceptions reported so far.
+    pub fn faults(&self) -> Vec<GuestFault> {
+        self.ctx.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// vCPUs whose thread has ended, with the reason.
+    pub fn exited_vcpus(&self) -> Vec<(u32, String)> {
+        self.vcpus
+            .iter()
+            .filter_map(|v| match v.state() {
+                RunState::Exited(r) => Some((v.id, r)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Ring-full exits so far, summed over vCPUs (parked machine only; else 0 for busy ones).
+    pub fn ring_full_exits(&self) -> u64 {
+        if !self.paused {
+            return 0;
+        }
+        self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.full_exits)).sum()
+    }
+
+    /// Reads a u64 from a cpu's per-cpu page (see abi PC_*).
+    pub fn percpu(&self, cpu: u32, offset: u64) -> u64 {
+        self.mem.read_u64(PERCPU_GPA + u64::from(cpu) * PAGE_SIZE + offset).unwrap_or(0)
+    }
+
+    /// Stops all vCPU threads.
+    pub fn shutdown(&mut self) {
+        for v in &self.vcpus {
+            v.stop();
+        }
+        self.started = false;
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,245 @@
+//! Guest memory: anonymous, MAP_NORESERVE mappings (vm-memory) laid out around
+//! the x86 MMIO hole, with one write path for the VMM that records every page it
+//! dirties (the KVM trackers cannot see VMM writes).
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+
+use crate::abi::PAGE_SIZE;
+
+/// Smallest supported guest.
+pub const MIN_MEM: u64 = 64 << 20;
+/// Largest supported guest (the identity map has 64 page directories).
+pub const MAX_MEM: u64 = 60 << 30;
+/// Start of the 32-bit MMIO hole (LAPIC, IOAPIC live above it).
+pub const HOLE_START: u64 = 3 << 30;
+/// Size of the MMIO hole.
+pub const HOLE_SIZE: u64 = 1 << 30;
+
+/// Errors of guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory size {0} bytes is out of range (64 MiB to 60 GiB, a multiple of 2 MiB)")]
+    BadSize(u64),
+    #[error("cannot map guest memory: {0}")]
+    Map(String),
+    #[error("guest address range {gpa:#x}+{len} is not RAM")]
+    OutOfRange { gpa: u64, len: usize },
+}
+
+/// A vm-memory bitmap that remembers which pages went from clean to dirty, so
+/// the VMM's own writes can be collected in time proportional to their number
+/// (not to the guest's size).
+#[derive(Debug)]
+pub struct PageLog {
+    bits: AtomicBitmap,
+    fresh: Mutex<Vec<u32>>,
+}
+
+impl Default for PageLog {
+    fn default() -> Self {
+        Self::with_len(0)
+    }
+}
+
+impl PageLog {
+    /// Takes the pages dirtied since the last call (region-relative page indexes).
+    pub fn take(&self) -> Vec<u32> {
+        let pages = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|p| p.into_inner()));
+        for p in &pages {
+            self.bits.reset_bit(*p as usize);
+        }
+        pages
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for PageLog {
+    type S = RefSlice<'a, Self>;
+}
+
+impl Bitmap for PageLog {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / PAGE_SIZE as usize;
+        let last = (offset + len - 1) / PAGE_SIZE as usize;
+        let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+        for page in first..=last.min(self.bits.len().saturating_sub(1)) {
+            if !self.bits.is_bit_set(page) {
+                self.bits.set_bit(page);
+                fresh.push(page as u32);
+            }
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.bits.is_addr_set(offset)
+    }
+
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, Self> {
+        RefSlice::new(self, offset)
+    }
+}
+
+impl NewBitmap for PageLog {
+    fn with_len(len: usize) -> Self {
+        PageLog {
+            bits: AtomicBitmap::new(len, NonZeroUsize::new(PAGE_SIZE as usize).expect("page size")),
+            fresh: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// The guest-physical RAM ranges of a guest of `mem_bytes` (below and above the hole).
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= HOLE_START {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![(0, HOLE_START), (HOLE_START + HOLE_SIZE, mem_bytes - HOLE_START)]
+    }
+}
+
+/// Guest memory of one VM.
+#[derive(Debug)]
+pub struct GuestMem {
+    mem: GuestMemoryMmap<PageLog>,
+    size: u64,
+}
+
+impl GuestMem {
+    /// Maps `mem_bytes` of anonymous, never-reserved memory.
+    pub fn new(mem_bytes: u64) -> Result<Self, MemoryError> {
+        if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
+            return Err(MemoryError::BadSize(mem_bytes));
+        }
+        let regions = ram_ranges(mem_bytes)
+            .into_iter()
+            .map(|(gpa, size)| {
+                let region = MmapRegion::<PageLog>::new(size as usize).map_err(|e| MemoryError::Map(e.to_string()))?;
+                GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or_else(|| MemoryError::Map("address overflow".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestMem { mem, size: mem_bytes })
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// (guest address, size, host address) of each RAM region, in slot order.
+    pub fn regions(&self) -> Vec<(u64, u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
+            .collect()
+    }
+
+    /// Number of guest page frames (including the hole's, which are never RAM).
+    pub fn is_ram(&self, gpa: u64, len: usize) -> bool {
+        self.mem.check_range(GuestAddress(gpa), len)
+    }
+
+    /// The VMM's one write path into guest memory: the pages it touches are
+    /// recorded and reported by the next dirty collection.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange { gpa, len: data.len() })
+    }
+
+    /// Reads guest memory (not a write: nothing is recorded).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange { gpa, len: buf.len() })
+    }
+
+    /// Reads one little-endian u64.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads one little-endian u32.
+    pub fn read_u32(&self, gpa: u64) -> Result<u32, MemoryError> {
+        let mut b = [0u8; 4];
+        self.read(gpa, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Copies the page at `gfn` into `out` (4096 bytes).
+    pub fn read_page(&self, gfn: u64, out: &mut [u8]) -> Result<(), MemoryError> {
+        self.read(gfn * PAGE_SIZE, &mut out[..PAGE_SIZE as usize])
+    }
+
+    /// Drains the pages the VMM wrote since the last call, as guest frame numbers.
+    pub fn take_vmm_dirty(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for r in self.mem.iter() {
+            let base = r.start_addr().0 / PAGE_SIZE;
+            out.extend(MmapRegion::bitmap(r).take().into_iter().map(|p| base + u64::from(p)));
+        }
+        out
+    }
+
+    /// Guest frame numbers of all RAM pages.
+    pub fn all_gfns(&self) -> impl Iterator<Item = u64> + '_ {
+        self.mem
+            .iter()
+            .flat_map(|r| (r.start_addr().0 / PAGE_SIZE)..((r.start_addr().0 + r.len()) / PAGE_SIZE))
+    }
+
+    /// Maps a linear RAM offset (RAM counted without the hole) to a guest address.
+    pub fn linear_to_gpa(&self, lin: u64) -> u64 {
+        if lin < HOLE_START {
+            lin
+        } else {
+            lin + HOLE_SIZE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(matches!(GuestMem::new(1 << 20), Err(MemoryError::BadSize(_))));
+        assert!(matches!(GuestMem::new((64 << 20) + 4096), Err(MemoryError::BadSize(_))));
+        assert!(matches!(GuestMem::new(61 << 30), Err(MemoryError::BadSize(_))));
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_hole_and_costs_nothing_untouched() {
+        let m = GuestMem::new(16 << 30).expect("16 GiB");
+        let r = m.regions();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].0, r[0].1), (0, HOLE_START));
+        assert_eq!((r[1].0, r[1].1), (4 << 30, 13 << 30));
+        assert!(!m.is_ram(HOLE_START, 8));
+        assert_eq!(m.linear_to_gpa(HOLE_START), 4 << 30);
+    }
+
+    #[test]
+    fn vmm_writes_are_recorded_once_and_drained() {
+        let m = GuestMem::new(64 << 20).expect("mem");
+        m.write(0x5000, &[1; 10]).expect("write");
+        m.write(0x5ff0, &[2; 32]).expect("write across a page boundary");
+        m.write(0x5000, &[3; 1]).expect("rewrite");
+        let mut d = m.take_vmm_dirty();
+        d.sort();
+        assert_eq!(d, vec![5, 6]);
+        assert!(m.take_vmm_dirty().is_empty());
+        m.write(0x5000, &[4; 1]).expect("write after drain");
+        assert_eq!(m.take_vmm_dirty(), vec![5]);
+        assert!(matches!(m.write(64 << 20, &[0]), Err(MemoryError::OutOfRange { .. })));
+    }
+}

@@ -1,0 +1,263 @@
+//! The KVM dirty ring: our own mmap, harvest and reset (kvm-ioctls has none).
+//!
+//! Each vCPU has a ring of `kvm_dirty_gfn {flags, slot, offset}` mapped from its
+//! fd at page offset `KVM_DIRTY_LOG_PAGE_OFFSET`. KVM sets DIRTY; we harvest in
+//! order (acquire-load flags, read slot/offset, release-store RESET); then the
+//! VM ioctl `KVM_RESET_DIRTY_RINGS` re-protects the harvested pages.
+//!
+//! Overflow. On KVM-PVM, emulated writes can push entries past the ring's hard
+//! limit; the kernel then overwrites unharvested entries (lost pages) and its
+//! index runs ahead of ours. We detect it three ways:
+//! * a harvest that finds every entry DIRTY: the ring was full, so entries may
+//!   have been overwritten ([`Harvest::overflow`]);
+//! * a reset count that differs from what we marked (checked by the caller);
+//! * in verification mode, a DIRTY entry left anywhere after a harvest.
+//!
+//! After an overflow the ring is *desynchronised*: the kernel's next entry is at
+//! an unknown position. We find it as the start of the run of DIRTY entries,
+//! mark the skipped (invalid) entries RESET so the kernel's reset index walks
+//! past them, and carry on in sync. Only the overflowing collection is lost.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kvm_bindings::{kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+const KVMIO: u32 = 0xAE;
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+
+const DIRTY: u32 = 1;
+const RESET: u32 = 2;
+
+/// Smallest ring (bytes / 16): 4 KiB.
+pub const MIN_ENTRIES: u32 = 256;
+/// Largest ring: 1 MiB.
+pub const MAX_ENTRIES: u32 = 65536;
+
+/// Errors of the dirty ring.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("ring size {0} entries is not a power of two between 256 and 65536")]
+    BadSize(u32),
+    #[error("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
+    Unsupported,
+    #[error("this KVM allows at most {max} ring entries, asked for {asked}")]
+    TooLarge { asked: u32, max: u32 },
+    #[error("enabling the dirty ring failed: {0}")]
+    Enable(vmm_sys_util::errno::Error),
+    #[error("mapping the dirty ring failed: {0}")]
+    Map(std::io::Error),
+    #[error("KVM_RESET_DIRTY_RINGS failed: {0}")]
+    Reset(std::io::Error),
+}
+
+/// Which flavour of the ring capability was enabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingFlavour {
+    /// KVM_CAP_DIRTY_LOG_RING_ACQ_REL.
+    AcqRel,
+    /// KVM_CAP_DIRTY_LOG_RING (x86 ordering).
+    Plain,
+}
+
+/// Enables the ring on `vm` (before any vCPU exists) with `entries` per vCPU.
+pub fn enable(vm: &VmFd, entries: u32) -> Result<RingFlavour, RingError> {
+    if !entries.is_power_of_two() || !(MIN_ENTRIES..=MAX_ENTRIES).contains(&entries) {
+        return Err(RingError::BadSize(entries));
+    }
+    let bytes = u64::from(entries) * std::mem::size_of::<kvm_dirty_gfn>() as u64;
+    for (cap, flavour) in [
+        (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, RingFlavour::AcqRel),
+        (KVM_CAP_DIRTY_LOG_RING, RingFlavour::Plain),
+    ] {
+        let max = vm.check_extension_raw(u64::from(cap));
+        if max <= 0 {
+            continue;
+        }
+        if bytes > max as u64 {
+            return Err(RingError::TooLarge { asked: entries, max: (max as u64 / 16) as u32 });
+        }
+        let mut c = kvm_enable_cap { cap, ..Default::default() };
+        c.args[0] = bytes;
+        vm.enable_cap(&c).map_err(RingError::Enable)?;
+        return Ok(flavour);
+    }
+    Err(RingError::Unsupported)
+}
+
+/// Calls `KVM_RESET_DIRTY_RINGS`: re-protects every harvested entry of every
+/// ring of `vm`, returning how many entries were recycled.
+pub fn reset_rings(vm: &VmFd) -> Result<u32, RingError> {
+    // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches kernel
+    // state of the VM behind `vm`, a valid VM fd; the result is checked.
+    let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+    if ret < 0 {
+        return Err(RingError::Reset(std::io::Error::last_os_error()));
+    }
+    Ok(ret as u32)
+}
+
+/// What one harvest found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Harvest {
+    /// Entries harvested (and marked RESET).
+    pub harvested: u32,
+    /// Invalid entries marked RESET to re-synchronise with the kernel.
+    pub skipped: u32,
+    /// Every entry was DIRTY: the ring overflowed, pages may be lost.
+    pub overflow: bool,
+    /// After the harvest a DIRTY entry was still in the ring (verification mode).
+    pub stray: bool,
+}
+
+impl Harvest {
+    /// Entries the next `KVM_RESET_DIRTY_RINGS` must recycle for this ring.
+    pub fn expected_reset(&self) -> u32 {
+        self.harvested + self.skipped
+    }
+}
+
+/// One vCPU's mapped dirty ring.
+#[derive(Debug)]
+pub struct DirtyRing {
+    gfns: NonNull<kvm_dirty_gfn>,
+    entries: u32,
+    fetch: u64,
+    desync: bool,
+}
+
+// SAFETY: the mapping is owned by this value (unmapped on drop) and all access
+// to it goes through `&mut self`, so moving it to another thread is sound.
+unsafe impl Send for DirtyRing {}
+
+impl DirtyRing {
+    /// Maps the ring of `vcpu` (the VM must have the ring enabled with `entries`).
+    pub fn map(vcpu: &VcpuFd, entries: u32) -> Result<Self, RingError> {
+        use std::os::fd::AsRawFd;
+        let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: a fresh shared mapping of `len` bytes of the vCPU fd at the
+        // offset KVM documents for the dirty ring; no existing memory is
+        // affected and the result is checked before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                (KVM_DIRTY_LOG_PAGE_OFFSET as i64) * 4096,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(RingError::Map(std::io::Error::last_os_error()));
+        }
+        let gfns = NonNull::new(addr.cast::<kvm_dirty_gfn>()).ok_or_else(|| RingError::Map(std::io::ErrorKind::Other.into()))?;
+        Ok(DirtyRing { gfns, entries, fetch: 0, desync: false })
+    }
+
+    /// Ring size in entries.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// True while the ring is waiting to re-synchronise after an overflow.
+    pub fn is_desynchronised(&self) -> bool {
+        self.desync
+    }
+
+    fn flags(&self, i: u32) -> &AtomicU32 {
+        debug_assert!(i < self.entries);
+        // SAFETY: `i` is below `entries`, so the entry lies inside the mapping
+        // we own; `flags` is a naturally aligned u32 that the kernel and we
+        // access concurrently, which is what AtomicU32 is for.
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.gfns.as_ptr().add(i as usize)).flags)) }
+    }
+
+    fn entry(&self, i: u32) -> (u32, u64) {
+        // SAFETY: `i` is inside the mapping; the caller has observed DIRTY with
+        // acquire ordering, so the kernel's writes of slot/offset are visible.
+        unsafe {
+            let e = self.gfns.as_ptr().add(i as usize);
+            (std::ptr::read_volatile(std::ptr::addr_of!((*e).slot)), std::ptr::read_volatile(std::ptr::addr_of!((*e).offset)))
+        }
+    }
+
+    fn is_dirty(&self, i: u32) -> bool {
+        self.flags(i).load(Ordering::Acquire) & DIRTY != 0
+    }
+
+    /// Start of the run of DIRTY entries (a DIRTY entry after a clean one).
+    fn run_start(&self) -> Option<u32> {
+        let mask = self.entries - 1;
+        (0..self.entries).find(|&i| self.is_dirty(i) && !self.is_dirty(i.wrapping_sub(1) & mask))
+    }
+
+    /// Harvests every DIRTY entry in order into `out` as (slot, offset), marking
+    /// each RESET. The vCPU must not be running (it is parked, or this is its
+    /// own thread handling a ring-full exit). With `verify`, the whole ring is
+    /// scanned afterwards for DIRTY entries that should not be there.
+    pub fn harvest(&mut self, out: &mut Vec<(u32, u64)>, verify: bool) -> Harvest {
+        let mask = self.entries - 1;
+        let mut h = Harvest::default();
+        if self.desync {
+            let pos = (self.fetch as u32) & mask;
+            match self.run_start() {
+                None if self.is_dirty(pos) => {
+                    // every entry DIRTY again
+                    h.overflow = true;
+                }
+                None => return h, // nothing written since: an empty, complete set
+                Some(start) => {
+                    let mut i = pos;
+                    while i != start {
+                        self.flags(i).store(RESET, Ordering::Release);
+                        i = (i + 1) & mask;
+                        h.skipped += 1;
+                        self.fetch += 1;
+                    }
+                    self.desync = false;
+                }
+            }
+        }
+        loop {
+            if h.harvested == self.entries {
+                h.overflow = true;
+                break;
+            }
+            let i = (self.fetch as u32) & mask;
+            if !self.is_dirty(i) {
+                break;
+            }
+            out.push(self.entry(i));
+            self.flags(i).store(RESET, Ordering::Release);
+            self.fetch += 1;
+            h.harvested += 1;
+        }
+        if h.overflow {
+            self.desync = true;
+        } else if verify && (0..self.entries).any(|i| self.is_dirty(i)) {
+            h.stray = true;
+            self.desync = true;
+        }
+        h
+    }
+
+    /// Declares the ring desynchronised (the caller saw a reset count mismatch).
+    pub fn mark_desynchronised(&mut self) {
+        self.desync = true;
+    }
+}
+
+impl Drop for DirtyRing {
+    fn drop(&mut self) {
+        let len = self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: unmaps exactly the mapping created in `map`, which nothing
+        // else references (all access borrows `self`).
+        unsafe {
+            libc::munmap(self.gfns.as_ptr().cast(), len);
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! vCPU threads and their pause/resume state machine.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread, holding its [`VcpuCore`] lock.
+//! A pause sets the vCPU's pause flag, writes `immediate_exit = 1` into its
+//! mmap'd `kvm_run` and sends it `SIGRTMIN` (no-op handler): whether the thread
+//! is in the guest, about to enter it, or handling an exit, it leaves `KVM_RUN`
+//! promptly. A pending PIO/MMIO exit is completed first (one more `KVM_RUN`
+//! with `immediate_exit` set, as KVM requires before state is read), then the
+//! thread releases the core lock and parks. Its state can then be read or
+//! written by the owner; resume clears the flag and wakes it.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use crate::devices::{Devices, GuestFault, IoAction};
+use crate::memory::GuestMem;
+use crate::ring::{self, DirtyRing};
+
+/// Errors of vCPU management.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot register the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("cannot spawn the vCPU thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("vCPU {0} did not park within {1:?}")]
+    PauseTimeout(u32, Duration),
+    #[error("vCPU {id} stopped: {reason}")]
+    Exited { id: u32, reason: String },
+    #[error("cannot kick vCPU {0}: {1}")]
+    Kick(u32, vmm_sys_util::errno::Error),
+}
+
+/// The signal that kicks vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn register_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: Option<vmm_sys_util::errno::Error> = None;
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+            // SAFETY: written once inside call_once, before any reader (readers
+            // come after call_once returns, which synchronises with this write).
+            unsafe { RESULT = Some(e) };
+        }
+    });
+    // SAFETY: call_once has completed, so the only write happened-before this read.
+    match unsafe { *std::ptr::addr_of!(RESULT) } {
+        Some(e) => Err(VcpuError::Signal(e)),
+        None => Ok(()),
+    }
+}
+
+/// Pointer to a vCPU's `kvm_run.immediate_exit`, writable from other threads.
+#[derive(Debug)]
+struct ImmediateExit(*mut u8);
+
+// SAFETY: the pointer targets the kvm_run mapping of a VcpuFd that lives inside
+// the same `VcpuShared` (in `core`), so the mapping outlives every use; the byte
+// is only accessed atomically.
+unsafe impl Send for ImmediateExit {}
+// SAFETY: as above; concurrent access is through AtomicU8.
+unsafe impl Sync for ImmediateExit {}
+
+impl ImmediateExit {
+    fn new(run: &mut kvm_run) -> Self {
+        ImmediateExit(std::ptr::addr_of_mut!(run.immediate_exit))
+    }
+    fn set(&self, v: u8) {
+        // SAFETY: see the Send/Sync justification: the byte is valid for the
+        // lifetime of self and only accessed atomically.
+        unsafe { AtomicU8::from_ptr(self.0) }.store(v, Ordering::SeqCst);
+    }
+}
+
+/// Dirty-ring state of one vCPU.
+#[derive(Debug)]
+pub struct RingState {
+    pub ring: DirtyRing,
+    /// Entries harvested on ring-full exits, not yet collected.
+    pub pending: Vec<(u32, u64)>,
+    /// Sticky: tracking was lost since the last collection.
+    pub lost: bool,
+    /// Ring-full exits since the VM started.
+    pub full_exits: u64,
+    /// Scan the ring for stray entries after each harvest.
+    pub verify: bool,
+}
+
+/// What the vCPU thread owns while it runs, and the owner while it is parked.
+#[derive(Debug)]
+pub struct VcpuCore {
+    pub fd: VcpuFd,
+    pub ring: Option<RingState>,
+}
+
+/// Run state of a vCPU thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    NotStarted,
+    Running,
+    Parked,
+    Exited(String),
+}
+
+#[derive(Debug)]
+struct Status {
+    state: RunState,
+}
+
+/// A vCPU shared between its thread and the owner.
+#[derive(Debug)]
+pub struct Vcpu {
+    pub id: u32,
+    core: Mutex<VcpuCore>,
+    immediate_exit: ImmediateExit,
+    pause: AtomicBool,
+    stop: AtomicBool,
+    status: Mutex<Status>,
+    cv: Condvar,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the vCPU thread needs from the machine.
+#[derive(Debug, Clone)]
+pub struct VcpuContext {
+    pub vm: Arc<VmFd>,
+    pub mem: Arc<GuestMem>,
+    pub devices: Arc<Devices>,
+    /// Serialises ring harvest + KVM_RESET_DIRTY_RINGS (the reset is VM-wide).
+    pub reset_lock: Arc<Mutex<()>>,
+    pub faults: Arc<Mutex<Vec<GuestFault>>>,
+}
+
+impl Vcpu {
+    /// Wraps a created vCPU fd (and its mapped ring).
+    pub fn new(id: u32, mut fd: VcpuFd, ring: Option<RingState>) -> Self {
+        let immediate_exit = ImmediateExit::new(fd.get_kvm_run());
+        Vcpu {
+            id,
+            core: Mutex::new(VcpuCore { fd, ring }),
+            immediate_exit,
+            pause: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            status: Mutex::new(Status { state: RunState::NotStarted }),
+            cv: Condvar::new(),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Locks the core. Only call while the vCPU is parked or not started
+    /// (otherwise this waits for the thread to park).
+    pub fn core(&self) -> MutexGuard<'_, VcpuCore> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current run state.
+    pub fn state(&self) -> RunState {
+        self.status().state.clone()
+    }
+
+    fn set_state(&self, st: RunState) {
+        self.status().state = st;
+        self.cv.notify_all();
+    }
+
+    /// Starts the vCPU thread. With `paused`, it parks before entering the guest.
+    pub fn start(self: &Arc<Self>, ctx: VcpuContext, paused: bool) -> Result<(), VcpuError> {
+        register_kick_handler()?;
+        self.pause.store(paused, Ordering::SeqCst);
+        let me = Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || me.thread_main(ctx))
+            .map_err(VcpuError::Spawn)?;
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    fn kick(&self) -> Result<(), VcpuError> {
+        self.immediate_exit.set(1);
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = t.as_ref() {
+            // SAFETY: the handle's pthread is alive until joined (we hold its JoinHandle).
+            let ret = unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            if ret != 0 {
+                return Err(VcpuError::Kick(self.id, vmm_sys_util::errno::Error::new(ret)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the vCPU to park (does not wait).
+    pub fn request_pause(&self) -> Result<(), VcpuError> {
+        self.pause.store(true, Ordering::SeqCst);
+        self.kick()
+    }
+
+    /// Waits until the vCPU is parked (or has exited, which is an error).
+    pub fn wait_parked(&self, timeout: Duration) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.status();
+        loop {
+            match &st.state {
+                RunState::Parked => return Ok(()),
+                RunState::Exited(r) => return Err(VcpuError::Exited { id: self.id, reason: r.clone() }),
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::PauseTimeout(self.id, timeout));
+            }
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Lets a parked vCPU run again.
+    pub fn resume(&self) {
+        let _g = self.status();
+        self.pause.store(false, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Stops the thread for good and joins it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        {
+            let _g = self.status();
+            self.cv.notify_all();
+        }
+        let _ = self.kick();
+        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+
+    fn park(&self) {
+        let mut st = self.status();
+        st.state = RunState::Parked;
+        self.cv.notify_all();
+        while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.state = RunState::Running;
+        self.cv.notify_all();
+    }
+
+    fn thread_main(self: Arc<Self>, ctx: VcpuContext) {
+        let reason = self.run_loop(&ctx);
+        tracing::debug!(vcpu = self.id, %reason, "vCPU thread exits");
+        self.set_state(RunState::Exited(reason));
+    }
+
+    fn run_loop(&self, ctx: &VcpuContext) -> String {
+        let mut io_pending = false;
+        let mut core = Some(self.core());
+        self.set_state(RunState::Running);
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return "stopped".into();
+            }
+            if self.pause.load(Ordering::SeqCst) && !io_pending {
+                drop(core.take());
+                self.park();
+                core = Some(self.core());
+                self.immediate_exit.set(0);
+                continue;
+            }
+            let c = core.as_mut().expect("core held while running");
+            let exit = c.fd.run();
+            match exit {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    io_pending = true;
+                    if let IoAction::Fault(vector) = ctx.devices.io_out(self.id, port, data) {
+                        let fault = read_fault(&c.fd, &ctx.mem, self.id, vector);
+                        tracing::error!(?fault, "guest exception");
+                        ctx.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
+                        return format!("guest exception {vector} at rip {:#x}", fault.rip);
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    io_pending = true;
+                    ctx.devices.io_in(self.id, port, data);
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    io_pending = true;
+                    data.fill(0xff);
+                }
+                Ok(VcpuExit::MmioWrite(..)) => io_pending = true,
+                Ok(VcpuExit::Unsupported(r)) if r == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL => {
+                    io_pending = false;
+                    if let Some(rs) = c.ring.as_mut() {
+                        ring_full(rs, ctx);
+                    }
+                }
+                Ok(VcpuExit::Intr) => io_pending = false,
+                Ok(VcpuExit::Hlt) => return "guest halted with no in-kernel irqchip to wake it".into(),
+                Ok(VcpuExit::Shutdown) => return "guest shutdown (triple fault)".into(),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => return format!("KVM entry failed: reason {reason:#x} on cpu {cpu}"),
+                Ok(VcpuExit::InternalError) => return "KVM internal error (emulation failure)".into(),
+                Ok(other) => return format!("unexpected exit {other:?}"),
+                Err(e) if e.errno() == libc::EINTR => io_pending = false,
+                Err(e) if e.errno() == libc::EAGAIN => {}
+                Err(e) => return format!("KVM_RUN failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Ring-full exit: harvest this vCPU's ring into its pending set, reset, re-enter.
+fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
+    rs.full_exits += 1;
+    let _g = ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let h = rs.ring.harvest(&mut rs.pending, rs.verify);
+    if h.overflow || h.stray {
+        rs.lost = true;
+    }
+    match ring::reset_rings(&ctx.vm) {
+        Ok(n) if n == h.expected_reset() => {}
+        Ok(n) => {
+            tracing::warn!(expected = h.expected_reset(), reset = n, "dirty ring reset count mismatch: tracking lost");
+            rs.lost = true;
+            rs.ring.mark_desynchronised();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
+            rs.lost = true;
+        }
+    }
+}
+
+fn read_fault(fd: &VcpuFd, mem: &GuestMem, cpu: u32, vector: u64) -> GuestFault {
+    let rsp = fd.get_regs().map(|r| r.rsp).unwrap_or(0);
+    let q = |i: u64| mem.read_u64(rsp + 8 * i).unwrap_or(u64::MAX);
+    GuestFault { cpu, vector, error_code: q(1), rip: q(2) }
+}
