@@ -39,7 +39,7 @@
 #define HC_OUT        1
 #define HC_IN         2
 #define HC_WAIT       3  /* sti; hlt: sleep until the next interrupt */
-#define HC_KWRITE     4  /* CPL0 writes one qword to each of rsi pages from gpa rdi (emulated) */
+#define HC_KWRITE     4  /* CPL0 writes qword rdx to each of rsi pages from gpa rdi (emulated) */
 
 #define VEC_TIMER 0x20
 #define VEC_WAKE  0x40

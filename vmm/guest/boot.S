@@ -98,7 +98,7 @@ isr_hcall:
     push %rsi
 5:  test %rsi, %rsi
     jz 6f
-    mov %rdi, (%rdi)
+    mov %rdx, (%rdi)
     add $PAGE_SIZE, %rdi
     dec %rsi
     jmp 5b

@@ -45,6 +45,11 @@ static inline u64 hcall(u64 nr, u64 a0, u64 a1) {
     __asm__ volatile("int3" : "=a"(ret) : "a"(nr), "D"(a0), "S"(a1) : "memory");
     return ret;
 }
+static inline u64 hcall3(u64 nr, u64 a0, u64 a1, u64 a2) {
+    u64 ret;
+    __asm__ volatile("int3" : "=a"(ret) : "a"(nr), "D"(a0), "S"(a1), "d"(a2) : "memory");
+    return ret;
+}
 static inline void out32(u32 port, u32 v) { hcall(HC_OUT, port, v); }
 static inline u32 in32(u32 port) { return (u32)hcall(HC_IN, port, 0); }
 static inline void wait_irq(void) { hcall(HC_WAIT, 0, 0); }
@@ -266,7 +271,7 @@ static void kv_main(u32 cpu, const struct boot_info *bi) {
 static void kwrite_main(u32 cpu, const struct boot_info *bi) {
     u64 base = lin_to_gpa(bi, bi->heap_offset + cpu * bi->ws_pages * PAGE_SIZE);
     for (u64 round = 0; !bi->max_writes || round < bi->max_writes; round++) {
-        hcall(HC_KWRITE, base, bi->ws_pages);
+        hcall3(HC_KWRITE, base, bi->ws_pages, round + 1);
         percpu(cpu)[PC_WRITES / 8] = round + 1;
     }
     out32(PORT_DONE, 0);

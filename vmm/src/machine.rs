@@ -239,6 +239,7 @@ impl Machine {
                     pending: Vec::new(),
                     lost: false,
                     full_exits: 0,
+                    stalls: 0,
                     verify: self.cfg.ring_verify,
                 }),
                 TrackerKind::Bitmap => None,
@@ -509,6 +510,14 @@ impl Machine {
             return 0;
         }
         self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.full_exits)).sum()
+    }
+
+    /// Ring-full exits that found the ring desynchronised, summed over vCPUs (paused machine only).
+    pub fn ring_stalls(&self) -> u64 {
+        if !self.paused {
+            return 0;
+        }
+        self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.stalls)).sum()
     }
 
     /// Reads a u64 from a cpu's per-cpu page (see abi PC_*).

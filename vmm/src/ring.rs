@@ -245,6 +245,26 @@ impl DirtyRing {
         h
     }
 
+    /// Un-stalls a desynchronised ring. Called on a ring-full exit that found
+    /// nothing to harvest: KVM counts entries as used that were overwritten and
+    /// already recycled, so the vCPU would exit forever. While KVM reports the
+    /// ring soft-full, at least `soft_limit` entries lie between its reset and
+    /// push indexes, so marking a step of entries below that bound RESET cannot
+    /// move its reset index past its push index. Returns the entries marked
+    /// (the next reset must recycle exactly these).
+    pub fn step_stalled(&mut self) -> u32 {
+        // KVM reserves 64 entries plus the CPU's dirty-log buffer (at most 512)
+        // below the ring size: the soft limit is at least entries - 576.
+        let step = self.entries.saturating_sub(1024).max(1);
+        let mask = self.entries - 1;
+        for _ in 0..step {
+            self.flags((self.fetch as u32) & mask).store(RESET, Ordering::Release);
+            self.fetch += 1;
+        }
+        self.desync = true;
+        step
+    }
+
     /// Declares the ring desynchronised (the caller saw a reset count mismatch).
     pub fn mark_desynchronised(&mut self) {
         self.desync = true;

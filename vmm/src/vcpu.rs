@@ -95,6 +95,8 @@ pub struct RingState {
     pub full_exits: u64,
     /// Scan the ring for stray entries after each harvest.
     pub verify: bool,
+    /// Ring-full exits that found nothing to harvest (desynchronised ring).
+    pub stalls: u64,
 }
 
 /// What the vCPU thread owns while it runs, and the owner while it is parked.
@@ -326,13 +328,21 @@ fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
     rs.full_exits += 1;
     let _g = ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
     let h = rs.ring.harvest(&mut rs.pending, rs.verify);
+    let mut expected = h.expected_reset();
     if h.overflow || h.stray {
         rs.lost = true;
     }
+    if expected == 0 {
+        // Soft-full with nothing to harvest: KVM's indexes ran ahead of the
+        // ring's contents (an overflow overwrote entries). Pages are lost.
+        rs.lost = true;
+        rs.stalls += 1;
+        expected = rs.ring.step_stalled();
+    }
     match ring::reset_rings(&ctx.vm) {
-        Ok(n) if n == h.expected_reset() => {}
+        Ok(n) if n == expected => {}
         Ok(n) => {
-            tracing::warn!(expected = h.expected_reset(), reset = n, "dirty ring reset count mismatch: tracking lost");
+            tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
             rs.lost = true;
             rs.ring.mark_desynchronised();
         }
