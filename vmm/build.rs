@@ -14,7 +14,8 @@ fn run(cmd: &mut Command) {
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let guest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("guest");
+    let guest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("guest");
     for f in ["abi.h", "boot.S", "user.c", "linker.ld"] {
         println!("cargo:rerun-if-changed=guest/{f}");
     }
@@ -22,9 +23,20 @@ fn main() {
     let cc = std::env::var("CASTOR_GUEST_CC").unwrap_or_else(|_| "gcc".into());
     run(Command::new(&cc)
         .args([
-            "-m64", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-static",
-            "-mno-red-zone", "-mgeneral-regs-only", "-fno-stack-protector",
-            "-fno-asynchronous-unwind-tables", "-O2", "-Wall", "-Wextra", "-Werror",
+            "-m64",
+            "-ffreestanding",
+            "-fno-pie",
+            "-no-pie",
+            "-nostdlib",
+            "-static",
+            "-mno-red-zone",
+            "-mgeneral-regs-only",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
             "-Wl,--build-id=none",
         ])
         .arg(format!("-I{}", guest.display()))
@@ -34,5 +46,8 @@ fn main() {
         .arg(&elf)
         .arg(guest.join("boot.S"))
         .arg(guest.join("user.c")));
-    run(Command::new("objcopy").args(["-O", "binary"]).arg(&elf).arg(out.join("guest.bin")));
+    run(Command::new("objcopy")
+        .args(["-O", "binary"])
+        .arg(&elf)
+        .arg(out.join("guest.bin")));
 }

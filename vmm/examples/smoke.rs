@@ -1,10 +1,14 @@
 use std::time::{Duration, Instant};
-use vmm::abi::{Pattern, PC_WRITES, PC_TICKS};
+use vmm::abi::{Pattern, PC_TICKS, PC_WRITES};
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
 
 fn main() {
     let kind = std::env::args().nth(1).unwrap_or("ring".into());
-    let tracker = if kind == "ring" { TrackerKind::Ring { entries: 65536 } } else { TrackerKind::Bitmap };
+    let tracker = if kind == "ring" {
+        TrackerKind::Ring { entries: 65536 }
+    } else {
+        TrackerKind::Bitmap
+    };
     let mut w = WorkloadConfig::dirty(512, Pattern::Random, 0);
     w.report_ms = 300;
     let mut m = Machine::new(MachineConfig::new(256 << 20, 2, tracker, w)).expect("machine");
@@ -16,11 +20,21 @@ fn main() {
         let p = m.pause().expect("pause");
         let d = m.collect().expect("collect");
         if n % 20 == 0 {
-            println!("pause {:?} dirty {} lost {} writes {} {} ticks {}", p.elapsed, d.gfns.len(), d.tracking_lost, m.percpu(0, PC_WRITES), m.percpu(1, PC_WRITES), m.percpu(0, PC_TICKS));
+            println!(
+                "pause {:?} dirty {} lost {} writes {} {} ticks {}",
+                p.elapsed,
+                d.gfns.len(),
+                d.tracking_lost,
+                m.percpu(0, PC_WRITES),
+                m.percpu(1, PC_WRITES),
+                m.percpu(0, PC_TICKS)
+            );
         }
         m.resume().expect("resume");
         n += 1;
-        for o in m.devices().drain() { println!("{o:?}"); }
+        for o in m.devices().drain() {
+            println!("{o:?}");
+        }
     }
     println!("faults {:?} exited {:?}", m.faults(), m.exited_vcpus());
 }

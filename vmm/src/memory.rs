@@ -6,7 +6,10 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
 
 use crate::abi::PAGE_SIZE;
 
@@ -88,7 +91,10 @@ impl Bitmap for PageLog {
 impl NewBitmap for PageLog {
     fn with_len(len: usize) -> Self {
         PageLog {
-            bits: AtomicBitmap::new(len, NonZeroUsize::new(PAGE_SIZE as usize).expect("page size")),
+            bits: AtomicBitmap::new(
+                len,
+                NonZeroUsize::new(PAGE_SIZE as usize).expect("page size"),
+            ),
             fresh: Mutex::new(Vec::new()),
         }
     }
@@ -99,7 +105,10 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= HOLE_START {
         vec![(0, mem_bytes)]
     } else {
-        vec![(0, HOLE_START), (HOLE_START + HOLE_SIZE, mem_bytes - HOLE_START)]
+        vec![
+            (0, HOLE_START),
+            (HOLE_START + HOLE_SIZE, mem_bytes - HOLE_START),
+        ]
     }
 }
 
@@ -113,18 +122,24 @@ pub struct GuestMem {
 impl GuestMem {
     /// Maps `mem_bytes` of anonymous, never-reserved memory.
     pub fn new(mem_bytes: u64) -> Result<Self, MemoryError> {
-        if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
+        if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) || !mem_bytes.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(mem_bytes));
         }
         let regions = ram_ranges(mem_bytes)
             .into_iter()
             .map(|(gpa, size)| {
-                let region = MmapRegion::<PageLog>::new(size as usize).map_err(|e| MemoryError::Map(e.to_string()))?;
-                GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or_else(|| MemoryError::Map("address overflow".into()))
+                let region = MmapRegion::<PageLog>::new(size as usize)
+                    .map_err(|e| MemoryError::Map(e.to_string()))?;
+                GuestRegionMmap::new(region, GuestAddress(gpa))
+                    .ok_or_else(|| MemoryError::Map("address overflow".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestMem { mem, size: mem_bytes })
+        let mem =
+            GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestMem {
+            mem,
+            size: mem_bytes,
+        })
     }
 
     /// Total RAM in bytes.
@@ -150,14 +165,20 @@ impl GuestMem {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.mem
             .write_slice(data, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange { gpa, len: data.len() })
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: data.len(),
+            })
     }
 
     /// Reads guest memory (not a write: nothing is recorded).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.mem
             .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange { gpa, len: buf.len() })
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
     }
 
     /// Reads one little-endian u64.
@@ -184,16 +205,21 @@ impl GuestMem {
         let mut out = Vec::new();
         for r in self.mem.iter() {
             let base = r.start_addr().0 / PAGE_SIZE;
-            out.extend(MmapRegion::bitmap(r).take().into_iter().map(|p| base + u64::from(p)));
+            out.extend(
+                MmapRegion::bitmap(r)
+                    .take()
+                    .into_iter()
+                    .map(|p| base + u64::from(p)),
+            );
         }
         out
     }
 
     /// Guest frame numbers of all RAM pages.
     pub fn all_gfns(&self) -> impl Iterator<Item = u64> + '_ {
-        self.mem
-            .iter()
-            .flat_map(|r| (r.start_addr().0 / PAGE_SIZE)..((r.start_addr().0 + r.len()) / PAGE_SIZE))
+        self.mem.iter().flat_map(|r| {
+            (r.start_addr().0 / PAGE_SIZE)..((r.start_addr().0 + r.len()) / PAGE_SIZE)
+        })
     }
 
     /// Maps a linear RAM offset (RAM counted without the hole) to a guest address.
@@ -212,9 +238,18 @@ mod tests {
 
     #[test]
     fn sizes_are_checked() {
-        assert!(matches!(GuestMem::new(1 << 20), Err(MemoryError::BadSize(_))));
-        assert!(matches!(GuestMem::new((64 << 20) + 4096), Err(MemoryError::BadSize(_))));
-        assert!(matches!(GuestMem::new(61 << 30), Err(MemoryError::BadSize(_))));
+        assert!(matches!(
+            GuestMem::new(1 << 20),
+            Err(MemoryError::BadSize(_))
+        ));
+        assert!(matches!(
+            GuestMem::new((64 << 20) + 4096),
+            Err(MemoryError::BadSize(_))
+        ));
+        assert!(matches!(
+            GuestMem::new(61 << 30),
+            Err(MemoryError::BadSize(_))
+        ));
     }
 
     #[test]
@@ -232,7 +267,8 @@ mod tests {
     fn vmm_writes_are_recorded_once_and_drained() {
         let m = GuestMem::new(64 << 20).expect("mem");
         m.write(0x5000, &[1; 10]).expect("write");
-        m.write(0x5ff0, &[2; 32]).expect("write across a page boundary");
+        m.write(0x5ff0, &[2; 32])
+            .expect("write across a page boundary");
         m.write(0x5000, &[3; 1]).expect("rewrite");
         let mut d = m.take_vmm_dirty();
         d.sort();
@@ -240,6 +276,9 @@ mod tests {
         assert!(m.take_vmm_dirty().is_empty());
         m.write(0x5000, &[4; 1]).expect("write after drain");
         assert_eq!(m.take_vmm_dirty(), vec![5]);
-        assert!(matches!(m.write(64 << 20, &[0]), Err(MemoryError::OutOfRange { .. })));
+        assert!(matches!(
+            m.write(64 << 20, &[0]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
     }
 }

@@ -21,7 +21,10 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use kvm_bindings::{kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET};
+use kvm_bindings::{
+    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_DIRTY_LOG_PAGE_OFFSET,
+};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
@@ -78,9 +81,15 @@ pub fn enable(vm: &VmFd, entries: u32) -> Result<RingFlavour, RingError> {
             continue;
         }
         if bytes > max as u64 {
-            return Err(RingError::TooLarge { asked: entries, max: (max as u64 / 16) as u32 });
+            return Err(RingError::TooLarge {
+                asked: entries,
+                max: (max as u64 / 16) as u32,
+            });
         }
-        let mut c = kvm_enable_cap { cap, ..Default::default() };
+        let mut c = kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
         c.args[0] = bytes;
         vm.enable_cap(&c).map_err(RingError::Enable)?;
         return Ok(flavour);
@@ -154,8 +163,14 @@ impl DirtyRing {
         if addr == libc::MAP_FAILED {
             return Err(RingError::Map(std::io::Error::last_os_error()));
         }
-        let gfns = NonNull::new(addr.cast::<kvm_dirty_gfn>()).ok_or_else(|| RingError::Map(std::io::ErrorKind::Other.into()))?;
-        Ok(DirtyRing { gfns, entries, fetch: 0, desync: false })
+        let gfns = NonNull::new(addr.cast::<kvm_dirty_gfn>())
+            .ok_or_else(|| RingError::Map(std::io::ErrorKind::Other.into()))?;
+        Ok(DirtyRing {
+            gfns,
+            entries,
+            fetch: 0,
+            desync: false,
+        })
     }
 
     /// Ring size in entries.
@@ -173,7 +188,11 @@ impl DirtyRing {
         // SAFETY: `i` is below `entries`, so the entry lies inside the mapping
         // we own; `flags` is a naturally aligned u32 that the kernel and we
         // access concurrently, which is what AtomicU32 is for.
-        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.gfns.as_ptr().add(i as usize)).flags)) }
+        unsafe {
+            AtomicU32::from_ptr(std::ptr::addr_of_mut!(
+                (*self.gfns.as_ptr().add(i as usize)).flags
+            ))
+        }
     }
 
     fn entry(&self, i: u32) -> (u32, u64) {
@@ -181,7 +200,10 @@ impl DirtyRing {
         // acquire ordering, so the kernel's writes of slot/offset are visible.
         unsafe {
             let e = self.gfns.as_ptr().add(i as usize);
-            (std::ptr::read_volatile(std::ptr::addr_of!((*e).slot)), std::ptr::read_volatile(std::ptr::addr_of!((*e).offset)))
+            (
+                std::ptr::read_volatile(std::ptr::addr_of!((*e).slot)),
+                std::ptr::read_volatile(std::ptr::addr_of!((*e).offset)),
+            )
         }
     }
 
@@ -258,7 +280,8 @@ impl DirtyRing {
         let step = self.entries.saturating_sub(1024).max(1);
         let mask = self.entries - 1;
         for _ in 0..step {
-            self.flags((self.fetch as u32) & mask).store(RESET, Ordering::Release);
+            self.flags((self.fetch as u32) & mask)
+                .store(RESET, Ordering::Release);
             self.fetch += 1;
         }
         self.desync = true;

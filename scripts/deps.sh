@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what castor's build and tests need on a fresh machine (Debian, as root):
+# gcc and binutils build the built-in guest; /dev/kvm must exist.
+set -euo pipefail
+need=()
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v objcopy >/dev/null 2>&1 || need+=(binutils)
+command -v cargo >/dev/null 2>&1 || { echo "castor: cargo (Rust toolchain) is required" >&2; exit 1; }
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "castor: installing ${need[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" </dev/null
+  else
+    echo "castor: please install ${need[*]} (the built-in guest is built with gcc and binutils)" >&2
+    exit 1
+  fi
+fi
+if [ ! -c /dev/kvm ]; then
+  echo "castor: /dev/kvm is missing: castor needs KVM" >&2
+  exit 1
+fi
