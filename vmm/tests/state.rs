@@ -1,0 +1,113 @@
+//! Full machine state save/restore on real KVM, inside one process (the CLI
+//! tests do it across processes with a file).
+
+use std::time::{Duration, Instant};
+
+use vmm::abi::{Pattern, PC_TICKS, PC_WRITES};
+use vmm::snapshot::Snapshot;
+use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
+
+fn wait_until(mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn dirty_guest_continues_after_save_and_restore() {
+    let mut w = WorkloadConfig::dirty(1024, Pattern::Random, 10_000);
+    w.report_ms = 0;
+    let mut a = Machine::new(MachineConfig::new(
+        128 << 20,
+        2,
+        TrackerKind::Ring { entries: 4096 },
+        w,
+    ))
+    .expect("machine");
+    a.start().expect("start");
+    wait_until(|| (0..2).all(|c| a.percpu(c, PC_WRITES) > 500));
+    a.pause().expect("pause");
+    let saved: Vec<u64> = (0..2).map(|c| a.percpu(c, PC_WRITES)).collect();
+    let ticks: Vec<u64> = (0..2).map(|c| a.percpu(c, PC_TICKS)).collect();
+    let st = a.save().expect("save");
+    assert_eq!(st.vcpus.len(), 2);
+    assert!(!st.vcpus[0].msrs.is_empty(), "no MSRs saved");
+    assert!(st.vcpus[0].xsave.len() >= 1024);
+    // the state survives the codec
+    let bytes = common::codec::encode(&st).expect("encode");
+    let st2: vmm::state::MachineState = common::codec::decode(&bytes).expect("decode");
+    let mut b = Machine::restore(TrackerKind::Bitmap, &st2, |mem| {
+        let mut page = vec![0u8; 4096];
+        for gfn in a.memory().all_gfns() {
+            a.memory().read_page(gfn, &mut page)?;
+            if page.iter().any(|&x| x != 0) {
+                mem.write(gfn * 4096, &page)?;
+            }
+        }
+        Ok(())
+    })
+    .expect("restore");
+    drop(a);
+    assert_eq!(
+        (0..2).map(|c| b.percpu(c, PC_WRITES)).collect::<Vec<_>>(),
+        saved
+    );
+    b.start().expect("start restored");
+    wait_until(|| (0..2).all(|c| b.percpu(c, PC_WRITES) > saved[c as usize] + 500));
+    wait_until(|| (0..2).all(|c| b.percpu(c, PC_TICKS) > ticks[c as usize] + 10));
+    assert!(
+        b.faults().is_empty() && b.exited_vcpus().is_empty(),
+        "{:?} {:?}",
+        b.faults(),
+        b.exited_vcpus()
+    );
+    // the restored machine tracks dirty pages too
+    b.pause().expect("pause");
+    let d = b.collect().expect("collect");
+    assert!(!d.gfns.is_empty() && !d.tracking_lost);
+}
+
+#[test]
+fn snapshot_file_round_trip_and_refusals() {
+    let dir = std::env::temp_dir().join(format!("castor-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("idle.snap");
+    let mut m = Machine::new(MachineConfig::new(
+        64 << 20,
+        1,
+        TrackerKind::Bitmap,
+        WorkloadConfig::idle(),
+    ))
+    .expect("machine");
+    m.start().expect("start");
+    wait_until(|| m.percpu(0, PC_TICKS) > 5);
+    m.pause().expect("pause");
+    let pages = vmm::snapshot::save(&m, &path).expect("save");
+    assert!(pages > 10);
+    let snap = Snapshot::read(&path).expect("read");
+    let mut r = snap
+        .restore(TrackerKind::Ring { entries: 1024 })
+        .expect("restore");
+    let t0 = r.percpu(0, PC_TICKS);
+    r.start().expect("start");
+    wait_until(|| r.percpu(0, PC_TICKS) > t0 + 5);
+    // refusals: every corruption is caught before anything is built
+    let good = std::fs::read(&path).expect("read");
+    let mut bad = good.clone();
+    bad[8] = 9; // version
+    assert!(matches!(
+        Snapshot::parse(bad),
+        Err(vmm::snapshot::SnapshotError::Version(_)) | Err(vmm::snapshot::SnapshotError::Checksum)
+    ));
+    assert!(matches!(
+        Snapshot::parse(good[..good.len() / 2].to_vec()),
+        Err(vmm::snapshot::SnapshotError::Checksum)
+    ));
+    assert!(matches!(
+        Snapshot::parse(b"CASTSNP1".to_vec()),
+        Err(vmm::snapshot::SnapshotError::Truncated)
+    ));
+    std::fs::remove_dir_all(&dir).ok();
+}
