@@ -18,7 +18,7 @@ pub enum CodecError {
 }
 
 /// Upper bound on any single decoded allocation (guards against hostile length prefixes).
-pub const DECODE_LIMIT: usize = 256 << 20;
+pub const DECODE_LIMIT: usize = 16 << 20;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard()

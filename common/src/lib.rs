@@ -1,7 +1,13 @@
-//! castor-common: the types both sides of castor agree on.
+//! castor-common: the types and wire both sides of castor agree on (no KVM calls).
 //!
 //! * [`state`]: the serde-serializable machine state (vCPU, VM, devices, shape).
 //! * [`codec`]: the one place that knows the binary encoding (bincode 2).
+//! * [`frame`]: framing with CRC, MAC and sequence checks (tokio-util codec).
+//! * [`proto`]: replication messages, raw page chunks, chunking, checksums.
+//! * [`auth`]: shared-secret handshake and session keys.
 
+pub mod auth;
 pub mod codec;
+pub mod frame;
+pub mod proto;
 pub mod state;

@@ -1,0 +1,467 @@
+//! Replication messages between primary and secondary.
+//!
+//! Control messages and machine state are encoded with the project codec
+//! (bincode 2, [`crate::codec`]); page payloads are raw bytes:
+//!
+//! ```text
+//! PageChunk / FullSyncChunk payload:
+//!   u64 epoch | u32 count | count x u64 gfn (bit 63 set = zero page, no data)
+//!   | data pages (4096 bytes each, for the non-zero entries, in order)
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::frame::{OutFrame, MAX_PAYLOAD};
+use crate::state::{MachineState, VmShape};
+
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+const ZERO_FLAG: u64 = 1 << 63;
+/// Pages that fit one chunk (all non-zero, the worst case).
+pub const PAGES_PER_CHUNK: usize = (MAX_PAYLOAD - 12) / (8 + PAGE_SIZE);
+
+/// Message kinds on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Kind {
+    Invalid = 0,
+    Hello = 1,
+    Challenge = 2,
+    Auth = 3,
+    HelloAck = 4,
+    FullSyncChunk = 5,
+    EpochBegin = 6,
+    PageChunk = 7,
+    EpochEnd = 8,
+    EpochAck = 9,
+    Heartbeat = 10,
+    Fence = 11,
+    Shutdown = 12,
+    ResyncRequest = 13,
+    Refused = 14,
+}
+
+impl Kind {
+    pub fn from_u16(k: u16) -> Option<Kind> {
+        use Kind::*;
+        Some(match k {
+            1 => Hello,
+            2 => Challenge,
+            3 => Auth,
+            4 => HelloAck,
+            5 => FullSyncChunk,
+            6 => EpochBegin,
+            7 => PageChunk,
+            8 => EpochEnd,
+            9 => EpochAck,
+            10 => Heartbeat,
+            11 => Fence,
+            12 => Shutdown,
+            13 => ResyncRequest,
+            14 => Refused,
+            _ => return None,
+        })
+    }
+}
+
+/// Errors decoding a message from a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("malformed {kind:?} payload: {reason}")]
+    Malformed { kind: Kind, reason: String },
+}
+
+fn malformed(kind: Kind, reason: impl Into<String>) -> ProtoError {
+    ProtoError::Malformed {
+        kind,
+        reason: reason.into(),
+    }
+}
+
+/// First message, primary to secondary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    pub shape: VmShape,
+    /// The sender's generation (fencing term).
+    pub generation: u64,
+    pub nonce: [u8; 32],
+}
+
+/// Secondary's answer: its nonce and its proof of the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    pub version: u16,
+    pub nonce: [u8; 32],
+    pub proof: [u8; 32],
+}
+
+/// Primary's proof of the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    pub proof: [u8; 32],
+}
+
+/// Handshake done; the session key is in force from the next frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub version: u16,
+    /// The replica's committed epoch, if any.
+    pub committed_epoch: Option<u64>,
+    /// The secondary's generation.
+    pub generation: u64,
+}
+
+/// One page of a chunk: `None` data means all zero.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub gfn: u64,
+    pub data: Option<Bytes>,
+}
+
+/// Pages of an epoch (or of the initial sync).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageChunk {
+    pub epoch: u64,
+    pub pages: Vec<Page>,
+}
+
+/// End of an epoch: everything needed to verify and commit it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochEnd {
+    pub epoch: u64,
+    /// Pages sent in this epoch's chunks.
+    pub page_count: u64,
+    /// [`EpochChecksum`] over the epoch's pages in send order.
+    pub checksum: u32,
+    /// Optional digest of all guest memory after this epoch (verification mode).
+    pub digest: Option<u64>,
+    pub state: MachineState,
+}
+
+/// Why a peer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseCode {
+    Version,
+    Shape,
+    Auth,
+    StaleGeneration,
+    Protocol,
+    Busy,
+}
+
+/// A replication message.
+#[derive(Debug, Clone)]
+pub enum Message {
+    Hello(Hello),
+    Challenge(Challenge),
+    Auth(Auth),
+    HelloAck(HelloAck),
+    FullSyncChunk(PageChunk),
+    EpochBegin {
+        epoch: u64,
+        page_count: u64,
+        full: bool,
+    },
+    PageChunk(PageChunk),
+    EpochEnd(Box<EpochEnd>),
+    EpochAck {
+        epoch: u64,
+    },
+    Heartbeat {
+        generation: u64,
+        seq: u64,
+        time_us: u64,
+    },
+    Fence {
+        generation: u64,
+        reason: String,
+    },
+    Shutdown {
+        reason: String,
+    },
+    ResyncRequest {
+        reason: String,
+    },
+    Refused {
+        code: RefuseCode,
+        reason: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct EpochBeginWire {
+    epoch: u64,
+    page_count: u64,
+    full: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeartbeatWire {
+    generation: u64,
+    seq: u64,
+    time_us: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GenReason {
+    generation: u64,
+    reason: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RefusedWire {
+    code: RefuseCode,
+    reason: String,
+}
+
+fn enc<T: Serialize>(v: &T) -> Bytes {
+    Bytes::from(codec::encode(v).expect("control messages always encode"))
+}
+
+fn dec<T: serde::de::DeserializeOwned>(kind: Kind, b: &[u8]) -> Result<T, ProtoError> {
+    codec::decode(b).map_err(|e: CodecError| malformed(kind, e.to_string()))
+}
+
+impl Message {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::Challenge(_) => Kind::Challenge,
+            Message::Auth(_) => Kind::Auth,
+            Message::HelloAck(_) => Kind::HelloAck,
+            Message::FullSyncChunk(_) => Kind::FullSyncChunk,
+            Message::EpochBegin { .. } => Kind::EpochBegin,
+            Message::PageChunk(_) => Kind::PageChunk,
+            Message::EpochEnd(_) => Kind::EpochEnd,
+            Message::EpochAck { .. } => Kind::EpochAck,
+            Message::Heartbeat { .. } => Kind::Heartbeat,
+            Message::Fence { .. } => Kind::Fence,
+            Message::Shutdown { .. } => Kind::Shutdown,
+            Message::ResyncRequest { .. } => Kind::ResyncRequest,
+            Message::Refused { .. } => Kind::Refused,
+        }
+    }
+
+    /// The payload bytes of this message.
+    pub fn payload(&self) -> Bytes {
+        match self {
+            Message::Hello(h) => enc(h),
+            Message::Challenge(c) => enc(c),
+            Message::Auth(a) => enc(a),
+            Message::HelloAck(a) => enc(a),
+            Message::FullSyncChunk(c) | Message::PageChunk(c) => encode_chunk(c),
+            Message::EpochBegin {
+                epoch,
+                page_count,
+                full,
+            } => enc(&EpochBeginWire {
+                epoch: *epoch,
+                page_count: *page_count,
+                full: *full,
+            }),
+            Message::EpochEnd(e) => enc(e.as_ref()),
+            Message::EpochAck { epoch } => enc(epoch),
+            Message::Heartbeat {
+                generation,
+                seq,
+                time_us,
+            } => enc(&HeartbeatWire {
+                generation: *generation,
+                seq: *seq,
+                time_us: *time_us,
+            }),
+            Message::Fence { generation, reason } => enc(&GenReason {
+                generation: *generation,
+                reason: reason.clone(),
+            }),
+            Message::Shutdown { reason } | Message::ResyncRequest { reason } => enc(reason),
+            Message::Refused { code, reason } => enc(&RefusedWire {
+                code: *code,
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// The frame to send.
+    pub fn to_frame(&self) -> OutFrame {
+        OutFrame {
+            kind: self.kind() as u16,
+            payload: self.payload(),
+        }
+    }
+
+    /// Decodes a message from a frame's kind and payload.
+    pub fn decode(kind: u16, payload: Bytes) -> Result<Message, ProtoError> {
+        let k = Kind::from_u16(kind).ok_or(ProtoError::UnknownKind(kind))?;
+        Ok(match k {
+            Kind::Invalid => return Err(ProtoError::UnknownKind(0)),
+            Kind::Hello => Message::Hello(dec(k, &payload)?),
+            Kind::Challenge => Message::Challenge(dec(k, &payload)?),
+            Kind::Auth => Message::Auth(dec(k, &payload)?),
+            Kind::HelloAck => Message::HelloAck(dec(k, &payload)?),
+            Kind::FullSyncChunk => Message::FullSyncChunk(decode_chunk(k, payload)?),
+            Kind::PageChunk => Message::PageChunk(decode_chunk(k, payload)?),
+            Kind::EpochBegin => {
+                let w: EpochBeginWire = dec(k, &payload)?;
+                Message::EpochBegin {
+                    epoch: w.epoch,
+                    page_count: w.page_count,
+                    full: w.full,
+                }
+            }
+            Kind::EpochEnd => Message::EpochEnd(Box::new(dec(k, &payload)?)),
+            Kind::EpochAck => Message::EpochAck {
+                epoch: dec(k, &payload)?,
+            },
+            Kind::Heartbeat => {
+                let w: HeartbeatWire = dec(k, &payload)?;
+                Message::Heartbeat {
+                    generation: w.generation,
+                    seq: w.seq,
+                    time_us: w.time_us,
+                }
+            }
+            Kind::Fence => {
+                let w: GenReason = dec(k, &payload)?;
+                Message::Fence {
+                    generation: w.generation,
+                    reason: w.reason,
+                }
+            }
+            Kind::Shutdown => Message::Shutdown {
+                reason: dec(k, &payload)?,
+            },
+            Kind::ResyncRequest => Message::ResyncRequest {
+                reason: dec(k, &payload)?,
+            },
+            Kind::Refused => {
+                let w: RefusedWire = dec(k, &payload)?;
+                Message::Refused {
+                    code: w.code,
+                    reason: w.reason,
+                }
+            }
+        })
+    }
+}
+
+/// Raw encoding of a chunk.
+pub fn encode_chunk(c: &PageChunk) -> Bytes {
+    let data_pages = c.pages.iter().filter(|p| p.data.is_some()).count();
+    let mut b = BytesMut::with_capacity(12 + c.pages.len() * 8 + data_pages * PAGE_SIZE);
+    b.put_u64_le(c.epoch);
+    b.put_u32_le(c.pages.len() as u32);
+    for p in &c.pages {
+        b.put_u64_le(if p.data.is_some() {
+            p.gfn
+        } else {
+            p.gfn | ZERO_FLAG
+        });
+    }
+    for p in &c.pages {
+        if let Some(d) = &p.data {
+            debug_assert_eq!(d.len(), PAGE_SIZE);
+            b.put_slice(d);
+        }
+    }
+    b.freeze()
+}
+
+/// Decodes a raw chunk; page data are zero-copy slices of `payload`.
+pub fn decode_chunk(kind: Kind, payload: Bytes) -> Result<PageChunk, ProtoError> {
+    if payload.len() < 12 {
+        return Err(malformed(kind, "shorter than its header"));
+    }
+    let epoch = u64::from_le_bytes(payload[0..8].try_into().expect("8"));
+    let count = u32::from_le_bytes(payload[8..12].try_into().expect("4")) as usize;
+    let gfns_end = count
+        .checked_mul(8)
+        .and_then(|n| n.checked_add(12))
+        .filter(|&e| e <= payload.len());
+    let Some(gfns_end) = gfns_end else {
+        return Err(malformed(
+            kind,
+            format!("{count} pages announced, payload too short"),
+        ));
+    };
+    let mut pages = Vec::with_capacity(count);
+    let mut at = gfns_end;
+    for i in 0..count {
+        let raw = u64::from_le_bytes(payload[12 + i * 8..20 + i * 8].try_into().expect("8"));
+        let gfn = raw & !ZERO_FLAG;
+        if gfn >= 1 << 52 {
+            return Err(malformed(kind, format!("gfn {gfn:#x} beyond any guest")));
+        }
+        let data = if raw & ZERO_FLAG != 0 {
+            None
+        } else {
+            if at + PAGE_SIZE > payload.len() {
+                return Err(malformed(kind, "page data shorter than announced"));
+            }
+            let d = payload.slice(at..at + PAGE_SIZE);
+            at += PAGE_SIZE;
+            Some(d)
+        };
+        pages.push(Page { gfn, data });
+    }
+    if at != payload.len() {
+        return Err(malformed(
+            kind,
+            format!("{} trailing bytes", payload.len() - at),
+        ));
+    }
+    Ok(PageChunk { epoch, pages })
+}
+
+/// Splits an epoch's pages into chunks whose frames respect [`MAX_PAYLOAD`].
+pub fn chunk_pages(epoch: u64, pages: Vec<Page>) -> Vec<PageChunk> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 12;
+    for p in pages {
+        let need = 8 + if p.data.is_some() { PAGE_SIZE } else { 0 };
+        if size + need > MAX_PAYLOAD {
+            out.push(PageChunk {
+                epoch,
+                pages: std::mem::take(&mut cur),
+            });
+            size = 12;
+        }
+        size += need;
+        cur.push(p);
+    }
+    if !cur.is_empty() {
+        out.push(PageChunk { epoch, pages: cur });
+    }
+    out
+}
+
+/// Order-sensitive checksum of an epoch's pages as sent.
+#[derive(Debug, Clone, Default)]
+pub struct EpochChecksum {
+    h: crc32fast::Hasher,
+    pages: u64,
+}
+
+impl EpochChecksum {
+    pub fn add(&mut self, p: &Page) {
+        self.h.update(&p.gfn.to_le_bytes());
+        match &p.data {
+            Some(d) => self.h.update(d),
+            None => self.h.update(b"Z"),
+        }
+        self.pages += 1;
+    }
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+    pub fn value(&self) -> u32 {
+        self.h.clone().finalize()
+    }
+}
