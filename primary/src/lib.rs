@@ -1,1 +1,4 @@
-//! castor primary: the epoch engine, replication sender, output commit and heartbeats. Built in issue 4; this crate holds only the workspace slot for now.
+//! castor primary: the replication sender. The epoch engine, output commit
+//! and heartbeats come with the service (issue 4).
+
+pub mod sender;

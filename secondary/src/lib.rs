@@ -1,1 +1,5 @@
-//! castor secondary: receiver, replica store, heartbeat monitor and failover activation. Built in issues 3 and 4; this crate holds only the workspace slot for now.
+//! castor secondary: the replication receiver and the page-exact replica.
+//! Heartbeat monitoring and failover activation come with the service (issue 4).
+
+pub mod receiver;
+pub mod replica;

@@ -168,11 +168,24 @@ pub struct Machine {
 }
 
 impl Machine {
-    fn build(cfg: &MachineConfig) -> Result<(Machine, Vec<VcpuFd>), MachineError> {
+    fn build(
+        cfg: &MachineConfig,
+        mem: Option<Arc<GuestMem>>,
+    ) -> Result<(Machine, Vec<VcpuFd>), MachineError> {
         if cfg.vcpus == 0 || cfg.vcpus > abi::MAX_CPUS {
             return Err(MachineError::BadVcpus(cfg.vcpus));
         }
-        let mem = Arc::new(GuestMem::new(cfg.mem_bytes)?);
+        let mem = match mem {
+            Some(m) if m.size() == cfg.mem_bytes => m,
+            Some(m) => {
+                return Err(MachineError::ShapeMismatch(format!(
+                    "memory of {} bytes for a {}-byte VM",
+                    m.size(),
+                    cfg.mem_bytes
+                )))
+            }
+            None => Arc::new(GuestMem::new(cfg.mem_bytes)?),
+        };
         let kvm = Kvm::new().map_err(MachineError::Kvm)?;
         let vm = kvm
             .create_vm()
@@ -332,7 +345,7 @@ impl Machine {
 
     /// Builds and boots a fresh machine (vCPUs not yet started).
     pub fn new(cfg: MachineConfig) -> Result<Machine, MachineError> {
-        let (mut m, fds) = Self::build(&cfg)?;
+        let (mut m, fds) = Self::build(&cfg, None)?;
         let tsc_khz = u64::from(fds[0].get_tsc_khz().unwrap_or(0));
         let info = m.boot_info(tsc_khz)?;
         let header = boot::setup(&m.mem, abi::GUEST_IMAGE, cfg.vcpus, &info)?;
@@ -363,6 +376,25 @@ impl Machine {
         st: &MachineState,
         load: impl FnOnce(&GuestMem) -> Result<(), MachineError>,
     ) -> Result<Machine, MachineError> {
+        Self::restore_inner(tracker, st, None, load)
+    }
+
+    /// Builds a machine from saved state around memory that already holds the
+    /// guest (a replica's): no page is copied. The vCPUs are not yet started.
+    pub fn restore_with_memory(
+        tracker: TrackerKind,
+        st: &MachineState,
+        mem: Arc<GuestMem>,
+    ) -> Result<Machine, MachineError> {
+        Self::restore_inner(tracker, st, Some(mem), |_| Ok(()))
+    }
+
+    fn restore_inner(
+        tracker: TrackerKind,
+        st: &MachineState,
+        mem: Option<Arc<GuestMem>>,
+        load: impl FnOnce(&GuestMem) -> Result<(), MachineError>,
+    ) -> Result<Machine, MachineError> {
         let workload: WorkloadConfig = common::codec::decode(&st.boot)
             .map_err(|e| MachineError::ShapeMismatch(format!("boot parameters: {e}")))?;
         let cfg = MachineConfig::new(st.shape.mem_bytes, st.shape.vcpus, tracker, workload);
@@ -378,7 +410,7 @@ impl Machine {
                 "vCPU states do not match the vCPU count".into(),
             ));
         }
-        let (mut m, fds) = Self::build(&cfg)?;
+        let (mut m, fds) = Self::build(&cfg, mem)?;
         m.shape.image_id = st.shape.image_id;
         load(&m.mem)?;
         m.mem.take_vmm_dirty();

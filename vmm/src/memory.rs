@@ -222,6 +222,58 @@ impl GuestMem {
         })
     }
 
+    /// A 64-bit digest of all guest memory (order-sensitive over 1 MiB chunks of
+    /// CRC32): equal digests mean equal memory, for verification mode.
+    pub fn digest(&self) -> u64 {
+        const CHUNK: usize = 1 << 20;
+        let mut buf = vec![0u8; CHUNK];
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut i: u64 = 0;
+        for (gpa, size, _) in self.regions() {
+            let mut off = 0;
+            while off < size {
+                let n = CHUNK.min((size - off) as usize);
+                // regions are RAM by construction
+                if self.read(gpa + off, &mut buf[..n]).is_ok() {
+                    let c = u64::from(crc32fast::hash(&buf[..n]));
+                    h = (h ^ c ^ (i << 32))
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        .rotate_left(29);
+                }
+                off += n as u64;
+                i += 1;
+            }
+        }
+        h
+    }
+
+    /// Zeroes all guest memory at once, giving the pages back to the host
+    /// (`MADV_DONTNEED` on the anonymous private mappings). Used by a replica
+    /// applying a full-memory epoch.
+    pub fn discard_all(&self) -> Result<(), MemoryError> {
+        for (_, size, host) in self.regions() {
+            // SAFETY: `host..host+size` is exactly one of our own anonymous
+            // private mappings (vm-memory MmapRegion), valid while `self` lives;
+            // MADV_DONTNEED on such a mapping only replaces its contents with
+            // zero pages, which every reader of guest memory must tolerate (the
+            // guest itself is not running while a replica applies an epoch).
+            let ret = unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    size as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if ret != 0 {
+                return Err(MemoryError::Map(format!(
+                    "madvise: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Maps a linear RAM offset (RAM counted without the hole) to a guest address.
     pub fn linear_to_gpa(&self, lin: u64) -> u64 {
         if lin < HOLE_START {
@@ -266,7 +318,9 @@ mod tests {
     #[test]
     fn vmm_writes_are_recorded_once_and_drained() {
         let m = GuestMem::new(64 << 20).expect("mem");
+        let d0 = m.digest();
         m.write(0x5000, &[1; 10]).expect("write");
+        assert_ne!(m.digest(), d0);
         m.write(0x5ff0, &[2; 32])
             .expect("write across a page boundary");
         m.write(0x5000, &[3; 1]).expect("rewrite");

@@ -1,0 +1,267 @@
+//! The primary's side of a replication connection: handshake, full sync, epochs.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use common::auth::{self, Key, Secret};
+use common::frame::{FrameCodec, FrameError, OutFrame, PROTOCOL_VERSION};
+use common::proto::{
+    self, Auth, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, ProtoError, RefuseCode,
+};
+use common::state::{MachineState, VmShape};
+use futures::{SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// Errors of the sending side.
+#[derive(Debug, thiserror::Error)]
+pub enum SenderError {
+    #[error("connect to {addr}: {err}")]
+    Connect {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("message: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("secondary refused us ({code:?}): {reason}")]
+    Refused { code: RefuseCode, reason: String },
+    #[error("the secondary failed to prove it holds the shared secret")]
+    SecondaryUnauthenticated,
+    #[error("secondary closed the connection {0}")]
+    Closed(&'static str),
+    #[error("unexpected {0:?} from the secondary")]
+    Unexpected(proto::Kind),
+    #[error("no randomness: {0}")]
+    Random(String),
+}
+
+/// An authenticated replication session.
+#[derive(Debug)]
+pub struct Session {
+    rx: FramedRead<OwnedReadHalf, FrameCodec>,
+    tx: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    session_key: Key,
+    /// The secondary's answer to the handshake.
+    pub ack: HelloAck,
+}
+
+fn refused(m: Message) -> SenderError {
+    match m {
+        Message::Refused { code, reason } => SenderError::Refused { code, reason },
+        other => SenderError::Unexpected(other.kind()),
+    }
+}
+
+impl Session {
+    /// Connects and authenticates (both ways) with the shared secret.
+    pub async fn connect(
+        addr: SocketAddr,
+        secret: &Secret,
+        shape: VmShape,
+        generation: u64,
+    ) -> Result<Session, SenderError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|err| SenderError::Connect { addr, err })?;
+        Self::handshake(
+            stream,
+            secret,
+            shape,
+            generation,
+            PROTOCOL_VERSION,
+            PROTOCOL_VERSION,
+        )
+        .await
+    }
+
+    /// The handshake on an open stream, offering versions `min..=max`.
+    pub async fn handshake(
+        stream: TcpStream,
+        secret: &Secret,
+        shape: VmShape,
+        generation: u64,
+        min: u16,
+        max: u16,
+    ) -> Result<Session, SenderError> {
+        let _ = stream.set_nodelay(true);
+        let hs = secret.handshake_key();
+        let (r, w) = stream.into_split();
+        let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, hs), 1 << 16);
+        let mut tx = FramedWrite::new(w, FrameCodec::new(max, hs));
+        let nonce_p = auth::nonce().map_err(|e| SenderError::Random(e.to_string()))?;
+        tx.send(
+            Message::Hello(Hello {
+                min_version: min,
+                max_version: max,
+                shape,
+                generation,
+                nonce: nonce_p,
+            })
+            .to_frame(),
+        )
+        .await?;
+        let f = rx
+            .next()
+            .await
+            .ok_or(SenderError::Closed("during the handshake"))??;
+        let ch = match Message::decode(f.kind, f.payload)? {
+            Message::Challenge(c) => c,
+            other => return Err(refused(other)),
+        };
+        if !auth::verify(&secret.secondary_proof(&nonce_p, &ch.nonce), &ch.proof) {
+            return Err(SenderError::SecondaryUnauthenticated);
+        }
+        tx.send(
+            Message::Auth(Auth {
+                proof: secret.primary_proof(&nonce_p, &ch.nonce),
+            })
+            .to_frame(),
+        )
+        .await?;
+        let f = rx
+            .next()
+            .await
+            .ok_or(SenderError::Closed("during the handshake"))??;
+        let ack = match Message::decode(f.kind, f.payload)? {
+            Message::HelloAck(a) => a,
+            other => return Err(refused(other)),
+        };
+        let session_key = secret.session_key(&nonce_p, &ch.nonce);
+        rx.decoder_mut().set_key(session_key);
+        tx.encoder_mut().set_key(session_key);
+        Ok(Session {
+            rx,
+            tx,
+            session_key,
+            ack,
+        })
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, m: &Message) -> Result<(), SenderError> {
+        self.tx.send(m.to_frame()).await?;
+        Ok(())
+    }
+
+    /// Receives one message (`None` when the secondary closed cleanly).
+    pub async fn recv(&mut self) -> Result<Option<Message>, SenderError> {
+        match self.rx.next().await {
+            None => Ok(None),
+            Some(f) => {
+                let f = f?;
+                Ok(Some(Message::decode(f.kind, f.payload)?))
+            }
+        }
+    }
+
+    /// Sends initial-sync pages.
+    pub async fn send_full_sync(&mut self, pages: Vec<Page>) -> Result<(), SenderError> {
+        for c in proto::chunk_pages(0, pages) {
+            self.tx.feed(Message::FullSyncChunk(c).to_frame()).await?;
+        }
+        self.tx.flush().await?;
+        Ok(())
+    }
+
+    /// Sends one whole epoch (begin, chunks, end). Does not wait for the ack.
+    pub async fn send_epoch(
+        &mut self,
+        epoch: u64,
+        full: bool,
+        pages: Vec<Page>,
+        state: MachineState,
+        digest: Option<u64>,
+    ) -> Result<(), SenderError> {
+        let mut sum = EpochChecksum::default();
+        for p in &pages {
+            sum.add(p);
+        }
+        let page_count = pages.len() as u64;
+        self.tx
+            .feed(
+                Message::EpochBegin {
+                    epoch,
+                    page_count,
+                    full,
+                }
+                .to_frame(),
+            )
+            .await?;
+        for c in proto::chunk_pages(epoch, pages) {
+            self.tx.feed(Message::PageChunk(c).to_frame()).await?;
+        }
+        let end = EpochEnd {
+            epoch,
+            page_count,
+            checksum: sum.value(),
+            digest,
+            state,
+        };
+        self.tx
+            .send(Message::EpochEnd(Box::new(end)).to_frame())
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for the ack of `epoch` (other messages are returned as errors).
+    pub async fn wait_ack(&mut self, epoch: u64) -> Result<(), SenderError> {
+        match self.recv().await? {
+            Some(Message::EpochAck { epoch: e }) if e == epoch => Ok(()),
+            Some(other) => Err(refused(other)),
+            None => Err(SenderError::Closed("before acknowledging")),
+        }
+    }
+
+    /// For fault-injection tests: (version, next sequence number, session key)
+    /// of the sending direction, to build frames by hand.
+    pub fn raw_state(&self) -> (u16, u64, Key) {
+        let c = self.tx.encoder();
+        (PROTOCOL_VERSION, c.next_seq(), self.session_key)
+    }
+
+    /// Writes raw bytes to the connection (tests), after anything buffered.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), SenderError> {
+        use tokio::io::AsyncWriteExt;
+        self.tx.flush().await?;
+        self.tx
+            .get_mut()
+            .write_all(bytes)
+            .await
+            .map_err(FrameError::from)?;
+        self.tx.get_mut().flush().await.map_err(FrameError::from)?;
+        Ok(())
+    }
+
+    /// Half-closes the connection (tests: a stream that ends here).
+    pub async fn shutdown_write(&mut self) -> Result<(), SenderError> {
+        use tokio::io::AsyncWriteExt;
+        self.tx.flush().await?;
+        self.tx
+            .get_mut()
+            .shutdown()
+            .await
+            .map_err(FrameError::from)?;
+        Ok(())
+    }
+
+    /// Sends a pre-built frame (tests).
+    pub async fn send_frame(&mut self, f: OutFrame) -> Result<(), SenderError> {
+        self.tx.send(f).await?;
+        Ok(())
+    }
+}
+
+/// Makes a page from a 4096-byte buffer (all-zero pages travel without data).
+pub fn page_from(gfn: u64, data: &[u8]) -> Page {
+    if data.iter().all(|&b| b == 0) {
+        Page { gfn, data: None }
+    } else {
+        Page {
+            gfn,
+            data: Some(Bytes::copy_from_slice(data)),
+        }
+    }
+}

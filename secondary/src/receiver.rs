@@ -1,0 +1,288 @@
+//! The secondary's side of a replication connection: handshake, then epochs
+//! into the replica, acknowledging each commit.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::auth::{self, Secret};
+use common::frame::{FrameCodec, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use common::proto::{Challenge, HelloAck, Kind, Message, ProtoError, RefuseCode};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::replica::{Replica, ReplicaError};
+
+/// Why a connection ended with an error. Every variant leaves the replica at
+/// its committed epoch (a partly staged epoch is dropped).
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    #[error("peer is not authenticated: {0}")]
+    Unauthenticated(String),
+    #[error("peer offered protocol versions {min}..={max}; this build speaks {PROTOCOL_VERSION}")]
+    VersionRefused { min: u16, max: u16 },
+    #[error("frame: {0}")]
+    Frame(FrameError),
+    #[error("message: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("replica refused: {0}")]
+    Replica(#[from] ReplicaError),
+    #[error("stale primary: generation {peer} < ours {ours}")]
+    StaleGeneration { peer: u64, ours: u64 },
+    #[error("unexpected {0:?} message {1}")]
+    Unexpected(Kind, &'static str),
+    #[error("connection closed {0}")]
+    Closed(&'static str),
+}
+
+impl ReceiverError {
+    /// A short stable name of the error class (logs, tests, metrics).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReceiverError::Unauthenticated(_) => "unauthenticated",
+            ReceiverError::VersionRefused { .. }
+            | ReceiverError::Frame(FrameError::WrongVersion { .. }) => "version",
+            ReceiverError::Frame(FrameError::Truncated(_)) | ReceiverError::Closed(_) => {
+                "truncated"
+            }
+            ReceiverError::Frame(FrameError::Corrupt) => "corrupt",
+            ReceiverError::Frame(FrameError::BadMac) => "bad-mac",
+            ReceiverError::Frame(FrameError::Duplicate { .. }) => "duplicate",
+            ReceiverError::Frame(FrameError::OutOfOrder { .. }) => "reordered",
+            ReceiverError::Frame(FrameError::Oversize(_)) => "oversize",
+            ReceiverError::Frame(FrameError::BadMagic(_)) => "bad-magic",
+            ReceiverError::Frame(FrameError::InvalidKind(_)) | ReceiverError::Proto(_) => {
+                "malformed"
+            }
+            ReceiverError::Frame(FrameError::Io(_)) => "io",
+            ReceiverError::Replica(ReplicaError::ShapeMismatch { .. }) => "shape",
+            ReceiverError::Replica(ReplicaError::EpochOrder { .. })
+            | ReceiverError::Replica(ReplicaError::ChunkEpoch { .. })
+            | ReceiverError::Replica(ReplicaError::StagingInProgress { .. })
+            | ReceiverError::Replica(ReplicaError::NotStaging(_))
+            | ReceiverError::Unexpected(..) => "protocol-order",
+            ReceiverError::Replica(_) => "replica",
+            ReceiverError::StaleGeneration { .. } => "stale-generation",
+        }
+    }
+}
+
+/// How a connection ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The primary closed the connection between frames.
+    Closed,
+    /// The primary said Shutdown.
+    Shutdown,
+}
+
+/// What the receiver reports as it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    Authenticated { generation: u64 },
+    Committed { epoch: u64 },
+    Heartbeat { generation: u64, seq: u64 },
+}
+
+/// Receiver settings.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub secret: Secret,
+    /// This node's generation: primaries with a lower one are refused.
+    pub generation: u64,
+}
+
+fn lock(r: &Mutex<Replica>) -> std::sync::MutexGuard<'_, Replica> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves one replication connection until it ends. The replica is left at
+/// its committed epoch whatever happens.
+pub async fn serve_connection(
+    stream: TcpStream,
+    cfg: &ReceiverConfig,
+    replica: &Arc<Mutex<Replica>>,
+    mut on_event: impl FnMut(ReceiverEvent),
+) -> Result<SessionEnd, ReceiverError> {
+    let result = serve_inner(stream, cfg, replica, &mut on_event).await;
+    let dropped = lock(replica).abort_staging();
+    if let Some(e) = dropped {
+        tracing::warn!(
+            epoch = e,
+            "dropped a partly received epoch; replica stays at its committed epoch"
+        );
+    }
+    result
+}
+
+async fn serve_inner(
+    stream: TcpStream,
+    cfg: &ReceiverConfig,
+    replica: &Arc<Mutex<Replica>>,
+    on_event: &mut impl FnMut(ReceiverEvent),
+) -> Result<SessionEnd, ReceiverError> {
+    let _ = stream.set_nodelay(true);
+    let hs_key = cfg.secret.handshake_key();
+    let (r, w) = stream.into_split();
+    let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, hs_key), 1 << 21);
+    let mut tx = FramedWrite::new(w, FrameCodec::new(PROTOCOL_VERSION, hs_key));
+
+    // Handshake frames are MACed with the handshake key: a peer without the
+    // secret fails here, before anything is read into the replica.
+    let hs_err = |e: FrameError| match e {
+        FrameError::BadMac => {
+            ReceiverError::Unauthenticated("Hello not signed with the shared secret".into())
+        }
+        other => ReceiverError::Frame(other),
+    };
+    let first = rx
+        .next()
+        .await
+        .ok_or(ReceiverError::Closed("before Hello"))?
+        .map_err(hs_err)?;
+    let hello = match Message::decode(first.kind, first.payload)? {
+        Message::Hello(h) => h,
+        other => return Err(ReceiverError::Unexpected(other.kind(), "before Hello")),
+    };
+    let refuse = |code: RefuseCode, reason: String| Message::Refused { code, reason }.to_frame();
+    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION)
+        || hello.max_version < MIN_PROTOCOL_VERSION
+    {
+        let _ = tx
+            .send(refuse(
+                RefuseCode::Version,
+                format!("this secondary speaks version {PROTOCOL_VERSION}"),
+            ))
+            .await;
+        return Err(ReceiverError::VersionRefused {
+            min: hello.min_version,
+            max: hello.max_version,
+        });
+    }
+    let shape_ok = lock(replica).check_shape(&hello.shape);
+    if let Err(e) = shape_ok {
+        let _ = tx.send(refuse(RefuseCode::Shape, e.to_string())).await;
+        return Err(e.into());
+    }
+    if hello.generation < cfg.generation {
+        let _ = tx
+            .send(refuse(
+                RefuseCode::StaleGeneration,
+                format!("generation {} is fenced", hello.generation),
+            ))
+            .await;
+        return Err(ReceiverError::StaleGeneration {
+            peer: hello.generation,
+            ours: cfg.generation,
+        });
+    }
+    let nonce_s = auth::nonce().map_err(|e| ReceiverError::Unauthenticated(e.to_string()))?;
+    let proof = cfg.secret.secondary_proof(&hello.nonce, &nonce_s);
+    tx.send(
+        Message::Challenge(Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: nonce_s,
+            proof,
+        })
+        .to_frame(),
+    )
+    .await
+    .map_err(ReceiverError::Frame)?;
+    let f = rx
+        .next()
+        .await
+        .ok_or(ReceiverError::Closed("before Auth"))?
+        .map_err(hs_err)?;
+    let proof_p = match Message::decode(f.kind, f.payload)? {
+        Message::Auth(a) => a.proof,
+        other => return Err(ReceiverError::Unexpected(other.kind(), "before Auth")),
+    };
+    if !auth::verify(&cfg.secret.primary_proof(&hello.nonce, &nonce_s), &proof_p) {
+        let _ = tx.send(refuse(RefuseCode::Auth, "bad proof".into())).await;
+        return Err(ReceiverError::Unauthenticated(
+            "the primary's proof is wrong".into(),
+        ));
+    }
+    let committed_epoch = lock(replica).committed_epoch();
+    tx.send(
+        Message::HelloAck(HelloAck {
+            version: PROTOCOL_VERSION,
+            committed_epoch,
+            generation: cfg.generation,
+        })
+        .to_frame(),
+    )
+    .await
+    .map_err(ReceiverError::Frame)?;
+    let session = cfg.secret.session_key(&hello.nonce, &nonce_s);
+    rx.decoder_mut().set_key(session);
+    tx.encoder_mut().set_key(session);
+    on_event(ReceiverEvent::Authenticated {
+        generation: hello.generation,
+    });
+    tracing::info!(
+        generation = hello.generation,
+        ?committed_epoch,
+        "primary authenticated"
+    );
+
+    loop {
+        let Some(frame) = rx.next().await else {
+            return Ok(SessionEnd::Closed);
+        };
+        let frame = frame.map_err(ReceiverError::Frame)?;
+        let msg = Message::decode(frame.kind, frame.payload)?;
+        match msg {
+            Message::FullSyncChunk(c) => lock(replica).full_sync_chunk(&c)?,
+            Message::EpochBegin {
+                epoch,
+                page_count,
+                full,
+            } => lock(replica).begin_epoch(epoch, page_count, full)?,
+            Message::PageChunk(c) => lock(replica).chunk(c)?,
+            Message::EpochEnd(end) => {
+                let t = Instant::now();
+                let res = lock(replica).end_epoch(*end);
+                match res {
+                    Ok(epoch) => {
+                        tracing::debug!(
+                            epoch,
+                            apply_us = t.elapsed().as_micros() as u64,
+                            "epoch committed"
+                        );
+                        tx.send(Message::EpochAck { epoch }.to_frame())
+                            .await
+                            .map_err(ReceiverError::Frame)?;
+                        on_event(ReceiverEvent::Committed { epoch });
+                    }
+                    Err(ReplicaError::Diverged {
+                        epoch,
+                        expected,
+                        got,
+                    }) => {
+                        let reason = format!(
+                            "replica digest {got:#x} != primary {expected:#x} after epoch {epoch}"
+                        );
+                        tx.send(Message::ResyncRequest { reason }.to_frame())
+                            .await
+                            .map_err(ReceiverError::Frame)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Message::Heartbeat {
+                generation, seq, ..
+            } => on_event(ReceiverEvent::Heartbeat { generation, seq }),
+            Message::Shutdown { reason } => {
+                tracing::info!(%reason, "primary shut the session down");
+                return Ok(SessionEnd::Shutdown);
+            }
+            other => {
+                return Err(ReceiverError::Unexpected(
+                    other.kind(),
+                    "during replication",
+                ))
+            }
+        }
+    }
+}

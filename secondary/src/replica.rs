@@ -1,0 +1,344 @@
+//! The secondary's page-exact replica of the last committed epoch.
+//!
+//! Replica memory is a [`GuestMem`] in the guest's shape (anonymous mappings laid
+//! out like the primary's), so at failover it is registered with KVM as guest
+//! memory as it is: no copy. Epoch N is *staged* (pages held aside) until its
+//! EpochEnd arrives and verifies (epoch order, every chunk, the counts, the
+//! checksum); only then are its pages written and its state becomes the
+//! committed state. Anything that goes wrong before that (lost connection,
+//! corrupt frame, killed primary) leaves the replica exactly at N-1.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::proto::{EpochChecksum, EpochEnd, Page, PageChunk, PAGE_SIZE};
+use common::state::{MachineState, VmShape};
+use vmm::memory::{ram_ranges, GuestMem, MemoryError};
+
+/// Errors of the replica. Each leaves the replica at its committed epoch.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("VM shape mismatch: replica is {replica}, peer sent {peer}")]
+    ShapeMismatch { replica: String, peer: String },
+    #[error("epoch {got} out of order: expected {expected}")]
+    EpochOrder { got: u64, expected: String },
+    #[error("{0} while no epoch is being staged")]
+    NotStaging(&'static str),
+    #[error("epoch {got} begun while epoch {staging} is still being staged")]
+    StagingInProgress { got: u64, staging: u64 },
+    #[error("chunk of epoch {got} while staging epoch {staging}")]
+    ChunkEpoch { got: u64, staging: u64 },
+    #[error("epoch {epoch}: more pages than the {announced} announced")]
+    TooManyPages { epoch: u64, announced: u64 },
+    #[error("page {0:#x} is outside the guest's RAM")]
+    PageOutsideRam(u64),
+    #[error(
+        "epoch {epoch}: {received} pages received, {announced} announced at begin, {ended} at end"
+    )]
+    CountMismatch {
+        epoch: u64,
+        announced: u64,
+        received: u64,
+        ended: u64,
+    },
+    #[error("epoch {epoch}: content checksum {got:#x} != {expected:#x}")]
+    ChecksumMismatch { epoch: u64, expected: u32, got: u32 },
+    #[error("epoch {epoch} state is for a different VM shape")]
+    StateShape { epoch: u64 },
+    #[error("replica diverged from the primary after epoch {epoch}: digest {got:#x} != {expected:#x}; full resync required")]
+    Diverged { epoch: u64, expected: u64, got: u64 },
+    #[error("full-sync pages after an epoch was committed")]
+    SyncAfterCommit,
+    #[error("the replica needs a full resync; delta epochs are refused")]
+    NeedsResync,
+    #[error("replica memory: {0}")]
+    Memory(#[from] MemoryError),
+}
+
+/// The last committed epoch.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub epoch: u64,
+    pub state: MachineState,
+}
+
+#[derive(Debug)]
+struct Staging {
+    epoch: u64,
+    announced: u64,
+    full: bool,
+    pages: Vec<Page>,
+    sum: EpochChecksum,
+}
+
+/// A page-exact replica.
+#[derive(Debug)]
+pub struct Replica {
+    mem: Arc<GuestMem>,
+    shape: VmShape,
+    committed: Option<Committed>,
+    staging: Option<Staging>,
+    synced_pages: u64,
+    needs_resync: bool,
+}
+
+fn shape_str(s: &VmShape) -> String {
+    format!(
+        "{} MiB, {} vCPUs, image {:#x}",
+        s.mem_bytes >> 20,
+        s.vcpus,
+        s.image_id
+    )
+}
+
+impl Replica {
+    /// An empty replica for a VM of `shape`.
+    pub fn new(shape: VmShape) -> Result<Self, ReplicaError> {
+        if shape.ram_ranges != ram_ranges(shape.mem_bytes) {
+            return Err(ReplicaError::ShapeMismatch {
+                replica: "this VMM's RAM layout".into(),
+                peer: shape_str(&shape),
+            });
+        }
+        let mem = Arc::new(GuestMem::new(shape.mem_bytes)?);
+        Ok(Replica {
+            mem,
+            shape,
+            committed: None,
+            staging: None,
+            synced_pages: 0,
+            needs_resync: false,
+        })
+    }
+
+    pub fn shape(&self) -> &VmShape {
+        &self.shape
+    }
+
+    /// Checks a peer's VM shape against the replica's.
+    pub fn check_shape(&self, peer: &VmShape) -> Result<(), ReplicaError> {
+        if *peer != self.shape {
+            return Err(ReplicaError::ShapeMismatch {
+                replica: shape_str(&self.shape),
+                peer: shape_str(peer),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn committed(&self) -> Option<&Committed> {
+        self.committed.as_ref()
+    }
+
+    pub fn committed_epoch(&self) -> Option<u64> {
+        self.committed.as_ref().map(|c| c.epoch)
+    }
+
+    /// The epoch being staged, if any.
+    pub fn staging_epoch(&self) -> Option<u64> {
+        self.staging.as_ref().map(|s| s.epoch)
+    }
+
+    pub fn needs_resync(&self) -> bool {
+        self.needs_resync
+    }
+
+    /// The replica memory (registered with KVM at failover).
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    /// Digest of the replica memory.
+    pub fn digest(&self) -> u64 {
+        self.mem.digest()
+    }
+
+    fn check_page(&self, p: &Page) -> Result<(), ReplicaError> {
+        let gpa = p
+            .gfn
+            .checked_mul(PAGE_SIZE as u64)
+            .ok_or(ReplicaError::PageOutsideRam(p.gfn))?;
+        if !self.mem.is_ram(gpa, PAGE_SIZE) {
+            return Err(ReplicaError::PageOutsideRam(p.gfn));
+        }
+        Ok(())
+    }
+
+    fn write_page(&self, p: &Page) -> Result<(), ReplicaError> {
+        let gpa = p.gfn * PAGE_SIZE as u64;
+        match &p.data {
+            Some(d) => self.mem.write(gpa, d)?,
+            None => self.mem.write(gpa, &[0u8; PAGE_SIZE])?,
+        }
+        Ok(())
+    }
+
+    /// Initial-sync pages, written straight into memory: before the first
+    /// commit there is no consistent state to protect.
+    pub fn full_sync_chunk(&mut self, c: &PageChunk) -> Result<(), ReplicaError> {
+        if self.committed.is_some() {
+            return Err(ReplicaError::SyncAfterCommit);
+        }
+        for p in &c.pages {
+            self.check_page(p)?;
+        }
+        for p in &c.pages {
+            self.write_page(p)?;
+        }
+        self.mem.take_vmm_dirty();
+        self.synced_pages += c.pages.len() as u64;
+        Ok(())
+    }
+
+    /// Starts staging epoch `epoch`.
+    pub fn begin_epoch(
+        &mut self,
+        epoch: u64,
+        announced: u64,
+        full: bool,
+    ) -> Result<(), ReplicaError> {
+        if let Some(s) = &self.staging {
+            return Err(ReplicaError::StagingInProgress {
+                got: epoch,
+                staging: s.epoch,
+            });
+        }
+        match &self.committed {
+            Some(c) if epoch != c.epoch + 1 => {
+                return Err(ReplicaError::EpochOrder {
+                    got: epoch,
+                    expected: (c.epoch + 1).to_string(),
+                })
+            }
+            None if !full && self.synced_pages == 0 => {
+                return Err(ReplicaError::EpochOrder {
+                    got: epoch,
+                    expected: "a full sync or a full epoch first".into(),
+                })
+            }
+            _ => {}
+        }
+        if self.needs_resync && !full {
+            return Err(ReplicaError::NeedsResync);
+        }
+        self.staging = Some(Staging {
+            epoch,
+            announced,
+            full,
+            pages: Vec::new(),
+            sum: EpochChecksum::default(),
+        });
+        Ok(())
+    }
+
+    /// Stages one chunk of the current epoch.
+    pub fn chunk(&mut self, c: PageChunk) -> Result<(), ReplicaError> {
+        let Some(s) = self.staging.as_ref() else {
+            return Err(ReplicaError::NotStaging("page chunk"));
+        };
+        if c.epoch != s.epoch {
+            return Err(ReplicaError::ChunkEpoch {
+                got: c.epoch,
+                staging: s.epoch,
+            });
+        }
+        if s.pages.len() as u64 + c.pages.len() as u64 > s.announced {
+            return Err(ReplicaError::TooManyPages {
+                epoch: s.epoch,
+                announced: s.announced,
+            });
+        }
+        for p in &c.pages {
+            self.check_page(p)?;
+        }
+        let s = self.staging.as_mut().expect("checked above");
+        for p in c.pages {
+            s.sum.add(&p);
+            s.pages.push(p);
+        }
+        Ok(())
+    }
+
+    /// Drops a partly staged epoch (connection lost, bad frame): the replica stays committed.
+    pub fn abort_staging(&mut self) -> Option<u64> {
+        self.staging.take().map(|s| s.epoch)
+    }
+
+    /// Verifies and commits the staged epoch. On `Diverged` the epoch is
+    /// applied but the replica is marked as needing a full resync.
+    pub fn end_epoch(&mut self, end: EpochEnd) -> Result<u64, ReplicaError> {
+        let Some(s) = self.staging.as_ref() else {
+            return Err(ReplicaError::NotStaging("epoch end"));
+        };
+        if end.epoch != s.epoch {
+            return Err(ReplicaError::EpochOrder {
+                got: end.epoch,
+                expected: s.epoch.to_string(),
+            });
+        }
+        let received = s.pages.len() as u64;
+        if received != s.announced || received != end.page_count {
+            return Err(ReplicaError::CountMismatch {
+                epoch: s.epoch,
+                announced: s.announced,
+                received,
+                ended: end.page_count,
+            });
+        }
+        if s.sum.value() != end.checksum {
+            return Err(ReplicaError::ChecksumMismatch {
+                epoch: s.epoch,
+                expected: end.checksum,
+                got: s.sum.value(),
+            });
+        }
+        if end.state.shape != self.shape {
+            return Err(ReplicaError::StateShape { epoch: s.epoch });
+        }
+        // verified: apply
+        let s = self.staging.take().expect("checked above");
+        if s.full {
+            self.mem.discard_all()?;
+        }
+        for p in &s.pages {
+            if s.full && p.data.is_none() {
+                continue; // already zero
+            }
+            self.write_page(p)?;
+        }
+        self.mem.take_vmm_dirty();
+        self.committed = Some(Committed {
+            epoch: s.epoch,
+            state: end.state,
+        });
+        if s.full {
+            self.needs_resync = false;
+        }
+        if let Some(expected) = end.digest {
+            let got = self.mem.digest();
+            if got != expected {
+                self.needs_resync = true;
+                tracing::error!(
+                    epoch = s.epoch,
+                    expected,
+                    got,
+                    "REPLICA DIVERGED from the primary: requesting a full resync"
+                );
+                return Err(ReplicaError::Diverged {
+                    epoch: s.epoch,
+                    expected,
+                    got,
+                });
+            }
+        }
+        Ok(s.epoch)
+    }
+}
+
+/// Helper for tests and benches: a data page.
+pub fn data_page(gfn: u64, fill: u8) -> Page {
+    Page {
+        gfn,
+        data: Some(Bytes::from(vec![fill; PAGE_SIZE])),
+    }
+}

@@ -1,0 +1,479 @@
+//! The replication wire over real TCP on loopback, with a real replica: every
+//! kind of bad stream is refused with its own error, and the replica is left
+//! exactly at its committed epoch (same digest before and after).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use common::auth::Secret;
+use common::frame::{FrameCodec, MAX_PAYLOAD, PROTOCOL_VERSION};
+use common::proto::{self, Kind, Message, Page, PageChunk, PAGE_SIZE};
+use common::state::{MachineState, VmShape};
+use primary::sender::{SenderError, Session};
+use secondary::receiver::{serve_connection, ReceiverConfig, ReceiverError, SessionEnd};
+use secondary::replica::{data_page, Replica};
+use tokio::net::TcpListener;
+use vmm::memory::GuestMem;
+use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
+
+struct Fixture {
+    replica: Arc<Mutex<Replica>>,
+    cfg: ReceiverConfig,
+    secret: Secret,
+    shape: VmShape,
+    state: MachineState,
+    /// The primary's memory as the test sends it (for digests).
+    shadow: GuestMem,
+}
+
+fn secret() -> Secret {
+    Secret::new(b"castor test secret 0123456789".to_vec()).expect("secret")
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let mut m = Machine::new(MachineConfig::new(
+            64 << 20,
+            1,
+            TrackerKind::Bitmap,
+            WorkloadConfig::idle(),
+        ))
+        .expect("machine");
+        m.start().expect("start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        m.pause().expect("pause");
+        let state = m.save().expect("save");
+        let shape = m.shape().clone();
+        let replica = Arc::new(Mutex::new(Replica::new(shape.clone()).expect("replica")));
+        Fixture {
+            replica,
+            cfg: ReceiverConfig {
+                secret: secret(),
+                generation: 1,
+            },
+            secret: secret(),
+            shape,
+            state,
+            shadow: GuestMem::new(64 << 20).expect("shadow"),
+        }
+    }
+
+    /// Starts a server for one connection; returns its address and result.
+    async fn serve_one(
+        &self,
+    ) -> (
+        SocketAddr,
+        tokio::task::JoinHandle<Result<SessionEnd, ReceiverError>>,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (replica, cfg) = (self.replica.clone(), self.cfg.clone());
+        let h = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            serve_connection(s, &cfg, &replica, |_| {}).await
+        });
+        (addr, h)
+    }
+
+    fn pages(&self, epoch: u64, n: u64) -> Vec<Page> {
+        let pages: Vec<Page> = (0..n)
+            .map(|i| {
+                let gfn = 0x400 + (epoch * 97 + i * 13) % 10_000;
+                if i % 7 == 0 {
+                    Page { gfn, data: None }
+                } else {
+                    data_page(
+                        gfn,
+                        (epoch as u8).wrapping_mul(31).wrapping_add(i as u8) | 1,
+                    )
+                }
+            })
+            .collect();
+        // dedup gfns inside one epoch (a real dirty set has each page once)
+        let mut seen = std::collections::HashSet::new();
+        pages.into_iter().filter(|p| seen.insert(p.gfn)).collect()
+    }
+
+    fn mirror(&self, pages: &[Page]) {
+        for p in pages {
+            let data = p
+                .data
+                .clone()
+                .unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
+            self.shadow
+                .write(p.gfn * PAGE_SIZE as u64, &data)
+                .expect("shadow write");
+        }
+    }
+
+    async fn session(&self, addr: SocketAddr) -> Session {
+        Session::connect(addr, &self.secret, self.shape.clone(), 1)
+            .await
+            .expect("handshake")
+    }
+
+    /// A correct epoch over a fresh connection.
+    async fn good_epoch(&self, epoch: u64) {
+        let (addr, server) = self.serve_one().await;
+        let mut s = self.session(addr).await;
+        let pages = self.pages(epoch, 40);
+        self.mirror(&pages);
+        s.send_epoch(
+            epoch,
+            false,
+            pages,
+            self.state.clone(),
+            Some(self.shadow.digest()),
+        )
+        .await
+        .expect("send");
+        s.wait_ack(epoch).await.expect("ack");
+        drop(s);
+        assert_eq!(
+            server.await.expect("join").expect("server"),
+            SessionEnd::Closed
+        );
+    }
+
+    fn snapshot(&self) -> (Option<u64>, u64) {
+        let r = self.replica.lock().expect("lock");
+        assert_eq!(r.staging_epoch(), None, "a staged epoch was left behind");
+        (r.committed_epoch(), r.digest())
+    }
+}
+
+/// Builds a frame by hand in the session's current direction state.
+fn frame(s: &Session, seq_offset: u64, m: &Message) -> BytesMut {
+    let (version, next, key) = s.raw_state();
+    let mut b = BytesMut::new();
+    FrameCodec::encode_raw(
+        version,
+        m.kind() as u16,
+        next + seq_offset,
+        &m.payload(),
+        &key,
+        &mut b,
+    );
+    b
+}
+
+async fn bootstrap() -> Fixture {
+    let f = Fixture::new();
+    let (addr, server) = f.serve_one().await;
+    let mut s = f.session(addr).await;
+    assert_eq!(s.ack.committed_epoch, None);
+    // initial sync: 600 pages (3 chunks), then epoch 0 with the state
+    let sync: Vec<Page> = (0..600u64)
+        .map(|g| data_page(0x400 + g, (g % 251) as u8 + 1))
+        .collect();
+    f.mirror(&sync);
+    s.send_full_sync(sync).await.expect("sync");
+    let e0 = f.pages(0, 30);
+    f.mirror(&e0);
+    s.send_epoch(0, false, e0, f.state.clone(), Some(f.shadow.digest()))
+        .await
+        .expect("epoch 0");
+    s.wait_ack(0).await.expect("ack 0");
+    drop(s);
+    server.await.expect("join").expect("server");
+    f.good_epoch(1).await;
+    assert_eq!(f.snapshot(), (Some(1), f.shadow.digest()));
+    f
+}
+
+/// Runs one bad client against a fresh connection and checks the refusal.
+async fn expect_refusal<F, Fut>(f: &Fixture, code: &str, client: F)
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let before = f.snapshot();
+    let (addr, server) = f.serve_one().await;
+    client(addr).await;
+    let res = server.await.expect("join");
+    match res {
+        Err(e) => assert_eq!(e.code(), code, "wrong refusal: {e}"),
+        Ok(end) => panic!("expected a '{code}' refusal, the server ended with {end:?}"),
+    }
+    assert_eq!(
+        f.snapshot(),
+        before,
+        "the replica changed after a '{code}' stream"
+    );
+}
+
+#[tokio::test]
+async fn bad_streams_are_refused_distinctly_and_change_nothing() {
+    let fx = bootstrap().await;
+    let f = &fx;
+    let begin = &Message::EpochBegin {
+        epoch: 2,
+        page_count: 40,
+        full: false,
+    };
+    let chunk = |f: &Fixture| {
+        Message::PageChunk(PageChunk {
+            epoch: 2,
+            pages: f.pages(2, 40),
+        })
+    };
+
+    // truncated: the stream ends inside a page chunk
+    expect_refusal(f, "truncated", |addr| async move {
+        let mut s = f.session(addr).await;
+        s.send(begin).await.expect("begin");
+        let b = frame(&s, 0, &chunk(f));
+        s.send_raw(&b[..b.len() / 2]).await.expect("half");
+        s.shutdown_write().await.expect("shutdown");
+    })
+    .await;
+
+    // corrupted: one payload byte flipped in transit
+    expect_refusal(f, "corrupt", |addr| async move {
+        let mut s = f.session(addr).await;
+        s.send(begin).await.expect("begin");
+        let mut b = frame(&s, 0, &chunk(f));
+        let i = b.len() / 2;
+        b[i] ^= 0x20;
+        s.send_raw(&b).await.expect("send");
+        let _ = s.recv().await;
+    })
+    .await;
+
+    // reordered: the second chunk arrives before the first
+    expect_refusal(f, "reordered", |addr| async move {
+        let mut s = f.session(addr).await;
+        s.send(begin).await.expect("begin");
+        let c1 = Message::PageChunk(PageChunk {
+            epoch: 2,
+            pages: f.pages(2, 40)[..20].to_vec(),
+        });
+        let c2 = Message::PageChunk(PageChunk {
+            epoch: 2,
+            pages: f.pages(2, 40)[20..].to_vec(),
+        });
+        let (a, b) = (frame(&s, 0, &c1), frame(&s, 1, &c2));
+        s.send_raw(&b).await.expect("b");
+        s.send_raw(&a).await.expect("a");
+        let _ = s.recv().await;
+    })
+    .await;
+
+    // duplicated: the same chunk frame twice
+    expect_refusal(f, "duplicate", |addr| async move {
+        let mut s = f.session(addr).await;
+        s.send(begin).await.expect("begin");
+        let c = Message::PageChunk(PageChunk {
+            epoch: 2,
+            pages: f.pages(2, 40)[..20].to_vec(),
+        });
+        let a = frame(&s, 0, &c);
+        s.send_raw(&a).await.expect("a");
+        s.send_raw(&a).await.expect("a again");
+        let _ = s.recv().await;
+    })
+    .await;
+
+    // oversize: a header announcing more than the frame limit
+    expect_refusal(f, "oversize", |addr| async move {
+        let mut s = f.session(addr).await;
+        s.send(begin).await.expect("begin");
+        let mut b = frame(&s, 0, &chunk(f));
+        b[16..20].copy_from_slice(&((MAX_PAYLOAD as u32) + 1).to_le_bytes());
+        s.send_raw(&b[..20]).await.expect("header");
+        let _ = s.recv().await;
+    })
+    .await;
+
+    // wrong version: a peer that only speaks version 2
+    expect_refusal(f, "version", |addr| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, 2, 2).await;
+        assert!(
+            matches!(
+                r,
+                Err(SenderError::Refused { .. })
+                    | Err(SenderError::Frame(_))
+                    | Err(SenderError::Closed(_))
+            ),
+            "{r:?}"
+        );
+    })
+    .await;
+
+    // wrong shape: a primary of another VM
+    expect_refusal(f, "shape", |addr| async move {
+        let mut shape = f.shape.clone();
+        shape.vcpus = 2;
+        let r = Session::connect(addr, &f.secret, shape, 1).await;
+        assert!(
+            matches!(
+                r,
+                Err(SenderError::Refused {
+                    code: proto::RefuseCode::Shape,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    })
+    .await;
+
+    // unauthenticated: a peer without the shared secret
+    expect_refusal(f, "unauthenticated", |addr| async move {
+        let wrong = Secret::new(b"not the castor test secret!!".to_vec()).expect("secret");
+        let r = Session::connect(addr, &wrong, f.shape.clone(), 1).await;
+        assert!(r.is_err(), "a peer without the secret got a session");
+    })
+    .await;
+
+    // message-level disorder: a chunk of another epoch while epoch 2 is staged
+    expect_refusal(f, "protocol-order", |addr| async move {
+        let mut s = f.session(addr).await;
+        s.send(begin).await.expect("begin");
+        s.send(&Message::PageChunk(PageChunk {
+            epoch: 3,
+            pages: f.pages(3, 5),
+        }))
+        .await
+        .expect("chunk");
+        let _ = s.recv().await;
+    })
+    .await;
+
+    // a wrong content checksum at EpochEnd
+    expect_refusal(f, "replica", |addr| async move {
+        let mut s = f.session(addr).await;
+        let pages = f.pages(2, 40);
+        s.send(&Message::EpochBegin {
+            epoch: 2,
+            page_count: pages.len() as u64,
+            full: false,
+        })
+        .await
+        .expect("begin");
+        let n = pages.len() as u64;
+        s.send(&Message::PageChunk(PageChunk { epoch: 2, pages }))
+            .await
+            .expect("chunk");
+        let end = proto::EpochEnd {
+            epoch: 2,
+            page_count: n,
+            checksum: 0xdead_beef,
+            digest: None,
+            state: f.state.clone(),
+        };
+        s.send(&Message::EpochEnd(Box::new(end)))
+            .await
+            .expect("end");
+        let _ = s.recv().await;
+    })
+    .await;
+
+    // the primary dies in the middle of epoch 2: a clean close, replica still at 1
+    let before = f.snapshot();
+    let (addr, server) = f.serve_one().await;
+    {
+        let mut s = f.session(addr).await;
+        s.send(begin).await.expect("begin");
+        s.send(&Message::PageChunk(PageChunk {
+            epoch: 2,
+            pages: f.pages(2, 40)[..10].to_vec(),
+        }))
+        .await
+        .expect("chunk");
+    }
+    assert_eq!(
+        server.await.expect("join").expect("clean close"),
+        SessionEnd::Closed
+    );
+    assert_eq!(f.snapshot(), before);
+
+    // and after all that, the next good epoch commits
+    f.good_epoch(2).await;
+    assert_eq!(f.snapshot(), (Some(2), f.shadow.digest()));
+}
+
+#[tokio::test]
+async fn a_stale_generation_is_fenced() {
+    let mut fx = Fixture::new();
+    fx.cfg.generation = 5;
+    let f = &fx;
+    expect_refusal(f, "stale-generation", |addr| async move {
+        let r = Session::connect(addr, &f.secret, f.shape.clone(), 4).await;
+        assert!(
+            matches!(
+                r,
+                Err(SenderError::Refused {
+                    code: proto::RefuseCode::StaleGeneration,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn divergence_is_detected_and_a_full_epoch_resyncs() {
+    let f = bootstrap().await;
+    // epoch 2 claims a digest that the replica cannot reach: the primary's memory
+    // "changed" (shadow written) without the page being sent
+    let (addr, server) = f.serve_one().await;
+    let mut s = f.session(addr).await;
+    f.shadow
+        .write(0x9000 * 4, &[0x77; 64])
+        .expect("unsent change");
+    let pages = f.pages(2, 10);
+    f.mirror(&pages);
+    s.send_epoch(2, false, pages, f.state.clone(), Some(f.shadow.digest()))
+        .await
+        .expect("send");
+    match s.recv().await.expect("recv") {
+        Some(Message::ResyncRequest { reason }) => assert!(reason.contains("digest"), "{reason}"),
+        other => panic!("expected a resync request, got {other:?}"),
+    }
+    assert!(f.replica.lock().expect("lock").needs_resync());
+    // deltas are refused until a full epoch arrives
+    s.send_epoch(3, false, f.pages(3, 5), f.state.clone(), None)
+        .await
+        .expect("send");
+    let err = server
+        .await
+        .expect("join")
+        .expect_err("delta after divergence");
+    assert!(
+        matches!(
+            err,
+            ReceiverError::Replica(secondary::replica::ReplicaError::NeedsResync)
+        ),
+        "{err}"
+    );
+    // full epoch: every non-zero page of the primary
+    let (addr, server) = f.serve_one().await;
+    let mut s = f.session(addr).await;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for gfn in f.shadow.all_gfns() {
+        f.shadow.read_page(gfn, &mut buf).expect("read");
+        if buf.iter().any(|&b| b != 0) {
+            all.push(primary::sender::page_from(gfn, &buf));
+        }
+    }
+    s.send_epoch(3, true, all, f.state.clone(), Some(f.shadow.digest()))
+        .await
+        .expect("full");
+    s.wait_ack(3).await.expect("ack");
+    drop(s);
+    server.await.expect("join").expect("server");
+    let r = f.replica.lock().expect("lock");
+    assert!(!r.needs_resync());
+    assert_eq!(
+        (r.committed_epoch(), r.digest()),
+        (Some(3), f.shadow.digest())
+    );
+    let _ = Kind::Invalid;
+    let _ = PROTOCOL_VERSION;
+}
