@@ -7,6 +7,10 @@
 //!   `proof_s = HMAC(secret, "castor secondary" | nonce_p | nonce_s)`; the primary
 //!   checks it and answers `proof_p = HMAC(secret, "castor primary" | nonce_s | nonce_p)`.
 //! * Session key: `HMAC(secret, "castor session" | nonce_p | nonce_s)`.
+//! * Frames are MACed with BLAKE3 in keyed mode under the current key
+//!   ([`frame_mac`]): HMAC-SHA256 over every megabyte-sized frame cost more
+//!   than the rest of the epoch pipeline together (measured: 520 MiB/s end to
+//!   end with HMAC on frames).
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -93,6 +97,11 @@ pub fn mac(key: &[u8], parts: &[&[u8]]) -> Key {
         m.update(p);
     }
     m.finalize().into_bytes().into()
+}
+
+/// The MAC of one frame's bytes under `key` (BLAKE3 keyed hash).
+pub fn frame_mac(key: &Key, bytes: &[u8]) -> Key {
+    *blake3::keyed_hash(key, bytes).as_bytes()
 }
 
 /// Constant-time comparison of two MACs.

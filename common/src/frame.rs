@@ -9,7 +9,7 @@
 //!     16    4 payload length (at most MAX_PAYLOAD)
 //!     20    n payload
 //!   20+n    4 CRC32 of bytes 0..20+n
-//!   24+n   32 HMAC-SHA256 of bytes 0..20+n under the current key
+//!   24+n   32 MAC (BLAKE3 keyed hash) of bytes 0..20+n under the current key
 //! ```
 //!
 //! The decoder checks, in this order, and says which check failed: magic,
@@ -136,7 +136,7 @@ impl FrameCodec {
         dst.put_u32_le(payload.len() as u32);
         dst.put_slice(payload);
         let crc = crc32fast::hash(&dst[start..]);
-        let mac = auth::mac(key, &[&dst[start..]]);
+        let mac = auth::frame_mac(key, &dst[start..]);
         dst.put_u32_le(crc);
         dst.put_slice(&mac);
     }
@@ -204,7 +204,7 @@ impl Decoder for FrameCodec {
         if crc32fast::hash(&src[..body]) != crc {
             return Err(FrameError::Corrupt);
         }
-        let mac = auth::mac(&self.key, &[&src[..body]]);
+        let mac = auth::frame_mac(&self.key, &src[..body]);
         if !auth::verify(&mac, &src[body + 4..total]) {
             return Err(FrameError::BadMac);
         }
