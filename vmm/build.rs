@@ -6,16 +6,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (the guest build needs gcc and binutils: apt-get install gcc binutils)"));
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (the guest build needs gcc and binutils: apt-get install gcc binutils)")
+    });
     assert!(status.success(), "guest build step failed: {cmd:?}");
 }
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let guest =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("guest");
+    let guest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("guest");
     for f in ["abi.h", "boot.S", "user.c", "linker.ld"] {
         println!("cargo:rerun-if-changed=guest/{f}");
     }
@@ -46,8 +45,5 @@ fn main() {
         .arg(&elf)
         .arg(guest.join("boot.S"))
         .arg(guest.join("user.c")));
-    run(Command::new("objcopy")
-        .args(["-O", "binary"])
-        .arg(&elf)
-        .arg(out.join("guest.bin")));
+    run(Command::new("objcopy").args(["-O", "binary"]).arg(&elf).arg(out.join("guest.bin")));
 }

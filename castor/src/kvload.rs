@@ -52,13 +52,7 @@ pub struct KvLoad {
 
 impl KvLoad {
     /// `clients` clients with ids starting at `first_id`, continuing `prior` if given.
-    pub fn new(
-        clients: u32,
-        first_id: u32,
-        window: usize,
-        keys: u64,
-        prior: Option<KvExpectation>,
-    ) -> Self {
+    pub fn new(clients: u32, first_id: u32, window: usize, keys: u64, prior: Option<KvExpectation>) -> Self {
         let expect = prior.unwrap_or_default();
         let clients = (first_id..first_id + clients)
             .map(|id| Client {
@@ -82,21 +76,11 @@ impl KvLoad {
     }
 
     /// Queues GETs of every expected key on a dedicated client (id `verifier`).
-    pub fn queue_verification(
-        &mut self,
-        dev: &Devices,
-        verifier: u32,
-    ) -> Result<(), vmm::devices::DeviceError> {
+    pub fn queue_verification(&mut self, dev: &Devices, verifier: u32) -> Result<(), vmm::devices::DeviceError> {
         let entries: Vec<(u64, u64)> = self.expect.table.iter().map(|(k, v)| (*k, *v)).collect();
         let mut seq = self.expect.next_seq.get(&verifier).copied().unwrap_or(1);
         for (key, value) in entries {
-            dev.submit(KvRequest {
-                client: verifier,
-                seq,
-                op: KvOp::Get,
-                key,
-                value: 0,
-            })?;
+            dev.submit(KvRequest { client: verifier, seq, op: KvOp::Get, key, value: 0 })?;
             self.verify.insert((verifier, seq), (key, value));
             seq += 1;
         }
@@ -115,18 +99,8 @@ impl KvLoad {
             while c.in_flight.len() < self.window {
                 let seq = c.next_seq;
                 let key = (u64::from(c.id) << 32) | (u64::from(seq) % self.keys);
-                let (op, value) = if seq % 4 == 3 {
-                    (KvOp::Add, 1)
-                } else {
-                    (KvOp::Put, u64::from(seq))
-                };
-                let req = KvRequest {
-                    client: c.id,
-                    seq,
-                    op,
-                    key,
-                    value,
-                };
+                let (op, value) = if seq % 4 == 3 { (KvOp::Add, 1) } else { (KvOp::Put, u64::from(seq)) };
+                let req = KvRequest { client: c.id, seq, op, key, value };
                 if dev.submit(req).is_err() {
                     return; // queue full: back off until responses drain
                 }
@@ -144,13 +118,7 @@ impl KvLoad {
             self.verify_checked += 1;
             if r.status != KV_OK || r.value != value {
                 self.verify_mismatch += 1;
-                tracing::error!(
-                    key,
-                    expected = value,
-                    got = r.value,
-                    status = r.status,
-                    "kv verification mismatch"
-                );
+                tracing::error!(key, expected = value, got = r.value, status = r.status, "kv verification mismatch");
             }
             return;
         }
@@ -173,12 +141,7 @@ impl KvLoad {
         if r.status != KV_OK || r.value != expected {
             self.wrong += 1;
             if r.status == KV_NOT_FOUND || self.wrong < 10 {
-                tracing::error!(
-                    ?req,
-                    ?r,
-                    expected,
-                    "kv response contradicts the expected table"
-                );
+                tracing::error!(?req, ?r, expected, "kv response contradicts the expected table");
             }
         }
         self.expect.table.insert(req.key, r.value);

@@ -14,11 +14,7 @@ mod run;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "castor",
-    version,
-    about = "Fault-tolerant virtual machines on KVM"
-)]
+#[command(name = "castor", version, about = "Fault-tolerant virtual machines on KVM")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -170,9 +170,7 @@ struct Stats {
 
 pub fn run(a: RunArgs) -> Result<(), RunError> {
     let tracker = match a.tracker {
-        TrackerArg::Ring => TrackerKind::Ring {
-            entries: a.ring_entries,
-        },
+        TrackerArg::Ring => TrackerKind::Ring { entries: a.ring_entries },
         TrackerArg::Bitmap => TrackerKind::Bitmap,
     };
     let mut machine = if let Some(path) = &a.restore {
@@ -191,20 +189,17 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
             GuestArg::Kv => WorkloadConfig::kv(),
             GuestArg::Idle => WorkloadConfig::idle(),
         };
-        Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker, workload))
-            .map_err(RunError::Build)?
+        Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker, workload)).map_err(RunError::Build)?
     };
     let is_kv = machine.config().workload.kind == WorkloadKind::Kv;
     let prior: Option<KvExpectation> = match &a.kv_verify {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| RunError::File {
-                path: p.display().to_string(),
-                err: e.to_string(),
-            })?;
-            Some(serde_json::from_str(&text).map_err(|e| RunError::File {
-                path: p.display().to_string(),
-                err: e.to_string(),
-            })?)
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| RunError::File { path: p.display().to_string(), err: e.to_string() })?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| RunError::File { path: p.display().to_string(), err: e.to_string() })?,
+            )
         }
         None => None,
     };
@@ -212,8 +207,7 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
     let mut load = (is_kv && (a.kv_clients > 0 || prior.is_some()))
         .then(|| KvLoad::new(a.kv_clients, 1, a.kv_window, a.kv_keys, prior.clone()));
     if let (Some(l), Some(_)) = (load.as_mut(), prior.as_ref()) {
-        l.queue_verification(machine.devices(), 0xffff_0000)
-            .map_err(|e| RunError::Verify(e.to_string()))?;
+        l.queue_verification(machine.devices(), 0xffff_0000).map_err(|e| RunError::Verify(e.to_string()))?;
     }
 
     let live = |line: String| {
@@ -230,11 +224,7 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         machine.config().vcpus,
         tracker.name(),
         a.epoch_ms,
-        if a.restore.is_some() {
-            " (restored from snapshot)"
-        } else {
-            ""
-        }
+        if a.restore.is_some() { " (restored from snapshot)" } else { "" }
     ));
 
     let mut st = Stats {
@@ -291,18 +281,13 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
                         l.on_response(&r);
                     }
                 }
-                Output::Done { cpu, code } => {
-                    live(format!("guest[{cpu}]: workload done, code {code}"))
-                }
+                Output::Done { cpu, code } => live(format!("guest[{cpu}]: workload done, code {code}")),
                 Output::Mark { .. } => {}
             }
         }
         let faults = machine.faults();
         if let Some(f) = faults.first() {
-            return Err(RunError::Guest(format!(
-                "exception {} at rip {:#x} on cpu {}",
-                f.vector, f.rip, f.cpu
-            )));
+            return Err(RunError::Guest(format!("exception {} at rip {:#x} on cpu {}", f.vector, f.rip, f.cpu)));
         }
         if let Some((id, why)) = machine.exited_vcpus().first() {
             return Err(RunError::Guest(format!("vCPU {id} stopped: {why}")));
@@ -326,9 +311,7 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         }
         if el >= run_for {
             let pending = load.as_ref().map_or(0, |l| l.verification_pending());
-            let drained = load
-                .as_ref()
-                .is_none_or(|l| l.expect.acked + l.unexpected > 0 || a.kv_clients == 0);
+            let drained = load.as_ref().is_none_or(|l| l.expect.acked + l.unexpected > 0 || a.kv_clients == 0);
             if a.snapshot_out.is_none() || !is_kv {
                 if pending == 0 || el >= run_for + Duration::from_secs(10) {
                     break;
@@ -337,9 +320,7 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
                 // quiesce: stop issuing, wait for every request in flight to be answered
                 quiescing = true;
                 let in_flight = load.as_ref().map_or(0, |l| l.in_flight());
-                if (in_flight == 0 && drained && pending == 0)
-                    || el >= run_for + Duration::from_secs(10)
-                {
+                if (in_flight == 0 && drained && pending == 0) || el >= run_for + Duration::from_secs(10) {
                     break;
                 }
             }
@@ -353,31 +334,17 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         if let Some(l) = &load {
             let ep = expectation_path(path);
             let text = serde_json::to_string(&l.expect).expect("expectation serializes");
-            std::fs::write(&ep, text).map_err(|e| RunError::File {
-                path: ep.display().to_string(),
-                err: e.to_string(),
-            })?;
+            std::fs::write(&ep, text)
+                .map_err(|e| RunError::File { path: ep.display().to_string(), err: e.to_string() })?;
         }
-        live(format!(
-            "snapshot: {} pages written to {}",
-            pages,
-            path.display()
-        ));
+        live(format!("snapshot: {} pages written to {}", pages, path.display()));
     }
     let full_exits = machine.ring_full_exits();
     machine.shutdown();
 
     let (acked, wrong, unexpected, vchecked, vmismatch, first_ops, final_ops) =
         load.as_ref().map_or((0, 0, 0, 0, 0, None, 0), |l| {
-            (
-                l.expect.acked,
-                l.wrong,
-                l.unexpected,
-                l.verify_checked,
-                l.verify_mismatch,
-                l.first_ops,
-                l.expect.ops,
-            )
+            (l.expect.acked, l.wrong, l.unexpected, l.verify_checked, l.verify_mismatch, l.first_ops, l.expect.ops)
         });
     let secs = start.elapsed().as_secs_f64();
     let report = serde_json::json!({
@@ -425,9 +392,7 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         ));
     }
     if vmismatch > 0 || wrong > 0 {
-        return Err(RunError::Verify(format!(
-            "{vmismatch} verification mismatches, {wrong} wrong kv responses"
-        )));
+        return Err(RunError::Verify(format!("{vmismatch} verification mismatches, {wrong} wrong kv responses")));
     }
     Ok(())
 }

@@ -9,12 +9,7 @@ fn castor() -> Command {
 }
 
 fn run_json(args: &[&str]) -> Value {
-    let out = castor()
-        .arg("run")
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("spawn castor");
+    let out = castor().arg("run").args(args).arg("--json").output().expect("spawn castor");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -27,22 +22,10 @@ fn run_json(args: &[&str]) -> Value {
 }
 
 fn check_run(tracker: &str) {
-    let v = run_json(&[
-        "--guest",
-        "dirty",
-        "--tracker",
-        tracker,
-        "--seconds",
-        "1.5",
-        "--vcpus",
-        "2",
-    ]);
+    let v = run_json(&["--guest", "dirty", "--tracker", tracker, "--seconds", "1.5", "--vcpus", "2"]);
     assert_eq!(v["tracker"], tracker);
     assert!(v["epochs"].as_u64().expect("epochs") >= 50, "{v}");
-    assert!(
-        v["dirty_pages_total"].as_u64().expect("dirty") > 1000,
-        "{v}"
-    );
+    assert!(v["dirty_pages_total"].as_u64().expect("dirty") > 1000, "{v}");
     assert_eq!(v["tracking_lost"], 0, "{v}");
     assert!(v["stop_us_p50"].as_f64().expect("stop") > 0.0);
     assert!(v["resume_us_p50"].as_f64().expect("resume") > 0.0);
@@ -74,30 +57,12 @@ fn snapshot_then_restore_in_a_fresh_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let snap = dir.path().join("kv.snap");
     let snap_s = snap.to_str().expect("utf8");
-    let first = run_json(&[
-        "--guest",
-        "kv",
-        "--seconds",
-        "1.5",
-        "--kv-clients",
-        "6",
-        "--snapshot-out",
-        snap_s,
-    ]);
+    let first = run_json(&["--guest", "kv", "--seconds", "1.5", "--kv-clients", "6", "--snapshot-out", snap_s]);
     let ops_saved = first["kv_ops_counter"].as_u64().expect("ops");
     assert!(ops_saved > 100, "{first}");
     assert!(first["snapshot_pages"].as_u64().expect("pages") > 0);
     let expect = format!("{snap_s}.kv.json");
-    let second = run_json(&[
-        "--restore",
-        snap_s,
-        "--kv-verify",
-        &expect,
-        "--seconds",
-        "1.5",
-        "--kv-clients",
-        "6",
-    ]);
+    let second = run_json(&["--restore", snap_s, "--kv-verify", &expect, "--seconds", "1.5", "--kv-clients", "6"]);
     assert_eq!(second["guest"], "kv");
     let checked = second["kv_verify_checked"].as_u64().expect("checked");
     assert!(checked > 100, "too few keys verified: {second}");
@@ -105,14 +70,8 @@ fn snapshot_then_restore_in_a_fresh_process() {
     assert_eq!(second["kv_ops_before_restore"], ops_saved);
     // the first thing the restored guest applies is operation ops_saved + 1
     assert_eq!(second["kv_first_ops_counter"], ops_saved + 1, "{second}");
-    assert!(
-        second["kv_ops_counter"].as_u64().expect("ops") > ops_saved + checked,
-        "{second}"
-    );
-    assert_eq!(
-        second["kv_wrong_responses"], 0,
-        "the continued clients saw wrong values: {second}"
-    );
+    assert!(second["kv_ops_counter"].as_u64().expect("ops") > ops_saved + checked, "{second}");
+    assert_eq!(second["kv_wrong_responses"], 0, "the continued clients saw wrong values: {second}");
 }
 
 #[test]
@@ -148,48 +107,18 @@ fn corrupt_or_truncated_snapshot_is_refused() {
     ] {
         let p = dir.path().join(name);
         std::fs::write(&p, &bytes).expect("write");
-        let out = castor()
-            .args([
-                "run",
-                "--restore",
-                p.to_str().expect("utf8"),
-                "--seconds",
-                "0.1",
-            ])
-            .output()
-            .expect("spawn");
-        assert_eq!(
-            out.status.code(),
-            Some(5),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out =
+            castor().args(["run", "--restore", p.to_str().expect("utf8"), "--seconds", "0.1"]).output().expect("spawn");
+        assert_eq!(out.status.code(), Some(5), "{name}: {}", String::from_utf8_lossy(&out.stderr));
         let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-        assert!(
-            err.contains(needle),
-            "{name}: error does not say '{needle}': {err}"
-        );
+        assert!(err.contains(needle), "{name}: error does not say '{needle}': {err}");
     }
 }
 
 #[test]
 fn impossible_machines_are_refused_with_exit_3() {
-    for args in [
-        &["--vcpus", "9"][..],
-        &["--mem", "1M"][..],
-        &["--tracker", "ring", "--ring-entries", "1000"][..],
-    ] {
-        let out = castor()
-            .arg("run")
-            .args(args)
-            .args(["--seconds", "0.1"])
-            .output()
-            .expect("spawn");
-        assert_eq!(
-            out.status.code(),
-            Some(3),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for args in [&["--vcpus", "9"][..], &["--mem", "1M"][..], &["--tracker", "ring", "--ring-entries", "1000"][..]] {
+        let out = castor().arg("run").args(args).args(["--seconds", "0.1"]).output().expect("spawn");
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

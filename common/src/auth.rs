@@ -53,10 +53,8 @@ impl Secret {
 
     /// Reads a secret file (trailing newline ignored).
     pub fn from_file(path: &std::path::Path) -> Result<Self, AuthError> {
-        let mut b = std::fs::read(path).map_err(|e| AuthError::SecretFile {
-            path: path.display().to_string(),
-            err: e.to_string(),
-        })?;
+        let mut b = std::fs::read(path)
+            .map_err(|e| AuthError::SecretFile { path: path.display().to_string(), err: e.to_string() })?;
         while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
             b.pop();
         }
@@ -91,8 +89,7 @@ impl Secret {
 
 /// HMAC-SHA256 of the concatenated parts under `key`.
 pub fn mac(key: &[u8], parts: &[&[u8]]) -> Key {
-    let mut m =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length");
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length");
     for p in parts {
         m.update(p);
     }
@@ -106,12 +103,7 @@ pub fn frame_mac(key: &Key, bytes: &[u8]) -> Key {
 
 /// Constant-time comparison of two MACs.
 pub fn verify(expected: &Key, got: &[u8]) -> bool {
-    got.len() == MAC_LEN
-        && expected
-            .iter()
-            .zip(got)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    got.len() == MAC_LEN && expected.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// A fresh random nonce.

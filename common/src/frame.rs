@@ -95,11 +95,7 @@ pub struct FrameCodec {
 impl FrameCodec {
     /// A codec speaking `version`, MACing with `key`.
     pub fn new(version: u16, key: Key) -> Self {
-        FrameCodec {
-            version,
-            key,
-            next_seq: 0,
-        }
+        FrameCodec { version, key, next_seq: 0 }
     }
 
     /// Switches to the session key (after the handshake).
@@ -119,14 +115,7 @@ impl FrameCodec {
 
     /// Encodes one frame with an explicit sequence number (tests use this to
     /// build bad streams; normal senders use the `Encoder` impl).
-    pub fn encode_raw(
-        version: u16,
-        kind: u16,
-        seq: u64,
-        payload: &[u8],
-        key: &Key,
-        dst: &mut BytesMut,
-    ) {
+    pub fn encode_raw(version: u16, kind: u16, seq: u64, payload: &[u8], key: &Key, dst: &mut BytesMut) {
         let start = dst.len();
         dst.reserve(HEADER_LEN + payload.len() + TRAILER_LEN);
         dst.put_slice(&MAGIC);
@@ -149,14 +138,7 @@ impl Encoder<OutFrame> for FrameCodec {
         if item.payload.len() > MAX_PAYLOAD {
             return Err(FrameError::Oversize(item.payload.len()));
         }
-        Self::encode_raw(
-            self.version,
-            item.kind,
-            self.next_seq,
-            &item.payload,
-            &self.key,
-            dst,
-        );
+        Self::encode_raw(self.version, item.kind, self.next_seq, &item.payload, &self.key, dst);
         self.next_seq += 1;
         Ok(())
     }
@@ -180,10 +162,7 @@ impl Decoder for FrameCodec {
         }
         let version = u16::from_le_bytes([src[4], src[5]]);
         if version != self.version {
-            return Err(FrameError::WrongVersion {
-                got: version,
-                expected: self.version,
-            });
+            return Err(FrameError::WrongVersion { got: version, expected: self.version });
         }
         let kind = u16::from_le_bytes([src[6], src[7]]);
         if kind == 0 {
@@ -209,26 +188,16 @@ impl Decoder for FrameCodec {
             return Err(FrameError::BadMac);
         }
         if seq < self.next_seq {
-            return Err(FrameError::Duplicate {
-                got: seq,
-                expected: self.next_seq,
-            });
+            return Err(FrameError::Duplicate { got: seq, expected: self.next_seq });
         }
         if seq > self.next_seq {
-            return Err(FrameError::OutOfOrder {
-                got: seq,
-                expected: self.next_seq,
-            });
+            return Err(FrameError::OutOfOrder { got: seq, expected: self.next_seq });
         }
         self.next_seq += 1;
         let mut frame = src.split_to(total);
         frame.advance(HEADER_LEN);
         frame.truncate(len);
-        Ok(Some(Frame {
-            kind,
-            seq,
-            payload: frame.freeze(),
-        }))
+        Ok(Some(Frame { kind, seq, payload: frame.freeze() }))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
@@ -253,55 +222,27 @@ mod tests {
         let mut tx = FrameCodec::new(1, key());
         let mut rx = FrameCodec::new(1, key());
         let mut buf = BytesMut::new();
-        tx.encode(
-            OutFrame {
-                kind: 3,
-                payload: Bytes::from_static(b"hello"),
-            },
-            &mut buf,
-        )
-        .expect("encode");
+        tx.encode(OutFrame { kind: 3, payload: Bytes::from_static(b"hello") }, &mut buf).expect("encode");
         let good = buf.clone();
         let f = rx.decode(&mut buf).expect("decode").expect("frame");
         assert_eq!((f.kind, f.seq, &f.payload[..]), (3, 0, &b"hello"[..]));
         // duplicate of frame 0
-        assert!(matches!(
-            rx.clone().decode(&mut good.clone()),
-            Err(FrameError::Duplicate {
-                got: 0,
-                expected: 1
-            })
-        ));
+        assert!(matches!(rx.clone().decode(&mut good.clone()), Err(FrameError::Duplicate { got: 0, expected: 1 })));
         // corrupt payload byte
         let mut c = good.clone();
         c[HEADER_LEN] ^= 1;
-        assert_eq!(
-            FrameCodec::new(1, key()).decode(&mut c),
-            Err(FrameError::Corrupt)
-        );
+        assert_eq!(FrameCodec::new(1, key()).decode(&mut c), Err(FrameError::Corrupt));
         // wrong key
-        assert_eq!(
-            FrameCodec::new(1, [8; 32]).decode(&mut good.clone()),
-            Err(FrameError::BadMac)
-        );
+        assert_eq!(FrameCodec::new(1, [8; 32]).decode(&mut good.clone()), Err(FrameError::BadMac));
         // wrong version
-        assert!(matches!(
-            FrameCodec::new(2, key()).decode(&mut good.clone()),
-            Err(FrameError::WrongVersion { .. })
-        ));
+        assert!(matches!(FrameCodec::new(2, key()).decode(&mut good.clone()), Err(FrameError::WrongVersion { .. })));
         // truncated at EOF
         let mut t = good.clone();
         t.truncate(good.len() - 1);
-        assert_eq!(
-            FrameCodec::new(1, key()).decode_eof(&mut t),
-            Err(FrameError::Truncated(good.len() - 1))
-        );
+        assert_eq!(FrameCodec::new(1, key()).decode_eof(&mut t), Err(FrameError::Truncated(good.len() - 1)));
         // oversize header, refused before the payload arrives
         let mut o = BytesMut::from(&good[..HEADER_LEN]);
         o[16..20].copy_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
-        assert_eq!(
-            FrameCodec::new(1, key()).decode(&mut o),
-            Err(FrameError::Oversize(MAX_PAYLOAD + 1))
-        );
+        assert_eq!(FrameCodec::new(1, key()).decode(&mut o), Err(FrameError::Oversize(MAX_PAYLOAD + 1)));
     }
 }

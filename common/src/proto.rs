@@ -76,10 +76,7 @@ pub enum ProtoError {
 }
 
 fn malformed(kind: Kind, reason: impl Into<String>) -> ProtoError {
-    ProtoError::Malformed {
-        kind,
-        reason: reason.into(),
-    }
+    ProtoError::Malformed { kind, reason: reason.into() }
 }
 
 /// First message, primary to secondary.
@@ -91,6 +88,16 @@ pub struct Hello {
     /// The sender's generation (fencing term).
     pub generation: u64,
     pub nonce: [u8; 32],
+    /// What this connection carries.
+    pub channel: Channel,
+}
+
+/// The two connections of a primary/secondary pair: epochs and heartbeats
+/// travel separately so a large epoch cannot delay a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Channel {
+    Data,
+    Heartbeat,
 }
 
 /// Secondary's answer: its nonce and its proof of the secret.
@@ -163,35 +170,15 @@ pub enum Message {
     Auth(Auth),
     HelloAck(HelloAck),
     FullSyncChunk(PageChunk),
-    EpochBegin {
-        epoch: u64,
-        page_count: u64,
-        full: bool,
-    },
+    EpochBegin { epoch: u64, page_count: u64, full: bool },
     PageChunk(PageChunk),
     EpochEnd(Box<EpochEnd>),
-    EpochAck {
-        epoch: u64,
-    },
-    Heartbeat {
-        generation: u64,
-        seq: u64,
-        time_us: u64,
-    },
-    Fence {
-        generation: u64,
-        reason: String,
-    },
-    Shutdown {
-        reason: String,
-    },
-    ResyncRequest {
-        reason: String,
-    },
-    Refused {
-        code: RefuseCode,
-        reason: String,
-    },
+    EpochAck { epoch: u64 },
+    Heartbeat { generation: u64, seq: u64, time_us: u64 },
+    Fence { generation: u64, reason: String },
+    Shutdown { reason: String },
+    ResyncRequest { reason: String },
+    Refused { code: RefuseCode, reason: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -256,44 +243,25 @@ impl Message {
             Message::Auth(a) => enc(a),
             Message::HelloAck(a) => enc(a),
             Message::FullSyncChunk(c) | Message::PageChunk(c) => encode_chunk(c),
-            Message::EpochBegin {
-                epoch,
-                page_count,
-                full,
-            } => enc(&EpochBeginWire {
-                epoch: *epoch,
-                page_count: *page_count,
-                full: *full,
-            }),
+            Message::EpochBegin { epoch, page_count, full } => {
+                enc(&EpochBeginWire { epoch: *epoch, page_count: *page_count, full: *full })
+            }
             Message::EpochEnd(e) => enc(e.as_ref()),
             Message::EpochAck { epoch } => enc(epoch),
-            Message::Heartbeat {
-                generation,
-                seq,
-                time_us,
-            } => enc(&HeartbeatWire {
-                generation: *generation,
-                seq: *seq,
-                time_us: *time_us,
-            }),
-            Message::Fence { generation, reason } => enc(&GenReason {
-                generation: *generation,
-                reason: reason.clone(),
-            }),
+            Message::Heartbeat { generation, seq, time_us } => {
+                enc(&HeartbeatWire { generation: *generation, seq: *seq, time_us: *time_us })
+            }
+            Message::Fence { generation, reason } => {
+                enc(&GenReason { generation: *generation, reason: reason.clone() })
+            }
             Message::Shutdown { reason } | Message::ResyncRequest { reason } => enc(reason),
-            Message::Refused { code, reason } => enc(&RefusedWire {
-                code: *code,
-                reason: reason.clone(),
-            }),
+            Message::Refused { code, reason } => enc(&RefusedWire { code: *code, reason: reason.clone() }),
         }
     }
 
     /// The frame to send.
     pub fn to_frame(&self) -> OutFrame {
-        OutFrame {
-            kind: self.kind() as u16,
-            payload: self.payload(),
-        }
+        OutFrame { kind: self.kind() as u16, payload: self.payload() }
     }
 
     /// Decodes a message from a frame's kind and payload.
@@ -309,43 +277,23 @@ impl Message {
             Kind::PageChunk => Message::PageChunk(decode_chunk(k, payload)?),
             Kind::EpochBegin => {
                 let w: EpochBeginWire = dec(k, &payload)?;
-                Message::EpochBegin {
-                    epoch: w.epoch,
-                    page_count: w.page_count,
-                    full: w.full,
-                }
+                Message::EpochBegin { epoch: w.epoch, page_count: w.page_count, full: w.full }
             }
             Kind::EpochEnd => Message::EpochEnd(Box::new(dec(k, &payload)?)),
-            Kind::EpochAck => Message::EpochAck {
-                epoch: dec(k, &payload)?,
-            },
+            Kind::EpochAck => Message::EpochAck { epoch: dec(k, &payload)? },
             Kind::Heartbeat => {
                 let w: HeartbeatWire = dec(k, &payload)?;
-                Message::Heartbeat {
-                    generation: w.generation,
-                    seq: w.seq,
-                    time_us: w.time_us,
-                }
+                Message::Heartbeat { generation: w.generation, seq: w.seq, time_us: w.time_us }
             }
             Kind::Fence => {
                 let w: GenReason = dec(k, &payload)?;
-                Message::Fence {
-                    generation: w.generation,
-                    reason: w.reason,
-                }
+                Message::Fence { generation: w.generation, reason: w.reason }
             }
-            Kind::Shutdown => Message::Shutdown {
-                reason: dec(k, &payload)?,
-            },
-            Kind::ResyncRequest => Message::ResyncRequest {
-                reason: dec(k, &payload)?,
-            },
+            Kind::Shutdown => Message::Shutdown { reason: dec(k, &payload)? },
+            Kind::ResyncRequest => Message::ResyncRequest { reason: dec(k, &payload)? },
             Kind::Refused => {
                 let w: RefusedWire = dec(k, &payload)?;
-                Message::Refused {
-                    code: w.code,
-                    reason: w.reason,
-                }
+                Message::Refused { code: w.code, reason: w.reason }
             }
         })
     }
@@ -358,11 +306,7 @@ pub fn encode_chunk(c: &PageChunk) -> Bytes {
     b.put_u64_le(c.epoch);
     b.put_u32_le(c.pages.len() as u32);
     for p in &c.pages {
-        b.put_u64_le(if p.data.is_some() {
-            p.gfn
-        } else {
-            p.gfn | ZERO_FLAG
-        });
+        b.put_u64_le(if p.data.is_some() { p.gfn } else { p.gfn | ZERO_FLAG });
     }
     for p in &c.pages {
         if let Some(d) = &p.data {
@@ -380,15 +324,9 @@ pub fn decode_chunk(kind: Kind, payload: Bytes) -> Result<PageChunk, ProtoError>
     }
     let epoch = u64::from_le_bytes(payload[0..8].try_into().expect("8"));
     let count = u32::from_le_bytes(payload[8..12].try_into().expect("4")) as usize;
-    let gfns_end = count
-        .checked_mul(8)
-        .and_then(|n| n.checked_add(12))
-        .filter(|&e| e <= payload.len());
+    let gfns_end = count.checked_mul(8).and_then(|n| n.checked_add(12)).filter(|&e| e <= payload.len());
     let Some(gfns_end) = gfns_end else {
-        return Err(malformed(
-            kind,
-            format!("{count} pages announced, payload too short"),
-        ));
+        return Err(malformed(kind, format!("{count} pages announced, payload too short")));
     };
     let mut pages = Vec::with_capacity(count);
     let mut at = gfns_end;
@@ -411,10 +349,7 @@ pub fn decode_chunk(kind: Kind, payload: Bytes) -> Result<PageChunk, ProtoError>
         pages.push(Page { gfn, data });
     }
     if at != payload.len() {
-        return Err(malformed(
-            kind,
-            format!("{} trailing bytes", payload.len() - at),
-        ));
+        return Err(malformed(kind, format!("{} trailing bytes", payload.len() - at)));
     }
     Ok(PageChunk { epoch, pages })
 }
@@ -427,10 +362,7 @@ pub fn chunk_pages(epoch: u64, pages: Vec<Page>) -> Vec<PageChunk> {
     for p in pages {
         let need = 8 + if p.data.is_some() { PAGE_SIZE } else { 0 };
         if size + need > MAX_PAYLOAD {
-            out.push(PageChunk {
-                epoch,
-                pages: std::mem::take(&mut cur),
-            });
+            out.push(PageChunk { epoch, pages: std::mem::take(&mut cur) });
             size = 12;
         }
         size += need;

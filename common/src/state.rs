@@ -3,8 +3,8 @@
 //! (kvm-bindings' serde feature for the KVM structures).
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use serde::{Deserialize, Serialize};
 
@@ -128,24 +128,9 @@ mod tests {
     #[test]
     fn device_state_round_trips() {
         let st = DeviceState {
-            kv_queues: vec![
-                vec![KvRequest {
-                    client: 1,
-                    seq: 2,
-                    op: KvOp::Put,
-                    key: 3,
-                    value: 4,
-                }],
-                vec![],
-            ],
+            kv_queues: vec![vec![KvRequest { client: 1, seq: 2, op: KvOp::Put, key: 3, value: 4 }], vec![]],
             kv_in_flight: vec![vec![], vec![KvRequest::default()]],
-            outbox: vec![
-                Output::Console {
-                    cpu: 0,
-                    line: "hi".into(),
-                },
-                Output::Kv(KvResponse::default()),
-            ],
+            outbox: vec![Output::Console { cpu: 0, line: "hi".into() }, Output::Kv(KvResponse::default())],
             console_lines: 9,
         };
         let b = codec::encode(&st).expect("encode");

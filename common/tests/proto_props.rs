@@ -11,25 +11,13 @@ use tokio_util::codec::{Decoder, Encoder};
 
 fn state(n: u64) -> MachineState {
     MachineState {
-        shape: VmShape {
-            mem_bytes: 256 << 20,
-            ram_ranges: vec![(0, 256 << 20)],
-            vcpus: 1,
-            image_id: n,
-        },
+        shape: VmShape { mem_bytes: 256 << 20, ram_ranges: vec![(0, 256 << 20)], vcpus: 1, image_id: n },
         boot: vec![n as u8; 3],
         vcpus: vec![VcpuState {
             id: 0,
             cpuid: vec![Default::default(); 2],
-            msrs: vec![kvm_bindings::kvm_msr_entry {
-                index: 0x10,
-                data: n,
-                ..Default::default()
-            }],
-            regs: kvm_bindings::kvm_regs {
-                rip: n,
-                ..Default::default()
-            },
+            msrs: vec![kvm_bindings::kvm_msr_entry { index: 0x10, data: n, ..Default::default() }],
+            regs: kvm_bindings::kvm_regs { rip: n, ..Default::default() },
             sregs: Default::default(),
             xsave: vec![n as u32; 1024],
             xcrs: Default::default(),
@@ -46,94 +34,48 @@ fn state(n: u64) -> MachineState {
             pit: Default::default(),
             clock: Default::default(),
         },
-        devices: DeviceState {
-            console_lines: n,
-            ..Default::default()
-        },
+        devices: DeviceState { console_lines: n, ..Default::default() },
     }
 }
 
 fn page_strategy() -> impl Strategy<Value = Page> {
-    (0u64..(1 << 40), proptest::option::of(any::<u8>())).prop_map(|(gfn, fill)| Page {
-        gfn,
-        data: fill.map(|b| Bytes::from(vec![b; PAGE_SIZE])),
-    })
+    (0u64..(1 << 40), proptest::option::of(any::<u8>()))
+        .prop_map(|(gfn, fill)| Page { gfn, data: fill.map(|b| Bytes::from(vec![b; PAGE_SIZE])) })
 }
 
 fn message_strategy() -> impl Strategy<Value = Message> {
     let s = ".{0,40}";
     prop_oneof![
-        (
-            any::<u16>(),
-            any::<u16>(),
-            any::<u64>(),
-            any::<[u8; 32]>(),
-            any::<u32>()
-        )
-            .prop_map(|(a, b, g, nonce, v)| {
-                Message::Hello(Hello {
-                    min_version: a,
-                    max_version: b,
-                    shape: state(u64::from(v)).shape,
-                    generation: g,
-                    nonce,
-                })
-            }),
-        (any::<u16>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(version, nonce, proof)| {
-            Message::Challenge(Challenge {
-                version,
+        (any::<u16>(), any::<u16>(), any::<u64>(), any::<[u8; 32]>(), any::<u32>()).prop_map(|(a, b, g, nonce, v)| {
+            Message::Hello(Hello {
+                min_version: a,
+                max_version: b,
+                shape: state(u64::from(v)).shape,
+                generation: g,
                 nonce,
-                proof,
+                channel: if v % 2 == 0 { Channel::Data } else { Channel::Heartbeat },
             })
         }),
+        (any::<u16>(), any::<[u8; 32]>(), any::<[u8; 32]>())
+            .prop_map(|(version, nonce, proof)| { Message::Challenge(Challenge { version, nonce, proof }) }),
         any::<[u8; 32]>().prop_map(|proof| Message::Auth(Auth { proof })),
-        (any::<u16>(), any::<Option<u64>>(), any::<u64>()).prop_map(
-            |(version, committed_epoch, generation)| Message::HelloAck(HelloAck {
-                version,
-                committed_epoch,
-                generation
-            })
-        ),
-        (
-            any::<u64>(),
-            proptest::collection::vec(page_strategy(), 0..20)
-        )
+        (any::<u16>(), any::<Option<u64>>(), any::<u64>()).prop_map(|(version, committed_epoch, generation)| {
+            Message::HelloAck(HelloAck { version, committed_epoch, generation })
+        }),
+        (any::<u64>(), proptest::collection::vec(page_strategy(), 0..20))
             .prop_map(|(epoch, pages)| Message::PageChunk(PageChunk { epoch, pages })),
-        (
-            any::<u64>(),
-            proptest::collection::vec(page_strategy(), 0..5)
-        )
+        (any::<u64>(), proptest::collection::vec(page_strategy(), 0..5))
             .prop_map(|(epoch, pages)| Message::FullSyncChunk(PageChunk { epoch, pages })),
-        (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(epoch, page_count, full)| {
-            Message::EpochBegin {
-                epoch,
-                page_count,
-                full,
+        (any::<u64>(), any::<u64>(), any::<bool>())
+            .prop_map(|(epoch, page_count, full)| { Message::EpochBegin { epoch, page_count, full } }),
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<Option<u64>>()).prop_map(
+            |(epoch, page_count, checksum, digest)| {
+                Message::EpochEnd(Box::new(EpochEnd { epoch, page_count, checksum, digest, state: state(epoch) }))
             }
-        }),
-        (
-            any::<u64>(),
-            any::<u64>(),
-            any::<u32>(),
-            any::<Option<u64>>()
-        )
-            .prop_map(|(epoch, page_count, checksum, digest)| {
-                Message::EpochEnd(Box::new(EpochEnd {
-                    epoch,
-                    page_count,
-                    checksum,
-                    digest,
-                    state: state(epoch),
-                }))
-            }),
+        ),
         any::<u64>().prop_map(|epoch| Message::EpochAck { epoch }),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(generation, seq, time_us)| {
-            Message::Heartbeat {
-                generation,
-                seq,
-                time_us,
-            }
-        }),
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(generation, seq, time_us)| { Message::Heartbeat { generation, seq, time_us } }),
         (any::<u64>(), s).prop_map(|(generation, reason)| Message::Fence { generation, reason }),
         s.prop_map(|reason| Message::Shutdown { reason }),
         s.prop_map(|reason| Message::ResyncRequest { reason }),
@@ -220,10 +162,7 @@ proptest! {
 #[test]
 fn a_full_chunk_is_exactly_at_the_limit() {
     let pages: Vec<Page> = (0..PAGES_PER_CHUNK as u64 + 1)
-        .map(|g| Page {
-            gfn: g,
-            data: Some(Bytes::from(vec![1u8; PAGE_SIZE])),
-        })
+        .map(|g| Page { gfn: g, data: Some(Bytes::from(vec![1u8; PAGE_SIZE])) })
         .collect();
     let chunks = chunk_pages(1, pages);
     assert_eq!(chunks.len(), 2);

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use common::auth::{self, Key, Secret};
 use common::frame::{FrameCodec, FrameError, OutFrame, PROTOCOL_VERSION};
 use common::proto::{
-    self, Auth, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, ProtoError, RefuseCode,
+    self, Auth, Channel, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, ProtoError, RefuseCode,
 };
 use common::state::{MachineState, VmShape};
 use futures::{SinkExt, StreamExt};
@@ -18,10 +18,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 #[derive(Debug, thiserror::Error)]
 pub enum SenderError {
     #[error("connect to {addr}: {err}")]
-    Connect {
-        addr: SocketAddr,
-        err: std::io::Error,
-    },
+    Connect { addr: SocketAddr, err: std::io::Error },
     #[error("frame: {0}")]
     Frame(#[from] FrameError),
     #[error("message: {0}")]
@@ -38,11 +35,14 @@ pub enum SenderError {
     Random(String),
 }
 
+type Rx = FramedRead<OwnedReadHalf, FrameCodec>;
+type Tx = FramedWrite<OwnedWriteHalf, FrameCodec>;
+
 /// An authenticated replication session.
 #[derive(Debug)]
 pub struct Session {
-    rx: FramedRead<OwnedReadHalf, FrameCodec>,
-    tx: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    rx: Rx,
+    tx: Tx,
     session_key: Key,
     /// The secondary's answer to the handshake.
     pub ack: HelloAck,
@@ -55,34 +55,76 @@ fn refused(m: Message) -> SenderError {
     }
 }
 
+async fn recv(rx: &mut Rx) -> Result<Option<Message>, SenderError> {
+    match rx.next().await {
+        None => Ok(None),
+        Some(f) => {
+            let f = f?;
+            Ok(Some(Message::decode(f.kind, f.payload)?))
+        }
+    }
+}
+
+async fn send_full_sync(tx: &mut Tx, pages: Vec<Page>) -> Result<(), SenderError> {
+    for c in proto::chunk_pages(0, pages) {
+        tx.feed(Message::FullSyncChunk(c).to_frame()).await?;
+    }
+    tx.flush().await?;
+    Ok(())
+}
+
+async fn send_epoch(
+    tx: &mut Tx,
+    epoch: u64,
+    full: bool,
+    pages: Vec<Page>,
+    state: MachineState,
+    digest: Option<u64>,
+) -> Result<(), SenderError> {
+    let mut sum = EpochChecksum::default();
+    for p in &pages {
+        sum.add(p);
+    }
+    let page_count = pages.len() as u64;
+    tx.feed(Message::EpochBegin { epoch, page_count, full }.to_frame()).await?;
+    for c in proto::chunk_pages(epoch, pages) {
+        tx.feed(Message::PageChunk(c).to_frame()).await?;
+    }
+    let end = EpochEnd { epoch, page_count, checksum: sum.value(), digest, state };
+    tx.send(Message::EpochEnd(Box::new(end)).to_frame()).await?;
+    Ok(())
+}
+
 impl Session {
-    /// Connects and authenticates (both ways) with the shared secret.
+    /// Connects a data channel and authenticates (both ways) with the shared secret.
     pub async fn connect(
         addr: SocketAddr,
         secret: &Secret,
         shape: VmShape,
         generation: u64,
     ) -> Result<Session, SenderError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|err| SenderError::Connect { addr, err })?;
-        Self::handshake(
-            stream,
-            secret,
-            shape,
-            generation,
-            PROTOCOL_VERSION,
-            PROTOCOL_VERSION,
-        )
-        .await
+        Self::connect_channel(addr, secret, shape, generation, Channel::Data).await
     }
 
-    /// The handshake on an open stream, offering versions `min..=max`.
+    /// Connects a data or heartbeat channel.
+    pub async fn connect_channel(
+        addr: SocketAddr,
+        secret: &Secret,
+        shape: VmShape,
+        generation: u64,
+        channel: Channel,
+    ) -> Result<Session, SenderError> {
+        let stream = TcpStream::connect(addr).await.map_err(|err| SenderError::Connect { addr, err })?;
+        Self::handshake(stream, secret, shape, generation, channel, PROTOCOL_VERSION, PROTOCOL_VERSION).await
+    }
+
+    /// The handshake on an open stream (whoever dialed), offering versions `min..=max`.
     pub async fn handshake(
         stream: TcpStream,
         secret: &Secret,
         shape: VmShape,
         generation: u64,
+        channel: Channel,
         min: u16,
         max: u16,
     ) -> Result<Session, SenderError> {
@@ -92,52 +134,24 @@ impl Session {
         let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, hs), 1 << 16);
         let mut tx = FramedWrite::new(w, FrameCodec::new(max, hs));
         let nonce_p = auth::nonce().map_err(|e| SenderError::Random(e.to_string()))?;
-        tx.send(
-            Message::Hello(Hello {
-                min_version: min,
-                max_version: max,
-                shape,
-                generation,
-                nonce: nonce_p,
-            })
-            .to_frame(),
-        )
-        .await?;
-        let f = rx
-            .next()
-            .await
-            .ok_or(SenderError::Closed("during the handshake"))??;
-        let ch = match Message::decode(f.kind, f.payload)? {
+        let hello = Hello { min_version: min, max_version: max, shape, generation, nonce: nonce_p, channel };
+        tx.send(Message::Hello(hello).to_frame()).await?;
+        let ch = match recv(&mut rx).await?.ok_or(SenderError::Closed("during the handshake"))? {
             Message::Challenge(c) => c,
             other => return Err(refused(other)),
         };
         if !auth::verify(&secret.secondary_proof(&nonce_p, &ch.nonce), &ch.proof) {
             return Err(SenderError::SecondaryUnauthenticated);
         }
-        tx.send(
-            Message::Auth(Auth {
-                proof: secret.primary_proof(&nonce_p, &ch.nonce),
-            })
-            .to_frame(),
-        )
-        .await?;
-        let f = rx
-            .next()
-            .await
-            .ok_or(SenderError::Closed("during the handshake"))??;
-        let ack = match Message::decode(f.kind, f.payload)? {
+        tx.send(Message::Auth(Auth { proof: secret.primary_proof(&nonce_p, &ch.nonce) }).to_frame()).await?;
+        let ack = match recv(&mut rx).await?.ok_or(SenderError::Closed("during the handshake"))? {
             Message::HelloAck(a) => a,
             other => return Err(refused(other)),
         };
         let session_key = secret.session_key(&nonce_p, &ch.nonce);
         rx.decoder_mut().set_key(session_key);
         tx.encoder_mut().set_key(session_key);
-        Ok(Session {
-            rx,
-            tx,
-            session_key,
-            ack,
-        })
+        Ok(Session { rx, tx, session_key, ack })
     }
 
     /// Sends one message.
@@ -148,22 +162,12 @@ impl Session {
 
     /// Receives one message (`None` when the secondary closed cleanly).
     pub async fn recv(&mut self) -> Result<Option<Message>, SenderError> {
-        match self.rx.next().await {
-            None => Ok(None),
-            Some(f) => {
-                let f = f?;
-                Ok(Some(Message::decode(f.kind, f.payload)?))
-            }
-        }
+        recv(&mut self.rx).await
     }
 
     /// Sends initial-sync pages.
     pub async fn send_full_sync(&mut self, pages: Vec<Page>) -> Result<(), SenderError> {
-        for c in proto::chunk_pages(0, pages) {
-            self.tx.feed(Message::FullSyncChunk(c).to_frame()).await?;
-        }
-        self.tx.flush().await?;
-        Ok(())
+        send_full_sync(&mut self.tx, pages).await
     }
 
     /// Sends one whole epoch (begin, chunks, end). Does not wait for the ack.
@@ -175,35 +179,7 @@ impl Session {
         state: MachineState,
         digest: Option<u64>,
     ) -> Result<(), SenderError> {
-        let mut sum = EpochChecksum::default();
-        for p in &pages {
-            sum.add(p);
-        }
-        let page_count = pages.len() as u64;
-        self.tx
-            .feed(
-                Message::EpochBegin {
-                    epoch,
-                    page_count,
-                    full,
-                }
-                .to_frame(),
-            )
-            .await?;
-        for c in proto::chunk_pages(epoch, pages) {
-            self.tx.feed(Message::PageChunk(c).to_frame()).await?;
-        }
-        let end = EpochEnd {
-            epoch,
-            page_count,
-            checksum: sum.value(),
-            digest,
-            state,
-        };
-        self.tx
-            .send(Message::EpochEnd(Box::new(end)).to_frame())
-            .await?;
-        Ok(())
+        send_epoch(&mut self.tx, epoch, full, pages, state, digest).await
     }
 
     /// Waits for the ack of `epoch` (other messages are returned as errors).
@@ -218,19 +194,14 @@ impl Session {
     /// For fault-injection tests: (version, next sequence number, session key)
     /// of the sending direction, to build frames by hand.
     pub fn raw_state(&self) -> (u16, u64, Key) {
-        let c = self.tx.encoder();
-        (PROTOCOL_VERSION, c.next_seq(), self.session_key)
+        (PROTOCOL_VERSION, self.tx.encoder().next_seq(), self.session_key)
     }
 
     /// Writes raw bytes to the connection (tests), after anything buffered.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), SenderError> {
         use tokio::io::AsyncWriteExt;
         self.tx.flush().await?;
-        self.tx
-            .get_mut()
-            .write_all(bytes)
-            .await
-            .map_err(FrameError::from)?;
+        self.tx.get_mut().write_all(bytes).await.map_err(FrameError::from)?;
         self.tx.get_mut().flush().await.map_err(FrameError::from)?;
         Ok(())
     }
@@ -239,11 +210,7 @@ impl Session {
     pub async fn shutdown_write(&mut self) -> Result<(), SenderError> {
         use tokio::io::AsyncWriteExt;
         self.tx.flush().await?;
-        self.tx
-            .get_mut()
-            .shutdown()
-            .await
-            .map_err(FrameError::from)?;
+        self.tx.get_mut().shutdown().await.map_err(FrameError::from)?;
         Ok(())
     }
 
@@ -252,6 +219,55 @@ impl Session {
         self.tx.send(f).await?;
         Ok(())
     }
+
+    /// Splits the session so acks can be read while epochs are sent.
+    pub fn into_halves(self) -> (SessionReader, SessionWriter) {
+        (SessionReader { rx: self.rx }, SessionWriter { tx: self.tx })
+    }
+}
+
+/// The receiving half of a session.
+#[derive(Debug)]
+pub struct SessionReader {
+    rx: Rx,
+}
+
+impl SessionReader {
+    /// Receives one message (`None` when the peer closed cleanly).
+    pub async fn recv(&mut self) -> Result<Option<Message>, SenderError> {
+        recv(&mut self.rx).await
+    }
+}
+
+/// The sending half of a session.
+#[derive(Debug)]
+pub struct SessionWriter {
+    tx: Tx,
+}
+
+impl SessionWriter {
+    /// Sends one message.
+    pub async fn send(&mut self, m: &Message) -> Result<(), SenderError> {
+        self.tx.send(m.to_frame()).await?;
+        Ok(())
+    }
+
+    /// Sends initial-sync pages.
+    pub async fn send_full_sync(&mut self, pages: Vec<Page>) -> Result<(), SenderError> {
+        send_full_sync(&mut self.tx, pages).await
+    }
+
+    /// Sends one whole epoch (begin, chunks, end).
+    pub async fn send_epoch(
+        &mut self,
+        epoch: u64,
+        full: bool,
+        pages: Vec<Page>,
+        state: MachineState,
+        digest: Option<u64>,
+    ) -> Result<(), SenderError> {
+        send_epoch(&mut self.tx, epoch, full, pages, state, digest).await
+    }
 }
 
 /// Makes a page from a 4096-byte buffer (all-zero pages travel without data).
@@ -259,9 +275,6 @@ pub fn page_from(gfn: u64, data: &[u8]) -> Page {
     if data.iter().all(|&b| b == 0) {
         Page { gfn, data: None }
     } else {
-        Page {
-            gfn,
-            data: Some(Bytes::copy_from_slice(data)),
-        }
+        Page { gfn, data: Some(Bytes::copy_from_slice(data)) }
     }
 }

@@ -13,12 +13,7 @@ use tokio_util::codec::{Decoder, Encoder};
 const MEM: u64 = 256 << 20;
 
 fn shape() -> VmShape {
-    VmShape {
-        mem_bytes: MEM,
-        ram_ranges: vmm::memory::ram_ranges(MEM),
-        vcpus: 1,
-        image_id: 0,
-    }
+    VmShape { mem_bytes: MEM, ram_ranges: vmm::memory::ram_ranges(MEM), vcpus: 1, image_id: 0 }
 }
 
 fn state() -> MachineState {
@@ -39,10 +34,7 @@ fn state() -> MachineState {
 
 fn pages(n: usize) -> Vec<Page> {
     (0..n as u64)
-        .map(|i| Page {
-            gfn: 0x1000 + i * 3,
-            data: Some(Bytes::from(vec![(i % 251) as u8 + 1; PAGE_SIZE])),
-        })
+        .map(|i| Page { gfn: 0x1000 + i * 3, data: Some(Bytes::from(vec![(i % 251) as u8 + 1; PAGE_SIZE])) })
         .collect()
 }
 
@@ -53,12 +45,7 @@ fn bench(c: &mut Criterion) {
         let src = pages(n);
         g.throughput(Throughput::Bytes((n * PAGE_SIZE) as u64));
         let mut replica = Replica::new(shape()).expect("replica");
-        replica
-            .full_sync_chunk(&common::proto::PageChunk {
-                epoch: 0,
-                pages: pages(1),
-            })
-            .expect("sync");
+        replica.full_sync_chunk(&common::proto::PageChunk { epoch: 0, pages: pages(1) }).expect("sync");
         let mut epoch = 0u64;
         let key = [5u8; 32];
         g.bench_with_input(BenchmarkId::new("encode_decode_apply", n), &n, |b, _| {
@@ -68,36 +55,18 @@ fn bench(c: &mut Criterion) {
                 let mut wire = BytesMut::new();
                 let mut sum = EpochChecksum::default();
                 src.iter().for_each(|p| sum.add(p));
-                tx.encode(
-                    Message::EpochBegin {
-                        epoch,
-                        page_count: n as u64,
-                        full: false,
-                    }
-                    .to_frame(),
-                    &mut wire,
-                )
-                .expect("enc");
-                for ch in chunk_pages(epoch, src.clone()) {
-                    tx.encode(Message::PageChunk(ch).to_frame(), &mut wire)
-                        .expect("enc");
-                }
-                let end = EpochEnd {
-                    epoch,
-                    page_count: n as u64,
-                    checksum: sum.value(),
-                    digest: None,
-                    state: state(),
-                };
-                tx.encode(Message::EpochEnd(Box::new(end)).to_frame(), &mut wire)
+                tx.encode(Message::EpochBegin { epoch, page_count: n as u64, full: false }.to_frame(), &mut wire)
                     .expect("enc");
+                for ch in chunk_pages(epoch, src.clone()) {
+                    tx.encode(Message::PageChunk(ch).to_frame(), &mut wire).expect("enc");
+                }
+                let end = EpochEnd { epoch, page_count: n as u64, checksum: sum.value(), digest: None, state: state() };
+                tx.encode(Message::EpochEnd(Box::new(end)).to_frame(), &mut wire).expect("enc");
                 while let Some(f) = rx.decode(&mut wire).expect("dec") {
                     match Message::decode(f.kind, f.payload).expect("msg") {
-                        Message::EpochBegin {
-                            epoch,
-                            page_count,
-                            full,
-                        } => replica.begin_epoch(epoch, page_count, full).expect("begin"),
+                        Message::EpochBegin { epoch, page_count, full } => {
+                            replica.begin_epoch(epoch, page_count, full).expect("begin")
+                        }
                         Message::PageChunk(c) => replica.chunk(c).expect("chunk"),
                         Message::EpochEnd(e) => {
                             replica.end_epoch(*e).expect("end");
@@ -108,10 +77,7 @@ fn bench(c: &mut Criterion) {
                 epoch += 1;
             })
         });
-        let flat: Vec<u8> = src
-            .iter()
-            .flat_map(|p| p.data.as_ref().expect("data").to_vec())
-            .collect();
+        let flat: Vec<u8> = src.iter().flat_map(|p| p.data.as_ref().expect("data").to_vec()).collect();
         let mut dst = vec![0u8; flat.len()];
         g.bench_with_input(BenchmarkId::new("memcpy_floor", n), &n, |b, _| {
             b.iter(|| {

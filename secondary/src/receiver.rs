@@ -1,12 +1,13 @@
 //! The secondary's side of a replication connection: handshake, then epochs
 //! into the replica, acknowledging each commit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::auth::{self, Secret};
 use common::frame::{FrameCodec, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use common::proto::{Challenge, HelloAck, Kind, Message, ProtoError, RefuseCode};
+use common::proto::{Challenge, Channel, HelloAck, Kind, Message, ProtoError, RefuseCode};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -40,20 +41,15 @@ impl ReceiverError {
     pub fn code(&self) -> &'static str {
         match self {
             ReceiverError::Unauthenticated(_) => "unauthenticated",
-            ReceiverError::VersionRefused { .. }
-            | ReceiverError::Frame(FrameError::WrongVersion { .. }) => "version",
-            ReceiverError::Frame(FrameError::Truncated(_)) | ReceiverError::Closed(_) => {
-                "truncated"
-            }
+            ReceiverError::VersionRefused { .. } | ReceiverError::Frame(FrameError::WrongVersion { .. }) => "version",
+            ReceiverError::Frame(FrameError::Truncated(_)) | ReceiverError::Closed(_) => "truncated",
             ReceiverError::Frame(FrameError::Corrupt) => "corrupt",
             ReceiverError::Frame(FrameError::BadMac) => "bad-mac",
             ReceiverError::Frame(FrameError::Duplicate { .. }) => "duplicate",
             ReceiverError::Frame(FrameError::OutOfOrder { .. }) => "reordered",
             ReceiverError::Frame(FrameError::Oversize(_)) => "oversize",
             ReceiverError::Frame(FrameError::BadMagic(_)) => "bad-magic",
-            ReceiverError::Frame(FrameError::InvalidKind(_)) | ReceiverError::Proto(_) => {
-                "malformed"
-            }
+            ReceiverError::Frame(FrameError::InvalidKind(_)) | ReceiverError::Proto(_) => "malformed",
             ReceiverError::Frame(FrameError::Io(_)) => "io",
             ReceiverError::Replica(ReplicaError::ShapeMismatch { .. }) => "shape",
             ReceiverError::Replica(ReplicaError::EpochOrder { .. })
@@ -79,7 +75,7 @@ pub enum SessionEnd {
 /// What the receiver reports as it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReceiverEvent {
-    Authenticated { generation: u64 },
+    Authenticated { generation: u64, channel: Channel },
     Committed { epoch: u64 },
     Heartbeat { generation: u64, seq: u64 },
 }
@@ -89,7 +85,17 @@ pub enum ReceiverEvent {
 pub struct ReceiverConfig {
     pub secret: Secret,
     /// This node's generation: primaries with a lower one are refused.
-    pub generation: u64,
+    pub generation: Arc<AtomicU64>,
+}
+
+impl ReceiverConfig {
+    pub fn new(secret: Secret, generation: u64) -> Self {
+        ReceiverConfig { secret, generation: Arc::new(AtomicU64::new(generation)) }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
 }
 
 fn lock(r: &Mutex<Replica>) -> std::sync::MutexGuard<'_, Replica> {
@@ -107,10 +113,7 @@ pub async fn serve_connection(
     let result = serve_inner(stream, cfg, replica, &mut on_event).await;
     let dropped = lock(replica).abort_staging();
     if let Some(e) = dropped {
-        tracing::warn!(
-            epoch = e,
-            "dropped a partly received epoch; replica stays at its committed epoch"
-        );
+        tracing::warn!(epoch = e, "dropped a partly received epoch; replica stays at its committed epoch");
     }
     result
 }
@@ -130,101 +133,73 @@ async fn serve_inner(
     // Handshake frames are MACed with the handshake key: a peer without the
     // secret fails here, before anything is read into the replica.
     let hs_err = |e: FrameError| match e {
-        FrameError::BadMac => {
-            ReceiverError::Unauthenticated("Hello not signed with the shared secret".into())
-        }
+        FrameError::BadMac => ReceiverError::Unauthenticated("Hello not signed with the shared secret".into()),
         other => ReceiverError::Frame(other),
     };
-    let first = rx
-        .next()
-        .await
-        .ok_or(ReceiverError::Closed("before Hello"))?
-        .map_err(hs_err)?;
+    let first = rx.next().await.ok_or(ReceiverError::Closed("before Hello"))?.map_err(hs_err)?;
     let hello = match Message::decode(first.kind, first.payload)? {
         Message::Hello(h) => h,
         other => return Err(ReceiverError::Unexpected(other.kind(), "before Hello")),
     };
     let refuse = |code: RefuseCode, reason: String| Message::Refused { code, reason }.to_frame();
-    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION)
-        || hello.max_version < MIN_PROTOCOL_VERSION
+    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) || hello.max_version < MIN_PROTOCOL_VERSION
     {
-        let _ = tx
-            .send(refuse(
-                RefuseCode::Version,
-                format!("this secondary speaks version {PROTOCOL_VERSION}"),
-            ))
-            .await;
-        return Err(ReceiverError::VersionRefused {
-            min: hello.min_version,
-            max: hello.max_version,
-        });
+        let _ = tx.send(refuse(RefuseCode::Version, format!("this secondary speaks version {PROTOCOL_VERSION}"))).await;
+        return Err(ReceiverError::VersionRefused { min: hello.min_version, max: hello.max_version });
     }
     let shape_ok = lock(replica).check_shape(&hello.shape);
     if let Err(e) = shape_ok {
         let _ = tx.send(refuse(RefuseCode::Shape, e.to_string())).await;
         return Err(e.into());
     }
-    if hello.generation < cfg.generation {
-        let _ = tx
-            .send(refuse(
-                RefuseCode::StaleGeneration,
-                format!("generation {} is fenced", hello.generation),
-            ))
-            .await;
-        return Err(ReceiverError::StaleGeneration {
-            peer: hello.generation,
-            ours: cfg.generation,
-        });
+    let ours = cfg.generation();
+    if hello.generation < ours {
+        let _ =
+            tx.send(refuse(RefuseCode::StaleGeneration, format!("generation {} is fenced", hello.generation))).await;
+        return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
     }
     let nonce_s = auth::nonce().map_err(|e| ReceiverError::Unauthenticated(e.to_string()))?;
     let proof = cfg.secret.secondary_proof(&hello.nonce, &nonce_s);
-    tx.send(
-        Message::Challenge(Challenge {
-            version: PROTOCOL_VERSION,
-            nonce: nonce_s,
-            proof,
-        })
-        .to_frame(),
-    )
-    .await
-    .map_err(ReceiverError::Frame)?;
-    let f = rx
-        .next()
+    tx.send(Message::Challenge(Challenge { version: PROTOCOL_VERSION, nonce: nonce_s, proof }).to_frame())
         .await
-        .ok_or(ReceiverError::Closed("before Auth"))?
-        .map_err(hs_err)?;
+        .map_err(ReceiverError::Frame)?;
+    let f = rx.next().await.ok_or(ReceiverError::Closed("before Auth"))?.map_err(hs_err)?;
     let proof_p = match Message::decode(f.kind, f.payload)? {
         Message::Auth(a) => a.proof,
         other => return Err(ReceiverError::Unexpected(other.kind(), "before Auth")),
     };
     if !auth::verify(&cfg.secret.primary_proof(&hello.nonce, &nonce_s), &proof_p) {
         let _ = tx.send(refuse(RefuseCode::Auth, "bad proof".into())).await;
-        return Err(ReceiverError::Unauthenticated(
-            "the primary's proof is wrong".into(),
-        ));
+        return Err(ReceiverError::Unauthenticated("the primary's proof is wrong".into()));
     }
     let committed_epoch = lock(replica).committed_epoch();
-    tx.send(
-        Message::HelloAck(HelloAck {
-            version: PROTOCOL_VERSION,
-            committed_epoch,
-            generation: cfg.generation,
-        })
-        .to_frame(),
-    )
-    .await
-    .map_err(ReceiverError::Frame)?;
+    tx.send(Message::HelloAck(HelloAck { version: PROTOCOL_VERSION, committed_epoch, generation: ours }).to_frame())
+        .await
+        .map_err(ReceiverError::Frame)?;
     let session = cfg.secret.session_key(&hello.nonce, &nonce_s);
     rx.decoder_mut().set_key(session);
     tx.encoder_mut().set_key(session);
-    on_event(ReceiverEvent::Authenticated {
-        generation: hello.generation,
-    });
-    tracing::info!(
-        generation = hello.generation,
-        ?committed_epoch,
-        "primary authenticated"
-    );
+    on_event(ReceiverEvent::Authenticated { generation: hello.generation, channel: hello.channel });
+    tracing::info!(generation = hello.generation, ?committed_epoch, channel = ?hello.channel, "primary authenticated");
+    if hello.channel == Channel::Heartbeat {
+        // Heartbeat channel: answer each heartbeat with ours (our generation
+        // tells a fenced primary that it has been replaced).
+        loop {
+            let Some(frame) = rx.next().await else {
+                return Ok(SessionEnd::Closed);
+            };
+            let frame = frame.map_err(ReceiverError::Frame)?;
+            match Message::decode(frame.kind, frame.payload)? {
+                Message::Heartbeat { generation, seq, time_us } => {
+                    on_event(ReceiverEvent::Heartbeat { generation, seq });
+                    let reply = Message::Heartbeat { generation: cfg.generation(), seq, time_us };
+                    tx.send(reply.to_frame()).await.map_err(ReceiverError::Frame)?;
+                }
+                Message::Shutdown { .. } => return Ok(SessionEnd::Shutdown),
+                other => return Err(ReceiverError::Unexpected(other.kind(), "on the heartbeat channel")),
+            }
+        }
+    }
 
     loop {
         let Some(frame) = rx.next().await else {
@@ -234,55 +209,30 @@ async fn serve_inner(
         let msg = Message::decode(frame.kind, frame.payload)?;
         match msg {
             Message::FullSyncChunk(c) => lock(replica).full_sync_chunk(&c)?,
-            Message::EpochBegin {
-                epoch,
-                page_count,
-                full,
-            } => lock(replica).begin_epoch(epoch, page_count, full)?,
+            Message::EpochBegin { epoch, page_count, full } => lock(replica).begin_epoch(epoch, page_count, full)?,
             Message::PageChunk(c) => lock(replica).chunk(c)?,
             Message::EpochEnd(end) => {
                 let t = Instant::now();
                 let res = lock(replica).end_epoch(*end);
                 match res {
                     Ok(epoch) => {
-                        tracing::debug!(
-                            epoch,
-                            apply_us = t.elapsed().as_micros() as u64,
-                            "epoch committed"
-                        );
-                        tx.send(Message::EpochAck { epoch }.to_frame())
-                            .await
-                            .map_err(ReceiverError::Frame)?;
+                        tracing::debug!(epoch, apply_us = t.elapsed().as_micros() as u64, "epoch committed");
+                        tx.send(Message::EpochAck { epoch }.to_frame()).await.map_err(ReceiverError::Frame)?;
                         on_event(ReceiverEvent::Committed { epoch });
                     }
-                    Err(ReplicaError::Diverged {
-                        epoch,
-                        expected,
-                        got,
-                    }) => {
-                        let reason = format!(
-                            "replica digest {got:#x} != primary {expected:#x} after epoch {epoch}"
-                        );
-                        tx.send(Message::ResyncRequest { reason }.to_frame())
-                            .await
-                            .map_err(ReceiverError::Frame)?;
+                    Err(ReplicaError::Diverged { epoch, expected, got }) => {
+                        let reason = format!("replica digest {got:#x} != primary {expected:#x} after epoch {epoch}");
+                        tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
-            Message::Heartbeat {
-                generation, seq, ..
-            } => on_event(ReceiverEvent::Heartbeat { generation, seq }),
+            Message::Heartbeat { generation, seq, .. } => on_event(ReceiverEvent::Heartbeat { generation, seq }),
             Message::Shutdown { reason } => {
                 tracing::info!(%reason, "primary shut the session down");
                 return Ok(SessionEnd::Shutdown);
             }
-            other => {
-                return Err(ReceiverError::Unexpected(
-                    other.kind(),
-                    "during replication",
-                ))
-            }
+            other => return Err(ReceiverError::Unexpected(other.kind(), "during replication")),
         }
     }
 }

@@ -32,20 +32,15 @@ pub enum ReplicaError {
     TooManyPages { epoch: u64, announced: u64 },
     #[error("page {0:#x} is outside the guest's RAM")]
     PageOutsideRam(u64),
-    #[error(
-        "epoch {epoch}: {received} pages received, {announced} announced at begin, {ended} at end"
-    )]
-    CountMismatch {
-        epoch: u64,
-        announced: u64,
-        received: u64,
-        ended: u64,
-    },
+    #[error("epoch {epoch}: {received} pages received, {announced} announced at begin, {ended} at end")]
+    CountMismatch { epoch: u64, announced: u64, received: u64, ended: u64 },
     #[error("epoch {epoch}: content checksum {got:#x} != {expected:#x}")]
     ChecksumMismatch { epoch: u64, expected: u32, got: u32 },
     #[error("epoch {epoch} state is for a different VM shape")]
     StateShape { epoch: u64 },
-    #[error("replica diverged from the primary after epoch {epoch}: digest {got:#x} != {expected:#x}; full resync required")]
+    #[error(
+        "replica diverged from the primary after epoch {epoch}: digest {got:#x} != {expected:#x}; full resync required"
+    )]
     Diverged { epoch: u64, expected: u64, got: u64 },
     #[error("full-sync pages after an epoch was committed")]
     SyncAfterCommit,
@@ -83,12 +78,7 @@ pub struct Replica {
 }
 
 fn shape_str(s: &VmShape) -> String {
-    format!(
-        "{} MiB, {} vCPUs, image {:#x}",
-        s.mem_bytes >> 20,
-        s.vcpus,
-        s.image_id
-    )
+    format!("{} MiB, {} vCPUs, image {:#x}", s.mem_bytes >> 20, s.vcpus, s.image_id)
 }
 
 impl Replica {
@@ -101,14 +91,7 @@ impl Replica {
             });
         }
         let mem = Arc::new(GuestMem::new(shape.mem_bytes)?);
-        Ok(Replica {
-            mem,
-            shape,
-            committed: None,
-            staging: None,
-            synced_pages: 0,
-            needs_resync: false,
-        })
+        Ok(Replica { mem, shape, committed: None, staging: None, synced_pages: 0, needs_resync: false })
     }
 
     pub fn shape(&self) -> &VmShape {
@@ -118,10 +101,7 @@ impl Replica {
     /// Checks a peer's VM shape against the replica's.
     pub fn check_shape(&self, peer: &VmShape) -> Result<(), ReplicaError> {
         if *peer != self.shape {
-            return Err(ReplicaError::ShapeMismatch {
-                replica: shape_str(&self.shape),
-                peer: shape_str(peer),
-            });
+            return Err(ReplicaError::ShapeMismatch { replica: shape_str(&self.shape), peer: shape_str(peer) });
         }
         Ok(())
     }
@@ -154,10 +134,7 @@ impl Replica {
     }
 
     fn check_page(&self, p: &Page) -> Result<(), ReplicaError> {
-        let gpa = p
-            .gfn
-            .checked_mul(PAGE_SIZE as u64)
-            .ok_or(ReplicaError::PageOutsideRam(p.gfn))?;
+        let gpa = p.gfn.checked_mul(PAGE_SIZE as u64).ok_or(ReplicaError::PageOutsideRam(p.gfn))?;
         if !self.mem.is_ram(gpa, PAGE_SIZE) {
             return Err(ReplicaError::PageOutsideRam(p.gfn));
         }
@@ -191,24 +168,13 @@ impl Replica {
     }
 
     /// Starts staging epoch `epoch`.
-    pub fn begin_epoch(
-        &mut self,
-        epoch: u64,
-        announced: u64,
-        full: bool,
-    ) -> Result<(), ReplicaError> {
+    pub fn begin_epoch(&mut self, epoch: u64, announced: u64, full: bool) -> Result<(), ReplicaError> {
         if let Some(s) = &self.staging {
-            return Err(ReplicaError::StagingInProgress {
-                got: epoch,
-                staging: s.epoch,
-            });
+            return Err(ReplicaError::StagingInProgress { got: epoch, staging: s.epoch });
         }
         match &self.committed {
             Some(c) if epoch != c.epoch + 1 => {
-                return Err(ReplicaError::EpochOrder {
-                    got: epoch,
-                    expected: (c.epoch + 1).to_string(),
-                })
+                return Err(ReplicaError::EpochOrder { got: epoch, expected: (c.epoch + 1).to_string() })
             }
             None if !full && self.synced_pages == 0 => {
                 return Err(ReplicaError::EpochOrder {
@@ -221,13 +187,7 @@ impl Replica {
         if self.needs_resync && !full {
             return Err(ReplicaError::NeedsResync);
         }
-        self.staging = Some(Staging {
-            epoch,
-            announced,
-            full,
-            pages: Vec::new(),
-            sum: EpochChecksum::default(),
-        });
+        self.staging = Some(Staging { epoch, announced, full, pages: Vec::new(), sum: EpochChecksum::default() });
         Ok(())
     }
 
@@ -237,16 +197,10 @@ impl Replica {
             return Err(ReplicaError::NotStaging("page chunk"));
         };
         if c.epoch != s.epoch {
-            return Err(ReplicaError::ChunkEpoch {
-                got: c.epoch,
-                staging: s.epoch,
-            });
+            return Err(ReplicaError::ChunkEpoch { got: c.epoch, staging: s.epoch });
         }
         if s.pages.len() as u64 + c.pages.len() as u64 > s.announced {
-            return Err(ReplicaError::TooManyPages {
-                epoch: s.epoch,
-                announced: s.announced,
-            });
+            return Err(ReplicaError::TooManyPages { epoch: s.epoch, announced: s.announced });
         }
         for p in &c.pages {
             self.check_page(p)?;
@@ -271,10 +225,7 @@ impl Replica {
             return Err(ReplicaError::NotStaging("epoch end"));
         };
         if end.epoch != s.epoch {
-            return Err(ReplicaError::EpochOrder {
-                got: end.epoch,
-                expected: s.epoch.to_string(),
-            });
+            return Err(ReplicaError::EpochOrder { got: end.epoch, expected: s.epoch.to_string() });
         }
         let received = s.pages.len() as u64;
         if received != s.announced || received != end.page_count {
@@ -286,11 +237,7 @@ impl Replica {
             });
         }
         if s.sum.value() != end.checksum {
-            return Err(ReplicaError::ChecksumMismatch {
-                epoch: s.epoch,
-                expected: end.checksum,
-                got: s.sum.value(),
-            });
+            return Err(ReplicaError::ChecksumMismatch { epoch: s.epoch, expected: end.checksum, got: s.sum.value() });
         }
         if end.state.shape != self.shape {
             return Err(ReplicaError::StateShape { epoch: s.epoch });
@@ -307,10 +254,7 @@ impl Replica {
             self.write_page(p)?;
         }
         self.mem.take_vmm_dirty();
-        self.committed = Some(Committed {
-            epoch: s.epoch,
-            state: end.state,
-        });
+        self.committed = Some(Committed { epoch: s.epoch, state: end.state });
         if s.full {
             self.needs_resync = false;
         }
@@ -324,11 +268,7 @@ impl Replica {
                     got,
                     "REPLICA DIVERGED from the primary: requesting a full resync"
                 );
-                return Err(ReplicaError::Diverged {
-                    epoch: s.epoch,
-                    expected,
-                    got,
-                });
+                return Err(ReplicaError::Diverged { epoch: s.epoch, expected, got });
             }
         }
         Ok(s.epoch)
@@ -337,8 +277,5 @@ impl Replica {
 
 /// Helper for tests and benches: a data page.
 pub fn data_page(gfn: u64, fill: u8) -> Page {
-    Page {
-        gfn,
-        data: Some(Bytes::from(vec![fill; PAGE_SIZE])),
-    }
+    Page { gfn, data: Some(Bytes::from(vec![fill; PAGE_SIZE])) }
 }

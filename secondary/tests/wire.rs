@@ -33,13 +33,8 @@ fn secret() -> Secret {
 
 impl Fixture {
     fn new() -> Self {
-        let mut m = Machine::new(MachineConfig::new(
-            64 << 20,
-            1,
-            TrackerKind::Bitmap,
-            WorkloadConfig::idle(),
-        ))
-        .expect("machine");
+        let mut m = Machine::new(MachineConfig::new(64 << 20, 1, TrackerKind::Bitmap, WorkloadConfig::idle()))
+            .expect("machine");
         m.start().expect("start");
         std::thread::sleep(std::time::Duration::from_millis(20));
         m.pause().expect("pause");
@@ -48,10 +43,7 @@ impl Fixture {
         let replica = Arc::new(Mutex::new(Replica::new(shape.clone()).expect("replica")));
         Fixture {
             replica,
-            cfg: ReceiverConfig {
-                secret: secret(),
-                generation: 1,
-            },
+            cfg: ReceiverConfig::new(secret(), 1),
             secret: secret(),
             shape,
             state,
@@ -60,12 +52,7 @@ impl Fixture {
     }
 
     /// Starts a server for one connection; returns its address and result.
-    async fn serve_one(
-        &self,
-    ) -> (
-        SocketAddr,
-        tokio::task::JoinHandle<Result<SessionEnd, ReceiverError>>,
-    ) {
+    async fn serve_one(&self) -> (SocketAddr, tokio::task::JoinHandle<Result<SessionEnd, ReceiverError>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let (replica, cfg) = (self.replica.clone(), self.cfg.clone());
@@ -83,10 +70,7 @@ impl Fixture {
                 if i % 7 == 0 {
                     Page { gfn, data: None }
                 } else {
-                    data_page(
-                        gfn,
-                        (epoch as u8).wrapping_mul(31).wrapping_add(i as u8) | 1,
-                    )
+                    data_page(gfn, (epoch as u8).wrapping_mul(31).wrapping_add(i as u8) | 1)
                 }
             })
             .collect();
@@ -97,20 +81,13 @@ impl Fixture {
 
     fn mirror(&self, pages: &[Page]) {
         for p in pages {
-            let data = p
-                .data
-                .clone()
-                .unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
-            self.shadow
-                .write(p.gfn * PAGE_SIZE as u64, &data)
-                .expect("shadow write");
+            let data = p.data.clone().unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
+            self.shadow.write(p.gfn * PAGE_SIZE as u64, &data).expect("shadow write");
         }
     }
 
     async fn session(&self, addr: SocketAddr) -> Session {
-        Session::connect(addr, &self.secret, self.shape.clone(), 1)
-            .await
-            .expect("handshake")
+        Session::connect(addr, &self.secret, self.shape.clone(), 1).await.expect("handshake")
     }
 
     /// A correct epoch over a fresh connection.
@@ -119,21 +96,10 @@ impl Fixture {
         let mut s = self.session(addr).await;
         let pages = self.pages(epoch, 40);
         self.mirror(&pages);
-        s.send_epoch(
-            epoch,
-            false,
-            pages,
-            self.state.clone(),
-            Some(self.shadow.digest()),
-        )
-        .await
-        .expect("send");
+        s.send_epoch(epoch, false, pages, self.state.clone(), Some(self.shadow.digest())).await.expect("send");
         s.wait_ack(epoch).await.expect("ack");
         drop(s);
-        assert_eq!(
-            server.await.expect("join").expect("server"),
-            SessionEnd::Closed
-        );
+        assert_eq!(server.await.expect("join").expect("server"), SessionEnd::Closed);
     }
 
     fn snapshot(&self) -> (Option<u64>, u64) {
@@ -147,14 +113,7 @@ impl Fixture {
 fn frame(s: &Session, seq_offset: u64, m: &Message) -> BytesMut {
     let (version, next, key) = s.raw_state();
     let mut b = BytesMut::new();
-    FrameCodec::encode_raw(
-        version,
-        m.kind() as u16,
-        next + seq_offset,
-        &m.payload(),
-        &key,
-        &mut b,
-    );
+    FrameCodec::encode_raw(version, m.kind() as u16, next + seq_offset, &m.payload(), &key, &mut b);
     b
 }
 
@@ -164,16 +123,12 @@ async fn bootstrap() -> Fixture {
     let mut s = f.session(addr).await;
     assert_eq!(s.ack.committed_epoch, None);
     // initial sync: 600 pages (3 chunks), then epoch 0 with the state
-    let sync: Vec<Page> = (0..600u64)
-        .map(|g| data_page(0x400 + g, (g % 251) as u8 + 1))
-        .collect();
+    let sync: Vec<Page> = (0..600u64).map(|g| data_page(0x400 + g, (g % 251) as u8 + 1)).collect();
     f.mirror(&sync);
     s.send_full_sync(sync).await.expect("sync");
     let e0 = f.pages(0, 30);
     f.mirror(&e0);
-    s.send_epoch(0, false, e0, f.state.clone(), Some(f.shadow.digest()))
-        .await
-        .expect("epoch 0");
+    s.send_epoch(0, false, e0, f.state.clone(), Some(f.shadow.digest())).await.expect("epoch 0");
     s.wait_ack(0).await.expect("ack 0");
     drop(s);
     server.await.expect("join").expect("server");
@@ -196,28 +151,15 @@ where
         Err(e) => assert_eq!(e.code(), code, "wrong refusal: {e}"),
         Ok(end) => panic!("expected a '{code}' refusal, the server ended with {end:?}"),
     }
-    assert_eq!(
-        f.snapshot(),
-        before,
-        "the replica changed after a '{code}' stream"
-    );
+    assert_eq!(f.snapshot(), before, "the replica changed after a '{code}' stream");
 }
 
 #[tokio::test]
 async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     let fx = bootstrap().await;
     let f = &fx;
-    let begin = &Message::EpochBegin {
-        epoch: 2,
-        page_count: 40,
-        full: false,
-    };
-    let chunk = |f: &Fixture| {
-        Message::PageChunk(PageChunk {
-            epoch: 2,
-            pages: f.pages(2, 40),
-        })
-    };
+    let begin = &Message::EpochBegin { epoch: 2, page_count: 40, full: false };
+    let chunk = |f: &Fixture| Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40) });
 
     // truncated: the stream ends inside a page chunk
     expect_refusal(f, "truncated", |addr| async move {
@@ -245,14 +187,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "reordered", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let c1 = Message::PageChunk(PageChunk {
-            epoch: 2,
-            pages: f.pages(2, 40)[..20].to_vec(),
-        });
-        let c2 = Message::PageChunk(PageChunk {
-            epoch: 2,
-            pages: f.pages(2, 40)[20..].to_vec(),
-        });
+        let c1 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
+        let c2 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[20..].to_vec() });
         let (a, b) = (frame(&s, 0, &c1), frame(&s, 1, &c2));
         s.send_raw(&b).await.expect("b");
         s.send_raw(&a).await.expect("a");
@@ -264,10 +200,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "duplicate", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let c = Message::PageChunk(PageChunk {
-            epoch: 2,
-            pages: f.pages(2, 40)[..20].to_vec(),
-        });
+        let c = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
         let a = frame(&s, 0, &c);
         s.send_raw(&a).await.expect("a");
         s.send_raw(&a).await.expect("a again");
@@ -289,14 +222,9 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     // wrong version: a peer that only speaks version 2
     expect_refusal(f, "version", |addr| async move {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, 2, 2).await;
+        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, proto::Channel::Data, 2, 2).await;
         assert!(
-            matches!(
-                r,
-                Err(SenderError::Refused { .. })
-                    | Err(SenderError::Frame(_))
-                    | Err(SenderError::Closed(_))
-            ),
+            matches!(r, Err(SenderError::Refused { .. }) | Err(SenderError::Frame(_)) | Err(SenderError::Closed(_))),
             "{r:?}"
         );
     })
@@ -307,16 +235,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         let mut shape = f.shape.clone();
         shape.vcpus = 2;
         let r = Session::connect(addr, &f.secret, shape, 1).await;
-        assert!(
-            matches!(
-                r,
-                Err(SenderError::Refused {
-                    code: proto::RefuseCode::Shape,
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::Shape, .. })), "{r:?}");
     })
     .await;
 
@@ -332,12 +251,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "protocol-order", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        s.send(&Message::PageChunk(PageChunk {
-            epoch: 3,
-            pages: f.pages(3, 5),
-        }))
-        .await
-        .expect("chunk");
+        s.send(&Message::PageChunk(PageChunk { epoch: 3, pages: f.pages(3, 5) })).await.expect("chunk");
         let _ = s.recv().await;
     })
     .await;
@@ -346,27 +260,12 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "replica", |addr| async move {
         let mut s = f.session(addr).await;
         let pages = f.pages(2, 40);
-        s.send(&Message::EpochBegin {
-            epoch: 2,
-            page_count: pages.len() as u64,
-            full: false,
-        })
-        .await
-        .expect("begin");
+        s.send(&Message::EpochBegin { epoch: 2, page_count: pages.len() as u64, full: false }).await.expect("begin");
         let n = pages.len() as u64;
-        s.send(&Message::PageChunk(PageChunk { epoch: 2, pages }))
-            .await
-            .expect("chunk");
-        let end = proto::EpochEnd {
-            epoch: 2,
-            page_count: n,
-            checksum: 0xdead_beef,
-            digest: None,
-            state: f.state.clone(),
-        };
-        s.send(&Message::EpochEnd(Box::new(end)))
-            .await
-            .expect("end");
+        s.send(&Message::PageChunk(PageChunk { epoch: 2, pages })).await.expect("chunk");
+        let end =
+            proto::EpochEnd { epoch: 2, page_count: n, checksum: 0xdead_beef, digest: None, state: f.state.clone() };
+        s.send(&Message::EpochEnd(Box::new(end))).await.expect("end");
         let _ = s.recv().await;
     })
     .await;
@@ -377,17 +276,9 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        s.send(&Message::PageChunk(PageChunk {
-            epoch: 2,
-            pages: f.pages(2, 40)[..10].to_vec(),
-        }))
-        .await
-        .expect("chunk");
+        s.send(&Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..10].to_vec() })).await.expect("chunk");
     }
-    assert_eq!(
-        server.await.expect("join").expect("clean close"),
-        SessionEnd::Closed
-    );
+    assert_eq!(server.await.expect("join").expect("clean close"), SessionEnd::Closed);
     assert_eq!(f.snapshot(), before);
 
     // and after all that, the next good epoch commits
@@ -398,20 +289,11 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
 #[tokio::test]
 async fn a_stale_generation_is_fenced() {
     let mut fx = Fixture::new();
-    fx.cfg.generation = 5;
+    fx.cfg = ReceiverConfig::new(secret(), 5);
     let f = &fx;
     expect_refusal(f, "stale-generation", |addr| async move {
         let r = Session::connect(addr, &f.secret, f.shape.clone(), 4).await;
-        assert!(
-            matches!(
-                r,
-                Err(SenderError::Refused {
-                    code: proto::RefuseCode::StaleGeneration,
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::StaleGeneration, .. })), "{r:?}");
     })
     .await;
 }
@@ -423,34 +305,19 @@ async fn divergence_is_detected_and_a_full_epoch_resyncs() {
     // "changed" (shadow written) without the page being sent
     let (addr, server) = f.serve_one().await;
     let mut s = f.session(addr).await;
-    f.shadow
-        .write(0x9000 * 4, &[0x77; 64])
-        .expect("unsent change");
+    f.shadow.write(0x9000 * 4, &[0x77; 64]).expect("unsent change");
     let pages = f.pages(2, 10);
     f.mirror(&pages);
-    s.send_epoch(2, false, pages, f.state.clone(), Some(f.shadow.digest()))
-        .await
-        .expect("send");
+    s.send_epoch(2, false, pages, f.state.clone(), Some(f.shadow.digest())).await.expect("send");
     match s.recv().await.expect("recv") {
         Some(Message::ResyncRequest { reason }) => assert!(reason.contains("digest"), "{reason}"),
         other => panic!("expected a resync request, got {other:?}"),
     }
     assert!(f.replica.lock().expect("lock").needs_resync());
     // deltas are refused until a full epoch arrives
-    s.send_epoch(3, false, f.pages(3, 5), f.state.clone(), None)
-        .await
-        .expect("send");
-    let err = server
-        .await
-        .expect("join")
-        .expect_err("delta after divergence");
-    assert!(
-        matches!(
-            err,
-            ReceiverError::Replica(secondary::replica::ReplicaError::NeedsResync)
-        ),
-        "{err}"
-    );
+    s.send_epoch(3, false, f.pages(3, 5), f.state.clone(), None).await.expect("send");
+    let err = server.await.expect("join").expect_err("delta after divergence");
+    assert!(matches!(err, ReceiverError::Replica(secondary::replica::ReplicaError::NeedsResync)), "{err}");
     // full epoch: every non-zero page of the primary
     let (addr, server) = f.serve_one().await;
     let mut s = f.session(addr).await;
@@ -462,18 +329,13 @@ async fn divergence_is_detected_and_a_full_epoch_resyncs() {
             all.push(primary::sender::page_from(gfn, &buf));
         }
     }
-    s.send_epoch(3, true, all, f.state.clone(), Some(f.shadow.digest()))
-        .await
-        .expect("full");
+    s.send_epoch(3, true, all, f.state.clone(), Some(f.shadow.digest())).await.expect("full");
     s.wait_ack(3).await.expect("ack");
     drop(s);
     server.await.expect("join").expect("server");
     let r = f.replica.lock().expect("lock");
     assert!(!r.needs_resync());
-    assert_eq!(
-        (r.committed_epoch(), r.digest()),
-        (Some(3), f.shadow.digest())
-    );
+    assert_eq!((r.committed_epoch(), r.digest()), (Some(3), f.shadow.digest()));
     let _ = Kind::Invalid;
     let _ = PROTOCOL_VERSION;
 }

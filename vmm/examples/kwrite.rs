@@ -3,14 +3,8 @@ use vmm::abi::{WorkloadKind, KERNEL_END, PAGE_SIZE, PC_WRITES};
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
 
 fn main() {
-    let entries: u32 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(512);
-    let pages: u64 = std::env::args()
-        .nth(2)
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(4096);
+    let entries: u32 = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(512);
+    let pages: u64 = std::env::args().nth(2).map(|s| s.parse().unwrap()).unwrap_or(4096);
     let mut w = WorkloadConfig::idle();
     w.kind = WorkloadKind::KernelWrite;
     w.ws_pages = pages;
@@ -21,11 +15,7 @@ fn main() {
     m.start().unwrap();
     let mut last = vec![0u64; pages as usize];
     for _ in 0..60 {
-        std::thread::sleep(Duration::from_millis(
-            std::env::var("MS")
-                .map(|s| s.parse().unwrap())
-                .unwrap_or(20),
-        ));
+        std::thread::sleep(Duration::from_millis(std::env::var("MS").map(|s| s.parse().unwrap()).unwrap_or(20)));
         m.pause().unwrap();
         let d = m.collect().unwrap();
         let mut written = 0;

@@ -4,11 +4,7 @@ use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
 
 fn main() {
     let kind = std::env::args().nth(1).unwrap_or("ring".into());
-    let tracker = if kind == "ring" {
-        TrackerKind::Ring { entries: 65536 }
-    } else {
-        TrackerKind::Bitmap
-    };
+    let tracker = if kind == "ring" { TrackerKind::Ring { entries: 65536 } } else { TrackerKind::Bitmap };
     let mut w = WorkloadConfig::dirty(512, Pattern::Random, 0);
     w.report_ms = 300;
     let mut m = Machine::new(MachineConfig::new(256 << 20, 2, tracker, w)).expect("machine");

@@ -124,14 +124,7 @@ impl BootInfo {
         }
         v.extend_from_slice(&self.pattern.to_le_bytes());
         v.extend_from_slice(&self.hot_percent.to_le_bytes());
-        for x in [
-            self.rate,
-            self.seed,
-            self.report_ms,
-            self.max_writes,
-            self.kv_slots,
-            self.kv_clients,
-        ] {
+        for x in [self.rate, self.seed, self.report_ms, self.max_writes, self.kv_slots, self.kv_clients] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v
@@ -158,13 +151,7 @@ pub fn kv_request_bytes(r: &KvRequest) -> [u8; 32] {
 pub fn kv_response_from_bytes(b: &[u8; 32]) -> KvResponse {
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-    KvResponse {
-        client: u32_at(0),
-        seq: u32_at(4),
-        status: u32_at(8),
-        value: u64_at(16),
-        ops: u64_at(24),
-    }
+    KvResponse { client: u32_at(0), seq: u32_at(4), status: u32_at(8), value: u64_at(16), ops: u64_at(24) }
 }
 
 /// The header at the start of the image (`image_header` in boot.S).
@@ -190,9 +177,7 @@ impl ImageHeader {
     /// Parses and checks the header of `image` (loaded at [`IMAGE_GPA`]).
     pub fn parse(image: &[u8]) -> Result<Self, AbiError> {
         let q = |i: usize| -> Option<u64> {
-            image
-                .get(i * 8..i * 8 + 8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            image.get(i * 8..i * 8 + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
         };
         if q(0) != Some(IMAGE_MAGIC) {
             return Err(AbiError::BadMagic);
@@ -204,13 +189,7 @@ impl ImageHeader {
             bss_start: q(4).ok_or(AbiError::BadMagic)?,
             image_end: q(5).ok_or(AbiError::BadMagic)?,
         };
-        for a in [
-            h.entry,
-            h.vector_table,
-            h.user_main,
-            h.bss_start,
-            h.image_end,
-        ] {
+        for a in [h.entry, h.vector_table, h.user_main, h.bss_start, h.image_end] {
             if !(IMAGE_GPA..=IMAGE_GPA + IMAGE_MAX).contains(&a) {
                 return Err(AbiError::BadAddress(a));
             }
@@ -234,9 +213,7 @@ impl ImageHeader {
 
 /// A 64-bit FNV-1a digest of the image: the guest image id of the VM shape.
 pub fn image_id(image: &[u8]) -> u64 {
-    image.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
+    image.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -248,9 +225,7 @@ mod tests {
         let h = ImageHeader::parse(GUEST_IMAGE).expect("header");
         assert!(h.image_end as usize - IMAGE_GPA as usize >= GUEST_IMAGE.len());
         let v = h.vectors(GUEST_IMAGE);
-        assert!(
-            v[3] != 0 && v[13] != 0 && v[14] != 0 && v[0x20] != 0 && v[0x40] != 0 && v[0xff] != 0
-        );
+        assert!(v[3] != 0 && v[13] != 0 && v[14] != 0 && v[0x20] != 0 && v[0x40] != 0 && v[0xff] != 0);
         assert_eq!(v[0x21], 0);
     }
 
@@ -264,12 +239,7 @@ mod tests {
 
     #[test]
     fn boot_info_bytes_match_layout() {
-        let b = BootInfo {
-            magic: BOOT_MAGIC,
-            timer_count: 7,
-            kv_clients: 9,
-            ..Default::default()
-        };
+        let b = BootInfo { magic: BOOT_MAGIC, timer_count: 7, kv_clients: 9, ..Default::default() };
         let v = b.to_bytes();
         assert_eq!(v.len(), 136);
         assert_eq!(&v[24..32], &7u64.to_le_bytes());

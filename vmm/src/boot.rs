@@ -32,12 +32,7 @@ fn put(buf: &mut Vec<u8>, v: u64) {
 
 /// Writes page tables, descriptor tables, image and boot info into `mem`.
 /// Returns the parsed image header.
-pub fn setup(
-    mem: &GuestMem,
-    image: &[u8],
-    ncpus: u32,
-    info: &BootInfo,
-) -> Result<ImageHeader, BootError> {
+pub fn setup(mem: &GuestMem, image: &[u8], ncpus: u32, info: &BootInfo) -> Result<ImageHeader, BootError> {
     let header = ImageHeader::parse(image)?;
     if image.len() as u64 > IMAGE_MAX {
         return Err(BootError::ImageTooLarge(image.len()));
@@ -46,45 +41,27 @@ pub fn setup(
 
     // Identity map of [0, max(4 GiB, top of RAM)) with 2 MiB pages, user-accessible
     // (CPL3 workloads address RAM directly), A and D preset.
-    let top = mem
-        .regions()
-        .iter()
-        .map(|r| r.0 + r.1)
-        .max()
-        .unwrap_or(0)
-        .max(4 << 30);
+    let top = mem.regions().iter().map(|r| r.0 + r.1).max().unwrap_or(0).max(4 << 30);
     let gibs = top.div_ceil(1 << 30).min(MAX_PD_PAGES);
     let mut pml4 = Vec::new();
     put(&mut pml4, PDPT_GPA | PTE_P | PTE_RW | PTE_US | PTE_A);
     mem.write(PML4_GPA, &pml4)?;
     let mut pdpt = Vec::new();
     for g in 0..gibs {
-        put(
-            &mut pdpt,
-            (PD_GPA + g * PAGE_SIZE) | PTE_P | PTE_RW | PTE_US | PTE_A,
-        );
+        put(&mut pdpt, (PD_GPA + g * PAGE_SIZE) | PTE_P | PTE_RW | PTE_US | PTE_A);
     }
     mem.write(PDPT_GPA, &pdpt)?;
     for g in 0..gibs {
         let mut pd = Vec::with_capacity(4096);
         for j in 0..512u64 {
-            put(
-                &mut pd,
-                ((g << 30) + (j << 21)) | PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS,
-            );
+            put(&mut pd, ((g << 30) + (j << 21)) | PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS);
         }
         mem.write(PD_GPA + g * PAGE_SIZE, &pd)?;
     }
 
     // GDT: null, kernel code/data, user data/code, then one 16-byte TSS descriptor per cpu.
     let mut gdt = Vec::new();
-    for d in [
-        0u64,
-        0x00af_9b00_0000_ffff,
-        0x00cf_9300_0000_ffff,
-        0x00cf_f300_0000_ffff,
-        0x00af_fb00_0000_ffff,
-    ] {
+    for d in [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff, 0x00af_fb00_0000_ffff] {
         put(&mut gdt, d);
     }
     for cpu in 0..u64::from(ncpus) {
@@ -114,10 +91,7 @@ pub fn setup(
             continue;
         }
         let attr: u64 = if vec == 3 { 0xee } else { 0x8e };
-        let low = (handler & 0xffff)
-            | (u64::from(SEL_KCODE) << 16)
-            | (attr << 40)
-            | (((handler >> 16) & 0xffff) << 48);
+        let low = (handler & 0xffff) | (u64::from(SEL_KCODE) << 16) | (attr << 40) | (((handler >> 16) & 0xffff) << 48);
         put(&mut idt, low);
         put(&mut idt, handler >> 32);
     }
@@ -127,32 +101,8 @@ pub fn setup(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn seg(
-    selector: u16,
-    type_: u8,
-    s: u8,
-    l: u8,
-    db: u8,
-    dpl: u8,
-    base: u64,
-    limit: u32,
-    g: u8,
-) -> kvm_segment {
-    kvm_segment {
-        base,
-        limit,
-        selector,
-        type_,
-        present: 1,
-        dpl,
-        db,
-        s,
-        l,
-        g,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
+fn seg(selector: u16, type_: u8, s: u8, l: u8, db: u8, dpl: u8, base: u64, limit: u32, g: u8) -> kvm_segment {
+    kvm_segment { base, limit, selector, type_, present: 1, dpl, db, s, l, g, avl: 0, unusable: 0, padding: 0 }
 }
 
 /// Initial special registers of `cpu`: long mode, paging, our GDT/IDT/TSS, GS = per-cpu page.
@@ -165,27 +115,9 @@ pub fn initial_sregs(mut sregs: kvm_sregs, cpu: u32) -> kvm_sregs {
     sregs.es = data;
     sregs.ss = data;
     sregs.fs = data;
-    sregs.gs = kvm_segment {
-        base: PERCPU_GPA + cpu64 * PAGE_SIZE,
-        ..data
-    };
-    sregs.tr = seg(
-        SEL_TSS0 + 16 * cpu as u16,
-        11,
-        0,
-        0,
-        0,
-        0,
-        TSS_GPA + cpu64 * 128,
-        103,
-        0,
-    );
-    sregs.ldt = kvm_segment {
-        unusable: 1,
-        present: 0,
-        type_: 2,
-        ..Default::default()
-    };
+    sregs.gs = kvm_segment { base: PERCPU_GPA + cpu64 * PAGE_SIZE, ..data };
+    sregs.tr = seg(SEL_TSS0 + 16 * cpu as u16, 11, 0, 0, 0, 0, TSS_GPA + cpu64 * 128, 103, 0);
+    sregs.ldt = kvm_segment { unusable: 1, present: 0, type_: 2, ..Default::default() };
     sregs.gdt.base = GDT_GPA;
     sregs.gdt.limit = (0x28 + 16 * MAX_CPUS - 1) as u16;
     sregs.idt.base = IDT_GPA;

@@ -123,12 +123,8 @@ impl Devices {
 
     /// Sends the wake-up interrupt to `cpu` (MSI straight to its LAPIC).
     pub fn wake(&self, cpu: u32) {
-        let msi = kvm_msi {
-            address_lo: 0xfee0_0000 | (cpu << 12),
-            address_hi: 0,
-            data: VEC_WAKE,
-            ..Default::default()
-        };
+        let msi =
+            kvm_msi { address_lo: 0xfee0_0000 | (cpu << 12), address_hi: 0, data: VEC_WAKE, ..Default::default() };
         if let Err(e) = self.vm.signal_msi(msi) {
             if let Some(n) = self.bad_io.allow() {
                 tracing::warn!(cpu, error = %e, occurrences = n, "kv wake-up interrupt failed");
@@ -145,10 +141,7 @@ impl Devices {
 
     /// Console lines produced so far (and lines dropped for backlog).
     pub fn console_counts(&self) -> (u64, u64) {
-        (
-            self.console_lines.load(Ordering::Relaxed),
-            self.dropped_lines.load(Ordering::Relaxed),
-        )
+        (self.console_lines.load(Ordering::Relaxed), self.dropped_lines.load(Ordering::Relaxed))
     }
 
     fn console(&self, cpu: u32, gpa: u64) {
@@ -163,12 +156,7 @@ impl Devices {
         })();
         let Some(line) = line else {
             if let Some(n) = self.bad_io.allow() {
-                tracing::warn!(
-                    cpu,
-                    gpa,
-                    occurrences = n,
-                    "malformed console buffer from guest"
-                );
+                tracing::warn!(cpu, gpa, occurrences = n, "malformed console buffer from guest");
             }
             return;
         };
@@ -189,12 +177,7 @@ impl Devices {
         if !in_flight.is_empty() {
             // The guest polled again without answering: it lost its batch. Deliver it again.
             if let Some(n) = self.bad_io.allow() {
-                tracing::warn!(
-                    cpu,
-                    pending = in_flight.len(),
-                    occurrences = n,
-                    "kv poll with unanswered batch"
-                );
+                tracing::warn!(cpu, pending = in_flight.len(), occurrences = n, "kv poll with unanswered batch");
             }
         } else {
             while in_flight.len() < KV_MAX_BATCH {
@@ -208,11 +191,7 @@ impl Devices {
         for r in in_flight.iter() {
             bytes.extend_from_slice(&kv_request_bytes(r));
         }
-        if self
-            .mem
-            .write(MAILBOX_GPA + u64::from(cpu) * PAGE_SIZE, &bytes)
-            .is_err()
-        {
+        if self.mem.write(MAILBOX_GPA + u64::from(cpu) * PAGE_SIZE, &bytes).is_err() {
             return 0;
         }
         in_flight.len() as u32
@@ -241,13 +220,7 @@ impl Devices {
             let resp = kv_response_from_bytes(&b);
             if resp.client != req.client || resp.seq != req.seq {
                 if let Some(c) = self.bad_io.allow() {
-                    tracing::warn!(
-                        cpu,
-                        ?resp,
-                        ?req,
-                        occurrences = c,
-                        "kv response does not match its request"
-                    );
+                    tracing::warn!(cpu, ?resp, ?req, occurrences = c, "kv response does not match its request");
                 }
                 continue;
             }
@@ -269,13 +242,7 @@ impl Devices {
             PORT_FAULT => return IoAction::Fault(u64::from(value)),
             _ => {
                 if let Some(c) = self.bad_io.allow() {
-                    tracing::debug!(
-                        cpu,
-                        port,
-                        value,
-                        occurrences = c,
-                        "OUT to unknown port ignored"
-                    );
+                    tracing::debug!(cpu, port, value, occurrences = c, "OUT to unknown port ignored");
                 }
             }
         }
@@ -303,11 +270,7 @@ impl Devices {
     pub fn save(&self) -> DeviceState {
         let g = self.lock();
         DeviceState {
-            kv_queues: g
-                .queues
-                .iter()
-                .map(|q| q.iter().copied().collect())
-                .collect(),
+            kv_queues: g.queues.iter().map(|q| q.iter().copied().collect()).collect(),
             kv_in_flight: g.in_flight.clone(),
             outbox: g.outbox.clone(),
             console_lines: self.console_lines.load(Ordering::Relaxed),
@@ -318,14 +281,9 @@ impl Devices {
     pub fn restore(&self, st: &DeviceState) {
         let mut g = self.lock();
         let n = self.ncpus as usize;
-        g.queues = (0..n)
-            .map(|i| st.kv_queues.get(i).cloned().unwrap_or_default().into())
-            .collect();
-        g.in_flight = (0..n)
-            .map(|i| st.kv_in_flight.get(i).cloned().unwrap_or_default())
-            .collect();
+        g.queues = (0..n).map(|i| st.kv_queues.get(i).cloned().unwrap_or_default().into()).collect();
+        g.in_flight = (0..n).map(|i| st.kv_in_flight.get(i).cloned().unwrap_or_default()).collect();
         g.outbox = st.outbox.clone();
-        self.console_lines
-            .store(st.console_lines, Ordering::Relaxed);
+        self.console_lines.store(st.console_lines, Ordering::Relaxed);
     }
 }

@@ -6,15 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use crate::abi::{
-    self, BootInfo, Pattern, WorkloadKind, BOOT_MAGIC, KERNEL_END, PAGE_SIZE, PERCPU_GPA,
-};
+use crate::abi::{self, BootInfo, Pattern, WorkloadKind, BOOT_MAGIC, KERNEL_END, PAGE_SIZE, PERCPU_GPA};
 use crate::boot::{self, BootError};
 use crate::devices::{Devices, GuestFault};
 use crate::memory::{self, GuestMem, MemoryError};
@@ -82,20 +80,11 @@ pub struct WorkloadConfig {
 impl WorkloadConfig {
     /// A `dirty` writer.
     pub fn dirty(ws_pages: u64, pattern: Pattern, rate: u64) -> Self {
-        WorkloadConfig {
-            kind: WorkloadKind::Dirty,
-            ws_pages,
-            pattern,
-            rate,
-            ..Self::idle()
-        }
+        WorkloadConfig { kind: WorkloadKind::Dirty, ws_pages, pattern, rate, ..Self::idle() }
     }
     /// The `kv` service.
     pub fn kv() -> Self {
-        WorkloadConfig {
-            kind: WorkloadKind::Kv,
-            ..Self::idle()
-        }
+        WorkloadConfig { kind: WorkloadKind::Kv, ..Self::idle() }
     }
     /// A guest that only takes timer interrupts.
     pub fn idle() -> Self {
@@ -131,14 +120,7 @@ pub struct MachineConfig {
 
 impl MachineConfig {
     pub fn new(mem_bytes: u64, vcpus: u32, tracker: TrackerKind, workload: WorkloadConfig) -> Self {
-        MachineConfig {
-            mem_bytes,
-            vcpus,
-            tracker,
-            ring_verify: false,
-            timer_hz: 250,
-            workload,
-        }
+        MachineConfig { mem_bytes, vcpus, tracker, ring_verify: false, timer_hz: 250, workload }
     }
 }
 
@@ -168,10 +150,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    fn build(
-        cfg: &MachineConfig,
-        mem: Option<Arc<GuestMem>>,
-    ) -> Result<(Machine, Vec<VcpuFd>), MachineError> {
+    fn build(cfg: &MachineConfig, mem: Option<Arc<GuestMem>>) -> Result<(Machine, Vec<VcpuFd>), MachineError> {
         if cfg.vcpus == 0 || cfg.vcpus > abi::MAX_CPUS {
             return Err(MachineError::BadVcpus(cfg.vcpus));
         }
@@ -187,9 +166,7 @@ impl Machine {
             None => Arc::new(GuestMem::new(cfg.mem_bytes)?),
         };
         let kvm = Kvm::new().map_err(MachineError::Kvm)?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| MachineError::Setup("KVM_CREATE_VM", e))?;
+        let vm = kvm.create_vm().map_err(|e| MachineError::Setup("KVM_CREATE_VM", e))?;
         let ring_flavour = match cfg.tracker {
             TrackerKind::Ring { entries } => Some(ring::enable(&vm, entries)?),
             TrackerKind::Bitmap => {
@@ -198,13 +175,9 @@ impl Machine {
             }
         };
         let _ = vm.set_tss_address(0xfffb_d000);
-        vm.create_irq_chip()
-            .map_err(|e| MachineError::Setup("KVM_CREATE_IRQCHIP", e))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(|e| MachineError::Setup("KVM_CREATE_PIT2", e))?;
+        vm.create_irq_chip().map_err(|e| MachineError::Setup("KVM_CREATE_IRQCHIP", e))?;
+        vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(|e| MachineError::Setup("KVM_CREATE_PIT2", e))?;
         let regions = mem.regions();
         for (slot, &(gpa, size, host)) in regions.iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -225,9 +198,7 @@ impl Machine {
             .map_err(|e| MachineError::Setup("KVM_GET_SUPPORTED_CPUID", e))?;
         let mut fds = Vec::new();
         for id in 0..cfg.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| MachineError::Setup("KVM_CREATE_VCPU", e))?;
+            let fd = vm.create_vcpu(u64::from(id)).map_err(|e| MachineError::Setup("KVM_CREATE_VCPU", e))?;
             let mut cpuid = supported.clone();
             for e in cpuid.as_mut_slice() {
                 match e.function {
@@ -236,8 +207,7 @@ impl Machine {
                     _ => {}
                 }
             }
-            fd.set_cpuid2(&cpuid)
-                .map_err(|e| MachineError::Setup("KVM_SET_CPUID2", e))?;
+            fd.set_cpuid2(&cpuid).map_err(|e| MachineError::Setup("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
         let save_ctx = SaveContext::probe(&kvm, &vm, &fds[0])?;
@@ -298,9 +268,7 @@ impl Machine {
         let ram = self.cfg.mem_bytes;
         let heap = KERNEL_END;
         let need = match w.kind {
-            WorkloadKind::Dirty => {
-                w.ws_pages * w.ws_stride.max(1) * u64::from(self.cfg.vcpus) * PAGE_SIZE
-            }
+            WorkloadKind::Dirty => w.ws_pages * w.ws_stride.max(1) * u64::from(self.cfg.vcpus) * PAGE_SIZE,
             WorkloadKind::KernelWrite => w.ws_pages * u64::from(self.cfg.vcpus) * PAGE_SIZE,
             WorkloadKind::Kv => w.kv_slots * 32 + w.kv_clients * 48,
             WorkloadKind::Idle => 0,
@@ -310,12 +278,8 @@ impl Machine {
                 "working set of {need} bytes does not fit {ram} bytes of RAM above the {heap:#x} kernel area"
             )));
         }
-        if w.kind == WorkloadKind::Kv
-            && (!w.kv_slots.is_power_of_two() || !w.kv_clients.is_power_of_two())
-        {
-            return Err(MachineError::BadWorkload(
-                "kv slots and clients must be powers of two".into(),
-            ));
+        if w.kind == WorkloadKind::Kv && (!w.kv_slots.is_power_of_two() || !w.kv_clients.is_power_of_two()) {
+            return Err(MachineError::BadWorkload("kv slots and clients must be powers of two".into()));
         }
         if w.kind == WorkloadKind::Dirty && w.hot_percent > 100 {
             return Err(MachineError::BadWorkload("hot percent above 100".into()));
@@ -351,17 +315,11 @@ impl Machine {
         let header = boot::setup(&m.mem, abi::GUEST_IMAGE, cfg.vcpus, &info)?;
         for (id, fd) in fds.iter().enumerate() {
             let id = id as u32;
-            let sregs = fd
-                .get_sregs()
-                .map_err(|e| MachineError::Setup("KVM_GET_SREGS", e))?;
-            fd.set_sregs(&boot::initial_sregs(sregs, id))
-                .map_err(|e| MachineError::Setup("KVM_SET_SREGS", e))?;
-            fd.set_regs(&boot::initial_regs(&header, id))
-                .map_err(|e| MachineError::Setup("KVM_SET_REGS", e))?;
-            fd.set_mp_state(kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
-            })
-            .map_err(|e| MachineError::Setup("KVM_SET_MP_STATE", e))?;
+            let sregs = fd.get_sregs().map_err(|e| MachineError::Setup("KVM_GET_SREGS", e))?;
+            fd.set_sregs(&boot::initial_sregs(sregs, id)).map_err(|e| MachineError::Setup("KVM_SET_SREGS", e))?;
+            fd.set_regs(&boot::initial_regs(&header, id)).map_err(|e| MachineError::Setup("KVM_SET_REGS", e))?;
+            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+                .map_err(|e| MachineError::Setup("KVM_SET_MP_STATE", e))?;
         }
         m.attach_vcpus(fds)?;
         // Boot writes are the initial image, not guest activity.
@@ -399,16 +357,10 @@ impl Machine {
             .map_err(|e| MachineError::ShapeMismatch(format!("boot parameters: {e}")))?;
         let cfg = MachineConfig::new(st.shape.mem_bytes, st.shape.vcpus, tracker, workload);
         if st.shape.ram_ranges != memory::ram_ranges(st.shape.mem_bytes) {
-            return Err(MachineError::ShapeMismatch(
-                "RAM layout differs from this VMM's".into(),
-            ));
+            return Err(MachineError::ShapeMismatch("RAM layout differs from this VMM's".into()));
         }
-        if st.vcpus.len() != st.shape.vcpus as usize
-            || st.vcpus.iter().enumerate().any(|(i, v)| v.id != i as u32)
-        {
-            return Err(MachineError::ShapeMismatch(
-                "vCPU states do not match the vCPU count".into(),
-            ));
+        if st.vcpus.len() != st.shape.vcpus as usize || st.vcpus.iter().enumerate().any(|(i, v)| v.id != i as u32) {
+            return Err(MachineError::ShapeMismatch("vCPU states do not match the vCPU count".into()));
         }
         let (mut m, fds) = Self::build(&cfg, mem)?;
         m.shape.image_id = st.shape.image_id;
@@ -441,9 +393,7 @@ impl Machine {
         let t = Instant::now();
         if !self.started || self.paused {
             self.paused = true;
-            return Ok(PauseTiming {
-                elapsed: t.elapsed(),
-            });
+            return Ok(PauseTiming { elapsed: t.elapsed() });
         }
         for v in &self.vcpus {
             v.request_pause()?;
@@ -452,18 +402,14 @@ impl Machine {
             v.wait_parked(PAUSE_TIMEOUT)?;
         }
         self.paused = true;
-        Ok(PauseTiming {
-            elapsed: t.elapsed(),
-        })
+        Ok(PauseTiming { elapsed: t.elapsed() })
     }
 
     /// Lets the vCPUs run again (returns once every thread has left its park).
     pub fn resume(&mut self) -> Result<PauseTiming, MachineError> {
         let t = Instant::now();
         if !self.started {
-            return self.start().map(|_| PauseTiming {
-                elapsed: t.elapsed(),
-            });
+            return self.start().map(|_| PauseTiming { elapsed: t.elapsed() });
         }
         for v in &self.vcpus {
             v.resume();
@@ -472,9 +418,7 @@ impl Machine {
             v.wait_running(PAUSE_TIMEOUT);
         }
         self.paused = false;
-        Ok(PauseTiming {
-            elapsed: t.elapsed(),
-        })
+        Ok(PauseTiming { elapsed: t.elapsed() })
     }
 
     /// True while the vCPUs are parked (or not started).
@@ -494,11 +438,7 @@ impl Machine {
         let from_kvm;
         match self.cfg.tracker {
             TrackerKind::Ring { .. } => {
-                let _g = self
-                    .ctx
-                    .reset_lock
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let _g = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
                 let mut entries = Vec::new();
                 let mut expected = 0;
                 let mut cores: Vec<_> = self.vcpus.iter().map(|v| v.core()).collect();
@@ -513,11 +453,7 @@ impl Machine {
                 match ring::reset_rings(&self.vm) {
                     Ok(n) if n == expected => {}
                     Ok(n) => {
-                        tracing::warn!(
-                            expected,
-                            reset = n,
-                            "dirty ring reset count mismatch: tracking lost"
-                        );
+                        tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
                         lost = true;
                         for core in cores.iter_mut() {
                             core.ring.as_mut().expect("ring").ring.mark_desynchronised();
@@ -533,11 +469,7 @@ impl Machine {
                     match self.slots.gfn(slot, offset) {
                         Some(g) => gfns.push(g),
                         None => {
-                            tracing::warn!(
-                                slot,
-                                offset,
-                                "ring entry outside guest memory: tracking lost"
-                            );
+                            tracing::warn!(slot, offset, "ring entry outside guest memory: tracking lost");
                             lost = true;
                         }
                     }
@@ -548,16 +480,9 @@ impl Machine {
             }
         }
         if lost {
-            tracing::warn!(
-                "dirty tracking lost for this collection: all memory must be treated as dirty"
-            );
+            tracing::warn!("dirty tracking lost for this collection: all memory must be treated as dirty");
         }
-        Ok(tracker::finish(
-            gfns,
-            from_kvm,
-            self.mem.take_vmm_dirty(),
-            lost,
-        ))
+        Ok(tracker::finish(gfns, from_kvm, self.mem.take_vmm_dirty(), lost))
     }
 
     /// Saves the full machine state (the machine must be paused).
@@ -572,8 +497,7 @@ impl Machine {
         }
         Ok(MachineState {
             shape: self.shape.clone(),
-            boot: common::codec::encode(&self.cfg.workload)
-                .map_err(|e| MachineError::BadWorkload(e.to_string()))?,
+            boot: common::codec::encode(&self.cfg.workload).map_err(|e| MachineError::BadWorkload(e.to_string()))?,
             vcpus,
             vm,
             devices: self.devices.save(),
@@ -602,11 +526,7 @@ impl Machine {
 
     /// Guest exceptions reported so far.
     pub fn faults(&self) -> Vec<GuestFault> {
-        self.ctx
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.ctx.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// vCPUs whose thread has ended, with the reason.
@@ -625,10 +545,7 @@ impl Machine {
         if !self.paused {
             return 0;
         }
-        self.vcpus
-            .iter()
-            .map(|v| v.core().ring.as_ref().map_or(0, |r| r.full_exits))
-            .sum()
+        self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.full_exits)).sum()
     }
 
     /// Ring-full exits that found the ring desynchronised, summed over vCPUs (paused machine only).
@@ -636,17 +553,12 @@ impl Machine {
         if !self.paused {
             return 0;
         }
-        self.vcpus
-            .iter()
-            .map(|v| v.core().ring.as_ref().map_or(0, |r| r.stalls))
-            .sum()
+        self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.stalls)).sum()
     }
 
     /// Reads a u64 from a cpu's per-cpu page (see abi PC_*).
     pub fn percpu(&self, cpu: u32, offset: u64) -> u64 {
-        self.mem
-            .read_u64(PERCPU_GPA + u64::from(cpu) * PAGE_SIZE + offset)
-            .unwrap_or(0)
+        self.mem.read_u64(PERCPU_GPA + u64::from(cpu) * PAGE_SIZE + offset).unwrap_or(0)
     }
 
     /// Stops all vCPU threads.

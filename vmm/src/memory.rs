@@ -7,8 +7,7 @@ use std::sync::Mutex;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 
 use crate::abi::PAGE_SIZE;
@@ -91,10 +90,7 @@ impl Bitmap for PageLog {
 impl NewBitmap for PageLog {
     fn with_len(len: usize) -> Self {
         PageLog {
-            bits: AtomicBitmap::new(
-                len,
-                NonZeroUsize::new(PAGE_SIZE as usize).expect("page size"),
-            ),
+            bits: AtomicBitmap::new(len, NonZeroUsize::new(PAGE_SIZE as usize).expect("page size")),
             fresh: Mutex::new(Vec::new()),
         }
     }
@@ -105,10 +101,7 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= HOLE_START {
         vec![(0, mem_bytes)]
     } else {
-        vec![
-            (0, HOLE_START),
-            (HOLE_START + HOLE_SIZE, mem_bytes - HOLE_START),
-        ]
+        vec![(0, HOLE_START), (HOLE_START + HOLE_SIZE, mem_bytes - HOLE_START)]
     }
 }
 
@@ -128,18 +121,13 @@ impl GuestMem {
         let regions = ram_ranges(mem_bytes)
             .into_iter()
             .map(|(gpa, size)| {
-                let region = MmapRegion::<PageLog>::new(size as usize)
-                    .map_err(|e| MemoryError::Map(e.to_string()))?;
+                let region = MmapRegion::<PageLog>::new(size as usize).map_err(|e| MemoryError::Map(e.to_string()))?;
                 GuestRegionMmap::new(region, GuestAddress(gpa))
                     .ok_or_else(|| MemoryError::Map("address overflow".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mem =
-            GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestMem {
-            mem,
-            size: mem_bytes,
-        })
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestMem { mem, size: mem_bytes })
     }
 
     /// Total RAM in bytes.
@@ -149,10 +137,7 @@ impl GuestMem {
 
     /// (guest address, size, host address) of each RAM region, in slot order.
     pub fn regions(&self) -> Vec<(u64, u64, u64)> {
-        self.mem
-            .iter()
-            .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
-            .collect()
+        self.mem.iter().map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64)).collect()
     }
 
     /// Number of guest page frames (including the hole's, which are never RAM).
@@ -163,22 +148,12 @@ impl GuestMem {
     /// The VMM's one write path into guest memory: the pages it touches are
     /// recorded and reported by the next dirty collection.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        self.mem
-            .write_slice(data, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange {
-                gpa,
-                len: data.len(),
-            })
+        self.mem.write_slice(data, GuestAddress(gpa)).map_err(|_| MemoryError::OutOfRange { gpa, len: data.len() })
     }
 
     /// Reads guest memory (not a write: nothing is recorded).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| MemoryError::OutOfRange {
-                gpa,
-                len: buf.len(),
-            })
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|_| MemoryError::OutOfRange { gpa, len: buf.len() })
     }
 
     /// Reads one little-endian u64.
@@ -205,21 +180,14 @@ impl GuestMem {
         let mut out = Vec::new();
         for r in self.mem.iter() {
             let base = r.start_addr().0 / PAGE_SIZE;
-            out.extend(
-                MmapRegion::bitmap(r)
-                    .take()
-                    .into_iter()
-                    .map(|p| base + u64::from(p)),
-            );
+            out.extend(MmapRegion::bitmap(r).take().into_iter().map(|p| base + u64::from(p)));
         }
         out
     }
 
     /// Guest frame numbers of all RAM pages.
     pub fn all_gfns(&self) -> impl Iterator<Item = u64> + '_ {
-        self.mem.iter().flat_map(|r| {
-            (r.start_addr().0 / PAGE_SIZE)..((r.start_addr().0 + r.len()) / PAGE_SIZE)
-        })
+        self.mem.iter().flat_map(|r| (r.start_addr().0 / PAGE_SIZE)..((r.start_addr().0 + r.len()) / PAGE_SIZE))
     }
 
     /// A 64-bit digest of all guest memory (order-sensitive over 1 MiB chunks of
@@ -236,9 +204,7 @@ impl GuestMem {
                 // regions are RAM by construction
                 if self.read(gpa + off, &mut buf[..n]).is_ok() {
                     let c = u64::from(crc32fast::hash(&buf[..n]));
-                    h = (h ^ c ^ (i << 32))
-                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                        .rotate_left(29);
+                    h = (h ^ c ^ (i << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
                 }
                 off += n as u64;
                 i += 1;
@@ -257,18 +223,9 @@ impl GuestMem {
             // MADV_DONTNEED on such a mapping only replaces its contents with
             // zero pages, which every reader of guest memory must tolerate (the
             // guest itself is not running while a replica applies an epoch).
-            let ret = unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    size as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
+            let ret = unsafe { libc::madvise(host as *mut libc::c_void, size as usize, libc::MADV_DONTNEED) };
             if ret != 0 {
-                return Err(MemoryError::Map(format!(
-                    "madvise: {}",
-                    std::io::Error::last_os_error()
-                )));
+                return Err(MemoryError::Map(format!("madvise: {}", std::io::Error::last_os_error())));
             }
         }
         Ok(())
@@ -290,18 +247,9 @@ mod tests {
 
     #[test]
     fn sizes_are_checked() {
-        assert!(matches!(
-            GuestMem::new(1 << 20),
-            Err(MemoryError::BadSize(_))
-        ));
-        assert!(matches!(
-            GuestMem::new((64 << 20) + 4096),
-            Err(MemoryError::BadSize(_))
-        ));
-        assert!(matches!(
-            GuestMem::new(61 << 30),
-            Err(MemoryError::BadSize(_))
-        ));
+        assert!(matches!(GuestMem::new(1 << 20), Err(MemoryError::BadSize(_))));
+        assert!(matches!(GuestMem::new((64 << 20) + 4096), Err(MemoryError::BadSize(_))));
+        assert!(matches!(GuestMem::new(61 << 30), Err(MemoryError::BadSize(_))));
     }
 
     #[test]
@@ -321,8 +269,7 @@ mod tests {
         let d0 = m.digest();
         m.write(0x5000, &[1; 10]).expect("write");
         assert_ne!(m.digest(), d0);
-        m.write(0x5ff0, &[2; 32])
-            .expect("write across a page boundary");
+        m.write(0x5ff0, &[2; 32]).expect("write across a page boundary");
         m.write(0x5000, &[3; 1]).expect("rewrite");
         let mut d = m.take_vmm_dirty();
         d.sort();
@@ -330,10 +277,7 @@ mod tests {
         assert!(m.take_vmm_dirty().is_empty());
         m.write(0x5000, &[4; 1]).expect("write after drain");
         assert_eq!(m.take_vmm_dirty(), vec![5]);
-        assert!(matches!(
-            m.write(64 << 20, &[0]),
-            Err(MemoryError::OutOfRange { .. })
-        ));
+        assert!(matches!(m.write(64 << 20, &[0]), Err(MemoryError::OutOfRange { .. })));
     }
 
     proptest::proptest! {

@@ -22,8 +22,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{
-    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-    KVM_DIRTY_LOG_PAGE_OFFSET,
+    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::ioctl::ioctl;
@@ -72,24 +71,17 @@ pub fn enable(vm: &VmFd, entries: u32) -> Result<RingFlavour, RingError> {
         return Err(RingError::BadSize(entries));
     }
     let bytes = u64::from(entries) * std::mem::size_of::<kvm_dirty_gfn>() as u64;
-    for (cap, flavour) in [
-        (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, RingFlavour::AcqRel),
-        (KVM_CAP_DIRTY_LOG_RING, RingFlavour::Plain),
-    ] {
+    for (cap, flavour) in
+        [(KVM_CAP_DIRTY_LOG_RING_ACQ_REL, RingFlavour::AcqRel), (KVM_CAP_DIRTY_LOG_RING, RingFlavour::Plain)]
+    {
         let max = vm.check_extension_raw(u64::from(cap));
         if max <= 0 {
             continue;
         }
         if bytes > max as u64 {
-            return Err(RingError::TooLarge {
-                asked: entries,
-                max: (max as u64 / 16) as u32,
-            });
+            return Err(RingError::TooLarge { asked: entries, max: (max as u64 / 16) as u32 });
         }
-        let mut c = kvm_enable_cap {
-            cap,
-            ..Default::default()
-        };
+        let mut c = kvm_enable_cap { cap, ..Default::default() };
         c.args[0] = bytes;
         vm.enable_cap(&c).map_err(RingError::Enable)?;
         return Ok(flavour);
@@ -165,12 +157,7 @@ impl DirtyRing {
         }
         let gfns = NonNull::new(addr.cast::<kvm_dirty_gfn>())
             .ok_or_else(|| RingError::Map(std::io::ErrorKind::Other.into()))?;
-        Ok(DirtyRing {
-            gfns,
-            entries,
-            fetch: 0,
-            desync: false,
-        })
+        Ok(DirtyRing { gfns, entries, fetch: 0, desync: false })
     }
 
     /// Ring size in entries.
@@ -188,11 +175,7 @@ impl DirtyRing {
         // SAFETY: `i` is below `entries`, so the entry lies inside the mapping
         // we own; `flags` is a naturally aligned u32 that the kernel and we
         // access concurrently, which is what AtomicU32 is for.
-        unsafe {
-            AtomicU32::from_ptr(std::ptr::addr_of_mut!(
-                (*self.gfns.as_ptr().add(i as usize)).flags
-            ))
-        }
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.gfns.as_ptr().add(i as usize)).flags)) }
     }
 
     fn entry(&self, i: u32) -> (u32, u64) {
@@ -280,8 +263,7 @@ impl DirtyRing {
         let step = self.entries.saturating_sub(1024).max(1);
         let mask = self.entries - 1;
         for _ in 0..step {
-            self.flags((self.fetch as u32) & mask)
-                .store(RESET, Ordering::Release);
+            self.flags((self.fetch as u32) & mask).store(RESET, Ordering::Release);
             self.fetch += 1;
         }
         self.desync = true;

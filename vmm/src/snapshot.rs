@@ -42,10 +42,7 @@ pub enum SnapshotError {
 
 /// Writes the paused `machine`'s state and memory to `path`. Returns the number of pages written.
 pub fn save(machine: &Machine, path: &Path) -> Result<u64, SnapshotError> {
-    let io = |err| SnapshotError::Io {
-        path: path.display().to_string(),
-        err,
-    };
+    let io = |err| SnapshotError::Io { path: path.display().to_string(), err };
     let st = machine.save()?;
     let state = common::codec::encode(&st).map_err(|e| SnapshotError::State(e.to_string()))?;
     let file = std::fs::File::create(path).map_err(io)?;
@@ -74,10 +71,7 @@ pub fn save(machine: &Machine, path: &Path) -> Result<u64, SnapshotError> {
     put(&mut w, &END.to_le_bytes()).map_err(io)?;
     let sum = crc.finalize();
     w.write_all(&sum.to_le_bytes()).map_err(io)?;
-    w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
+    w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
     Ok(pages)
 }
 
@@ -92,10 +86,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads and verifies `path`.
     pub fn read(path: &Path) -> Result<Self, SnapshotError> {
-        let bytes = std::fs::read(path).map_err(|err| SnapshotError::Io {
-            path: path.display().to_string(),
-            err,
-        })?;
+        let bytes = std::fs::read(path).map_err(|err| SnapshotError::Io { path: path.display().to_string(), err })?;
         Self::parse(bytes)
     }
 
@@ -117,49 +108,28 @@ impl Snapshot {
             return Err(SnapshotError::Checksum);
         }
         let state_len = u64::from_le_bytes(bytes[12..20].try_into().expect("8")) as usize;
-        let state_end = 20usize
-            .checked_add(state_len)
-            .filter(|&e| e <= body)
-            .ok_or(SnapshotError::Truncated)?;
-        let state: MachineState = common::codec::decode(&bytes[20..state_end])
-            .map_err(|e| SnapshotError::State(e.to_string()))?;
+        let state_end = 20usize.checked_add(state_len).filter(|&e| e <= body).ok_or(SnapshotError::Truncated)?;
+        let state: MachineState =
+            common::codec::decode(&bytes[20..state_end]).map_err(|e| SnapshotError::State(e.to_string()))?;
         // validate the page records before anything is built
         let mut at = state_end;
         let limit = crate::memory::ram_ranges(state.shape.mem_bytes);
         loop {
-            let gfn = u64::from_le_bytes(
-                bytes
-                    .get(at..at + 8)
-                    .ok_or(SnapshotError::Truncated)?
-                    .try_into()
-                    .expect("8"),
-            );
+            let gfn = u64::from_le_bytes(bytes.get(at..at + 8).ok_or(SnapshotError::Truncated)?.try_into().expect("8"));
             at += 8;
             if gfn == END {
                 break;
             }
-            let gpa = gfn
-                .checked_mul(PAGE_SIZE)
-                .ok_or(SnapshotError::BadPage(gfn))?;
-            if !limit
-                .iter()
-                .any(|&(s, l)| gpa >= s && gpa + PAGE_SIZE <= s + l)
-            {
+            let gpa = gfn.checked_mul(PAGE_SIZE).ok_or(SnapshotError::BadPage(gfn))?;
+            if !limit.iter().any(|&(s, l)| gpa >= s && gpa + PAGE_SIZE <= s + l) {
                 return Err(SnapshotError::BadPage(gfn));
             }
-            at = at
-                .checked_add(PAGE_SIZE as usize)
-                .filter(|&a| a <= body)
-                .ok_or(SnapshotError::Truncated)?;
+            at = at.checked_add(PAGE_SIZE as usize).filter(|&a| a <= body).ok_or(SnapshotError::Truncated)?;
         }
         if at != body {
             return Err(SnapshotError::Truncated);
         }
-        Ok(Snapshot {
-            state,
-            pages_at: state_end,
-            bytes,
-        })
+        Ok(Snapshot { state, pages_at: state_end, bytes })
     }
 
     /// Builds a machine from this snapshot (vCPUs not started).

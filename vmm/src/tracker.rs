@@ -5,8 +5,7 @@
 //! writes, or say that tracking was lost (then every page must count as dirty).
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -76,12 +75,7 @@ pub struct SlotTable {
 
 impl SlotTable {
     pub fn new(regions: &[(u64, u64, u64)]) -> Self {
-        SlotTable {
-            slots: regions
-                .iter()
-                .map(|r| (r.0 / PAGE_SIZE, r.1 / PAGE_SIZE))
-                .collect(),
-        }
+        SlotTable { slots: regions.iter().map(|r| (r.0 / PAGE_SIZE, r.1 / PAGE_SIZE)).collect() }
     }
 
     /// The gfn of a ring entry, if it names a valid slot and page.
@@ -93,10 +87,7 @@ impl SlotTable {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as u32, s.0, s.1))
+        self.slots.iter().enumerate().map(|(i, s)| (i as u32, s.0, s.1))
     }
 }
 
@@ -105,26 +96,18 @@ pub fn enable_manual_protect(vm: &VmFd) -> Result<(), TrackerError> {
     if vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) <= 0 {
         return Err(TrackerError::NoManualProtect);
     }
-    let mut cap = kvm_enable_cap {
-        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-        ..Default::default()
-    };
+    let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
     cap.args[0] = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
     vm.enable_cap(&cap).map_err(TrackerError::Enable)
 }
 
 /// Bitmap collection: GET each slot's log, CLEAR (re-protect) exactly the bits
 /// it reported, and append the dirty gfns to `out`. Returns the number of bits.
-pub fn collect_bitmap(
-    vm: &VmFd,
-    slots: &SlotTable,
-    out: &mut Vec<u64>,
-) -> Result<usize, TrackerError> {
+pub fn collect_bitmap(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>) -> Result<usize, TrackerError> {
     let mut n = 0;
     for (slot, base, pages) in slots.iter() {
-        let mut bitmap = vm
-            .get_dirty_log(slot, (pages * PAGE_SIZE) as usize)
-            .map_err(|e| TrackerError::GetLog(slot, e))?;
+        let mut bitmap =
+            vm.get_dirty_log(slot, (pages * PAGE_SIZE) as usize).map_err(|e| TrackerError::GetLog(slot, e))?;
         let mut any = false;
         for (w, word) in bitmap.iter().enumerate() {
             let mut bits = *word;
@@ -139,22 +122,14 @@ pub fn collect_bitmap(
         if !any {
             continue;
         }
-        let mut clear = kvm_clear_dirty_log {
-            slot,
-            num_pages: pages as u32,
-            first_page: 0,
-            ..Default::default()
-        };
+        let mut clear = kvm_clear_dirty_log { slot, num_pages: pages as u32, first_page: 0, ..Default::default() };
         clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
         // SAFETY: `clear` points at `bitmap`, which holds one bit for each of the
         // slot's `pages` pages (get_dirty_log sized it from the same length) and
         // outlives the call; the kernel only reads it. The result is checked.
         let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
         if ret < 0 {
-            return Err(TrackerError::ClearLog(
-                slot,
-                std::io::Error::last_os_error(),
-            ));
+            return Err(TrackerError::ClearLog(slot, std::io::Error::last_os_error()));
         }
     }
     Ok(n)
@@ -166,12 +141,7 @@ pub fn finish(mut gfns: Vec<u64>, from_kvm: usize, vmm: Vec<u64>, tracking_lost:
     gfns.extend(vmm);
     gfns.sort_unstable();
     gfns.dedup();
-    DirtySet {
-        gfns,
-        tracking_lost,
-        from_kvm,
-        from_vmm,
-    }
+    DirtySet { gfns, tracking_lost, from_kvm, from_vmm }
 }
 
 #[cfg(test)]

@@ -157,9 +157,7 @@ impl Vcpu {
             immediate_exit,
             pause: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            status: Mutex::new(Status {
-                state: RunState::NotStarted,
-            }),
+            status: Mutex::new(Status { state: RunState::NotStarted }),
             cv: Condvar::new(),
             thread: Mutex::new(None),
         }
@@ -205,10 +203,7 @@ impl Vcpu {
             // SAFETY: the handle's pthread is alive until joined (we hold its JoinHandle).
             let ret = unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
             if ret != 0 {
-                return Err(VcpuError::Kick(
-                    self.id,
-                    vmm_sys_util::errno::Error::new(ret),
-                ));
+                return Err(VcpuError::Kick(self.id, vmm_sys_util::errno::Error::new(ret)));
             }
         }
         Ok(())
@@ -232,23 +227,14 @@ impl Vcpu {
         loop {
             match &st.state {
                 RunState::Parked => return Ok(()),
-                RunState::Exited(r) => {
-                    return Err(VcpuError::Exited {
-                        id: self.id,
-                        reason: r.clone(),
-                    })
-                }
+                RunState::Exited(r) => return Err(VcpuError::Exited { id: self.id, reason: r.clone() }),
                 _ => {}
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(VcpuError::PauseTimeout(self.id, timeout));
             }
-            st = self
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -261,11 +247,7 @@ impl Vcpu {
             if now >= deadline {
                 return false;
             }
-            st = self
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
         true
     }
@@ -300,10 +282,7 @@ impl Vcpu {
         // sleeping, so resume does not pay a cross-core wake-up, which costs
         // hundreds of microseconds on a nested host.
         let spin_until = Instant::now() + SPIN_PARK;
-        while self.pause.load(Ordering::SeqCst)
-            && !self.stop.load(Ordering::SeqCst)
-            && Instant::now() < spin_until
-        {
+        while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) && Instant::now() < spin_until {
             std::thread::yield_now();
         }
         let mut st = self.status();
@@ -343,10 +322,7 @@ impl Vcpu {
                     if let IoAction::Fault(vector) = ctx.devices.io_out(self.id, port, data) {
                         let fault = read_fault(&c.fd, &ctx.mem, self.id, vector);
                         tracing::error!(?fault, "guest exception");
-                        ctx.faults
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(fault);
+                        ctx.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
                         return format!("guest exception {vector} at rip {:#x}", fault.rip);
                     }
                 }
@@ -366,16 +342,12 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::Intr) => io_pending = false,
-                Ok(VcpuExit::Hlt) => {
-                    return "guest halted with no in-kernel irqchip to wake it".into()
-                }
+                Ok(VcpuExit::Hlt) => return "guest halted with no in-kernel irqchip to wake it".into(),
                 Ok(VcpuExit::Shutdown) => return "guest shutdown (triple fault)".into(),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     return format!("KVM entry failed: reason {reason:#x} on cpu {cpu}")
                 }
-                Ok(VcpuExit::InternalError) => {
-                    return "KVM internal error (emulation failure)".into()
-                }
+                Ok(VcpuExit::InternalError) => return "KVM internal error (emulation failure)".into(),
                 Ok(other) => return format!("unexpected exit {other:?}"),
                 Err(e) if e.errno() == libc::EINTR => io_pending = false,
                 Err(e) if e.errno() == libc::EAGAIN => {}
@@ -404,11 +376,7 @@ fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
     match ring::reset_rings(&ctx.vm) {
         Ok(n) if n == expected => {}
         Ok(n) => {
-            tracing::warn!(
-                expected,
-                reset = n,
-                "dirty ring reset count mismatch: tracking lost"
-            );
+            tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
             rs.lost = true;
             rs.ring.mark_desynchronised();
         }
@@ -422,10 +390,5 @@ fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
 fn read_fault(fd: &VcpuFd, mem: &GuestMem, cpu: u32, vector: u64) -> GuestFault {
     let rsp = fd.get_regs().map(|r| r.rsp).unwrap_or(0);
     let q = |i: u64| mem.read_u64(rsp + 8 * i).unwrap_or(u64::MAX);
-    GuestFault {
-        cpu,
-        vector,
-        error_code: q(1),
-        rip: q(2),
-    }
+    GuestFault { cpu, vector, error_code: q(1), rip: q(2) }
 }

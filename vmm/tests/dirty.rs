@@ -15,8 +15,7 @@ const MIB: u64 = 1 << 20;
 /// Guest address of working-set page `j` of `cpu` (mirrors dirty_main in user.c).
 fn ws_gpa(m: &Machine, cpu: u32, j: u64) -> u64 {
     let w = &m.config().workload;
-    let lin =
-        KERNEL_END + (j * u64::from(m.config().vcpus) + u64::from(cpu)) * w.ws_stride * PAGE_SIZE;
+    let lin = KERNEL_END + (j * u64::from(m.config().vcpus) + u64::from(cpu)) * w.ws_stride * PAGE_SIZE;
     m.memory().linear_to_gpa(lin)
 }
 
@@ -38,12 +37,7 @@ impl Checker {
             }
         }
         let ws = stamps.iter().map(|s| s.0 / PAGE_SIZE).collect();
-        Checker {
-            stamps,
-            ws,
-            early: BTreeSet::new(),
-            vcpus: m.config().vcpus as usize,
-        }
+        Checker { stamps, ws, early: BTreeSet::new(), vcpus: m.config().vcpus as usize }
     }
 
     /// Pauses, collects, and checks; returns (pages written, dirty set size).
@@ -62,35 +56,20 @@ impl Checker {
         let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
         let dirty_ws: BTreeSet<u64> = dirty.intersection(&self.ws).copied().collect();
         let missing: Vec<_> = written.difference(&dirty_ws).take(10).collect();
-        assert!(
-            missing.is_empty(),
-            "pages written but not reported dirty: {missing:x?}"
-        );
+        assert!(missing.is_empty(), "pages written but not reported dirty: {missing:x?}");
         // KVM logs a page when it makes it writable on the write fault; if the
         // kick lands before the faulting store is retried, the page is reported
         // one collection early. At most one such page per vCPU, and its write
         // must land (and be reported again) when that vCPU next runs.
         let extra: BTreeSet<u64> = dirty_ws.difference(&written).copied().collect();
-        self.early = self
-            .early
-            .difference(&written)
-            .copied()
-            .chain(extra)
-            .collect();
+        self.early = self.early.difference(&written).copied().chain(extra).collect();
         assert!(
             self.early.len() <= self.vcpus,
             "pages reported dirty but not written, more than one per vCPU: {:x?}",
             self.early
         );
-        let outside: Vec<_> = dirty
-            .difference(&self.ws)
-            .filter(|&&g| g * PAGE_SIZE >= KERNEL_END)
-            .take(10)
-            .collect();
-        assert!(
-            outside.is_empty(),
-            "pages reported dirty outside the kernel area and working set: {outside:x?}"
-        );
+        let outside: Vec<_> = dirty.difference(&self.ws).filter(|&&g| g * PAGE_SIZE >= KERNEL_END).take(10).collect();
+        assert!(outside.is_empty(), "pages reported dirty outside the kernel area and working set: {outside:x?}");
         assert!(
             m.faults().is_empty() && m.exited_vcpus().is_empty(),
             "guest failed: {:?} {:?}",
@@ -102,14 +81,7 @@ impl Checker {
     }
 }
 
-fn check_exact(
-    mem: u64,
-    vcpus: u32,
-    tracker: TrackerKind,
-    pattern: Pattern,
-    ws_pages: u64,
-    spread: bool,
-) -> u64 {
+fn check_exact(mem: u64, vcpus: u32, tracker: TrackerKind, pattern: Pattern, ws_pages: u64, spread: bool) -> u64 {
     let mut w = WorkloadConfig::dirty(ws_pages, pattern, 20_000);
     w.report_ms = 0;
     if spread {
@@ -127,16 +99,10 @@ fn check_exact(
         wait_writes(&m, if i % 2 == 0 { 5 } else { 150 });
         total += c.round(&mut m).0 as u64;
     }
-    assert!(
-        total > 100,
-        "the guest wrote too little to test anything ({total} pages)"
-    );
+    assert!(total > 100, "the guest wrote too little to test anything ({total} pages)");
     if spread {
         let top = c.stamps.iter().map(|s| s.0).max().expect("pages");
-        assert!(
-            top > mem / 2,
-            "working set not spread over the guest ({top:#x})"
-        );
+        assert!(top > mem / 2, "working set not spread over the guest ({top:#x})");
     }
     total
 }
@@ -147,10 +113,7 @@ fn wait_writes(m: &Machine, n: u64) {
     let start: Vec<u64> = (0..cpus).map(|c| m.percpu(c, PC_WRITES)).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while (0..cpus).any(|c| m.percpu(c, PC_WRITES) < start[c as usize] + n) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "guest stopped writing"
-        );
+        assert!(std::time::Instant::now() < deadline, "guest stopped writing");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -179,50 +142,22 @@ fn ring_exact_1vcpu_16g_spread() {
 
 #[test]
 fn bitmap_exact_1vcpu_256m() {
-    check_exact(
-        256 * MIB,
-        1,
-        TrackerKind::Bitmap,
-        Pattern::Random,
-        2048,
-        false,
-    );
+    check_exact(256 * MIB, 1, TrackerKind::Bitmap, Pattern::Random, 2048, false);
 }
 
 #[test]
 fn bitmap_exact_2vcpu_256m() {
-    check_exact(
-        256 * MIB,
-        2,
-        TrackerKind::Bitmap,
-        Pattern::HotCold,
-        2048,
-        false,
-    );
+    check_exact(256 * MIB, 2, TrackerKind::Bitmap, Pattern::HotCold, 2048, false);
 }
 
 #[test]
 fn bitmap_exact_2vcpu_16g_spread() {
-    check_exact(
-        16 * GIB,
-        2,
-        TrackerKind::Bitmap,
-        Pattern::Random,
-        1024,
-        true,
-    );
+    check_exact(16 * GIB, 2, TrackerKind::Bitmap, Pattern::Random, 1024, true);
 }
 
 #[test]
 fn bitmap_exact_1vcpu_16g_spread() {
-    check_exact(
-        16 * GIB,
-        1,
-        TrackerKind::Bitmap,
-        Pattern::Sequential,
-        1024,
-        true,
-    );
+    check_exact(16 * GIB, 1, TrackerKind::Bitmap, Pattern::Sequential, 1024, true);
 }
 
 /// A ring far smaller than the working set: the vCPUs exit on ring-full many
@@ -243,14 +178,8 @@ fn small_ring_full_exits_lose_nothing() {
     }
     m.pause().expect("pause");
     let exits = m.ring_full_exits();
-    assert!(
-        exits >= 24,
-        "expected ring-full exits with a 512-entry ring, saw {exits}"
-    );
-    assert!(
-        biggest > 512,
-        "collections should exceed the ring size (largest {biggest})"
-    );
+    assert!(exits >= 24, "expected ring-full exits with a 512-entry ring, saw {exits}");
+    assert!(biggest > 512, "collections should exceed the ring size (largest {biggest})");
 }
 
 /// CPL0 writes are emulated on KVM-PVM and can push the ring past its hard
@@ -261,13 +190,7 @@ fn emulated_writes_overflow_is_reported_as_tracking_lost() {
     let mut w = WorkloadConfig::idle();
     w.kind = WorkloadKind::KernelWrite;
     w.ws_pages = 4096;
-    let mut m = Machine::new(MachineConfig::new(
-        256 * MIB,
-        1,
-        TrackerKind::Ring { entries: 512 },
-        w,
-    ))
-    .expect("machine");
+    let mut m = Machine::new(MachineConfig::new(256 * MIB, 1, TrackerKind::Ring { entries: 512 }, w)).expect("machine");
     let base = m.memory().linear_to_gpa(KERNEL_END);
     m.start().expect("start");
     let mut lost = 0;
@@ -291,18 +214,12 @@ fn emulated_writes_overflow_is_reported_as_tracking_lost() {
         } else {
             let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
             let missing: Vec<_> = written.difference(&dirty).take(10).collect();
-            assert!(
-                missing.is_empty(),
-                "collection without 'tracking lost' misses written pages {missing:x?}"
-            );
+            assert!(missing.is_empty(), "collection without 'tracking lost' misses written pages {missing:x?}");
             exact += 1;
         }
         m.resume().expect("resume");
     }
     assert!(m.faults().is_empty(), "{:?}", m.faults());
     eprintln!("emulated writer: {lost} collections reported tracking lost, {exact} exact");
-    assert!(
-        lost > 0,
-        "a 512-entry ring under 4096-page emulated rounds never reported an overflow"
-    );
+    assert!(lost > 0, "a 512-entry ring under 4096-page emulated rounds never reported an overflow");
 }

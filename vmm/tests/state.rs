@@ -19,13 +19,8 @@ fn wait_until(mut f: impl FnMut() -> bool) {
 fn dirty_guest_continues_after_save_and_restore() {
     let mut w = WorkloadConfig::dirty(1024, Pattern::Random, 10_000);
     w.report_ms = 0;
-    let mut a = Machine::new(MachineConfig::new(
-        128 << 20,
-        2,
-        TrackerKind::Ring { entries: 4096 },
-        w,
-    ))
-    .expect("machine");
+    let mut a =
+        Machine::new(MachineConfig::new(128 << 20, 2, TrackerKind::Ring { entries: 4096 }, w)).expect("machine");
     a.start().expect("start");
     wait_until(|| (0..2).all(|c| a.percpu(c, PC_WRITES) > 500));
     a.pause().expect("pause");
@@ -50,19 +45,11 @@ fn dirty_guest_continues_after_save_and_restore() {
     })
     .expect("restore");
     drop(a);
-    assert_eq!(
-        (0..2).map(|c| b.percpu(c, PC_WRITES)).collect::<Vec<_>>(),
-        saved
-    );
+    assert_eq!((0..2).map(|c| b.percpu(c, PC_WRITES)).collect::<Vec<_>>(), saved);
     b.start().expect("start restored");
     wait_until(|| (0..2).all(|c| b.percpu(c, PC_WRITES) > saved[c as usize] + 500));
     wait_until(|| (0..2).all(|c| b.percpu(c, PC_TICKS) > ticks[c as usize] + 10));
-    assert!(
-        b.faults().is_empty() && b.exited_vcpus().is_empty(),
-        "{:?} {:?}",
-        b.faults(),
-        b.exited_vcpus()
-    );
+    assert!(b.faults().is_empty() && b.exited_vcpus().is_empty(), "{:?} {:?}", b.faults(), b.exited_vcpus());
     // the restored machine tracks dirty pages too
     b.pause().expect("pause");
     let d = b.collect().expect("collect");
@@ -74,22 +61,15 @@ fn snapshot_file_round_trip_and_refusals() {
     let dir = std::env::temp_dir().join(format!("castor-state-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("idle.snap");
-    let mut m = Machine::new(MachineConfig::new(
-        64 << 20,
-        1,
-        TrackerKind::Bitmap,
-        WorkloadConfig::idle(),
-    ))
-    .expect("machine");
+    let mut m =
+        Machine::new(MachineConfig::new(64 << 20, 1, TrackerKind::Bitmap, WorkloadConfig::idle())).expect("machine");
     m.start().expect("start");
     wait_until(|| m.percpu(0, PC_TICKS) > 5);
     m.pause().expect("pause");
     let pages = vmm::snapshot::save(&m, &path).expect("save");
     assert!(pages > 10);
     let snap = Snapshot::read(&path).expect("read");
-    let mut r = snap
-        .restore(TrackerKind::Ring { entries: 1024 })
-        .expect("restore");
+    let mut r = snap.restore(TrackerKind::Ring { entries: 1024 }).expect("restore");
     let t0 = r.percpu(0, PC_TICKS);
     r.start().expect("start");
     wait_until(|| r.percpu(0, PC_TICKS) > t0 + 5);
@@ -101,13 +81,7 @@ fn snapshot_file_round_trip_and_refusals() {
         Snapshot::parse(bad),
         Err(vmm::snapshot::SnapshotError::Version(_)) | Err(vmm::snapshot::SnapshotError::Checksum)
     ));
-    assert!(matches!(
-        Snapshot::parse(good[..good.len() / 2].to_vec()),
-        Err(vmm::snapshot::SnapshotError::Checksum)
-    ));
-    assert!(matches!(
-        Snapshot::parse(b"CASTSNP1".to_vec()),
-        Err(vmm::snapshot::SnapshotError::Truncated)
-    ));
+    assert!(matches!(Snapshot::parse(good[..good.len() / 2].to_vec()), Err(vmm::snapshot::SnapshotError::Checksum)));
+    assert!(matches!(Snapshot::parse(b"CASTSNP1".to_vec()), Err(vmm::snapshot::SnapshotError::Truncated)));
     std::fs::remove_dir_all(&dir).ok();
 }
