@@ -9,6 +9,7 @@
 //! * 6: a verification the user asked for failed (e.g. `--kv-verify`)
 
 mod kvload;
+mod node_cmd;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,21 @@ struct Cli {
 enum Command {
     /// Run a built-in guest unprotected, collecting its dirty set every epoch, with live stats.
     Run(run::RunArgs),
+    /// Run a guest as the primary: epochs to the secondary, output commit, heartbeats.
+    Primary(node_cmd::PrimaryArgs),
+    /// Keep a page-exact replica and take over when the primary goes silent.
+    Secondary(node_cmd::SecondaryArgs),
+    /// Show a node's status (role, generation, epochs, protection, last epoch's phases).
+    Status {
+        /// The node's control address.
+        #[arg(long)]
+        control: std::net::SocketAddr,
+    },
+    /// Force a failover: the secondary at this control address takes over now.
+    Failover {
+        #[arg(long)]
+        control: std::net::SocketAddr,
+    },
 }
 
 fn main() {
@@ -35,6 +51,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let node = |name: &str, r: Result<(), node_cmd::NodeCmdError>| match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("castor {name}: {e}");
+            e.exit_code()
+        }
+    };
     let code = match cli.command {
         Command::Run(args) => match run::run(args) {
             Ok(()) => 0,
@@ -43,6 +66,12 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::Primary(a) => node("primary", node_cmd::primary(a)),
+        Command::Secondary(a) => node("secondary", node_cmd::secondary(a)),
+        Command::Status { control } => node("status", node_cmd::control(control, "status").map(|j| println!("{j}"))),
+        Command::Failover { control } => {
+            node("failover", node_cmd::control(control, "failover").map(|j| println!("{j}")))
+        }
     };
     std::process::exit(code);
 }

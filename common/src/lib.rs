@@ -10,4 +10,5 @@ pub mod auth;
 pub mod codec;
 pub mod frame;
 pub mod proto;
+pub mod service;
 pub mod state;

@@ -75,9 +75,19 @@ pub enum SessionEnd {
 /// What the receiver reports as it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReceiverEvent {
-    Authenticated { generation: u64, channel: Channel },
-    Committed { epoch: u64 },
-    Heartbeat { generation: u64, seq: u64 },
+    Authenticated {
+        generation: u64,
+        channel: Channel,
+    },
+    Committed {
+        epoch: u64,
+    },
+    Heartbeat {
+        generation: u64,
+        seq: u64,
+    },
+    /// Any frame on a data channel (liveness of the primary).
+    Data,
 }
 
 /// Receiver settings.
@@ -147,16 +157,16 @@ async fn serve_inner(
         let _ = tx.send(refuse(RefuseCode::Version, format!("this secondary speaks version {PROTOCOL_VERSION}"))).await;
         return Err(ReceiverError::VersionRefused { min: hello.min_version, max: hello.max_version });
     }
-    let shape_ok = lock(replica).check_shape(&hello.shape);
-    if let Err(e) = shape_ok {
-        let _ = tx.send(refuse(RefuseCode::Shape, e.to_string())).await;
-        return Err(e.into());
-    }
     let ours = cfg.generation();
     if hello.generation < ours {
         let _ =
             tx.send(refuse(RefuseCode::StaleGeneration, format!("generation {} is fenced", hello.generation))).await;
         return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
+    }
+    let shape_ok = lock(replica).check_shape(&hello.shape);
+    if let Err(e) = shape_ok {
+        let _ = tx.send(refuse(RefuseCode::Shape, e.to_string())).await;
+        return Err(e.into());
     }
     let nonce_s = auth::nonce().map_err(|e| ReceiverError::Unauthenticated(e.to_string()))?;
     let proof = cfg.secret.secondary_proof(&hello.nonce, &nonce_s);
@@ -176,6 +186,8 @@ async fn serve_inner(
     tx.send(Message::HelloAck(HelloAck { version: PROTOCOL_VERSION, committed_epoch, generation: ours }).to_frame())
         .await
         .map_err(ReceiverError::Frame)?;
+    // a primary of a newer generation (after failovers) raises ours
+    cfg.generation.fetch_max(hello.generation, Ordering::SeqCst);
     let session = cfg.secret.session_key(&hello.nonce, &nonce_s);
     rx.decoder_mut().set_key(session);
     tx.encoder_mut().set_key(session);
@@ -206,6 +218,13 @@ async fn serve_inner(
             return Ok(SessionEnd::Closed);
         };
         let frame = frame.map_err(ReceiverError::Frame)?;
+        on_event(ReceiverEvent::Data);
+        if cfg.generation() > hello.generation && lock(replica).committed_epoch().is_some() {
+            // we took over (or were told a newer primary exists): fence this one
+            let fence = Message::Fence { generation: cfg.generation(), reason: "a newer generation took over".into() };
+            let _ = tx.send(fence.to_frame()).await;
+            return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours: cfg.generation() });
+        }
         let msg = Message::decode(frame.kind, frame.payload)?;
         match msg {
             Message::FullSyncChunk(c) => lock(replica).full_sync_chunk(&c)?,

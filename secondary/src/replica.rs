@@ -48,6 +48,8 @@ pub enum ReplicaError {
     NeedsResync,
     #[error("replica memory: {0}")]
     Memory(#[from] MemoryError),
+    #[error("this node has taken over: its replica is the running guest now")]
+    Retired,
 }
 
 /// The last committed epoch.
@@ -75,6 +77,9 @@ pub struct Replica {
     staging: Option<Staging>,
     synced_pages: u64,
     needs_resync: bool,
+    /// No shape yet: the first primary's Hello gives it.
+    unshaped: bool,
+    retired: bool,
 }
 
 fn shape_str(s: &VmShape) -> String {
@@ -91,7 +96,37 @@ impl Replica {
             });
         }
         let mem = Arc::new(GuestMem::new(shape.mem_bytes)?);
-        Ok(Replica { mem, shape, committed: None, staging: None, synced_pages: 0, needs_resync: false })
+        Ok(Replica {
+            mem,
+            shape,
+            committed: None,
+            staging: None,
+            synced_pages: 0,
+            needs_resync: false,
+            unshaped: false,
+            retired: false,
+        })
+    }
+
+    /// A replica that takes its shape from the first primary that connects.
+    pub fn unshaped() -> Result<Self, ReplicaError> {
+        let mem = vmm::memory::MIN_MEM;
+        let mut r = Self::new(VmShape { mem_bytes: mem, ram_ranges: ram_ranges(mem), vcpus: 1, image_id: 0 })?;
+        r.unshaped = true;
+        Ok(r)
+    }
+
+    /// Stops all further changes: the memory now belongs to a running VM.
+    pub fn retire(&mut self) {
+        self.retired = true;
+        self.staging = None;
+    }
+
+    fn check_live(&self) -> Result<(), ReplicaError> {
+        if self.retired {
+            return Err(ReplicaError::Retired);
+        }
+        Ok(())
     }
 
     pub fn shape(&self) -> &VmShape {
@@ -99,7 +134,13 @@ impl Replica {
     }
 
     /// Checks a peer's VM shape against the replica's.
-    pub fn check_shape(&self, peer: &VmShape) -> Result<(), ReplicaError> {
+    pub fn check_shape(&mut self, peer: &VmShape) -> Result<(), ReplicaError> {
+        self.check_live()?;
+        if self.unshaped {
+            *self = Self::new(peer.clone())?;
+            tracing::info!(mem_mib = peer.mem_bytes >> 20, vcpus = peer.vcpus, "replica shaped after the primary");
+            return Ok(());
+        }
         if *peer != self.shape {
             return Err(ReplicaError::ShapeMismatch { replica: shape_str(&self.shape), peer: shape_str(peer) });
         }
@@ -153,6 +194,7 @@ impl Replica {
     /// Initial-sync pages, written straight into memory: before the first
     /// commit there is no consistent state to protect.
     pub fn full_sync_chunk(&mut self, c: &PageChunk) -> Result<(), ReplicaError> {
+        self.check_live()?;
         if self.committed.is_some() {
             return Err(ReplicaError::SyncAfterCommit);
         }
@@ -169,6 +211,7 @@ impl Replica {
 
     /// Starts staging epoch `epoch`.
     pub fn begin_epoch(&mut self, epoch: u64, announced: u64, full: bool) -> Result<(), ReplicaError> {
+        self.check_live()?;
         if let Some(s) = &self.staging {
             return Err(ReplicaError::StagingInProgress { got: epoch, staging: s.epoch });
         }
@@ -221,6 +264,7 @@ impl Replica {
     /// Verifies and commits the staged epoch. On `Diverged` the epoch is
     /// applied but the replica is marked as needing a full resync.
     pub fn end_epoch(&mut self, end: EpochEnd) -> Result<u64, ReplicaError> {
+        self.check_live()?;
         let Some(s) = self.staging.as_ref() else {
             return Err(ReplicaError::NotStaging("epoch end"));
         };

@@ -1,0 +1,326 @@
+//! The epoch engine: runs on its own thread and owns the machine. At each
+//! epoch boundary it stops the vCPUs, collects the dirty set, copies the pages,
+//! (tracking was re-armed by the collection), saves the machine state, drains
+//! device output, and resumes the guest; the packet goes to the network side,
+//! so shipping epoch N overlaps with running N+1.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::proto::Page;
+use common::state::{MachineState, Output};
+use tokio::sync::mpsc;
+use vmm::abi::PAGE_SIZE;
+use vmm::Machine;
+
+use crate::sender::page_from;
+
+/// What the primary does while no secondary protects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnprotectedPolicy {
+    /// Keep running and release output at once.
+    Continue,
+    /// Keep the guest paused until a secondary is in sync.
+    Pause,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub epoch: Duration,
+    /// End an epoch early once this many pages are dirty (checked every ms).
+    pub max_epoch_pages: u64,
+    /// Epochs sent but not acknowledged before the engine stretches epochs.
+    pub max_in_flight: u64,
+    /// Send a digest of all guest memory with each epoch (verification mode).
+    pub digest: bool,
+    pub unprotected: UnprotectedPolicy,
+}
+
+/// Time spent in each phase of one epoch boundary, in microseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Phases {
+    pub epoch: u64,
+    pub pages: u64,
+    pub stop_us: f64,
+    pub collect_us: f64,
+    pub copy_us: f64,
+    pub save_us: f64,
+    pub resume_us: f64,
+    pub pause_us: f64,
+    pub full: bool,
+}
+
+/// State shared between the engine and the network side.
+#[derive(Debug, Default)]
+pub struct EngineShared {
+    /// Highest acknowledged epoch + 1 (0 = none).
+    pub acked: AtomicU64,
+    /// A secondary session is up.
+    pub protected: AtomicBool,
+    /// Start a full live sync at the next boundary.
+    pub sync_request: AtomicBool,
+    /// Send the next epoch as a full-memory epoch.
+    pub force_full: AtomicBool,
+    pub stop: AtomicBool,
+    /// Next epoch number.
+    pub next_epoch: AtomicU64,
+    pub last: Mutex<Phases>,
+    /// Pause times (us) of recent epochs, for percentiles.
+    pub pauses: Mutex<Vec<f64>>,
+    pub epochs: AtomicU64,
+    pub tracking_lost: AtomicU64,
+}
+
+impl EngineShared {
+    pub fn acked_epoch(&self) -> Option<u64> {
+        self.acked.load(Ordering::SeqCst).checked_sub(1)
+    }
+
+    pub fn record_ack(&self, epoch: u64) {
+        self.acked.fetch_max(epoch + 1, Ordering::SeqCst);
+    }
+}
+
+/// One epoch, ready to ship.
+#[derive(Debug)]
+pub struct EpochPacket {
+    pub epoch: u64,
+    pub full: bool,
+    pub pages: Vec<Page>,
+    pub state: MachineState,
+    /// Output produced up to this boundary: released when `epoch` is acked.
+    pub outputs: Vec<Output>,
+    pub digest: Option<u64>,
+    pub phases: Phases,
+}
+
+/// What the engine hands to the network side.
+#[derive(Debug)]
+pub enum Packet {
+    /// Initial-sync pages (guest running).
+    Sync {
+        round: u32,
+        pages: Vec<Page>,
+    },
+    Epoch(Box<EpochPacket>),
+    /// Output of an unprotected epoch: release at once.
+    Release(Vec<Output>),
+    /// The guest failed; the engine stopped.
+    Failed(String),
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Engine {
+    machine: Machine,
+    opts: EngineOptions,
+    shared: Arc<EngineShared>,
+    tx: mpsc::Sender<Packet>,
+    held: Vec<Output>,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl Engine {
+    pub fn new(machine: Machine, opts: EngineOptions, shared: Arc<EngineShared>, tx: mpsc::Sender<Packet>) -> Self {
+        Engine { machine, opts, shared, tx, held: Vec::new() }
+    }
+
+    /// Reads pages into packets (zero pages travel without data).
+    fn read_pages(&self, gfns: impl Iterator<Item = u64>) -> Vec<Page> {
+        let mem = self.machine.memory();
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        gfns.filter_map(|g| mem.read_page(g, &mut buf).ok().map(|_| page_from(g, &buf))).collect()
+    }
+
+    fn all_nonzero_pages(&self) -> Vec<Page> {
+        let mem = self.machine.memory().clone();
+        self.read_pages(mem.all_gfns()).into_iter().filter(|p| p.data.is_some()).collect()
+    }
+
+    fn send(&self, p: Packet) -> bool {
+        self.tx.blocking_send(p).is_ok()
+    }
+
+    fn check_guest(&self) -> Result<(), String> {
+        if let Some(f) = self.machine.faults().first() {
+            return Err(format!("guest exception {} at {:#x} on cpu {}", f.vector, f.rip, f.cpu));
+        }
+        if let Some((id, why)) = self.machine.exited_vcpus().first() {
+            return Err(format!("vCPU {id} stopped: {why}"));
+        }
+        Ok(())
+    }
+
+    /// Runs until `shared.stop`; returns the machine (paused).
+    pub fn run(mut self) -> Machine {
+        if let Err(e) = self.run_loop() {
+            tracing::error!(error = %e, "epoch engine stopped");
+            let _ = self.send(Packet::Failed(e));
+        }
+        let _ = self.machine.pause();
+        self.machine
+    }
+
+    fn run_loop(&mut self) -> Result<(), String> {
+        let mut next = Instant::now();
+        let err = |e: vmm::MachineError| e.to_string();
+        loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            next += self.opts.epoch;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                next = now;
+            }
+            self.check_guest()?;
+            if !self.shared.protected.load(Ordering::SeqCst) {
+                self.unprotected_epoch().map_err(err)?;
+                continue;
+            }
+            if self.shared.sync_request.swap(false, Ordering::SeqCst) {
+                self.live_sync().map_err(err)?;
+                next = Instant::now();
+                continue;
+            }
+            // Bound epochs in flight: while the secondary is behind, the
+            // guest runs on (a longer epoch) instead of queueing more copies.
+            let waited = Instant::now();
+            while self.in_flight() >= self.opts.max_in_flight
+                && self.shared.protected.load(Ordering::SeqCst)
+                && !self.shared.stop.load(Ordering::SeqCst)
+            {
+                std::thread::sleep(Duration::from_micros(500));
+                if waited.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(in_flight = self.in_flight(), "secondary not acknowledging; epochs stretched");
+                    break;
+                }
+            }
+            if !self.shared.protected.load(Ordering::SeqCst) {
+                continue;
+            }
+            let packet = self.boundary().map_err(err)?;
+            if !self.send(Packet::Epoch(Box::new(packet))) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn in_flight(&self) -> u64 {
+        self.shared.next_epoch.load(Ordering::SeqCst).saturating_sub(self.shared.acked.load(Ordering::SeqCst))
+    }
+
+    fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
+        match self.opts.unprotected {
+            UnprotectedPolicy::Pause => {
+                if !self.machine.is_paused() {
+                    self.machine.pause()?;
+                    tracing::warn!("unprotected: guest paused until a secondary is in sync");
+                }
+            }
+            UnprotectedPolicy::Continue => {
+                // still collect, so tracking state stays bounded while unprotected
+                self.machine.pause()?;
+                let d = self.machine.collect()?;
+                self.shared.tracking_lost.fetch_add(u64::from(d.tracking_lost), Ordering::Relaxed);
+                self.machine.resume()?;
+            }
+        }
+        let mut out = std::mem::take(&mut self.held);
+        out.extend(self.machine.devices().drain());
+        if !out.is_empty() {
+            self.send(Packet::Release(out));
+        }
+        self.shared.next_epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Full live sync: pages copied while the guest runs, re-sending what it
+    /// dirties meanwhile, a few rounds; the next boundary ends the sync.
+    fn live_sync(&mut self) -> Result<(), vmm::MachineError> {
+        let t = Instant::now();
+        self.machine.pause()?;
+        self.machine.collect()?; // baseline: track from here
+        self.held.extend(self.machine.devices().drain());
+        self.machine.resume()?;
+        let first = self.all_nonzero_pages();
+        let mut sent = first.len();
+        tracing::info!(pages = first.len(), "live sync: round 0");
+        if !self.send(Packet::Sync { round: 0, pages: first }) {
+            return Ok(());
+        }
+        for round in 1..=4 {
+            std::thread::sleep(self.opts.epoch);
+            self.machine.pause()?;
+            let d = self.machine.collect()?;
+            self.held.extend(self.machine.devices().drain());
+            self.machine.resume()?;
+            let pages = if d.tracking_lost { self.all_nonzero_pages() } else { self.read_pages(d.gfns.into_iter()) };
+            let n = pages.len();
+            sent += n;
+            tracing::info!(round, pages = n, "live sync: round");
+            if !self.send(Packet::Sync { round, pages }) {
+                return Ok(());
+            }
+            if n < 256 {
+                break;
+            }
+        }
+        tracing::info!(pages = sent, ms = t.elapsed().as_millis() as u64, "live sync: copied, final epoch next");
+        Ok(())
+    }
+
+    fn boundary(&mut self) -> Result<EpochPacket, vmm::MachineError> {
+        let epoch = self.shared.next_epoch.load(Ordering::SeqCst);
+        let t0 = Instant::now();
+        let stop = self.machine.pause()?;
+        let t1 = Instant::now();
+        let d = self.machine.collect()?;
+        let t2 = Instant::now();
+        let full = d.tracking_lost || self.shared.force_full.swap(false, Ordering::SeqCst);
+        if d.tracking_lost {
+            self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory resync");
+        }
+        let pages = if full { self.all_nonzero_pages() } else { self.read_pages(d.gfns.iter().copied()) };
+        let t3 = Instant::now();
+        let state = self.machine.save()?;
+        let digest = self.opts.digest.then(|| self.machine.memory().digest());
+        let t4 = Instant::now();
+        // drain after saving: output still in the saved outbox is re-released
+        // by a secondary that takes over from this state
+        let mut outputs = std::mem::take(&mut self.held);
+        outputs.extend(self.machine.devices().drain());
+        let resume = self.machine.resume()?;
+        let t5 = Instant::now();
+        self.shared.next_epoch.store(epoch + 1, Ordering::SeqCst);
+        let phases = Phases {
+            epoch,
+            pages: pages.len() as u64,
+            stop_us: us(stop.elapsed),
+            collect_us: us(t2 - t1),
+            copy_us: us(t3 - t2),
+            save_us: us(t4 - t3),
+            resume_us: us(resume.elapsed),
+            pause_us: us(t5 - t0),
+            full,
+        };
+        *self.shared.last.lock().unwrap_or_else(|p| p.into_inner()) = phases;
+        {
+            let mut p = self.shared.pauses.lock().unwrap_or_else(|p| p.into_inner());
+            if p.len() >= 4096 {
+                p.drain(..2048);
+            }
+            p.push(phases.pause_us);
+        }
+        self.shared.epochs.fetch_add(1, Ordering::Relaxed);
+        Ok(EpochPacket { epoch, full, pages, state, outputs, digest, phases })
+    }
+}
