@@ -8,6 +8,7 @@
 //! * 5: file I/O (snapshots, expectation files)
 //! * 6: a verification the user asked for failed (e.g. `--kv-verify`)
 
+mod demo;
 mod kvload;
 mod node_cmd;
 mod run;
@@ -35,6 +36,8 @@ enum Command {
         #[arg(long)]
         control: std::net::SocketAddr,
     },
+    /// Secondary + primary on loopback with the kv guest and clients; kills the primary halfway.
+    Demo(demo::DemoArgs),
     /// Force a failover: the secondary at this control address takes over now.
     Failover {
         #[arg(long)]
@@ -63,6 +66,13 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("castor run: {e}");
+                e.exit_code()
+            }
+        },
+        Command::Demo(a) => match demo::demo(a) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("castor demo: {e}");
                 e.exit_code()
             }
         },

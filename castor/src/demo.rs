@@ -1,0 +1,383 @@
+//! `castor demo`: a secondary and a primary on loopback with the built-in kv
+//! guest and a client load; the primary is killed halfway and the clients
+//! carry on against the survivor; the table is read back to count lost and
+//! duplicated acknowledged writes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use client::KvClient;
+use common::state::KvOp;
+use serde_json::Value;
+
+use crate::node_cmd::control;
+
+/// `castor demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Length of the client load.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// When to kill -9 the primary (default: half of --seconds).
+    #[arg(long)]
+    kill_primary_at: Option<f64>,
+    /// Concurrent kv clients.
+    #[arg(long, default_value_t = 16)]
+    clients: u32,
+    /// Keys per client.
+    #[arg(long, default_value_t = 64)]
+    keys: u64,
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 10)]
+    epoch_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    heartbeat_timeout_ms: u64,
+    /// Dirty tracker of both nodes.
+    #[arg(long, default_value = "ring")]
+    tracker: String,
+    /// Keep the nodes' logs and data here (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object as the last line (live lines go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("demo setup: {0}")]
+    Setup(String),
+    #[error("a node failed: {0}")]
+    Node(String),
+}
+
+impl DemoError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            DemoError::Setup(_) => 5,
+            DemoError::Node(_) => 4,
+        }
+    }
+}
+
+fn free_port() -> Result<SocketAddr, DemoError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| DemoError::Setup(e.to_string()))?;
+    l.local_addr().map_err(|e| DemoError::Setup(e.to_string()))
+}
+
+struct Node {
+    child: Child,
+    control: SocketAddr,
+}
+
+impl Node {
+    fn status(&self) -> Option<Value> {
+        control(self.control, "status").ok().and_then(|s| serde_json::from_str(&s).ok())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[String], log: &PathBuf) -> Result<Child, DemoError> {
+    let exe = std::env::current_exe().map_err(|e| DemoError::Setup(e.to_string()))?;
+    let f = std::fs::File::create(log).map_err(|e| DemoError::Setup(format!("{}: {e}", log.display())))?;
+    let f2 = f.try_clone().map_err(|e| DemoError::Setup(e.to_string()))?;
+    Command::new(exe)
+        .args(args)
+        .env("CASTOR_LOG", std::env::var("CASTOR_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        .spawn()
+        .map_err(|e| DemoError::Setup(format!("cannot start a node: {e}")))
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+#[derive(Default)]
+struct Load {
+    acked: AtomicU64,
+    /// (client, key) -> acknowledged ADDs
+    counts: Mutex<HashMap<u64, u64>>,
+    /// keys whose last request never got an answer (excluded from the check)
+    uncertain: Mutex<Vec<u64>>,
+    latencies_us: Mutex<Vec<f64>>,
+    failed_calls: AtomicU64,
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    primary::status::percentile(v, p)
+}
+
+pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| DemoError::Setup(e.to_string()))?;
+            d.clone()
+        }
+        None => {
+            tmp = std::env::temp_dir().join(format!("castor-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&tmp).map_err(|e| DemoError::Setup(e.to_string()))?;
+            tmp.clone()
+        }
+    };
+    let live = |s: String| {
+        if a.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    };
+    let secret = dir.join("secret");
+    let key = common::auth::nonce().map_err(|e| DemoError::Setup(e.to_string()))?;
+    std::fs::write(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let (repl_s, svc_s, ctl_s, svc_p, ctl_p) = (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
+    let common = |svc: SocketAddr, ctl: SocketAddr| -> Vec<String> {
+        vec![
+            "--secret-file".into(),
+            secret.display().to_string(),
+            "--service-listen".into(),
+            svc.to_string(),
+            "--control".into(),
+            ctl.to_string(),
+            "--epoch-ms".into(),
+            a.epoch_ms.to_string(),
+            "--heartbeat-timeout-ms".into(),
+            a.heartbeat_timeout_ms.to_string(),
+            "--tracker".into(),
+            a.tracker.clone(),
+        ]
+    };
+    let mut sargs: Vec<String> =
+        vec!["secondary".into(), "--listen".into(), repl_s.to_string(), "--name".into(), "node-b".into()];
+    sargs.extend(common(svc_s, ctl_s));
+    let secondary = Node { child: spawn(&sargs, &dir.join("secondary.log"))?, control: ctl_s };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut pargs: Vec<String> = vec![
+        "primary".into(),
+        "--peer".into(),
+        repl_s.to_string(),
+        "--guest".into(),
+        "kv".into(),
+        "--mem".into(),
+        a.mem.clone(),
+        "--vcpus".into(),
+        a.vcpus.to_string(),
+        "--name".into(),
+        "node-a".into(),
+    ];
+    pargs.extend(common(svc_p, ctl_p));
+    let mut primary = Some(Node { child: spawn(&pargs, &dir.join("primary.log"))?, control: ctl_p });
+    live(format!(
+        "castor demo: primary node-a (service {svc_p}), secondary node-b (service {svc_s}), logs in {}",
+        dir.display()
+    ));
+
+    // wait for protection
+    let t = Instant::now();
+    loop {
+        if let Some(s) = primary.as_ref().and_then(Node::status) {
+            if s["protection"] == "protected" {
+                break;
+            }
+        }
+        if let Some(Ok(Some(st))) = primary.as_mut().map(|p| p.child.try_wait()) {
+            return Err(DemoError::Node(format!(
+                "the primary exited ({st}); see {}",
+                dir.join("primary.log").display()
+            )));
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(DemoError::Node("the primary never became protected".into()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    live(format!("protected after {:.1}s (initial sync done)", t.elapsed().as_secs_f64()));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let load = Arc::new(Load::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let nodes = vec![svc_p, svc_s];
+    let mut handles = Vec::new();
+    for id in 1..=a.clients {
+        let (load, stop, nodes, keys) = (load.clone(), stop.clone(), nodes.clone(), a.keys);
+        handles.push(rt.spawn(async move {
+            let mut c = KvClient::new(id, nodes);
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let k = (u64::from(id) << 32) | (i % keys);
+                let t = Instant::now();
+                match c.call(KvOp::Add, k, 1).await {
+                    Ok(_) => {
+                        load.latencies_us
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(t.elapsed().as_secs_f64() * 1e6);
+                        *load.counts.lock().unwrap_or_else(|p| p.into_inner()).entry(k).or_insert(0) += 1;
+                        load.acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => {
+                        load.failed_calls.fetch_add(1, Ordering::SeqCst);
+                        load.uncertain.lock().unwrap_or_else(|p| p.into_inner()).push(k);
+                        break;
+                    }
+                }
+                i += 1;
+            }
+        }));
+    }
+
+    let start = Instant::now();
+    let kill_at = Duration::from_secs_f64(a.kill_primary_at.unwrap_or(a.seconds / 2.0).max(0.0));
+    let end_at = Duration::from_secs_f64(a.seconds);
+    let mut last_status: Option<Value> = None;
+    let mut prev: (f64, f64, f64, f64, u64) = (0.0, 0.0, 0.0, 0.0, 0);
+    let mut killed_at: Option<Instant> = None;
+    let mut pre_kill: Option<Value> = None;
+    let mut next_tick = Duration::from_secs(1);
+    let mut protected_epochs_rate = Vec::new();
+    while start.elapsed() < end_at {
+        std::thread::sleep(Duration::from_millis(20));
+        if killed_at.is_none() && start.elapsed() >= kill_at {
+            pre_kill = primary.as_ref().and_then(Node::status).or(last_status.clone());
+            drop(primary.take()); // kill -9 and reap
+            killed_at = Some(Instant::now());
+            live(format!("t={:.1}s: killed the primary (kill -9)", start.elapsed().as_secs_f64()));
+        }
+        if start.elapsed() >= next_tick {
+            next_tick += Duration::from_secs(1);
+            let st = match &primary {
+                Some(p) => p.status(),
+                None => secondary.status(),
+            };
+            let Some(st) = st else { continue };
+            let acked = load.acked.load(Ordering::SeqCst);
+            let (epochs, pages, bytes) = (f(&st, "epoch"), f(&st, "pages_total"), f(&st, "bytes_total"));
+            let same_node = last_status.as_ref().is_some_and(|l| l["node"] == st["node"] && l["role"] == st["role"]);
+            let (de, dp, db) =
+                if same_node { (epochs - prev.0, pages - prev.1, bytes - prev.2) } else { (0.0, 0.0, 0.0) };
+            if same_node && st["protection"] == "protected" {
+                protected_epochs_rate.push(de);
+            }
+            live(format!(
+                "t={:>2.0}s {} ({}, gen {}): epochs/s={:.0} pause p50={:.0}us p99={:.0}us pages/epoch={:.0} MB/s={:.1} acked ops={} (+{})",
+                start.elapsed().as_secs_f64(),
+                st["node"].as_str().unwrap_or("?"),
+                st["protection"].as_str().unwrap_or("?"),
+                st["generation"],
+                de,
+                f(&st, "pause_us_p50"),
+                f(&st, "pause_us_p99"),
+                if de > 0.0 { dp / de } else { 0.0 },
+                db / 1e6,
+                acked,
+                acked - prev.4,
+            ));
+            prev = (epochs, pages, bytes, 0.0, acked);
+            last_status = Some(st);
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in handles {
+        let _ = rt.block_on(h);
+    }
+
+    // read the table back from the survivor
+    let survivor = secondary.status().ok_or_else(|| DemoError::Node("the secondary does not answer".into()))?;
+    let counts = load.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let uncertain: std::collections::HashSet<u64> =
+        load.uncertain.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+    let (lost, dup, checked) = rt.block_on(async {
+        let mut c = KvClient::new(0x7fff_fff0, vec![svc_s]);
+        let (mut lost, mut dup, mut checked) = (0u64, 0u64, 0u64);
+        for (k, n) in &counts {
+            if uncertain.contains(k) {
+                continue;
+            }
+            match c.call(KvOp::Get, *k, 0).await {
+                Ok(r) => {
+                    checked += 1;
+                    let v = if r.resp.status == 0 { r.resp.value } else { 0 };
+                    lost += n.saturating_sub(v);
+                    dup += v.saturating_sub(*n);
+                }
+                Err(e) => return Err(DemoError::Node(format!("reading the table back: {e}"))),
+            }
+        }
+        Ok((lost, dup, checked))
+    })?;
+    let failover = survivor["failovers"].as_u64().unwrap_or(0) > 0;
+    let failover_ms = survivor["last_failover_ms"].as_f64();
+    let pk = pre_kill.unwrap_or(Value::Null);
+    let lat = load.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let epochs_per_s = if protected_epochs_rate.is_empty() {
+        0.0
+    } else {
+        protected_epochs_rate.iter().sum::<f64>() / protected_epochs_rate.len() as f64
+    };
+    let acked = load.acked.load(Ordering::SeqCst);
+    let epochs = f(&pk, "epochs") + f(&survivor, "epoch") - f(&survivor, "committed_epoch").min(f(&survivor, "epoch"));
+    let report = serde_json::json!({
+        "failover": failover,
+        "failover_ms": failover_ms,
+        "acked_ops": acked,
+        "lost_acked_ops": lost,
+        "duplicate_ops": dup,
+        "keys_checked": checked,
+        "uncertain_keys": uncertain.len(),
+        "epochs": epochs,
+        "epochs_per_s": epochs_per_s,
+        "pause_us_p50": f(&pk, "pause_us_p50"),
+        "pause_us_p99": f(&pk, "pause_us_p99"),
+        "ack_latency_us_p50": f(&pk, "ack_latency_us_p50"),
+        "output_delay_ms_p50": pct(&lat, 0.5) / 1e3,
+        "output_delay_ms_p99": pct(&lat, 0.99) / 1e3,
+        "survivor": survivor["node"],
+        "survivor_generation": survivor["generation"],
+        "host": "KVM-PVM nested, 2 cores (numbers are this machine's)",
+    });
+    live(format!(
+        "summary: failover {} in {:.0} ms; {} acked ops, {} lost, {} duplicated ({} keys checked); {:.0} epochs/s protected, pause p50 {:.0}us p99 {:.0}us; client-observed output delay p99 {:.1} ms",
+        failover,
+        failover_ms.unwrap_or(0.0),
+        acked,
+        lost,
+        dup,
+        checked,
+        epochs_per_s,
+        f(&pk, "pause_us_p50"),
+        f(&pk, "pause_us_p99"),
+        pct(&lat, 0.99) / 1e3
+    ));
+    if a.json {
+        println!("{report}");
+    }
+    drop(secondary);
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
