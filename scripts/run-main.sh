@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# castor's main job on its built-in default guest. Until the replicated service
-# (issue 4) lands, this runs the kv guest unprotected for 10 s with a client load,
-# collecting its dirty set every 10 ms, and prints live stats.
+# castor's main job on its built-in default guest: `castor demo` starts a
+# secondary and a primary on loopback with the kv guest and a client load,
+# kills the primary halfway, shows the failover and the clients carrying on,
+# and ends with a summary (add --json for a machine-readable last line).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-exec cargo run --release -q -p castor -- run --guest kv --seconds 10 "$@"
+exec cargo run --release -q -p castor -- demo "$@"

@@ -1,1 +1,40 @@
-//! castor failover tests: the end-to-end suite (issue 5). Empty until the service exists.
+//! Harness for castor's end-to-end tests: real `castor` processes on
+//! loopback, a fault-injecting TCP proxy, and a kv client load that records
+//! every acknowledged write.
+//!
+//! The `castor` binary is found through `CASTOR_BIN`, else next to this
+//! crate in `target/release` (the test command builds it first).
+
+pub mod cluster;
+pub mod load;
+pub mod proxy;
+
+use std::net::SocketAddr;
+
+/// Path of the castor binary under test.
+pub fn castor_bin() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("CASTOR_BIN") {
+        return p.into();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("castor");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("castor binary not found: build it (cargo build --release -p castor) or set CASTOR_BIN");
+}
+
+/// A free loopback address (bound and released; good enough on loopback).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// Serialises the tests of one binary: each starts VMs, and two clusters at
+/// once on a 2-core machine would starve each other's heartbeats.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,129 @@
+//! A fault-injecting TCP proxy: pass, drop (reset every connection),
+//! blackhole (accept, swallow, never answer), delay, throttle, and holding
+//! one direction.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the proxy does to traffic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    Pass,
+    /// Close every connection, refuse new ones.
+    Drop,
+    /// Swallow everything in both directions.
+    Blackhole,
+    /// Forward, but hold back the upstream-to-downstream direction (responses).
+    HoldReplies,
+    /// Forward, but hold back the downstream-to-upstream direction (requests).
+    HoldRequests,
+    /// Add this much latency to every chunk.
+    Delay(Duration),
+    /// Limit each direction to this many bytes per second.
+    Throttle(u64),
+    /// Flip one bit in every chunk forwarded downstream-to-upstream.
+    Corrupt,
+}
+
+/// A running proxy: clients connect to `addr`, traffic goes to `upstream`.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    fault: Arc<Mutex<Fault>>,
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    /// Starts a proxy on a free loopback port in the current tokio runtime.
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let p = Proxy {
+            addr: l.local_addr().expect("addr"),
+            fault: Arc::new(Mutex::new(Fault::Pass)),
+            epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let me = p.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = l.accept().await else { continue };
+                let me = me.clone();
+                tokio::spawn(async move { me.handle(down, upstream).await });
+            }
+        });
+        p
+    }
+
+    /// Sets the fault; `Drop` also cuts existing connections.
+    pub fn set(&self, f: Fault) {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = f;
+        if f == Fault::Drop {
+            self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn fault(&self) -> Fault {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn handle(&self, down: TcpStream, upstream: SocketAddr) {
+        if self.fault() == Fault::Drop {
+            return;
+        }
+        let Ok(up) = TcpStream::connect(upstream).await else { return };
+        let _ = down.set_nodelay(true);
+        let _ = up.set_nodelay(true);
+        let (dr, dw) = down.into_split();
+        let (ur, uw) = up.into_split();
+        let born = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let a = self.clone().pump(dr, uw, true, born);
+        let b = self.clone().pump(ur, dw, false, born);
+        tokio::select! { _ = a => {}, _ = b => {} }
+    }
+
+    async fn pump(self, mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, to_upstream: bool, born: u64) {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut held: Vec<u8> = Vec::new();
+        loop {
+            if self.epoch.load(std::sync::atomic::Ordering::SeqCst) != born {
+                return;
+            }
+            let n = match tokio::time::timeout(Duration::from_millis(20), r.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(n)) => n,
+                Err(_) => 0, // periodic wake-up: re-check faults and held data
+            };
+            let fault = self.fault();
+            let hold = match fault {
+                Fault::HoldReplies => !to_upstream,
+                Fault::HoldRequests => to_upstream,
+                Fault::Blackhole => true,
+                Fault::Drop => return,
+                _ => false,
+            };
+            if fault == Fault::Blackhole {
+                continue; // swallowed for good
+            }
+            held.extend_from_slice(&buf[..n]);
+            if hold || held.is_empty() {
+                continue;
+            }
+            match fault {
+                Fault::Delay(d) => tokio::time::sleep(d).await,
+                Fault::Throttle(bps) => tokio::time::sleep(Duration::from_secs_f64(held.len() as f64 / bps.max(1) as f64)).await,
+                Fault::Corrupt if to_upstream => {
+                    let i = held.len() / 2;
+                    held[i] ^= 0x10;
+                }
+                _ => {}
+            }
+            if w.write_all(&held).await.is_err() {
+                return;
+            }
+            held.clear();
+        }
+    }
+}

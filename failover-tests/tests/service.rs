@@ -1,0 +1,150 @@
+//! The castor service end to end (issue 4): real processes on loopback.
+
+use std::time::{Duration, Instant};
+
+use client::KvClient;
+use common::state::KvOp;
+use failover_tests::cluster::{Cluster, NodeOpts};
+use failover_tests::load::{split_brain, Load};
+use failover_tests::proxy::{Fault, Proxy};
+use failover_tests::serial;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn initial_sync_and_verified_epochs() {
+    let _g = serial();
+    let c = Cluster::new("sync");
+    let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
+    let s = c.secondary("s", &o, None);
+    let p = c.primary("p", &o, s.listen.expect("listen"));
+    p.wait_status(T, |v| v["protection"] == "protected").unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service], 6, 32, 1);
+    assert!(load.wait_more(400, T), "clients stalled:\n{}", p.log_tail());
+    let s0 = s.status().expect("secondary status");
+    let c0 = s0["committed_epoch"].as_u64().expect("committed");
+    std::thread::sleep(Duration::from_millis(500));
+    let s1 = s.status().expect("secondary status");
+    let c1 = s1["committed_epoch"].as_u64().expect("committed");
+    assert!(c1 >= c0 + 20, "the secondary commits epochs ({c0} -> {c1})");
+    // verification mode: every epoch's replica digest matched the primary's
+    assert_eq!(s1["protection"], "replicating", "replica diverged:\n{}", s.log_tail());
+    let ps = p.status().expect("primary status");
+    assert_eq!(ps["syncs"], 1);
+    assert!(ps["acked_epoch"].as_u64().expect("acked") + 8 >= ps["epoch"].as_u64().expect("epoch"), "{ps}");
+    assert!(ps["epochs"].as_u64().expect("epochs") > 50);
+    let v = load.finish(&rt, p.service);
+    assert_eq!((v.lost, v.duplicated), (0, 0), "{v:?}");
+}
+
+/// Output commit: while the secondary's acks are held back by a proxy, the
+/// guest's response to a request exists but is not released.
+#[test]
+fn responses_are_held_until_their_epoch_is_acknowledged() {
+    let _g = serial();
+    let c = Cluster::new("commit");
+    // long timeouts: holding acks must not look like a dead secondary here
+    let o = NodeOpts { heartbeat_timeout_ms: 8000, fence_grace_ms: 20000, ..NodeOpts::default() };
+    let s = c.secondary("s", &o, None);
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let p = c.primary("p", &o, proxy.addr);
+    p.wait_status(T, |v| v["protection"] == "protected").unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    let svc = p.service;
+    let first = rt.block_on(async {
+        let mut k = KvClient::new(5, vec![svc]);
+        k.call(KvOp::Put, 1, 11).await
+    });
+    assert_eq!(first.expect("first call").resp.value, 11);
+
+    proxy.set(Fault::HoldReplies);
+    std::thread::sleep(Duration::from_millis(100));
+    let acked_before = p.status().expect("status")["acked_epoch"].as_u64();
+    let t = Instant::now();
+    let call = rt.spawn(async move {
+        let mut k = KvClient::new(6, vec![svc]);
+        k.attempt_timeout = Duration::from_secs(30);
+        let r = k.call(KvOp::Put, 2, 22).await;
+        (r, Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!call.is_finished(), "a response left the primary while its epoch was unacknowledged");
+    let st = p.status().expect("status");
+    assert_eq!(st["acked_epoch"].as_u64(), acked_before, "acks arrived through a held link?");
+    assert!(st["epochs_in_flight"].as_u64().unwrap_or(0) >= 1, "{st}");
+    let released_at = Instant::now();
+    proxy.set(Fault::Pass);
+    let (r, at) = rt.block_on(call).expect("join");
+    assert_eq!(r.expect("held call").resp.value, 22);
+    assert!(at >= released_at, "answered before the acks were let through");
+    eprintln!("response held for {:?} until the acks flowed again", at - t);
+}
+
+#[test]
+fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover() {
+    let _g = serial();
+    let c = Cluster::new("failover");
+    let o = NodeOpts::default();
+    let s1 = c.secondary("s1", &o, None);
+    let mut p = c.primary("p", &o, s1.listen.expect("listen"));
+    p.wait_status(T, |v| v["protection"] == "protected").unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    let s2_addrs = Cluster::plan();
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s1.service, s2_addrs.1], 8, 32, 1);
+    assert!(load.wait_more(300, T), "no progress before the kill");
+
+    // first failover
+    let killed = Instant::now();
+    p.kill9();
+    let st = s1
+        .wait_status(T, |v| v["role"] == "primary")
+        .unwrap_or_else(|| panic!("s1 did not take over:\n{}", s1.log_tail()));
+    assert_eq!(st["generation"], 1);
+    eprintln!("failover 1: {:?} to a running guest (reported {} ms)", killed.elapsed(), st["last_failover_ms"]);
+    assert!(load.wait_more(300, T), "clients did not carry on after the failover:\n{}", s1.log_tail());
+
+    // the old primary comes back with its old generation: refused, fenced
+    let svc = failover_tests::free_addr();
+    let (mut old, _) = c.raw(
+        "p-again",
+        vec![
+            "primary".into(),
+            "--peer".into(),
+            s1.listen.expect("listen").to_string(),
+            "--mem".into(),
+            o.mem.into(),
+            "--secret-file".into(),
+            c.secret.display().to_string(),
+            "--service-listen".into(),
+            svc.to_string(),
+        ],
+        &o,
+    );
+    let code = (0..300).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        old.try_wait().ok().flatten().map(|s| s.code())
+    });
+    let _ = old.kill();
+    assert_eq!(code, Some(Some(7)), "the returning old primary was not fenced");
+
+    // re-protection by a new secondary, then a second failover to it
+    let s2 = c.secondary_at("s2", &o, s1.listen, s2_addrs);
+    s1.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("s2 never protected s1:\n{}\n{}", s1.log_tail(), s2.log_tail()));
+    assert!(load.wait_more(300, T), "no progress while re-protected");
+    let mut s1 = s1;
+    s1.kill9();
+    let st = s2.wait_status(T, |v| v["role"] == "primary").unwrap_or_else(|| panic!("s2 did not take over:\n{}", s2.log_tail()));
+    assert_eq!(st["generation"], 2);
+    assert!(load.wait_more(300, T), "clients did not carry on after the second failover:\n{}", s2.log_tail());
+    let v = load.finish(&rt, s2.service);
+    eprintln!("{v:?}");
+    assert_eq!((v.lost, v.duplicated, v.uncertain), (0, 0, 0), "{v:?}");
+    assert!(v.sources.iter().any(|(_, g)| *g == 2), "no response came from generation 2");
+    assert!(split_brain(&c.release_log()).is_empty(), "two nodes released output in one generation");
+}
