@@ -216,7 +216,8 @@ impl Cluster {
         args.extend(self.common(o, name, service, control));
         let (child, log) = self.spawn(name, args, o);
         let n = NodeProc { name: name.into(), child, control, service, listen: Some(listen), log };
-        n.wait_status(Duration::from_secs(10), |_| true).unwrap_or_else(|| panic!("{name} did not start:\n{}", n.log_tail()));
+        n.wait_status(Duration::from_secs(10), |_| true)
+            .unwrap_or_else(|| panic!("{name} did not start:\n{}", n.log_tail()));
         n
     }
 

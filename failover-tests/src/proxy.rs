@@ -84,7 +84,13 @@ impl Proxy {
         tokio::select! { _ = a => {}, _ = b => {} }
     }
 
-    async fn pump(self, mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, to_upstream: bool, born: u64) {
+    async fn pump(
+        self,
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        to_upstream: bool,
+        born: u64,
+    ) {
         let mut buf = vec![0u8; 64 << 10];
         let mut held: Vec<u8> = Vec::new();
         loop {
@@ -113,7 +119,9 @@ impl Proxy {
             }
             match fault {
                 Fault::Delay(d) => tokio::time::sleep(d).await,
-                Fault::Throttle(bps) => tokio::time::sleep(Duration::from_secs_f64(held.len() as f64 / bps.max(1) as f64)).await,
+                Fault::Throttle(bps) => {
+                    tokio::time::sleep(Duration::from_secs_f64(held.len() as f64 / bps.max(1) as f64)).await
+                }
                 Fault::Corrupt if to_upstream => {
                     let i = held.len() / 2;
                     held[i] ^= 0x10;

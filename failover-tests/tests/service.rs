@@ -22,7 +22,8 @@ fn initial_sync_and_verified_epochs() {
     let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
     let s = c.secondary("s", &o, None);
     let p = c.primary("p", &o, s.listen.expect("listen"));
-    p.wait_status(T, |v| v["protection"] == "protected").unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    p.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
     let rt = rt();
     let load = Load::start(&rt, vec![p.service], 6, 32, 1);
     assert!(load.wait_more(400, T), "clients stalled:\n{}", p.log_tail());
@@ -54,7 +55,8 @@ fn responses_are_held_until_their_epoch_is_acknowledged() {
     let rt = rt();
     let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
     let p = c.primary("p", &o, proxy.addr);
-    p.wait_status(T, |v| v["protection"] == "protected").unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    p.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
     let svc = p.service;
     let first = rt.block_on(async {
         let mut k = KvClient::new(5, vec![svc]);
@@ -92,7 +94,8 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
     let o = NodeOpts::default();
     let s1 = c.secondary("s1", &o, None);
     let mut p = c.primary("p", &o, s1.listen.expect("listen"));
-    p.wait_status(T, |v| v["protection"] == "protected").unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    p.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
     let s2_addrs = Cluster::plan();
     let rt = rt();
     let load = Load::start(&rt, vec![p.service, s1.service, s2_addrs.1], 8, 32, 1);
@@ -139,7 +142,9 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
     assert!(load.wait_more(300, T), "no progress while re-protected");
     let mut s1 = s1;
     s1.kill9();
-    let st = s2.wait_status(T, |v| v["role"] == "primary").unwrap_or_else(|| panic!("s2 did not take over:\n{}", s2.log_tail()));
+    let st = s2
+        .wait_status(T, |v| v["role"] == "primary")
+        .unwrap_or_else(|| panic!("s2 did not take over:\n{}", s2.log_tail()));
     assert_eq!(st["generation"], 2);
     assert!(load.wait_more(300, T), "clients did not carry on after the second failover:\n{}", s2.log_tail());
     let v = load.finish(&rt, s2.service);
@@ -147,4 +152,76 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
     assert_eq!((v.lost, v.duplicated, v.uncertain), (0, 0, 0), "{v:?}");
     assert!(v.sources.iter().any(|(_, g)| *g == 2), "no response came from generation 2");
     assert!(split_brain(&c.release_log()).is_empty(), "two nodes released output in one generation");
+}
+
+/// A forced failover while the primary is alive: the secondary takes over,
+/// and the old primary learns the new generation from a heartbeat reply,
+/// stops releasing output and exits as fenced. Metrics are served meanwhile.
+#[test]
+fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
+    let _g = serial();
+    let c = Cluster::new("forced");
+    let metrics = failover_tests::free_addr();
+    let s = c.secondary("s", &NodeOpts::default(), None);
+    let po = NodeOpts { extra: vec!["--metrics-listen".into(), metrics.to_string()], ..NodeOpts::default() };
+    let mut p = c.primary("p", &po, s.listen.expect("listen"));
+    p.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    assert!(load.wait_more(200, T));
+
+    let text = {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(metrics).expect("metrics");
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("get");
+        let mut body = String::new();
+        conn.read_to_string(&mut body).expect("read");
+        body
+    };
+    for needle in [
+        "castor_epochs_total",
+        "castor_epoch_pause_us_bucket",
+        "castor_ack_latency_us_p99",
+        "castor_epochs_in_flight",
+        "castor_failovers_total",
+        "castor_bytes_total",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+
+    let reply = s.command("failover").expect("control");
+    assert!(reply.contains("\"ok\":true"), "{reply}");
+    s.wait_status(T, |v| v["role"] == "primary" && v["generation"] == 1)
+        .unwrap_or_else(|| panic!("no takeover:\n{}", s.log_tail()));
+    assert_eq!(p.wait_exit(T), Some(7), "the live old primary was not fenced:\n{}", p.log_tail());
+    assert!(load.wait_more(200, T), "clients did not move to the new primary");
+    let v = load.finish(&rt, s.service);
+    assert_eq!((v.lost, v.duplicated), (0, 0), "{v:?}");
+    assert!(split_brain(&c.release_log()).is_empty());
+}
+
+/// `--unprotected pause`: without a secondary the guest does not run (no
+/// response is released); once a secondary is in sync, it does.
+#[test]
+fn unprotected_pause_policy_waits_for_a_secondary() {
+    let _g = serial();
+    let c = Cluster::new("pause");
+    let planned = Cluster::plan();
+    let o = NodeOpts { extra: vec!["--unprotected".into(), "pause".into()], ..NodeOpts::default() };
+    let p = c.primary("p", &o, planned.0);
+    p.wait_status(T, |v| v["role"] == "primary").expect("primary up");
+    let rt = rt();
+    let svc = p.service;
+    let call = rt.spawn(async move {
+        let mut k = KvClient::new(9, vec![svc]);
+        k.attempt_timeout = Duration::from_secs(30);
+        k.call(KvOp::Put, 3, 33).await
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!call.is_finished(), "an unprotected primary under the pause policy answered");
+    assert_eq!(p.status().expect("status")["protection"], "unprotected");
+    let _s = c.secondary_at("s", &NodeOpts::default(), None, planned);
+    let r = rt.block_on(call).expect("join").expect("call after protection");
+    assert_eq!(r.resp.value, 33);
 }

@@ -137,9 +137,32 @@ impl Engine {
         gfns.filter_map(|g| mem.read_page(g, &mut buf).ok().map(|_| page_from(g, &buf))).collect()
     }
 
+    /// Every non-zero page of guest memory, with progress lines for long scans.
     fn all_nonzero_pages(&self) -> Vec<Page> {
         let mem = self.machine.memory().clone();
-        self.read_pages(mem.all_gfns()).into_iter().filter(|p| p.data.is_some()).collect()
+        let total = mem.size() / PAGE_SIZE;
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let (start, mut last) = (Instant::now(), Instant::now());
+        let mut out = Vec::new();
+        for (i, g) in mem.all_gfns().enumerate() {
+            if mem.read_page(g, &mut buf).is_ok() && buf.iter().any(|&b| b != 0) {
+                out.push(page_from(g, &buf));
+            }
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                let done = i as u64 + 1;
+                let rate = done as f64 * PAGE_SIZE as f64 / start.elapsed().as_secs_f64();
+                tracing::info!(
+                    scanned_mib = (done * PAGE_SIZE) >> 20,
+                    total_mib = (total * PAGE_SIZE) >> 20,
+                    data_mib = (out.len() as u64 * PAGE_SIZE) >> 20,
+                    rate_mib_s = (rate / 1048576.0) as u64,
+                    remaining_s = ((total - done) as f64 * PAGE_SIZE as f64 / rate) as u64,
+                    "full copy in progress"
+                );
+            }
+        }
+        out
     }
 
     fn send(&self, p: Packet) -> bool {
@@ -174,11 +197,20 @@ impl Engine {
                 return Ok(());
             }
             next += self.opts.epoch;
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            } else {
-                next = now;
+            // sleep to the epoch's end, or end it early once the rings have
+            // filled with more than max_epoch_pages entries (ring-full exits
+            // make this cheap to notice; the bitmap tracker has no such signal)
+            loop {
+                let now = Instant::now();
+                if next <= now {
+                    next = now;
+                    break;
+                }
+                if self.machine.ring_pending() >= self.opts.max_epoch_pages {
+                    next = now;
+                    break;
+                }
+                std::thread::sleep((next - now).min(Duration::from_millis(1)));
             }
             self.check_guest()?;
             if !self.shared.protected.load(Ordering::SeqCst) {

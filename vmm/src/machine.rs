@@ -219,6 +219,7 @@ impl Machine {
             devices: Arc::clone(&devices),
             reset_lock: Arc::new(Mutex::new(())),
             faults: Arc::new(Mutex::new(Vec::new())),
+            ring_pending: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         let shape = VmShape {
             mem_bytes: cfg.mem_bytes,
@@ -442,6 +443,7 @@ impl Machine {
                 let mut entries = Vec::new();
                 let mut expected = 0;
                 let mut cores: Vec<_> = self.vcpus.iter().map(|v| v.core()).collect();
+                self.ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
                 for core in cores.iter_mut() {
                     let rs = core.ring.as_mut().expect("ring tracker has rings");
                     entries.append(&mut rs.pending);
@@ -554,6 +556,12 @@ impl Machine {
             return 0;
         }
         self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.stalls)).sum()
+    }
+
+    /// Ring entries harvested on ring-full exits since the last collection
+    /// (readable while the guest runs; 0 with the bitmap tracker).
+    pub fn ring_pending(&self) -> u64 {
+        self.ctx.ring_pending.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reads a u64 from a cpu's per-cpu page (see abi PC_*).

@@ -145,6 +145,9 @@ pub struct VcpuContext {
     /// Serialises ring harvest + KVM_RESET_DIRTY_RINGS (the reset is VM-wide).
     pub reset_lock: Arc<Mutex<()>>,
     pub faults: Arc<Mutex<Vec<GuestFault>>>,
+    /// Ring entries harvested on ring-full exits since the last collection
+    /// (summed over vCPUs): lets an epoch engine end an epoch early.
+    pub ring_pending: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Vcpu {
@@ -362,6 +365,7 @@ fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
     rs.full_exits += 1;
     let _g = ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
     let h = rs.ring.harvest(&mut rs.pending, rs.verify);
+    ctx.ring_pending.fetch_add(u64::from(h.harvested), Ordering::Relaxed);
     let mut expected = h.expected_reset();
     if h.overflow || h.stray {
         rs.lost = true;
