@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod codec;
+pub mod crashpoint;
 pub mod frame;
 pub mod proto;
 pub mod service;

@@ -64,6 +64,10 @@ pub struct EngineShared {
     /// Send the next epoch as a full-memory epoch.
     pub force_full: AtomicBool,
     pub stop: AtomicBool,
+    /// The secondary was lost and may have taken over: keep the guest paused
+    /// (no new output, bounded memory) until protection returns or we learn
+    /// we may run alone.
+    pub hold: AtomicBool,
     /// Next epoch number.
     pub next_epoch: AtomicU64,
     pub last: Mutex<Phases>,
@@ -250,11 +254,15 @@ impl Engine {
     }
 
     fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
-        match self.opts.unprotected {
+        let policy =
+            if self.shared.hold.load(Ordering::SeqCst) { UnprotectedPolicy::Pause } else { self.opts.unprotected };
+        match policy {
             UnprotectedPolicy::Pause => {
                 if !self.machine.is_paused() {
                     self.machine.pause()?;
-                    tracing::warn!("unprotected: guest paused until a secondary is in sync");
+                    tracing::warn!(
+                        "unprotected: guest paused until a secondary is in sync (or the old one is known dead)"
+                    );
                 }
             }
             UnprotectedPolicy::Continue => {
@@ -311,10 +319,12 @@ impl Engine {
 
     fn boundary(&mut self) -> Result<EpochPacket, vmm::MachineError> {
         let epoch = self.shared.next_epoch.load(Ordering::SeqCst);
+        common::crashpoint::hit("primary.before_pause");
         let t0 = Instant::now();
         let stop = self.machine.pause()?;
         let t1 = Instant::now();
         let d = self.machine.collect()?;
+        common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();
         let full = d.tracking_lost || self.shared.force_full.swap(false, Ordering::SeqCst);
         if d.tracking_lost {
@@ -325,12 +335,14 @@ impl Engine {
         let t3 = Instant::now();
         let state = self.machine.save()?;
         let digest = self.opts.digest.then(|| self.machine.memory().digest());
+        common::crashpoint::hit("primary.after_save");
         let t4 = Instant::now();
         // drain after saving: output still in the saved outbox is re-released
         // by a secondary that takes over from this state
         let mut outputs = std::mem::take(&mut self.held);
         outputs.extend(self.machine.devices().drain());
         let resume = self.machine.resume()?;
+        common::crashpoint::hit("primary.after_resume");
         let t5 = Instant::now();
         self.shared.next_epoch.store(epoch + 1, Ordering::SeqCst);
         let phases = Phases {

@@ -175,22 +175,22 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
 
 /// Serves the control API: one command per line (`status`, `failover`),
 /// one JSON line back.
-pub async fn serve_control(listener: TcpListener, status: Arc<NodeStatus>, failover: Option<mpsc::Sender<()>>) {
+pub async fn serve_control(listener: TcpListener, status: Arc<NodeStatus>, commands: Option<mpsc::Sender<String>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let (status, failover) = (status.clone(), failover.clone());
+        let (status, commands) = (status.clone(), commands.clone());
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = match line.trim() {
                     "status" => serde_json::to_string(&status.snapshot()).unwrap_or_default(),
-                    "failover" => match &failover {
+                    cmd @ ("failover" | "unprotect") => match &commands {
                         Some(tx) => {
-                            let _ = tx.send(()).await;
-                            "{\"ok\":true,\"action\":\"failover requested\"}".to_string()
+                            let _ = tx.send(cmd.to_string()).await;
+                            format!("{{\"ok\":true,\"action\":\"{cmd} requested\"}}")
                         }
-                        None => "{\"ok\":false,\"error\":\"failover is forced on the secondary\"}".to_string(),
+                        None => "{\"ok\":false,\"error\":\"this node takes no such command\"}".to_string(),
                     },
                     other => format!("{{\"ok\":false,\"error\":\"unknown command '{}'\"}}", other.escape_default()),
                 };
@@ -242,9 +242,18 @@ struct Replicator {
     joiners: Option<mpsc::Receiver<Joiner>>,
     /// Output of epochs not yet acknowledged: epoch -> (outputs, sent at).
     held: Mutex<BTreeMap<u64, (Vec<Output>, Instant)>>,
-    /// Output produced while deciding whether we were replaced (fence grace).
+    /// Output produced while holding (unsure whether we were replaced).
     held_after: Vec<Output>,
+    /// Operator commands from the control API (`unprotect`).
+    commands: Option<mpsc::Receiver<String>>,
     stop: watch::Receiver<bool>,
+}
+
+async fn next_command(c: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
+    match c {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_joiner(j: &mut Option<mpsc::Receiver<Joiner>>) -> Option<Joiner> {
@@ -317,33 +326,44 @@ impl Replicator {
         }
     }
 
+    /// Stops holding: output leaves again (we may run alone).
+    fn go_unprotected(&mut self, why: &str) {
+        tracing::warn!(%why, "running unprotected");
+        self.shared.hold.store(false, Ordering::SeqCst);
+        self.status.update(|s| s.protection = "unprotected".into());
+        self.release_all_held();
+    }
+
     /// Main loop: find a secondary, protect, and survive its loss.
+    ///
+    /// Losing the secondary cannot tell a dead secondary from a partitioned
+    /// one that is taking over. So the primary *holds*: no output leaves, the
+    /// guest is paused. It keeps dialing the peer: a higher generation there
+    /// fences it; a refused connection for the whole fence grace (the peer
+    /// process is gone, its port closed) lets it run unprotected; a new
+    /// session re-protects it and releases what it held with the first ack.
+    /// Without a peer to dial (after a failover) only a joining secondary or
+    /// the control command `unprotect` ends the hold.
     async fn run(mut self) -> Result<PrimaryExit, NodeError> {
         let mut next_dial = Instant::now();
         let mut pending: (Option<Session>, Option<Session>) = (None, None);
-        let mut grace_until: Option<Instant> = None;
+        let mut holding = false;
+        let mut refused_since: Option<Instant> = None;
         loop {
             if *self.stop.borrow() {
                 return Ok(PrimaryExit::Shutdown);
             }
-            if let Some(t) = grace_until {
-                if Instant::now() >= t {
-                    tracing::warn!("secondary still unreachable after the fence grace: running unprotected");
-                    grace_until = None;
-                    self.status.update(|s| s.protection = "unprotected".into());
-                    self.release_all_held();
-                }
+            if holding && refused_since.is_some_and(|t| t.elapsed() >= self.cfg.fence_grace) {
+                holding = false;
+                refused_since = None;
+                self.go_unprotected("the secondary's port has refused connections for the whole fence grace");
             }
-            let in_grace = grace_until.is_some();
             let dial_at = tokio::time::Instant::from_std(next_dial);
-            let grace_at = tokio::time::Instant::from_std(
-                grace_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
-            );
             let mut session: Option<(Session, Session)> = None;
             tokio::select! {
                 p = self.packets.recv() => match p {
                     Some(p) => {
-                        if let Some(why) = self.unprotected_packet(p, in_grace) {
+                        if let Some(why) = self.unprotected_packet(p, holding) {
                             return Err(NodeError::Guest(why));
                         }
                     }
@@ -361,6 +381,12 @@ impl Replicator {
                         }
                     }
                 }
+                c = next_command(&mut self.commands) => {
+                    if c.as_deref() == Some("unprotect") && holding {
+                        holding = false;
+                        self.go_unprotected("operator command");
+                    }
+                }
                 _ = tokio::time::sleep_until(dial_at), if self.cfg.peer.is_some() => {
                     let peer = self.cfg.peer.expect("peer");
                     match self.dial(peer).await {
@@ -368,19 +394,26 @@ impl Replicator {
                         Err(e) => {
                             if Self::fenced_by(&e).is_some() {
                                 tracing::error!(%peer, "the peer has a higher generation: this primary is fenced");
+                                self.held().clear();
                                 return Ok(PrimaryExit::Fenced { by: u64::MAX });
                             }
+                            let refused = matches!(&e, SenderError::Connect { err, .. } if err.kind() == std::io::ErrorKind::ConnectionRefused);
+                            if refused {
+                                refused_since.get_or_insert_with(Instant::now);
+                            } else {
+                                refused_since = None;
+                            }
                             tracing::debug!(%peer, error = %e, "secondary not reachable");
-                            next_dial = Instant::now() + Duration::from_millis(300);
+                            next_dial = Instant::now() + Duration::from_millis(100);
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(grace_at), if in_grace => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)), if holding => {}
                 _ = self.stop.changed() => {}
             }
             let Some((data, hb)) = session else { continue };
-            // everything before this session was released or is held: output
-            // held during a fence grace goes out with the first acked epoch
+            refused_since = None;
+            // output held while we were alone goes out with the first acked epoch
             let next = self.shared.next_epoch.load(Ordering::SeqCst);
             let after = std::mem::take(&mut self.held_after);
             if !after.is_empty() {
@@ -391,13 +424,22 @@ impl Replicator {
                     .extend(after);
             }
             self.shared.acked.store(next, Ordering::SeqCst);
-            self.shared.sync_request.store(true, Ordering::SeqCst);
+            // an empty replica gets a live sync; one that holds an older
+            // epoch of ours gets a full-memory epoch (it stays at its
+            // committed epoch until that one verifies)
+            let resync_full = data.ack.committed_epoch.is_some();
+            if resync_full {
+                self.shared.force_full.store(true, Ordering::SeqCst);
+            } else {
+                self.shared.sync_request.store(true, Ordering::SeqCst);
+            }
+            self.shared.hold.store(false, Ordering::SeqCst);
             self.shared.protected.store(true, Ordering::SeqCst);
             self.status.update(|s| {
                 s.protection = "syncing".into();
                 s.syncs += 1;
             });
-            tracing::info!("secondary connected: live sync starts");
+            tracing::info!(resync_full, "secondary connected: sync starts");
             let end = self.run_session(data, hb).await;
             self.shared.protected.store(false, Ordering::SeqCst);
             match end {
@@ -409,9 +451,10 @@ impl Replicator {
                     return Ok(PrimaryExit::Fenced { by });
                 }
                 SessionEnd::Lost(why) => {
-                    tracing::warn!(%why, "lost the secondary: holding output for the fence grace");
-                    self.status.update(|s| s.protection = "unprotected".into());
-                    grace_until = Some(Instant::now() + self.cfg.fence_grace);
+                    tracing::warn!(%why, "lost the secondary: holding output (guest paused) until we know more");
+                    self.shared.hold.store(true, Ordering::SeqCst);
+                    holding = true;
+                    self.status.update(|s| s.protection = "holding".into());
                     next_dial = Instant::now();
                 }
             }
@@ -468,12 +511,14 @@ impl Replicator {
                             let later = h.split_off(&(epoch + 1));
                             std::mem::replace(&mut *h, later).into_iter().collect()
                         };
+                        common::crashpoint::hit("primary.after_ack");
                         for (e, (out, sent)) in ready {
                             if e == epoch {
                                 status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
                             }
                             router.release(out);
                         }
+                        common::crashpoint::hit("primary.after_release");
                         status.update(|s| {
                             s.protection = "protected".into();
                             s.acked_epoch = Some(epoch);
@@ -546,9 +591,22 @@ impl Replicator {
 /// Runs `machine` as the primary until stopped or fenced. `joiners` delivers
 /// secondaries that dial us (after a failover, or with `--listen`).
 pub async fn run_primary(
+    machine: Machine,
+    cfg: PrimaryConfig,
+    joiners: Option<mpsc::Receiver<Joiner>>,
+    status: Arc<NodeStatus>,
+    stop: watch::Receiver<bool>,
+) -> Result<PrimaryExit, NodeError> {
+    run_primary_with(machine, cfg, joiners, None, status, stop).await
+}
+
+/// [`run_primary`] with an external command channel (a promoted secondary
+/// keeps its own control server and forwards commands here).
+pub async fn run_primary_with(
     mut machine: Machine,
     cfg: PrimaryConfig,
     joiners: Option<mpsc::Receiver<Joiner>>,
+    commands: Option<mpsc::Receiver<String>>,
     status: Arc<NodeStatus>,
     stop: watch::Receiver<bool>,
 ) -> Result<PrimaryExit, NodeError> {
@@ -560,8 +618,9 @@ pub async fn run_primary(
     });
     let service = bind(cfg.service_listen).await?;
     let mut tasks = Vec::new();
+    let (cmd_tx, cmd_rx) = mpsc::channel::<String>(4);
     if let Some(a) = cfg.control_listen {
-        tasks.push(tokio::spawn(serve_control(bind(a).await?, status.clone(), None)));
+        tasks.push(tokio::spawn(serve_control(bind(a).await?, status.clone(), Some(cmd_tx.clone()))));
     }
     if let Some(a) = cfg.metrics_listen {
         tasks.push(tokio::spawn(serve_metrics(bind(a).await?, status.clone())));
@@ -614,6 +673,7 @@ pub async fn run_primary(
         joiners,
         held: Mutex::new(BTreeMap::new()),
         held_after: Vec::new(),
+        commands: commands.or(Some(cmd_rx)),
         stop,
     };
     let exit = rep.run().await;

@@ -86,12 +86,20 @@ async fn send_epoch(
         sum.add(p);
     }
     let page_count = pages.len() as u64;
-    tx.feed(Message::EpochBegin { epoch, page_count, full }.to_frame()).await?;
-    for c in proto::chunk_pages(epoch, pages) {
+    tx.send(Message::EpochBegin { epoch, page_count, full }.to_frame()).await?;
+    common::crashpoint::hit("primary.after_epoch_begin");
+    let chunks = proto::chunk_pages(epoch, pages);
+    let half = chunks.len() / 2;
+    for (i, c) in chunks.into_iter().enumerate() {
         tx.feed(Message::PageChunk(c).to_frame()).await?;
+        if i + 1 == half.max(1) {
+            tx.flush().await?;
+            common::crashpoint::hit("primary.mid_chunks");
+        }
     }
     let end = EpochEnd { epoch, page_count, checksum: sum.value(), digest, state };
     tx.send(Message::EpochEnd(Box::new(end)).to_frame()).await?;
+    common::crashpoint::hit("primary.after_epoch_end");
     Ok(())
 }
 

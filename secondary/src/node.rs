@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use common::auth::Secret;
 use common::proto::Channel;
 use primary::engine::EngineOptions;
-use primary::node::{bind, run_primary, serve_control, serve_metrics, Joiner, NodeError, PrimaryConfig, PrimaryExit};
+use primary::node::{
+    bind, run_primary_with, serve_control, serve_metrics, Joiner, NodeError, PrimaryConfig, PrimaryExit,
+};
 use primary::status::NodeStatus;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -84,7 +86,7 @@ pub async fn run_secondary(
     let live = Arc::new(Mutex::new(Liveness { last_heard: Instant::now(), heard: false }));
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
-    let (force_tx, mut force_rx) = mpsc::channel::<()>(1);
+    let (force_tx, mut force_rx) = mpsc::channel::<String>(4);
     let listener = bind(cfg.listen).await?;
     let mut tasks = Vec::new();
     if let Some(a) = cfg.control_listen {
@@ -174,7 +176,7 @@ pub async fn run_secondary(
     let forced = loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            f = force_rx.recv() => if f.is_some() {
+            f = force_rx.recv() => if f.as_deref() == Some("failover") {
                 if lock(&replica).committed_epoch().is_some() {
                     tracing::warn!("forced failover requested");
                     break true;
@@ -235,7 +237,7 @@ pub async fn run_secondary(
         release_log: cfg.release_log.clone(),
         print_console: cfg.print_console,
     };
-    let exit = run_primary(machine, pcfg, Some(join_rx), status.clone(), stop).await;
+    let exit = run_primary_with(machine, pcfg, Some(join_rx), Some(force_rx), status.clone(), stop).await;
     for t in tasks {
         t.abort();
     }

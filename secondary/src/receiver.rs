@@ -228,15 +228,23 @@ async fn serve_inner(
         let msg = Message::decode(frame.kind, frame.payload)?;
         match msg {
             Message::FullSyncChunk(c) => lock(replica).full_sync_chunk(&c)?,
-            Message::EpochBegin { epoch, page_count, full } => lock(replica).begin_epoch(epoch, page_count, full)?,
-            Message::PageChunk(c) => lock(replica).chunk(c)?,
+            Message::EpochBegin { epoch, page_count, full } => {
+                lock(replica).begin_epoch(epoch, page_count, full)?;
+                common::crashpoint::hit("secondary.after_begin");
+            }
+            Message::PageChunk(c) => {
+                lock(replica).chunk(c)?;
+                common::crashpoint::hit("secondary.mid_chunks");
+            }
             Message::EpochEnd(end) => {
                 let t = Instant::now();
                 let res = lock(replica).end_epoch(*end);
                 match res {
                     Ok(epoch) => {
                         tracing::debug!(epoch, apply_us = t.elapsed().as_micros() as u64, "epoch committed");
+                        common::crashpoint::hit("secondary.after_apply");
                         tx.send(Message::EpochAck { epoch }.to_frame()).await.map_err(ReceiverError::Frame)?;
+                        common::crashpoint::hit("secondary.after_ack");
                         on_event(ReceiverEvent::Committed { epoch });
                     }
                     Err(ReplicaError::Diverged { epoch, expected, got }) => {

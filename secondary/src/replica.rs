@@ -216,7 +216,12 @@ impl Replica {
             return Err(ReplicaError::StagingInProgress { got: epoch, staging: s.epoch });
         }
         match &self.committed {
-            Some(c) if epoch != c.epoch + 1 => {
+            // a full epoch replaces everything: it may skip epoch numbers
+            // (the primary ran on while this replica was disconnected)
+            Some(c) if full && epoch <= c.epoch => {
+                return Err(ReplicaError::EpochOrder { got: epoch, expected: format!("> {}", c.epoch) })
+            }
+            Some(c) if !full && epoch != c.epoch + 1 => {
                 return Err(ReplicaError::EpochOrder { got: epoch, expected: (c.epoch + 1).to_string() })
             }
             None if !full && self.synced_pages == 0 => {
@@ -287,11 +292,15 @@ impl Replica {
             return Err(ReplicaError::StateShape { epoch: s.epoch });
         }
         // verified: apply
+        common::crashpoint::hit("secondary.before_apply");
         let s = self.staging.take().expect("checked above");
         if s.full {
             self.mem.discard_all()?;
         }
-        for p in &s.pages {
+        for (i, p) in s.pages.iter().enumerate() {
+            if i == s.pages.len() / 2 {
+                common::crashpoint::hit("secondary.mid_apply");
+            }
             if s.full && p.data.is_none() {
                 continue; // already zero
             }
