@@ -123,6 +123,9 @@ pub struct Engine {
     shared: Arc<EngineShared>,
     tx: mpsc::Sender<Packet>,
     held: Vec<Output>,
+    /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`): treat every N-th
+    /// epoch as if dirty tracking had been lost.
+    force_lost_every: Option<u64>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -131,7 +134,11 @@ fn us(d: Duration) -> f64 {
 
 impl Engine {
     pub fn new(machine: Machine, opts: EngineOptions, shared: Arc<EngineShared>, tx: mpsc::Sender<Packet>) -> Self {
-        Engine { machine, opts, shared, tx, held: Vec::new() }
+        let force_lost_every = std::env::var("CASTOR_FORCE_TRACKING_LOST_EVERY")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n > 0);
+        Engine { machine, opts, shared, tx, held: Vec::new(), force_lost_every }
     }
 
     /// Reads pages into packets (zero pages travel without data).
@@ -326,8 +333,10 @@ impl Engine {
         let d = self.machine.collect()?;
         common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();
-        let full = d.tracking_lost || self.shared.force_full.swap(false, Ordering::SeqCst);
-        if d.tracking_lost {
+        let forced_lost = self.force_lost_every.is_some_and(|n| epoch % n == 0);
+        let lost = d.tracking_lost || forced_lost;
+        let full = lost || self.shared.force_full.swap(false, Ordering::SeqCst);
+        if lost {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory resync");
         }

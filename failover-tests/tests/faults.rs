@@ -1,0 +1,453 @@
+//! The failover suite (issue 5): real castor processes on loopback, a kv
+//! client load that records every acknowledged write, one fault per
+//! scenario, and four guarantees checked after each:
+//!
+//! * G1: no acknowledged write lost, none applied twice (table read back);
+//! * G2: the replica is page-exact (verification mode: the secondary checks
+//!   its replica's digest against the primary's after every epoch);
+//! * G3: no split brain (each generation's output released by one node only);
+//! * G4: the guest keeps serving (longest stretch without an ack, reported).
+//!
+//! One test runs every scenario in turn and ends with a summary table.
+//! `FAILOVER_TRIALS=N` sets the random kill trials (default 30),
+//! `FAILOVER_SEED=S` their schedule, `FAILOVER_SCENARIOS=a,b` a subset.
+
+use std::time::{Duration, Instant};
+
+use failover_tests::cluster::{Cluster, NodeOpts, NodeProc};
+use failover_tests::load::{split_brain, Load, Verdict};
+use failover_tests::proxy::{Fault, Proxy};
+use failover_tests::serial;
+
+const T: Duration = Duration::from_secs(30);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+#[derive(Debug, Default, Clone)]
+struct Row {
+    scenario: String,
+    trials: u64,
+    failovers: u64,
+    lost: u64,
+    duplicated: u64,
+    split_brain: u64,
+    max_failover_ms: f64,
+    max_gap_ms: f64,
+    failures: Vec<String>,
+}
+
+impl Row {
+    fn new(s: &str) -> Row {
+        Row { scenario: s.into(), ..Row::default() }
+    }
+    fn fail(&mut self, msg: String) {
+        eprintln!("  FAILED: {msg}");
+        self.failures.push(msg);
+    }
+    fn check(&mut self, v: &Verdict, c: &Cluster) {
+        self.lost += v.lost;
+        self.duplicated += v.duplicated;
+        self.max_gap_ms = self.max_gap_ms.max(v.max_gap.as_secs_f64() * 1e3);
+        if v.lost > 0 || v.duplicated > 0 {
+            self.fail(format!("G1: {} lost, {} duplicated of {} acked", v.lost, v.duplicated, v.acked));
+        }
+        let sb = split_brain(&c.release_log());
+        if !sb.is_empty() {
+            self.split_brain += sb.len() as u64;
+            self.fail(format!("G3: generations released by two nodes: {sb:?}"));
+        }
+        eprintln!(
+            "  found: acked {} writes, {} keys checked, lost {}, duplicated {}, uncertain {}, longest gap {:.0} ms",
+            v.acked,
+            v.keys_checked,
+            v.lost,
+            v.duplicated,
+            v.uncertain,
+            v.max_gap.as_secs_f64() * 1e3
+        );
+    }
+    fn failover(&mut self, s: &serde_json::Value) {
+        self.failovers += 1;
+        let ms = s["last_failover_ms"].as_f64().unwrap_or(0.0);
+        self.max_failover_ms = self.max_failover_ms.max(ms);
+        eprintln!("  failover to {} (generation {}) in {ms:.0} ms", s["node"], s["generation"]);
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn protected(p: &NodeProc) -> bool {
+    p.wait_status(T, |v| v["protection"] == "protected").is_some()
+}
+
+fn take_over(s: &NodeProc, gen: u64) -> Option<serde_json::Value> {
+    s.wait_status(T, |v| v["role"] == "primary" && v["generation"].as_u64() == Some(gen))
+}
+
+/// Random kill -9 of the primary: during the initial sync, or at a random
+/// moment of protected operation (between epochs, while one is sent, after
+/// its end before its ack: whatever the clock hits).
+fn kill_trials(row: &mut Row, trials: u64, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    for t in 0..trials {
+        let during_sync = t % 6 == 0;
+        let c = Cluster::new(&format!("kill{t}"));
+        let o = NodeOpts { verify_digest: t % 3 == 0, ..NodeOpts::default() };
+        let s = c.secondary("s", &o, None);
+        let mut p = c.primary("p", &o, s.listen.expect("listen"));
+        row.trials += 1;
+        if during_sync {
+            let delay = rng.below(60);
+            if p.wait_status(T, |v| v["protection"] == "syncing" || v["protection"] == "protected").is_none() {
+                row.fail(format!("trial {t}: primary never started syncing"));
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(delay));
+            let was = p.status().map(|v| v["protection"].clone());
+            p.kill9();
+            eprintln!("trial {t}: killed the primary {delay} ms into the sync (it was {was:?})");
+            std::thread::sleep(Duration::from_millis(600));
+            let st = s.status().expect("secondary alive");
+            if st["role"] == "primary" {
+                // the sync had completed an epoch: a committed replica took over
+                if st["committed_epoch"].is_null() {
+                    row.fail(format!("trial {t}: took over without a committed epoch"));
+                }
+                row.failover(&st);
+            } else {
+                eprintln!("  found: no committed epoch yet, the secondary stays a secondary (correct)");
+            }
+            continue;
+        }
+        if !protected(&p) {
+            row.fail(format!("trial {t}: never protected:\n{}", p.log_tail()));
+            continue;
+        }
+        let rt = rt();
+        let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+        load.wait_more(20, T);
+        let delay = rng.below(400);
+        std::thread::sleep(Duration::from_millis(delay));
+        p.kill9();
+        eprintln!(
+            "trial {t}: kill -9 of the primary {delay} ms into protected operation (verify digests: {})",
+            o.verify_digest
+        );
+        match take_over(&s, 1) {
+            Some(st) => row.failover(&st),
+            None => {
+                row.fail(format!("trial {t}: no takeover:\n{}", s.log_tail()));
+                continue;
+            }
+        }
+        if !load.wait_more(30, T) {
+            row.fail(format!("trial {t}: clients did not carry on"));
+        }
+        let v = load.finish(&rt, s.service);
+        row.check(&v, &c);
+        if o.verify_digest {
+            let st = s.status().expect("status");
+            if st["protection"] == "diverged" {
+                row.fail(format!("trial {t}: G2: replica diverged"));
+            }
+        }
+    }
+}
+
+/// A named crash point in the primary: the secondary takes over.
+fn primary_crash_points(row: &mut Row) {
+    for point in common::crashpoint::POINTS.iter().filter(|p| p.starts_with("primary.")) {
+        let c = Cluster::new(&format!("cp-{point}"));
+        let s = c.secondary("s", &NodeOpts::default(), None);
+        let po = NodeOpts { env: vec![("CASTOR_CRASH_AT".into(), format!("{point}:60"))], ..NodeOpts::default() };
+        let mut p = c.primary("p", &po, s.listen.expect("listen"));
+        row.trials += 1;
+        if !protected(&p) {
+            row.fail(format!("{point}: never protected:\n{}", p.log_tail()));
+            continue;
+        }
+        let rt = rt();
+        let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+        let code = p.wait_exit(T);
+        eprintln!("{point}: the primary aborted there (exit {code:?})");
+        if code.is_none() {
+            row.fail(format!("{point}: crash point never reached"));
+            continue;
+        }
+        match take_over(&s, 1) {
+            Some(st) => row.failover(&st),
+            None => {
+                row.fail(format!("{point}: no takeover:\n{}", s.log_tail()));
+                continue;
+            }
+        }
+        if !load.wait_more(30, T) {
+            row.fail(format!("{point}: clients did not carry on"));
+        }
+        let v = load.finish(&rt, s.service);
+        row.check(&v, &c);
+    }
+}
+
+/// A named crash point in the secondary: the primary notices, finds the
+/// secondary's port closed, and runs on unprotected; nothing is lost.
+fn secondary_crash_points(row: &mut Row) {
+    for point in common::crashpoint::POINTS.iter().filter(|p| p.starts_with("secondary.")) {
+        let c = Cluster::new(&format!("cs-{point}"));
+        let so = NodeOpts { env: vec![("CASTOR_CRASH_AT".into(), format!("{point}:40"))], ..NodeOpts::default() };
+        let mut s = c.secondary("s", &so, None);
+        let p = c.primary("p", &NodeOpts::default(), s.listen.expect("listen"));
+        row.trials += 1;
+        if !protected(&p) {
+            row.fail(format!("{point}: never protected:\n{}", p.log_tail()));
+            continue;
+        }
+        let rt = rt();
+        let load = Load::start(&rt, vec![p.service], 4, 16, 1);
+        let code = s.wait_exit(T);
+        eprintln!("{point}: the secondary aborted there (exit {code:?})");
+        if p.wait_status(T, |v| v["protection"] == "unprotected").is_none() {
+            row.fail(format!("{point}: primary did not go unprotected:\n{}", p.log_tail()));
+        }
+        if !load.wait_more(50, T) {
+            row.fail(format!("{point}: clients stalled"));
+        }
+        let v = load.finish(&rt, p.service);
+        row.check(&v, &c);
+    }
+}
+
+/// The secondary is killed; the primary runs unprotected; a new secondary
+/// (same address) re-protects it; a later primary kill fails over to it.
+fn secondary_killed_then_reprotected(row: &mut Row) {
+    let c = Cluster::new("reprotect");
+    let o = NodeOpts::default();
+    let addrs = Cluster::plan();
+    let mut s = c.secondary_at("s", &o, None, addrs);
+    let mut p = c.primary("p", &o, addrs.0);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail("never protected".into());
+        return;
+    }
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, addrs.1], 4, 16, 1);
+    load.wait_more(50, T);
+    s.kill9();
+    eprintln!("killed the secondary");
+    if p.wait_status(T, |v| v["protection"] == "unprotected").is_none() {
+        row.fail(format!("primary did not go unprotected:\n{}", p.log_tail()));
+    }
+    if !load.wait_more(100, T) {
+        row.fail("clients stalled while unprotected".into());
+    }
+    let s2 = c.secondary_at("s2", &o, None, addrs);
+    if !protected(&p) {
+        row.fail(format!("no re-protection:\n{}", p.log_tail()));
+        return;
+    }
+    eprintln!("re-protected by a new secondary");
+    load.wait_more(100, T);
+    p.kill9();
+    match take_over(&s2, 1) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover by the new secondary:\n{}", s2.log_tail()));
+            return;
+        }
+    }
+    if !load.wait_more(50, T) {
+        row.fail("clients did not carry on".into());
+    }
+    let v = load.finish(&rt, s2.service);
+    row.check(&v, &c);
+}
+
+/// Network faults between the nodes, through a proxy. `expect_takeover`:
+/// the fault must make the secondary take over and the old primary be fenced
+/// once the link heals.
+fn network(row: &mut Row, name: &str, fault: Fault, hold_for: Duration, expect_takeover: bool) {
+    let c = Cluster::new(name);
+    let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
+    let mut s = c.secondary("s", &o, None);
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let mut p = c.primary("p", &o, proxy.addr);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("{name}: never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    let rss0 = rss_kib(&p);
+    eprintln!("{name}: injecting {fault:?} for {hold_for:?}");
+    proxy.set(fault);
+    let t = Instant::now();
+    let mut rss_max = rss0;
+    while t.elapsed() < hold_for {
+        std::thread::sleep(Duration::from_millis(100));
+        rss_max = rss_max.max(rss_kib(&p));
+    }
+    proxy.set(Fault::Pass);
+    let took_over = s.status().is_some_and(|v| v["role"] == "primary");
+    let survivor = if took_over {
+        match take_over(&s, 1) {
+            Some(st) => row.failover(&st),
+            None => row.fail(format!("{name}: odd takeover state")),
+        }
+        match p.wait_exit(T) {
+            Some(7) => eprintln!("  the old primary learned of the new generation and exited fenced"),
+            other => {
+                row.fail(format!("{name}: old primary not fenced after healing (exit {other:?}):\n{}", p.log_tail()))
+            }
+        }
+        s.service
+    } else {
+        if expect_takeover {
+            row.fail(format!("{name}: expected the secondary to take over"));
+        }
+        if !protected(&p) {
+            row.fail(format!("{name}: the primary did not get protection back:\n{}", p.log_tail()));
+        }
+        eprintln!(
+            "  no takeover; the primary is protected again; primary RSS {} MiB -> max {} MiB",
+            rss0 >> 10,
+            rss_max >> 10
+        );
+        if rss_max > rss0 + (256 << 10) {
+            row.fail(format!("{name}: primary memory grew from {} to {} MiB", rss0 >> 10, rss_max >> 10));
+        }
+        let st = s.status().expect("secondary");
+        if st["protection"] == "diverged" {
+            row.fail(format!("{name}: G2: replica diverged"));
+        }
+        p.service
+    };
+    if !load.wait_more(30, T) {
+        row.fail(format!("{name}: clients did not carry on"));
+    }
+    let v = load.finish(&rt, survivor);
+    row.check(&v, &c);
+    let _ = &mut s;
+}
+
+fn rss_kib(p: &NodeProc) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", p.child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A tiny ring (ring-full exits every epoch) and forced "tracking lost"
+/// epochs (sent as full-memory resyncs), then a failover: nothing lost.
+fn tiny_ring_and_tracking_lost(row: &mut Row) {
+    let c = Cluster::new("ring");
+    let o = NodeOpts {
+        ring_entries: 256,
+        epoch_ms: 50,
+        verify_digest: true,
+        env: vec![("CASTOR_FORCE_TRACKING_LOST_EVERY".into(), "7".into())],
+        ..NodeOpts::default()
+    };
+    let s = c.secondary("s", &o, None);
+    let mut p = c.primary("p", &o, s.listen.expect("listen"));
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 12, 256, 1);
+    load.wait_more(800, T);
+    let st = p.status().expect("status");
+    let lost = st["tracking_lost"].as_u64().unwrap_or(0);
+    eprintln!(
+        "tiny ring: {lost} epochs sent as full resyncs so far; replica: {}",
+        s.status().expect("s")["protection"]
+    );
+    if lost == 0 {
+        row.fail("no tracking-lost epoch happened".into());
+    }
+    if s.status().expect("s")["protection"] == "diverged" {
+        row.fail("G2: replica diverged".into());
+    }
+    p.kill9();
+    match take_over(&s, 1) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    load.wait_more(30, T);
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+}
+
+#[test]
+fn failover_suite() {
+    let _g = serial();
+    let trials: u64 = std::env::var("FAILOVER_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let seed: u64 = std::env::var("FAILOVER_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_cafe);
+    let only: Option<Vec<String>> =
+        std::env::var("FAILOVER_SCENARIOS").ok().map(|v| v.split(',').map(str::to_string).collect());
+    let want = |n: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == n));
+    let mut rows = Vec::new();
+    let started = Instant::now();
+    let mut run = |name: &str, f: &mut dyn FnMut(&mut Row)| {
+        if !want(name) {
+            return;
+        }
+        eprintln!("=== scenario {name}");
+        let mut row = Row::new(name);
+        f(&mut row);
+        rows.push(row);
+    };
+    run("kill9-random", &mut |r| kill_trials(r, trials, seed));
+    run("crash-primary", &mut primary_crash_points);
+    run("crash-secondary", &mut secondary_crash_points);
+    run("secondary-killed", &mut secondary_killed_then_reprotected);
+    run("partition", &mut |r| network(r, "partition", Fault::Drop, Duration::from_millis(1500), true));
+    run("oneway-p2s", &mut |r| network(r, "oneway-p2s", Fault::HoldRequests, Duration::from_millis(1500), true));
+    run("oneway-s2p", &mut |r| network(r, "oneway-s2p", Fault::HoldReplies, Duration::from_millis(1500), true));
+    run("slow-link", &mut |r| {
+        network(r, "slow-link", Fault::Delay(Duration::from_millis(20)), Duration::from_millis(2000), false)
+    });
+    run("slow-secondary", &mut |r| {
+        network(r, "slow-secondary", Fault::Throttle(2 << 20), Duration::from_millis(2000), false)
+    });
+    run("corrupt-frames", &mut |r| network(r, "corrupt-frames", Fault::Corrupt, Duration::from_millis(400), false));
+    run("truncated-frames", &mut |r| network(r, "truncated-frames", Fault::Drop, Duration::from_millis(60), false));
+    run("tiny-ring", &mut tiny_ring_and_tracking_lost);
+
+    eprintln!("\nfailover suite summary (host: KVM-PVM nested, 2 cores; {:.0} s)", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{:<18} {:>6} {:>9} {:>5} {:>10} {:>11} {:>15} {:>11}",
+        "scenario", "trials", "failovers", "lost", "duplicated", "split-brain", "max failover ms", "max gap ms"
+    );
+    let mut failures = Vec::new();
+    for r in &rows {
+        eprintln!(
+            "{:<18} {:>6} {:>9} {:>5} {:>10} {:>11} {:>15.0} {:>11.0}",
+            r.scenario, r.trials, r.failovers, r.lost, r.duplicated, r.split_brain, r.max_failover_ms, r.max_gap_ms
+        );
+        failures.extend(r.failures.iter().map(|f| format!("{}: {f}", r.scenario)));
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
