@@ -333,7 +333,7 @@ impl Engine {
         let d = self.machine.collect()?;
         common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();
-        let forced_lost = self.force_lost_every.is_some_and(|n| epoch % n == 0);
+        let forced_lost = self.force_lost_every.is_some_and(|n| epoch.is_multiple_of(n));
         let lost = d.tracking_lost || forced_lost;
         let full = lost || self.shared.force_full.swap(false, Ordering::SeqCst);
         if lost {
