@@ -53,6 +53,9 @@ impl Row {
         if v.lost > 0 || v.duplicated > 0 {
             self.fail(format!("G1: {} lost, {} duplicated of {} acked", v.lost, v.duplicated, v.acked));
         }
+        if v.max_gap > Duration::from_secs(10) {
+            self.fail(format!("G4: no acknowledged write for {:?}", v.max_gap));
+        }
         let sb = split_brain(&c.release_log());
         if !sb.is_empty() {
             self.split_brain += sb.len() as u64;
