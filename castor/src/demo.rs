@@ -70,18 +70,18 @@ impl DemoError {
     }
 }
 
-fn free_port() -> Result<SocketAddr, DemoError> {
+pub(crate) fn free_port() -> Result<SocketAddr, DemoError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| DemoError::Setup(e.to_string()))?;
     l.local_addr().map_err(|e| DemoError::Setup(e.to_string()))
 }
 
-struct Node {
-    child: Child,
-    control: SocketAddr,
+pub(crate) struct Node {
+    pub(crate) child: Child,
+    pub(crate) control: SocketAddr,
 }
 
 impl Node {
-    fn status(&self) -> Option<Value> {
+    pub(crate) fn status(&self) -> Option<Value> {
         control(self.control, "status").ok().and_then(|s| serde_json::from_str(&s).ok())
     }
 }
@@ -93,7 +93,7 @@ impl Drop for Node {
     }
 }
 
-fn spawn(args: &[String], log: &PathBuf) -> Result<Child, DemoError> {
+pub(crate) fn spawn(args: &[String], log: &PathBuf) -> Result<Child, DemoError> {
     let exe = std::env::current_exe().map_err(|e| DemoError::Setup(e.to_string()))?;
     let f = std::fs::File::create(log).map_err(|e| DemoError::Setup(format!("{}: {e}", log.display())))?;
     let f2 = f.try_clone().map_err(|e| DemoError::Setup(e.to_string()))?;

@@ -8,6 +8,7 @@
 //! * 5: file I/O (snapshots, expectation files)
 //! * 6: a verification the user asked for failed (e.g. `--kv-verify`)
 
+mod bench;
 mod demo;
 mod kvload;
 mod node_cmd;
@@ -38,6 +39,8 @@ enum Command {
     },
     /// Secondary + primary on loopback with the kv guest and clients; kills the primary halfway.
     Demo(demo::DemoArgs),
+    /// Measure epoch latency, ring vs bitmap, the physical floor, and the service end to end.
+    Bench(bench::BenchArgs),
     /// Force a failover: the secondary at this control address takes over now.
     Failover {
         #[arg(long)]
@@ -73,6 +76,13 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("castor demo: {e}");
+                e.exit_code()
+            }
+        },
+        Command::Bench(a) => match bench::bench(a) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("castor bench: {e}");
                 e.exit_code()
             }
         },

@@ -64,6 +64,10 @@ pub struct CommonArgs {
     /// Print the guest's released console lines.
     #[arg(long)]
     console: bool,
+    /// Benchmark baseline: while unprotected, run without epochs or dirty
+    /// tracking and release output at once.
+    #[arg(long, hide = true)]
+    no_epochs: bool,
     /// Dirty tracker of the VM this node runs.
     #[arg(long, value_enum, default_value = "ring")]
     tracker: TrackerArg,
@@ -148,6 +152,7 @@ fn engine_opts(c: &CommonArgs) -> Result<EngineOptions, NodeCmdError> {
         max_in_flight: c.max_in_flight.max(1),
         digest: c.verify_digest,
         unprotected,
+        tracking_off: c.no_epochs,
     })
 }
 

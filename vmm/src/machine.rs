@@ -434,6 +434,8 @@ impl Machine {
         if !self.paused {
             return Err(MachineError::NotPaused("collecting the dirty set"));
         }
+        let t0 = std::time::Instant::now();
+        let mut reset_ns = 0u64;
         let mut gfns = Vec::new();
         let mut lost = std::mem::take(&mut self.lost_pending);
         let from_kvm;
@@ -452,7 +454,10 @@ impl Machine {
                     lost |= h.overflow || h.stray;
                     expected += h.expected_reset();
                 }
-                match ring::reset_rings(&self.vm) {
+                let tr = std::time::Instant::now();
+                let reset = ring::reset_rings(&self.vm);
+                reset_ns = tr.elapsed().as_nanos() as u64;
+                match reset {
                     Ok(n) if n == expected => {}
                     Ok(n) => {
                         tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
@@ -478,13 +483,16 @@ impl Machine {
                 }
             }
             TrackerKind::Bitmap => {
-                from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns)?;
+                from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns, &mut reset_ns)?;
             }
         }
         if lost {
             tracing::warn!("dirty tracking lost for this collection: all memory must be treated as dirty");
         }
-        Ok(tracker::finish(gfns, from_kvm, self.mem.take_vmm_dirty(), lost))
+        let mut d = tracker::finish(gfns, from_kvm, self.mem.take_vmm_dirty(), lost);
+        d.reset_ns = reset_ns;
+        d.harvest_ns = (t0.elapsed().as_nanos() as u64).saturating_sub(reset_ns);
+        Ok(d)
     }
 
     /// Saves the full machine state (the machine must be paused).

@@ -65,6 +65,10 @@ pub struct DirtySet {
     pub from_kvm: usize,
     /// Pages the VMM itself wrote.
     pub from_vmm: usize,
+    /// Time spent harvesting (ring) or reading the log (bitmap), ns.
+    pub harvest_ns: u64,
+    /// Time spent re-arming tracking (KVM_RESET_DIRTY_RINGS / KVM_CLEAR_DIRTY_LOG), ns.
+    pub reset_ns: u64,
 }
 
 /// KVM memory slots: slot id -> (first gfn, pages).
@@ -103,7 +107,7 @@ pub fn enable_manual_protect(vm: &VmFd) -> Result<(), TrackerError> {
 
 /// Bitmap collection: GET each slot's log, CLEAR (re-protect) exactly the bits
 /// it reported, and append the dirty gfns to `out`. Returns the number of bits.
-pub fn collect_bitmap(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>) -> Result<usize, TrackerError> {
+pub fn collect_bitmap(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>, clear_ns: &mut u64) -> Result<usize, TrackerError> {
     let mut n = 0;
     for (slot, base, pages) in slots.iter() {
         let mut bitmap =
@@ -124,6 +128,7 @@ pub fn collect_bitmap(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>) -> Resul
         }
         let mut clear = kvm_clear_dirty_log { slot, num_pages: pages as u32, first_page: 0, ..Default::default() };
         clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+        let t = std::time::Instant::now();
         // SAFETY: `clear` points at `bitmap`, which holds one bit for each of the
         // slot's `pages` pages (get_dirty_log sized it from the same length) and
         // outlives the call; the kernel only reads it. The result is checked.
@@ -131,6 +136,7 @@ pub fn collect_bitmap(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>) -> Resul
         if ret < 0 {
             return Err(TrackerError::ClearLog(slot, std::io::Error::last_os_error()));
         }
+        *clear_ns += t.elapsed().as_nanos() as u64;
     }
     Ok(n)
 }
@@ -141,7 +147,7 @@ pub fn finish(mut gfns: Vec<u64>, from_kvm: usize, vmm: Vec<u64>, tracking_lost:
     gfns.extend(vmm);
     gfns.sort_unstable();
     gfns.dedup();
-    DirtySet { gfns, tracking_lost, from_kvm, from_vmm }
+    DirtySet { gfns, tracking_lost, from_kvm, from_vmm, harvest_ns: 0, reset_ns: 0 }
 }
 
 #[cfg(test)]
@@ -163,5 +169,6 @@ mod tests {
         let d = finish(vec![5, 3, 5, 9], 4, vec![3, 7], false);
         assert_eq!(d.gfns, vec![3, 5, 7, 9]);
         assert_eq!((d.from_kvm, d.from_vmm), (4, 2));
+        assert_eq!((d.harvest_ns, d.reset_ns), (0, 0));
     }
 }

@@ -1,0 +1,535 @@
+//! `castor bench`: epoch latency, ring vs bitmap, and the physical floor,
+//! measured in one run on this machine.
+//!
+//! 1. Collection cost (collect + re-arm) vs guest size, ring and bitmap,
+//!    for the same number of pages dirtied by the guest.
+//! 2. The epoch pause, phase by phase, vs dirty pages per epoch (ring).
+//! 3. The floor: a bare kick + resume, plus a memcpy of the same pages.
+//! 4. End to end: a primary/secondary pair on loopback with the kv guest.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use client::KvClient;
+use common::state::KvOp;
+use serde::Serialize;
+use vmm::abi::{Pattern, KERNEL_END, PAGE_SIZE, PC_WRITES};
+use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
+
+use crate::demo::{free_port, spawn, Node};
+
+/// `castor bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Fewer points and samples (about two minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the PNG plots into this directory.
+    #[arg(long)]
+    plots: Option<PathBuf>,
+    /// Skip the end-to-end part (no processes).
+    #[arg(long)]
+    no_e2e: bool,
+}
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("machine: {0}")]
+    Machine(#[from] vmm::MachineError),
+    #[error("the guest stopped writing")]
+    Stalled,
+    #[error("end to end: {0}")]
+    E2e(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl BenchError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BenchError::Machine(_) => 3,
+            BenchError::Stalled | BenchError::E2e(_) => 4,
+            BenchError::Io(_) => 5,
+        }
+    }
+}
+
+fn med(v: &[f64]) -> f64 {
+    primary::status::percentile(v, 0.5)
+}
+fn p99(v: &[f64]) -> f64 {
+    primary::status::percentile(v, 0.99)
+}
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct CollectRow {
+    tracker: String,
+    mem_mib: u64,
+    pages: u64,
+    dirty_mean: f64,
+    collect_us_p50: f64,
+    collect_us_p99: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct PhaseRow {
+    pages: u64,
+    dirty_mean: f64,
+    stop_us: f64,
+    harvest_us: f64,
+    reset_us: f64,
+    copy_us: f64,
+    save_us: f64,
+    resume_us: f64,
+    pause_us_p50: f64,
+    pause_us_p99: f64,
+    floor_us: f64,
+    memcpy_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+struct E2e {
+    epochs_per_s: f64,
+    pause_us_p50: f64,
+    pause_us_p99: f64,
+    output_delay_ms_p50: f64,
+    output_delay_ms_p99: f64,
+    ops_per_s_protected: f64,
+    ops_per_s_unprotected: f64,
+    throughput_ratio_protected: f64,
+    failover_ms: Vec<f64>,
+    failover_ms_p50: f64,
+}
+
+/// Runs the guest until every vCPU wrote `n` more pages.
+fn wait_writes(m: &Machine, n: u64) -> Result<(), BenchError> {
+    let start: Vec<u64> = (0..m.config().vcpus).map(|c| m.percpu(c, PC_WRITES)).collect();
+    let t = Instant::now();
+    while (0..m.config().vcpus).any(|c| m.percpu(c, PC_WRITES) < start[c as usize] + n) {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(BenchError::Stalled);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
+/// A 1-vCPU guest writing `pages` pages in turn, spread over all its RAM.
+fn writer(mem: u64, pages: u64, tracker: TrackerKind) -> Result<Machine, BenchError> {
+    let mut w = WorkloadConfig::dirty(pages, Pattern::Sequential, 0);
+    w.report_ms = 0;
+    w.ws_stride = (((mem - KERNEL_END) / PAGE_SIZE) / pages).max(1);
+    let mut m = Machine::new(MachineConfig::new(mem, 1, tracker, w))?;
+    m.start()?;
+    wait_writes(&m, pages)?;
+    m.pause()?;
+    m.collect()?; // drop boot-time pages
+    Ok(m)
+}
+
+fn collection_cost(quick: bool, live: &dyn Fn(String)) -> Result<Vec<CollectRow>, BenchError> {
+    let sizes: &[u64] = if quick { &[256, 4096, 16384] } else { &[256, 1024, 4096, 16384] };
+    let counts: &[u64] = if quick { &[64, 1024] } else { &[64, 1024, 16384] };
+    let samples = if quick { 12 } else { 30 };
+    let mut rows = Vec::new();
+    for &mib in sizes {
+        for tracker in [TrackerKind::Ring { entries: 65536 }, TrackerKind::Bitmap] {
+            for &n in counts {
+                let mut m = writer(mib << 20, n, tracker)?;
+                let (mut t, mut dirty) = (Vec::new(), Vec::new());
+                for _ in 0..samples {
+                    m.resume()?;
+                    wait_writes(&m, n)?;
+                    m.pause()?;
+                    let s = Instant::now();
+                    let d = m.collect()?;
+                    t.push(us(s.elapsed()));
+                    dirty.push(d.gfns.len() as f64);
+                }
+                let row = CollectRow {
+                    tracker: tracker.name().into(),
+                    mem_mib: mib,
+                    pages: n,
+                    dirty_mean: dirty.iter().sum::<f64>() / dirty.len() as f64,
+                    collect_us_p50: med(&t),
+                    collect_us_p99: p99(&t),
+                };
+                live(format!(
+                    "collect  {:>6} {:>6} MiB {:>6} pages: p50 {:>8.1} us  p99 {:>8.1} us  (dirty {:.0})",
+                    row.tracker, mib, n, row.collect_us_p50, row.collect_us_p99, row.dirty_mean
+                ));
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn memcpy_us(pages: u64) -> f64 {
+    let n = (pages * PAGE_SIZE) as usize;
+    let src = vec![7u8; n];
+    let mut dst = vec![0u8; n];
+    let mut t = Vec::new();
+    for _ in 0..15 {
+        let s = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+        t.push(us(s.elapsed()));
+    }
+    med(&t)
+}
+
+fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, BenchError> {
+    let counts: &[u64] = if quick { &[64, 1024, 4096] } else { &[64, 256, 1024, 4096, 16384] };
+    let samples = if quick { 15 } else { 40 };
+    let mut rows = Vec::new();
+    for &n in counts {
+        let mut m = writer(256 << 20, n, TrackerKind::Ring { entries: 65536 })?;
+        // the floor's kick/resume, on the same running guest
+        let mut kick = Vec::new();
+        for _ in 0..samples {
+            m.resume()?;
+            std::thread::sleep(Duration::from_millis(2));
+            let s = Instant::now();
+            m.pause()?;
+            m.resume()?;
+            kick.push(us(s.elapsed()));
+        }
+        m.pause()?;
+        m.collect()?;
+        let mut ph: [Vec<f64>; 7] = Default::default();
+        let mut totals = Vec::new();
+        let mut dirty = Vec::new();
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        for _ in 0..samples {
+            m.resume()?;
+            wait_writes(&m, n)?;
+            let t0 = Instant::now();
+            let stop = m.pause()?;
+            let d = m.collect()?;
+            let t2 = Instant::now();
+            let mut pages: Vec<Vec<u8>> = Vec::with_capacity(d.gfns.len());
+            for g in &d.gfns {
+                m.memory().read_page(*g, &mut buf).map_err(vmm::MachineError::from)?;
+                pages.push(buf.clone());
+            }
+            let t3 = Instant::now();
+            let st = m.save()?;
+            let t4 = Instant::now();
+            let resume = m.resume()?;
+            let t5 = Instant::now();
+            std::hint::black_box((&pages, &st));
+            ph[0].push(us(stop.elapsed));
+            ph[1].push(d.harvest_ns as f64 / 1e3);
+            ph[2].push(d.reset_ns as f64 / 1e3);
+            ph[3].push(us(t3 - t2));
+            ph[4].push(us(t4 - t3));
+            ph[5].push(us(resume.elapsed));
+            totals.push(us(t5 - t0));
+            dirty.push(d.gfns.len() as f64);
+            m.pause()?;
+        }
+        let mc = memcpy_us(n);
+        let row = PhaseRow {
+            pages: n,
+            dirty_mean: dirty.iter().sum::<f64>() / dirty.len() as f64,
+            stop_us: med(&ph[0]),
+            harvest_us: med(&ph[1]),
+            reset_us: med(&ph[2]),
+            copy_us: med(&ph[3]),
+            save_us: med(&ph[4]),
+            resume_us: med(&ph[5]),
+            pause_us_p50: med(&totals),
+            pause_us_p99: p99(&totals),
+            floor_us: med(&kick) + mc,
+            memcpy_us: mc,
+        };
+        live(format!(
+            "pause    {:>6} pages: stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us | floor {:>6.0} us (kick+resume {:.0}, memcpy {:.0}) | p99/floor {:.2}",
+            n,
+            row.stop_us,
+            row.harvest_us,
+            row.reset_us,
+            row.copy_us,
+            row.save_us,
+            row.resume_us,
+            row.pause_us_p50,
+            row.pause_us_p99,
+            row.floor_us,
+            med(&kick),
+            mc,
+            row.pause_us_p99 / row.floor_us
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn node_args(role: &str, secret: &std::path::Path, svc: SocketAddr, ctl: SocketAddr) -> Vec<String> {
+    vec![
+        role.into(),
+        "--secret-file".into(),
+        secret.display().to_string(),
+        "--service-listen".into(),
+        svc.to_string(),
+        "--control".into(),
+        ctl.to_string(),
+    ]
+}
+
+fn wait_status(n: &Node, f: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        if let Some(s) = n.status() {
+            if f(&s) {
+                return Some(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    None
+}
+
+/// Closed-loop kv load for `secs`: (ops/s, latencies in ms).
+fn kv_load(rt: &tokio::runtime::Runtime, svc: SocketAddr, clients: u32, secs: f64) -> (f64, Vec<f64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let mut hs = Vec::new();
+    for id in 1..=clients {
+        let (stop, ops, lat) = (stop.clone(), ops.clone(), lat.clone());
+        hs.push(rt.spawn(async move {
+            let mut c = KvClient::new(id, vec![svc]);
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                if c.call(KvOp::Add, (u64::from(id) << 32) | (i % 16), 1).await.is_err() {
+                    return;
+                }
+                lat.lock().unwrap_or_else(|p| p.into_inner()).push(t.elapsed().as_secs_f64() * 1e3);
+                ops.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // warm-up
+    let (o0, t0) = (ops.load(Ordering::SeqCst), Instant::now());
+    lat.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let rate = (ops.load(Ordering::SeqCst) - o0) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    for h in hs {
+        let _ = rt.block_on(h);
+    }
+    let l = lat.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    (rate, l)
+}
+
+fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
+    let dir = std::env::temp_dir().join(format!("castor-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(e.to_string()))?;
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "castor-bench-secret-0123456789").map_err(|e| BenchError::Io(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| BenchError::E2e(e.to_string()))?;
+    let secs = if quick { 3.0 } else { 6.0 };
+    let clients = 256;
+    let e = |e: crate::demo::DemoError| BenchError::E2e(e.to_string());
+    let mut out = E2e::default();
+
+    // protected pair
+    let (repl, s_svc, s_ctl, p_svc, p_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?);
+    let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
+    sa.extend(["--listen".into(), repl.to_string()]);
+    let s = Node { child: spawn(&sa, &dir.join("s.log")).map_err(e)?, control: s_ctl };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut pa = node_args("primary", &secret, p_svc, p_ctl);
+    pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
+    let p = Node { child: spawn(&pa, &dir.join("p.log")).map_err(e)?, control: p_ctl };
+    wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
+    let st0 = p.status().unwrap_or_default();
+    let t0 = Instant::now();
+    let (rate, lat) = kv_load(&rt, p_svc, clients, secs);
+    let st1 = p.status().unwrap_or_default();
+    let el = t0.elapsed().as_secs_f64();
+    out.epochs_per_s = (st1["epoch"].as_f64().unwrap_or(0.0) - st0["epoch"].as_f64().unwrap_or(0.0)) / el;
+    out.pause_us_p50 = st1["pause_us_p50"].as_f64().unwrap_or(0.0);
+    out.pause_us_p99 = st1["pause_us_p99"].as_f64().unwrap_or(0.0);
+    out.output_delay_ms_p50 = med(&lat);
+    out.output_delay_ms_p99 = p99(&lat);
+    out.ops_per_s_protected = rate;
+    drop(p);
+    drop(s);
+
+    // unprotected baseline: the same guest, no epochs, no tracking
+    let (u_svc, u_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?);
+    let mut ua = node_args("primary", &secret, u_svc, u_ctl);
+    ua.extend(["--guest".into(), "kv".into(), "--no-epochs".into()]);
+    let u = Node { child: spawn(&ua, &dir.join("u.log")).map_err(e)?, control: u_ctl };
+    wait_status(&u, |v| v["role"] == "primary").ok_or_else(|| BenchError::E2e("baseline never started".into()))?;
+    let (urate, _) = kv_load(&rt, u_svc, clients, secs);
+    out.ops_per_s_unprotected = urate;
+    out.throughput_ratio_protected = rate / urate.max(1e-9);
+    drop(u);
+    live(format!(
+        "e2e      epochs/s {:.0}, pause p50 {:.0} us p99 {:.0} us, output delay p50 {:.1} ms p99 {:.1} ms, kv ops/s protected {:.0} vs unprotected {:.0} (ratio {:.2})",
+        out.epochs_per_s, out.pause_us_p50, out.pause_us_p99, out.output_delay_ms_p50, out.output_delay_ms_p99, rate, urate, out.throughput_ratio_protected
+    ));
+
+    // failover time over repeated kills
+    for k in 0..if quick { 2 } else { 5 } {
+        let (repl, s_svc, s_ctl, p_svc, p_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?);
+        let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
+        sa.extend(["--listen".into(), repl.to_string()]);
+        let s = Node { child: spawn(&sa, &dir.join(format!("fs{k}.log"))).map_err(e)?, control: s_ctl };
+        std::thread::sleep(Duration::from_millis(200));
+        let mut pa = node_args("primary", &secret, p_svc, p_ctl);
+        pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
+        let p = Node { child: spawn(&pa, &dir.join(format!("fp{k}.log"))).map_err(e)?, control: p_ctl };
+        wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
+        std::thread::sleep(Duration::from_millis(300));
+        drop(p); // kill -9
+        let st = wait_status(&s, |v| v["role"] == "primary").ok_or_else(|| BenchError::E2e("no failover".into()))?;
+        out.failover_ms.push(st["last_failover_ms"].as_f64().unwrap_or(0.0));
+    }
+    out.failover_ms_p50 = med(&out.failover_ms);
+    live(format!("failover {:?} ms (p50 {:.0} ms; heartbeat timeout 100 ms)", out.failover_ms.iter().map(|x| x.round()).collect::<Vec<_>>(), out.failover_ms_p50));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
+}
+
+fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> Result<(), BenchError> {
+    use plotters::prelude::*;
+    let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .ok_or_else(|| BenchError::Io("no DejaVuSans.ttf for plot labels (apt-get install fonts-dejavu-core)".into()))?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font).map_err(|_| BenchError::Io("bad font".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::Io(e.to_string()))?;
+    let err = |e: Box<dyn std::error::Error>| BenchError::Io(e.to_string());
+    let ioe = |e: &dyn std::fmt::Display| BenchError::Io(e.to_string());
+
+    // pause vs dirty pages
+    let path = dir.join("pause_vs_dirty_pages.png");
+    let root = BitMapBackend::new(&path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| ioe(&e))?;
+    let ymax = phases.iter().map(|r| r.pause_us_p99.max(r.floor_us)).fold(1.0, f64::max) * 1.3;
+    let xmax = phases.iter().map(|r| r.pages).max().unwrap_or(64) as f64 * 1.5;
+    let mut ch = ChartBuilder::on(&root)
+        .caption("epoch pause vs dirty pages (ring, 256 MiB, KVM-PVM nested, 2 cores)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((40f64..xmax).log_scale(), (10f64..ymax).log_scale())
+        .map_err(|e| ioe(&e))?;
+    ch.configure_mesh().x_desc("dirty pages per epoch").y_desc("microseconds").draw().map_err(|e| ioe(&e))?;
+    let series: [(&str, RGBColor, Box<dyn Fn(&PhaseRow) -> f64>); 4] = [
+        ("pause p50", BLUE, Box::new(|r| r.pause_us_p50)),
+        ("pause p99", RED, Box::new(|r| r.pause_us_p99)),
+        ("floor (kick+resume+memcpy)", BLACK, Box::new(|r| r.floor_us)),
+        ("state save", GREEN, Box::new(|r| r.save_us)),
+    ];
+    for (name, color, f) in series {
+        ch.draw_series(LineSeries::new(phases.iter().map(|r| (r.pages as f64, f(r))), color.stroke_width(2)))
+            .map_err(|e| ioe(&e))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    ch.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| ioe(&e))?;
+    root.present().map_err(|e| err(Box::new(e)))?;
+
+    // collection cost vs guest size
+    let path = dir.join("collect_vs_guest_size.png");
+    let root = BitMapBackend::new(&path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| ioe(&e))?;
+    let ymax = collect.iter().map(|r| r.collect_us_p50).fold(1.0, f64::max) * 2.0;
+    let mut ch = ChartBuilder::on(&root)
+        .caption("collect + re-arm cost vs guest size (median; KVM-PVM nested, 2 cores)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((200f64..24000f64).log_scale(), (1f64..ymax).log_scale())
+        .map_err(|e| ioe(&e))?;
+    ch.configure_mesh().x_desc("guest memory (MiB)").y_desc("microseconds").draw().map_err(|e| ioe(&e))?;
+    let colors = [BLUE, RED, CYAN, MAGENTA, GREEN, BLACK];
+    let mut i = 0;
+    for tracker in ["ring", "bitmap"] {
+        let mut counts: Vec<u64> = collect.iter().map(|r| r.pages).collect();
+        counts.sort_unstable();
+        counts.dedup();
+        for n in counts {
+            let pts: Vec<(f64, f64)> =
+                collect.iter().filter(|r| r.tracker == tracker && r.pages == n).map(|r| (r.mem_mib as f64, r.collect_us_p50)).collect();
+            let color = colors[i % colors.len()];
+            i += 1;
+            ch.draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                .map_err(|e| ioe(&e))?
+                .label(format!("{tracker}, {n} pages"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+    }
+    ch.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| ioe(&e))?;
+    root.present().map_err(|e| err(Box::new(e)))?;
+    Ok(())
+}
+
+pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
+    let live = |s: String| println!("{s}");
+    let started = Instant::now();
+    println!("castor bench ({}): host KVM-PVM (nested), {} cores", if a.quick { "quick" } else { "full" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let collect = collection_cost(a.quick, &live)?;
+    let phases = pause_phases(a.quick, &live)?;
+    let e2e = if a.no_e2e { E2e::default() } else { end_to_end(a.quick, &live)? };
+    let c = |t: &str, mib: u64| collect.iter().find(|r| r.tracker == t && r.mem_mib == mib && r.pages == 64).map(|r| r.collect_us_p50);
+    let ratio = |t: &str| match (c(t, 16384), c(t, 256)) {
+        (Some(big), Some(small)) => big / small,
+        _ => f64::NAN,
+    };
+    let k1 = phases.iter().find(|r| r.pages == 1024);
+    let report = serde_json::json!({
+        "host": "KVM-PVM (nested), 2 cores, 24 GiB",
+        "quick": a.quick,
+        "seconds": started.elapsed().as_secs_f64(),
+        "ring_cost_ratio_16g_256m": ratio("ring"),
+        "bitmap_cost_ratio_16g_256m": ratio("bitmap"),
+        "pause_us_p99_1k": k1.map(|r| r.pause_us_p99),
+        "pause_us_p50_1k": k1.map(|r| r.pause_us_p50),
+        "floor_us_1k": k1.map(|r| r.floor_us),
+        "epochs_per_s": e2e.epochs_per_s,
+        "throughput_ratio_protected": e2e.throughput_ratio_protected,
+        "failover_ms_p50": e2e.failover_ms_p50,
+        "collection": collect,
+        "pause_phases": phases,
+        "end_to_end": e2e,
+    });
+    println!(
+        "summary: ring cost 16G/256M = {:.2}, bitmap cost 16G/256M = {:.2}; pause p99 at 1024 pages = {:.0} us vs floor {:.0} us ({:.2}x); epochs/s {:.0}; throughput protected/unprotected {:.2}; failover p50 {:.0} ms",
+        ratio("ring"),
+        ratio("bitmap"),
+        k1.map_or(0.0, |r| r.pause_us_p99),
+        k1.map_or(0.0, |r| r.floor_us),
+        k1.map_or(0.0, |r| r.pause_us_p99 / r.floor_us),
+        e2e.epochs_per_s,
+        e2e.throughput_ratio_protected,
+        e2e.failover_ms_p50
+    );
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(|e| BenchError::Io(format!("{}: {e}", p.display())))?;
+    }
+    if let Some(d) = &a.plots {
+        plot(d, &collect, &phases)?;
+        println!("plots written to {}", d.display());
+    }
+    Ok(())
+}
