@@ -95,7 +95,10 @@ struct PhaseRow {
     pause_us_p50: f64,
     pause_us_p99: f64,
     floor_us: f64,
+    /// Copy of the same guest pages again (warm): the copy part of the floor.
     memcpy_us: f64,
+    /// memcpy of as many bytes between contiguous host buffers.
+    memcpy_contiguous_us: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -211,7 +214,9 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
         let mut ph: [Vec<f64>; 7] = Default::default();
         let mut totals = Vec::new();
         let mut dirty = Vec::new();
-        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut pagebuf: Vec<u8> = Vec::new();
+        let mut warmbuf: Vec<u8> = Vec::new();
+        let mut warm = Vec::new();
         for _ in 0..samples {
             m.resume()?;
             wait_writes(&m, n)?;
@@ -219,12 +224,16 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             let stop = m.pause()?;
             let d = m.collect()?;
             let t2 = Instant::now();
-            let mut pages: Vec<Vec<u8>> = Vec::with_capacity(d.gfns.len());
-            for g in &d.gfns {
-                m.memory().read_page(*g, &mut buf).map_err(vmm::MachineError::from)?;
-                pages.push(buf.clone());
-            }
+            pagebuf.resize(d.gfns.len() * PAGE_SIZE as usize, 0);
+            m.copy_pages_into(&d.gfns, &mut pagebuf)?;
+            let pages = &pagebuf;
             let t3 = Instant::now();
+            // the floor's copy: the same pages again (warm), same machine
+            warmbuf.resize(pagebuf.len(), 0);
+            let tw = Instant::now();
+            m.copy_pages_into(&d.gfns, &mut warmbuf)?;
+            warm.push(us(tw.elapsed()));
+            let t3b = Instant::now();
             let st = m.save()?;
             let t4 = Instant::now();
             let resume = m.resume()?;
@@ -234,13 +243,14 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             ph[1].push(d.harvest_ns as f64 / 1e3);
             ph[2].push(d.reset_ns as f64 / 1e3);
             ph[3].push(us(t3 - t2));
-            ph[4].push(us(t4 - t3));
+            ph[4].push(us(t4 - t3b));
             ph[5].push(us(resume.elapsed));
-            totals.push(us(t5 - t0));
+            totals.push(us(t5 - t0) - us(t3b - t3));
             dirty.push(d.gfns.len() as f64);
             m.pause()?;
         }
-        let mc = memcpy_us(n);
+        let mc = med(&warm);
+        let contiguous = memcpy_us(n);
         let row = PhaseRow {
             pages: n,
             dirty_mean: dirty.iter().sum::<f64>() / dirty.len() as f64,
@@ -254,9 +264,10 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             pause_us_p99: p99(&totals),
             floor_us: med(&kick) + mc,
             memcpy_us: mc,
+            memcpy_contiguous_us: contiguous,
         };
         live(format!(
-            "pause    {:>6} pages: stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us | floor {:>6.0} us (kick+resume {:.0}, memcpy {:.0}) | p99/floor {:.2}",
+            "pause    {:>6} pages: stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us | floor {:>6.0} us (kick+resume {:.0}, copy of the same pages {:.0}; contiguous memcpy {:.0}) | p50/floor {:.2} p99/floor {:.2}",
             n,
             row.stop_us,
             row.harvest_us,
@@ -269,6 +280,8 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             row.floor_us,
             med(&kick),
             mc,
+            contiguous,
+            row.pause_us_p50 / row.floor_us,
             row.pause_us_p99 / row.floor_us
         ));
         rows.push(row);
@@ -341,14 +354,24 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(e.to_string()))?;
     let secret = dir.join("secret");
     std::fs::write(&secret, "castor-bench-secret-0123456789").map_err(|e| BenchError::Io(e.to_string()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| BenchError::E2e(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::E2e(e.to_string()))?;
     let secs = if quick { 3.0 } else { 6.0 };
     let clients = 256;
     let e = |e: crate::demo::DemoError| BenchError::E2e(e.to_string());
     let mut out = E2e::default();
 
     // protected pair
-    let (repl, s_svc, s_ctl, p_svc, p_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?);
+    let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+    );
     let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
     sa.extend(["--listen".into(), repl.to_string()]);
     let s = Node { child: spawn(&sa, &dir.join("s.log")).map_err(e)?, control: s_ctl };
@@ -388,7 +411,13 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
 
     // failover time over repeated kills
     for k in 0..if quick { 2 } else { 5 } {
-        let (repl, s_svc, s_ctl, p_svc, p_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?, free_port().map_err(e)?);
+        let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+        );
         let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
         sa.extend(["--listen".into(), repl.to_string()]);
         let s = Node { child: spawn(&sa, &dir.join(format!("fs{k}.log"))).map_err(e)?, control: s_ctl };
@@ -403,19 +432,24 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
         out.failover_ms.push(st["last_failover_ms"].as_f64().unwrap_or(0.0));
     }
     out.failover_ms_p50 = med(&out.failover_ms);
-    live(format!("failover {:?} ms (p50 {:.0} ms; heartbeat timeout 100 ms)", out.failover_ms.iter().map(|x| x.round()).collect::<Vec<_>>(), out.failover_ms_p50));
+    live(format!(
+        "failover {:?} ms (p50 {:.0} ms; heartbeat timeout 100 ms)",
+        out.failover_ms.iter().map(|x| x.round()).collect::<Vec<_>>(),
+        out.failover_ms_p50
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }
 
 fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> Result<(), BenchError> {
     use plotters::prelude::*;
-    let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .ok_or_else(|| BenchError::Io("no DejaVuSans.ttf for plot labels (apt-get install fonts-dejavu-core)".into()))?;
+    let font =
+        ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"].iter().find_map(|p| std::fs::read(p).ok()).ok_or_else(
+            || BenchError::Io("no DejaVuSans.ttf for plot labels (apt-get install fonts-dejavu-core)".into()),
+        )?;
     let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font).map_err(|_| BenchError::Io("bad font".into()))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| BenchError::Io("bad font".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| BenchError::Io(e.to_string()))?;
     let err = |e: Box<dyn std::error::Error>| BenchError::Io(e.to_string());
     let ioe = |e: &dyn std::fmt::Display| BenchError::Io(e.to_string());
@@ -469,8 +503,11 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
         counts.sort_unstable();
         counts.dedup();
         for n in counts {
-            let pts: Vec<(f64, f64)> =
-                collect.iter().filter(|r| r.tracker == tracker && r.pages == n).map(|r| (r.mem_mib as f64, r.collect_us_p50)).collect();
+            let pts: Vec<(f64, f64)> = collect
+                .iter()
+                .filter(|r| r.tracker == tracker && r.pages == n)
+                .map(|r| (r.mem_mib as f64, r.collect_us_p50))
+                .collect();
             let color = colors[i % colors.len()];
             i += 1;
             ch.draw_series(LineSeries::new(pts, color.stroke_width(2)))
@@ -487,11 +524,17 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
 pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     let live = |s: String| println!("{s}");
     let started = Instant::now();
-    println!("castor bench ({}): host KVM-PVM (nested), {} cores", if a.quick { "quick" } else { "full" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "castor bench ({}): host KVM-PVM (nested), {} cores",
+        if a.quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
     let collect = collection_cost(a.quick, &live)?;
     let phases = pause_phases(a.quick, &live)?;
     let e2e = if a.no_e2e { E2e::default() } else { end_to_end(a.quick, &live)? };
-    let c = |t: &str, mib: u64| collect.iter().find(|r| r.tracker == t && r.mem_mib == mib && r.pages == 64).map(|r| r.collect_us_p50);
+    let c = |t: &str, mib: u64| {
+        collect.iter().find(|r| r.tracker == t && r.mem_mib == mib && r.pages == 64).map(|r| r.collect_us_p50)
+    };
     let ratio = |t: &str| match (c(t, 16384), c(t, 256)) {
         (Some(big), Some(small)) => big / small,
         _ => f64::NAN,
@@ -525,7 +568,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         e2e.failover_ms_p50
     );
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(|e| BenchError::Io(format!("{}: {e}", p.display())))?;
+        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())
+            .map_err(|e| BenchError::Io(format!("{}: {e}", p.display())))?;
     }
     if let Some(d) = &a.plots {
         plot(d, &collect, &phases)?;

@@ -118,6 +118,38 @@ pub enum Packet {
     Failed(String),
 }
 
+/// Recycled epoch buffers: a buffer returns to the pool when the last page
+/// slice of it is dropped (after the epoch went out).
+#[derive(Debug, Default, Clone)]
+struct BufPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// An epoch buffer on loan from the pool.
+#[derive(Debug)]
+struct PooledBuf(Vec<u8>, BufPool);
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let mut p = self.1 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() < 8 {
+            p.push(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+impl BufPool {
+    fn take(&self, len: usize) -> PooledBuf {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        v.resize(len, 0);
+        PooledBuf(v, self.clone())
+    }
+}
+
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
@@ -126,6 +158,7 @@ pub struct Engine {
     shared: Arc<EngineShared>,
     tx: mpsc::Sender<Packet>,
     held: Vec<Output>,
+    pool: BufPool,
     /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`): treat every N-th
     /// epoch as if dirty tracking had been lost.
     force_lost_every: Option<u64>,
@@ -141,7 +174,7 @@ impl Engine {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&n| n > 0);
-        Engine { machine, opts, shared, tx, held: Vec::new(), force_lost_every }
+        Engine { machine, opts, shared, tx, held: Vec::new(), pool: BufPool::default(), force_lost_every }
     }
 
     /// Reads pages into packets (zero pages travel without data).
@@ -352,7 +385,21 @@ impl Engine {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory resync");
         }
-        let pages = if full { self.all_nonzero_pages() } else { self.read_pages(d.gfns.iter().copied()) };
+        let pages = if full {
+            self.all_nonzero_pages()
+        } else {
+            // one pooled buffer for the epoch, pages are slices of it: no
+            // per-page allocation, and no page faults on a fresh buffer
+            let ps = PAGE_SIZE as usize;
+            let mut buf = self.pool.take(d.gfns.len() * ps);
+            self.machine.copy_pages_into(&d.gfns, &mut buf.0)?;
+            let buf = bytes::Bytes::from_owner(buf);
+            d.gfns
+                .iter()
+                .enumerate()
+                .map(|(i, &gfn)| Page { gfn, data: Some(buf.slice(i * ps..(i + 1) * ps)) })
+                .collect()
+        };
         let t3 = Instant::now();
         let state = self.machine.save()?;
         let digest = self.opts.digest.then(|| self.machine.memory().digest());

@@ -495,6 +495,21 @@ impl Machine {
         Ok(d)
     }
 
+    /// Copies the given pages, in order, into `out` (`gfns.len() * 4096`
+    /// bytes). The machine must be paused: then nothing writes guest memory
+    /// (device writes happen on vCPU threads, in their exits). Reuse `out`
+    /// across epochs: faulting in a fresh buffer costs more than the copy.
+    pub fn copy_pages_into(&self, gfns: &[u64], out: &mut [u8]) -> Result<(), MachineError> {
+        if !self.paused {
+            return Err(MachineError::NotPaused("copying pages"));
+        }
+        // SAFETY: paused means every vCPU thread is parked, and the VMM only
+        // writes guest memory from those threads (device exits) or while
+        // building/restoring the machine: no concurrent writer exists.
+        unsafe { self.mem.copy_pages_quiescent(gfns, out)? };
+        Ok(())
+    }
+
     /// Saves the full machine state (the machine must be paused).
     pub fn save(&self) -> Result<MachineState, MachineError> {
         if !self.paused {

@@ -107,7 +107,12 @@ pub fn enable_manual_protect(vm: &VmFd) -> Result<(), TrackerError> {
 
 /// Bitmap collection: GET each slot's log, CLEAR (re-protect) exactly the bits
 /// it reported, and append the dirty gfns to `out`. Returns the number of bits.
-pub fn collect_bitmap(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>, clear_ns: &mut u64) -> Result<usize, TrackerError> {
+pub fn collect_bitmap(
+    vm: &VmFd,
+    slots: &SlotTable,
+    out: &mut Vec<u64>,
+    clear_ns: &mut u64,
+) -> Result<usize, TrackerError> {
     let mut n = 0;
     for (slot, base, pages) in slots.iter() {
         let mut bitmap =
