@@ -360,7 +360,9 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
         .build()
         .map_err(|e| BenchError::E2e(e.to_string()))?;
     let secs = if quick { 3.0 } else { 6.0 };
-    let clients = 256;
+    // enough closed-loop clients that the guest, not output commit's
+    // latency, limits throughput (each client has one request in flight)
+    let clients = 1024;
     let e = |e: crate::demo::DemoError| BenchError::E2e(e.to_string());
     let mut out = E2e::default();
 
@@ -468,7 +470,8 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
         .build_cartesian_2d((40f64..xmax).log_scale(), (10f64..ymax).log_scale())
         .map_err(|e| ioe(&e))?;
     ch.configure_mesh().x_desc("dirty pages per epoch").y_desc("microseconds").draw().map_err(|e| ioe(&e))?;
-    let series: [(&str, RGBColor, Box<dyn Fn(&PhaseRow) -> f64>); 4] = [
+    type Pick = Box<dyn Fn(&PhaseRow) -> f64>;
+    let series: [(&str, RGBColor, Pick); 4] = [
         ("pause p50", BLUE, Box::new(|r| r.pause_us_p50)),
         ("pause p99", RED, Box::new(|r| r.pause_us_p99)),
         ("floor (kick+resume+memcpy)", BLACK, Box::new(|r| r.floor_us)),
@@ -480,7 +483,12 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    ch.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| ioe(&e))?;
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| ioe(&e))?;
     root.present().map_err(|e| err(Box::new(e)))?;
 
     // collection cost vs guest size
@@ -516,7 +524,12 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
     }
-    ch.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| ioe(&e))?;
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| ioe(&e))?;
     root.present().map_err(|e| err(Box::new(e)))?;
     Ok(())
 }

@@ -250,7 +250,11 @@ impl Engine {
             loop {
                 let now = Instant::now();
                 if next <= now {
-                    next = now;
+                    // a boundary that overran is absorbed by the next epochs
+                    // (the grid holds); only a stall of a whole epoch resets it
+                    if now - next > self.opts.epoch {
+                        next = now;
+                    }
                     break;
                 }
                 if self.machine.ring_pending() >= self.opts.max_epoch_pages {
