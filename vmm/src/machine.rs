@@ -147,6 +147,8 @@ pub struct Machine {
     started: bool,
     paused: bool,
     lost_pending: bool,
+    /// The first saved vCPU states, for the parts that never change (CPUID, TSC kHz).
+    fixed_state: Mutex<Vec<state::VcpuState>>,
 }
 
 impl Machine {
@@ -242,6 +244,7 @@ impl Machine {
             started: false,
             paused: true,
             lost_pending: false,
+            fixed_state: Mutex::new(Vec::new()),
         };
         Ok((m, fds))
     }
@@ -517,8 +520,13 @@ impl Machine {
         }
         let vm = state::save_vm(&self.vm)?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        let mut fixed = self.fixed_state.lock().unwrap_or_else(|p| p.into_inner());
         for v in &self.vcpus {
-            vcpus.push(state::save_vcpu(&v.core().fd, v.id, &self.save_ctx)?);
+            let st = state::save_vcpu_cached(&v.core().fd, v.id, &self.save_ctx, fixed.get(v.id as usize))?;
+            vcpus.push(st);
+        }
+        if fixed.len() != vcpus.len() {
+            *fixed = vcpus.clone();
         }
         Ok(MachineState {
             shape: self.shape.clone(),

@@ -78,7 +78,28 @@ impl SaveContext {
 
 /// Saves one parked vCPU.
 pub fn save_vcpu(fd: &VcpuFd, id: u32, ctx: &SaveContext) -> Result<VcpuState, StateError> {
-    let cpuid = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(vcpu_err(id, "KVM_GET_CPUID2"))?;
+    save_vcpu_cached(fd, id, ctx, None)
+}
+
+/// Like [`save_vcpu`], reusing CPUID and TSC frequency saved before: both are
+/// fixed once the vCPU runs (KVM refuses to change CPUID after KVM_RUN), and
+/// each costs an ioctl on the epoch's critical path.
+pub fn save_vcpu_cached(
+    fd: &VcpuFd,
+    id: u32,
+    ctx: &SaveContext,
+    fixed: Option<&VcpuState>,
+) -> Result<VcpuState, StateError> {
+    let (cpuid, tsc_khz) = match fixed {
+        Some(f) => (f.cpuid.clone(), f.tsc_khz),
+        None => (
+            fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(vcpu_err(id, "KVM_GET_CPUID2"))?
+                .as_slice()
+                .to_vec(),
+            fd.get_tsc_khz().ok(),
+        ),
+    };
     let mut msrs = Vec::with_capacity(ctx.msr_indices.len());
     for chunk in ctx.msr_indices.chunks(64) {
         let entries: Vec<kvm_msr_entry> =
@@ -107,21 +128,7 @@ pub fn save_vcpu(fd: &VcpuFd, id: u32, ctx: &SaveContext) -> Result<VcpuState, S
     let lapic = fd.get_lapic().map_err(vcpu_err(id, "KVM_GET_LAPIC"))?;
     let mp_state = fd.get_mp_state().map_err(vcpu_err(id, "KVM_GET_MP_STATE"))?;
     let vcpu_events = fd.get_vcpu_events().map_err(vcpu_err(id, "KVM_GET_VCPU_EVENTS"))?;
-    let tsc_khz = fd.get_tsc_khz().ok();
-    Ok(VcpuState {
-        id,
-        cpuid: cpuid.as_slice().to_vec(),
-        msrs,
-        regs,
-        sregs,
-        xsave,
-        xcrs,
-        debugregs,
-        lapic,
-        mp_state,
-        vcpu_events,
-        tsc_khz,
-    })
+    Ok(VcpuState { id, cpuid, msrs, regs, sregs, xsave, xcrs, debugregs, lapic, mp_state, vcpu_events, tsc_khz })
 }
 
 /// Restores one vCPU (fresh, not yet run) in the documented order.

@@ -38,7 +38,7 @@ pub enum VcpuError {
 }
 
 /// How long a parked vCPU thread polls for resume before it sleeps.
-const SPIN_PARK: Duration = Duration::from_micros(1000);
+const SPIN_PARK: Duration = Duration::from_micros(4000);
 
 /// The signal that kicks vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
