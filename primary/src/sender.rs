@@ -38,11 +38,12 @@ pub enum SenderError {
 type Rx = FramedRead<OwnedReadHalf, FrameCodec>;
 type Tx = FramedWrite<OwnedWriteHalf, FrameCodec>;
 
-/// An authenticated replication session.
+/// An authenticated replication session. Sending goes through its
+/// [`SessionWriter`] (the session dereferences to it).
 #[derive(Debug)]
 pub struct Session {
-    rx: Rx,
-    tx: Tx,
+    reader: SessionReader,
+    writer: SessionWriter,
     session_key: Key,
     /// The secondary's answer to the handshake.
     pub ack: HelloAck,
@@ -159,35 +160,12 @@ impl Session {
         let session_key = secret.session_key(&nonce_p, &ch.nonce);
         rx.decoder_mut().set_key(session_key);
         tx.encoder_mut().set_key(session_key);
-        Ok(Session { rx, tx, session_key, ack })
-    }
-
-    /// Sends one message.
-    pub async fn send(&mut self, m: &Message) -> Result<(), SenderError> {
-        self.tx.send(m.to_frame()).await?;
-        Ok(())
+        Ok(Session { reader: SessionReader { rx }, writer: SessionWriter { tx }, session_key, ack })
     }
 
     /// Receives one message (`None` when the secondary closed cleanly).
     pub async fn recv(&mut self) -> Result<Option<Message>, SenderError> {
-        recv(&mut self.rx).await
-    }
-
-    /// Sends initial-sync pages.
-    pub async fn send_full_sync(&mut self, pages: Vec<Page>) -> Result<(), SenderError> {
-        send_full_sync(&mut self.tx, pages).await
-    }
-
-    /// Sends one whole epoch (begin, chunks, end). Does not wait for the ack.
-    pub async fn send_epoch(
-        &mut self,
-        epoch: u64,
-        full: bool,
-        pages: Vec<Page>,
-        state: MachineState,
-        digest: Option<u64>,
-    ) -> Result<(), SenderError> {
-        send_epoch(&mut self.tx, epoch, full, pages, state, digest).await
+        self.reader.recv().await
     }
 
     /// Waits for the ack of `epoch` (other messages are returned as errors).
@@ -202,35 +180,50 @@ impl Session {
     /// For fault-injection tests: (version, next sequence number, session key)
     /// of the sending direction, to build frames by hand.
     pub fn raw_state(&self) -> (u16, u64, Key) {
-        (PROTOCOL_VERSION, self.tx.encoder().next_seq(), self.session_key)
+        (PROTOCOL_VERSION, self.writer.tx.encoder().next_seq(), self.session_key)
     }
 
     /// Writes raw bytes to the connection (tests), after anything buffered.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), SenderError> {
         use tokio::io::AsyncWriteExt;
-        self.tx.flush().await?;
-        self.tx.get_mut().write_all(bytes).await.map_err(FrameError::from)?;
-        self.tx.get_mut().flush().await.map_err(FrameError::from)?;
+        let tx = &mut self.writer.tx;
+        tx.flush().await?;
+        tx.get_mut().write_all(bytes).await.map_err(FrameError::from)?;
+        tx.get_mut().flush().await.map_err(FrameError::from)?;
         Ok(())
     }
 
     /// Half-closes the connection (tests: a stream that ends here).
     pub async fn shutdown_write(&mut self) -> Result<(), SenderError> {
         use tokio::io::AsyncWriteExt;
-        self.tx.flush().await?;
-        self.tx.get_mut().shutdown().await.map_err(FrameError::from)?;
+        let tx = &mut self.writer.tx;
+        tx.flush().await?;
+        tx.get_mut().shutdown().await.map_err(FrameError::from)?;
         Ok(())
     }
 
     /// Sends a pre-built frame (tests).
     pub async fn send_frame(&mut self, f: OutFrame) -> Result<(), SenderError> {
-        self.tx.send(f).await?;
+        self.writer.tx.send(f).await?;
         Ok(())
     }
 
     /// Splits the session so acks can be read while epochs are sent.
     pub fn into_halves(self) -> (SessionReader, SessionWriter) {
-        (SessionReader { rx: self.rx }, SessionWriter { tx: self.tx })
+        (self.reader, self.writer)
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = SessionWriter;
+    fn deref(&self) -> &SessionWriter {
+        &self.writer
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut SessionWriter {
+        &mut self.writer
     }
 }
 
