@@ -195,9 +195,15 @@ fn memcpy_us(pages: u64) -> f64 {
 
 fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, BenchError> {
     let counts: &[u64] = if quick { &[64, 1024, 4096] } else { &[64, 256, 1024, 4096, 16384] };
-    let samples = if quick { 15 } else { 40 };
     let mut rows = Vec::new();
     for &n in counts {
+        // enough boundaries that p99 is a percentile, not the maximum
+        let samples = match (quick, n <= 1024) {
+            (true, true) => 60,
+            (true, false) => 15,
+            (false, true) => 200,
+            (false, false) => 50,
+        };
         let mut m = writer(256 << 20, n, TrackerKind::Ring { entries: 65536 })?;
         // the floor's kick/resume, on the same running guest
         let mut kick = Vec::new();
