@@ -111,6 +111,12 @@ struct E2e {
     ops_per_s_protected: f64,
     ops_per_s_unprotected: f64,
     throughput_ratio_protected: f64,
+    ops_per_s_protected_bitmap_hot: f64,
+    throughput_ratio_protected_bitmap_hot: f64,
+    epochs_per_s_bitmap_hot: f64,
+    pause_us_p50_bitmap_hot: f64,
+    pause_us_p99_bitmap_hot: f64,
+    output_delay_ms_p99_bitmap_hot: f64,
     failover_ms: Vec<f64>,
     failover_ms_p50: f64,
 }
@@ -390,35 +396,51 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
     let e = |e: crate::demo::DemoError| BenchError::E2e(e.to_string());
     let mut out = E2e::default();
 
-    // protected pair
-    let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-    );
-    let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
-    sa.extend(["--listen".into(), repl.to_string()]);
-    let s = Node { child: spawn(&sa, &dir.join("s.log")).map_err(e)?, control: s_ctl };
-    std::thread::sleep(Duration::from_millis(200));
-    let mut pa = node_args("primary", &secret, p_svc, p_ctl);
-    pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
-    let p = Node { child: spawn(&pa, &dir.join("p.log")).map_err(e)?, control: p_ctl };
-    wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
-    let st0 = p.status().unwrap_or_default();
-    let t0 = Instant::now();
-    let (rate, lat) = kv_load(&rt, p_svc, clients, secs);
-    let st1 = p.status().unwrap_or_default();
-    let el = t0.elapsed().as_secs_f64();
-    out.epochs_per_s = (st1["epoch"].as_f64().unwrap_or(0.0) - st0["epoch"].as_f64().unwrap_or(0.0)) / el;
-    out.pause_us_p50 = st1["pause_us_p50"].as_f64().unwrap_or(0.0);
-    out.pause_us_p99 = st1["pause_us_p99"].as_f64().unwrap_or(0.0);
-    out.output_delay_ms_p50 = med(&lat);
-    out.output_delay_ms_p99 = p99(&lat);
-    out.ops_per_s_protected = rate;
-    drop(p);
-    drop(s);
+    // protected pair, default tracker (ring), then bitmap with hot-page retention
+    for (label, extra) in
+        [("ring", vec![]), ("bitmap+hot-pages", vec!["--tracker".to_string(), "bitmap".into(), "--hot-pages".into()])]
+    {
+        let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+            free_port().map_err(e)?,
+        );
+        let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
+        sa.extend(["--listen".into(), repl.to_string()]);
+        sa.extend(extra.iter().cloned());
+        let s = Node { child: spawn(&sa, &dir.join(format!("s-{label}.log"))).map_err(e)?, control: s_ctl };
+        std::thread::sleep(Duration::from_millis(200));
+        let mut pa = node_args("primary", &secret, p_svc, p_ctl);
+        pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
+        pa.extend(extra.iter().cloned());
+        let p = Node { child: spawn(&pa, &dir.join(format!("p-{label}.log"))).map_err(e)?, control: p_ctl };
+        wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
+        let st0 = p.status().unwrap_or_default();
+        let t0 = Instant::now();
+        let (rate, lat) = kv_load(&rt, p_svc, clients, secs);
+        let st1 = p.status().unwrap_or_default();
+        let el = t0.elapsed().as_secs_f64();
+        let eps = (st1["epoch"].as_f64().unwrap_or(0.0) - st0["epoch"].as_f64().unwrap_or(0.0)) / el;
+        if label == "ring" {
+            out.epochs_per_s = eps;
+            out.pause_us_p50 = st1["pause_us_p50"].as_f64().unwrap_or(0.0);
+            out.pause_us_p99 = st1["pause_us_p99"].as_f64().unwrap_or(0.0);
+            out.output_delay_ms_p50 = med(&lat);
+            out.output_delay_ms_p99 = p99(&lat);
+            out.ops_per_s_protected = rate;
+        } else {
+            out.ops_per_s_protected_bitmap_hot = rate;
+            out.epochs_per_s_bitmap_hot = eps;
+            out.pause_us_p50_bitmap_hot = st1["pause_us_p50"].as_f64().unwrap_or(0.0);
+            out.pause_us_p99_bitmap_hot = st1["pause_us_p99"].as_f64().unwrap_or(0.0);
+            out.output_delay_ms_p99_bitmap_hot = p99(&lat);
+        }
+        live(format!("e2e      {label}: {rate:.0} kv ops/s protected, {eps:.0} epochs/s, pause p50 {:.0} us p99 {:.0} us, output delay p50 {:.1} ms p99 {:.1} ms", st1["pause_us_p50"].as_f64().unwrap_or(0.0), st1["pause_us_p99"].as_f64().unwrap_or(0.0), med(&lat), p99(&lat)));
+        drop(p);
+        drop(s);
+    }
 
     // unprotected baseline: the same guest, no epochs, no tracking
     let (u_svc, u_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?);
@@ -428,11 +450,12 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
     wait_status(&u, |v| v["role"] == "primary").ok_or_else(|| BenchError::E2e("baseline never started".into()))?;
     let (urate, _) = kv_load(&rt, u_svc, clients, secs);
     out.ops_per_s_unprotected = urate;
-    out.throughput_ratio_protected = rate / urate.max(1e-9);
+    out.throughput_ratio_protected = out.ops_per_s_protected / urate.max(1e-9);
+    out.throughput_ratio_protected_bitmap_hot = out.ops_per_s_protected_bitmap_hot / urate.max(1e-9);
     drop(u);
     live(format!(
-        "e2e      epochs/s {:.0}, pause p50 {:.0} us p99 {:.0} us, output delay p50 {:.1} ms p99 {:.1} ms, kv ops/s protected {:.0} vs unprotected {:.0} (ratio {:.2})",
-        out.epochs_per_s, out.pause_us_p50, out.pause_us_p99, out.output_delay_ms_p50, out.output_delay_ms_p99, rate, urate, out.throughput_ratio_protected
+        "e2e      unprotected (tracking off): {urate:.0} kv ops/s; ratio protected/unprotected: ring {:.2}, bitmap+hot-pages {:.2}",
+        out.throughput_ratio_protected, out.throughput_ratio_protected_bitmap_hot
     ));
 
     // failover time over repeated kills
@@ -588,6 +611,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "floor_us_1k": k1.map(|r| r.floor_us),
         "epochs_per_s": e2e.epochs_per_s,
         "throughput_ratio_protected": e2e.throughput_ratio_protected,
+        "throughput_ratio_protected_bitmap_hot": e2e.throughput_ratio_protected_bitmap_hot,
         "failover_ms_p50": e2e.failover_ms_p50,
         "collection": collect,
         "pause_phases": phases,

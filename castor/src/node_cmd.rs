@@ -74,6 +74,10 @@ pub struct CommonArgs {
     /// Dirty ring entries per vCPU.
     #[arg(long, default_value_t = vmm::tracker::DEFAULT_RING_ENTRIES)]
     ring_entries: u32,
+    /// With --tracker bitmap: keep pages written every epoch writable and copy
+    /// them each epoch instead of re-protecting them (fewer write faults).
+    #[arg(long)]
+    hot_pages: bool,
 }
 
 /// `castor primary`.
@@ -270,6 +274,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         metrics_listen: c.metrics_listen,
         heartbeat_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
         tracker: tracker(c),
+        hot_pages: c.hot_pages,
         heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
         fence_grace: Duration::from_millis(c.fence_grace_ms),
         engine: engine_opts(c)?,

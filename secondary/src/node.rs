@@ -43,6 +43,8 @@ pub struct SecondaryConfig {
     pub heartbeat_timeout: Duration,
     /// Tracker of the VM built at failover.
     pub tracker: TrackerKind,
+    /// Hot-page retention for that VM (bitmap tracker).
+    pub hot_pages: bool,
     /// Settings of the primary this node becomes.
     pub heartbeat_interval: Duration,
     pub fence_grace: Duration,
@@ -213,6 +215,7 @@ pub async fn run_secondary(
     };
     let mut machine =
         Machine::restore_with_memory(cfg.tracker, &state, mem).map_err(|e| SecondaryError::Failover(e.to_string()))?;
+    machine.set_hot_pages(cfg.hot_pages);
     machine.start().map_err(|e| SecondaryError::Failover(e.to_string()))?;
     let failover_ms = last_heard.elapsed().as_secs_f64() * 1e3;
     tracing::warn!(generation, epoch, failover_ms, forced, "failover complete: the guest runs here now");

@@ -115,12 +115,17 @@ pub struct MachineConfig {
     pub ring_verify: bool,
     /// Guest LAPIC timer frequency.
     pub timer_hz: u32,
+    /// Bitmap tracker only: keep pages written in consecutive epochs writable
+    /// and copy them every epoch instead of re-protecting them (see
+    /// [`tracker::HotPages`]). Collections then report a superset of the
+    /// pages written.
+    pub hot_pages: bool,
     pub workload: WorkloadConfig,
 }
 
 impl MachineConfig {
     pub fn new(mem_bytes: u64, vcpus: u32, tracker: TrackerKind, workload: WorkloadConfig) -> Self {
-        MachineConfig { mem_bytes, vcpus, tracker, ring_verify: false, timer_hz: 250, workload }
+        MachineConfig { mem_bytes, vcpus, tracker, ring_verify: false, timer_hz: 250, hot_pages: false, workload }
     }
 }
 
@@ -147,6 +152,7 @@ pub struct Machine {
     started: bool,
     paused: bool,
     lost_pending: bool,
+    hot: tracker::HotPages,
     /// The first saved vCPU states, for the parts that never change (CPUID, TSC kHz).
     fixed_state: Mutex<Vec<state::VcpuState>>,
 }
@@ -244,6 +250,7 @@ impl Machine {
             started: false,
             paused: true,
             lost_pending: false,
+            hot: tracker::HotPages::default(),
             fixed_state: Mutex::new(Vec::new()),
         };
         Ok((m, fds))
@@ -486,7 +493,17 @@ impl Machine {
                 }
             }
             TrackerKind::Bitmap => {
-                from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns, &mut reset_ns)?;
+                if self.cfg.hot_pages {
+                    let hot = &mut self.hot;
+                    let cool = hot.begin();
+                    let keep = |g: u64| !cool && hot.is_hot(g);
+                    from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns, &mut reset_ns, &keep)?;
+                    let mut sorted = gfns.clone();
+                    sorted.sort_unstable();
+                    hot.update(&sorted);
+                } else {
+                    from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns, &mut reset_ns, &|_| false)?;
+                }
             }
         }
         if lost {
@@ -571,6 +588,17 @@ impl Machine {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Turns hot-page retention on or off (bitmap tracker only; see
+    /// [`MachineConfig::hot_pages`]).
+    pub fn set_hot_pages(&mut self, on: bool) {
+        self.cfg.hot_pages = on && self.cfg.tracker == TrackerKind::Bitmap;
+    }
+
+    /// Pages currently kept writable by hot-page retention.
+    pub fn hot_page_count(&self) -> usize {
+        self.hot.hot_count()
     }
 
     /// Ring-full exits so far, summed over vCPUs (parked machine only; else 0 for busy ones).

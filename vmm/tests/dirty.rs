@@ -223,3 +223,40 @@ fn emulated_writes_overflow_is_reported_as_tracking_lost() {
     eprintln!("emulated writer: {lost} collections reported tracking lost, {exact} exact");
     assert!(lost > 0, "a 512-entry ring under 4096-page emulated rounds never reported an overflow");
 }
+
+/// Hot-page retention (bitmap): pages written in consecutive epochs stay
+/// writable and are reported every time. Collections may then report pages
+/// not written, but must never miss one that was, including across the
+/// periodic cool-downs that re-protect everything.
+#[test]
+fn bitmap_hot_pages_never_miss_a_write() {
+    let mut w = WorkloadConfig::dirty(512, Pattern::HotCold, 20_000);
+    w.report_ms = 0;
+    let mut cfg = MachineConfig::new(256 * MIB, 2, TrackerKind::Bitmap, w);
+    cfg.hot_pages = true;
+    let mut m = Machine::new(cfg).expect("machine");
+    let c = Checker::new(&m);
+    let mut stamps = c.stamps.clone();
+    m.start().expect("start");
+    let mut max_hot = 0;
+    for i in 0..80 {
+        wait_writes(&m, if i % 3 == 0 { 5 } else { 120 });
+        m.pause().expect("pause");
+        let d = m.collect().expect("collect");
+        let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
+        for (gpa, last) in stamps.iter_mut() {
+            let now = m.memory().read_u64(*gpa).expect("read");
+            if now != *last {
+                assert!(
+                    dirty.contains(&(*gpa / PAGE_SIZE)),
+                    "collection {i}: page {:#x} written but not reported",
+                    *gpa / PAGE_SIZE
+                );
+                *last = now;
+            }
+        }
+        max_hot = max_hot.max(m.hot_page_count());
+        m.resume().expect("resume");
+    }
+    assert!(max_hot > 20, "hot-page retention never kicked in ({max_hot} pages)");
+}
