@@ -345,7 +345,7 @@ fn wait_status(n: &Node, f: impl Fn(&serde_json::Value) -> bool) -> Option<serde
 }
 
 /// Closed-loop kv load for `secs`: (ops/s, latencies in ms).
-fn kv_load(rt: &tokio::runtime::Runtime, svc: SocketAddr, clients: u32, secs: f64) -> (f64, Vec<f64>) {
+pub(crate) fn kv_load(rt: &tokio::runtime::Runtime, svc: SocketAddr, clients: u32, secs: f64) -> (f64, Vec<f64>) {
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(Mutex::new(Vec::new()));

@@ -41,6 +41,16 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure epoch latency, ring vs bitmap, the physical floor, and the service end to end.
     Bench(bench::BenchArgs),
+    /// Closed-loop kv client load against a node's service address; prints ops/s and latency.
+    Load {
+        /// The node's service address.
+        #[arg(long)]
+        service: std::net::SocketAddr,
+        #[arg(long, default_value_t = 256)]
+        clients: u32,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Force a failover: the secondary at this control address takes over now.
     Failover {
         #[arg(long)]
@@ -86,6 +96,16 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::Load { service, clients, seconds } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            let (rate, lat) = bench::kv_load(&rt, service, clients, seconds);
+            println!(
+                "{{\"ops_per_s\":{rate:.0},\"latency_ms_p50\":{:.2},\"latency_ms_p99\":{:.2}}}",
+                primary::status::percentile(&lat, 0.5),
+                primary::status::percentile(&lat, 0.99)
+            );
+            0
+        }
         Command::Primary(a) => node("primary", node_cmd::primary(a)),
         Command::Secondary(a) => node("secondary", node_cmd::secondary(a)),
         Command::Status { control } => node("status", node_cmd::control(control, "status").map(|j| println!("{j}"))),

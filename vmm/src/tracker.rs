@@ -134,6 +134,7 @@ pub fn collect_bitmap(
         }
         // pages kept writable are not cleared: their bit stays set, so every
         // later collection reports them again (they are copied every epoch)
+        let mut to_clear = false;
         for (w, word) in bitmap.iter_mut().enumerate() {
             let mut bits = *word;
             while bits != 0 {
@@ -143,6 +144,10 @@ pub fn collect_bitmap(
                 }
                 bits &= bits - 1;
             }
+            to_clear |= *word != 0;
+        }
+        if !to_clear {
+            continue; // nothing to re-protect: spare KVM the call (and its TLB flush)
         }
         let mut clear = kvm_clear_dirty_log { slot, num_pages: pages as u32, first_page: 0, ..Default::default() };
         clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
