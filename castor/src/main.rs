@@ -97,7 +97,8 @@ fn main() {
             }
         },
         Command::Load { service, clients, seconds } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
             let (rate, lat) = bench::kv_load(&rt, service, clients, seconds);
             println!(
                 "{{\"ops_per_s\":{rate:.0},\"latency_ms_p50\":{:.2},\"latency_ms_p99\":{:.2}}}",
