@@ -20,7 +20,7 @@ use serde::Serialize;
 use vmm::abi::{Pattern, KERNEL_END, PAGE_SIZE, PC_WRITES};
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
 
-use crate::demo::{free_port, spawn, Node};
+use crate::demo::{free_port, node_args, spawn, Node};
 
 /// `castor bench`.
 #[derive(Debug, Args)]
@@ -319,18 +319,6 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
     Ok(rows)
 }
 
-fn node_args(role: &str, secret: &std::path::Path, svc: SocketAddr, ctl: SocketAddr) -> Vec<String> {
-    vec![
-        role.into(),
-        "--secret-file".into(),
-        secret.display().to_string(),
-        "--service-listen".into(),
-        svc.to_string(),
-        "--control".into(),
-        ctl.to_string(),
-    ]
-}
-
 fn wait_status(n: &Node, f: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(60) {
@@ -407,12 +395,12 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
             free_port().map_err(e)?,
             free_port().map_err(e)?,
         );
-        let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
+        let mut sa = node_args(Some("secondary"), &secret, s_svc, s_ctl);
         sa.extend(["--listen".into(), repl.to_string()]);
         sa.extend(extra.iter().cloned());
         let s = Node { child: spawn(&sa, &dir.join(format!("s-{label}.log"))).map_err(e)?, control: s_ctl };
         std::thread::sleep(Duration::from_millis(200));
-        let mut pa = node_args("primary", &secret, p_svc, p_ctl);
+        let mut pa = node_args(Some("primary"), &secret, p_svc, p_ctl);
         pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
         pa.extend(extra.iter().cloned());
         let p = Node { child: spawn(&pa, &dir.join(format!("p-{label}.log"))).map_err(e)?, control: p_ctl };
@@ -444,7 +432,7 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
 
     // unprotected baseline: the same guest, no epochs, no tracking
     let (u_svc, u_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?);
-    let mut ua = node_args("primary", &secret, u_svc, u_ctl);
+    let mut ua = node_args(Some("primary"), &secret, u_svc, u_ctl);
     ua.extend(["--guest".into(), "kv".into(), "--no-epochs".into()]);
     let u = Node { child: spawn(&ua, &dir.join("u.log")).map_err(e)?, control: u_ctl };
     wait_status(&u, |v| v["role"] == "primary").ok_or_else(|| BenchError::E2e("baseline never started".into()))?;
@@ -467,11 +455,11 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
             free_port().map_err(e)?,
             free_port().map_err(e)?,
         );
-        let mut sa = node_args("secondary", &secret, s_svc, s_ctl);
+        let mut sa = node_args(Some("secondary"), &secret, s_svc, s_ctl);
         sa.extend(["--listen".into(), repl.to_string()]);
         let s = Node { child: spawn(&sa, &dir.join(format!("fs{k}.log"))).map_err(e)?, control: s_ctl };
         std::thread::sleep(Duration::from_millis(200));
-        let mut pa = node_args("primary", &secret, p_svc, p_ctl);
+        let mut pa = node_args(Some("primary"), &secret, p_svc, p_ctl);
         pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
         let p = Node { child: spawn(&pa, &dir.join(format!("fp{k}.log"))).map_err(e)?, control: p_ctl };
         wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;

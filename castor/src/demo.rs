@@ -93,6 +93,20 @@ impl Drop for Node {
     }
 }
 
+/// The arguments every node takes: (role,) secret file, service and control addresses.
+pub(crate) fn node_args(role: Option<&str>, secret: &std::path::Path, svc: SocketAddr, ctl: SocketAddr) -> Vec<String> {
+    let mut v: Vec<String> = role.map(|r| vec![r.to_string()]).unwrap_or_default();
+    v.extend([
+        "--secret-file".to_string(),
+        secret.display().to_string(),
+        "--service-listen".into(),
+        svc.to_string(),
+        "--control".into(),
+        ctl.to_string(),
+    ]);
+    v
+}
+
 pub(crate) fn spawn(args: &[String], log: &PathBuf) -> Result<Child, DemoError> {
     let exe = std::env::current_exe().map_err(|e| DemoError::Setup(e.to_string()))?;
     let f = std::fs::File::create(log).map_err(|e| DemoError::Setup(format!("{}: {e}", log.display())))?;
@@ -152,20 +166,16 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         .map_err(|e| DemoError::Setup(e.to_string()))?;
     let (repl_s, svc_s, ctl_s, svc_p, ctl_p) = (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
     let common = |svc: SocketAddr, ctl: SocketAddr| -> Vec<String> {
-        vec![
-            "--secret-file".into(),
-            secret.display().to_string(),
-            "--service-listen".into(),
-            svc.to_string(),
-            "--control".into(),
-            ctl.to_string(),
+        let mut v = node_args(None, &secret, svc, ctl);
+        v.extend([
             "--epoch-ms".into(),
             a.epoch_ms.to_string(),
             "--heartbeat-timeout-ms".into(),
             a.heartbeat_timeout_ms.to_string(),
             "--tracker".into(),
             a.tracker.clone(),
-        ]
+        ]);
+        v
     };
     let mut sargs: Vec<String> =
         vec!["secondary".into(), "--listen".into(), repl_s.to_string(), "--name".into(), "node-b".into()];
