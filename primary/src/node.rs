@@ -249,6 +249,11 @@ struct Replicator {
     stop: watch::Receiver<bool>,
 }
 
+/// Outputs waiting in `held` for their epoch's ack.
+fn held_total(held: &BTreeMap<u64, (Vec<Output>, Instant)>) -> u64 {
+    held.values().map(|v| v.0.len() as u64).sum()
+}
+
 async fn next_command(c: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
     match c {
         Some(rx) => rx.recv().await,
@@ -282,6 +287,8 @@ impl Replicator {
         };
         if grace {
             self.held_after.extend(out);
+            let n = held_total(&self.held()) + self.held_after.len() as u64;
+            self.status.update(|s| s.held_outputs = n);
         } else {
             self.router.release(out);
         }
@@ -295,6 +302,7 @@ impl Replicator {
         }
         let after = std::mem::take(&mut self.held_after);
         self.router.release(after);
+        self.status.update(|s| s.held_outputs = 0);
     }
 
     async fn handshake_joiner(&self, stream: TcpStream, channel: Channel) -> Result<Session, SenderError> {
@@ -487,7 +495,12 @@ impl Replicator {
                             s.epochs += 1;
                         });
                         status.record_pause(e.phases.pause_us);
-                        held.lock().unwrap_or_else(|p| p.into_inner()).insert(e.epoch, (e.outputs, Instant::now()));
+                        let n = {
+                            let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                            h.insert(e.epoch, (e.outputs, Instant::now()));
+                            held_total(&h)
+                        };
+                        status.update(|s| s.held_outputs = n);
                         dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await
                     }
                     Packet::Release(o) => {
@@ -506,10 +519,11 @@ impl Replicator {
                 match dr.recv().await {
                     Ok(Some(Message::EpochAck { epoch })) => {
                         shared.record_ack(epoch);
-                        let ready: Vec<(u64, (Vec<Output>, Instant))> = {
+                        let (ready, still_held): (Vec<(u64, (Vec<Output>, Instant))>, u64) = {
                             let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
                             let later = h.split_off(&(epoch + 1));
-                            std::mem::replace(&mut *h, later).into_iter().collect()
+                            let ready = std::mem::replace(&mut *h, later).into_iter().collect();
+                            (ready, held_total(&h))
                         };
                         common::crashpoint::hit("primary.after_ack");
                         for (e, (out, sent)) in ready {
@@ -522,6 +536,7 @@ impl Replicator {
                         status.update(|s| {
                             s.protection = "protected".into();
                             s.acked_epoch = Some(epoch);
+                            s.held_outputs = still_held;
                         });
                     }
                     Ok(Some(Message::ResyncRequest { reason })) => {
