@@ -190,7 +190,21 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
 
-    let reply = s.command("failover").expect("control");
+    // the control API also speaks HTTP
+    let http = |req: &str, addr: std::net::SocketAddr| {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(addr).expect("control");
+        conn.write_all(req.as_bytes()).expect("request");
+        let mut body = String::new();
+        conn.read_to_string(&mut body).expect("read");
+        body
+    };
+    let st = http("GET /status HTTP/1.1\r\nHost: x\r\n\r\n", p.control);
+    assert!(st.starts_with("HTTP/1.1 200") && st.contains("\"role\":\"primary\""), "{st}");
+    let nf = http("GET /nonsense HTTP/1.1\r\n\r\n", p.control);
+    assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
+    let reply = http("POST /failover HTTP/1.1\r\nContent-Length: 0\r\n\r\n", s.control);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"ok\":true"), "{reply}");
     s.wait_status(T, |v| v["role"] == "primary" && v["generation"] == 1)
         .unwrap_or_else(|| panic!("no takeover:\n{}", s.log_tail()));

@@ -173,8 +173,25 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
     let _ = writer.await;
 }
 
-/// Serves the control API: one command per line (`status`, `failover`),
-/// one JSON line back.
+/// Answers one control command (`status`, `failover`, `unprotect`) with a JSON
+/// object and whether it was understood.
+async fn control_reply(cmd: &str, status: &NodeStatus, commands: &Option<mpsc::Sender<String>>) -> (bool, String) {
+    match cmd {
+        "status" => (true, serde_json::to_string(&status.snapshot()).unwrap_or_default()),
+        "failover" | "unprotect" => match commands {
+            Some(tx) => {
+                let _ = tx.send(cmd.to_string()).await;
+                (true, format!("{{\"ok\":true,\"action\":\"{cmd} requested\"}}"))
+            }
+            None => (false, "{\"ok\":false,\"error\":\"this node takes no such command\"}".to_string()),
+        },
+        other => (false, format!("{{\"ok\":false,\"error\":\"unknown command '{}'\"}}", other.escape_default())),
+    }
+}
+
+/// Serves the control API on loopback. Two forms: HTTP (`GET /status`,
+/// `POST /failover`, `POST /unprotect`, one JSON object back), or one command
+/// per line (`status`, ...), one JSON line back (what `castor status` uses).
 pub async fn serve_control(listener: TcpListener, status: Arc<NodeStatus>, commands: Option<mpsc::Sender<String>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
@@ -183,17 +200,24 @@ pub async fn serve_control(listener: TcpListener, status: Arc<NodeStatus>, comma
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let reply = match line.trim() {
-                    "status" => serde_json::to_string(&status.snapshot()).unwrap_or_default(),
-                    cmd @ ("failover" | "unprotect") => match &commands {
-                        Some(tx) => {
-                            let _ = tx.send(cmd.to_string()).await;
-                            format!("{{\"ok\":true,\"action\":\"{cmd} requested\"}}")
+                let mut words = line.split_whitespace();
+                if let (Some("GET" | "POST"), Some(path)) = (words.next(), words.next()) {
+                    // HTTP: skip the headers, answer once, close
+                    while let Ok(Some(h)) = lines.next_line().await {
+                        if h.trim().is_empty() {
+                            break;
                         }
-                        None => "{\"ok\":false,\"error\":\"this node takes no such command\"}".to_string(),
-                    },
-                    other => format!("{{\"ok\":false,\"error\":\"unknown command '{}'\"}}", other.escape_default()),
-                };
+                    }
+                    let (ok, body) = control_reply(path.trim_start_matches('/'), &status, &commands).await;
+                    let head = if ok { "200 OK" } else { "404 Not Found" };
+                    let resp = format!(
+                        "HTTP/1.1 {head}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = w.write_all(resp.as_bytes()).await;
+                    break;
+                }
+                let (_, reply) = control_reply(line.trim(), &status, &commands).await;
                 if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
                     break;
                 }
