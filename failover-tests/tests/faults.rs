@@ -380,12 +380,16 @@ fn tiny_ring_and_tracking_lost(row: &mut Row) {
     load.wait_more(800, T);
     let st = p.status().expect("status");
     let lost = st["tracking_lost"].as_u64().unwrap_or(0);
+    let full_exits = st["ring_full_exits"].as_u64().unwrap_or(0);
     eprintln!(
-        "tiny ring: {lost} epochs sent as full resyncs so far; replica: {}",
+        "tiny ring: {full_exits} ring-full exits, {lost} epochs sent as full resyncs so far; replica: {}",
         s.status().expect("s")["protection"]
     );
     if lost == 0 {
         row.fail("no tracking-lost epoch happened".into());
+    }
+    if full_exits == 0 {
+        row.fail("the tiny ring never filled: no ring-full exit".into());
     }
     if s.status().expect("s")["protection"] == "diverged" {
         row.fail("G2: replica diverged".into());

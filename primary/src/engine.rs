@@ -78,6 +78,8 @@ pub struct EngineShared {
     pub pauses: Mutex<Vec<f64>>,
     pub epochs: AtomicU64,
     pub tracking_lost: AtomicU64,
+    /// Ring-full exits of the vCPUs so far (ring tracker).
+    pub ring_full_exits: AtomicU64,
 }
 
 impl EngineShared {
@@ -380,6 +382,7 @@ impl Engine {
         let stop = self.machine.pause()?;
         let t1 = Instant::now();
         let d = self.machine.collect()?;
+        self.shared.ring_full_exits.store(self.machine.ring_full_exits(), Ordering::Relaxed);
         common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();
         let forced_lost = self.force_lost_every.is_some_and(|n| epoch.is_multiple_of(n));

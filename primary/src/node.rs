@@ -698,6 +698,7 @@ pub async fn run_primary_with(
                     s.lag_epochs = s.epochs_in_flight;
                     s.acked_epoch = acked;
                     s.tracking_lost = shared.tracking_lost.load(Ordering::Relaxed);
+                    s.ring_full_exits = shared.ring_full_exits.load(Ordering::Relaxed);
                 });
             }
         }));

@@ -31,6 +31,7 @@ pub struct StatusSnapshot {
     pub bytes_total: u64,
     pub epochs_in_flight: u64,
     pub tracking_lost: u64,
+    pub ring_full_exits: u64,
     pub failovers: u64,
     pub last_failover_ms: Option<f64>,
     pub released_outputs: u64,
