@@ -367,6 +367,35 @@ pub(crate) fn kv_load(rt: &tokio::runtime::Runtime, svc: SocketAddr, clients: u3
     (rate, l)
 }
 
+/// Starts a secondary and a kv primary protected by it; returns them once
+/// protected, with the primary's service address.
+fn start_pair(
+    secret: &std::path::Path,
+    dir: &std::path::Path,
+    tag: &str,
+    extra: &[String],
+) -> Result<(Node, Node, SocketAddr), BenchError> {
+    let e = |e: crate::demo::DemoError| BenchError::E2e(e.to_string());
+    let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+        free_port().map_err(e)?,
+    );
+    let mut sa = node_args(Some("secondary"), secret, s_svc, s_ctl);
+    sa.extend(["--listen".into(), repl.to_string()]);
+    sa.extend(extra.iter().cloned());
+    let s = Node { child: spawn(&sa, &dir.join(format!("s-{tag}.log"))).map_err(e)?, control: s_ctl };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut pa = node_args(Some("primary"), secret, p_svc, p_ctl);
+    pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
+    pa.extend(extra.iter().cloned());
+    let p = Node { child: spawn(&pa, &dir.join(format!("p-{tag}.log"))).map_err(e)?, control: p_ctl };
+    wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
+    Ok((s, p, p_svc))
+}
+
 fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
     let dir = std::env::temp_dir().join(format!("castor-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(e.to_string()))?;
@@ -388,23 +417,7 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
     for (label, extra) in
         [("ring", vec![]), ("bitmap+hot-pages", vec!["--tracker".to_string(), "bitmap".into(), "--hot-pages".into()])]
     {
-        let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-        );
-        let mut sa = node_args(Some("secondary"), &secret, s_svc, s_ctl);
-        sa.extend(["--listen".into(), repl.to_string()]);
-        sa.extend(extra.iter().cloned());
-        let s = Node { child: spawn(&sa, &dir.join(format!("s-{label}.log"))).map_err(e)?, control: s_ctl };
-        std::thread::sleep(Duration::from_millis(200));
-        let mut pa = node_args(Some("primary"), &secret, p_svc, p_ctl);
-        pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
-        pa.extend(extra.iter().cloned());
-        let p = Node { child: spawn(&pa, &dir.join(format!("p-{label}.log"))).map_err(e)?, control: p_ctl };
-        wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
+        let (s, p, p_svc) = start_pair(&secret, &dir, label, &extra)?;
         let st0 = p.status().unwrap_or_default();
         let t0 = Instant::now();
         let (rate, lat) = kv_load(&rt, p_svc, clients, secs);
@@ -448,21 +461,7 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
 
     // failover time over repeated kills
     for k in 0..if quick { 2 } else { 5 } {
-        let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-            free_port().map_err(e)?,
-        );
-        let mut sa = node_args(Some("secondary"), &secret, s_svc, s_ctl);
-        sa.extend(["--listen".into(), repl.to_string()]);
-        let s = Node { child: spawn(&sa, &dir.join(format!("fs{k}.log"))).map_err(e)?, control: s_ctl };
-        std::thread::sleep(Duration::from_millis(200));
-        let mut pa = node_args(Some("primary"), &secret, p_svc, p_ctl);
-        pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
-        let p = Node { child: spawn(&pa, &dir.join(format!("fp{k}.log"))).map_err(e)?, control: p_ctl };
-        wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
+        let (s, p, _) = start_pair(&secret, &dir, &format!("kill{k}"), &[])?;
         std::thread::sleep(Duration::from_millis(300));
         drop(p); // kill -9
         let st = wait_status(&s, |v| v["role"] == "primary").ok_or_else(|| BenchError::E2e("no failover".into()))?;
@@ -478,6 +477,24 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
     Ok(out)
 }
 
+/// Draws the legend and writes the PNG.
+fn finish_chart<'a, DB: plotters::prelude::DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    mut ch: plotters::prelude::ChartContext<'a, DB, CT>,
+    root: &plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
+) -> Result<(), BenchError>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::prelude::*;
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| BenchError::Io(e.to_string()))?;
+    root.present().map_err(|e| BenchError::Io(e.to_string()))
+}
+
 fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> Result<(), BenchError> {
     use plotters::prelude::*;
     let font =
@@ -488,7 +505,6 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| BenchError::Io("bad font".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| BenchError::Io(e.to_string()))?;
-    let err = |e: Box<dyn std::error::Error>| BenchError::Io(e.to_string());
     let ioe = |e: &dyn std::fmt::Display| BenchError::Io(e.to_string());
 
     // pause vs dirty pages
@@ -518,13 +534,7 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| ioe(&e))?;
-    root.present().map_err(|e| err(Box::new(e)))?;
+    finish_chart(ch, &root)?;
 
     // collection cost vs guest size
     let path = dir.join("collect_vs_guest_size.png");
@@ -559,13 +569,7 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
     }
-    ch.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| ioe(&e))?;
-    root.present().map_err(|e| err(Box::new(e)))?;
+    finish_chart(ch, &root)?;
     Ok(())
 }
 

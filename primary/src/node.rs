@@ -265,7 +265,7 @@ struct Replicator {
     packets: mpsc::Receiver<Packet>,
     joiners: Option<mpsc::Receiver<Joiner>>,
     /// Output of epochs not yet acknowledged: epoch -> (outputs, sent at).
-    held: Mutex<BTreeMap<u64, (Vec<Output>, Instant)>>,
+    held: Mutex<Held>,
     /// Output produced while holding (unsure whether we were replaced).
     held_after: Vec<Output>,
     /// Operator commands from the control API (`unprotect`).
@@ -273,8 +273,11 @@ struct Replicator {
     stop: watch::Receiver<bool>,
 }
 
+/// Output waiting for its epoch's ack: epoch -> (outputs, sent at).
+type Held = BTreeMap<u64, (Vec<Output>, Instant)>;
+
 /// Outputs waiting in `held` for their epoch's ack.
-fn held_total(held: &BTreeMap<u64, (Vec<Output>, Instant)>) -> u64 {
+fn held_total(held: &Held) -> u64 {
     held.values().map(|v| v.0.len() as u64).sum()
 }
 
@@ -297,7 +300,7 @@ impl Replicator {
         self.router.generation.load(Ordering::SeqCst)
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (Vec<Output>, Instant)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -543,10 +546,10 @@ impl Replicator {
                 match dr.recv().await {
                     Ok(Some(Message::EpochAck { epoch })) => {
                         shared.record_ack(epoch);
-                        let (ready, still_held): (Vec<(u64, (Vec<Output>, Instant))>, u64) = {
+                        let (ready, still_held): (Held, u64) = {
                             let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
                             let later = h.split_off(&(epoch + 1));
-                            let ready = std::mem::replace(&mut *h, later).into_iter().collect();
+                            let ready = std::mem::replace(&mut *h, later);
                             (ready, held_total(&h))
                         };
                         common::crashpoint::hit("primary.after_ack");
