@@ -45,7 +45,10 @@ pub struct EngineOptions {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Phases {
     pub epoch: u64,
+    /// Pages reported dirty (copied in the pause).
     pub pages: u64,
+    /// Of those, pages not shipped: same content as in the previous epoch.
+    pub unchanged: u64,
     pub stop_us: f64,
     pub collect_us: f64,
     pub copy_us: f64,
@@ -164,6 +167,12 @@ pub struct Engine {
     /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`): treat every N-th
     /// epoch as if dirty tracking had been lost.
     force_lost_every: Option<u64>,
+    /// The previous delta epoch's pages as copied (sorted by gfn). A page
+    /// reported dirty again (hot-page retention reports retained pages every
+    /// epoch) whose content equals its copy in the previous epoch is not
+    /// shipped again: the secondary applies epochs in order, so it holds that
+    /// content already. Emptied by anything that is not a delta epoch.
+    last_copied: Vec<Page>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -176,7 +185,16 @@ impl Engine {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&n| n > 0);
-        Engine { machine, opts, shared, tx, held: Vec::new(), pool: BufPool::default(), force_lost_every }
+        Engine {
+            machine,
+            opts,
+            shared,
+            tx,
+            held: Vec::new(),
+            pool: BufPool::default(),
+            force_lost_every,
+            last_copied: Vec::new(),
+        }
     }
 
     /// Reads pages into packets (zero pages travel without data).
@@ -212,6 +230,31 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Drops the pages whose content equals their copy in the previous delta
+    /// epoch; returns the pages to ship and how many were dropped. Runs after
+    /// the guest resumed (the comparison is not part of the pause).
+    fn skip_unchanged(&mut self, pages: Vec<Page>) -> (Vec<Page>, u64) {
+        let prev = std::mem::take(&mut self.last_copied);
+        let mut ship = Vec::with_capacity(pages.len());
+        let mut j = 0;
+        let mut unchanged = 0;
+        for p in &pages {
+            while j < prev.len() && prev[j].gfn < p.gfn {
+                j += 1;
+            }
+            let same = j < prev.len() && prev[j].gfn == p.gfn && prev[j].data.is_some() && prev[j].data == p.data;
+            if same {
+                unchanged += 1;
+            } else {
+                ship.push(p.clone());
+            }
+        }
+        // keep this epoch's copies (slices of this epoch's buffer only, so no
+        // older buffer stays alive)
+        self.last_copied = pages;
+        (ship, unchanged)
     }
 
     fn send(&self, p: Packet) -> bool {
@@ -312,6 +355,7 @@ impl Engine {
     }
 
     fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
+        self.last_copied.clear();
         let policy =
             if self.shared.hold.load(Ordering::SeqCst) { UnprotectedPolicy::Pause } else { self.opts.unprotected };
         match policy {
@@ -343,6 +387,7 @@ impl Engine {
     /// Full live sync: pages copied while the guest runs, re-sending what it
     /// dirties meanwhile, a few rounds; the next boundary ends the sync.
     fn live_sync(&mut self) -> Result<(), vmm::MachineError> {
+        self.last_copied.clear();
         let t = Instant::now();
         self.machine.pause()?;
         self.machine.collect()?; // baseline: track from here
@@ -420,9 +465,17 @@ impl Engine {
         common::crashpoint::hit("primary.after_resume");
         let t5 = Instant::now();
         self.shared.next_epoch.store(epoch + 1, Ordering::SeqCst);
+        let dirty = pages.len() as u64;
+        let (pages, unchanged) = if full {
+            self.last_copied.clear();
+            (pages, 0)
+        } else {
+            self.skip_unchanged(pages)
+        };
         let phases = Phases {
             epoch,
-            pages: pages.len() as u64,
+            pages: dirty,
+            unchanged,
             stop_us: us(stop.elapsed),
             collect_us: us(t2 - t1),
             copy_us: us(t3 - t2),

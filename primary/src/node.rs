@@ -517,7 +517,8 @@ impl Replicator {
                         status.update(|s| {
                             s.epoch = e.epoch;
                             s.last_epoch = e.phases;
-                            s.pages_total += e.phases.pages;
+                            s.pages_total += e.pages.len() as u64;
+                            s.pages_unchanged_total += e.phases.unchanged;
                             s.bytes_total += bytes;
                             s.epochs += 1;
                         });

@@ -28,6 +28,8 @@ pub struct StatusSnapshot {
     pub ack_latency_us_p99: f64,
     pub epochs: u64,
     pub pages_total: u64,
+    /// Pages reported dirty but not shipped: unchanged since the previous epoch.
+    pub pages_unchanged_total: u64,
     pub bytes_total: u64,
     pub epochs_in_flight: u64,
     pub tracking_lost: u64,
@@ -134,6 +136,11 @@ impl NodeStatus {
         };
         counter("epochs_total", "Epochs completed.", s.epochs);
         counter("pages_total", "Pages shipped in epochs.", s.pages_total);
+        counter(
+            "pages_unchanged_total",
+            "Pages reported dirty but not shipped (same content as in the previous epoch).",
+            s.pages_unchanged_total,
+        );
         counter("bytes_total", "Page bytes shipped in epochs.", s.bytes_total);
         counter("failovers_total", "Failovers this node performed.", s.failovers);
         counter("tracking_lost_total", "Epochs sent as full resyncs because dirty tracking was lost.", s.tracking_lost);

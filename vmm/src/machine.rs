@@ -19,7 +19,7 @@ use crate::memory::{self, GuestMem, MemoryError};
 use crate::ring::{self, RingError, RingFlavour};
 use crate::state::{self, MachineState, SaveContext, StateError, VmShape};
 use crate::tracker::{self, DirtySet, SlotTable, TrackerError, TrackerKind};
-use crate::vcpu::{RingState, RunState, Vcpu, VcpuContext, VcpuError};
+use crate::vcpu::{RingLedger, RingState, RunState, Vcpu, VcpuContext, VcpuError};
 
 /// How long a pause may take before the machine reports the vCPU stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -115,10 +115,10 @@ pub struct MachineConfig {
     pub ring_verify: bool,
     /// Guest LAPIC timer frequency.
     pub timer_hz: u32,
-    /// Bitmap tracker only: keep pages written in consecutive epochs writable
-    /// and copy them every epoch instead of re-protecting them (see
-    /// [`tracker::HotPages`]). Collections then report a superset of the
-    /// pages written.
+    /// Hot-page retention (both trackers): defer re-arming tracking so pages
+    /// already reported stay writable and are reported, and copied, at every
+    /// collection until the next re-arm (see [`tracker::Retention`]).
+    /// Collections then report a superset of the pages written.
     pub hot_pages: bool,
     pub workload: WorkloadConfig,
 }
@@ -152,7 +152,7 @@ pub struct Machine {
     started: bool,
     paused: bool,
     lost_pending: bool,
-    hot: tracker::HotPages,
+    retention: tracker::Retention,
     /// The first saved vCPU states, for the parts that never change (CPUID, TSC kHz).
     fixed_state: Mutex<Vec<state::VcpuState>>,
 }
@@ -225,7 +225,7 @@ impl Machine {
             vm: Arc::clone(&vm),
             mem: Arc::clone(&mem),
             devices: Arc::clone(&devices),
-            reset_lock: Arc::new(Mutex::new(())),
+            reset_lock: Arc::new(Mutex::new(RingLedger::default())),
             faults: Arc::new(Mutex::new(Vec::new())),
             ring_pending: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
@@ -250,7 +250,7 @@ impl Machine {
             started: false,
             paused: true,
             lost_pending: false,
-            hot: tracker::HotPages::default(),
+            retention: tracker::Retention::default(),
             fixed_state: Mutex::new(Vec::new()),
         };
         Ok((m, fds))
@@ -449,11 +449,11 @@ impl Machine {
         let mut gfns = Vec::new();
         let mut lost = std::mem::take(&mut self.lost_pending);
         let from_kvm;
+        let retain = self.cfg.hot_pages;
         match self.cfg.tracker {
             TrackerKind::Ring { .. } => {
-                let _g = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let mut ledger = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
                 let mut entries = Vec::new();
-                let mut expected = 0;
                 let mut cores: Vec<_> = self.vcpus.iter().map(|v| v.core()).collect();
                 self.ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
                 for core in cores.iter_mut() {
@@ -462,24 +462,10 @@ impl Machine {
                     lost |= std::mem::take(&mut rs.lost);
                     let h = rs.ring.harvest(&mut entries, rs.verify);
                     lost |= h.overflow || h.stray;
-                    expected += h.expected_reset();
+                    ledger.unreset += u64::from(h.expected_reset());
                 }
-                let tr = std::time::Instant::now();
-                let reset = ring::reset_rings(&self.vm);
-                reset_ns = tr.elapsed().as_nanos() as u64;
-                match reset {
-                    Ok(n) if n == expected => {}
-                    Ok(n) => {
-                        tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
-                        lost = true;
-                        for core in cores.iter_mut() {
-                            core.ring.as_mut().expect("ring").ring.mark_desynchronised();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
-                        lost = true;
-                    }
+                if std::mem::take(&mut ledger.suspect) {
+                    lost = true;
                 }
                 from_kvm = entries.len();
                 for (slot, offset) in entries {
@@ -491,18 +477,38 @@ impl Machine {
                         }
                     }
                 }
+                let rearm = if retain {
+                    let d = self.retention.decide(&gfns, lost);
+                    gfns = d.report;
+                    d.rearm
+                } else {
+                    true
+                };
+                if rearm {
+                    let tr = std::time::Instant::now();
+                    let ok = ledger.reset(&self.vm);
+                    reset_ns = tr.elapsed().as_nanos() as u64;
+                    if !ok {
+                        ledger.suspect = false;
+                        lost = true;
+                        for core in cores.iter_mut() {
+                            core.ring.as_mut().expect("ring").ring.mark_desynchronised();
+                        }
+                    }
+                }
             }
             TrackerKind::Bitmap => {
-                if self.cfg.hot_pages {
-                    let hot = &mut self.hot;
-                    let cool = hot.begin();
-                    let keep = |g: u64| !cool && hot.is_hot(g);
-                    from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns, &mut reset_ns, &keep)?;
-                    let mut sorted = gfns.clone();
-                    sorted.sort_unstable();
-                    hot.update(&sorted);
+                let (mut logs, n) = tracker::get_bitmaps(&self.vm, &self.slots, &mut gfns)?;
+                from_kvm = n;
+                let rearm = if retain {
+                    let d = self.retention.decide(&gfns, lost);
+                    gfns = d.report;
+                    d.rearm
                 } else {
-                    from_kvm = tracker::collect_bitmap(&self.vm, &self.slots, &mut gfns, &mut reset_ns, &|_| false)?;
+                    true
+                };
+                if rearm {
+                    reset_ns = tracker::clear_bitmaps(&self.vm, &mut logs)?;
                 }
             }
         }
@@ -590,15 +596,20 @@ impl Machine {
             .collect()
     }
 
-    /// Turns hot-page retention on or off (bitmap tracker only; see
-    /// [`MachineConfig::hot_pages`]).
+    /// Turns hot-page retention on or off (see [`MachineConfig::hot_pages`]).
+    /// Turning it off takes effect at the next collection, which re-arms.
     pub fn set_hot_pages(&mut self, on: bool) {
-        self.cfg.hot_pages = on && self.cfg.tracker == TrackerKind::Bitmap;
+        self.cfg.hot_pages = on;
     }
 
     /// Pages currently kept writable by hot-page retention.
     pub fn hot_page_count(&self) -> usize {
-        self.hot.hot_count()
+        self.retention.retained()
+    }
+
+    /// Times hot-page retention re-armed tracking.
+    pub fn hot_page_rearms(&self) -> u64 {
+        self.retention.rearms()
     }
 
     /// Ring-full exits so far, summed over vCPUs (parked machine only; else 0 for busy ones).

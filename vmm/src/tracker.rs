@@ -105,18 +105,21 @@ pub fn enable_manual_protect(vm: &VmFd) -> Result<(), TrackerError> {
     vm.enable_cap(&cap).map_err(TrackerError::Enable)
 }
 
-/// Bitmap collection: GET each slot's log, CLEAR (re-protect) exactly the bits
-/// it reported, and append the dirty gfns to `out`. Returns the number of bits.
-pub fn collect_bitmap(
-    vm: &VmFd,
-    slots: &SlotTable,
-    out: &mut Vec<u64>,
-    clear_ns: &mut u64,
-    keep_writable: &dyn Fn(u64) -> bool,
-) -> Result<usize, TrackerError> {
+/// One slot's dirty log as read by [`get_bitmaps`].
+#[derive(Debug)]
+pub struct SlotLog {
+    slot: u32,
+    pages: u64,
+    bitmap: Vec<u64>,
+}
+
+/// Bitmap collection, first half: GET each slot's log and append the dirty
+/// gfns to `out`. Returns the logs (for [`clear_bitmaps`]) and the number of bits.
+pub fn get_bitmaps(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>) -> Result<(Vec<SlotLog>, usize), TrackerError> {
     let mut n = 0;
+    let mut logs = Vec::new();
     for (slot, base, pages) in slots.iter() {
-        let mut bitmap =
+        let bitmap =
             vm.get_dirty_log(slot, (pages * PAGE_SIZE) as usize).map_err(|e| TrackerError::GetLog(slot, e))?;
         let mut any = false;
         for (w, word) in bitmap.iter().enumerate() {
@@ -129,96 +132,148 @@ pub fn collect_bitmap(
                 n += 1;
             }
         }
-        if !any {
-            continue;
+        if any {
+            logs.push(SlotLog { slot, pages, bitmap });
         }
-        // pages kept writable are not cleared: their bit stays set, so every
-        // later collection reports them again (they are copied every epoch)
-        let mut to_clear = false;
-        for (w, word) in bitmap.iter_mut().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                if keep_writable(base + w as u64 * 64 + b) {
-                    *word &= !(1u64 << b);
-                }
-                bits &= bits - 1;
-            }
-            to_clear |= *word != 0;
-        }
-        if !to_clear {
-            continue; // nothing to re-protect: spare KVM the call (and its TLB flush)
-        }
-        let mut clear = kvm_clear_dirty_log { slot, num_pages: pages as u32, first_page: 0, ..Default::default() };
-        clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
-        let t = std::time::Instant::now();
-        // SAFETY: `clear` points at `bitmap`, which holds one bit for each of the
-        // slot's `pages` pages (get_dirty_log sized it from the same length) and
-        // outlives the call; the kernel only reads it. The result is checked.
+    }
+    Ok((logs, n))
+}
+
+/// Bitmap collection, second half: CLEAR (re-protect) exactly the bits the
+/// GET reported. Returns the time spent in KVM, ns.
+pub fn clear_bitmaps(vm: &VmFd, logs: &mut [SlotLog]) -> Result<u64, TrackerError> {
+    let t = std::time::Instant::now();
+    for log in logs.iter_mut() {
+        let mut clear =
+            kvm_clear_dirty_log { slot: log.slot, num_pages: log.pages as u32, first_page: 0, ..Default::default() };
+        clear.__bindgen_anon_1.dirty_bitmap = log.bitmap.as_mut_ptr().cast();
+        // SAFETY: `clear` points at `log.bitmap`, which holds one bit for each
+        // of the slot's `pages` pages (get_dirty_log sized it from the same
+        // length) and outlives the call; the kernel only reads it. The result
+        // is checked.
         let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
         if ret < 0 {
-            return Err(TrackerError::ClearLog(slot, std::io::Error::last_os_error()));
+            return Err(TrackerError::ClearLog(log.slot, std::io::Error::last_os_error()));
         }
-        *clear_ns += t.elapsed().as_nanos() as u64;
     }
-    Ok(n)
+    Ok(t.elapsed().as_nanos() as u64)
 }
 
-/// Hot-page retention for the bitmap tracker: a page dirty in
-/// `HOT_AFTER` consecutive collections is left writable (not cleared) and
-/// reported, and copied, at every collection; every `COOL_EVERY`
-/// collections all pages are cleared again so cold ones leave the hot set.
-/// On this host a tracked first write costs ~20 us and a page copy ~0.6 us,
-/// so re-protecting a page written every epoch costs far more than copying it.
+/// Hot-page retention, for both trackers: re-arming tracking (ring reset,
+/// bitmap clear) is deferred, so pages already reported stay writable and are
+/// reported, and copied, at every collection until the next re-arm.
+///
+/// Why: on this project's host (KVM-PVM, nested) a tracked first write costs
+/// ~30 us while copying a page costs ~0.3 us. A guest that writes the same
+/// few hundred pages every epoch pays a write fault per page per epoch if
+/// tracking is re-armed every epoch (the kv guest served 3.5x fewer requests
+/// for exactly that reason). Retaining them trades copies for faults.
+///
+/// Correctness: a page is either write-protected when written, and then KVM
+/// reports it, or it is writable because it was reported since the last
+/// re-arm, and then it is in the retained set that every collection reports.
+/// Re-arming happens with the vCPUs stopped, so no write falls in between.
+///
+/// Policy (decided at each collection, after reading what KVM reported):
+/// re-arm when tracking was lost, after [`RETAIN_MAX_EPOCHS`] collections
+/// (so pages no longer written leave the set), when the set would exceed
+/// [`RETAIN_MAX_PAGES`] (bounds the copy per epoch), or when the set does not
+/// converge: from the fourth collection on, a collection whose new pages
+/// exceed a third of the retained set (a streaming writer: retention would
+/// only multiply copies; a working set fills up within a few epochs, so the
+/// first ones are exempt). The page cap bounds the extra copying per epoch.
 #[derive(Debug, Default)]
-pub struct HotPages {
-    streak: std::collections::HashMap<u64, u8>,
-    hot: std::collections::HashSet<u64>,
-    collections: u64,
+pub struct Retention {
+    /// Sorted, unique: pages reported since the last re-arm.
+    retained: Vec<u64>,
+    /// Collections since the last re-arm.
+    since_rearm: u32,
+    /// Re-arms so far.
+    rearms: u64,
 }
 
-/// Consecutive dirty collections before a page is kept writable.
-pub const HOT_AFTER: u8 = 2;
-/// Every this many collections, hot pages are re-protected (cool-down).
-pub const COOL_EVERY: u64 = 32;
+/// Collections after which tracking is re-armed regardless.
+pub const RETAIN_MAX_EPOCHS: u32 = 64;
+/// Largest retained set (pages); beyond it tracking is re-armed.
+pub const RETAIN_MAX_PAGES: usize = 1024;
 
-impl HotPages {
-    /// Whether this collection is a cool-down (everything is cleared).
-    pub fn begin(&mut self) -> bool {
-        self.collections += 1;
-        let cool = self.collections.is_multiple_of(COOL_EVERY);
-        if cool {
-            self.hot.clear();
-            self.streak.clear();
+/// What [`Retention::decide`] concluded for one collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionDecision {
+    /// Re-arm tracking now (then the retained set is emptied).
+    pub rearm: bool,
+    /// The pages this collection must report: the retained set united with
+    /// the pages KVM reported (sorted, unique).
+    pub report: Vec<u64>,
+}
+
+impl Retention {
+    /// Decides whether to re-arm now, given the pages KVM reported in this
+    /// collection (any order, duplicates allowed) and whether tracking was lost.
+    pub fn decide(&mut self, reported: &[u64], lost: bool) -> RetentionDecision {
+        let mut new: Vec<u64> = reported.to_vec();
+        new.sort_unstable();
+        new.dedup();
+        let fresh = new.iter().filter(|g| self.retained.binary_search(g).is_err()).count();
+        let mut report = Vec::with_capacity(self.retained.len() + fresh);
+        merge_sorted(&self.retained, &new, &mut report);
+        let rearm = lost
+            || self.since_rearm + 1 >= RETAIN_MAX_EPOCHS
+            || report.len() > RETAIN_MAX_PAGES
+            || (self.since_rearm >= 3 && fresh > self.retained.len() / 3);
+        tracing::debug!(
+            lost,
+            since = self.since_rearm,
+            retained = self.retained.len(),
+            fresh,
+            report = report.len(),
+            rearm,
+            "retention"
+        );
+        if rearm {
+            self.retained.clear();
+            self.since_rearm = 0;
+            self.rearms += 1;
+        } else {
+            self.retained.clone_from(&report);
+            self.since_rearm += 1;
         }
-        cool
+        RetentionDecision { rearm, report }
     }
 
-    /// Is `gfn` kept writable in this collection?
-    pub fn is_hot(&self, gfn: u64) -> bool {
-        self.hot.contains(&gfn)
+    /// Pages currently retained (writable, reported every collection).
+    pub fn retained(&self) -> usize {
+        self.retained.len()
     }
 
-    /// Updates streaks after a collection reported `dirty` (sorted, unique).
-    pub fn update(&mut self, dirty: &[u64]) {
-        let mut next = std::collections::HashMap::with_capacity(dirty.len());
-        for &g in dirty {
-            if self.hot.contains(&g) {
-                continue;
+    /// Re-arms so far.
+    pub fn rearms(&self) -> u64 {
+        self.rearms
+    }
+}
+
+/// Merges two sorted, unique lists into `out` (sorted, unique).
+fn merge_sorted(a: &[u64], b: &[u64], out: &mut Vec<u64>) {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
             }
-            let s = self.streak.get(&g).copied().unwrap_or(0) + 1;
-            if s >= HOT_AFTER {
-                self.hot.insert(g);
-            } else {
-                next.insert(g, s);
+            std::cmp::Ordering::Greater => {
+                out.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
             }
         }
-        self.streak = next;
     }
-
-    pub fn hot_count(&self) -> usize {
-        self.hot.len()
-    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
 }
 
 /// Sorts, dedups and packages a collection.
@@ -242,6 +297,55 @@ mod tests {
         assert_eq!(t.gfn(1, (1 << 30) / PAGE_SIZE), None);
         assert_eq!(t.gfn(2, 0), None);
         assert_eq!(t.gfn(1 << 16, 0), None);
+    }
+
+    #[test]
+    fn retention_keeps_a_stable_working_set_and_rearms_on_schedule() {
+        let mut r = Retention::default();
+        let ws: Vec<u64> = (100..400).collect();
+        let d = r.decide(&ws, false);
+        assert!(!d.rearm);
+        assert_eq!(d.report, ws);
+        // the same pages are no longer reported by KVM (writable), yet reported
+        for i in 1..RETAIN_MAX_EPOCHS - 1 {
+            let d = r.decide(&[5, 5, 1000], false);
+            assert!(!d.rearm, "collection {i}");
+            assert_eq!(d.report.len(), 300 + 2);
+            assert_eq!(r.retained(), 302);
+        }
+        let d = r.decide(&[7], false);
+        assert!(d.rearm, "re-armed after RETAIN_MAX_EPOCHS");
+        assert_eq!(d.report.len(), 303, "the re-arming collection still reports everything retained");
+        assert_eq!(r.retained(), 0);
+        assert_eq!(r.rearms(), 1);
+    }
+
+    #[test]
+    fn retention_rearms_on_loss_cap_and_streaming_writers() {
+        let mut r = Retention::default();
+        assert!(r.decide(&[1, 2, 3], true).rearm);
+        let big: Vec<u64> = (0..RETAIN_MAX_PAGES as u64 + 1).collect();
+        assert!(r.decide(&big, false).rearm, "cap");
+        // streaming: every collection brings 100 new pages; the first
+        // collections after a re-arm are exempt, the fourth re-arms
+        for k in 0..3u64 {
+            assert!(!r.decide(&(k * 100..k * 100 + 100).collect::<Vec<_>>(), false).rearm, "collection {k}");
+        }
+        assert!(r.decide(&(300..400).collect::<Vec<_>>(), false).rearm, "does not converge");
+        // a filling working set: 100 new pages a few times, then few
+        for k in 0..3u64 {
+            assert!(!r.decide(&(k * 100..k * 100 + 100).collect::<Vec<_>>(), false).rearm);
+        }
+        let d = r.decide(&(295..330).collect::<Vec<_>>(), false);
+        assert!(!d.rearm);
+        assert_eq!(d.report, (0..330).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn merge_sorted_unites() {
+        let mut out = Vec::new();
+        merge_sorted(&[1, 3, 5], &[2, 3, 6, 7], &mut out);
+        assert_eq!(out, vec![1, 2, 3, 5, 6, 7]);
     }
 
     #[test]

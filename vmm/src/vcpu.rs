@@ -136,14 +136,47 @@ pub struct Vcpu {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Ring entries harvested (marked RESET) but not yet recycled by
+/// KVM_RESET_DIRTY_RINGS, over all rings. With hot-page retention the
+/// collector defers the reset, so a reset on a ring-full exit recycles the
+/// collector's entries too: every reset compares KVM's count with this.
+#[derive(Debug, Default)]
+pub struct RingLedger {
+    pub unreset: u64,
+    /// A reset on a ring-full exit found a count mismatch: the collector must
+    /// treat every ring as desynchronised and the collection as lost.
+    pub suspect: bool,
+}
+
+impl RingLedger {
+    /// Resets the rings and checks the count; false if tracking was lost.
+    pub fn reset(&mut self, vm: &VmFd) -> bool {
+        let expected = std::mem::take(&mut self.unreset);
+        match ring::reset_rings(vm) {
+            Ok(n) if u64::from(n) == expected => true,
+            Ok(n) => {
+                tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
+                self.suspect = true;
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
+                self.suspect = true;
+                false
+            }
+        }
+    }
+}
+
 /// What the vCPU thread needs from the machine.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
     pub vm: Arc<VmFd>,
     pub mem: Arc<GuestMem>,
     pub devices: Arc<Devices>,
-    /// Serialises ring harvest + KVM_RESET_DIRTY_RINGS (the reset is VM-wide).
-    pub reset_lock: Arc<Mutex<()>>,
+    /// Serialises ring harvest + KVM_RESET_DIRTY_RINGS (the reset is VM-wide)
+    /// and keeps the count of entries marked RESET but not yet recycled.
+    pub reset_lock: Arc<Mutex<RingLedger>>,
     pub faults: Arc<Mutex<Vec<GuestFault>>>,
     /// Ring entries harvested on ring-full exits since the last collection
     /// (summed over vCPUs): lets an epoch engine end an epoch early.
@@ -363,7 +396,7 @@ impl Vcpu {
 /// Ring-full exit: harvest this vCPU's ring into its pending set, reset, re-enter.
 fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
     rs.full_exits += 1;
-    let _g = ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ledger = ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
     let h = rs.ring.harvest(&mut rs.pending, rs.verify);
     ctx.ring_pending.fetch_add(u64::from(h.harvested), Ordering::Relaxed);
     let mut expected = h.expected_reset();
@@ -377,17 +410,10 @@ fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
         rs.stalls += 1;
         expected = rs.ring.step_stalled();
     }
-    match ring::reset_rings(&ctx.vm) {
-        Ok(n) if n == expected => {}
-        Ok(n) => {
-            tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
-            rs.lost = true;
-            rs.ring.mark_desynchronised();
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
-            rs.lost = true;
-        }
+    ledger.unreset += u64::from(expected);
+    if !ledger.reset(&ctx.vm) {
+        rs.lost = true;
+        rs.ring.mark_desynchronised();
     }
 }
 
