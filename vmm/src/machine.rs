@@ -451,7 +451,7 @@ impl Machine {
         let from_kvm;
         let retain = self.cfg.hot_pages;
         match self.cfg.tracker {
-            TrackerKind::Ring { .. } => {
+            TrackerKind::Ring { entries: ring_size } => {
                 let mut ledger = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
                 let mut entries = Vec::new();
                 let mut cores: Vec<_> = self.vcpus.iter().map(|v| v.core()).collect();
@@ -477,8 +477,11 @@ impl Machine {
                         }
                     }
                 }
+                // rings on average more than half full of entries waiting for
+                // a reset would soon exit ring-full: re-arm now instead
+                let filling = ledger.unreset > u64::from(ring_size / 2) * u64::from(self.cfg.vcpus);
                 let rearm = if retain {
-                    let d = self.retention.decide(&gfns, lost);
+                    let d = self.retention.decide(&gfns, lost || filling);
                     gfns = d.report;
                     d.rearm
                 } else {

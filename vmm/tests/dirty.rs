@@ -224,33 +224,43 @@ fn emulated_writes_overflow_is_reported_as_tracking_lost() {
     assert!(lost > 0, "a 512-entry ring under 4096-page emulated rounds never reported an overflow");
 }
 
-/// Hot-page retention (bitmap): pages written in consecutive epochs stay
+/// Hot-page retention: re-arming is deferred, so retained pages stay
 /// writable and are reported every time. Collections may then report pages
-/// not written, but must never miss one that was, including across the
-/// periodic cool-downs that re-protect everything.
-#[test]
-fn bitmap_hot_pages_never_miss_a_write() {
-    let mut w = WorkloadConfig::dirty(512, Pattern::HotCold, 20_000);
+/// not written, but must never miss one that was, including across re-arms
+/// (on schedule, at the page cap, for non-converging sets) and, with a small
+/// ring, across ring-full exits that reset the rings mid-epoch.
+fn hot_pages_never_miss_a_write(tracker: TrackerKind, pattern: Pattern, ws: u64, writes: u64) -> Machine {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let mut w = WorkloadConfig::dirty(ws, pattern, 20_000);
     w.report_ms = 0;
-    let mut cfg = MachineConfig::new(256 * MIB, 2, TrackerKind::Bitmap, w);
+    let mut cfg = MachineConfig::new(256 * MIB, 2, tracker, w);
     cfg.hot_pages = true;
     let mut m = Machine::new(cfg).expect("machine");
     let c = Checker::new(&m);
     let mut stamps = c.stamps.clone();
     m.start().expect("start");
     let mut max_hot = 0;
-    for i in 0..80 {
-        wait_writes(&m, if i % 3 == 0 { 5 } else { 120 });
+    let mut history: Vec<(BTreeSet<u64>, u64, u64, usize)> = Vec::new();
+    for i in 0..150 {
+        wait_writes(&m, if i % 3 == 0 { 5 } else { writes });
         m.pause().expect("pause");
         let d = m.collect().expect("collect");
+        assert!(!d.tracking_lost, "collection {i}: tracking lost");
         let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
+        history.push((dirty.clone(), m.hot_page_rearms(), m.ring_full_exits(), m.hot_page_count()));
         for (gpa, last) in stamps.iter_mut() {
             let now = m.memory().read_u64(*gpa).expect("read");
             if now != *last {
+                let g = *gpa / PAGE_SIZE;
+                let past: Vec<_> = history
+                    .iter()
+                    .rev()
+                    .take(4)
+                    .map(|(set, rearms, exits, hot)| (set.contains(&g), set.len(), *rearms, *exits, *hot))
+                    .collect();
                 assert!(
-                    dirty.contains(&(*gpa / PAGE_SIZE)),
-                    "collection {i}: page {:#x} written but not reported",
-                    *gpa / PAGE_SIZE
+                    dirty.contains(&g),
+                    "collection {i}: page {g:#x} written but not reported; last collections (reported it, size, rearms, ring-full exits, retained): {past:?}"
                 );
                 *last = now;
             }
@@ -259,4 +269,27 @@ fn bitmap_hot_pages_never_miss_a_write() {
         m.resume().expect("resume");
     }
     assert!(max_hot > 20, "hot-page retention never kicked in ({max_hot} pages)");
+    assert!(m.hot_page_rearms() >= 2, "never re-armed ({} re-arms)", m.hot_page_rearms());
+    m
+}
+
+#[test]
+fn bitmap_hot_pages_never_miss_a_write() {
+    let _ = hot_pages_never_miss_a_write(TrackerKind::Bitmap, Pattern::HotCold, 512, 120);
+}
+
+#[test]
+fn ring_hot_pages_never_miss_a_write() {
+    let _ = hot_pages_never_miss_a_write(TrackerKind::Ring { entries: 65536 }, Pattern::HotCold, 512, 120);
+}
+
+/// A random writer over 2048 pages per vCPU: the retained set reaches the
+/// page cap, so re-arms come from both rules; a 512-entry ring
+/// fills within a few epochs, so ring-full exits reset the rings (and with them
+/// the collector's deferred entries) mid-epoch.
+#[test]
+fn ring_hot_pages_never_miss_a_write_with_ring_full_exits() {
+    let mut m = hot_pages_never_miss_a_write(TrackerKind::Ring { entries: 512 }, Pattern::Random, 2048, 400);
+    m.pause().expect("pause");
+    assert!(m.ring_full_exits() > 0, "the small ring never filled");
 }
