@@ -74,9 +74,11 @@ pub struct CommonArgs {
     /// Dirty ring entries per vCPU.
     #[arg(long, default_value_t = vmm::tracker::DEFAULT_RING_ENTRIES)]
     ring_entries: u32,
-    /// With --tracker bitmap: keep pages written every epoch writable and copy
-    /// them each epoch instead of re-protecting them (fewer write faults).
-    #[arg(long)]
+    /// Hot-page retention (both trackers): defer re-arming dirty tracking so
+    /// pages the guest keeps writing stay writable; they are copied every
+    /// epoch (and shipped only when changed) instead of taking a write fault
+    /// per page per epoch. `--hot-pages false` re-arms every epoch.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     hot_pages: bool,
 }
 

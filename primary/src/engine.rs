@@ -427,6 +427,9 @@ impl Engine {
         let stop = self.machine.pause()?;
         let t1 = Instant::now();
         let d = self.machine.collect()?;
+        // the vCPU threads save their state while this thread copies (after
+        // the collect: a save holds the vCPU's core, which harvesting needs)
+        self.machine.begin_save();
         self.shared.ring_full_exits.store(self.machine.ring_full_exits(), Ordering::Relaxed);
         common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();

@@ -146,15 +146,13 @@ pub struct Machine {
     slots: SlotTable,
     cfg: MachineConfig,
     ctx: VcpuContext,
-    save_ctx: SaveContext,
+    save_ctx: Arc<SaveContext>,
     shape: VmShape,
     ring_flavour: Option<RingFlavour>,
     started: bool,
     paused: bool,
     lost_pending: bool,
     retention: tracker::Retention,
-    /// The first saved vCPU states, for the parts that never change (CPUID, TSC kHz).
-    fixed_state: Mutex<Vec<state::VcpuState>>,
 }
 
 impl Machine {
@@ -218,7 +216,7 @@ impl Machine {
             fd.set_cpuid2(&cpuid).map_err(|e| MachineError::Setup("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
-        let save_ctx = SaveContext::probe(&kvm, &vm, &fds[0])?;
+        let save_ctx = Arc::new(SaveContext::probe(&kvm, &vm, &fds[0])?);
         let vm = Arc::new(vm);
         let devices = Arc::new(Devices::new(Arc::clone(&mem), Arc::clone(&vm), cfg.vcpus));
         let ctx = VcpuContext {
@@ -228,6 +226,7 @@ impl Machine {
             reset_lock: Arc::new(Mutex::new(RingLedger::default())),
             faults: Arc::new(Mutex::new(Vec::new())),
             ring_pending: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            save_ctx: Arc::clone(&save_ctx),
         };
         let shape = VmShape {
             mem_bytes: cfg.mem_bytes,
@@ -251,7 +250,6 @@ impl Machine {
             paused: true,
             lost_pending: false,
             retention: tracker::Retention::default(),
-            fixed_state: Mutex::new(Vec::new()),
         };
         Ok((m, fds))
     }
@@ -539,6 +537,19 @@ impl Machine {
         Ok(())
     }
 
+    /// Starts saving every vCPU's state on its own parked thread, in
+    /// parallel, while the caller copies pages; [`Machine::save`] then picks
+    /// the results up (or saves inline what was not done). Optional. Call it
+    /// after [`Machine::collect`]: a save holds the vCPU's core, which the
+    /// ring harvest needs too.
+    pub fn begin_save(&self) {
+        if self.paused && self.started {
+            for v in &self.vcpus {
+                v.request_save();
+            }
+        }
+    }
+
     /// Saves the full machine state (the machine must be paused).
     pub fn save(&self) -> Result<MachineState, MachineError> {
         if !self.paused {
@@ -546,13 +557,8 @@ impl Machine {
         }
         let vm = state::save_vm(&self.vm)?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        let mut fixed = self.fixed_state.lock().unwrap_or_else(|p| p.into_inner());
         for v in &self.vcpus {
-            let st = state::save_vcpu_cached(&v.core().fd, v.id, &self.save_ctx, fixed.get(v.id as usize))?;
-            vcpus.push(st);
-        }
-        if fixed.len() != vcpus.len() {
-            *fixed = vcpus.clone();
+            vcpus.push(v.take_state(&self.save_ctx)?);
         }
         Ok(MachineState {
             shape: self.shape.clone(),

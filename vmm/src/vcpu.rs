@@ -10,7 +10,7 @@
 //! written by the owner; resume clears the flag and wakes it.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use crate::devices::{Devices, GuestFault, IoAction};
 use crate::memory::GuestMem;
 use crate::ring::{self, DirtyRing};
+use crate::state::{self, SaveContext, StateError, VcpuState};
 
 /// Errors of vCPU management.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +124,19 @@ struct Status {
     state: RunState,
 }
 
+/// A state save the parked vCPU thread does for the owner, so the saves of
+/// all vCPUs run in parallel and overlap the owner's collect and copy.
+#[derive(Debug, Default)]
+struct SaveSlot {
+    /// Pause generation a save was requested for (0: none).
+    requested: u64,
+    /// The save done by the vCPU thread, with its pause generation.
+    done: Option<(u64, Result<VcpuState, StateError>)>,
+    /// The first saved state: its never-changing parts (CPUID, TSC kHz) are
+    /// reused instead of asked from KVM again.
+    template: Option<VcpuState>,
+}
+
 /// A vCPU shared between its thread and the owner.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -133,6 +147,9 @@ pub struct Vcpu {
     stop: AtomicBool,
     status: Mutex<Status>,
     cv: Condvar,
+    /// Incremented by every pause request: tags state saves to one pause.
+    pause_gen: AtomicU64,
+    save: Mutex<SaveSlot>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -185,6 +202,8 @@ pub struct VcpuContext {
     /// Ring entries harvested on ring-full exits since the last collection
     /// (summed over vCPUs): lets an epoch engine end an epoch early.
     pub ring_pending: Arc<std::sync::atomic::AtomicU64>,
+    /// What a state save needs (for saves done on the vCPU threads).
+    pub save_ctx: Arc<SaveContext>,
 }
 
 impl Vcpu {
@@ -199,6 +218,8 @@ impl Vcpu {
             stop: AtomicBool::new(false),
             status: Mutex::new(Status { state: RunState::NotStarted }),
             cv: Condvar::new(),
+            pause_gen: AtomicU64::new(0),
+            save: Mutex::new(SaveSlot::default()),
             thread: Mutex::new(None),
         }
     }
@@ -251,8 +272,48 @@ impl Vcpu {
 
     /// Asks the vCPU to park (does not wait).
     pub fn request_pause(&self) -> Result<(), VcpuError> {
+        self.pause_gen.fetch_add(1, Ordering::SeqCst);
         self.pause.store(true, Ordering::SeqCst);
         self.kick()
+    }
+
+    fn save_slot(&self) -> MutexGuard<'_, SaveSlot> {
+        self.save.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the parked vCPU thread to save its state now (in parallel with
+    /// whatever the owner does next). Call only while parked.
+    pub fn request_save(&self) {
+        self.save_slot().requested = self.pause_gen.load(Ordering::SeqCst);
+    }
+
+    /// The vCPU's state in this pause: the save its thread did on
+    /// [`Vcpu::request_save`] if it did one, else saved here and now. Call
+    /// only while parked (the state cannot change then, so both are equal).
+    pub fn take_state(&self, ctx: &SaveContext) -> Result<VcpuState, StateError> {
+        let gen = self.pause_gen.load(Ordering::SeqCst);
+        let mut slot = self.save_slot();
+        slot.requested = 0;
+        let st = match slot.done.take() {
+            Some((g, r)) if g == gen => r?,
+            _ => state::save_vcpu_cached(&self.core().fd, self.id, ctx, slot.template.as_ref())?,
+        };
+        if slot.template.is_none() {
+            slot.template = Some(st.clone());
+        }
+        Ok(st)
+    }
+
+    /// On the vCPU thread, while parked: does a requested save.
+    fn serve_save(&self, ctx: &VcpuContext) {
+        let gen = self.pause_gen.load(Ordering::SeqCst);
+        let mut slot = self.save_slot();
+        if slot.requested == 0 || slot.requested != gen {
+            return;
+        }
+        slot.requested = 0;
+        let r = state::save_vcpu_cached(&self.core().fd, self.id, &ctx.save_ctx, slot.template.as_ref());
+        slot.done = Some((gen, r));
     }
 
     /// Waits until the vCPU is parked (or has exited, which is an error).
@@ -312,7 +373,7 @@ impl Vcpu {
         }
     }
 
-    fn park(&self) {
+    fn park(&self, ctx: &VcpuContext) {
         {
             let mut st = self.status();
             st.state = RunState::Parked;
@@ -323,6 +384,7 @@ impl Vcpu {
         // hundreds of microseconds on a nested host.
         let spin_until = Instant::now() + SPIN_PARK;
         while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) && Instant::now() < spin_until {
+            self.serve_save(ctx);
             std::thread::yield_now();
         }
         let mut st = self.status();
@@ -349,7 +411,7 @@ impl Vcpu {
             }
             if self.pause.load(Ordering::SeqCst) && !io_pending {
                 drop(core.take());
-                self.park();
+                self.park(ctx);
                 core = Some(self.core());
                 self.immediate_exit.set(0);
                 continue;
