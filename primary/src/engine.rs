@@ -426,21 +426,22 @@ impl Engine {
         let t0 = Instant::now();
         let stop = self.machine.pause()?;
         let t1 = Instant::now();
-        let d = self.machine.collect()?;
-        // the vCPU threads save their state while this thread copies (after
-        // the collect: a save holds the vCPU's core, which harvesting needs)
+        // the ring reset (re-arming) runs on a parked vCPU thread and the
+        // vCPU threads save their state while this thread copies (after the
+        // collect: a save holds the vCPU's core, which harvesting needs)
+        let mut d = self.machine.collect_overlapped()?;
         self.machine.begin_save();
         self.shared.ring_full_exits.store(self.machine.ring_full_exits(), Ordering::Relaxed);
         common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();
         let forced_lost = self.force_lost_every.is_some_and(|n| epoch.is_multiple_of(n));
         let lost = d.tracking_lost || forced_lost;
-        let full = lost || self.shared.force_full.swap(false, Ordering::SeqCst);
+        let mut full = lost || self.shared.force_full.swap(false, Ordering::SeqCst);
         if lost {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory resync");
         }
-        let pages = if full {
+        let mut pages = if full {
             self.all_nonzero_pages()
         } else {
             // one pooled buffer for the epoch, pages are slices of it: no
@@ -455,6 +456,15 @@ impl Engine {
                 .map(|(i, &gfn)| Page { gfn, data: Some(buf.slice(i * ps..(i + 1) * ps)) })
                 .collect()
         };
+        // a failed re-arm means this collection may be incomplete: never
+        // ship it as a delta
+        if !self.machine.finish_reset() && !full {
+            tracing::warn!(epoch, "dirty ring reset failed: this epoch is sent as a full-memory resync");
+            self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
+            d.tracking_lost = true;
+            full = true;
+            pages = self.all_nonzero_pages();
+        }
         let t3 = Instant::now();
         let state = self.machine.save()?;
         let digest = self.opts.digest.then(|| self.machine.memory().digest());

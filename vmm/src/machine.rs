@@ -21,6 +21,9 @@ use crate::state::{self, MachineState, SaveContext, StateError, VmShape};
 use crate::tracker::{self, DirtySet, SlotTable, TrackerError, TrackerKind};
 use crate::vcpu::{RingLedger, RingState, RunState, Vcpu, VcpuContext, VcpuError};
 
+/// Smallest dirty set for which `collect_overlapped` hands the ring reset
+/// to a parked vCPU thread (below it the reset is cheaper than the hand-off).
+const OVERLAP_RESET_MIN_PAGES: usize = 256;
 /// How long a pause may take before the machine reports the vCPU stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -152,6 +155,8 @@ pub struct Machine {
     started: bool,
     paused: bool,
     lost_pending: bool,
+    /// A ring reset handed to a vCPU thread by `collect_overlapped`.
+    reset_in_flight: bool,
     retention: tracker::Retention,
 }
 
@@ -249,6 +254,7 @@ impl Machine {
             started: false,
             paused: true,
             lost_pending: false,
+            reset_in_flight: false,
             retention: tracker::Retention::default(),
         };
         Ok((m, fds))
@@ -416,6 +422,11 @@ impl Machine {
 
     /// Lets the vCPUs run again (returns once every thread has left its park).
     pub fn resume(&mut self) -> Result<PauseTiming, MachineError> {
+        // tracking must be re-armed before the guest runs; a failure the
+        // caller did not pick up makes the next collection a lost one
+        if !self.finish_reset() {
+            self.lost_pending = true;
+        }
         let t = Instant::now();
         if !self.started {
             return self.start().map(|_| PauseTiming { elapsed: t.elapsed() });
@@ -439,8 +450,47 @@ impl Machine {
     /// The trackers are re-armed before this returns, so page contents must be
     /// read while still paused.
     pub fn collect(&mut self) -> Result<DirtySet, MachineError> {
+        self.collect_inner(false)
+    }
+
+    /// Like [`Machine::collect`], but a ring reset (re-arming) is handed to a
+    /// parked vCPU thread and runs while the caller copies the pages. The
+    /// caller must call [`Machine::finish_reset`] before it treats the set as
+    /// complete: a failed reset means tracking was lost for this collection.
+    /// (The bitmap tracker re-arms inline, as in `collect`.)
+    pub fn collect_overlapped(&mut self) -> Result<DirtySet, MachineError> {
+        self.collect_inner(true)
+    }
+
+    /// Waits for a reset handed out by [`Machine::collect_overlapped`] (or
+    /// does it here if no vCPU thread took it). Returns false if it failed:
+    /// the collection it belongs to is incomplete (treat memory as all dirty).
+    pub fn finish_reset(&mut self) -> bool {
+        if !std::mem::take(&mut self.reset_in_flight) {
+            return true;
+        }
+        let ok = match self.vcpus.first() {
+            Some(v) => v.take_reset(&self.ctx),
+            None => true,
+        };
+        if !ok {
+            let mut ledger = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+            ledger.suspect = false;
+            for v in &self.vcpus {
+                if let Some(rs) = v.core().ring.as_mut() {
+                    rs.ring.mark_desynchronised();
+                }
+            }
+        }
+        ok
+    }
+
+    fn collect_inner(&mut self, overlap: bool) -> Result<DirtySet, MachineError> {
         if !self.paused {
             return Err(MachineError::NotPaused("collecting the dirty set"));
+        }
+        if !self.finish_reset() {
+            self.lost_pending = true;
         }
         let t0 = std::time::Instant::now();
         let mut reset_ns = 0u64;
@@ -485,7 +535,14 @@ impl Machine {
                 } else {
                     true
                 };
-                if rearm {
+                // hand the reset off only when the copy it overlaps is longer
+                // than a hand-off to a parked thread (~100 us here)
+                if rearm && overlap && gfns.len() >= OVERLAP_RESET_MIN_PAGES && !self.vcpus.is_empty() {
+                    drop(cores);
+                    drop(ledger);
+                    self.vcpus[0].request_reset();
+                    self.reset_in_flight = true;
+                } else if rearm {
                     let tr = std::time::Instant::now();
                     let ok = ledger.reset(&self.vm);
                     reset_ns = tr.elapsed().as_nanos() as u64;

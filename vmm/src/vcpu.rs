@@ -135,6 +135,10 @@ struct SaveSlot {
     /// The first saved state: its never-changing parts (CPUID, TSC kHz) are
     /// reused instead of asked from KVM again.
     template: Option<VcpuState>,
+    /// Pause generation a ring reset was requested for (0: none).
+    reset_requested: u64,
+    /// The reset done by the vCPU thread: (pause generation, succeeded).
+    reset_done: Option<(u64, bool)>,
 }
 
 /// A vCPU shared between its thread and the owner.
@@ -304,8 +308,40 @@ impl Vcpu {
         Ok(st)
     }
 
-    /// On the vCPU thread, while parked: does a requested save.
+    /// Asks the parked vCPU thread to reset the dirty rings now (VM-wide),
+    /// while the owner copies pages. Call only while parked.
+    pub fn request_reset(&self) {
+        self.save_slot().reset_requested = self.pause_gen.load(Ordering::SeqCst);
+    }
+
+    /// The result of the reset requested in this pause: waits for the vCPU
+    /// thread if it took it, else resets here. False: tracking was lost.
+    pub fn take_reset(&self, ctx: &VcpuContext) -> bool {
+        let gen = self.pause_gen.load(Ordering::SeqCst);
+        let mut slot = self.save_slot();
+        let requested = std::mem::take(&mut slot.reset_requested);
+        match slot.reset_done.take() {
+            Some((g, ok)) if g == gen => ok,
+            _ if requested == gen => ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner()).reset(&ctx.vm),
+            // nothing was requested in this pause
+            _ => true,
+        }
+    }
+
+    /// On the vCPU thread, while parked: does a requested save or reset.
     fn serve_save(&self, ctx: &VcpuContext) {
+        let gen = self.pause_gen.load(Ordering::SeqCst);
+        {
+            let mut slot = self.save_slot();
+            if slot.reset_requested != 0 && slot.reset_requested == gen {
+                slot.reset_requested = 0;
+                let ok = {
+                    let _blocked = KickBlocked::new();
+                    ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner()).reset(&ctx.vm)
+                };
+                slot.reset_done = Some((gen, ok));
+            }
+        }
         let gen = self.pause_gen.load(Ordering::SeqCst);
         let mut slot = self.save_slot();
         if slot.requested == 0 || slot.requested != gen {
