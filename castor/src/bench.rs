@@ -163,11 +163,18 @@ fn writer(mem: u64, pages: u64, tracker: TrackerKind) -> Result<Machine, BenchEr
 fn collection_cost(quick: bool, live: &dyn Fn(String)) -> Result<Vec<CollectRow>, BenchError> {
     let sizes: &[u64] = if quick { &[256, 4096, 16384] } else { &[256, 1024, 4096, 16384] };
     let counts: &[u64] = if quick { &[64, 1024] } else { &[64, 1024, 16384] };
-    let samples = if quick { 12 } else { 30 };
     let mut rows = Vec::new();
     for &mib in sizes {
         for tracker in [TrackerKind::Ring { entries: 65536 }, TrackerKind::Bitmap] {
             for &n in counts {
+                // the 64-page collections take ~10 us: more of them, so the
+                // median (the cost ratio's input) is stable run to run
+                let samples = match (quick, n <= 64) {
+                    (true, true) => 30,
+                    (true, false) => 12,
+                    (false, true) => 100,
+                    (false, false) => 30,
+                };
                 let mut m = writer(mib << 20, n, tracker)?;
                 let (mut t, mut dirty) = (Vec::new(), Vec::new());
                 for _ in 0..samples {

@@ -335,11 +335,16 @@ impl Vcpu {
             let mut slot = self.save_slot();
             if slot.reset_requested != 0 && slot.reset_requested == gen {
                 slot.reset_requested = 0;
+                // the work runs at normal priority: the owner may be waiting
+                // for it (holding the slot lock at idle priority would let
+                // any busy thread stall the pause)
+                set_idle_policy(false);
                 let ok = {
                     let _blocked = KickBlocked::new();
                     ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner()).reset(&ctx.vm)
                 };
                 slot.reset_done = Some((gen, ok));
+                set_idle_policy(true);
             }
         }
         let gen = self.pause_gen.load(Ordering::SeqCst);
@@ -348,8 +353,10 @@ impl Vcpu {
             return;
         }
         slot.requested = 0;
+        set_idle_policy(false);
         let r = state::save_vcpu_cached(&self.core().fd, self.id, &ctx.save_ctx, slot.template.as_ref());
         slot.done = Some((gen, r));
+        set_idle_policy(true);
     }
 
     /// Waits until the vCPU is parked (or has exited, which is an error).
@@ -419,10 +426,14 @@ impl Vcpu {
         // sleeping, so resume does not pay a cross-core wake-up, which costs
         // hundreds of microseconds on a nested host.
         let spin_until = Instant::now() + SPIN_PARK;
+        // poll at idle priority: the pauser's copy must not lose its core to
+        // a parked thread's polling (on 2 cores it did, in the copy's tail)
+        set_idle_policy(true);
         while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) && Instant::now() < spin_until {
             self.serve_save(ctx);
             std::thread::yield_now();
         }
+        set_idle_policy(false);
         let mut st = self.status();
         while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -492,6 +503,19 @@ impl Vcpu {
                 Err(e) => return format!("KVM_RUN failed: {e}"),
             }
         }
+    }
+}
+
+/// Switches the calling thread to SCHED_IDLE (true) or back to SCHED_OTHER.
+/// Best effort: a refusal only costs performance.
+fn set_idle_policy(idle: bool) {
+    let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param
+    // for both policies (priority 0), read by the kernel during the call.
+    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), idle, "sched_setscheduler refused");
     }
 }
 
