@@ -97,6 +97,10 @@ struct PhaseRow {
     floor_us: f64,
     /// Copy of the same guest pages again (warm): the copy part of the floor.
     memcpy_us: f64,
+    /// The floor's own tail: p99 of its kick + resume and of its copy (the
+    /// host's noise, which a pause's p99 cannot avoid either).
+    floor_kick_us_p99: f64,
+    floor_copy_us_p99: f64,
     /// memcpy of as many bytes between contiguous host buffers.
     memcpy_contiguous_us: f64,
 }
@@ -311,6 +315,8 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             pause_us_p99: p99(&totals),
             floor_us: med(&kick) + mc,
             memcpy_us: mc,
+            floor_kick_us_p99: p99(&kick),
+            floor_copy_us_p99: p99(&warm),
             memcpy_contiguous_us: contiguous,
         };
         live(format!(
@@ -332,13 +338,15 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             row.pause_us_p99 / row.floor_us
         ));
         live(format!(
-            "         p99 by phase: stop {:.0} harvest {:.0} reset {:.0} copy {:.0} save {:.0} resume {:.0}",
+            "         p99 by phase: stop {:.0} harvest {:.0} reset {:.0} copy {:.0} save {:.0} resume {:.0} | floor's own p99: kick+resume {:.0}, copy {:.0}",
             p99(&ph[0]),
             p99(&ph[1]),
             p99(&ph[2]),
             p99(&ph[3]),
             p99(&ph[4]),
-            p99(&ph[5])
+            p99(&ph[5]),
+            row.floor_kick_us_p99,
+            row.floor_copy_us_p99
         ));
         rows.push(row);
     }
