@@ -154,6 +154,10 @@ pub struct Vcpu {
     /// Incremented by every pause request: tags state saves to one pause.
     pause_gen: AtomicU64,
     save: Mutex<SaveSlot>,
+    /// Set when a save or reset is requested: the parked thread polls this
+    /// and takes the slot lock only when there is work (polling the lock
+    /// itself at idle priority let a preempted poller block the owner).
+    has_work: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -224,6 +228,7 @@ impl Vcpu {
             cv: Condvar::new(),
             pause_gen: AtomicU64::new(0),
             save: Mutex::new(SaveSlot::default()),
+            has_work: AtomicBool::new(false),
             thread: Mutex::new(None),
         }
     }
@@ -288,7 +293,9 @@ impl Vcpu {
     /// Asks the parked vCPU thread to save its state now (in parallel with
     /// whatever the owner does next). Call only while parked.
     pub fn request_save(&self) {
-        self.save_slot().requested = self.pause_gen.load(Ordering::SeqCst);
+        let mut slot = self.save_slot();
+        slot.requested = self.pause_gen.load(Ordering::SeqCst);
+        self.has_work.store(true, Ordering::Release);
     }
 
     /// The vCPU's state in this pause: the save its thread did on
@@ -311,7 +318,9 @@ impl Vcpu {
     /// Asks the parked vCPU thread to reset the dirty rings now (VM-wide),
     /// while the owner copies pages. Call only while parked.
     pub fn request_reset(&self) {
-        self.save_slot().reset_requested = self.pause_gen.load(Ordering::SeqCst);
+        let mut slot = self.save_slot();
+        slot.reset_requested = self.pause_gen.load(Ordering::SeqCst);
+        self.has_work.store(true, Ordering::Release);
     }
 
     /// The result of the reset requested in this pause: waits for the vCPU
@@ -333,6 +342,7 @@ impl Vcpu {
         let gen = self.pause_gen.load(Ordering::SeqCst);
         {
             let mut slot = self.save_slot();
+            self.has_work.store(false, Ordering::Relaxed);
             if slot.reset_requested != 0 && slot.reset_requested == gen {
                 slot.reset_requested = 0;
                 // the work runs at normal priority: the owner may be waiting
@@ -430,7 +440,9 @@ impl Vcpu {
         // a parked thread's polling (on 2 cores it did, in the copy's tail)
         set_idle_policy(true);
         while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) && Instant::now() < spin_until {
-            self.serve_save(ctx);
+            if self.has_work.load(Ordering::Acquire) {
+                self.serve_save(ctx);
+            }
             std::thread::yield_now();
         }
         set_idle_policy(false);
