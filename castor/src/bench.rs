@@ -181,14 +181,18 @@ fn collection_cost(quick: bool, live: &dyn Fn(String)) -> Result<Vec<CollectRow>
                 };
                 let mut m = writer(mib << 20, n, tracker)?;
                 let (mut t, mut dirty) = (Vec::new(), Vec::new());
-                for _ in 0..samples {
+                // untimed warm-up collections first: the first ones after
+                // boot carry the boot's pages and meet cold KVM structures
+                for i in 0..samples + 10 {
                     m.resume()?;
                     wait_writes(&m, n)?;
                     m.pause()?;
                     let s = Instant::now();
                     let d = m.collect()?;
-                    t.push(us(s.elapsed()));
-                    dirty.push(d.gfns.len() as f64);
+                    if i >= 10 {
+                        t.push(us(s.elapsed()));
+                        dirty.push(d.gfns.len() as f64);
+                    }
                 }
                 let row = CollectRow {
                     tracker: tracker.name().into(),
