@@ -194,6 +194,10 @@ fn collection_cost(quick: bool, live: &dyn Fn(String)) -> Result<Vec<CollectRow>
                         dirty.push(d.gfns.len() as f64);
                     }
                 }
+                // let the machine's teardown (freeing its memory) finish
+                // before the next configuration is timed
+                drop(m);
+                std::thread::sleep(Duration::from_millis(300));
                 let row = CollectRow {
                     tracker: tracker.name().into(),
                     mem_mib: mib,
