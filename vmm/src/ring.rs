@@ -157,7 +157,15 @@ impl DirtyRing {
         }
         let gfns = NonNull::new(addr.cast::<kvm_dirty_gfn>())
             .ok_or_else(|| RingError::Map(std::io::ErrorKind::Other.into()))?;
-        Ok(DirtyRing { gfns, entries, fetch: 0, desync: false })
+        let ring = DirtyRing { gfns, entries, fetch: 0, desync: false };
+        // Fault the whole mapping in now: KVM maps ring pages on first
+        // access, and a harvest that walks onto new pages paid a page fault
+        // per 256 entries inside the epoch pause.
+        let per_page = (4096 / std::mem::size_of::<kvm_dirty_gfn>()) as u32;
+        for i in (0..entries).step_by(per_page as usize) {
+            ring.flags(i).load(Ordering::Relaxed);
+        }
+        Ok(ring)
     }
 
     /// Ring size in entries.
