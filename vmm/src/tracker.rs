@@ -119,8 +119,7 @@ pub fn get_bitmaps(vm: &VmFd, slots: &SlotTable, out: &mut Vec<u64>) -> Result<(
     let mut n = 0;
     let mut logs = Vec::new();
     for (slot, base, pages) in slots.iter() {
-        let bitmap =
-            vm.get_dirty_log(slot, (pages * PAGE_SIZE) as usize).map_err(|e| TrackerError::GetLog(slot, e))?;
+        let bitmap = vm.get_dirty_log(slot, (pages * PAGE_SIZE) as usize).map_err(|e| TrackerError::GetLog(slot, e))?;
         let mut any = false;
         for (w, word) in bitmap.iter().enumerate() {
             let mut bits = *word;
