@@ -429,7 +429,7 @@ impl Engine {
         // the ring reset (re-arming) runs on a parked vCPU thread and the
         // vCPU threads save their state while this thread copies (after the
         // collect: a save holds the vCPU's core, which harvesting needs)
-        let mut d = self.machine.collect_overlapped()?;
+        let d = self.machine.collect_overlapped()?;
         self.machine.begin_save();
         self.shared.ring_full_exits.store(self.machine.ring_full_exits(), Ordering::Relaxed);
         common::crashpoint::hit("primary.after_collect");
@@ -461,7 +461,6 @@ impl Engine {
         if !self.machine.finish_reset() && !full {
             tracing::warn!(epoch, "dirty ring reset failed: this epoch is sent as a full-memory resync");
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
-            d.tracking_lost = true;
             full = true;
             pages = self.all_nonzero_pages();
         }

@@ -215,9 +215,10 @@ impl Retention {
         let mut new: Vec<u64> = reported.to_vec();
         new.sort_unstable();
         new.dedup();
-        let fresh = new.iter().filter(|g| self.retained.binary_search(g).is_err()).count();
-        let mut report = Vec::with_capacity(self.retained.len() + fresh);
+        let mut report = Vec::with_capacity(self.retained.len() + new.len());
         merge_sorted(&self.retained, &new, &mut report);
+        // pages reported now that were not retained
+        let fresh = report.len() - self.retained.len();
         let rearm = must || self.since_rearm + 1 >= RETAIN_MAX_EPOCHS || report.len() > RETAIN_MAX_PAGES;
         tracing::debug!(
             must,

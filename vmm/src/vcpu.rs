@@ -124,10 +124,10 @@ struct Status {
     state: RunState,
 }
 
-/// A state save the parked vCPU thread does for the owner, so the saves of
-/// all vCPUs run in parallel and overlap the owner's collect and copy.
+/// Work the parked vCPU thread does for the owner (its state save, a ring
+/// reset), so it runs in parallel with the owner's page copy.
 #[derive(Debug, Default)]
-struct SaveSlot {
+struct ParkedWork {
     /// Pause generation a save was requested for (0: none).
     requested: u64,
     /// The save done by the vCPU thread, with its pause generation.
@@ -153,7 +153,7 @@ pub struct Vcpu {
     cv: Condvar,
     /// Incremented by every pause request: tags state saves to one pause.
     pause_gen: AtomicU64,
-    save: Mutex<SaveSlot>,
+    work: Mutex<ParkedWork>,
     /// Set when a save or reset is requested: the parked thread polls this
     /// and takes the slot lock only when there is work (polling the lock
     /// itself at idle priority let a preempted poller block the owner).
@@ -227,7 +227,7 @@ impl Vcpu {
             status: Mutex::new(Status { state: RunState::NotStarted }),
             cv: Condvar::new(),
             pause_gen: AtomicU64::new(0),
-            save: Mutex::new(SaveSlot::default()),
+            work: Mutex::new(ParkedWork::default()),
             has_work: AtomicBool::new(false),
             thread: Mutex::new(None),
         }
@@ -286,14 +286,14 @@ impl Vcpu {
         self.kick()
     }
 
-    fn save_slot(&self) -> MutexGuard<'_, SaveSlot> {
-        self.save.lock().unwrap_or_else(|p| p.into_inner())
+    fn parked_work(&self) -> MutexGuard<'_, ParkedWork> {
+        self.work.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks the parked vCPU thread to save its state now (in parallel with
     /// whatever the owner does next). Call only while parked.
     pub fn request_save(&self) {
-        let mut slot = self.save_slot();
+        let mut slot = self.parked_work();
         slot.requested = self.pause_gen.load(Ordering::SeqCst);
         self.has_work.store(true, Ordering::Release);
     }
@@ -303,7 +303,7 @@ impl Vcpu {
     /// only while parked (the state cannot change then, so both are equal).
     pub fn take_state(&self, ctx: &SaveContext) -> Result<VcpuState, StateError> {
         let gen = self.pause_gen.load(Ordering::SeqCst);
-        let mut slot = self.save_slot();
+        let mut slot = self.parked_work();
         slot.requested = 0;
         let st = match slot.done.take() {
             Some((g, r)) if g == gen => r?,
@@ -318,7 +318,7 @@ impl Vcpu {
     /// Asks the parked vCPU thread to reset the dirty rings now (VM-wide),
     /// while the owner copies pages. Call only while parked.
     pub fn request_reset(&self) {
-        let mut slot = self.save_slot();
+        let mut slot = self.parked_work();
         slot.reset_requested = self.pause_gen.load(Ordering::SeqCst);
         self.has_work.store(true, Ordering::Release);
     }
@@ -327,7 +327,7 @@ impl Vcpu {
     /// thread if it took it, else resets here. False: tracking was lost.
     pub fn take_reset(&self, ctx: &VcpuContext) -> bool {
         let gen = self.pause_gen.load(Ordering::SeqCst);
-        let mut slot = self.save_slot();
+        let mut slot = self.parked_work();
         let requested = std::mem::take(&mut slot.reset_requested);
         match slot.reset_done.take() {
             Some((g, ok)) if g == gen => ok,
@@ -338,10 +338,10 @@ impl Vcpu {
     }
 
     /// On the vCPU thread, while parked: does a requested save or reset.
-    fn serve_save(&self, ctx: &VcpuContext) {
+    fn serve_parked_work(&self, ctx: &VcpuContext) {
         let gen = self.pause_gen.load(Ordering::SeqCst);
         {
-            let mut slot = self.save_slot();
+            let mut slot = self.parked_work();
             self.has_work.store(false, Ordering::Relaxed);
             if slot.reset_requested != 0 && slot.reset_requested == gen {
                 slot.reset_requested = 0;
@@ -358,7 +358,7 @@ impl Vcpu {
             }
         }
         let gen = self.pause_gen.load(Ordering::SeqCst);
-        let mut slot = self.save_slot();
+        let mut slot = self.parked_work();
         if slot.requested == 0 || slot.requested != gen {
             return;
         }
@@ -441,7 +441,7 @@ impl Vcpu {
         set_idle_policy(true);
         while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) && Instant::now() < spin_until {
             if self.has_work.load(Ordering::Acquire) {
-                self.serve_save(ctx);
+                self.serve_parked_work(ctx);
             }
             std::thread::yield_now();
         }
