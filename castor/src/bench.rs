@@ -20,7 +20,8 @@ use serde::Serialize;
 use vmm::abi::{Pattern, KERNEL_END, PAGE_SIZE, PC_WRITES};
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
 
-use crate::demo::{free_port, node_args, spawn, Node};
+use crate::demo::{node_args, start_node};
+use runtime::harness::NodeProc;
 
 /// `castor bench`.
 #[derive(Debug, Args)]
@@ -63,10 +64,10 @@ impl BenchError {
 }
 
 fn med(v: &[f64]) -> f64 {
-    primary::status::percentile(v, 0.5)
+    common::sync::percentile(v, 0.5)
 }
 fn p99(v: &[f64]) -> f64 {
-    primary::status::percentile(v, 0.99)
+    common::sync::percentile(v, 0.99)
 }
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
@@ -361,17 +362,8 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
     Ok(rows)
 }
 
-fn wait_status(n: &Node, f: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(60) {
-        if let Some(s) = n.status() {
-            if f(&s) {
-                return Some(s);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    None
+fn wait_status(n: &NodeProc, f: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
+    n.wait_status(Duration::from_secs(60), f)
 }
 
 /// Closed-loop kv load for `secs`: (ops/s, latencies in ms).
@@ -416,24 +408,18 @@ fn start_pair(
     dir: &std::path::Path,
     tag: &str,
     extra: &[String],
-) -> Result<(Node, Node, SocketAddr), BenchError> {
+) -> Result<(NodeProc, NodeProc, SocketAddr), BenchError> {
     let e = |e: crate::demo::DemoError| BenchError::E2e(e.to_string());
-    let (repl, s_svc, s_ctl, p_svc, p_ctl) = (
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-        free_port().map_err(e)?,
-    );
-    let mut sa = node_args(Some("secondary"), secret, s_svc, s_ctl);
-    sa.extend(["--listen".into(), repl.to_string()]);
+    let mut sa = node_args(Some("secondary"), secret);
+    sa.extend(["--listen".into(), "127.0.0.1:0".into()]);
     sa.extend(extra.iter().cloned());
-    let s = Node { child: spawn(&sa, &dir.join(format!("s-{tag}.log"))).map_err(e)?, control: s_ctl };
-    std::thread::sleep(Duration::from_millis(200));
-    let mut pa = node_args(Some("primary"), secret, p_svc, p_ctl);
+    let s = start_node(&format!("s-{tag}"), &sa, dir).map_err(e)?;
+    let repl = s.listen.ok_or_else(|| BenchError::E2e("the secondary reported no replication address".into()))?;
+    let mut pa = node_args(Some("primary"), secret);
     pa.extend(["--peer".into(), repl.to_string(), "--guest".into(), "kv".into()]);
     pa.extend(extra.iter().cloned());
-    let p = Node { child: spawn(&pa, &dir.join(format!("p-{tag}.log"))).map_err(e)?, control: p_ctl };
+    let p = start_node(&format!("p-{tag}"), &pa, dir).map_err(e)?;
+    let p_svc = p.service;
     wait_status(&p, |v| v["protection"] == "protected").ok_or_else(|| BenchError::E2e("never protected".into()))?;
     Ok((s, p, p_svc))
 }
@@ -511,10 +497,10 @@ fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, BenchError> {
     }
 
     // unprotected baseline: the same guest, no epochs, no tracking
-    let (u_svc, u_ctl) = (free_port().map_err(e)?, free_port().map_err(e)?);
-    let mut ua = node_args(Some("primary"), &secret, u_svc, u_ctl);
+    let mut ua = node_args(Some("primary"), &secret);
     ua.extend(["--guest".into(), "kv".into(), "--no-epochs".into()]);
-    let u = Node { child: spawn(&ua, &dir.join("u.log")).map_err(e)?, control: u_ctl };
+    let u = start_node("u", &ua, &dir).map_err(e)?;
+    let u_svc = u.service;
     wait_status(&u, |v| v["role"] == "primary").ok_or_else(|| BenchError::E2e("baseline never started".into()))?;
     let (urate, _) = kv_load(&rt, u_svc, clients, secs);
     out.ops_per_s_unprotected = urate;

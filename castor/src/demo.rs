@@ -4,9 +4,7 @@
 //! duplicated acknowledged writes.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,9 +12,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use client::KvClient;
 use common::state::KvOp;
+use runtime::harness::{NodeProc, Spec};
 use serde_json::Value;
-
-use crate::node_cmd::control;
 
 /// `castor demo`.
 #[derive(Debug, Args)]
@@ -70,55 +67,34 @@ impl DemoError {
     }
 }
 
-pub(crate) fn free_port() -> Result<SocketAddr, DemoError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| DemoError::Setup(e.to_string()))?;
-    l.local_addr().map_err(|e| DemoError::Setup(e.to_string()))
-}
-
-pub(crate) struct Node {
-    pub(crate) child: Child,
-    pub(crate) control: SocketAddr,
-}
-
-impl Node {
-    pub(crate) fn status(&self) -> Option<Value> {
-        control(self.control, "status").ok().and_then(|s| serde_json::from_str(&s).ok())
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The arguments every node takes: (role,) secret file, service and control addresses.
-pub(crate) fn node_args(role: Option<&str>, secret: &std::path::Path, svc: SocketAddr, ctl: SocketAddr) -> Vec<String> {
+/// The arguments every node takes: (role,) secret file, and any free port
+/// for its service and control API (reported in its ready file).
+pub(crate) fn node_args(role: Option<&str>, secret: &Path) -> Vec<String> {
     let mut v: Vec<String> = role.map(|r| vec![r.to_string()]).unwrap_or_default();
     v.extend([
         "--secret-file".to_string(),
         secret.display().to_string(),
         "--service-listen".into(),
-        svc.to_string(),
+        "127.0.0.1:0".into(),
         "--control".into(),
-        ctl.to_string(),
+        "127.0.0.1:0".into(),
     ]);
     v
 }
 
-pub(crate) fn spawn(args: &[String], log: &PathBuf) -> Result<Child, DemoError> {
+/// Starts this binary as node `name` (log `<dir>/<name>.log`) and waits
+/// until it has bound its listeners.
+pub(crate) fn start_node(name: &str, args: &[String], dir: &Path) -> Result<NodeProc, DemoError> {
     let exe = std::env::current_exe().map_err(|e| DemoError::Setup(e.to_string()))?;
-    let f = std::fs::File::create(log).map_err(|e| DemoError::Setup(format!("{}: {e}", log.display())))?;
-    let f2 = f.try_clone().map_err(|e| DemoError::Setup(e.to_string()))?;
-    Command::new(exe)
-        .args(args)
-        .env("CASTOR_LOG", std::env::var("CASTOR_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdin(Stdio::null())
-        .stdout(f)
-        .stderr(f2)
-        .spawn()
-        .map_err(|e| DemoError::Setup(format!("cannot start a node: {e}")))
+    let level = std::env::var("CASTOR_LOG").unwrap_or_else(|_| "warn".into());
+    let spec = Spec {
+        exe,
+        name: name.into(),
+        args: args.to_vec(),
+        dir: dir.to_path_buf(),
+        env: vec![("CASTOR_LOG".into(), level)],
+    };
+    spec.start().map_err(|e| DemoError::Node(e.to_string()))
 }
 
 fn f(v: &Value, k: &str) -> f64 {
@@ -137,7 +113,7 @@ struct Load {
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
-    primary::status::percentile(v, p)
+    common::sync::percentile(v, p)
 }
 
 pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
@@ -164,9 +140,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let key = common::auth::nonce().map_err(|e| DemoError::Setup(e.to_string()))?;
     std::fs::write(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>())
         .map_err(|e| DemoError::Setup(e.to_string()))?;
-    let (repl_s, svc_s, ctl_s, svc_p, ctl_p) = (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
-    let common = |svc: SocketAddr, ctl: SocketAddr| -> Vec<String> {
-        let mut v = node_args(None, &secret, svc, ctl);
+    let common = || -> Vec<String> {
+        let mut v = node_args(None, &secret);
         v.extend([
             "--epoch-ms".into(),
             a.epoch_ms.to_string(),
@@ -178,10 +153,11 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         v
     };
     let mut sargs: Vec<String> =
-        vec!["secondary".into(), "--listen".into(), repl_s.to_string(), "--name".into(), "node-b".into()];
-    sargs.extend(common(svc_s, ctl_s));
-    let secondary = Node { child: spawn(&sargs, &dir.join("secondary.log"))?, control: ctl_s };
-    std::thread::sleep(Duration::from_millis(200));
+        vec!["secondary".into(), "--listen".into(), "127.0.0.1:0".into(), "--name".into(), "node-b".into()];
+    sargs.extend(common());
+    let secondary = start_node("secondary", &sargs, &dir)?;
+    let repl_s =
+        secondary.listen.ok_or_else(|| DemoError::Node("the secondary reported no replication address".into()))?;
     let mut pargs: Vec<String> = vec![
         "primary".into(),
         "--peer".into(),
@@ -195,8 +171,10 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         "--name".into(),
         "node-a".into(),
     ];
-    pargs.extend(common(svc_p, ctl_p));
-    let mut primary = Some(Node { child: spawn(&pargs, &dir.join("primary.log"))?, control: ctl_p });
+    pargs.extend(common());
+    let primary_node = start_node("primary", &pargs, &dir)?;
+    let (svc_p, svc_s) = (primary_node.service, secondary.service);
+    let mut primary = Some(primary_node);
     live(format!(
         "castor demo: primary node-a (service {svc_p}), secondary node-b (service {svc_s}), logs in {}",
         dir.display()
@@ -205,7 +183,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     // wait for protection
     let t = Instant::now();
     loop {
-        if let Some(s) = primary.as_ref().and_then(Node::status) {
+        if let Some(s) = primary.as_ref().and_then(NodeProc::status) {
             if s["protection"] == "protected" {
                 break;
             }
@@ -272,7 +250,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     while start.elapsed() < end_at {
         std::thread::sleep(Duration::from_millis(20));
         if killed_at.is_none() && start.elapsed() >= kill_at {
-            pre_kill = primary.as_ref().and_then(Node::status).or(last_status.clone());
+            pre_kill = primary.as_ref().and_then(NodeProc::status).or(last_status.clone());
             drop(primary.take()); // kill -9 and reap
             killed_at = Some(Instant::now());
             live(format!("t={:.1}s: killed the primary (kill -9)", start.elapsed().as_secs_f64()));

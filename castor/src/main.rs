@@ -56,6 +56,12 @@ enum Command {
         #[arg(long)]
         control: std::net::SocketAddr,
     },
+    /// End a primary's hold: it runs unprotected and releases what it held
+    /// (only when you know its secondary is gone; refused unless holding).
+    Unprotect {
+        #[arg(long)]
+        control: std::net::SocketAddr,
+    },
 }
 
 fn main() {
@@ -102,8 +108,8 @@ fn main() {
             let (rate, lat) = bench::kv_load(&rt, service, clients, seconds);
             println!(
                 "{{\"ops_per_s\":{rate:.0},\"latency_ms_p50\":{:.2},\"latency_ms_p99\":{:.2}}}",
-                primary::status::percentile(&lat, 0.5),
-                primary::status::percentile(&lat, 0.99)
+                common::sync::percentile(&lat, 0.5),
+                common::sync::percentile(&lat, 0.99)
             );
             0
         }
@@ -112,6 +118,9 @@ fn main() {
         Command::Status { control } => node("status", node_cmd::control(control, "status").map(|j| println!("{j}"))),
         Command::Failover { control } => {
             node("failover", node_cmd::control(control, "failover").map(|j| println!("{j}")))
+        }
+        Command::Unprotect { control } => {
+            node("unprotect", node_cmd::control(control, "unprotect").map(|j| println!("{j}")))
         }
     };
     std::process::exit(code);

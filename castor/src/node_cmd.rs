@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use common::auth::Secret;
 use primary::engine::{EngineOptions, UnprotectedPolicy};
-use primary::node::{run_primary, PrimaryConfig, PrimaryExit};
-use primary::status::NodeStatus;
-use secondary::node::{run_secondary, SecondaryConfig};
+use primary::node::{run_primary, PrimaryConfig, PrimaryExit, PrimaryIo};
+use runtime::listen::Listeners;
+use runtime::status::{NodeStatus, Role};
+use secondary::node::{run_secondary, SecondaryConfig, SecondaryExit};
 use tokio::sync::watch;
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
 
@@ -22,15 +23,22 @@ pub struct CommonArgs {
     /// File holding the shared secret (at least 16 bytes).
     #[arg(long)]
     secret_file: PathBuf,
-    /// Where clients of the kv service connect (the primary serves; a secondary after failover).
+    /// Where clients of the kv service connect (the primary serves; a
+    /// secondary answers `unavailable` until it takes over). Port 0: any free
+    /// port, reported in the ready file.
     #[arg(long)]
     service_listen: SocketAddr,
-    /// Control API (loopback): `castor status --control ADDR`.
+    /// Control API (loopback): `castor status --control ADDR`. Port 0 allowed.
     #[arg(long)]
     control: Option<SocketAddr>,
-    /// Prometheus metrics over HTTP.
+    /// Prometheus metrics over HTTP. Port 0 allowed.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Once every listener is bound, write their addresses here as one JSON
+    /// object (`{"pid","service","replication","control","metrics"}`),
+    /// atomically: start nodes on port 0 and read the ports from this file.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Node name in status, logs and released responses.
     #[arg(long)]
     name: Option<String>,
@@ -53,8 +61,8 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 300)]
     fence_grace_ms: u64,
     /// With no secondary: keep running (continue) or keep the guest paused (pause).
-    #[arg(long, default_value = "continue")]
-    unprotected: String,
+    #[arg(long, value_enum, default_value = "continue")]
+    unprotected: UnprotectedArg,
     /// Verification mode: send a digest of all guest memory with every epoch.
     #[arg(long)]
     verify_digest: bool,
@@ -80,6 +88,13 @@ pub struct CommonArgs {
     /// per page per epoch. `--hot-pages false` re-arms every epoch.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     hot_pages: bool,
+}
+
+/// What a primary does while no secondary protects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UnprotectedArg {
+    Continue,
+    Pause,
 }
 
 /// `castor primary`.
@@ -120,8 +135,6 @@ pub struct SecondaryArgs {
 /// Errors of the node commands, with exit codes.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeCmdError {
-    #[error("{0}")]
-    Usage(String),
     #[error("secret: {0}")]
     Secret(String),
     #[error("cannot build the machine: {0}")]
@@ -132,25 +145,26 @@ pub enum NodeCmdError {
     Fenced(u64),
     #[error("control {addr}: {err}")]
     Control { addr: SocketAddr, err: String },
+    #[error("the node refused: {0}")]
+    Refused(String),
 }
 
 impl NodeCmdError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            NodeCmdError::Usage(_) => 2,
             NodeCmdError::Build(_) => 3,
             NodeCmdError::Node(_) => 4,
             NodeCmdError::Secret(_) | NodeCmdError::Control { .. } => 5,
             NodeCmdError::Fenced(_) => 7,
+            NodeCmdError::Refused(_) => 8,
         }
     }
 }
 
 fn engine_opts(c: &CommonArgs) -> Result<EngineOptions, NodeCmdError> {
-    let unprotected = match c.unprotected.as_str() {
-        "continue" => UnprotectedPolicy::Continue,
-        "pause" => UnprotectedPolicy::Pause,
-        other => return Err(NodeCmdError::Usage(format!("--unprotected must be continue or pause, not '{other}'"))),
+    let unprotected = match c.unprotected {
+        UnprotectedArg::Continue => UnprotectedPolicy::Continue,
+        UnprotectedArg::Pause => UnprotectedPolicy::Pause,
     };
     Ok(EngineOptions {
         epoch: Duration::from_millis(c.epoch_ms.max(1)),
@@ -213,9 +227,6 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
         secret,
         generation: a.generation,
         peer: a.peer,
-        service_listen: c.service_listen,
-        control_listen: c.control,
-        metrics_listen: c.metrics_listen,
         heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
         peer_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
         fence_grace: Duration::from_millis(c.fence_grace_ms),
@@ -224,43 +235,30 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
         release_log: c.release_log.clone(),
         print_console: c.console,
     };
-    let listen = a.listen;
+    let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
-        let status = Arc::new(NodeStatus::new(&name, "primary", cfg.generation));
-        let joiners = match listen {
-            Some(l) => Some(accept_joiners(l).await?),
-            None => None,
+        let status = Arc::new(NodeStatus::new(&name, Role::Primary, cfg.generation));
+        let l = bind_all(&c, listen).await?;
+        let io = PrimaryIo {
+            service: Arc::new(l.service),
+            control: l.control,
+            metrics: l.metrics,
+            joiners: l.replication.map(runtime::join::accept_joiners),
+            commands: None,
         };
-        exit_of(run_primary(machine, cfg, joiners, status, stop).await.map_err(|e| e.to_string()))
+        exit_of(run_primary(machine, cfg, io, status, stop).await.map_err(|e| e.to_string()))
     })
 }
 
-/// Accepts joining secondaries on `listen` for a primary started with --listen.
-async fn accept_joiners(
-    listen: SocketAddr,
-) -> Result<tokio::sync::mpsc::Receiver<primary::node::Joiner>, NodeCmdError> {
-    let l = primary::node::bind(listen).await.map_err(|e| NodeCmdError::Node(e.to_string()))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut b = [0u8; 1];
-                if tokio::io::AsyncReadExt::read_exact(&mut s, &mut b).await.is_err() {
-                    return;
-                }
-                let ch = match b[0] {
-                    secondary::node::JOIN_DATA => common::proto::Channel::Data,
-                    secondary::node::JOIN_HEARTBEAT => common::proto::Channel::Heartbeat,
-                    _ => return,
-                };
-                let _ = tx.send((s, ch)).await;
-            });
-        }
-    });
-    Ok(rx)
+/// Binds every listener of a node and writes its ready file.
+async fn bind_all(c: &CommonArgs, replication: Option<SocketAddr>) -> Result<Listeners, NodeCmdError> {
+    let node = |e: runtime::listen::ListenError| NodeCmdError::Node(e.to_string());
+    let l = Listeners::bind(c.service_listen, replication, c.control, c.metrics_listen).await.map_err(node)?;
+    if let Some(p) = &c.ready_file {
+        l.ready().write(p).map_err(node)?;
+    }
+    Ok(l)
 }
 
 pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
@@ -269,25 +267,47 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
     let name = c.name.clone().unwrap_or_else(|| format!("secondary-{}", std::process::id()));
     let cfg = SecondaryConfig {
         node: name.clone(),
-        secret,
-        listen: a.listen,
+        secret: secret.clone(),
         join: a.join,
-        service_listen: c.service_listen,
-        control_listen: c.control,
-        metrics_listen: c.metrics_listen,
         heartbeat_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
         tracker: tracker(c),
         hot_pages: c.hot_pages,
-        heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
-        fence_grace: Duration::from_millis(c.fence_grace_ms),
-        engine: engine_opts(c)?,
-        release_log: c.release_log.clone(),
-        print_console: c.console,
     };
+    let (listen, c) = (a.listen, a.common.clone());
+    let engine = engine_opts(&c)?;
     runtime().block_on(async move {
         let stop = stop_signal();
-        let status = Arc::new(NodeStatus::new(&name, "secondary", 0));
-        exit_of(run_secondary(cfg, status, stop).await.map_err(|e| e.to_string()))
+        let status = Arc::new(NodeStatus::new(&name, Role::Secondary, 0));
+        let l = bind_all(&c, Some(listen)).await?;
+        let p = match run_secondary(cfg, l, status.clone(), stop.clone()).await {
+            Ok(SecondaryExit::Shutdown) => return Ok(()),
+            Ok(SecondaryExit::Promoted(p)) => *p,
+            Err(e) => return Err(NodeCmdError::Node(e.to_string())),
+        };
+        // the promoted node runs as a primary, unprotected until a new
+        // secondary joins it on its replication address
+        let pcfg = PrimaryConfig {
+            node: name,
+            secret,
+            generation: p.generation,
+            peer: None,
+            heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
+            peer_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
+            fence_grace: Duration::from_millis(c.fence_grace_ms),
+            engine,
+            first_epoch: p.first_epoch,
+            release_log: c.release_log.clone(),
+            print_console: c.console,
+        };
+        let io = PrimaryIo {
+            service: p.service,
+            control: None,
+            metrics: None,
+            joiners: Some(p.joiners),
+            commands: Some(p.commands),
+        };
+        let _tasks = p.tasks;
+        exit_of(run_primary(p.machine, pcfg, io, status, stop).await.map_err(|e| e.to_string()))
     })
 }
 
@@ -300,5 +320,14 @@ pub fn control(addr: SocketAddr, cmd: &str) -> Result<String, NodeCmdError> {
     s.write_all(format!("{cmd}\n").as_bytes()).map_err(err)?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).map_err(err)?;
-    Ok(line.trim().to_string())
+    let line = line.trim().to_string();
+    // a command the node refused is an error (exit code 8), with its reason
+    if cmd != "status" {
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| NodeCmdError::Control { addr, err: format!("not a JSON reply ({e}): {line}") })?;
+        if v["ok"] != true {
+            return Err(NodeCmdError::Refused(v["error"].as_str().unwrap_or("no reason given").to_string()));
+        }
+    }
+    Ok(line)
 }

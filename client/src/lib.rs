@@ -70,6 +70,13 @@ impl KvClient {
         }
     }
 
+    /// Adds a node to try (one that started after this client).
+    pub fn add_node(&mut self, addr: SocketAddr) {
+        if !self.nodes.contains(&addr) {
+            self.nodes.push(addr);
+        }
+    }
+
     pub fn id(&self) -> u32 {
         self.id
     }

@@ -13,3 +13,4 @@ pub mod frame;
 pub mod proto;
 pub mod service;
 pub mod state;
+pub mod sync;

@@ -9,8 +9,6 @@ pub mod cluster;
 pub mod load;
 pub mod proxy;
 
-use std::net::SocketAddr;
-
 /// Path of the castor binary under test.
 pub fn castor_bin() -> std::path::PathBuf {
     if let Ok(p) = std::env::var("CASTOR_BIN") {
@@ -24,12 +22,6 @@ pub fn castor_bin() -> std::path::PathBuf {
         }
     }
     panic!("castor binary not found: build it (cargo build --release -p castor) or set CASTOR_BIN");
-}
-
-/// A free loopback address (bound and released; good enough on loopback).
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
 }
 
 /// Serialises the tests of one binary: each starts VMs, and two clusters at

@@ -19,6 +19,8 @@ struct Shared {
     ack_times: Mutex<Vec<Instant>>,
     /// (node, generation) pairs seen in responses.
     sources: Mutex<HashSet<(String, u64)>>,
+    /// Nodes added after the start (clients pick them up before their next call).
+    added: Mutex<Vec<SocketAddr>>,
 }
 
 /// A running load: `clients` clients each ADDing 1 to its own keys.
@@ -55,6 +57,9 @@ impl Load {
                 c.deadline = Duration::from_secs(45);
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
+                    for a in shared.added.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                        c.add_node(*a);
+                    }
                     let k = (u64::from(id) << 32) | (i % keys);
                     match c.call(KvOp::Add, k, 1).await {
                         Ok(r) => {
@@ -73,6 +78,11 @@ impl Load {
             }));
         }
         Load { shared, stop, handles, started: Instant::now() }
+    }
+
+    /// A node started later (a new secondary): clients fail over to it too.
+    pub fn add_node(&self, addr: SocketAddr) {
+        self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
     }
 
     pub fn acked(&self) -> u64 {

@@ -234,20 +234,19 @@ fn secondary_crash_points(row: &mut Row) {
 }
 
 /// The secondary is killed; the primary runs unprotected; a new secondary
-/// (same address) re-protects it; a later primary kill fails over to it.
+/// joins it and re-protects it; a later primary kill fails over to it.
 fn secondary_killed_then_reprotected(row: &mut Row) {
     let c = Cluster::new("reprotect");
     let o = NodeOpts::default();
-    let addrs = Cluster::plan();
-    let mut s = c.secondary_at("s", &o, None, addrs);
-    let mut p = c.primary("p", &o, addrs.0);
+    let mut s = c.secondary("s", &o, None);
+    let mut p = c.primary_with("p", &o, s.listen, true);
     row.trials += 1;
     if !protected(&p) {
         row.fail("never protected".into());
         return;
     }
     let rt = rt();
-    let load = Load::start(&rt, vec![p.service, addrs.1], 4, 16, 1);
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     load.wait_more(50, T);
     s.kill9();
     eprintln!("killed the secondary");
@@ -257,7 +256,8 @@ fn secondary_killed_then_reprotected(row: &mut Row) {
     if !load.wait_more(100, T) {
         row.fail("clients stalled while unprotected".into());
     }
-    let s2 = c.secondary_at("s2", &o, None, addrs);
+    let s2 = c.secondary("s2", &o, p.listen);
+    load.add_node(s2.service);
     if !protected(&p) {
         row.fail(format!("no re-protection:\n{}", p.log_tail()));
         return;

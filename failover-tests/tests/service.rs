@@ -96,9 +96,8 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
     let mut p = c.primary("p", &o, s1.listen.expect("listen"));
     p.wait_status(T, |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
-    let s2_addrs = Cluster::plan();
     let rt = rt();
-    let load = Load::start(&rt, vec![p.service, s1.service, s2_addrs.1], 8, 32, 1);
+    let load = Load::start(&rt, vec![p.service, s1.service], 8, 32, 1);
     assert!(load.wait_more(300, T), "no progress before the kill");
 
     // first failover
@@ -112,7 +111,6 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
     assert!(load.wait_more(300, T), "clients did not carry on after the failover:\n{}", s1.log_tail());
 
     // the old primary comes back with its old generation: refused, fenced
-    let svc = failover_tests::free_addr();
     let (mut old, _) = c.raw(
         "p-again",
         vec![
@@ -124,7 +122,7 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
             "--secret-file".into(),
             c.secret.display().to_string(),
             "--service-listen".into(),
-            svc.to_string(),
+            failover_tests::cluster::ANY.into(),
         ],
         &o,
     );
@@ -136,7 +134,8 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
     assert_eq!(code, Some(Some(7)), "the returning old primary was not fenced");
 
     // re-protection by a new secondary, then a second failover to it
-    let s2 = c.secondary_at("s2", &o, s1.listen, s2_addrs);
+    let s2 = c.secondary("s2", &o, s1.listen);
+    load.add_node(s2.service);
     s1.wait_status(T, |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("s2 never protected s1:\n{}\n{}", s1.log_tail(), s2.log_tail()));
     assert!(load.wait_more(300, T), "no progress while re-protected");
@@ -161,9 +160,9 @@ fn failover_fences_the_old_primary_and_reprotection_survives_a_second_failover()
 fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
     let _g = serial();
     let c = Cluster::new("forced");
-    let metrics = failover_tests::free_addr();
     let s = c.secondary("s", &NodeOpts::default(), None);
-    let po = NodeOpts { extra: vec!["--metrics-listen".into(), metrics.to_string()], ..NodeOpts::default() };
+    let po =
+        NodeOpts { extra: vec!["--metrics-listen".into(), failover_tests::cluster::ANY.into()], ..NodeOpts::default() };
     let mut p = c.primary("p", &po, s.listen.expect("listen"));
     p.wait_status(T, |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
@@ -173,7 +172,7 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
 
     let text = {
         use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(metrics).expect("metrics");
+        let mut conn = std::net::TcpStream::connect(p.metrics.expect("metrics address")).expect("metrics");
         conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("get");
         let mut body = String::new();
         conn.read_to_string(&mut body).expect("read");
@@ -203,6 +202,14 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
     assert!(st.starts_with("HTTP/1.1 200") && st.contains("\"role\":\"primary\""), "{st}");
     let nf = http("GET /nonsense HTTP/1.1\r\n\r\n", p.control);
     assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
+    // a GET (what a web page's <img src=...> sends) does not act
+    let get = http("GET /failover HTTP/1.1\r\n\r\n", s.control);
+    assert!(get.starts_with("HTTP/1.1 405"), "{get}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.status().expect("s")["role"], "secondary", "a GET made the secondary take over");
+    // the primary takes no forced failover: it says why
+    let r = p.command("failover").expect("reply");
+    assert!(r.contains("\"ok\":false") && r.contains("primary"), "{r}");
     let reply = http("POST /failover HTTP/1.1\r\nContent-Length: 0\r\n\r\n", s.control);
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"ok\":true"), "{reply}");
@@ -221,9 +228,8 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
 fn unprotected_pause_policy_waits_for_a_secondary() {
     let _g = serial();
     let c = Cluster::new("pause");
-    let planned = Cluster::plan();
     let o = NodeOpts { extra: vec!["--unprotected".into(), "pause".into()], ..NodeOpts::default() };
-    let p = c.primary("p", &o, planned.0);
+    let p = c.primary_with("p", &o, None, true);
     p.wait_status(T, |v| v["role"] == "primary").expect("primary up");
     let rt = rt();
     let svc = p.service;
@@ -235,7 +241,43 @@ fn unprotected_pause_policy_waits_for_a_secondary() {
     std::thread::sleep(Duration::from_millis(1000));
     assert!(!call.is_finished(), "an unprotected primary under the pause policy answered");
     assert_eq!(p.status().expect("status")["protection"], "unprotected");
-    let _s = c.secondary_at("s", &NodeOpts::default(), None, planned);
+    let _s = c.secondary("s", &NodeOpts::default(), p.listen);
     let r = rt.block_on(call).expect("join").expect("call after protection");
     assert_eq!(r.resp.value, 33);
+}
+
+/// An `unprotect` sent while the pair is healthy is refused, and not kept
+/// for later: when the secondary then freezes (SIGSTOP: its sockets neither
+/// answer nor refuse), the primary holds, and stays holding past the fence
+/// grace. (Before the state machine, the command was answered ok, queued,
+/// and fired at this hold: the primary released output while the secondary
+/// could be taking over.) Once the secondary is really gone (killed: its
+/// port refuses) the grace ends the hold.
+#[test]
+fn unprotect_is_refused_while_protected_and_not_applied_at_the_next_hold() {
+    let _g = serial();
+    let c = Cluster::new("unprotect");
+    let o = NodeOpts::default();
+    let mut s = c.secondary("s", &o, None);
+    let p = c.primary("p", &o, s.listen.expect("listen"));
+    p.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    let r = p.command("unprotect").expect("reply");
+    assert!(r.contains("\"ok\":false") && r.contains("not holding"), "unprotect while protected: {r}");
+    assert_eq!(p.status().expect("p")["protection"], "protected");
+
+    let stopped = std::process::Command::new("kill").args(["-STOP", &s.child.id().to_string()]).status();
+    assert!(stopped.is_ok_and(|st| st.success()), "cannot SIGSTOP the secondary");
+    p.wait_status(T, |v| v["protection"] == "holding")
+        .unwrap_or_else(|| panic!("the primary did not hold:\n{}", p.log_tail()));
+    std::thread::sleep(Duration::from_millis(o.fence_grace_ms * 4));
+    let st = p.status().expect("p");
+    assert_eq!(st["protection"], "holding", "a frozen secondary ended the hold: {st}");
+    assert!(st["held_outputs"].as_u64().is_some());
+    // now the operator's unprotect applies: a hold is what it ends
+    let r = p.command("unprotect").expect("reply");
+    assert!(r.contains("\"ok\":true"), "unprotect while holding: {r}");
+    p.wait_status(T, |v| v["protection"] == "unprotected")
+        .unwrap_or_else(|| panic!("unprotect did not end the hold:\n{}", p.log_tail()));
+    s.kill9();
 }

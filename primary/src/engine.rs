@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use vmm::abi::PAGE_SIZE;
 use vmm::Machine;
 
+use crate::mode::EngineCommand;
 use crate::sender::page_from;
 
 /// What the primary does while no secondary protects it.
@@ -41,39 +42,15 @@ pub struct EngineOptions {
     pub tracking_off: bool,
 }
 
-/// Time spent in each phase of one epoch boundary, in microseconds.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct Phases {
-    pub epoch: u64,
-    /// Pages reported dirty (copied in the pause).
-    pub pages: u64,
-    /// Of those, pages not shipped: same content as in the previous epoch.
-    pub unchanged: u64,
-    pub stop_us: f64,
-    pub collect_us: f64,
-    pub copy_us: f64,
-    pub save_us: f64,
-    pub resume_us: f64,
-    pub pause_us: f64,
-    pub full: bool,
-}
+pub use runtime::status::Phases;
 
-/// State shared between the engine and the network side.
+/// Counters shared between the engine and the network side. What the engine
+/// must do comes as [`EngineCommand`]s, never from flags here.
 #[derive(Debug, Default)]
 pub struct EngineShared {
     /// Highest acknowledged epoch + 1 (0 = none).
     pub acked: AtomicU64,
-    /// A secondary session is up.
-    pub protected: AtomicBool,
-    /// Start a full live sync at the next boundary.
-    pub sync_request: AtomicBool,
-    /// Send the next epoch as a full-memory epoch.
-    pub force_full: AtomicBool,
     pub stop: AtomicBool,
-    /// The secondary was lost and may have taken over: keep the guest paused
-    /// (no new output, bounded memory) until protection returns or we learn
-    /// we may run alone.
-    pub hold: AtomicBool,
     /// Next epoch number.
     pub next_epoch: AtomicU64,
     pub last: Mutex<Phases>,
@@ -83,6 +60,34 @@ pub struct EngineShared {
     pub tracking_lost: AtomicU64,
     /// Ring-full exits of the vCPUs so far (ring tracker).
     pub ring_full_exits: AtomicU64,
+}
+
+/// What the engine does now: a function of the last command it applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Directive {
+    /// Ship epochs.
+    Protect,
+    /// Keep the guest paused.
+    Hold,
+    /// Run by the unprotected policy.
+    Alone,
+}
+
+/// Why the engine stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("guest exception {vector} at {rip:#x} on cpu {cpu}")]
+    GuestFault { vector: u64, rip: u64, cpu: u32 },
+    #[error("vCPU {cpu} stopped: {why}")]
+    VcpuExited { cpu: u32, why: String },
+    #[error("machine: {0}")]
+    Machine(String),
+}
+
+impl From<vmm::MachineError> for EngineError {
+    fn from(e: vmm::MachineError) -> Self {
+        EngineError::Machine(e.to_string())
+    }
 }
 
 impl EngineShared {
@@ -120,7 +125,7 @@ pub enum Packet {
     /// Output of an unprotected epoch: release at once.
     Release(Vec<Output>),
     /// The guest failed; the engine stopped.
-    Failed(String),
+    Failed(EngineError),
 }
 
 /// Recycled epoch buffers: a buffer returns to the pool when the last page
@@ -162,6 +167,12 @@ pub struct Engine {
     opts: EngineOptions,
     shared: Arc<EngineShared>,
     tx: mpsc::Sender<Packet>,
+    commands: std::sync::mpsc::Receiver<EngineCommand>,
+    directive: Directive,
+    /// A live sync starts at the next boundary.
+    want_sync: bool,
+    /// The next epoch is a full-memory epoch.
+    want_full: bool,
     held: Vec<Output>,
     pool: BufPool,
     /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`): treat every N-th
@@ -180,7 +191,13 @@ fn us(d: Duration) -> f64 {
 }
 
 impl Engine {
-    pub fn new(machine: Machine, opts: EngineOptions, shared: Arc<EngineShared>, tx: mpsc::Sender<Packet>) -> Self {
+    pub fn new(
+        machine: Machine,
+        opts: EngineOptions,
+        shared: Arc<EngineShared>,
+        tx: mpsc::Sender<Packet>,
+        commands: std::sync::mpsc::Receiver<EngineCommand>,
+    ) -> Self {
         let force_lost_every = std::env::var("CASTOR_FORCE_TRACKING_LOST_EVERY")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -190,6 +207,10 @@ impl Engine {
             opts,
             shared,
             tx,
+            commands,
+            directive: Directive::Alone,
+            want_sync: false,
+            want_full: false,
             held: Vec::new(),
             pool: BufPool::default(),
             force_lost_every,
@@ -261,14 +282,38 @@ impl Engine {
         self.tx.blocking_send(p).is_ok()
     }
 
-    fn check_guest(&self) -> Result<(), String> {
+    fn check_guest(&self) -> Result<(), EngineError> {
         if let Some(f) = self.machine.faults().first() {
-            return Err(format!("guest exception {} at {:#x} on cpu {}", f.vector, f.rip, f.cpu));
+            return Err(EngineError::GuestFault { vector: f.vector, rip: f.rip, cpu: f.cpu });
         }
         if let Some((id, why)) = self.machine.exited_vcpus().first() {
-            return Err(format!("vCPU {id} stopped: {why}"));
+            return Err(EngineError::VcpuExited { cpu: *id, why: why.clone() });
         }
         Ok(())
+    }
+
+    /// Applies the commands that arrived, in order.
+    fn poll_commands(&mut self) {
+        while let Ok(c) = self.commands.try_recv() {
+            match c {
+                EngineCommand::Protect(resync) => {
+                    self.directive = Directive::Protect;
+                    self.want_sync = resync == crate::mode::Resync::Live;
+                    self.want_full = resync == crate::mode::Resync::Full;
+                }
+                EngineCommand::Hold => {
+                    self.directive = Directive::Hold;
+                    self.want_sync = false;
+                    self.want_full = false;
+                }
+                EngineCommand::Alone => {
+                    self.directive = Directive::Alone;
+                    self.want_sync = false;
+                    self.want_full = false;
+                }
+                EngineCommand::FullEpoch => self.want_full |= self.directive == Directive::Protect,
+            }
+        }
     }
 
     /// Runs until `shared.stop`; returns the machine (paused).
@@ -281,10 +326,10 @@ impl Engine {
         self.machine
     }
 
-    fn run_loop(&mut self) -> Result<(), String> {
+    fn run_loop(&mut self) -> Result<(), EngineError> {
         let mut next = Instant::now();
-        let err = |e: vmm::MachineError| e.to_string();
         loop {
+            self.poll_commands();
             if self.shared.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
@@ -309,7 +354,8 @@ impl Engine {
                 std::thread::sleep((next - now).min(Duration::from_millis(1)));
             }
             self.check_guest()?;
-            if !self.shared.protected.load(Ordering::SeqCst) {
+            self.poll_commands();
+            if self.directive != Directive::Protect {
                 if self.opts.tracking_off {
                     let out = self.machine.devices().drain();
                     if !out.is_empty() {
@@ -319,11 +365,11 @@ impl Engine {
                     next = Instant::now();
                     continue;
                 }
-                self.unprotected_epoch().map_err(err)?;
+                self.unprotected_epoch()?;
                 continue;
             }
-            if self.shared.sync_request.swap(false, Ordering::SeqCst) {
-                self.live_sync().map_err(err)?;
+            if std::mem::take(&mut self.want_sync) {
+                self.live_sync()?;
                 next = Instant::now();
                 continue;
             }
@@ -331,19 +377,20 @@ impl Engine {
             // guest runs on (a longer epoch) instead of queueing more copies.
             let waited = Instant::now();
             while self.in_flight() >= self.opts.max_in_flight
-                && self.shared.protected.load(Ordering::SeqCst)
+                && self.directive == Directive::Protect
                 && !self.shared.stop.load(Ordering::SeqCst)
             {
                 std::thread::sleep(Duration::from_micros(500));
+                self.poll_commands();
                 if waited.elapsed() > Duration::from_secs(5) {
                     tracing::warn!(in_flight = self.in_flight(), "secondary not acknowledging; epochs stretched");
                     break;
                 }
             }
-            if !self.shared.protected.load(Ordering::SeqCst) {
+            if self.directive != Directive::Protect {
                 continue;
             }
-            let packet = self.boundary().map_err(err)?;
+            let packet = self.boundary()?;
             if !self.send(Packet::Epoch(Box::new(packet))) {
                 return Ok(());
             }
@@ -356,8 +403,7 @@ impl Engine {
 
     fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
-        let policy =
-            if self.shared.hold.load(Ordering::SeqCst) { UnprotectedPolicy::Pause } else { self.opts.unprotected };
+        let policy = if self.directive == Directive::Hold { UnprotectedPolicy::Pause } else { self.opts.unprotected };
         match policy {
             UnprotectedPolicy::Pause => {
                 if !self.machine.is_paused() {
@@ -436,7 +482,7 @@ impl Engine {
         let t2 = Instant::now();
         let forced_lost = self.force_lost_every.is_some_and(|n| epoch.is_multiple_of(n));
         let lost = d.tracking_lost || forced_lost;
-        let mut full = lost || self.shared.force_full.swap(false, Ordering::SeqCst);
+        let mut full = lost || std::mem::take(&mut self.want_full);
         if lost {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory resync");

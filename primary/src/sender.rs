@@ -29,6 +29,8 @@ pub enum SenderError {
     SecondaryUnauthenticated,
     #[error("secondary closed the connection {0}")]
     Closed(&'static str),
+    #[error("{0} timed out")]
+    TimedOut(&'static str),
     #[error("unexpected {0:?} from the secondary")]
     Unexpected(proto::Kind),
     #[error("no randomness: {0}")]

@@ -1,6 +1,8 @@
-//! castor secondary: the replication receiver and the page-exact replica.
-//! Heartbeat monitoring and failover activation come with the service (issue 4).
+//! castor secondary: the replication receiver, the page-exact replica, the
+//! heartbeat monitor and failover activation (handing a running VM back as a
+//! [`node::Promotion`]).
 
+pub mod mode;
 pub mod node;
 pub mod receiver;
 pub mod replica;

@@ -1,67 +1,78 @@
 //! The secondary's runtime: receive epochs into the replica, watch the
 //! primary's heartbeats, and fail over: raise the generation, build the VM
-//! from the committed replica (its memory as it is, no copy) and run it as the
-//! primary, unprotected until a new secondary joins.
+//! from the committed replica (its memory as it is, no copy) and hand it
+//! back as a [`Promotion`], which the caller runs as a primary.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::auth::Secret;
-use common::proto::Channel;
-use primary::engine::EngineOptions;
-use primary::node::{
-    bind, run_primary_with, serve_control, serve_metrics, Joiner, NodeError, PrimaryConfig, PrimaryExit,
-};
-use primary::status::NodeStatus;
+use common::sync::lock;
+use runtime::control::{serve_control, ControlRequest, Refused};
+use runtime::join::{read_preamble, Joiner, JOIN_DATA, JOIN_HEARTBEAT};
+use runtime::listen::Listeners;
+use runtime::metrics::serve_metrics;
+use runtime::status::{NodeStatus, Role};
+use runtime::Tasks;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use vmm::{Machine, TrackerKind};
 
+use crate::mode::{SecondaryEvent, SecondaryMode};
 use crate::receiver::{serve_connection, ReceiverConfig, ReceiverEvent};
 use crate::replica::Replica;
-
-/// Preamble byte a joining secondary sends before the handshake.
-pub const JOIN_DATA: u8 = b'D';
-/// Preamble byte of a joining secondary's heartbeat connection.
-pub const JOIN_HEARTBEAT: u8 = b'H';
 
 /// Secondary settings.
 #[derive(Debug, Clone)]
 pub struct SecondaryConfig {
     pub node: String,
     pub secret: Secret,
-    /// Replication listen address (primaries dial it; after a failover,
-    /// new secondaries join here).
-    pub listen: SocketAddr,
     /// Dial this primary to protect it (re-protection after a failover).
     pub join: Option<SocketAddr>,
-    pub service_listen: SocketAddr,
-    pub control_listen: Option<SocketAddr>,
-    pub metrics_listen: Option<SocketAddr>,
     pub heartbeat_timeout: Duration,
     /// Tracker of the VM built at failover.
     pub tracker: TrackerKind,
-    /// Hot-page retention for that VM (bitmap tracker).
+    /// Hot-page retention for that VM.
     pub hot_pages: bool,
-    /// Settings of the primary this node becomes.
-    pub heartbeat_interval: Duration,
-    pub fence_grace: Duration,
-    pub engine: EngineOptions,
-    pub release_log: Option<std::path::PathBuf>,
-    pub print_console: bool,
 }
 
 /// Errors of the secondary runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum SecondaryError {
-    #[error(transparent)]
-    Node(#[from] NodeError),
-    #[error("failover failed: {0}")]
-    Failover(String),
+    #[error("the secondary needs a replication listener")]
+    NoListener,
+    #[error("failover: {0}")]
+    Failover(#[from] vmm::MachineError),
+    #[error("failover: no committed epoch")]
+    NothingCommitted,
     #[error("replica: {0}")]
     Replica(#[from] crate::replica::ReplicaError),
+}
+
+/// A secondary that took over: everything the primary it becomes needs.
+#[derive(Debug)]
+pub struct Promotion {
+    /// The VM, running, built from the committed replica.
+    pub machine: Machine,
+    pub generation: u64,
+    /// The committed epoch + 1.
+    pub first_epoch: u64,
+    pub service: Arc<TcpListener>,
+    /// Secondaries that join the new primary (on the replication listener).
+    pub joiners: mpsc::Receiver<Joiner>,
+    /// Commands from the control API, which keeps being served.
+    pub commands: mpsc::Receiver<ControlRequest>,
+    /// The listener and control tasks: keep them while the primary runs.
+    pub tasks: Tasks,
+}
+
+/// How a secondary's run ended.
+#[derive(Debug)]
+pub enum SecondaryExit {
+    Shutdown,
+    Promoted(Box<Promotion>),
 }
 
 struct Liveness {
@@ -69,49 +80,47 @@ struct Liveness {
     heard: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Runs until stopped; after a failover, until the new primary ends.
+/// Runs until stopped or promoted.
 pub async fn run_secondary(
     cfg: SecondaryConfig,
+    listeners: Listeners,
     status: Arc<NodeStatus>,
     mut stop: watch::Receiver<bool>,
-) -> Result<PrimaryExit, SecondaryError> {
+) -> Result<SecondaryExit, SecondaryError> {
+    let mut mode = SecondaryMode::Waiting;
     status.update(|s| {
-        s.role = "secondary".into();
-        s.protection = "waiting".into();
+        s.role = Role::Secondary;
+        s.protection = mode.protection();
     });
+    let listener = listeners.replication.ok_or(SecondaryError::NoListener)?;
     let replica = Arc::new(Mutex::new(Replica::unshaped()?));
     let rcfg = ReceiverConfig::new(cfg.secret.clone(), 0);
     let live = Arc::new(Mutex::new(Liveness { last_heard: Instant::now(), heard: false }));
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
-    let (force_tx, mut force_rx) = mpsc::channel::<String>(4);
-    let listener = bind(cfg.listen).await?;
-    let mut tasks = Vec::new();
-    if let Some(a) = cfg.control_listen {
-        tasks.push(tokio::spawn(serve_control(bind(a).await?, status.clone(), Some(force_tx.clone()))));
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<ControlRequest>(4);
+    let (commit_tx, mut commit_rx) = mpsc::unbounded_channel::<SecondaryEvent>();
+    let service = Arc::new(listeners.service);
+    let mut tasks = Tasks::default();
+    if let Some(l) = listeners.control {
+        tasks.spawn(serve_control(l, status.clone(), Some(cmd_tx.clone())));
     }
-    if let Some(a) = cfg.metrics_listen {
-        tasks.push(tokio::spawn(serve_metrics(bind(a).await?, status.clone())));
+    if let Some(l) = listeners.metrics {
+        tasks.spawn(serve_metrics(l, status.clone()));
     }
+    // until it takes over, the service port sends clients to the primary
+    let mut standby = Tasks::default();
+    standby.spawn(runtime::service::serve_unavailable(service.clone(), "standby secondary"));
 
     let on_event = {
-        let (live, status, replica) = (live.clone(), status.clone(), replica.clone());
+        let (live, replica) = (live.clone(), replica.clone());
         move |e: ReceiverEvent| {
             let mut l = lock(&live);
             l.last_heard = Instant::now();
             l.heard = true;
             if let ReceiverEvent::Committed { epoch } = e {
-                let needs = lock(&replica).needs_resync();
-                status.update(|s| {
-                    s.epoch = epoch;
-                    s.committed_epoch = Some(epoch);
-                    s.epochs += 1;
-                    s.protection = if needs { "diverged".into() } else { "replicating".into() };
-                });
+                let diverged = lock(&replica).needs_resync();
+                let _ = commit_tx.send(SecondaryEvent::Committed { epoch, diverged });
             }
         }
     };
@@ -120,25 +129,27 @@ pub async fn run_secondary(
     // hand joining secondaries to the primary runtime, refuse old primaries.
     {
         let (replica, rcfg, promoted, on_event) = (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
-                let Ok((stream, peer)) = listener.accept().await else { continue };
+                let Ok((stream, peer)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let (replica, rcfg, promoted, on_event, join_tx) =
                     (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone(), join_tx.clone());
                 tokio::spawn(async move {
                     if promoted.load(std::sync::atomic::Ordering::SeqCst) {
                         let mut b = [0u8; 1];
-                        match stream.peek(&mut b).await {
-                            Ok(1) if b[0] == JOIN_DATA || b[0] == JOIN_HEARTBEAT => {
-                                let mut stream = stream;
-                                let mut one = [0u8; 1];
-                                let _ = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut one).await;
-                                let ch = if one[0] == JOIN_DATA { Channel::Data } else { Channel::Heartbeat };
-                                let _ = join_tx.send((stream, ch)).await;
+                        let peeked = tokio::time::timeout(Duration::from_secs(2), stream.peek(&mut b)).await;
+                        if let Ok(Ok(1)) = peeked {
+                            if b[0] == JOIN_DATA || b[0] == JOIN_HEARTBEAT {
+                                if let Some(j) = read_preamble(stream).await {
+                                    let _ = join_tx.send(j).await;
+                                }
                                 return;
                             }
-                            _ => {} // a primary: the receiver refuses its stale generation
                         }
+                        // a primary: the receiver refuses its stale generation
                     }
                     match serve_connection(stream, &rcfg, &replica, on_event).await {
                         Ok(end) => tracing::info!(%peer, ?end, "replication session ended"),
@@ -146,13 +157,13 @@ pub async fn run_secondary(
                     }
                 });
             }
-        }));
+        });
     }
 
     // Re-protection: dial the primary we protect.
     if let Some(primary_addr) = cfg.join {
         let (replica, rcfg, promoted, on_event) = (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             while !promoted.load(std::sync::atomic::Ordering::SeqCst) {
                 let dial = |tag: u8| async move {
                     let mut s = TcpStream::connect(primary_addr).await?;
@@ -171,52 +182,77 @@ pub async fn run_secondary(
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
-        }));
+        });
     }
 
-    // Heartbeat monitor.
-    let forced = loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            f = force_rx.recv() => if f.as_deref() == Some("failover") {
-                if lock(&replica).committed_epoch().is_some() {
-                    tracing::warn!("forced failover requested");
-                    break true;
-                }
-                tracing::warn!("forced failover refused: no committed epoch yet");
-            },
-            _ = stop.changed() => {
-                for t in tasks { t.abort(); }
-                return Ok(PrimaryExit::Shutdown);
+    // Heartbeat monitor and commands: every change of mode goes through
+    // SecondaryMode::on.
+    let set = |m: SecondaryMode, mode: &mut SecondaryMode| {
+        *mode = m;
+        status.update(|s| {
+            s.protection = m.protection();
+            if let Some(e) = m.committed() {
+                s.epoch = e;
+                s.committed_epoch = Some(e);
             }
-        }
-        let (heard, since) = {
-            let l = lock(&live);
-            (l.heard, l.last_heard.elapsed())
-        };
-        if heard && since > cfg.heartbeat_timeout && lock(&replica).committed_epoch().is_some() {
-            tracing::warn!(silent_ms = since.as_millis() as u64, "primary silent: failing over");
-            break false;
-        }
+        });
     };
+    while !matches!(mode, SecondaryMode::Promoting { .. }) {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                let (heard, since) = {
+                    let l = lock(&live);
+                    (l.heard, l.last_heard.elapsed())
+                };
+                if heard && since > cfg.heartbeat_timeout {
+                    if let Ok(m) = mode.on(SecondaryEvent::PrimarySilent) {
+                        if m != mode {
+                            tracing::warn!(silent_ms = since.as_millis() as u64, "primary silent: failing over");
+                        }
+                        set(m, &mut mode);
+                    }
+                }
+            }
+            e = commit_rx.recv() => if let Some(e) = e {
+                if let Ok(m) = mode.on(e) {
+                    status.update(|s| s.epochs += 1);
+                    set(m, &mut mode);
+                }
+            },
+            c = cmd_rx.recv() => if let Some(c) = c {
+                match mode.on(SecondaryEvent::Command(c.command)) {
+                    Ok(m) => {
+                        tracing::warn!("forced failover requested");
+                        set(m, &mut mode);
+                        c.answer(Ok("failover started"));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, command = c.command.name(), "command refused");
+                        c.answer(Err(Refused(e.to_string())));
+                    }
+                }
+            },
+            _ = stop.changed() => return Ok(SecondaryExit::Shutdown),
+        }
+    }
 
     // Failover.
+    let SecondaryMode::Promoting { forced, .. } = mode else { unreachable!("the loop ends promoting") };
     let last_heard = lock(&live).last_heard;
     let generation = rcfg.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     promoted.store(true, std::sync::atomic::Ordering::SeqCst);
     let (state, mem, epoch) = {
         let mut r = lock(&replica);
-        let c = r.committed().cloned().ok_or_else(|| SecondaryError::Failover("no committed epoch".into()))?;
+        let c = r.committed().cloned().ok_or(SecondaryError::NothingCommitted)?;
         if r.needs_resync() {
             tracing::error!("the replica diverged from its primary at its last check; failing over to it anyway, it is the only copy");
         }
         r.retire();
         (c.state, r.memory().clone(), c.epoch)
     };
-    let mut machine =
-        Machine::restore_with_memory(cfg.tracker, &state, mem).map_err(|e| SecondaryError::Failover(e.to_string()))?;
+    let mut machine = Machine::restore_with_memory(cfg.tracker, &state, mem)?;
     machine.set_hot_pages(cfg.hot_pages);
-    machine.start().map_err(|e| SecondaryError::Failover(e.to_string()))?;
+    machine.start()?;
     let failover_ms = last_heard.elapsed().as_secs_f64() * 1e3;
     tracing::warn!(generation, epoch, failover_ms, forced, "failover complete: the guest runs here now");
     status.update(|s| {
@@ -224,25 +260,14 @@ pub async fn run_secondary(
         s.last_failover_ms = Some(failover_ms);
         s.generation = generation;
     });
-    let pcfg = PrimaryConfig {
-        node: cfg.node.clone(),
-        secret: cfg.secret.clone(),
+    drop((standby, cmd_tx));
+    Ok(SecondaryExit::Promoted(Box::new(Promotion {
+        machine,
         generation,
-        peer: None,
-        service_listen: cfg.service_listen,
-        control_listen: None,
-        metrics_listen: None,
-        heartbeat_interval: cfg.heartbeat_interval,
-        peer_timeout: cfg.heartbeat_timeout,
-        fence_grace: cfg.fence_grace,
-        engine: cfg.engine,
         first_epoch: epoch + 1,
-        release_log: cfg.release_log.clone(),
-        print_console: cfg.print_console,
-    };
-    let exit = run_primary_with(machine, pcfg, Some(join_rx), Some(force_rx), status.clone(), stop).await;
-    for t in tasks {
-        t.abort();
-    }
-    Ok(exit?)
+        service,
+        joiners: join_rx,
+        commands: cmd_rx,
+        tasks,
+    })))
 }

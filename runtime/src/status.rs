@@ -2,19 +2,71 @@
 
 use std::sync::Mutex;
 
+use common::sync::{lock, percentile};
 use serde::Serialize;
 
-use crate::engine::Phases;
+/// A node's role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    #[default]
+    Secondary,
+    /// A former primary that a newer generation replaced.
+    Fenced,
+    Stopped,
+}
+
+/// Protection as status and metrics show it: the primary's mode, or the
+/// secondary's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protection {
+    /// Primary: no secondary, output leaves at once.
+    Unprotected,
+    /// Primary: a secondary session is up, not yet acknowledged.
+    Syncing,
+    /// Primary: the secondary acknowledges epochs.
+    Protected,
+    /// Primary: the secondary was lost and may be taking over; nothing is released.
+    Holding,
+    /// Primary: a newer generation exists.
+    Fenced,
+    /// Secondary: no primary has synced it yet.
+    #[default]
+    Waiting,
+    /// Secondary: epochs commit into the replica.
+    Replicating,
+    /// Secondary: the replica failed a check; a resync was asked for.
+    Diverged,
+    /// Secondary: taking over.
+    Promoting,
+}
+
+/// Time spent in each phase of one epoch boundary, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Phases {
+    pub epoch: u64,
+    /// Pages reported dirty (copied in the pause).
+    pub pages: u64,
+    /// Of those, pages not shipped: same content as in the previous epoch.
+    pub unchanged: u64,
+    pub stop_us: f64,
+    pub collect_us: f64,
+    pub copy_us: f64,
+    pub save_us: f64,
+    pub resume_us: f64,
+    pub pause_us: f64,
+    pub full: bool,
+}
 
 /// What `castor status` shows.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StatusSnapshot {
     pub node: String,
-    /// "primary", "secondary", "fenced", "stopped".
-    pub role: String,
+    pub role: Role,
     pub generation: u64,
-    /// "protected", "syncing", "unprotected" (primary); "replicating", "waiting" (secondary).
-    pub protection: String,
+    pub protection: Protection,
     pub peer: Option<String>,
     /// Primary: next epoch number; secondary: last committed epoch.
     pub epoch: u64,
@@ -49,16 +101,6 @@ pub struct NodeStatus {
     pauses: Mutex<Vec<f64>>,
 }
 
-/// p-th percentile of `v` (sorted copy).
-pub fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[((s.len() - 1) as f64 * p).round() as usize]
-}
-
 fn push_bounded(v: &mut Vec<f64>, x: f64) {
     if v.len() >= 4096 {
         v.drain(..2048);
@@ -67,19 +109,19 @@ fn push_bounded(v: &mut Vec<f64>, x: f64) {
 }
 
 impl NodeStatus {
-    pub fn new(node: &str, role: &str, generation: u64) -> Self {
+    pub fn new(node: &str, role: Role, generation: u64) -> Self {
         let s = NodeStatus::default();
         {
             let mut g = s.lock();
             g.node = node.into();
-            g.role = role.into();
+            g.role = role;
             g.generation = generation;
         }
         s
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusSnapshot> {
-        self.snap.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.snap)
     }
 
     /// Applies `f` to the snapshot.
@@ -88,18 +130,18 @@ impl NodeStatus {
     }
 
     pub fn record_ack_latency(&self, us: f64) {
-        push_bounded(&mut self.ack_lat.lock().unwrap_or_else(|p| p.into_inner()), us);
+        push_bounded(&mut lock(&self.ack_lat), us);
     }
 
     pub fn record_pause(&self, us: f64) {
-        push_bounded(&mut self.pauses.lock().unwrap_or_else(|p| p.into_inner()), us);
+        push_bounded(&mut lock(&self.pauses), us);
     }
 
     /// A consistent copy with percentiles filled in.
     pub fn snapshot(&self) -> StatusSnapshot {
         let mut s = self.lock().clone();
-        let a = self.ack_lat.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let p = self.pauses.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let a = lock(&self.ack_lat).clone();
+        let p = lock(&self.pauses).clone();
         s.ack_latency_us_p50 = percentile(&a, 0.5);
         s.ack_latency_us_p99 = percentile(&a, 0.99);
         s.pause_us_p50 = percentile(&p, 0.5);
@@ -109,7 +151,7 @@ impl NodeStatus {
 
     /// All recorded pause times (us).
     pub fn pauses(&self) -> Vec<f64> {
-        self.pauses.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.pauses).clone()
     }
 
     /// Prometheus text exposition.
@@ -126,7 +168,7 @@ impl NodeStatus {
         gauge(
             "protected",
             "1 while a secondary protects this primary.",
-            f64::from(u8::from(s.protection == "protected")),
+            f64::from(u8::from(s.protection == Protection::Protected)),
         );
         gauge("last_epoch_pages", "Pages in the last epoch.", s.last_epoch.pages as f64);
         gauge("ack_latency_us_p50", "Median epoch ack latency (us).", s.ack_latency_us_p50);

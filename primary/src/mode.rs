@@ -1,0 +1,349 @@
+//! The primary's protection state machine, without I/O.
+//!
+//! One [`Mode`], changed only by [`Core::on`] with the [`Event`] that caused
+//! the change; the held output lives here too, so the two rules the product
+//! rests on are decided in one place and tested as such:
+//!
+//! 1. while a secondary exists (a session is up, or was lost and may be taking
+//!    over), output is released only for acknowledged epochs;
+//! 2. nothing is released while holding or fenced.
+//!
+//! The engine learns what it must do from the [`EngineCommand`] a step
+//! returns (one value, applied in order), never by reading flags.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::state::Output;
+pub use runtime::control::Command;
+use runtime::status::Protection;
+
+/// Why the session with the secondary ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Loss {
+    #[error("sending failed: {0}")]
+    Send(String),
+    #[error("the secondary refused us: {0}")]
+    Refused(String),
+    #[error("unexpected {0} from the secondary")]
+    Unexpected(String),
+    #[error("the secondary closed the {0} channel")]
+    Closed(&'static str),
+    #[error("{channel} channel: {err}")]
+    Channel { channel: &'static str, err: String },
+    #[error("no heartbeat reply for {0:?}")]
+    HeartbeatTimeout(Duration),
+    #[error("no ack for {0:?}")]
+    AckTimeout(Duration),
+}
+
+/// The protection mode of a primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// No secondary: output leaves at once (or the guest stays paused, by policy).
+    Unprotected,
+    /// A secondary session is up; no epoch of it acknowledged yet.
+    Syncing,
+    /// The secondary acknowledged an epoch of this session.
+    Protected,
+    /// The secondary was lost and may be taking over: nothing is released,
+    /// the guest is paused.
+    Holding {
+        since: Instant,
+        why: Loss,
+        /// Since when every dial of the peer was refused (its port closed).
+        refused_since: Option<Instant>,
+    },
+    /// A newer generation exists: this node must never release output again.
+    Fenced { by: u64 },
+}
+
+impl Mode {
+    pub fn protection(&self) -> Protection {
+        match self {
+            Mode::Unprotected => Protection::Unprotected,
+            Mode::Syncing => Protection::Syncing,
+            Mode::Protected => Protection::Protected,
+            Mode::Holding { .. } => Protection::Holding,
+            Mode::Fenced { .. } => Protection::Fenced,
+        }
+    }
+
+    /// A secondary session is up.
+    pub fn in_session(&self) -> bool {
+        matches!(self, Mode::Syncing | Mode::Protected)
+    }
+}
+
+/// How a new secondary is brought up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resync {
+    /// Its replica is empty: copy memory while the guest runs.
+    Live,
+    /// It holds an older epoch of ours: one full-memory epoch.
+    Full,
+}
+
+/// What the epoch engine is told to do. The engine applies them in order;
+/// its behaviour is a function of the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineCommand {
+    /// Ship epochs to the secondary, starting with this resync.
+    Protect(Resync),
+    /// Keep the guest paused: no new output.
+    Hold,
+    /// No secondary: run by the unprotected policy, output released at once.
+    Alone,
+    /// Send the next epoch as a full-memory epoch (the secondary asked).
+    FullEpoch,
+}
+
+/// Why a command or event was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("this node is the primary: a forced failover is asked of its secondary")]
+    IsPrimary,
+    #[error("not holding: {0:?} (unprotect only ends a hold)")]
+    NotHolding(Protection),
+    #[error("fenced by generation {0}: this node takes no commands")]
+    Fenced(u64),
+    #[error("a secondary session is already up")]
+    SessionUp,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A secondary session is up. `next_epoch`: the engine's next epoch.
+    SessionUp {
+        next_epoch: u64,
+        resync: Resync,
+    },
+    /// The engine finished `epoch` (sent to the secondary in a session).
+    Epoch {
+        epoch: u64,
+        outputs: Vec<Output>,
+    },
+    /// Output of an unprotected engine epoch.
+    Released(Vec<Output>),
+    /// The secondary acknowledged `epoch` (and every one before it).
+    Ack {
+        epoch: u64,
+    },
+    /// The secondary asks for a full resync.
+    ResyncRequested,
+    SessionLost(Loss),
+    /// A node of generation `by` exists.
+    Fenced {
+        by: u64,
+    },
+    /// Dialing the peer was refused (its port is closed).
+    PeerRefused,
+    /// Dialing the peer failed otherwise (it may be alive).
+    PeerUnreachable,
+    /// Time passes.
+    Tick,
+    Command(Command),
+}
+
+/// The effect of one event.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    pub engine: Option<EngineCommand>,
+    /// Output that leaves castor now.
+    pub release: Vec<Output>,
+}
+
+/// Output waiting for its epoch's ack: epoch -> (outputs, sent at).
+#[derive(Debug, Default)]
+pub struct HeldOutputs {
+    by_epoch: BTreeMap<u64, (Vec<Output>, Instant)>,
+}
+
+impl HeldOutputs {
+    pub fn insert(&mut self, epoch: u64, outputs: Vec<Output>, at: Instant) {
+        self.by_epoch.entry(epoch).or_insert_with(|| (Vec::new(), at)).0.extend(outputs);
+    }
+
+    /// Removes and returns everything of epochs `<= epoch`, oldest first,
+    /// with when `epoch` itself was sent (for the ack latency).
+    pub fn take_through(&mut self, epoch: u64) -> (Vec<Output>, Option<Instant>) {
+        let later = self.by_epoch.split_off(&(epoch + 1));
+        let ready = std::mem::replace(&mut self.by_epoch, later);
+        let sent = ready.get(&epoch).map(|v| v.1);
+        (ready.into_values().flat_map(|v| v.0).collect(), sent)
+    }
+
+    pub fn take_all(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.by_epoch).into_values().flat_map(|v| v.0).collect()
+    }
+
+    /// Outputs waiting.
+    pub fn count(&self) -> u64 {
+        self.by_epoch.values().map(|v| v.0.len() as u64).sum()
+    }
+
+    /// When `epoch` was handed to the secondary, if it waits.
+    pub fn sent_at(&self, epoch: u64) -> Option<Instant> {
+        self.by_epoch.get(&epoch).map(|v| v.1)
+    }
+
+    /// When the oldest waiting epoch was sent.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.by_epoch.values().next().map(|v| v.1)
+    }
+}
+
+/// The primary's decisions: mode plus held output.
+#[derive(Debug)]
+pub struct Core {
+    mode: Mode,
+    held: HeldOutputs,
+    /// Output produced while holding or before the session's first epoch:
+    /// it goes out with the first ack of the next session.
+    pending: Vec<Output>,
+    /// The epoch key under which `pending` is held once a session is up.
+    session_base: u64,
+    /// The last epoch of this session handed to the secondary.
+    last_sent: Option<u64>,
+    /// A peer to dial exists (its refused port can end a hold).
+    has_peer: bool,
+    fence_grace: Duration,
+}
+
+impl Core {
+    pub fn new(has_peer: bool, fence_grace: Duration) -> Core {
+        Core {
+            mode: Mode::Unprotected,
+            held: HeldOutputs::default(),
+            pending: Vec::new(),
+            session_base: 0,
+            last_sent: None,
+            has_peer,
+            fence_grace,
+        }
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// Outputs not yet released.
+    pub fn held_count(&self) -> u64 {
+        self.held.count() + self.pending.len() as u64
+    }
+
+    /// When `epoch` of this session was sent, while it waits for its ack.
+    pub fn sent_at(&self, epoch: u64) -> Option<Instant> {
+        self.held.sent_at(epoch).filter(|_| self.mode.in_session())
+    }
+
+    /// When the oldest unacknowledged epoch was sent (in a session).
+    pub fn oldest_unacked(&self) -> Option<Instant> {
+        self.held.oldest().filter(|_| self.mode.in_session())
+    }
+
+    /// Applies one event at time `now`. A refused event changes nothing.
+    pub fn on(&mut self, event: Event, now: Instant) -> Result<Step, Refusal> {
+        let mut step = Step::default();
+        match event {
+            Event::SessionUp { next_epoch, resync } => {
+                match &self.mode {
+                    Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
+                    m if m.in_session() => return Err(Refusal::SessionUp),
+                    _ => {}
+                }
+                // what waited (held while holding, unacked epochs of the
+                // lost session) goes out with this session's first ack: its
+                // first epoch is next_epoch or later
+                self.session_base = next_epoch.saturating_sub(1);
+                self.last_sent = None;
+                let pending = std::mem::take(&mut self.pending);
+                self.held.insert(self.session_base, pending, now);
+                self.mode = Mode::Syncing;
+                step.engine = Some(EngineCommand::Protect(resync));
+            }
+            Event::Epoch { epoch, outputs } => match &self.mode {
+                Mode::Syncing | Mode::Protected => {
+                    self.last_sent = Some(epoch);
+                    self.held.insert(epoch, outputs, now);
+                }
+                Mode::Holding { .. } => self.pending.extend(outputs),
+                Mode::Unprotected => step.release = outputs,
+                Mode::Fenced { .. } => {}
+            },
+            Event::Released(outputs) => match &self.mode {
+                // an engine epoch that ran before the engine saw Protect:
+                // a secondary exists now, so it waits for an ack of an epoch
+                // after it
+                Mode::Syncing | Mode::Protected => {
+                    let key = self.last_sent.map_or(self.session_base, |e| e + 1);
+                    self.held.insert(key, outputs, now);
+                }
+                Mode::Holding { .. } => self.pending.extend(outputs),
+                Mode::Unprotected => step.release = outputs,
+                Mode::Fenced { .. } => {}
+            },
+            Event::Ack { epoch } => {
+                if self.mode.in_session() {
+                    self.mode = Mode::Protected;
+                    step.release = self.held.take_through(epoch).0;
+                }
+            }
+            Event::ResyncRequested => {
+                if self.mode.in_session() {
+                    step.engine = Some(EngineCommand::FullEpoch);
+                }
+            }
+            Event::SessionLost(why) => {
+                if self.mode.in_session() {
+                    self.mode = Mode::Holding { since: now, why, refused_since: None };
+                    step.engine = Some(EngineCommand::Hold);
+                }
+            }
+            Event::Fenced { by } => {
+                if !matches!(self.mode, Mode::Fenced { .. }) {
+                    self.held.take_all();
+                    self.pending.clear();
+                    self.mode = Mode::Fenced { by };
+                    step.engine = Some(EngineCommand::Hold);
+                }
+            }
+            Event::PeerRefused => {
+                if let Mode::Holding { refused_since, .. } = &mut self.mode {
+                    refused_since.get_or_insert(now);
+                }
+            }
+            Event::PeerUnreachable => {
+                if let Mode::Holding { refused_since, .. } = &mut self.mode {
+                    *refused_since = None;
+                }
+            }
+            Event::Tick => {
+                if let Mode::Holding { refused_since: Some(t), .. } = &self.mode {
+                    if self.has_peer && now.saturating_duration_since(*t) >= self.fence_grace {
+                        step = self.go_unprotected();
+                    }
+                }
+            }
+            Event::Command(Command::Failover) => return Err(Refusal::IsPrimary),
+            Event::Command(Command::Unprotect) => match &self.mode {
+                Mode::Holding { .. } => step = self.go_unprotected(),
+                Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
+                other => return Err(Refusal::NotHolding(other.protection())),
+            },
+        }
+        Ok(step)
+    }
+
+    fn go_unprotected(&mut self) -> Step {
+        self.mode = Mode::Unprotected;
+        let mut release = self.held.take_all();
+        release.append(&mut self.pending);
+        Step { engine: Some(EngineCommand::Alone), release }
+    }
+}
+
+#[cfg(test)]
+#[path = "mode_tests.rs"]
+mod tests;

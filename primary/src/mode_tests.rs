@@ -1,0 +1,294 @@
+//! Tests of the primary's state machine: a table of transitions and a
+//! property test over any order of events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::state::Output;
+use proptest::prelude::*;
+
+use super::*;
+
+const GRACE: Duration = Duration::from_millis(300);
+
+fn out(id: u32) -> Output {
+    Output::Mark { cpu: 0, value: id }
+}
+
+fn id(o: &Output) -> u32 {
+    match o {
+        Output::Mark { value, .. } => *value,
+        other => panic!("unexpected output {other:?}"),
+    }
+}
+
+fn lost() -> Event {
+    Event::SessionLost(Loss::Closed("data"))
+}
+
+#[test]
+fn unprotect_while_protected_is_refused_and_not_kept_for_later() {
+    // read-through defect: an `unprotect` sent while the pair was healthy was
+    // answered ok, queued, and fired at the next hold
+    let t = Instant::now();
+    let mut c = Core::new(true, GRACE);
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::NotHolding(Protection::Syncing)));
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    c.on(Event::Ack { epoch: 1 }, t).unwrap();
+    assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::NotHolding(Protection::Protected)));
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+    let s = c.on(lost(), t).unwrap();
+    assert_eq!(s.engine, Some(EngineCommand::Hold));
+    assert!(s.release.is_empty());
+    // time passes with no refused dial: the hold stands, nothing leaves
+    let s = c.on(Event::Tick, t + GRACE * 10).unwrap();
+    assert!(s.release.is_empty() && s.engine.is_none());
+    assert_eq!(c.mode().protection(), Protection::Holding);
+    assert_eq!(c.held_count(), 1);
+}
+
+#[test]
+fn reprotection_after_a_hold_is_one_command_and_releases_only_with_an_ack() {
+    // read-through defect: re-protection cleared `hold` before setting
+    // `protected`, and an engine reading between the two ran an unprotected
+    // epoch that released output. Now the engine gets one command.
+    let t = Instant::now();
+    let mut c = Core::new(true, GRACE);
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    c.on(lost(), t).unwrap();
+    // an unprotected epoch the engine ran before it saw Hold, then one of hold
+    assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
+    assert!(c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap().release.is_empty());
+    let s = c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Full }, t).unwrap();
+    assert_eq!(s, Step { engine: Some(EngineCommand::Protect(Resync::Full)), release: vec![] });
+    // an unprotected epoch racing the Protect command waits for an ack too
+    assert!(c.on(Event::Released(vec![out(4)]), t).unwrap().release.is_empty());
+    c.on(Event::Epoch { epoch: 5, outputs: vec![out(5)] }, t).unwrap();
+    let s = c.on(Event::Ack { epoch: 5 }, t).unwrap();
+    let ids: BTreeSet<u32> = s.release.iter().map(id).collect();
+    assert_eq!(ids, (1..=5).collect());
+    assert_eq!(c.mode(), &Mode::Protected);
+}
+
+#[test]
+fn a_refused_port_for_the_whole_grace_ends_a_hold() {
+    let t = Instant::now();
+    let mut c = Core::new(true, GRACE);
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    c.on(lost(), t).unwrap();
+    c.on(Event::PeerRefused, t).unwrap();
+    assert!(c.on(Event::Tick, t + GRACE / 2).unwrap().release.is_empty());
+    // an answer that is not a refusal restarts the grace
+    c.on(Event::PeerUnreachable, t + GRACE / 2).unwrap();
+    c.on(Event::PeerRefused, t + GRACE).unwrap();
+    assert!(c.on(Event::Tick, t + GRACE * 3 / 2).unwrap().release.is_empty());
+    let s = c.on(Event::Tick, t + GRACE * 2).unwrap();
+    assert_eq!(s.engine, Some(EngineCommand::Alone));
+    assert_eq!(s.release.iter().map(id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(c.mode(), &Mode::Unprotected);
+}
+
+#[test]
+fn without_a_peer_only_a_joiner_or_the_operator_ends_a_hold() {
+    let t = Instant::now();
+    let mut c = Core::new(false, GRACE);
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(lost(), t).unwrap();
+    c.on(Event::PeerRefused, t).unwrap();
+    assert!(c.on(Event::Tick, t + GRACE * 10).unwrap().engine.is_none());
+    assert_eq!(c.mode().protection(), Protection::Holding);
+    let s = c.on(Event::Command(Command::Unprotect), t).unwrap();
+    assert_eq!(s.engine, Some(EngineCommand::Alone));
+}
+
+#[test]
+fn fenced_discards_and_refuses_everything() {
+    let t = Instant::now();
+    let mut c = Core::new(true, GRACE);
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    assert_eq!(c.on(Event::Fenced { by: 2 }, t).unwrap().engine, Some(EngineCommand::Hold));
+    assert_eq!(c.held_count(), 0);
+    assert!(c.on(Event::Ack { epoch: 1 }, t).unwrap().release.is_empty());
+    assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::Fenced(2)));
+    assert_eq!(c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Live }, t), Err(Refusal::Fenced(2)));
+    assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
+    assert_eq!(c.mode(), &Mode::Fenced { by: 2 });
+}
+
+#[test]
+fn the_primary_refuses_a_forced_failover() {
+    let mut c = Core::new(true, GRACE);
+    assert_eq!(c.on(Event::Command(Command::Failover), Instant::now()), Err(Refusal::IsPrimary));
+    assert_eq!(c.mode(), &Mode::Unprotected);
+}
+
+#[test]
+fn held_outputs_release_in_epoch_order_up_to_the_ack() {
+    let t = Instant::now();
+    let mut h = HeldOutputs::default();
+    h.insert(3, vec![out(3)], t);
+    h.insert(1, vec![out(1)], t);
+    h.insert(2, vec![out(2)], t + GRACE);
+    h.insert(1, vec![out(11)], t + GRACE);
+    assert_eq!(h.count(), 4);
+    let (r, sent) = h.take_through(2);
+    assert_eq!(r.iter().map(id).collect::<Vec<_>>(), vec![1, 11, 2]);
+    assert_eq!(sent, Some(t + GRACE));
+    assert_eq!(h.count(), 1);
+    assert_eq!(h.oldest(), Some(t));
+    assert_eq!(h.take_through(0), (vec![], None));
+    assert_eq!(h.take_all().iter().map(id).collect::<Vec<_>>(), vec![3]);
+}
+
+/// A generated event; the model fills in epoch numbers as the engine would.
+#[derive(Debug, Clone)]
+enum Gen {
+    SessionUp(bool),
+    Epoch,
+    Released,
+    /// Ack one of the epochs sent in this session (index modulo their count).
+    Ack(usize),
+    Resync,
+    Lost,
+    Fenced,
+    Refused,
+    Unreachable,
+    Tick(u64),
+    Unprotect,
+    Failover,
+}
+
+fn gen() -> impl Strategy<Value = Gen> {
+    prop_oneof![
+        2 => any::<bool>().prop_map(Gen::SessionUp),
+        6 => Just(Gen::Epoch),
+        2 => Just(Gen::Released),
+        4 => any::<usize>().prop_map(Gen::Ack),
+        1 => Just(Gen::Resync),
+        2 => Just(Gen::Lost),
+        1 => Just(Gen::Fenced),
+        2 => Just(Gen::Refused),
+        1 => Just(Gen::Unreachable),
+        3 => (0u64..400).prop_map(Gen::Tick),
+        2 => Just(Gen::Unprotect),
+        1 => Just(Gen::Failover),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Any order of events: output is released only for acknowledged epochs
+    /// while a secondary exists, never while holding or fenced, at most once,
+    /// and a refused event changes nothing.
+    #[test]
+    fn output_commit_rules_hold_for_any_event_order(
+        events in proptest::collection::vec(gen(), 1..120),
+        has_peer in any::<bool>(),
+    ) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut c = Core::new(has_peer, GRACE);
+        let mut engine_epoch = 0u64; // last epoch the engine numbered
+        let mut next_id = 0u32;
+        let mut produced_at: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut sent_in_session: Vec<u64> = Vec::new();
+        let mut released: BTreeSet<u32> = BTreeSet::new();
+        let mut discarded = false;
+        for g in events {
+            let before = c.mode().clone();
+            let mut fresh = |engine_epoch: u64| {
+                next_id += 1;
+                produced_at.insert(next_id, engine_epoch);
+                vec![out(next_id)]
+            };
+            let ev = match g {
+                Gen::SessionUp(full) => Event::SessionUp {
+                    next_epoch: engine_epoch + 1,
+                    resync: if full { Resync::Full } else { Resync::Live },
+                },
+                Gen::Epoch => {
+                    engine_epoch += 1;
+                    Event::Epoch { epoch: engine_epoch, outputs: fresh(engine_epoch) }
+                }
+                Gen::Released => {
+                    engine_epoch += 1;
+                    Event::Released(fresh(engine_epoch))
+                }
+                Gen::Ack(i) if !sent_in_session.is_empty() => {
+                    Event::Ack { epoch: sent_in_session[i % sent_in_session.len()] }
+                }
+                Gen::Ack(_) => Event::Tick,
+                Gen::Resync => Event::ResyncRequested,
+                Gen::Lost => lost(),
+                Gen::Fenced => Event::Fenced { by: 9 },
+                Gen::Refused => Event::PeerRefused,
+                Gen::Unreachable => Event::PeerUnreachable,
+                Gen::Tick(ms) => {
+                    now += Duration::from_millis(ms);
+                    Event::Tick
+                }
+                Gen::Unprotect => Event::Command(Command::Unprotect),
+                Gen::Failover => Event::Command(Command::Failover),
+            };
+            let held_before = c.held_count();
+            let res = c.on(ev.clone(), now);
+            let Ok(step) = res else {
+                prop_assert_eq!(c.mode(), &before, "a refused event changed the mode");
+                prop_assert_eq!(c.held_count(), held_before);
+                continue;
+            };
+            if matches!(ev, Event::Fenced { .. }) {
+                discarded = true;
+            }
+            match (&ev, c.mode()) {
+                (Event::SessionUp { .. }, _) => sent_in_session.clear(),
+                (Event::Epoch { epoch, .. }, m) if m.in_session() => sent_in_session.push(*epoch),
+                _ => {}
+            }
+            if !c.mode().in_session() {
+                sent_in_session.clear();
+            }
+            for o in &step.release {
+                prop_assert!(released.insert(id(o)), "output {} released twice", id(o));
+            }
+            if step.release.is_empty() {
+                continue;
+            }
+            match (&before, c.mode(), &ev) {
+                // rule 2: nothing leaves while holding or fenced, except by
+                // the decision that ends the hold
+                (Mode::Fenced { .. }, _, _) => prop_assert!(false, "released while fenced"),
+                (Mode::Holding { .. }, Mode::Unprotected, Event::Tick | Event::Command(Command::Unprotect)) => {}
+                (Mode::Holding { .. }, _, _) => prop_assert!(false, "released while holding: {:?}", ev),
+                // rule 1: with a secondary, only what an ack covers
+                (Mode::Syncing | Mode::Protected, _, Event::Ack { epoch }) => {
+                    for o in &step.release {
+                        prop_assert!(produced_at[&id(o)] <= *epoch, "output of a later epoch released by ack {}", epoch);
+                    }
+                }
+                (Mode::Syncing | Mode::Protected, _, _) => prop_assert!(false, "released in a session without an ack: {:?}", ev),
+                (Mode::Unprotected, Mode::Unprotected, Event::Epoch { .. } | Event::Released(_)) => {}
+                (b, a, e) => prop_assert!(false, "release from {:?} to {:?} on {:?}", b, a, e),
+            }
+        }
+        // nothing is lost: everything produced is released or still held,
+        // unless a fence discarded it
+        if !discarded {
+            prop_assert_eq!(released.len() as u64 + c.held_count(), produced_at.len() as u64);
+        }
+        if let Mode::Holding { .. } = c.mode() {
+            let step = c.on(Event::Command(Command::Unprotect), now).unwrap();
+            for o in &step.release {
+                prop_assert!(released.insert(id(o)));
+            }
+            if !discarded {
+                prop_assert_eq!(released.len(), produced_at.len());
+            }
+        }
+    }
+}

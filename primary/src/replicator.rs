@@ -1,0 +1,389 @@
+//! The replicator: the one task that owns the primary's mode ([`Core`]).
+//!
+//! It finds a secondary (dials `--peer`, or takes a joiner), runs the
+//! session (epochs out, acks and heartbeats in), and feeds every event to
+//! the core: what to release, what the engine does next, and how control
+//! commands are answered all come from there.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::proto::{Channel, Message, RefuseCode};
+use common::state::VmShape;
+use runtime::control::{ControlRequest, Refused};
+use runtime::join::Joiner;
+use runtime::status::NodeStatus;
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::{EngineError, EngineShared, EpochPacket, Packet};
+use crate::mode::{Core, EngineCommand, Event, Loss, Mode, Refusal, Resync};
+use crate::node::{PrimaryConfig, PrimaryExit};
+use crate::router::Router;
+use crate::sender::{SenderError, Session, SessionReader, SessionWriter};
+
+/// How a session ended.
+enum SessionEnd {
+    Lost(Loss),
+    Fenced(u64),
+    Stopped,
+    GuestFailed(EngineError),
+}
+
+/// What the session's reader tasks report.
+enum Heard {
+    Ack(u64),
+    ResyncRequest(String),
+}
+
+/// What the session's writer ships.
+enum Ship {
+    Sync(Vec<common::proto::Page>),
+    Epoch(Box<EpochPacket>),
+}
+
+/// Why a run ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatorError {
+    #[error("the guest failed: {0}")]
+    Guest(#[from] EngineError),
+}
+
+pub(crate) struct Replicator {
+    pub cfg: PrimaryConfig,
+    pub shape: VmShape,
+    pub shared: Arc<EngineShared>,
+    pub engine: std::sync::mpsc::Sender<EngineCommand>,
+    pub router: Arc<Router>,
+    pub status: Arc<NodeStatus>,
+    pub packets: mpsc::Receiver<Packet>,
+    pub joiners: Option<mpsc::Receiver<Joiner>>,
+    pub commands: Option<mpsc::Receiver<ControlRequest>>,
+    pub stop: watch::Receiver<bool>,
+    pub core: Core,
+}
+
+/// The next item of an optional channel; a closed or absent channel never
+/// yields (so a select over it does not spin).
+async fn next_of<T>(c: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    if let Some(rx) = c {
+        if let Some(v) = rx.recv().await {
+            return Some(v);
+        }
+        *c = None;
+    }
+    std::future::pending().await
+}
+
+fn fenced_by(e: &SenderError) -> Option<u64> {
+    match e {
+        SenderError::Refused { code: RefuseCode::StaleGeneration, .. } => Some(u64::MAX),
+        _ => None,
+    }
+}
+
+impl Replicator {
+    /// Feeds one event to the core and carries out its step.
+    fn apply(&mut self, event: Event) -> Result<(), Refusal> {
+        let before = self.core.mode().protection();
+        let session_up = matches!(event, Event::SessionUp { .. });
+        let step = self.core.on(event, Instant::now())?;
+        if let Some(c) = step.engine {
+            // the engine thread ends only after this task: a send cannot fail
+            // while it matters
+            let _ = self.engine.send(c);
+        }
+        self.router.release(step.release);
+        let (mode, held) = (self.core.mode().protection(), self.core.held_count());
+        self.status.update(|s| {
+            s.protection = mode;
+            s.held_outputs = held;
+            s.syncs += u64::from(session_up);
+        });
+        if mode != before {
+            match self.core.mode() {
+                Mode::Holding { why, .. } => {
+                    tracing::warn!(%why, "lost the secondary: holding output (guest paused) until we know more")
+                }
+                Mode::Unprotected => tracing::warn!("running unprotected"),
+                Mode::Fenced { by } => {
+                    tracing::error!(by, "fenced by a newer generation: output of unacknowledged epochs is discarded")
+                }
+                m => tracing::info!(mode = ?m.protection(), "protection changed"),
+            }
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, c: ControlRequest) {
+        let r = self.apply(Event::Command(c.command)).map(|()| "done").map_err(|e| Refused(e.to_string()));
+        if r.is_ok() {
+            tracing::warn!(command = c.command.name(), "operator command applied");
+        }
+        c.answer(r);
+    }
+
+    fn fenced(&self) -> Option<u64> {
+        match self.core.mode() {
+            Mode::Fenced { by } => Some(*by),
+            _ => None,
+        }
+    }
+
+    async fn handshake_joiner(&self, (stream, channel): Joiner) -> Result<(Session, Channel), SenderError> {
+        let v = common::frame::PROTOCOL_VERSION;
+        let hs = Session::handshake(stream, &self.cfg.secret, self.shape.clone(), self.cfg.generation, channel, v, v);
+        let s = tokio::time::timeout(Duration::from_secs(5), hs)
+            .await
+            .map_err(|_| SenderError::TimedOut("handshake"))??;
+        Ok((s, channel))
+    }
+
+    async fn dial(&self, peer: SocketAddr) -> Result<(Session, Session), SenderError> {
+        let t = Duration::from_secs(2);
+        let one = |ch| {
+            let c = Session::connect_channel(peer, &self.cfg.secret, self.shape.clone(), self.cfg.generation, ch);
+            async move { tokio::time::timeout(t, c).await.map_err(|_| SenderError::TimedOut("connect"))? }
+        };
+        Ok((one(Channel::Data).await?, one(Channel::Heartbeat).await?))
+    }
+
+    /// Finds a secondary, protects, and survives its loss (see [`Core`]).
+    ///
+    /// Losing the secondary cannot tell a dead secondary from a partitioned
+    /// one that is taking over. So the primary *holds*. It keeps dialing the
+    /// peer: a higher generation there fences it; a refused connection for
+    /// the whole fence grace (the peer process is gone, its port closed) lets
+    /// it run unprotected; a new session re-protects it and releases what it
+    /// held with the first ack. Without a peer to dial (after a failover)
+    /// only a joining secondary or the control command `unprotect` ends a hold.
+    pub async fn run(mut self) -> Result<PrimaryExit, ReplicatorError> {
+        let mut next_dial = Instant::now();
+        let mut pending: (Option<Session>, Option<Session>) = (None, None);
+        let _ = self.engine.send(EngineCommand::Alone);
+        loop {
+            if *self.stop.borrow() {
+                return Ok(PrimaryExit::Shutdown);
+            }
+            let _ = self.apply(Event::Tick);
+            if let Some(by) = self.fenced() {
+                return Ok(PrimaryExit::Fenced { by });
+            }
+            let dial_at = tokio::time::Instant::from_std(next_dial);
+            let holding = matches!(self.core.mode(), Mode::Holding { .. });
+            let mut session: Option<(Session, Session)> = None;
+            tokio::select! {
+                p = self.packets.recv() => match p {
+                    Some(Packet::Epoch(e)) => { let _ = self.apply(Event::Epoch { epoch: e.epoch, outputs: e.outputs }); }
+                    Some(Packet::Release(o)) => { let _ = self.apply(Event::Released(o)); }
+                    Some(Packet::Sync { .. }) => {}
+                    Some(Packet::Failed(e)) => return Err(e.into()),
+                    None => return Ok(PrimaryExit::Shutdown),
+                },
+                j = next_of(&mut self.joiners) => if let Some(j) = j {
+                    match self.handshake_joiner(j).await {
+                        Ok((s, Channel::Data)) => pending.0 = Some(s),
+                        Ok((s, Channel::Heartbeat)) => pending.1 = Some(s),
+                        Err(e) => tracing::warn!(error = %e, "a joining secondary failed the handshake"),
+                    }
+                    if let (Some(_), Some(_)) = (&pending.0, &pending.1) {
+                        session = pending.0.take().zip(pending.1.take());
+                    }
+                },
+                c = next_of(&mut self.commands) => if let Some(c) = c { self.answer(c) },
+                _ = tokio::time::sleep_until(dial_at), if self.cfg.peer.is_some() => {
+                    let peer = self.cfg.peer.expect("peer");
+                    match self.dial(peer).await {
+                        Ok(pair) => session = Some(pair),
+                        Err(e) => {
+                            if let Some(by) = fenced_by(&e) {
+                                tracing::error!(%peer, "the peer has a higher generation: this primary is fenced");
+                                let _ = self.apply(Event::Fenced { by });
+                                continue;
+                            }
+                            let refused = matches!(&e, SenderError::Connect { err, .. } if err.kind() == std::io::ErrorKind::ConnectionRefused);
+                            let _ = self.apply(if refused { Event::PeerRefused } else { Event::PeerUnreachable });
+                            tracing::debug!(%peer, error = %e, "secondary not reachable");
+                            next_dial = Instant::now() + Duration::from_millis(100);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)), if holding => {}
+                _ = self.stop.changed() => {}
+            }
+            let Some((data, hb)) = session else { continue };
+            // an empty replica gets a live sync; one that holds an older
+            // epoch of ours gets a full-memory epoch (it stays at its
+            // committed epoch until that one verifies)
+            let resync = if data.ack.committed_epoch.is_some() { Resync::Full } else { Resync::Live };
+            let next_epoch = self.shared.next_epoch.load(std::sync::atomic::Ordering::SeqCst);
+            self.shared.acked.store(next_epoch, std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = self.apply(Event::SessionUp { next_epoch, resync }) {
+                tracing::warn!(error = %e, "secondary session not started");
+                continue;
+            }
+            tracing::info!(?resync, "secondary connected: sync starts");
+            match self.run_session(data, hb).await {
+                SessionEnd::Stopped => return Ok(PrimaryExit::Shutdown),
+                SessionEnd::GuestFailed(e) => return Err(e.into()),
+                SessionEnd::Fenced(by) => {
+                    let _ = self.apply(Event::Fenced { by });
+                }
+                SessionEnd::Lost(why) => {
+                    let _ = self.apply(Event::SessionLost(why));
+                    next_dial = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// One session: this task applies every event; the link's I/O runs
+    /// beside it (writer, ack reader, heartbeats) and reports here.
+    async fn run_session(&mut self, data: Session, hb: Session) -> SessionEnd {
+        let (dr, dw) = data.into_halves();
+        let (hr, hw) = hb.into_halves();
+        let (ship_tx, ship_rx) = mpsc::unbounded_channel::<Ship>();
+        let (heard_tx, mut heard_rx) = mpsc::unbounded_channel::<Heard>();
+        let (gen, interval, timeout) = (self.cfg.generation, self.cfg.heartbeat_interval, self.cfg.peer_timeout);
+        let io = async move {
+            tokio::select! {
+                e = write_loop(dw, ship_rx) => e,
+                e = read_acks(dr, heard_tx, gen) => e,
+                e = heartbeats(hr, hw, gen, interval, timeout) => e,
+            }
+        };
+        let mut io = std::pin::pin!(io);
+        let ack_timeout = self.cfg.peer_timeout * 4;
+        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                end = &mut io => return end,
+                h = heard_rx.recv() => match h {
+                    Some(Heard::Ack(epoch)) => {
+                        self.shared.record_ack(epoch);
+                        common::crashpoint::hit("primary.after_ack");
+                        if let Some(sent) = self.core.sent_at(epoch) {
+                            self.status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
+                        }
+                        let _ = self.apply(Event::Ack { epoch });
+                        common::crashpoint::hit("primary.after_release");
+                        self.status.update(|s| s.acked_epoch = Some(epoch));
+                    }
+                    Some(Heard::ResyncRequest(reason)) => {
+                        tracing::error!(%reason, "secondary asks for a full resync");
+                        let _ = self.apply(Event::ResyncRequested);
+                    }
+                    None => {}
+                },
+                p = self.packets.recv() => match p {
+                    None => return SessionEnd::Stopped,
+                    Some(Packet::Failed(e)) => return SessionEnd::GuestFailed(e),
+                    Some(Packet::Release(o)) => { let _ = self.apply(Event::Released(o)); }
+                    Some(Packet::Sync { pages, .. }) => { let _ = ship_tx.send(Ship::Sync(pages)); }
+                    Some(Packet::Epoch(mut e)) => {
+                        self.record_epoch(&e);
+                        let outputs = std::mem::take(&mut e.outputs);
+                        let _ = self.apply(Event::Epoch { epoch: e.epoch, outputs });
+                        let _ = ship_tx.send(Ship::Epoch(e));
+                    }
+                },
+                c = next_of(&mut self.commands) => if let Some(c) = c { self.answer(c) },
+                _ = tick.tick() => {
+                    if let Some(t) = self.core.oldest_unacked() {
+                        if t.elapsed() > ack_timeout {
+                            return SessionEnd::Lost(Loss::AckTimeout(t.elapsed()));
+                        }
+                    }
+                }
+                _ = stop.changed() => return SessionEnd::Stopped,
+            }
+        }
+    }
+
+    fn record_epoch(&self, e: &EpochPacket) {
+        let bytes = e.pages.iter().filter(|p| p.data.is_some()).count() as u64 * 4096;
+        self.status.update(|s| {
+            s.epoch = e.epoch;
+            s.last_epoch = e.phases;
+            s.pages_total += e.pages.len() as u64;
+            s.pages_unchanged_total += e.phases.unchanged;
+            s.bytes_total += bytes;
+            s.epochs += 1;
+        });
+        self.status.record_pause(e.phases.pause_us);
+    }
+}
+
+async fn write_loop(mut dw: SessionWriter, mut ship: mpsc::UnboundedReceiver<Ship>) -> SessionEnd {
+    while let Some(s) = ship.recv().await {
+        let res = match s {
+            Ship::Sync(pages) => dw.send_full_sync(pages).await,
+            Ship::Epoch(e) => {
+                let e = *e;
+                dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await
+            }
+        };
+        if let Err(e) = res {
+            return SessionEnd::Lost(Loss::Send(e.to_string()));
+        }
+    }
+    std::future::pending().await
+}
+
+async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<Heard>, gen: u64) -> SessionEnd {
+    loop {
+        let h = match dr.recv().await {
+            Ok(Some(Message::EpochAck { epoch })) => Heard::Ack(epoch),
+            Ok(Some(Message::ResyncRequest { reason })) => Heard::ResyncRequest(reason),
+            Ok(Some(Message::Fence { generation, .. })) => return SessionEnd::Fenced(generation),
+            Ok(Some(Message::Refused { code: RefuseCode::StaleGeneration, .. })) => return SessionEnd::Fenced(gen + 1),
+            Ok(Some(Message::Refused { reason, .. })) => return SessionEnd::Lost(Loss::Refused(reason)),
+            Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?}", other.kind()))),
+            Ok(None) => return SessionEnd::Lost(Loss::Closed("data")),
+            Err(e) => return SessionEnd::Lost(Loss::Channel { channel: "data", err: e.to_string() }),
+        };
+        if heard.send(h).is_err() {
+            return SessionEnd::Stopped;
+        }
+    }
+}
+
+async fn heartbeats(
+    mut hr: SessionReader,
+    mut hw: SessionWriter,
+    gen: u64,
+    interval: Duration,
+    timeout: Duration,
+) -> SessionEnd {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut last_reply = Instant::now();
+    let start = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let time_us = start.elapsed().as_micros() as u64;
+                if hw.send(&Message::Heartbeat { generation: gen, seq, time_us }).await.is_err() {
+                    return SessionEnd::Lost(Loss::Closed("heartbeat"));
+                }
+                seq += 1;
+                if last_reply.elapsed() > timeout {
+                    return SessionEnd::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
+                }
+            }
+            m = hr.recv() => match m {
+                Ok(Some(Message::Heartbeat { generation, .. })) => {
+                    if generation > gen {
+                        return SessionEnd::Fenced(generation);
+                    }
+                    last_reply = Instant::now();
+                }
+                Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
+                Ok(None) => return SessionEnd::Lost(Loss::Closed("heartbeat")),
+                Err(e) => return SessionEnd::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
+            }
+        }
+    }
+}

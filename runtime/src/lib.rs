@@ -1,0 +1,29 @@
+//! castor-runtime: what every castor node runs beside its role, shared by
+//! the primary and the secondary: status and metrics, the control API, the
+//! listeners and ready file, and the join preamble.
+
+pub mod control;
+pub mod harness;
+pub mod join;
+pub mod listen;
+pub mod metrics;
+pub mod service;
+pub mod status;
+
+/// Background tasks of a node, aborted when this is dropped.
+#[derive(Debug, Default)]
+pub struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    pub fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(f));
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}

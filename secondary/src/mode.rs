@@ -1,0 +1,109 @@
+//! The secondary's mode, without I/O: one value, changed only by
+//! [`SecondaryMode::on`] with the event that caused it.
+
+use runtime::control::Command;
+use runtime::status::Protection;
+
+/// The secondary's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecondaryMode {
+    /// No epoch committed yet.
+    Waiting,
+    /// Epochs commit into the replica.
+    Replicating { committed: u64 },
+    /// The replica failed a check at `committed`; a resync was asked for.
+    Diverged { committed: u64 },
+    /// Taking over (forced, or the primary went silent).
+    Promoting { committed: u64, forced: bool },
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecondaryEvent {
+    /// An epoch committed; `diverged`: the replica failed its last check.
+    Committed {
+        epoch: u64,
+        diverged: bool,
+    },
+    /// The primary has been silent past the heartbeat timeout.
+    PrimarySilent,
+    Command(Command),
+}
+
+/// Why an event was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecondaryRefusal {
+    #[error("no committed epoch yet: nothing to take over from")]
+    NothingCommitted,
+    #[error("this node is a secondary: unprotect is asked of a primary that holds")]
+    NotPrimary,
+    #[error("already taking over")]
+    Promoting,
+}
+
+impl SecondaryMode {
+    pub fn protection(&self) -> Protection {
+        match self {
+            SecondaryMode::Waiting => Protection::Waiting,
+            SecondaryMode::Replicating { .. } => Protection::Replicating,
+            SecondaryMode::Diverged { .. } => Protection::Diverged,
+            SecondaryMode::Promoting { .. } => Protection::Promoting,
+        }
+    }
+
+    /// The epoch a takeover would start from.
+    pub fn committed(&self) -> Option<u64> {
+        match *self {
+            SecondaryMode::Waiting => None,
+            SecondaryMode::Replicating { committed }
+            | SecondaryMode::Diverged { committed }
+            | SecondaryMode::Promoting { committed, .. } => Some(committed),
+        }
+    }
+
+    /// The next mode. A refused event changes nothing. Silence before the
+    /// first commit is no reason to take over (there is nothing to run).
+    pub fn on(self, e: SecondaryEvent) -> Result<SecondaryMode, SecondaryRefusal> {
+        use SecondaryEvent as E;
+        use SecondaryMode as M;
+        match (self, e) {
+            (M::Promoting { .. }, E::Command(Command::Failover)) => Err(SecondaryRefusal::Promoting),
+            (M::Promoting { .. }, _) => Ok(self),
+            (_, E::Committed { epoch, diverged: false }) => Ok(M::Replicating { committed: epoch }),
+            (_, E::Committed { epoch, diverged: true }) => Ok(M::Diverged { committed: epoch }),
+            (M::Waiting, E::PrimarySilent) => Ok(self),
+            (M::Waiting, E::Command(Command::Failover)) => Err(SecondaryRefusal::NothingCommitted),
+            (m, E::PrimarySilent) => Ok(M::Promoting { committed: m.committed().unwrap_or(0), forced: false }),
+            (m, E::Command(Command::Failover)) => {
+                Ok(M::Promoting { committed: m.committed().unwrap_or(0), forced: true })
+            }
+            (_, E::Command(Command::Unprotect)) => Err(SecondaryRefusal::NotPrimary),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SecondaryEvent as E;
+    use SecondaryMode as M;
+
+    #[test]
+    fn transitions() {
+        let w = M::Waiting;
+        assert_eq!(w.on(E::PrimarySilent), Ok(M::Waiting));
+        assert_eq!(w.on(E::Command(Command::Failover)), Err(SecondaryRefusal::NothingCommitted));
+        assert_eq!(w.on(E::Command(Command::Unprotect)), Err(SecondaryRefusal::NotPrimary));
+        let r = w.on(E::Committed { epoch: 5, diverged: false }).unwrap();
+        assert_eq!(r, M::Replicating { committed: 5 });
+        let d = r.on(E::Committed { epoch: 6, diverged: true }).unwrap();
+        assert_eq!(d.protection(), Protection::Diverged);
+        assert_eq!(d.on(E::Committed { epoch: 7, diverged: false }), Ok(M::Replicating { committed: 7 }));
+        let p = r.on(E::PrimarySilent).unwrap();
+        assert_eq!(p, M::Promoting { committed: 5, forced: false });
+        // a commit racing the takeover does not undo it
+        assert_eq!(p.on(E::Committed { epoch: 6, diverged: false }), Ok(p));
+        assert_eq!(p.on(E::Command(Command::Failover)), Err(SecondaryRefusal::Promoting));
+        assert_eq!(r.on(E::Command(Command::Failover)), Ok(M::Promoting { committed: 5, forced: true }));
+    }
+}
