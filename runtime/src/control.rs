@@ -259,6 +259,7 @@ mod tests {
             let s = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (r, mut w) = s.into_split();
             w.write_all(req.as_bytes()).await.unwrap();
+            w.shutdown().await.unwrap();
             let mut out = String::new();
             BufReader::new(r).read_to_string(&mut out).await.unwrap();
             out
