@@ -220,16 +220,14 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
                 let t = Instant::now();
                 match c.call(KvOp::Add, k, 1).await {
                     Ok(_) => {
-                        load.latencies_us
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
+                        common::sync::lock(&load.latencies_us)
                             .push(t.elapsed().as_secs_f64() * 1e6);
-                        *load.counts.lock().unwrap_or_else(|p| p.into_inner()).entry(k).or_insert(0) += 1;
+                        *common::sync::lock(&load.counts).entry(k).or_insert(0) += 1;
                         load.acked.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(_) => {
                         load.failed_calls.fetch_add(1, Ordering::SeqCst);
-                        load.uncertain.lock().unwrap_or_else(|p| p.into_inner()).push(k);
+                        common::sync::lock(&load.uncertain).push(k);
                         break;
                     }
                 }
@@ -295,9 +293,9 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
 
     // read the table back from the survivor
     let survivor = secondary.status().ok_or_else(|| DemoError::Node("the secondary does not answer".into()))?;
-    let counts = load.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let counts = common::sync::lock(&load.counts).clone();
     let uncertain: std::collections::HashSet<u64> =
-        load.uncertain.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        common::sync::lock(&load.uncertain).iter().copied().collect();
     let (lost, dup, checked) = rt.block_on(async {
         let mut c = KvClient::new(0x7fff_fff0, vec![svc_s]);
         let (mut lost, mut dup, mut checked) = (0u64, 0u64, 0u64);
@@ -320,7 +318,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let failover = survivor["failovers"].as_u64().unwrap_or(0) > 0;
     let failover_ms = survivor["last_failover_ms"].as_f64();
     let pk = pre_kill.unwrap_or(Value::Null);
-    let lat = load.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let lat = common::sync::lock(&load.latencies_us).clone();
     let epochs_per_s = if protected_epochs_rate.is_empty() {
         0.0
     } else {

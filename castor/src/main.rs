@@ -9,6 +9,7 @@
 //! * 6: a verification the user asked for failed (e.g. `--kv-verify`)
 
 mod bench;
+mod bench_e2e;
 mod demo;
 mod kvload;
 mod node_cmd;
@@ -105,12 +106,14 @@ fn main() {
         Command::Load { service, clients, seconds } => {
             let rt =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-            let (rate, lat) = bench::kv_load(&rt, service, clients, seconds);
-            println!(
-                "{{\"ops_per_s\":{rate:.0},\"latency_ms_p50\":{:.2},\"latency_ms_p99\":{:.2}}}",
-                common::sync::percentile(&lat, 0.5),
-                common::sync::percentile(&lat, 0.99)
-            );
+            let (rate, lat) = bench_e2e::kv_load(&rt, service, clients, seconds);
+            let round2 = |x: f64| (x * 100.0).round() / 100.0;
+            let report = serde_json::json!({
+                "ops_per_s": rate.round(),
+                "latency_ms_p50": round2(common::sync::percentile(&lat, 0.5)),
+                "latency_ms_p99": round2(common::sync::percentile(&lat, 0.99)),
+            });
+            println!("{report}");
             0
         }
         Command::Primary(a) => node("primary", node_cmd::primary(a)),

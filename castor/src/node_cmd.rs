@@ -136,11 +136,15 @@ pub struct SecondaryArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeCmdError {
     #[error("secret: {0}")]
-    Secret(String),
+    Secret(#[from] common::auth::AuthError),
     #[error("cannot build the machine: {0}")]
-    Build(String),
-    #[error("{0}")]
-    Node(String),
+    Build(#[from] vmm::MachineError),
+    #[error(transparent)]
+    Listen(#[from] runtime::listen::ListenError),
+    #[error(transparent)]
+    Primary(#[from] primary::node::NodeError),
+    #[error(transparent)]
+    Secondary(#[from] secondary::node::SecondaryError),
     #[error("fenced: a node of a newer generation ({}) replaced this one", if *.0 == u64::MAX { "unknown".to_string() } else { .0.to_string() })]
     Fenced(u64),
     #[error("control {addr}: {err}")]
@@ -153,7 +157,7 @@ impl NodeCmdError {
     pub fn exit_code(&self) -> i32 {
         match self {
             NodeCmdError::Build(_) => 3,
-            NodeCmdError::Node(_) => 4,
+            NodeCmdError::Listen(_) | NodeCmdError::Primary(_) | NodeCmdError::Secondary(_) => 4,
             NodeCmdError::Secret(_) | NodeCmdError::Control { .. } => 5,
             NodeCmdError::Fenced(_) => 7,
             NodeCmdError::Refused(_) => 8,
@@ -202,24 +206,23 @@ fn stop_signal() -> watch::Receiver<bool> {
     rx
 }
 
-fn exit_of(r: Result<PrimaryExit, String>) -> Result<(), NodeCmdError> {
-    match r {
-        Ok(PrimaryExit::Shutdown) => Ok(()),
-        Ok(PrimaryExit::Fenced { by }) => Err(NodeCmdError::Fenced(by)),
-        Err(e) => Err(NodeCmdError::Node(e)),
+fn exit_of(r: Result<PrimaryExit, primary::node::NodeError>) -> Result<(), NodeCmdError> {
+    match r? {
+        PrimaryExit::Shutdown => Ok(()),
+        PrimaryExit::Fenced { by } => Err(NodeCmdError::Fenced(by)),
     }
 }
 
 pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let c = &a.common;
-    let secret = Secret::from_file(&c.secret_file).map_err(|e| NodeCmdError::Secret(e.to_string()))?;
+    let secret = Secret::from_file(&c.secret_file)?;
     let workload = match a.guest {
         GuestArg::Kv => WorkloadConfig::kv(),
         GuestArg::Dirty => WorkloadConfig::dirty(4096, vmm::abi::Pattern::Random, 20000),
         GuestArg::Idle => WorkloadConfig::idle(),
     };
     let mut machine = Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker(c), workload))
-        .map_err(|e| NodeCmdError::Build(e.to_string()))?;
+        ?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));
     let cfg = PrimaryConfig {
@@ -247,23 +250,22 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
             joiners: l.replication.map(runtime::join::accept_joiners),
             commands: None,
         };
-        exit_of(run_primary(machine, cfg, io, status, stop).await.map_err(|e| e.to_string()))
+        exit_of(run_primary(machine, cfg, io, status, stop).await)
     })
 }
 
 /// Binds every listener of a node and writes its ready file.
 async fn bind_all(c: &CommonArgs, replication: Option<SocketAddr>) -> Result<Listeners, NodeCmdError> {
-    let node = |e: runtime::listen::ListenError| NodeCmdError::Node(e.to_string());
-    let l = Listeners::bind(c.service_listen, replication, c.control, c.metrics_listen).await.map_err(node)?;
+    let l = Listeners::bind(c.service_listen, replication, c.control, c.metrics_listen).await?;
     if let Some(p) = &c.ready_file {
-        l.ready().write(p).map_err(node)?;
+        l.ready().write(p)?;
     }
     Ok(l)
 }
 
 pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
     let c = &a.common;
-    let secret = Secret::from_file(&c.secret_file).map_err(|e| NodeCmdError::Secret(e.to_string()))?;
+    let secret = Secret::from_file(&c.secret_file)?;
     let name = c.name.clone().unwrap_or_else(|| format!("secondary-{}", std::process::id()));
     let cfg = SecondaryConfig {
         node: name.clone(),
@@ -282,7 +284,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         let p = match run_secondary(cfg, l, status.clone(), stop.clone()).await {
             Ok(SecondaryExit::Shutdown) => return Ok(()),
             Ok(SecondaryExit::Promoted(p)) => *p,
-            Err(e) => return Err(NodeCmdError::Node(e.to_string())),
+            Err(e) => return Err(e.into()),
         };
         // the promoted node runs as a primary, unprotected until a new
         // secondary joins it on its replication address
@@ -307,7 +309,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
             commands: Some(p.commands),
         };
         let _tasks = p.tasks;
-        exit_of(run_primary(p.machine, pcfg, io, status, stop).await.map_err(|e| e.to_string()))
+        exit_of(run_primary(p.machine, pcfg, io, status, stop).await)
     })
 }
 

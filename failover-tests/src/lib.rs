@@ -28,5 +28,5 @@ pub fn castor_bin() -> std::path::PathBuf {
 /// once on a 2-core machine would starve each other's heartbeats.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    common::sync::lock(&LOCK)
 }

@@ -57,19 +57,19 @@ impl Load {
                 c.deadline = Duration::from_secs(45);
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
-                    for a in shared.added.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    for a in common::sync::lock(&shared.added).iter() {
                         c.add_node(*a);
                     }
                     let k = (u64::from(id) << 32) | (i % keys);
                     match c.call(KvOp::Add, k, 1).await {
                         Ok(r) => {
-                            *shared.counts.lock().unwrap_or_else(|p| p.into_inner()).entry(k).or_insert(0) += 1;
+                            *common::sync::lock(&shared.counts).entry(k).or_insert(0) += 1;
                             shared.acked.fetch_add(1, Ordering::SeqCst);
-                            shared.ack_times.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
-                            shared.sources.lock().unwrap_or_else(|p| p.into_inner()).insert((r.node, r.generation));
+                            common::sync::lock(&shared.ack_times).push(Instant::now());
+                            common::sync::lock(&shared.sources).insert((r.node, r.generation));
                         }
                         Err(_) => {
-                            shared.uncertain.lock().unwrap_or_else(|p| p.into_inner()).insert(k);
+                            common::sync::lock(&shared.uncertain).insert(k);
                             return;
                         }
                     }
@@ -82,7 +82,7 @@ impl Load {
 
     /// A node started later (a new secondary): clients fail over to it too.
     pub fn add_node(&self, addr: SocketAddr) {
-        self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
+        common::sync::lock(&self.shared.added).push(addr);
     }
 
     pub fn acked(&self) -> u64 {
@@ -108,9 +108,9 @@ impl Load {
         for h in self.handles {
             let _ = rt.block_on(h);
         }
-        let counts = self.shared.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let uncertain = self.shared.uncertain.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut times = self.shared.ack_times.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let counts = common::sync::lock(&self.shared.counts).clone();
+        let uncertain = common::sync::lock(&self.shared.uncertain).clone();
+        let mut times = common::sync::lock(&self.shared.ack_times).clone();
         times.sort();
         let mut max_gap = Duration::ZERO;
         let mut prev = self.started;
@@ -141,7 +141,7 @@ impl Load {
             keys_checked: checked,
             uncertain: uncertain.len() as u64,
             max_gap,
-            sources: self.shared.sources.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            sources: common::sync::lock(&self.shared.sources).clone(),
         }
     }
 }

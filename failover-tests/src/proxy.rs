@@ -59,14 +59,14 @@ impl Proxy {
 
     /// Sets the fault; `Drop` also cuts existing connections.
     pub fn set(&self, f: Fault) {
-        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = f;
+        *common::sync::lock(&self.fault) = f;
         if f == Fault::Drop {
             self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
     fn fault(&self) -> Fault {
-        *self.fault.lock().unwrap_or_else(|e| e.into_inner())
+        *common::sync::lock(&self.fault)
     }
 
     async fn handle(&self, down: TcpStream, upstream: SocketAddr) {

@@ -145,7 +145,7 @@ impl AsRef<[u8]> for PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        let mut p = self.1 .0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = common::sync::lock(&self.1 .0);
         if p.len() < 8 {
             p.push(std::mem::take(&mut self.0));
         }
@@ -154,7 +154,7 @@ impl Drop for PooledBuf {
 
 impl BufPool {
     fn take(&self, len: usize) -> PooledBuf {
-        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        let mut v = common::sync::lock(&self.0).pop().unwrap_or_default();
         v.resize(len, 0);
         PooledBuf(v, self.clone())
     }
@@ -327,6 +327,11 @@ impl Engine {
     }
 
     fn run_loop(&mut self) -> Result<(), EngineError> {
+        // a running machine handed over (a promoted secondary's) stops at
+        // once under the pause policy: no output before a secondary syncs
+        if self.opts.unprotected == UnprotectedPolicy::Pause {
+            self.machine.pause()?;
+        }
         let mut next = Instant::now();
         loop {
             self.poll_commands();
@@ -356,7 +361,10 @@ impl Engine {
             self.check_guest()?;
             self.poll_commands();
             if self.directive != Directive::Protect {
-                if self.opts.tracking_off {
+                if self.opts.tracking_off && self.directive == Directive::Alone {
+                    if self.machine.is_paused() {
+                        self.machine.resume()?;
+                    }
                     let out = self.machine.devices().drain();
                     if !out.is_empty() {
                         self.send(Packet::Release(out));
@@ -542,9 +550,9 @@ impl Engine {
             pause_us: us(t5 - t0),
             full,
         };
-        *self.shared.last.lock().unwrap_or_else(|p| p.into_inner()) = phases;
+        *common::sync::lock(&self.shared.last) = phases;
         {
-            let mut p = self.shared.pauses.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = common::sync::lock(&self.shared.pauses);
             if p.len() >= 4096 {
                 p.drain(..2048);
             }

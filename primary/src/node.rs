@@ -117,7 +117,11 @@ pub async fn run_primary(
     shared.next_epoch.store(cfg.first_epoch.max(1), Ordering::SeqCst);
     let (ptx, prx) = mpsc::channel(cfg.engine.max_in_flight as usize + 8);
     let (ctx, crx) = std::sync::mpsc::channel();
-    machine.resume()?;
+    // under `--unprotected pause` the guest does not run until a secondary
+    // is in sync (the engine starts it then); otherwise it runs now
+    if cfg.engine.unprotected == crate::engine::UnprotectedPolicy::Continue {
+        machine.resume()?;
+    }
     let engine = Engine::new(machine, cfg.engine, shared.clone(), ptx, crx);
     let engine_thread = std::thread::Builder::new()
         .name("epoch-engine".into())

@@ -2,7 +2,7 @@
 //! asks of a node, on loopback.
 //!
 //! Two forms on one port. One request per line (`status`, `failover`,
-//! `unprotect`), one JSON object per line back; or HTTP: `GET /status`,
+//! `unprotect`), one JSON object per line back; or HTTP (hyper): `GET /status`,
 //! `POST /failover`, `POST /unprotect`, one JSON object back. A command goes
 //! to the task that owns the node's mode and is answered by it at once:
 //! applied, or refused with the reason (never queued for later).
@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use hyper::Method;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::status::NodeStatus;
@@ -131,25 +132,29 @@ async fn answer(req: Request, status: &NodeStatus, commands: &Option<mpsc::Sende
     }
 }
 
-/// An HTTP request line: the request and whether its method fits.
-fn http_request(method: &str, path: &str) -> Result<Request, ControlError> {
+/// An HTTP request: the request and whether its method fits.
+fn http_request(method: &Method, path: &str) -> Result<Request, ControlError> {
     let req: Request = path.trim_start_matches('/').parse()?;
     match (req, method) {
-        (Request::Status, "GET" | "POST") => Ok(req),
-        (Request::Act(_), "POST") => Ok(req),
+        (Request::Status, &Method::GET | &Method::POST) => Ok(req),
+        (Request::Act(_), &Method::POST) => Ok(req),
         (Request::Act(c), _) => Err(ControlError::Method(c.name())),
         (Request::Status, _) => Err(ControlError::Method("status")),
     }
 }
 
-fn reason(code: u16) -> &'static str {
-    match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        _ => "Service Unavailable",
-    }
+async fn http_answer(
+    method: Method,
+    path: String,
+    status: Arc<NodeStatus>,
+    commands: Option<mpsc::Sender<ControlRequest>>,
+) -> crate::http::Answer {
+    let (code, body) = match http_request(&method, &path) {
+        Ok(req) => answer(req, &status, &commands).await,
+        Err(e @ ControlError::Method(_)) => (405, serde_json::to_string(&Reply::refused(e)).unwrap_or_default()),
+        Err(e) => (404, serde_json::to_string(&Reply::refused(e)).unwrap_or_default()),
+    };
+    (code, "application/json", body)
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; `None` at the end or past the limit.
@@ -177,41 +182,34 @@ pub async fn serve_control(
         };
         let (status, commands) = (status.clone(), commands.clone());
         tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut r = BufReader::new(r);
-            let mut line = String::new();
-            while read_line(&mut r, &mut line).await.is_some() {
-                let mut words = line.split_whitespace();
-                if let (Some(method @ ("GET" | "POST" | "PUT" | "DELETE" | "HEAD")), Some(path)) =
-                    (words.next(), words.next())
-                {
-                    let (method, path) = (method.to_string(), path.to_string());
-                    // skip the headers, answer once, close
-                    while read_line(&mut r, &mut line).await.is_some() && !line.trim().is_empty() {}
-                    let (code, body) = match http_request(&method, &path) {
-                        Ok(req) => answer(req, &status, &commands).await,
-                        Err(e @ ControlError::Method(_)) => {
-                            (405, serde_json::to_string(&Reply::refused(e)).unwrap_or_default())
-                        }
-                        Err(e) => (404, serde_json::to_string(&Reply::refused(e)).unwrap_or_default()),
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        reason(code),
-                        body.len()
-                    );
-                    let _ = w.write_all(resp.as_bytes()).await;
-                    break;
+            // HTTP requests start with an upper-case method; line commands
+            // are lower case
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
+                    let handle = move |m, p| http_answer(m, p, status.clone(), commands.clone());
+                    crate::http::serve_http(stream, handle).await;
                 }
-                let body = match line.trim().parse::<Request>() {
-                    Ok(req) => answer(req, &status, &commands).await.1,
-                    Err(e) => serde_json::to_string(&Reply::refused(e)).unwrap_or_default(),
-                };
-                if w.write_all(format!("{body}\n").as_bytes()).await.is_err() {
-                    break;
-                }
+                Ok(Ok(1)) => serve_lines(stream, &status, &commands).await,
+                _ => {}
             }
         });
+    }
+}
+
+/// The line form: one request per line, one JSON line back.
+async fn serve_lines(stream: TcpStream, status: &NodeStatus, commands: &Option<mpsc::Sender<ControlRequest>>) {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    while read_line(&mut r, &mut line).await.is_some() {
+        let body = match line.trim().parse::<Request>() {
+            Ok(req) => answer(req, status, commands).await.1,
+            Err(e) => serde_json::to_string(&Reply::refused(e)).unwrap_or_default(),
+        };
+        if w.write_all(format!("{body}\n").as_bytes()).await.is_err() {
+            break;
+        }
     }
 }
 
@@ -224,11 +222,11 @@ mod tests {
         assert_eq!("status".parse::<Request>(), Ok(Request::Status));
         assert_eq!("unprotect".parse::<Request>(), Ok(Request::Act(Command::Unprotect)));
         assert!(matches!("reboot".parse::<Request>(), Err(ControlError::Unknown(_))));
-        assert_eq!(http_request("GET", "/status"), Ok(Request::Status));
-        assert_eq!(http_request("POST", "/failover"), Ok(Request::Act(Command::Failover)));
+        assert_eq!(http_request(&Method::GET, "/status"), Ok(Request::Status));
+        assert_eq!(http_request(&Method::POST, "/failover"), Ok(Request::Act(Command::Failover)));
         // a GET (a browser's <img src=...>) must not act
-        assert_eq!(http_request("GET", "/failover"), Err(ControlError::Method("failover")));
-        assert_eq!(http_request("GET", "/unprotect"), Err(ControlError::Method("unprotect")));
+        assert_eq!(http_request(&Method::GET, "/failover"), Err(ControlError::Method("failover")));
+        assert_eq!(http_request(&Method::GET, "/unprotect"), Err(ControlError::Method("unprotect")));
     }
 
     #[test]

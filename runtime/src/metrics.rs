@@ -1,30 +1,31 @@
-//! Prometheus metrics over HTTP.
+//! Prometheus metrics over HTTP (OpenMetrics text from prometheus-client,
+//! served by hyper).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::status::NodeStatus;
 
-/// Serves the node's metrics (any request gets them) until dropped.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves the node's metrics (any GET gets them) until dropped.
 pub async fn serve_metrics(listener: TcpListener, status: Arc<NodeStatus>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let status = status.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
-            let body = status.metrics();
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
-        });
+        tokio::spawn(crate::http::serve_http(stream, move |method, _path| {
+            let status = status.clone();
+            async move {
+                match method {
+                    hyper::Method::GET | hyper::Method::HEAD => (200, OPENMETRICS, status.metrics()),
+                    _ => (405, "text/plain", "metrics take GET\n".to_string()),
+                }
+            }
+        }));
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use common::sync::{lock, percentile};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 /// A node's role.
@@ -94,11 +95,30 @@ pub struct StatusSnapshot {
 }
 
 /// Shared, updated by the node's tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeStatus {
     snap: Mutex<StatusSnapshot>,
+    /// Recent values, for the percentiles in the status.
     ack_lat: Mutex<Vec<f64>>,
     pauses: Mutex<Vec<f64>>,
+    /// Every value since start, for the metrics.
+    pause_hist: Histogram,
+    ack_hist: Histogram,
+}
+
+/// Upper bounds of the latency histograms (us).
+const LATENCY_BUCKETS_US: [f64; 10] = [50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 50000.0, 200000.0];
+
+impl Default for NodeStatus {
+    fn default() -> Self {
+        NodeStatus {
+            snap: Mutex::default(),
+            ack_lat: Mutex::default(),
+            pauses: Mutex::default(),
+            pause_hist: Histogram::new(LATENCY_BUCKETS_US),
+            ack_hist: Histogram::new(LATENCY_BUCKETS_US),
+        }
+    }
 }
 
 fn push_bounded(v: &mut Vec<f64>, x: f64) {
@@ -130,10 +150,12 @@ impl NodeStatus {
     }
 
     pub fn record_ack_latency(&self, us: f64) {
+        self.ack_hist.observe(us);
         push_bounded(&mut lock(&self.ack_lat), us);
     }
 
     pub fn record_pause(&self, us: f64) {
+        self.pause_hist.observe(us);
         push_bounded(&mut lock(&self.pauses), us);
     }
 
@@ -149,56 +171,76 @@ impl NodeStatus {
         s
     }
 
-    /// All recorded pause times (us).
-    pub fn pauses(&self) -> Vec<f64> {
-        lock(&self.pauses).clone()
-    }
-
-    /// Prometheus text exposition.
+    /// Prometheus metrics (OpenMetrics text, prometheus-client): gauges and
+    /// counters read from the status, the two latency histograms cumulative
+    /// since the node started.
     pub fn metrics(&self) -> String {
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
         let s = self.snapshot();
-        let p = self.pauses();
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, v: f64| {
-            out.push_str(&format!("# HELP castor_{name} {help}\n# TYPE castor_{name} gauge\ncastor_{name} {v}\n"));
-        };
-        gauge("generation", "Fencing generation of this node.", s.generation as f64);
-        gauge("epoch", "Current epoch (primary) or committed epoch (secondary).", s.epoch as f64);
-        gauge("epochs_in_flight", "Epochs sent and not yet acknowledged.", s.epochs_in_flight as f64);
-        gauge(
+        let mut r = prometheus_client::registry::Registry::with_prefix("castor");
+        r.register("generation", "Fencing generation of this node", ConstGauge::new(s.generation as i64));
+        r.register("epoch", "Current epoch (primary) or committed epoch (secondary)", ConstGauge::new(s.epoch as i64));
+        r.register("epochs_in_flight", "Epochs sent and not yet acknowledged", ConstGauge::new(s.epochs_in_flight as i64));
+        r.register(
             "protected",
-            "1 while a secondary protects this primary.",
-            f64::from(u8::from(s.protection == Protection::Protected)),
+            "1 while a secondary protects this primary",
+            ConstGauge::new(i64::from(s.protection == Protection::Protected)),
         );
-        gauge("last_epoch_pages", "Pages in the last epoch.", s.last_epoch.pages as f64);
-        gauge("ack_latency_us_p50", "Median epoch ack latency (us).", s.ack_latency_us_p50);
-        gauge("ack_latency_us_p99", "p99 epoch ack latency (us).", s.ack_latency_us_p99);
-        let mut counter = |name: &str, help: &str, v: u64| {
-            out.push_str(&format!("# HELP castor_{name} {help}\n# TYPE castor_{name} counter\ncastor_{name} {v}\n"));
-        };
-        counter("epochs_total", "Epochs completed.", s.epochs);
-        counter("pages_total", "Pages shipped in epochs.", s.pages_total);
-        counter(
-            "pages_unchanged_total",
-            "Pages reported dirty but not shipped (same content as in the previous epoch).",
-            s.pages_unchanged_total,
+        r.register("held_outputs", "Outputs waiting for their epoch's ack", ConstGauge::new(s.held_outputs as i64));
+        r.register("last_epoch_pages", "Pages in the last epoch", ConstGauge::new(s.last_epoch.pages as i64));
+        r.register("ack_latency_us_p50", "Median epoch ack latency (us), recent epochs", ConstGauge::new(s.ack_latency_us_p50));
+        r.register("ack_latency_us_p99", "p99 epoch ack latency (us), recent epochs", ConstGauge::new(s.ack_latency_us_p99));
+        r.register("epochs", "Epochs completed", ConstCounter::new(s.epochs));
+        r.register("pages", "Pages shipped in epochs", ConstCounter::new(s.pages_total));
+        r.register(
+            "pages_unchanged",
+            "Pages reported dirty but not shipped (same content as in the previous epoch)",
+            ConstCounter::new(s.pages_unchanged_total),
         );
-        counter("bytes_total", "Page bytes shipped in epochs.", s.bytes_total);
-        counter("failovers_total", "Failovers this node performed.", s.failovers);
-        counter("tracking_lost_total", "Epochs sent as full resyncs because dirty tracking was lost.", s.tracking_lost);
-        counter("released_outputs_total", "Outputs released by output commit.", s.released_outputs);
-        out.push_str("# HELP castor_epoch_pause_us Guest pause per epoch boundary (us).\n# TYPE castor_epoch_pause_us histogram\n");
-        let bounds = [50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
-        for b in bounds {
-            let n = p.iter().filter(|&&x| x <= b).count();
-            out.push_str(&format!("castor_epoch_pause_us_bucket{{le=\"{b}\"}} {n}\n"));
+        r.register("bytes", "Page bytes shipped in epochs", ConstCounter::new(s.bytes_total));
+        r.register("failovers", "Failovers this node performed", ConstCounter::new(s.failovers));
+        r.register(
+            "tracking_lost",
+            "Epochs sent as full resyncs because dirty tracking was lost",
+            ConstCounter::new(s.tracking_lost),
+        );
+        r.register("released_outputs", "Outputs released by output commit", ConstCounter::new(s.released_outputs));
+        r.register("syncs", "Secondary sessions started (initial syncs and resyncs)", ConstCounter::new(s.syncs));
+        r.register("epoch_pause_us", "Guest pause per epoch boundary (us)", self.pause_hist.clone());
+        r.register("epoch_ack_us", "Time from sending an epoch to its ack (us)", self.ack_hist.clone());
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
+            tracing::error!("metrics encoding failed");
         }
-        out.push_str(&format!("castor_epoch_pause_us_bucket{{le=\"+Inf\"}} {}\n", p.len()));
-        out.push_str(&format!(
-            "castor_epoch_pause_us_sum {}\ncastor_epoch_pause_us_count {}\n",
-            p.iter().sum::<f64>(),
-            p.len()
-        ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_histograms_never_count_down() {
+        let st = NodeStatus::default();
+        for i in 0..5000 {
+            st.record_pause(f64::from(i % 300));
+        }
+        let count = |text: &str| -> u64 {
+            let line = text.lines().find(|l| l.starts_with("castor_epoch_pause_us_count")).expect("count line");
+            line.split_whitespace().last().unwrap().parse().unwrap()
+        };
+        let a = st.metrics();
+        assert_eq!(count(&a), 5000, "{a}");
+        // the status keeps a window of recent values; the histogram keeps all
+        for _ in 0..3000 {
+            st.record_pause(10.0);
+        }
+        let b = st.metrics();
+        assert_eq!(count(&b), 8000);
+        for needle in ["castor_epochs_total", "castor_bytes_total", "castor_failovers_total", "castor_epochs_in_flight", "castor_ack_latency_us_p99", "castor_epoch_pause_us_bucket{le=\"50.0\"}", "# EOF"] {
+            assert!(b.contains(needle), "{needle} missing:\n{b}");
+        }
     }
 }

@@ -108,9 +108,6 @@ impl ReceiverConfig {
     }
 }
 
-fn lock(r: &Mutex<Replica>) -> std::sync::MutexGuard<'_, Replica> {
-    r.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Serves one replication connection until it ends. The replica is left at
 /// its committed epoch whatever happens.
@@ -121,7 +118,7 @@ pub async fn serve_connection(
     mut on_event: impl FnMut(ReceiverEvent),
 ) -> Result<SessionEnd, ReceiverError> {
     let result = serve_inner(stream, cfg, replica, &mut on_event).await;
-    let dropped = lock(replica).abort_staging();
+    let dropped = common::sync::lock(replica).abort_staging();
     if let Some(e) = dropped {
         tracing::warn!(epoch = e, "dropped a partly received epoch; replica stays at its committed epoch");
     }
@@ -163,7 +160,7 @@ async fn serve_inner(
             tx.send(refuse(RefuseCode::StaleGeneration, format!("generation {} is fenced", hello.generation))).await;
         return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
     }
-    let shape_ok = lock(replica).check_shape(&hello.shape);
+    let shape_ok = common::sync::lock(replica).check_shape(&hello.shape);
     if let Err(e) = shape_ok {
         let _ = tx.send(refuse(RefuseCode::Shape, e.to_string())).await;
         return Err(e.into());
@@ -182,7 +179,7 @@ async fn serve_inner(
         let _ = tx.send(refuse(RefuseCode::Auth, "bad proof".into())).await;
         return Err(ReceiverError::Unauthenticated("the primary's proof is wrong".into()));
     }
-    let committed_epoch = lock(replica).committed_epoch();
+    let committed_epoch = common::sync::lock(replica).committed_epoch();
     tx.send(Message::HelloAck(HelloAck { version: PROTOCOL_VERSION, committed_epoch, generation: ours }).to_frame())
         .await
         .map_err(ReceiverError::Frame)?;
@@ -219,7 +216,7 @@ async fn serve_inner(
         };
         let frame = frame.map_err(ReceiverError::Frame)?;
         on_event(ReceiverEvent::Data);
-        if cfg.generation() > hello.generation && lock(replica).committed_epoch().is_some() {
+        if cfg.generation() > hello.generation && common::sync::lock(replica).committed_epoch().is_some() {
             // we took over (or were told a newer primary exists): fence this one
             let fence = Message::Fence { generation: cfg.generation(), reason: "a newer generation took over".into() };
             let _ = tx.send(fence.to_frame()).await;
@@ -227,18 +224,18 @@ async fn serve_inner(
         }
         let msg = Message::decode(frame.kind, frame.payload)?;
         match msg {
-            Message::FullSyncChunk(c) => lock(replica).full_sync_chunk(&c)?,
+            Message::FullSyncChunk(c) => common::sync::lock(replica).full_sync_chunk(&c)?,
             Message::EpochBegin { epoch, page_count, full } => {
-                lock(replica).begin_epoch(epoch, page_count, full)?;
+                common::sync::lock(replica).begin_epoch(epoch, page_count, full)?;
                 common::crashpoint::hit("secondary.after_begin");
             }
             Message::PageChunk(c) => {
-                lock(replica).chunk(c)?;
+                common::sync::lock(replica).chunk(c)?;
                 common::crashpoint::hit("secondary.mid_chunks");
             }
             Message::EpochEnd(end) => {
                 let t = Instant::now();
-                let res = lock(replica).end_epoch(*end);
+                let res = common::sync::lock(replica).end_epoch(*end);
                 match res {
                     Ok(epoch) => {
                         tracing::debug!(epoch, apply_us = t.elapsed().as_micros() as u64, "epoch committed");

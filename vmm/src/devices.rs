@@ -98,7 +98,7 @@ impl Devices {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        common::sync::lock(&self.inner)
     }
 
     /// The cpu that serves `client` (requests of one client stay in order).

@@ -2,7 +2,8 @@
 //!
 //! * [`memory`]: guest memory (vm-memory, MAP_NORESERVE) and the VMM's tracked write path.
 //! * [`ring`]: the KVM dirty ring (mmap, harvest, reset, overflow detection).
-//! * [`tracker`]: ring and bitmap trackers behind one [`tracker::DirtySet`].
+//! * [`tracker`]: ring and bitmap pieces behind one [`tracker::DirtySet`]; the
+//!   machine's one `DirtyTracker` (dirty.rs) uses them.
 //! * [`vcpu`]: vCPU threads with kick/park/resume.
 //! * [`devices`]: console and the `kv` mailbox.
 //! * [`state`]: full vCPU and VM state save/restore.
@@ -13,6 +14,7 @@
 pub mod abi;
 pub mod boot;
 pub mod devices;
+mod dirty;
 pub mod machine;
 pub mod memory;
 pub mod ring;

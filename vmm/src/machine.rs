@@ -16,14 +16,11 @@ use crate::abi::{self, BootInfo, Pattern, WorkloadKind, BOOT_MAGIC, KERNEL_END, 
 use crate::boot::{self, BootError};
 use crate::devices::{Devices, GuestFault};
 use crate::memory::{self, GuestMem, MemoryError};
-use crate::ring::{self, RingError, RingFlavour};
+use crate::ring::{RingError, RingFlavour};
 use crate::state::{self, MachineState, SaveContext, StateError, VmShape};
-use crate::tracker::{self, DirtySet, SlotTable, TrackerError, TrackerKind};
-use crate::vcpu::{RingLedger, RingState, RunState, Vcpu, VcpuContext, VcpuError};
-
-/// Smallest dirty set for which `collect_overlapped` hands the ring reset
-/// to a parked vCPU thread (below it the reset is cheaper than the hand-off).
-const OVERLAP_RESET_MIN_PAGES: usize = 256;
+use crate::dirty::DirtyTracker;
+use crate::tracker::{DirtySet, SlotTable, TrackerError, TrackerKind};
+use crate::vcpu::{RingLedger, RunState, Vcpu, VcpuContext, VcpuError};
 /// How long a pause may take before the machine reports the vCPU stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -146,7 +143,7 @@ pub struct Machine {
     mem: Arc<GuestMem>,
     vcpus: Vec<Arc<Vcpu>>,
     devices: Arc<Devices>,
-    slots: SlotTable,
+    tracker: DirtyTracker,
     cfg: MachineConfig,
     ctx: VcpuContext,
     save_ctx: Arc<SaveContext>,
@@ -154,10 +151,6 @@ pub struct Machine {
     ring_flavour: Option<RingFlavour>,
     started: bool,
     paused: bool,
-    lost_pending: bool,
-    /// A ring reset handed to a vCPU thread by `collect_overlapped`.
-    reset_in_flight: bool,
-    retention: tracker::Retention,
 }
 
 impl Machine {
@@ -178,13 +171,7 @@ impl Machine {
         };
         let kvm = Kvm::new().map_err(MachineError::Kvm)?;
         let vm = kvm.create_vm().map_err(|e| MachineError::Setup("KVM_CREATE_VM", e))?;
-        let ring_flavour = match cfg.tracker {
-            TrackerKind::Ring { entries } => Some(ring::enable(&vm, entries)?),
-            TrackerKind::Bitmap => {
-                tracker::enable_manual_protect(&vm)?;
-                None
-            }
-        };
+        let ring_flavour = DirtyTracker::enable(&vm, cfg.tracker)?;
         let _ = vm.set_tss_address(0xfffb_d000);
         vm.create_irq_chip().map_err(|e| MachineError::Setup("KVM_CREATE_IRQCHIP", e))?;
         vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
@@ -242,7 +229,7 @@ impl Machine {
         let m = Machine {
             _kvm: kvm,
             vm,
-            slots: SlotTable::new(&regions),
+            tracker: DirtyTracker::new(cfg.tracker, SlotTable::new(&regions)),
             mem,
             vcpus: Vec::new(),
             devices,
@@ -253,26 +240,13 @@ impl Machine {
             ring_flavour,
             started: false,
             paused: true,
-            lost_pending: false,
-            reset_in_flight: false,
-            retention: tracker::Retention::default(),
         };
         Ok((m, fds))
     }
 
     fn attach_vcpus(&mut self, fds: Vec<VcpuFd>) -> Result<(), MachineError> {
         for (id, fd) in fds.into_iter().enumerate() {
-            let ring = match self.cfg.tracker {
-                TrackerKind::Ring { entries } => Some(RingState {
-                    ring: ring::DirtyRing::map(&fd, entries)?,
-                    pending: Vec::new(),
-                    lost: false,
-                    full_exits: 0,
-                    stalls: 0,
-                    verify: self.cfg.ring_verify,
-                }),
-                TrackerKind::Bitmap => None,
-            };
+            let ring = self.tracker.vcpu_ring(&fd, self.cfg.ring_verify)?;
             self.vcpus.push(Arc::new(Vcpu::new(id as u32, fd, ring)));
         }
         Ok(())
@@ -422,11 +396,7 @@ impl Machine {
 
     /// Lets the vCPUs run again (returns once every thread has left its park).
     pub fn resume(&mut self) -> Result<PauseTiming, MachineError> {
-        // tracking must be re-armed before the guest runs; a failure the
-        // caller did not pick up makes the next collection a lost one
-        if !self.finish_reset() {
-            self.lost_pending = true;
-        }
+        self.tracker.before_resume(&self.vcpus, &self.ctx);
         let t = Instant::now();
         if !self.started {
             return self.start().map(|_| PauseTiming { elapsed: t.elapsed() });
@@ -466,117 +436,15 @@ impl Machine {
     /// does it here if no vCPU thread took it). Returns false if it failed:
     /// the collection it belongs to is incomplete (treat memory as all dirty).
     pub fn finish_reset(&mut self) -> bool {
-        if !std::mem::take(&mut self.reset_in_flight) {
-            return true;
-        }
-        let ok = match self.vcpus.first() {
-            Some(v) => v.take_reset(&self.ctx),
-            None => true,
-        };
-        if !ok {
-            let mut ledger = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
-            ledger.suspect = false;
-            for v in &self.vcpus {
-                if let Some(rs) = v.core().ring.as_mut() {
-                    rs.ring.mark_desynchronised();
-                }
-            }
-        }
-        ok
+        self.tracker.finish_reset(&self.vcpus, &self.ctx)
     }
 
     fn collect_inner(&mut self, overlap: bool) -> Result<DirtySet, MachineError> {
         if !self.paused {
             return Err(MachineError::NotPaused("collecting the dirty set"));
         }
-        if !self.finish_reset() {
-            self.lost_pending = true;
-        }
-        let t0 = std::time::Instant::now();
-        let mut reset_ns = 0u64;
-        let mut gfns = Vec::new();
-        let mut lost = std::mem::take(&mut self.lost_pending);
-        let from_kvm;
         let retain = self.cfg.hot_pages;
-        match self.cfg.tracker {
-            TrackerKind::Ring { entries: ring_size } => {
-                let mut ledger = self.ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
-                let mut entries = Vec::new();
-                let mut cores: Vec<_> = self.vcpus.iter().map(|v| v.core()).collect();
-                self.ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
-                for core in cores.iter_mut() {
-                    let rs = core.ring.as_mut().expect("ring tracker has rings");
-                    entries.append(&mut rs.pending);
-                    lost |= std::mem::take(&mut rs.lost);
-                    let h = rs.ring.harvest(&mut entries, rs.verify);
-                    lost |= h.overflow || h.stray;
-                    ledger.unreset += u64::from(h.expected_reset());
-                }
-                if std::mem::take(&mut ledger.suspect) {
-                    lost = true;
-                }
-                from_kvm = entries.len();
-                for (slot, offset) in entries {
-                    match self.slots.gfn(slot, offset) {
-                        Some(g) => gfns.push(g),
-                        None => {
-                            tracing::warn!(slot, offset, "ring entry outside guest memory: tracking lost");
-                            lost = true;
-                        }
-                    }
-                }
-                // rings on average more than half full of entries waiting for
-                // a reset would soon exit ring-full: re-arm now instead
-                let filling = ledger.unreset > u64::from(ring_size / 2) * u64::from(self.cfg.vcpus);
-                let rearm = if retain {
-                    let d = self.retention.decide(&gfns, lost || filling);
-                    gfns = d.report;
-                    d.rearm
-                } else {
-                    true
-                };
-                // hand the reset off only when the copy it overlaps is longer
-                // than a hand-off to a parked thread (~100 us here)
-                if rearm && overlap && gfns.len() >= OVERLAP_RESET_MIN_PAGES && !self.vcpus.is_empty() {
-                    drop(cores);
-                    drop(ledger);
-                    self.vcpus[0].request_reset();
-                    self.reset_in_flight = true;
-                } else if rearm {
-                    let tr = std::time::Instant::now();
-                    let ok = ledger.reset(&self.vm);
-                    reset_ns = tr.elapsed().as_nanos() as u64;
-                    if !ok {
-                        ledger.suspect = false;
-                        lost = true;
-                        for core in cores.iter_mut() {
-                            core.ring.as_mut().expect("ring").ring.mark_desynchronised();
-                        }
-                    }
-                }
-            }
-            TrackerKind::Bitmap => {
-                let (mut logs, n) = tracker::get_bitmaps(&self.vm, &self.slots, &mut gfns)?;
-                from_kvm = n;
-                let rearm = if retain {
-                    let d = self.retention.decide(&gfns, lost);
-                    gfns = d.report;
-                    d.rearm
-                } else {
-                    true
-                };
-                if rearm {
-                    reset_ns = tracker::clear_bitmaps(&self.vm, &mut logs)?;
-                }
-            }
-        }
-        if lost {
-            tracing::warn!("dirty tracking lost for this collection: all memory must be treated as dirty");
-        }
-        let mut d = tracker::finish(gfns, from_kvm, self.mem.take_vmm_dirty(), lost);
-        d.reset_ns = reset_ns;
-        d.harvest_ns = (t0.elapsed().as_nanos() as u64).saturating_sub(reset_ns);
-        Ok(d)
+        Ok(self.tracker.collect(&self.vm, &self.vcpus, &self.ctx, &self.mem, retain, overlap)?)
     }
 
     /// Copies the given pages, in order, into `out` (`gfns.len() * 4096`
@@ -648,7 +516,7 @@ impl Machine {
 
     /// Guest exceptions reported so far.
     pub fn faults(&self) -> Vec<GuestFault> {
-        self.ctx.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        common::sync::lock(&self.ctx.faults).clone()
     }
 
     /// vCPUs whose thread has ended, with the reason.
@@ -670,12 +538,12 @@ impl Machine {
 
     /// Pages currently kept writable by hot-page retention.
     pub fn hot_page_count(&self) -> usize {
-        self.retention.retained()
+        self.tracker.retained()
     }
 
     /// Times hot-page retention re-armed tracking.
     pub fn hot_page_rearms(&self) -> u64 {
-        self.retention.rearms()
+        self.tracker.rearms()
     }
 
     /// Ring-full exits so far, summed over vCPUs (parked machine only; else 0 for busy ones).

@@ -50,7 +50,7 @@ impl Default for PageLog {
 impl PageLog {
     /// Takes the pages dirtied since the last call (region-relative page indexes).
     pub fn take(&self) -> Vec<u32> {
-        let pages = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|p| p.into_inner()));
+        let pages = std::mem::take(&mut *common::sync::lock(&self.fresh));
         for p in &pages {
             self.bits.reset_bit(*p as usize);
         }
@@ -69,7 +69,7 @@ impl Bitmap for PageLog {
         }
         let first = offset / PAGE_SIZE as usize;
         let last = (offset + len - 1) / PAGE_SIZE as usize;
-        let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = common::sync::lock(&self.fresh);
         for page in first..=last.min(self.bits.len().saturating_sub(1)) {
             if !self.bits.is_bit_set(page) {
                 self.bits.set_bit(page);

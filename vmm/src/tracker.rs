@@ -52,6 +52,8 @@ pub enum TrackerError {
     ClearLog(u32, std::io::Error),
     #[error("ring entry names slot {0}, which does not exist")]
     BadSlot(u32),
+    #[error(transparent)]
+    Ring(#[from] crate::ring::RingError),
 }
 
 /// The result of one collection.

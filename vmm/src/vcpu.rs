@@ -19,6 +19,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use crate::devices::{Devices, GuestFault, IoAction};
+pub use crate::dirty::RingLedger;
 use crate::memory::GuestMem;
 use crate::ring::{self, DirtyRing};
 use crate::state::{self, SaveContext, StateError, VcpuState};
@@ -161,42 +162,6 @@ pub struct Vcpu {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Ring entries harvested (marked RESET) but not yet recycled by
-/// KVM_RESET_DIRTY_RINGS, over all rings. With hot-page retention the
-/// collector defers the reset, so a reset on a ring-full exit recycles the
-/// collector's entries too: every reset compares KVM's count with this.
-#[derive(Debug, Default)]
-pub struct RingLedger {
-    pub unreset: u64,
-    /// A reset on a ring-full exit found a count mismatch: the collector must
-    /// treat every ring as desynchronised and the collection as lost.
-    pub suspect: bool,
-}
-
-impl RingLedger {
-    /// Resets the rings; false if tracking was lost. KVM must recycle exactly
-    /// the entries marked RESET. A short count is a loss too: on this host a
-    /// reset cut short (by a signal pending on the calling thread) left
-    /// recycled pages writable, so writes to them went unlogged. Callers on
-    /// vCPU threads therefore block the kick signal around the reset.
-    pub fn reset(&mut self, vm: &VmFd) -> bool {
-        let expected = std::mem::take(&mut self.unreset);
-        match ring::reset_rings(vm) {
-            Ok(n) if u64::from(n) == expected => true,
-            Ok(n) => {
-                tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
-                self.suspect = true;
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
-                self.suspect = true;
-                false
-            }
-        }
-    }
-}
-
 /// What the vCPU thread needs from the machine.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
@@ -236,11 +201,11 @@ impl Vcpu {
     /// Locks the core. Only call while the vCPU is parked or not started
     /// (otherwise this waits for the thread to park).
     pub fn core(&self) -> MutexGuard<'_, VcpuCore> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+        common::sync::lock(&self.core)
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+        common::sync::lock(&self.status)
     }
 
     /// Current run state.
@@ -262,13 +227,13 @@ impl Vcpu {
             .name(format!("vcpu{}", self.id))
             .spawn(move || me.thread_main(ctx))
             .map_err(VcpuError::Spawn)?;
-        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        *common::sync::lock(&self.thread) = Some(handle);
         Ok(())
     }
 
     fn kick(&self) -> Result<(), VcpuError> {
         self.immediate_exit.set(1);
-        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        let t = common::sync::lock(&self.thread);
         if let Some(h) = t.as_ref() {
             // SAFETY: the handle's pthread is alive until joined (we hold its JoinHandle).
             let ret = unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
@@ -287,7 +252,7 @@ impl Vcpu {
     }
 
     fn parked_work(&self) -> MutexGuard<'_, ParkedWork> {
-        self.work.lock().unwrap_or_else(|p| p.into_inner())
+        common::sync::lock(&self.work)
     }
 
     /// Asks the parked vCPU thread to save its state now (in parallel with
@@ -331,7 +296,7 @@ impl Vcpu {
         let requested = std::mem::take(&mut slot.reset_requested);
         match slot.reset_done.take() {
             Some((g, ok)) if g == gen => ok,
-            _ if requested == gen => ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner()).reset(&ctx.vm),
+            _ if requested == gen => common::sync::lock(&ctx.reset_lock).reset(&ctx.vm),
             // nothing was requested in this pause
             _ => true,
         }
@@ -351,7 +316,7 @@ impl Vcpu {
                 set_idle_policy(false);
                 let ok = {
                     let _blocked = KickBlocked::new();
-                    ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner()).reset(&ctx.vm)
+                    common::sync::lock(&ctx.reset_lock).reset(&ctx.vm)
                 };
                 slot.reset_done = Some((gen, ok));
                 set_idle_policy(true);
@@ -421,7 +386,7 @@ impl Vcpu {
             self.cv.notify_all();
         }
         let _ = self.kick();
-        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = common::sync::lock(&self.thread).take() {
             let _ = h.join();
         }
     }
@@ -483,7 +448,7 @@ impl Vcpu {
                     if let IoAction::Fault(vector) = ctx.devices.io_out(self.id, port, data) {
                         let fault = read_fault(&c.fd, &ctx.mem, self.id, vector);
                         tracing::error!(?fault, "guest exception");
-                        ctx.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
+                        common::sync::lock(&ctx.faults).push(fault);
                         return format!("guest exception {vector} at rip {:#x}", fault.rip);
                     }
                 }
@@ -565,7 +530,7 @@ impl Drop for KickBlocked {
 /// Ring-full exit: harvest this vCPU's ring into its pending set, reset, re-enter.
 fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
     rs.full_exits += 1;
-    let mut ledger = ctx.reset_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ledger = common::sync::lock(&ctx.reset_lock);
     let h = rs.ring.harvest(&mut rs.pending, rs.verify);
     ctx.ring_pending.fetch_add(u64::from(h.harvested), Ordering::Relaxed);
     let mut expected = h.expected_reset();

@@ -1,0 +1,239 @@
+//! The machine's dirty tracker, one type for both implementations: the
+//! per-vCPU dirty rings (with the ledger of entries awaiting a reset) or the
+//! per-slot bitmap, plus hot-page retention and the rule that a collection
+//! whose re-arm failed is reported as lost. The machine calls it; the vCPU
+//! threads only touch the rings on ring-full exits (vcpu.rs).
+
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::memory::GuestMem;
+use crate::ring::{self, DirtyRing, RingError, RingFlavour};
+use crate::tracker::{self, DirtySet, Retention, SlotTable, TrackerError, TrackerKind};
+use crate::vcpu::{RingState, Vcpu, VcpuContext};
+
+/// Smallest dirty set for which an overlapped collection hands the ring
+/// reset to a parked vCPU thread (below it the reset is cheaper than the
+/// hand-off).
+const OVERLAP_RESET_MIN_PAGES: usize = 256;
+
+/// Ring entries harvested (marked RESET) but not yet recycled by
+/// KVM_RESET_DIRTY_RINGS, over all rings. With hot-page retention the
+/// collector defers the reset, so a reset on a ring-full exit recycles the
+/// collector's entries too: every reset compares KVM's count with this.
+#[derive(Debug, Default)]
+pub struct RingLedger {
+    pub unreset: u64,
+    /// A reset on a ring-full exit found a count mismatch: the collector must
+    /// treat every ring as desynchronised and the collection as lost.
+    pub suspect: bool,
+}
+
+impl RingLedger {
+    /// Resets the rings; false if tracking was lost. KVM must recycle exactly
+    /// the entries marked RESET. A short count is a loss too: on this host a
+    /// reset cut short (by a signal pending on the calling thread) left
+    /// recycled pages writable, so writes to them went unlogged. Callers on
+    /// vCPU threads therefore block the kick signal around the reset.
+    pub fn reset(&mut self, vm: &VmFd) -> bool {
+        let expected = std::mem::take(&mut self.unreset);
+        match ring::reset_rings(vm) {
+            Ok(n) if u64::from(n) == expected => true,
+            Ok(n) => {
+                tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
+                self.suspect = true;
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
+                self.suspect = true;
+                false
+            }
+        }
+    }
+}
+
+/// Dirty tracking of one machine.
+#[derive(Debug)]
+pub(crate) struct DirtyTracker {
+    kind: TrackerKind,
+    slots: SlotTable,
+    retention: Retention,
+    /// A re-arm failed after its collection was returned: the next
+    /// collection is lost.
+    lost_pending: bool,
+    /// A ring reset handed to a vCPU thread by an overlapped collection.
+    reset_in_flight: bool,
+}
+
+impl DirtyTracker {
+    /// Turns tracking on for `vm` (before any vCPU exists).
+    pub fn enable(vm: &VmFd, kind: TrackerKind) -> Result<Option<RingFlavour>, TrackerError> {
+        match kind {
+            TrackerKind::Ring { entries } => Ok(Some(ring::enable(vm, entries).map_err(TrackerError::Ring)?)),
+            TrackerKind::Bitmap => {
+                tracker::enable_manual_protect(vm)?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub fn new(kind: TrackerKind, slots: SlotTable) -> Self {
+        DirtyTracker { kind, slots, retention: Retention::default(), lost_pending: false, reset_in_flight: false }
+    }
+
+    /// The ring a new vCPU carries (none with the bitmap tracker).
+    pub fn vcpu_ring(&self, fd: &VcpuFd, verify: bool) -> Result<Option<RingState>, RingError> {
+        match self.kind {
+            TrackerKind::Ring { entries } => Ok(Some(RingState {
+                ring: DirtyRing::map(fd, entries)?,
+                pending: Vec::new(),
+                lost: false,
+                full_exits: 0,
+                stalls: 0,
+                verify,
+            })),
+            TrackerKind::Bitmap => Ok(None),
+        }
+    }
+
+    /// Waits for a reset handed out by an overlapped collection (or does it
+    /// here if no vCPU thread took it). False if it failed: the collection it
+    /// belongs to is incomplete (treat memory as all dirty).
+    pub fn finish_reset(&mut self, vcpus: &[Arc<Vcpu>], ctx: &VcpuContext) -> bool {
+        if !std::mem::take(&mut self.reset_in_flight) {
+            return true;
+        }
+        let ok = match vcpus.first() {
+            Some(v) => v.take_reset(ctx),
+            None => true,
+        };
+        if !ok {
+            common::sync::lock(&ctx.reset_lock).suspect = false;
+            for v in vcpus {
+                if let Some(rs) = v.core().ring.as_mut() {
+                    rs.ring.mark_desynchronised();
+                }
+            }
+        }
+        ok
+    }
+
+    /// Before the guest runs again: tracking must be re-armed; a failure the
+    /// caller did not pick up makes the next collection a lost one.
+    pub fn before_resume(&mut self, vcpus: &[Arc<Vcpu>], ctx: &VcpuContext) {
+        if !self.finish_reset(vcpus, ctx) {
+            self.lost_pending = true;
+        }
+    }
+
+    /// Pages dirtied since the previous collection (vCPUs parked), re-armed
+    /// unless retention defers it; `overlap`: a large ring reset is handed to
+    /// a parked vCPU thread ([`DirtyTracker::finish_reset`] picks it up).
+    pub fn collect(
+        &mut self,
+        vm: &VmFd,
+        vcpus: &[Arc<Vcpu>],
+        ctx: &VcpuContext,
+        mem: &GuestMem,
+        retain: bool,
+        overlap: bool,
+    ) -> Result<DirtySet, TrackerError> {
+        self.before_resume(vcpus, ctx);
+        let t0 = std::time::Instant::now();
+        let mut reset_ns = 0u64;
+        let mut gfns = Vec::new();
+        let mut lost = std::mem::take(&mut self.lost_pending);
+        let from_kvm;
+        match self.kind {
+            TrackerKind::Ring { entries: ring_size } => {
+                let mut ledger = common::sync::lock(&ctx.reset_lock);
+                let mut entries = Vec::new();
+                let mut cores: Vec<_> = vcpus.iter().map(|v| v.core()).collect();
+                ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
+                for core in cores.iter_mut() {
+                    let rs = core.ring.as_mut().expect("ring tracker has rings");
+                    entries.append(&mut rs.pending);
+                    lost |= std::mem::take(&mut rs.lost);
+                    let h = rs.ring.harvest(&mut entries, rs.verify);
+                    lost |= h.overflow || h.stray;
+                    ledger.unreset += u64::from(h.expected_reset());
+                }
+                if std::mem::take(&mut ledger.suspect) {
+                    lost = true;
+                }
+                from_kvm = entries.len();
+                for (slot, offset) in entries {
+                    match self.slots.gfn(slot, offset) {
+                        Some(g) => gfns.push(g),
+                        None => {
+                            tracing::warn!(slot, offset, "ring entry outside guest memory: tracking lost");
+                            lost = true;
+                        }
+                    }
+                }
+                // rings on average more than half full of entries waiting for
+                // a reset would soon exit ring-full: re-arm now instead
+                let filling = ledger.unreset > u64::from(ring_size / 2) * vcpus.len() as u64;
+                let rearm = if retain {
+                    let d = self.retention.decide(&gfns, lost || filling);
+                    gfns = d.report;
+                    d.rearm
+                } else {
+                    true
+                };
+                // hand the reset off only when the copy it overlaps is longer
+                // than a hand-off to a parked thread (~100 us here)
+                if rearm && overlap && gfns.len() >= OVERLAP_RESET_MIN_PAGES && !vcpus.is_empty() {
+                    drop(cores);
+                    drop(ledger);
+                    vcpus[0].request_reset();
+                    self.reset_in_flight = true;
+                } else if rearm {
+                    let tr = std::time::Instant::now();
+                    let ok = ledger.reset(vm);
+                    reset_ns = tr.elapsed().as_nanos() as u64;
+                    if !ok {
+                        ledger.suspect = false;
+                        lost = true;
+                        for core in cores.iter_mut() {
+                            core.ring.as_mut().expect("ring").ring.mark_desynchronised();
+                        }
+                    }
+                }
+            }
+            TrackerKind::Bitmap => {
+                let (mut logs, n) = tracker::get_bitmaps(vm, &self.slots, &mut gfns)?;
+                from_kvm = n;
+                let rearm = if retain {
+                    let d = self.retention.decide(&gfns, lost);
+                    gfns = d.report;
+                    d.rearm
+                } else {
+                    true
+                };
+                if rearm {
+                    reset_ns = tracker::clear_bitmaps(vm, &mut logs)?;
+                }
+            }
+        }
+        if lost {
+            tracing::warn!("dirty tracking lost for this collection: all memory must be treated as dirty");
+        }
+        let mut d = tracker::finish(gfns, from_kvm, mem.take_vmm_dirty(), lost);
+        d.reset_ns = reset_ns;
+        d.harvest_ns = (t0.elapsed().as_nanos() as u64).saturating_sub(reset_ns);
+        Ok(d)
+    }
+
+    /// Pages kept writable by hot-page retention.
+    pub fn retained(&self) -> usize {
+        self.retention.retained()
+    }
+
+    /// Times hot-page retention re-armed tracking.
+    pub fn rearms(&self) -> u64 {
+        self.retention.rearms()
+    }
+}
