@@ -7,15 +7,10 @@
 //! 3. The floor: a bare kick + resume, plus a memcpy of the same pages.
 //! 4. End to end: a primary/secondary pair on loopback with the kv guest.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use client::KvClient;
-use common::state::KvOp;
 use serde::Serialize;
 use vmm::abi::{Pattern, KERNEL_END, PAGE_SIZE, PC_WRITES};
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};

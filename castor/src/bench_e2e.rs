@@ -18,34 +18,34 @@ use crate::demo::{node_args, start_node};
 #[derive(Debug, Clone, Serialize, Default)]
 pub(crate) struct E2e {
     /// Latency figures of the default configuration at 256 clients.
-    epochs_per_s: f64,
-    pause_us_p50: f64,
-    pause_us_p99: f64,
-    output_delay_ms_p50: f64,
-    output_delay_ms_p99: f64,
-    ops_per_s_moderate: f64,
+    pub(crate) epochs_per_s: f64,
+    pub(crate) pause_us_p50: f64,
+    pub(crate) pause_us_p99: f64,
+    pub(crate) output_delay_ms_p50: f64,
+    pub(crate) output_delay_ms_p99: f64,
+    pub(crate) ops_per_s_moderate: f64,
     /// The same figures at saturation (2048 clients).
-    epochs_per_s_saturated: f64,
-    pause_us_p50_saturated: f64,
-    pause_us_p99_saturated: f64,
-    output_delay_ms_p50_saturated: f64,
-    output_delay_ms_p99_saturated: f64,
-    ops_per_s_protected: f64,
-    ops_per_s_unprotected: f64,
-    throughput_ratio_protected: f64,
+    pub(crate) epochs_per_s_saturated: f64,
+    pub(crate) pause_us_p50_saturated: f64,
+    pub(crate) pause_us_p99_saturated: f64,
+    pub(crate) output_delay_ms_p50_saturated: f64,
+    pub(crate) output_delay_ms_p99_saturated: f64,
+    pub(crate) ops_per_s_protected: f64,
+    pub(crate) ops_per_s_unprotected: f64,
+    pub(crate) throughput_ratio_protected: f64,
     /// Ring with hot-page retention off (re-armed every epoch).
-    ops_per_s_protected_no_retention: f64,
-    throughput_ratio_protected_no_retention: f64,
-    pause_us_p99_no_retention: f64,
+    pub(crate) ops_per_s_protected_no_retention: f64,
+    pub(crate) throughput_ratio_protected_no_retention: f64,
+    pub(crate) pause_us_p99_no_retention: f64,
     /// Bitmap tracker (with hot-page retention, the default).
-    ops_per_s_protected_bitmap_hot: f64,
-    throughput_ratio_protected_bitmap_hot: f64,
-    epochs_per_s_bitmap_hot: f64,
-    pause_us_p50_bitmap_hot: f64,
-    pause_us_p99_bitmap_hot: f64,
-    output_delay_ms_p99_bitmap_hot: f64,
-    failover_ms: Vec<f64>,
-    failover_ms_p50: f64,
+    pub(crate) ops_per_s_protected_bitmap_hot: f64,
+    pub(crate) throughput_ratio_protected_bitmap_hot: f64,
+    pub(crate) epochs_per_s_bitmap_hot: f64,
+    pub(crate) pause_us_p50_bitmap_hot: f64,
+    pub(crate) pause_us_p99_bitmap_hot: f64,
+    pub(crate) output_delay_ms_p99_bitmap_hot: f64,
+    pub(crate) failover_ms: Vec<f64>,
+    pub(crate) failover_ms_p50: f64,
 }
 
 fn wait_status(n: &NodeProc, f: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
@@ -216,4 +216,3 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }
-

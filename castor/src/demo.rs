@@ -220,8 +220,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
                 let t = Instant::now();
                 match c.call(KvOp::Add, k, 1).await {
                     Ok(_) => {
-                        common::sync::lock(&load.latencies_us)
-                            .push(t.elapsed().as_secs_f64() * 1e6);
+                        common::sync::lock(&load.latencies_us).push(t.elapsed().as_secs_f64() * 1e6);
                         *common::sync::lock(&load.counts).entry(k).or_insert(0) += 1;
                         load.acked.fetch_add(1, Ordering::SeqCst);
                     }
@@ -294,8 +293,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     // read the table back from the survivor
     let survivor = secondary.status().ok_or_else(|| DemoError::Node("the secondary does not answer".into()))?;
     let counts = common::sync::lock(&load.counts).clone();
-    let uncertain: std::collections::HashSet<u64> =
-        common::sync::lock(&load.uncertain).iter().copied().collect();
+    let uncertain: std::collections::HashSet<u64> = common::sync::lock(&load.uncertain).iter().copied().collect();
     let (lost, dup, checked) = rt.block_on(async {
         let mut c = KvClient::new(0x7fff_fff0, vec![svc_s]);
         let (mut lost, mut dup, mut checked) = (0u64, 0u64, 0u64);

@@ -221,8 +221,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
         GuestArg::Dirty => WorkloadConfig::dirty(4096, vmm::abi::Pattern::Random, 20000),
         GuestArg::Idle => WorkloadConfig::idle(),
     };
-    let mut machine = Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker(c), workload))
-        ?;
+    let mut machine = Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker(c), workload))?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));
     let cfg = PrimaryConfig {

@@ -35,6 +35,9 @@ where
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new().keep_alive(false).half_close(true).serve_connection(TokioIo::new(stream), service);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .half_close(true)
+        .serve_connection(TokioIo::new(stream), service);
     let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, conn).await;
 }

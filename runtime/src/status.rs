@@ -181,7 +181,11 @@ impl NodeStatus {
         let mut r = prometheus_client::registry::Registry::with_prefix("castor");
         r.register("generation", "Fencing generation of this node", ConstGauge::new(s.generation as i64));
         r.register("epoch", "Current epoch (primary) or committed epoch (secondary)", ConstGauge::new(s.epoch as i64));
-        r.register("epochs_in_flight", "Epochs sent and not yet acknowledged", ConstGauge::new(s.epochs_in_flight as i64));
+        r.register(
+            "epochs_in_flight",
+            "Epochs sent and not yet acknowledged",
+            ConstGauge::new(s.epochs_in_flight as i64),
+        );
         r.register(
             "protected",
             "1 while a secondary protects this primary",
@@ -189,8 +193,16 @@ impl NodeStatus {
         );
         r.register("held_outputs", "Outputs waiting for their epoch's ack", ConstGauge::new(s.held_outputs as i64));
         r.register("last_epoch_pages", "Pages in the last epoch", ConstGauge::new(s.last_epoch.pages as i64));
-        r.register("ack_latency_us_p50", "Median epoch ack latency (us), recent epochs", ConstGauge::new(s.ack_latency_us_p50));
-        r.register("ack_latency_us_p99", "p99 epoch ack latency (us), recent epochs", ConstGauge::new(s.ack_latency_us_p99));
+        r.register(
+            "ack_latency_us_p50",
+            "Median epoch ack latency (us), recent epochs",
+            ConstGauge::new(s.ack_latency_us_p50),
+        );
+        r.register(
+            "ack_latency_us_p99",
+            "p99 epoch ack latency (us), recent epochs",
+            ConstGauge::new(s.ack_latency_us_p99),
+        );
         r.register("epochs", "Epochs completed", ConstCounter::new(s.epochs));
         r.register("pages", "Pages shipped in epochs", ConstCounter::new(s.pages_total));
         r.register(
@@ -239,7 +251,15 @@ mod tests {
         }
         let b = st.metrics();
         assert_eq!(count(&b), 8000);
-        for needle in ["castor_epochs_total", "castor_bytes_total", "castor_failovers_total", "castor_epochs_in_flight", "castor_ack_latency_us_p99", "castor_epoch_pause_us_bucket{le=\"50.0\"}", "# EOF"] {
+        for needle in [
+            "castor_epochs_total",
+            "castor_bytes_total",
+            "castor_failovers_total",
+            "castor_epochs_in_flight",
+            "castor_ack_latency_us_p99",
+            "castor_epoch_pause_us_bucket{le=\"50.0\"}",
+            "# EOF",
+        ] {
             assert!(b.contains(needle), "{needle} missing:\n{b}");
         }
     }

@@ -108,7 +108,6 @@ impl ReceiverConfig {
     }
 }
 
-
 /// Serves one replication connection until it ends. The replica is left at
 /// its committed epoch whatever happens.
 pub async fn serve_connection(

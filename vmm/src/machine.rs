@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 use crate::abi::{self, BootInfo, Pattern, WorkloadKind, BOOT_MAGIC, KERNEL_END, PAGE_SIZE, PERCPU_GPA};
 use crate::boot::{self, BootError};
 use crate::devices::{Devices, GuestFault};
+use crate::dirty::DirtyTracker;
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::ring::{RingError, RingFlavour};
 use crate::state::{self, MachineState, SaveContext, StateError, VmShape};
-use crate::dirty::DirtyTracker;
 use crate::tracker::{DirtySet, SlotTable, TrackerError, TrackerKind};
 use crate::vcpu::{RingLedger, RunState, Vcpu, VcpuContext, VcpuError};
 /// How long a pause may take before the machine reports the vCPU stuck.

@@ -21,7 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use crate::devices::{Devices, GuestFault, IoAction};
 pub use crate::dirty::RingLedger;
 use crate::memory::GuestMem;
-use crate::ring::{self, DirtyRing};
+use crate::ring::DirtyRing;
 use crate::state::{self, SaveContext, StateError, VcpuState};
 
 /// Errors of vCPU management.
