@@ -122,3 +122,61 @@ fn impossible_machines_are_refused_with_exit_3() {
         assert_eq!(out.status.code(), Some(3), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// The control commands' exit codes: a command the node's mode refuses
+/// exits 8 with the node's reason; a taken address exits 4; a bad enumerated
+/// option exits 2.
+#[test]
+fn control_commands_report_refusals_and_listeners_report_their_ports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "cli-test-secret-0123456789").expect("secret");
+    let secret = secret.display().to_string();
+    let spec = runtime::harness::Spec {
+        exe: env!("CARGO_BIN_EXE_castor").into(),
+        name: "p".into(),
+        args: ["primary", "--guest", "idle", "--mem", "64M", "--vcpus", "1", "--secret-file", &secret]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(
+                ["--service-listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
+                    .map(String::from),
+            )
+            .collect(),
+        dir: dir.path().to_path_buf(),
+        env: vec![],
+    };
+    let p = spec.start().expect("primary starts and reports its listeners");
+    assert_ne!(p.control.port(), 0);
+    assert_ne!(p.service.port(), 0);
+    assert!(p.metrics.is_some_and(|m| m.port() != 0));
+    let ctl = p.control.to_string();
+    let st = castor().args(["status", "--control", &ctl]).output().expect("status");
+    assert!(st.status.success());
+    let v: Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+    assert_eq!(v["role"], "primary");
+    assert_eq!(v["protection"], "unprotected");
+
+    let un = castor().args(["unprotect", "--control", &ctl]).output().expect("unprotect");
+    assert_eq!(un.status.code(), Some(8), "{}", String::from_utf8_lossy(&un.stderr));
+    assert!(String::from_utf8_lossy(&un.stderr).contains("not holding"), "{}", String::from_utf8_lossy(&un.stderr));
+    let fo = castor().args(["failover", "--control", &ctl]).output().expect("failover");
+    assert_eq!(fo.status.code(), Some(8));
+    assert!(String::from_utf8_lossy(&fo.stderr).contains("primary"));
+
+    // the service address is taken: a second node cannot bind it
+    let taken = p.service.to_string();
+    let out = castor()
+        .args(["primary", "--guest", "idle", "--mem", "64M", "--vcpus", "1", "--secret-file", &secret])
+        .args(["--service-listen", &taken])
+        .output()
+        .expect("second primary");
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&taken));
+
+    let bad = castor()
+        .args(["primary", "--unprotected", "sometimes", "--secret-file", &secret, "--service-listen", "127.0.0.1:0"])
+        .output()
+        .expect("bad option");
+    assert_eq!(bad.status.code(), Some(2));
+}
