@@ -30,8 +30,8 @@ pub struct DemoArgs {
     /// Keys per client.
     #[arg(long, default_value_t = 64)]
     keys: u64,
-    #[arg(long, default_value = "256M")]
-    mem: String,
+    #[arg(long, default_value = "256M", value_parser = crate::run::parse_size)]
+    mem: u64,
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
     #[arg(long, default_value_t = 10)]
@@ -39,8 +39,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 100)]
     heartbeat_timeout_ms: u64,
     /// Dirty tracker of both nodes.
-    #[arg(long, default_value = "ring")]
-    tracker: String,
+    #[arg(long, value_enum, default_value = "ring")]
+    tracker: crate::run::TrackerArg,
     /// Keep the nodes' logs and data here (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -112,10 +112,6 @@ struct Load {
     failed_calls: AtomicU64,
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
-    common::sync::percentile(v, p)
-}
-
 pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let tmp;
     let dir = match &a.dir {
@@ -148,7 +144,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
             "--heartbeat-timeout-ms".into(),
             a.heartbeat_timeout_ms.to_string(),
             "--tracker".into(),
-            a.tracker.clone(),
+            a.tracker.name().into(),
         ]);
         v
     };
@@ -165,7 +161,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         "--guest".into(),
         "kv".into(),
         "--mem".into(),
-        a.mem.clone(),
+        a.mem.to_string(),
         "--vcpus".into(),
         a.vcpus.to_string(),
         "--name".into(),
@@ -337,8 +333,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         "pause_us_p50": f(&pk, "pause_us_p50"),
         "pause_us_p99": f(&pk, "pause_us_p99"),
         "ack_latency_us_p50": f(&pk, "ack_latency_us_p50"),
-        "output_delay_ms_p50": pct(&lat, 0.5) / 1e3,
-        "output_delay_ms_p99": pct(&lat, 0.99) / 1e3,
+        "output_delay_ms_p50": common::sync::percentile(&lat, 0.5) / 1e3,
+        "output_delay_ms_p99": common::sync::percentile(&lat, 0.99) / 1e3,
         "survivor": survivor["node"],
         "survivor_generation": survivor["generation"],
         "host": "KVM-PVM nested, 2 cores (numbers are this machine's)",
@@ -354,7 +350,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         epochs_per_s,
         f(&pk, "pause_us_p50"),
         f(&pk, "pause_us_p99"),
-        pct(&lat, 0.99) / 1e3
+        common::sync::percentile(&lat, 0.99) / 1e3
     ));
     if a.json {
         println!("{report}");

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use common::sync::percentile;
 use vmm::abi::{Pattern, WorkloadKind};
 use vmm::devices::Output;
 use vmm::snapshot::{self, Snapshot, SnapshotError};
@@ -23,6 +24,16 @@ pub enum GuestArg {
 pub enum TrackerArg {
     Ring,
     Bitmap,
+}
+
+impl TrackerArg {
+    /// The option's spelling on a command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackerArg::Ring => "ring",
+            TrackerArg::Bitmap => "bitmap",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -137,15 +148,6 @@ impl RunError {
 
 fn guest_err(e: MachineError) -> RunError {
     RunError::Guest(e.to_string())
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v[i]
 }
 
 fn us(d: Duration) -> f64 {
@@ -301,8 +303,8 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
                 el.as_secs_f64(),
                 st.epochs,
                 (st.dirty_total - last.0) as f64 / (st.epochs - last.1).max(1) as f64,
-                pct(&mut window.clone(), 0.5),
-                pct(&mut st.resume_us.iter().rev().take(100).copied().collect::<Vec<_>>(), 0.5),
+                percentile(&window, 0.5),
+                percentile(&st.resume_us.iter().rev().take(100).copied().collect::<Vec<_>>(), 0.5),
                 st.lost,
                 acked - last.2,
             ));
@@ -352,12 +354,12 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         "dirty_pages_total": st.dirty_total,
         "tracker": tracker.name(),
         "tracking_lost": st.lost,
-        "stop_us_p50": pct(&mut st.stop_us.clone(), 0.5),
-        "stop_us_p99": pct(&mut st.stop_us.clone(), 0.99),
-        "resume_us_p50": pct(&mut st.resume_us.clone(), 0.5),
-        "resume_us_p99": pct(&mut st.resume_us.clone(), 0.99),
-        "collect_us_p50": pct(&mut st.collect_us.clone(), 0.5),
-        "collect_us_p99": pct(&mut st.collect_us.clone(), 0.99),
+        "stop_us_p50": percentile(&st.stop_us, 0.5),
+        "stop_us_p99": percentile(&st.stop_us, 0.99),
+        "resume_us_p50": percentile(&st.resume_us, 0.5),
+        "resume_us_p99": percentile(&st.resume_us, 0.99),
+        "collect_us_p50": percentile(&st.collect_us, 0.5),
+        "collect_us_p99": percentile(&st.collect_us, 0.99),
         "ring_full_exits": full_exits,
         "seconds": secs,
         "epochs_per_s": st.epochs as f64 / secs.max(1e-9),

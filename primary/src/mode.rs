@@ -103,7 +103,7 @@ pub enum EngineCommand {
 pub enum Refusal {
     #[error("this node is the primary: a forced failover is asked of its secondary")]
     IsPrimary,
-    #[error("not holding: {0:?} (unprotect only ends a hold)")]
+    #[error("not holding but {0}: unprotect only ends a hold")]
     NotHolding(Protection),
     #[error("fenced by generation {0}: this node takes no commands")]
     Fenced(u64),

@@ -44,6 +44,29 @@ pub enum Protection {
     Promoting,
 }
 
+impl Protection {
+    /// The name status and logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protection::Unprotected => "unprotected",
+            Protection::Syncing => "syncing",
+            Protection::Protected => "protected",
+            Protection::Holding => "holding",
+            Protection::Fenced => "fenced",
+            Protection::Waiting => "waiting",
+            Protection::Replicating => "replicating",
+            Protection::Diverged => "diverged",
+            Protection::Promoting => "promoting",
+        }
+    }
+}
+
+impl std::fmt::Display for Protection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Time spent in each phase of one epoch boundary, in microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Phases {
@@ -232,6 +255,23 @@ impl NodeStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protection_names_match_the_status_json() {
+        for p in [
+            Protection::Unprotected,
+            Protection::Syncing,
+            Protection::Protected,
+            Protection::Holding,
+            Protection::Fenced,
+            Protection::Waiting,
+            Protection::Replicating,
+            Protection::Diverged,
+            Protection::Promoting,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.name());
+        }
+    }
 
     #[test]
     fn metrics_histograms_never_count_down() {
