@@ -243,11 +243,17 @@ impl Replicator {
         let (dr, dw) = data.into_halves();
         let (hr, hw) = hb.into_halves();
         let (ship_tx, ship_rx) = mpsc::unbounded_channel::<Ship>();
+        // packets handed to the writer and not yet sent: past the bound this
+        // task stops taking packets, so a slow link holds the engine back
+        // (its packet channel fills) as it did when the writer read them
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ship_max = self.cfg.engine.max_in_flight as usize + 8;
         let (heard_tx, mut heard_rx) = mpsc::unbounded_channel::<Heard>();
         let (gen, interval, timeout) = (self.cfg.generation, self.cfg.heartbeat_interval, self.cfg.peer_timeout);
+        let queued_w = queued.clone();
         let io = async move {
             tokio::select! {
-                e = write_loop(dw, ship_rx) => e,
+                e = write_loop(dw, ship_rx, queued_w) => e,
                 e = read_acks(dr, heard_tx, gen) => e,
                 e = heartbeats(hr, hw, gen, interval, timeout) => e,
             }
@@ -276,15 +282,19 @@ impl Replicator {
                     }
                     None => {}
                 },
-                p = self.packets.recv() => match p {
+                p = self.packets.recv(), if queued.load(std::sync::atomic::Ordering::SeqCst) < ship_max => match p {
                     None => return SessionEnd::Stopped,
                     Some(Packet::Failed(e)) => return SessionEnd::GuestFailed(e),
                     Some(Packet::Release(o)) => { let _ = self.apply(Event::Released(o)); }
-                    Some(Packet::Sync { pages, .. }) => { let _ = ship_tx.send(Ship::Sync(pages)); }
+                    Some(Packet::Sync { pages, .. }) => {
+                        queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = ship_tx.send(Ship::Sync(pages));
+                    }
                     Some(Packet::Epoch(mut e)) => {
                         self.record_epoch(&e);
                         let outputs = std::mem::take(&mut e.outputs);
                         let _ = self.apply(Event::Epoch { epoch: e.epoch, outputs });
+                        queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let _ = ship_tx.send(Ship::Epoch(e));
                     }
                 },
@@ -315,7 +325,11 @@ impl Replicator {
     }
 }
 
-async fn write_loop(mut dw: SessionWriter, mut ship: mpsc::UnboundedReceiver<Ship>) -> SessionEnd {
+async fn write_loop(
+    mut dw: SessionWriter,
+    mut ship: mpsc::UnboundedReceiver<Ship>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+) -> SessionEnd {
     while let Some(s) = ship.recv().await {
         let res = match s {
             Ship::Sync(pages) => dw.send_full_sync(pages).await,
@@ -324,6 +338,7 @@ async fn write_loop(mut dw: SessionWriter, mut ship: mpsc::UnboundedReceiver<Shi
                 dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await
             }
         };
+        queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = res {
             return SessionEnd::Lost(Loss::Send(e.to_string()));
         }
