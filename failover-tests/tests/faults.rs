@@ -407,6 +407,88 @@ fn tiny_ring_and_tracking_lost(row: &mut Row) {
     row.check(&v, &c);
 }
 
+/// Strangers on the secondary's replication port: 100 plain connections a
+/// second for 5 s that close at once, plus one that sends a byte a second
+/// and never authenticates. Protection must never drop (no hold, no
+/// resync), acks keep flowing, and the slow one is cut at the handshake
+/// deadline.
+fn strangers(row: &mut Row) {
+    let c = Cluster::new("strangers");
+    let o = NodeOpts::default();
+    let s = c.secondary("s", &o, None);
+    let p = c.primary("p", &o, s.listen.expect("listen"));
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    let before = p.status().expect("p");
+    let target = s.listen.expect("listen");
+    let slow = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(target).expect("slow connect");
+        let start = Instant::now();
+        conn.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        while start.elapsed() < Duration::from_secs(8) {
+            if conn.write_all(&[0x43]).is_err() {
+                return Some(start.elapsed());
+            }
+            let mut b = [0u8; 64];
+            match conn.read(&mut b) {
+                Ok(0) => return Some(start.elapsed()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return Some(start.elapsed()),
+            }
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        None
+    });
+    let start = Instant::now();
+    let mut opened = 0u64;
+    let mut worst = String::new();
+    while start.elapsed() < Duration::from_secs(5) {
+        for _ in 0..10 {
+            if std::net::TcpStream::connect(target).is_ok() {
+                opened += 1;
+            }
+        }
+        if let Some(st) = p.status() {
+            if st["protection"] != "protected" && worst.is_empty() {
+                worst = format!("{} at {:?}", st["protection"], start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = p.status().expect("p");
+    eprintln!(
+        "  {opened} stranger connections in {:?}; acked epoch {} -> {}, syncs {} -> {}",
+        start.elapsed(),
+        before["acked_epoch"],
+        after["acked_epoch"],
+        before["syncs"],
+        after["syncs"]
+    );
+    if !worst.is_empty() {
+        row.fail(format!("protection dropped: {worst}\n{}", p.log_tail()));
+    }
+    if after["syncs"] != before["syncs"] {
+        row.fail(format!("the strangers caused a resync: syncs {} -> {}", before["syncs"], after["syncs"]));
+    }
+    if after["acked_epoch"].as_u64() <= before["acked_epoch"].as_u64().map(|e| e + 100) {
+        row.fail(format!("acks did not keep flowing: {} -> {}", before["acked_epoch"], after["acked_epoch"]));
+    }
+    match slow.join().expect("slow thread") {
+        Some(t) if t < Duration::from_secs(4) => eprintln!("  the slow stranger was cut after {t:?}"),
+        other => row.fail(format!("the slow stranger was not cut at the handshake deadline: {other:?}")),
+    }
+    let v = load.finish(&rt, p.service);
+    row.check(&v, &c);
+}
+
 #[test]
 fn failover_suite() {
     let _g = serial();
@@ -442,6 +524,7 @@ fn failover_suite() {
     run("corrupt-frames", &mut |r| network(r, "corrupt-frames", Fault::Corrupt, Duration::from_millis(400), false));
     run("truncated-frames", &mut |r| network(r, "truncated-frames", Fault::Drop, Duration::from_millis(60), false));
     run("tiny-ring", &mut tiny_ring_and_tracking_lost);
+    run("strangers", &mut strangers);
 
     eprintln!("\nfailover suite summary (host: KVM-PVM nested, 2 cores; {:.0} s)", started.elapsed().as_secs_f64());
     eprintln!(

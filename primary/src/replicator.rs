@@ -14,13 +14,22 @@ use common::state::VmShape;
 use runtime::control::{ControlRequest, Refused};
 use runtime::join::Joiner;
 use runtime::status::NodeStatus;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::engine::{EngineError, EngineShared, EpochPacket, Packet};
 use crate::mode::{Core, EngineCommand, Event, Loss, Mode, Refusal, Resync};
 use crate::node::{PrimaryConfig, PrimaryExit};
 use crate::router::Router;
 use crate::sender::{SenderError, Session, SessionReader, SessionWriter};
+
+/// How long a joining secondary has for its handshake.
+const JOIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Joiner handshakes that may run at once.
+const MAX_JOIN_HANDSHAKES: usize = 16;
+
+/// A joiner's finished handshake.
+type Handshaken = Result<(Session, Channel), SenderError>;
 
 /// How a session ended.
 enum SessionEnd {
@@ -130,13 +139,26 @@ impl Replicator {
         }
     }
 
-    async fn handshake_joiner(&self, (stream, channel): Joiner) -> Result<(Session, Channel), SenderError> {
-        let v = common::frame::PROTOCOL_VERSION;
-        let hs = Session::handshake(stream, &self.cfg.secret, self.shape.clone(), self.cfg.generation, channel, v, v);
-        let s = tokio::time::timeout(Duration::from_secs(5), hs)
-            .await
-            .map_err(|_| SenderError::TimedOut("handshake"))??;
-        Ok((s, channel))
+    /// Runs a joiner's handshake on its own task (a joiner that stalls
+    /// cannot hold up this loop); the result comes back on `done`.
+    /// At most [`MAX_JOIN_HANDSHAKES`] run at once; more joiners are closed.
+    fn handshake_joiner(&self, (stream, channel): Joiner, done: mpsc::Sender<Handshaken>, slots: &Arc<Semaphore>) {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("too many joiners handshaking: closed one");
+            return;
+        };
+        let (secret, shape, gen) = (self.cfg.secret.clone(), self.shape.clone(), self.cfg.generation);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let v = common::frame::PROTOCOL_VERSION;
+            let hs = Session::handshake(stream, &secret, shape, gen, channel, v, v);
+            let r = match tokio::time::timeout(JOIN_HANDSHAKE_TIMEOUT, hs).await {
+                Ok(Ok(s)) => Ok((s, channel)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(SenderError::TimedOut("handshake")),
+            };
+            let _ = done.send(r).await;
+        });
     }
 
     async fn dial(&self, peer: SocketAddr) -> Result<(Session, Session), SenderError> {
@@ -160,6 +182,8 @@ impl Replicator {
     pub async fn run(mut self) -> Result<PrimaryExit, ReplicatorError> {
         let mut next_dial = Instant::now();
         let mut pending: (Option<Session>, Option<Session>) = (None, None);
+        let (hs_tx, mut hs_rx) = mpsc::channel::<Handshaken>(8);
+        let hs_slots = Arc::new(Semaphore::new(MAX_JOIN_HANDSHAKES));
         let _ = self.engine.send(EngineCommand::Alone);
         loop {
             if *self.stop.borrow() {
@@ -180,11 +204,13 @@ impl Replicator {
                     Some(Packet::Failed(e)) => return Err(e.into()),
                     None => return Ok(PrimaryExit::Shutdown),
                 },
-                j = next_of(&mut self.joiners) => if let Some(j) = j {
-                    match self.handshake_joiner(j).await {
-                        Ok((s, Channel::Data)) => pending.0 = Some(s),
-                        Ok((s, Channel::Heartbeat)) => pending.1 = Some(s),
-                        Err(e) => tracing::warn!(error = %e, "a joining secondary failed the handshake"),
+                j = next_of(&mut self.joiners) => if let Some(j) = j { self.handshake_joiner(j, hs_tx.clone(), &hs_slots) },
+                h = hs_rx.recv() => {
+                    match h {
+                        Some(Ok((s, Channel::Data))) => pending.0 = Some(s),
+                        Some(Ok((s, Channel::Heartbeat))) => pending.1 = Some(s),
+                        Some(Err(e)) => tracing::warn!(error = %e, "a joining secondary failed the handshake"),
+                        None => {}
                     }
                     if let (Some(_), Some(_)) = (&pending.0, &pending.1) {
                         session = pending.0.take().zip(pending.1.take());

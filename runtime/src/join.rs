@@ -33,18 +33,25 @@ pub async fn read_preamble(mut s: TcpStream) -> Option<Joiner> {
     Some((s, channel_of(b[0])?))
 }
 
+/// Connections whose preamble may be awaited at once; more are closed.
+pub const MAX_PREAMBLES: usize = 16;
+
 /// Accepts joining secondaries on `listener` and hands them on.
 pub fn accept_joiners(listener: TcpListener) -> mpsc::Receiver<Joiner> {
     let (tx, rx) = mpsc::channel(8);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PREAMBLES));
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
             let tx = tx.clone();
             tokio::spawn(async move {
-                if let Some(j) = read_preamble(s).await {
+                let j = read_preamble(s).await;
+                drop(slot);
+                if let Some(j) = j {
                     let _ = tx.send(j).await;
                 }
             });

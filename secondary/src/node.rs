@@ -75,6 +75,9 @@ pub enum SecondaryExit {
     Promoted(Box<Promotion>),
 }
 
+/// Connections that may be on their way to authenticating at once.
+pub const MAX_UNAUTHENTICATED: usize = 16;
+
 struct Liveness {
     last_heard: Instant,
     heard: bool,
@@ -127,16 +130,31 @@ pub async fn run_secondary(
 
     // Replication listener: as secondary, serve primaries; once promoted,
     // hand joining secondaries to the primary runtime, refuse old primaries.
+    // At most MAX_UNAUTHENTICATED connections at a time may be on their way
+    // to authenticating; more are closed at once.
     {
         let (replica, rcfg, promoted, on_event) = (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone());
+        let preauth = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
         tasks.spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let (replica, rcfg, promoted, on_event, join_tx) =
-                    (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone(), join_tx.clone());
+                let Ok(permit) = preauth.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many unauthenticated connections: closed");
+                    continue;
+                };
+                let (replica, rcfg, promoted, join_tx) =
+                    (replica.clone(), rcfg.clone(), promoted.clone(), join_tx.clone());
+                let mut permit = Some(permit);
+                let mut inner = on_event.clone();
+                let on_event = move |e: ReceiverEvent| {
+                    if matches!(e, ReceiverEvent::Authenticated { .. }) {
+                        permit.take();
+                    }
+                    inner(e)
+                };
                 tokio::spawn(async move {
                     if promoted.load(std::sync::atomic::Ordering::SeqCst) {
                         let mut b = [0u8; 1];

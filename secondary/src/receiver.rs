@@ -34,7 +34,14 @@ pub enum ReceiverError {
     Unexpected(Kind, &'static str),
     #[error("connection closed {0}")]
     Closed(&'static str),
+    #[error("no authenticated handshake within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
 }
+
+/// How long a peer has to authenticate.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Read buffer of a connection before it authenticated (grown after).
+const PRE_AUTH_BUFFER: usize = 8 << 10;
 
 impl ReceiverError {
     /// A short stable name of the error class (logs, tests, metrics).
@@ -59,6 +66,7 @@ impl ReceiverError {
             | ReceiverError::Unexpected(..) => "protocol-order",
             ReceiverError::Replica(_) => "replica",
             ReceiverError::StaleGeneration { .. } => "stale-generation",
+            ReceiverError::HandshakeTimeout(_) => "handshake-timeout",
         }
     }
 }
@@ -109,17 +117,25 @@ impl ReceiverConfig {
 }
 
 /// Serves one replication connection until it ends. The replica is left at
-/// its committed epoch whatever happens.
+/// its committed epoch whatever happens. Nothing of the replica is touched
+/// before the peer authenticated (within [`HANDSHAKE_TIMEOUT`]), and only
+/// the session that began staging an epoch can drop it: a stranger's
+/// connection that ends changes nothing.
 pub async fn serve_connection(
     stream: TcpStream,
     cfg: &ReceiverConfig,
     replica: &Arc<Mutex<Replica>>,
     mut on_event: impl FnMut(ReceiverEvent),
 ) -> Result<SessionEnd, ReceiverError> {
-    let result = serve_inner(stream, cfg, replica, &mut on_event).await;
-    let dropped = common::sync::lock(replica).abort_staging();
-    if let Some(e) = dropped {
-        tracing::warn!(epoch = e, "dropped a partly received epoch; replica stays at its committed epoch");
+    let mut began = None;
+    let result = serve_inner(stream, cfg, replica, &mut on_event, &mut began).await;
+    if began.is_some() {
+        let mut r = common::sync::lock(replica);
+        if r.staging_epoch() == began {
+            if let Some(e) = r.abort_staging() {
+                tracing::warn!(epoch = e, "dropped a partly received epoch; replica stays at its committed epoch");
+            }
+        }
     }
     result
 }
@@ -129,59 +145,72 @@ async fn serve_inner(
     cfg: &ReceiverConfig,
     replica: &Arc<Mutex<Replica>>,
     on_event: &mut impl FnMut(ReceiverEvent),
+    began: &mut Option<u64>,
 ) -> Result<SessionEnd, ReceiverError> {
     let _ = stream.set_nodelay(true);
     let hs_key = cfg.secret.handshake_key();
     let (r, w) = stream.into_split();
-    let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, hs_key), 1 << 21);
+    let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, hs_key), PRE_AUTH_BUFFER);
     let mut tx = FramedWrite::new(w, FrameCodec::new(PROTOCOL_VERSION, hs_key));
-
-    // Handshake frames are MACed with the handshake key: a peer without the
-    // secret fails here, before anything is read into the replica.
-    let hs_err = |e: FrameError| match e {
-        FrameError::BadMac => ReceiverError::Unauthenticated("Hello not signed with the shared secret".into()),
-        other => ReceiverError::Frame(other),
-    };
-    let first = rx.next().await.ok_or(ReceiverError::Closed("before Hello"))?.map_err(hs_err)?;
-    let hello = match Message::decode(first.kind, first.payload)? {
-        Message::Hello(h) => h,
-        other => return Err(ReceiverError::Unexpected(other.kind(), "before Hello")),
-    };
-    let refuse = |code: RefuseCode, reason: String| Message::Refused { code, reason }.to_frame();
-    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) || hello.max_version < MIN_PROTOCOL_VERSION
-    {
-        let _ = tx.send(refuse(RefuseCode::Version, format!("this secondary speaks version {PROTOCOL_VERSION}"))).await;
-        return Err(ReceiverError::VersionRefused { min: hello.min_version, max: hello.max_version });
-    }
-    let ours = cfg.generation();
-    if hello.generation < ours {
-        let _ =
-            tx.send(refuse(RefuseCode::StaleGeneration, format!("generation {} is fenced", hello.generation))).await;
-        return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
-    }
-    let shape_ok = common::sync::lock(replica).check_shape(&hello.shape);
-    if let Err(e) = shape_ok {
-        let _ = tx.send(refuse(RefuseCode::Shape, e.to_string())).await;
-        return Err(e.into());
-    }
-    let nonce_s = auth::nonce().map_err(|e| ReceiverError::Unauthenticated(e.to_string()))?;
-    let proof = cfg.secret.secondary_proof(&hello.nonce, &nonce_s);
-    tx.send(Message::Challenge(Challenge { version: PROTOCOL_VERSION, nonce: nonce_s, proof }).to_frame())
+    let handshake = async {
+        // Handshake frames are MACed with the handshake key: a peer without the
+        // secret fails here, before anything is read into the replica.
+        let hs_err = |e: FrameError| match e {
+            FrameError::BadMac => ReceiverError::Unauthenticated("Hello not signed with the shared secret".into()),
+            other => ReceiverError::Frame(other),
+        };
+        let first = rx.next().await.ok_or(ReceiverError::Closed("before Hello"))?.map_err(hs_err)?;
+        let hello = match Message::decode(first.kind, first.payload)? {
+            Message::Hello(h) => h,
+            other => return Err(ReceiverError::Unexpected(other.kind(), "before Hello")),
+        };
+        let refuse = |code: RefuseCode, reason: String| Message::Refused { code, reason }.to_frame();
+        if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION)
+            || hello.max_version < MIN_PROTOCOL_VERSION
+        {
+            let _ =
+                tx.send(refuse(RefuseCode::Version, format!("this secondary speaks version {PROTOCOL_VERSION}"))).await;
+            return Err(ReceiverError::VersionRefused { min: hello.min_version, max: hello.max_version });
+        }
+        let ours = cfg.generation();
+        if hello.generation < ours {
+            let _ = tx
+                .send(refuse(RefuseCode::StaleGeneration, format!("generation {} is fenced", hello.generation)))
+                .await;
+            return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
+        }
+        let nonce_s = auth::nonce().map_err(|e| ReceiverError::Unauthenticated(e.to_string()))?;
+        let proof = cfg.secret.secondary_proof(&hello.nonce, &nonce_s);
+        tx.send(Message::Challenge(Challenge { version: PROTOCOL_VERSION, nonce: nonce_s, proof }).to_frame())
+            .await
+            .map_err(ReceiverError::Frame)?;
+        let f = rx.next().await.ok_or(ReceiverError::Closed("before Auth"))?.map_err(hs_err)?;
+        let proof_p = match Message::decode(f.kind, f.payload)? {
+            Message::Auth(a) => a.proof,
+            other => return Err(ReceiverError::Unexpected(other.kind(), "before Auth")),
+        };
+        if !auth::verify(&cfg.secret.primary_proof(&hello.nonce, &nonce_s), &proof_p) {
+            let _ = tx.send(refuse(RefuseCode::Auth, "bad proof".into())).await;
+            return Err(ReceiverError::Unauthenticated("the primary's proof is wrong".into()));
+        }
+        // authenticated: only now may the peer shape the replica
+        let shape_ok = common::sync::lock(replica).check_shape(&hello.shape);
+        if let Err(e) = shape_ok {
+            let _ = tx.send(refuse(RefuseCode::Shape, e.to_string())).await;
+            return Err(e.into());
+        }
+        let committed_epoch = common::sync::lock(replica).committed_epoch();
+        tx.send(
+            Message::HelloAck(HelloAck { version: PROTOCOL_VERSION, committed_epoch, generation: ours }).to_frame(),
+        )
         .await
         .map_err(ReceiverError::Frame)?;
-    let f = rx.next().await.ok_or(ReceiverError::Closed("before Auth"))?.map_err(hs_err)?;
-    let proof_p = match Message::decode(f.kind, f.payload)? {
-        Message::Auth(a) => a.proof,
-        other => return Err(ReceiverError::Unexpected(other.kind(), "before Auth")),
+        Ok::<_, ReceiverError>((hello, nonce_s, committed_epoch))
     };
-    if !auth::verify(&cfg.secret.primary_proof(&hello.nonce, &nonce_s), &proof_p) {
-        let _ = tx.send(refuse(RefuseCode::Auth, "bad proof".into())).await;
-        return Err(ReceiverError::Unauthenticated("the primary's proof is wrong".into()));
-    }
-    let committed_epoch = common::sync::lock(replica).committed_epoch();
-    tx.send(Message::HelloAck(HelloAck { version: PROTOCOL_VERSION, committed_epoch, generation: ours }).to_frame())
+    let (hello, nonce_s, committed_epoch) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(ReceiverError::Frame)?;
+        .map_err(|_| ReceiverError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+    rx.read_buffer_mut().reserve(1 << 21);
     // a primary of a newer generation (after failovers) raises ours
     cfg.generation.fetch_max(hello.generation, Ordering::SeqCst);
     let session = cfg.secret.session_key(&hello.nonce, &nonce_s);
@@ -226,6 +255,7 @@ async fn serve_inner(
             Message::FullSyncChunk(c) => common::sync::lock(replica).full_sync_chunk(&c)?,
             Message::EpochBegin { epoch, page_count, full } => {
                 common::sync::lock(replica).begin_epoch(epoch, page_count, full)?;
+                *began = Some(epoch);
                 common::crashpoint::hit("secondary.after_begin");
             }
             Message::PageChunk(c) => {
