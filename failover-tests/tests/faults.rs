@@ -423,7 +423,8 @@ fn strangers(row: &mut Row) {
         return;
     }
     let rt = rt();
-    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    // enough clients that epochs span several reads on the secondary
+    let load = Load::start(&rt, vec![p.service, s.service], 32, 64, 1);
     load.wait_more(50, T);
     let before = p.status().expect("p");
     let target = s.listen.expect("listen");
@@ -432,8 +433,13 @@ fn strangers(row: &mut Row) {
         let mut conn = std::net::TcpStream::connect(target).expect("slow connect");
         let start = Instant::now();
         conn.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-        while start.elapsed() < Duration::from_secs(8) {
-            if conn.write_all(&[0x43]).is_err() {
+        // a valid frame magic, then zeros, a byte at a time: never a whole header
+        let bytes = common::frame::MAGIC.iter().copied().chain(std::iter::repeat(0u8));
+        for b in bytes {
+            if start.elapsed() > Duration::from_secs(8) {
+                break;
+            }
+            if conn.write_all(&[b]).is_err() {
                 return Some(start.elapsed());
             }
             let mut b = [0u8; 64];

@@ -148,7 +148,7 @@ pub async fn run_secondary(
                 let (replica, rcfg, promoted, join_tx) =
                     (replica.clone(), rcfg.clone(), promoted.clone(), join_tx.clone());
                 let mut permit = Some(permit);
-                let mut inner = on_event.clone();
+                let inner = on_event.clone();
                 let on_event = move |e: ReceiverEvent| {
                     if matches!(e, ReceiverEvent::Authenticated { .. }) {
                         permit.take();
