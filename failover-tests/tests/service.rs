@@ -281,3 +281,46 @@ fn unprotect_is_refused_while_protected_and_not_applied_at_the_next_hold() {
         .unwrap_or_else(|| panic!("unprotect did not end the hold:\n{}", p.log_tail()));
     s.kill9();
 }
+
+/// The service port holds up: 2000 client connections opened, used once and
+/// closed leave the node's open file count where it started (each used to
+/// leak its socket and a task).
+#[test]
+fn service_connections_are_freed_when_they_close() {
+    let _g = serial();
+    let c = Cluster::new("fds");
+    let p = c.primary_with("p", &NodeOpts::default(), None, false);
+    p.wait_status(T, |v| v["role"] == "primary").expect("primary up");
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", p.child.id())).map(|d| d.count()).unwrap_or(0);
+    let rt = rt();
+    let svc = p.service;
+    // warm up (lazily opened files, runtime threads)
+    rt.block_on(async {
+        let mut k = KvClient::new(1, vec![svc]);
+        k.call(KvOp::Put, 1, 1).await.expect("warm-up call");
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let before = fds();
+    rt.block_on(async {
+        // 40 rounds of 50 clients at once, each with one request on its own
+        // connection, closed after its answer
+        for round in 0..40u32 {
+            let calls: Vec<_> = (0..50u32)
+                .map(|j| {
+                    tokio::spawn(async move {
+                        let id = 100 + round * 50 + j;
+                        let mut k = KvClient::new(id, vec![svc]);
+                        k.call(KvOp::Put, u64::from(id), 1).await.map(|_| ())
+                    })
+                })
+                .collect();
+            for c in calls {
+                c.await.expect("join").expect("call");
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let after = fds();
+    eprintln!("open files of the node: {before} before, {after} after 2000 connections");
+    assert!(after <= before + 4, "connections leaked: {before} open files before, {after} after");
+}

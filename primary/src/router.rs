@@ -53,6 +53,17 @@ impl Router {
         lock(&self.clients).insert(client, tx);
     }
 
+    /// Forgets the clients a closed connection registered (unless a newer
+    /// connection of the same client took over since).
+    fn unregister(&self, ids: &std::collections::HashSet<u32>, tx: &mpsc::Sender<NodeMsg>) {
+        let mut c = lock(&self.clients);
+        for id in ids {
+            if c.get(id).is_some_and(|t| t.same_channel(tx)) {
+                c.remove(id);
+            }
+        }
+    }
+
     /// Releases output: it leaves castor now.
     pub fn release(&self, outputs: Vec<Output>) {
         if outputs.is_empty() {
@@ -98,7 +109,7 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
     let (tx, mut rx) = mpsc::channel::<NodeMsg>(1024);
     let framed = Framed::new(stream, service_codec());
     let (mut sink, mut source) = framed.split();
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             let Ok(b) = common::codec::encode(&m) else { continue };
             if sink.send(Bytes::from(b)).await.is_err() {
@@ -106,9 +117,11 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
             }
         }
     });
+    let mut ids = std::collections::HashSet::new();
     while let Some(Ok(frame)) = source.next().await {
         match common::codec::decode::<ClientMsg>(&frame) {
             Ok(ClientMsg::Request(req)) => {
+                ids.insert(req.client);
                 router.register(req.client, tx.clone());
                 if let Err(e) = devices.submit(req) {
                     let _ = tx.try_send(NodeMsg::Unavailable { reason: e.to_string() });
@@ -120,8 +133,14 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
             }
         }
     }
+    // the connection is gone: the router must not keep its sender (the
+    // writer task would wait on it forever, and the socket with it)
+    router.unregister(&ids, &tx);
     drop(tx);
-    let _ = writer.await;
+    // the writer ends once it has sent what was queued (no sender is left)
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 /// Serves clients on `listener` until the task is aborted.
