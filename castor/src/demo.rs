@@ -134,7 +134,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     };
     let secret = dir.join("secret");
     let key = common::auth::nonce().map_err(|e| DemoError::Setup(e.to_string()))?;
-    std::fs::write(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    common::auth::write_secret_file(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>().as_bytes())
         .map_err(|e| DemoError::Setup(e.to_string()))?;
     let common = || -> Vec<String> {
         let mut v = node_args(None, &secret);

@@ -88,6 +88,10 @@ pub struct CommonArgs {
     /// per page per epoch. `--hot-pages false` re-arms every epoch.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     hot_pages: bool,
+    /// Let the test hooks act (`CASTOR_CRASH_AT`, `CASTOR_FORCE_TRACKING_LOST_EVERY`);
+    /// without this flag they are ignored.
+    #[arg(long, hide = true)]
+    test_hooks: bool,
 }
 
 /// What a primary does while no secondary protects it.
@@ -213,8 +217,17 @@ fn exit_of(r: Result<PrimaryExit, primary::node::NodeError>) -> Result<(), NodeC
     }
 }
 
+/// Turns the test hooks on when the command line asks for them.
+fn hooks(c: &CommonArgs) {
+    if c.test_hooks {
+        common::crashpoint::enable_test_hooks();
+        tracing::warn!("test hooks enabled (--test-hooks)");
+    }
+}
+
 pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let c = &a.common;
+    hooks(c);
     let secret = Secret::from_file(&c.secret_file)?;
     let workload = match a.guest {
         GuestArg::Kv => WorkloadConfig::kv(),
@@ -264,6 +277,7 @@ async fn bind_all(c: &CommonArgs, replication: Option<SocketAddr>) -> Result<Lis
 
 pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
     let c = &a.common;
+    hooks(c);
     let secret = Secret::from_file(&c.secret_file)?;
     let name = c.name.clone().unwrap_or_else(|| format!("secondary-{}", std::process::id()));
     let cfg = SecondaryConfig {

@@ -130,7 +130,7 @@ fn impossible_machines_are_refused_with_exit_3() {
 fn control_commands_report_refusals_and_listeners_report_their_ports() {
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "cli-test-secret-0123456789").expect("secret");
+    common::auth::write_secret_file(&secret, b"cli-test-secret-0123456789").expect("secret");
     let secret = secret.display().to_string();
     let spec = runtime::harness::Spec {
         exe: env!("CARGO_BIN_EXE_castor").into(),

@@ -27,6 +27,18 @@ pub enum AuthError {
     SecretTooShort(usize),
     #[error("no randomness available: {0}")]
     Random(String),
+    #[error("secret file {path} can be read by group or others (mode {mode:03o}): chmod 600 it")]
+    SecretFileMode { path: String, mode: u32 },
+}
+
+/// Writes a secret file only its owner can read (mode 0600).
+pub fn write_secret_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    // an existing file keeps its mode on open: set it
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
 }
 
 /// A 32-byte key.
@@ -51,10 +63,16 @@ impl Secret {
         Ok(Secret(bytes))
     }
 
-    /// Reads a secret file (trailing newline ignored).
+    /// Reads a secret file (trailing newline ignored). A file that group or
+    /// others can read is refused.
     pub fn from_file(path: &std::path::Path) -> Result<Self, AuthError> {
-        let mut b = std::fs::read(path)
-            .map_err(|e| AuthError::SecretFile { path: path.display().to_string(), err: e.to_string() })?;
+        use std::os::unix::fs::PermissionsExt;
+        let file_err = |e: std::io::Error| AuthError::SecretFile { path: path.display().to_string(), err: e.to_string() };
+        let mode = std::fs::metadata(path).map_err(file_err)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(AuthError::SecretFileMode { path: path.display().to_string(), mode });
+        }
+        let mut b = std::fs::read(path).map_err(file_err)?;
         while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
             b.pop();
         }
@@ -126,5 +144,27 @@ mod tests {
         let other = Secret::new(b"0123456789abcdeX".to_vec()).expect("secret");
         assert!(!verify(&s.handshake_key(), &other.handshake_key()));
         assert!(Secret::new(b"short".to_vec()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("castor-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("secret");
+        write_secret_file(&p, b"a-secret-of-enough-bytes\n").unwrap();
+        assert!(Secret::from_file(&p).is_ok());
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Secret::from_file(&p).unwrap_err();
+        assert!(matches!(e, AuthError::SecretFileMode { mode: 0o644, .. }), "{e}");
+        // writing it again makes it private again
+        write_secret_file(&p, b"a-secret-of-enough-bytes").unwrap();
+        assert!(Secret::from_file(&p).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

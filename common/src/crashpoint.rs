@@ -2,11 +2,26 @@
 //!
 //! `CASTOR_CRASH_AT=name` (or `name:N`, the N-th time, default 1) makes the
 //! process abort on the spot when it reaches the point `name`, as a kill -9
-//! would: no destructor, no flush, no goodbye to the peer. Unset, a crash
-//! point costs one atomic load.
+//! would: no destructor, no flush, no goodbye to the peer. Every test hook is
+//! inert unless the command line enabled them (`--test-hooks`, which calls
+//! [`enable_test_hooks`]): an environment variable alone changes nothing.
+//! Disabled, a crash point costs one atomic load.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
+
+static HOOKS: AtomicBool = AtomicBool::new(false);
+
+/// Lets the test hooks (crash points, forced tracking loss) act. Call it at
+/// start-up, before any hook is reached.
+pub fn enable_test_hooks() {
+    HOOKS.store(true, Ordering::SeqCst);
+}
+
+/// Whether the command line enabled the test hooks.
+pub fn test_hooks_enabled() -> bool {
+    HOOKS.load(Ordering::Relaxed)
+}
 
 struct Target {
     name: String,
@@ -15,6 +30,9 @@ struct Target {
 }
 
 fn target() -> Option<&'static Target> {
+    if !test_hooks_enabled() {
+        return None;
+    }
     static T: OnceLock<Option<Target>> = OnceLock::new();
     T.get_or_init(|| {
         let v = std::env::var("CASTOR_CRASH_AT").ok()?;

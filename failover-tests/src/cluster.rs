@@ -60,7 +60,8 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
         let secret = dir.join("secret");
-        std::fs::write(&secret, format!("failover-test-secret-{}-{test}", std::process::id())).expect("secret");
+        common::auth::write_secret_file(&secret, format!("failover-test-secret-{}-{test}", std::process::id()).as_bytes())
+            .expect("secret");
         Cluster { dir, secret }
     }
 
@@ -94,6 +95,10 @@ impl Cluster {
         ];
         if o.verify_digest {
             v.push("--verify-digest".into());
+        }
+        if o.env.iter().any(|(k, _)| k.starts_with("CASTOR_")) {
+            // test hooks act only with this flag
+            v.push("--test-hooks".into());
         }
         v.extend(o.extra.iter().cloned());
         v

@@ -175,7 +175,7 @@ pub struct Engine {
     want_full: bool,
     held: Vec<Output>,
     pool: BufPool,
-    /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`): treat every N-th
+    /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`, with `--test-hooks`): treat every N-th
     /// epoch as if dirty tracking had been lost.
     force_lost_every: Option<u64>,
     /// The previous delta epoch's pages as copied (sorted by gfn). A page
@@ -200,6 +200,7 @@ impl Engine {
     ) -> Self {
         let force_lost_every = std::env::var("CASTOR_FORCE_TRACKING_LOST_EVERY")
             .ok()
+            .filter(|_| common::crashpoint::test_hooks_enabled())
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&n| n > 0);
         Engine {
