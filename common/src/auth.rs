@@ -67,7 +67,8 @@ impl Secret {
     /// others can read is refused.
     pub fn from_file(path: &std::path::Path) -> Result<Self, AuthError> {
         use std::os::unix::fs::PermissionsExt;
-        let file_err = |e: std::io::Error| AuthError::SecretFile { path: path.display().to_string(), err: e.to_string() };
+        let file_err =
+            |e: std::io::Error| AuthError::SecretFile { path: path.display().to_string(), err: e.to_string() };
         let mode = std::fs::metadata(path).map_err(file_err)?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(AuthError::SecretFileMode { path: path.display().to_string(), mode });
