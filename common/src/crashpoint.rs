@@ -74,3 +74,17 @@ pub fn hit(name: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_point_is_inert_without_the_flag() {
+        // the only test in this binary that touches this variable
+        std::env::set_var("CASTOR_CRASH_AT", "test.inert:1");
+        assert!(!test_hooks_enabled());
+        hit("test.inert"); // would abort the test process if it acted
+        assert!(target().is_none());
+    }
+}
