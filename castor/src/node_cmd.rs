@@ -328,14 +328,10 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
 
 /// Sends one control command and returns the JSON line.
 pub fn control(addr: SocketAddr, cmd: &str) -> Result<String, NodeCmdError> {
-    use std::io::{BufRead, BufReader, Write};
-    let err = |e: std::io::Error| NodeCmdError::Control { addr, err: e.to_string() };
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(err)?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(err)?;
-    s.write_all(format!("{cmd}\n").as_bytes()).map_err(err)?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(err)?;
-    let line = line.trim().to_string();
+    let line = runtime::control::ask(addr, cmd)
+        .map_err(|e| NodeCmdError::Control { addr, err: e.to_string() })?
+        .trim()
+        .to_string();
     // a command the node refused is an error (exit code 8), with its reason
     if cmd != "status" {
         let v: serde_json::Value = serde_json::from_str(&line)

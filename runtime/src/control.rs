@@ -109,6 +109,19 @@ impl Reply {
 
 /// How long a node may take to answer a command.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Sends one request line to a node's control API and returns its reply
+/// line (blocking: for command-line tools and test harnesses). Waits longer
+/// than a node may take to answer.
+pub fn ask(control: std::net::SocketAddr, line: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&control, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(ANSWER_TIMEOUT + Duration::from_secs(1)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    std::io::BufReader::new(s).read_line(&mut reply)?;
+    Ok(reply)
+}
+
 /// Longest request line or header line read.
 const MAX_LINE: usize = 4096;
 

@@ -6,7 +6,6 @@
 //! has bound its listeners (any may be port 0) and reads their addresses
 //! from that file. No port is ever chosen here and handed to a process.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::control::ask;
 use crate::listen::Ready;
 
 /// Errors of starting a node.
@@ -113,16 +113,6 @@ pub fn tail(log: &Path, n: usize) -> String {
     let s = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Sends one control request line and returns the reply line.
-pub fn ask(control: SocketAddr, line: &str) -> std::io::Result<String> {
-    let mut s = std::net::TcpStream::connect_timeout(&control, Duration::from_millis(500))?;
-    s.set_read_timeout(Some(Duration::from_secs(6)))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
-    Ok(reply)
 }
 
 /// One running castor node, killed (-9) when dropped.
