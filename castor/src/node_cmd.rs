@@ -237,19 +237,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let mut machine = Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker(c), workload))?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));
-    let cfg = PrimaryConfig {
-        node: name.clone(),
-        secret,
-        generation: a.generation,
-        peer: a.peer,
-        heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
-        peer_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
-        fence_grace: Duration::from_millis(c.fence_grace_ms),
-        engine: engine_opts(c)?,
-        first_epoch: 1,
-        release_log: c.release_log.clone(),
-        print_console: c.console,
-    };
+    let cfg = PrimaryConfig { generation: a.generation, peer: a.peer, ..primary_config(c, &name, secret)? };
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
@@ -263,6 +251,24 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
             commands: None,
         };
         exit_of(run_primary(machine, cfg, io, status, stop).await)
+    })
+}
+
+/// The primary settings the command line gives (generation 0, no peer,
+/// first epoch 1): a primary's, or the one a promoted secondary becomes.
+fn primary_config(c: &CommonArgs, node: &str, secret: Secret) -> Result<PrimaryConfig, NodeCmdError> {
+    Ok(PrimaryConfig {
+        node: node.to_string(),
+        secret,
+        generation: 0,
+        peer: None,
+        heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
+        peer_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
+        fence_grace: Duration::from_millis(c.fence_grace_ms),
+        engine: engine_opts(c)?,
+        first_epoch: 1,
+        release_log: c.release_log.clone(),
+        print_console: c.console,
     })
 }
 
@@ -280,19 +286,19 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
     hooks(c);
     let secret = Secret::from_file(&c.secret_file)?;
     let name = c.name.clone().unwrap_or_else(|| format!("secondary-{}", std::process::id()));
+    let promoted = primary_config(c, &name, secret.clone())?;
     let cfg = SecondaryConfig {
-        node: name.clone(),
-        secret: secret.clone(),
+        node: name,
+        secret,
         join: a.join,
-        heartbeat_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
+        heartbeat_timeout: promoted.peer_timeout,
         tracker: tracker(c),
         hot_pages: c.hot_pages,
     };
     let (listen, c) = (a.listen, a.common.clone());
-    let engine = engine_opts(&c)?;
     runtime().block_on(async move {
         let stop = stop_signal();
-        let status = Arc::new(NodeStatus::new(&name, Role::Secondary, 0));
+        let status = Arc::new(NodeStatus::new(&cfg.node, Role::Secondary, 0));
         let l = bind_all(&c, Some(listen)).await?;
         let p = match run_secondary(cfg, l, status.clone(), stop.clone()).await {
             Ok(SecondaryExit::Shutdown) => return Ok(()),
@@ -301,19 +307,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         };
         // the promoted node runs as a primary, unprotected until a new
         // secondary joins it on its replication address
-        let pcfg = PrimaryConfig {
-            node: name,
-            secret,
-            generation: p.generation,
-            peer: None,
-            heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
-            peer_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
-            fence_grace: Duration::from_millis(c.fence_grace_ms),
-            engine,
-            first_epoch: p.first_epoch,
-            release_log: c.release_log.clone(),
-            print_console: c.console,
-        };
+        let pcfg = PrimaryConfig { generation: p.generation, first_epoch: p.first_epoch, ..promoted };
         let io = PrimaryIo {
             service: p.service,
             control: None,

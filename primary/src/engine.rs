@@ -53,10 +53,6 @@ pub struct EngineShared {
     pub stop: AtomicBool,
     /// Next epoch number.
     pub next_epoch: AtomicU64,
-    pub last: Mutex<Phases>,
-    /// Pause times (us) of recent epochs, for percentiles.
-    pub pauses: Mutex<Vec<f64>>,
-    pub epochs: AtomicU64,
     pub tracking_lost: AtomicU64,
     /// Ring-full exits of the vCPUs so far (ring tracker).
     pub ring_full_exits: AtomicU64,
@@ -551,15 +547,6 @@ impl Engine {
             pause_us: us(t5 - t0),
             full,
         };
-        *common::sync::lock(&self.shared.last) = phases;
-        {
-            let mut p = common::sync::lock(&self.shared.pauses);
-            if p.len() >= 4096 {
-                p.drain(..2048);
-            }
-            p.push(phases.pause_us);
-        }
-        self.shared.epochs.fetch_add(1, Ordering::Relaxed);
         Ok(EpochPacket { epoch, full, pages, state, outputs, digest, phases })
     }
 }

@@ -165,13 +165,11 @@ impl HeldOutputs {
         self.by_epoch.entry(epoch).or_insert_with(|| (Vec::new(), at)).0.extend(outputs);
     }
 
-    /// Removes and returns everything of epochs `<= epoch`, oldest first,
-    /// with when `epoch` itself was sent (for the ack latency).
-    pub fn take_through(&mut self, epoch: u64) -> (Vec<Output>, Option<Instant>) {
+    /// Removes and returns everything of epochs `<= epoch`, oldest first.
+    pub fn take_through(&mut self, epoch: u64) -> Vec<Output> {
         let later = self.by_epoch.split_off(&(epoch + 1));
         let ready = std::mem::replace(&mut self.by_epoch, later);
-        let sent = ready.get(&epoch).map(|v| v.1);
-        (ready.into_values().flat_map(|v| v.0).collect(), sent)
+        ready.into_values().flat_map(|v| v.0).collect()
     }
 
     pub fn take_all(&mut self) -> Vec<Output> {
@@ -287,7 +285,7 @@ impl Core {
             Event::Ack { epoch } => {
                 if self.mode.in_session() {
                     self.mode = Mode::Protected;
-                    step.release = self.held.take_through(epoch).0;
+                    step.release = self.held.take_through(epoch);
                 }
             }
             Event::ResyncRequested => {

@@ -135,12 +135,13 @@ fn held_outputs_release_in_epoch_order_up_to_the_ack() {
     h.insert(2, vec![out(2)], t + GRACE);
     h.insert(1, vec![out(11)], t + GRACE);
     assert_eq!(h.count(), 4);
-    let (r, sent) = h.take_through(2);
+    assert_eq!(h.sent_at(2), Some(t + GRACE));
+    let r = h.take_through(2);
     assert_eq!(r.iter().map(id).collect::<Vec<_>>(), vec![1, 11, 2]);
-    assert_eq!(sent, Some(t + GRACE));
+    assert_eq!(h.sent_at(2), None);
     assert_eq!(h.count(), 1);
     assert_eq!(h.oldest(), Some(t));
-    assert_eq!(h.take_through(0), (vec![], None));
+    assert_eq!(h.take_through(0), vec![]);
     assert_eq!(h.take_all().iter().map(id).collect::<Vec<_>>(), vec![3]);
 }
 

@@ -72,14 +72,10 @@ impl Spec {
         let end = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(ready) = Ready::read(&ready_path).filter(|r| r.pid == child.id()) {
-                let control = ready.control.ok_or_else(|| HarnessError::NoControl { name: self.name.clone() });
-                let control = match control {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(e);
-                    }
+                let Some(control) = ready.control else {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(HarnessError::NoControl { name: self.name.clone() });
                 };
                 return Ok(NodeProc {
                     name: self.name.clone(),
