@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs what castor's build and tests need on a fresh machine (Debian, as root):
-# gcc and binutils build the built-in guest; /dev/kvm must exist.
+# gcc and binutils build the built-in guest; protoc builds the etcd client;
+# Debian's etcd-server is the witness the tests and the demo start on
+# loopback; /dev/kvm must exist.
 set -euo pipefail
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v objcopy >/dev/null 2>&1 || need+=(binutils)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v cargo >/dev/null 2>&1 || { echo "castor: cargo (Rust toolchain) is required" >&2; exit 1; }
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -12,7 +16,7 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" </dev/null
   else
-    echo "castor: please install ${need[*]} (the built-in guest is built with gcc and binutils)" >&2
+    echo "castor: please install ${need[*]} (gcc and binutils build the built-in guest, protobuf-compiler the etcd client; etcd-server is the witness)" >&2
     exit 1
   fi
 fi
