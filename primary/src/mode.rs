@@ -8,6 +8,12 @@
 //!    over), output is released only for acknowledged epochs;
 //! 2. nothing is released while holding or fenced.
 //!
+//! With a witness ([`Core::with_witness`]) two more: a session releases
+//! nothing until the witness has recorded its secondary as caught up
+//! ([`Ask::RecordSync`], which also proves our term is still in force), and
+//! a hold ends in running alone only when the witness grants it
+//! ([`Ask::RunAlone`]); a refused port or the fence grace decide nothing.
+//!
 //! The engine learns what it must do from the [`EngineCommand`] a step
 //! returns (one value, applied in order), never by reading flags.
 
@@ -109,6 +115,57 @@ pub enum Refusal {
     Fenced(u64),
     #[error("a secondary session is already up")]
     SessionUp,
+    #[error("with a witness, the witness decides when a hold ends (it grants running alone)")]
+    WitnessDecides,
+}
+
+/// A question for the witness; its answer comes back as [`Event::Witness`]
+/// with the same tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Record this session's secondary as caught up (compares our term).
+    RecordSync { tag: u64 },
+    /// Delete the sync record so we may release and run alone.
+    RunAlone { tag: u64 },
+}
+
+/// The witness's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Granted,
+    /// A later request of ours landed first: ask again if still needed.
+    Superseded,
+    /// The term moved on to `term`: we are fenced.
+    Refused { term: u64 },
+    Unreachable(String),
+}
+
+/// What this node knows of its witness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WitnessView {
+    /// No witness configured.
+    None,
+    /// Its last answer was definite.
+    Ok,
+    Unreachable(String),
+}
+
+/// How often an unanswered question is asked again.
+pub const WITNESS_RETRY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Sync,
+    Alone,
+}
+
+/// The question the core waits on.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    want: Want,
+    tag: u64,
+    /// `None` while in flight; else when to ask again.
+    retry_at: Option<Instant>,
 }
 
 /// What happened.
@@ -132,6 +189,11 @@ pub enum Event {
     },
     /// The secondary asks for a full resync.
     ResyncRequested,
+    /// The witness answered the ask with this tag.
+    Witness {
+        tag: u64,
+        answer: Answer,
+    },
     SessionLost(Loss),
     /// A node of generation `by` exists.
     Fenced {
@@ -152,6 +214,8 @@ pub struct Step {
     pub engine: Option<EngineCommand>,
     /// Output that leaves castor now.
     pub release: Vec<Output>,
+    /// Ask the witness this.
+    pub ask: Option<Ask>,
 }
 
 /// Output waiting for its epoch's ack: epoch -> (outputs, sent at).
@@ -186,9 +250,12 @@ impl HeldOutputs {
         self.by_epoch.get(&epoch).map(|v| v.1)
     }
 
-    /// When the oldest waiting epoch was sent.
-    pub fn oldest(&self) -> Option<Instant> {
-        self.by_epoch.values().next().map(|v| v.1)
+    /// When the oldest waiting epoch after `after` was sent.
+    pub fn oldest_after(&self, after: Option<u64>) -> Option<Instant> {
+        match after {
+            None => self.by_epoch.values().next().map(|v| v.1),
+            Some(e) => self.by_epoch.range(e + 1..).next().map(|v| v.1 .1),
+        }
     }
 }
 
@@ -207,6 +274,15 @@ pub struct Core {
     /// A peer to dial exists (its refused port can end a hold).
     has_peer: bool,
     fence_grace: Duration,
+    /// A witness decides (see the module's rules).
+    witness: bool,
+    witness_view: WitnessView,
+    /// The witness recorded this session's secondary as caught up.
+    sync_recorded: bool,
+    /// Acked in this session while the sync record was not yet granted.
+    acked_unrecorded: Option<u64>,
+    asking: Option<Pending>,
+    next_tag: u64,
 }
 
 impl Core {
@@ -219,7 +295,27 @@ impl Core {
             last_sent: None,
             has_peer,
             fence_grace,
+            witness: false,
+            witness_view: WitnessView::None,
+            sync_recorded: false,
+            acked_unrecorded: None,
+            asking: None,
+            next_tag: 0,
         }
+    }
+
+    /// A core whose holds and sessions are decided with a witness.
+    pub fn with_witness() -> Core {
+        Core { witness: true, witness_view: WitnessView::Ok, ..Core::new(false, Duration::ZERO) }
+    }
+
+    pub fn witness(&self) -> &WitnessView {
+        &self.witness_view
+    }
+
+    /// The witness holds our secondary as the one that may be promoted.
+    pub fn sync_recorded(&self) -> bool {
+        self.sync_recorded
     }
 
     pub fn mode(&self) -> &Mode {
@@ -238,7 +334,63 @@ impl Core {
 
     /// When the oldest unacknowledged epoch was sent (in a session).
     pub fn oldest_unacked(&self) -> Option<Instant> {
-        self.held.oldest().filter(|_| self.mode.in_session())
+        self.held.oldest_after(self.acked_unrecorded).filter(|_| self.mode.in_session())
+    }
+
+    fn ask(&mut self, want: Want, step: &mut Step) {
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        self.asking = Some(Pending { want, tag, retry_at: None });
+        step.ask = Some(match want {
+            Want::Sync => Ask::RecordSync { tag },
+            Want::Alone => Ask::RunAlone { tag },
+        });
+    }
+
+    fn on_witness(&mut self, tag: u64, answer: Answer, now: Instant, step: &mut Step) {
+        if let Answer::Refused { term } = answer {
+            // definite, whichever question it answers
+            self.witness_view = WitnessView::Ok;
+            *step = self.fence(term);
+            return;
+        }
+        let Some(p) = self.asking.filter(|p| p.tag == tag) else { return };
+        match answer {
+            Answer::Granted => {
+                self.witness_view = WitnessView::Ok;
+                self.asking = None;
+                match p.want {
+                    Want::Sync if self.mode.in_session() => {
+                        self.sync_recorded = true;
+                        if let Some(e) = self.acked_unrecorded.take() {
+                            self.mode = Mode::Protected;
+                            step.release = self.held.take_through(e);
+                        }
+                    }
+                    Want::Alone if matches!(self.mode, Mode::Holding { .. }) => *step = self.go_unprotected(),
+                    _ => {}
+                }
+            }
+            Answer::Superseded => self.asking = Some(Pending { retry_at: Some(now), ..p }),
+            Answer::Unreachable(why) => {
+                self.witness_view = WitnessView::Unreachable(why);
+                self.asking = Some(Pending { retry_at: Some(now + WITNESS_RETRY), ..p });
+            }
+            Answer::Refused { .. } => unreachable!("handled above"),
+        }
+    }
+
+    fn fence(&mut self, by: u64) -> Step {
+        let mut step = Step::default();
+        if !matches!(self.mode, Mode::Fenced { .. }) {
+            self.held.take_all();
+            self.pending.clear();
+            self.asking = None;
+            self.sync_recorded = false;
+            self.mode = Mode::Fenced { by };
+            step.engine = Some(EngineCommand::Hold);
+        }
+        step
     }
 
     /// Applies one event at time `now`. A refused event changes nothing.
@@ -260,6 +412,11 @@ impl Core {
                 self.held.insert(self.session_base, pending, now);
                 self.mode = Mode::Syncing;
                 step.engine = Some(EngineCommand::Protect(resync));
+                if self.witness {
+                    self.sync_recorded = false;
+                    self.acked_unrecorded = None;
+                    self.ask(Want::Sync, &mut step);
+                }
             }
             Event::Epoch { epoch, outputs } => match &self.mode {
                 Mode::Syncing | Mode::Protected => {
@@ -284,10 +441,17 @@ impl Core {
             },
             Event::Ack { epoch } => {
                 if self.mode.in_session() {
-                    self.mode = Mode::Protected;
-                    step.release = self.held.take_through(epoch);
+                    if self.witness && !self.sync_recorded {
+                        // acked, but released only once the witness knows
+                        // this secondary may take over
+                        self.acked_unrecorded = self.acked_unrecorded.max(Some(epoch));
+                    } else {
+                        self.mode = Mode::Protected;
+                        step.release = self.held.take_through(epoch);
+                    }
                 }
             }
+            Event::Witness { tag, answer } => self.on_witness(tag, answer, now, &mut step),
             Event::ResyncRequested => {
                 if self.mode.in_session() {
                     step.engine = Some(EngineCommand::FullEpoch);
@@ -297,16 +461,14 @@ impl Core {
                 if self.mode.in_session() {
                     self.mode = Mode::Holding { since: now, why, refused_since: None };
                     step.engine = Some(EngineCommand::Hold);
+                    self.acked_unrecorded = None;
+                    if self.witness {
+                        self.sync_recorded = false;
+                        self.ask(Want::Alone, &mut step);
+                    }
                 }
             }
-            Event::Fenced { by } => {
-                if !matches!(self.mode, Mode::Fenced { .. }) {
-                    self.held.take_all();
-                    self.pending.clear();
-                    self.mode = Mode::Fenced { by };
-                    step.engine = Some(EngineCommand::Hold);
-                }
-            }
+            Event::Fenced { by } => step = self.fence(by),
             Event::PeerRefused => {
                 if let Mode::Holding { refused_since, .. } = &mut self.mode {
                     refused_since.get_or_insert(now);
@@ -318,6 +480,11 @@ impl Core {
                 }
             }
             Event::Tick => {
+                if let Some(p) = self.asking {
+                    if p.retry_at.is_some_and(|t| now >= t) {
+                        self.ask(p.want, &mut step);
+                    }
+                }
                 if let Mode::Holding { refused_since: Some(t), .. } = &self.mode {
                     if self.has_peer && now.saturating_duration_since(*t) >= self.fence_grace {
                         step = self.go_unprotected();
@@ -326,6 +493,7 @@ impl Core {
             }
             Event::Command(Command::Failover) => return Err(Refusal::IsPrimary),
             Event::Command(Command::Unprotect) => match &self.mode {
+                Mode::Holding { .. } if self.witness => return Err(Refusal::WitnessDecides),
                 Mode::Holding { .. } => step = self.go_unprotected(),
                 Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
                 other => return Err(Refusal::NotHolding(other.protection())),
@@ -338,7 +506,7 @@ impl Core {
         self.mode = Mode::Unprotected;
         let mut release = self.held.take_all();
         release.append(&mut self.pending);
-        Step { engine: Some(EngineCommand::Alone), release }
+        Step { engine: Some(EngineCommand::Alone), release, ask: None }
     }
 }
 

@@ -62,7 +62,7 @@ fn reprotection_after_a_hold_is_one_command_and_releases_only_with_an_ack() {
     assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
     assert!(c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap().release.is_empty());
     let s = c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Full }, t).unwrap();
-    assert_eq!(s, Step { engine: Some(EngineCommand::Protect(Resync::Full)), release: vec![] });
+    assert_eq!(s, Step { engine: Some(EngineCommand::Protect(Resync::Full)), release: vec![], ask: None });
     // an unprotected epoch racing the Protect command waits for an ack too
     assert!(c.on(Event::Released(vec![out(4)]), t).unwrap().release.is_empty());
     c.on(Event::Epoch { epoch: 5, outputs: vec![out(5)] }, t).unwrap();
@@ -140,7 +140,7 @@ fn held_outputs_release_in_epoch_order_up_to_the_ack() {
     assert_eq!(r.iter().map(id).collect::<Vec<_>>(), vec![1, 11, 2]);
     assert_eq!(h.sent_at(2), None);
     assert_eq!(h.count(), 1);
-    assert_eq!(h.oldest(), Some(t));
+    assert_eq!(h.oldest_after(None), Some(t));
     assert_eq!(h.take_through(0), vec![]);
     assert_eq!(h.take_all().iter().map(id).collect::<Vec<_>>(), vec![3]);
 }
@@ -161,6 +161,9 @@ enum Gen {
     Tick(u64),
     Unprotect,
     Failover,
+    /// Answer the oldest unanswered witness question (0 granted, 1
+    /// superseded, 2 unreachable, 3 refused).
+    Answer(u8),
 }
 
 fn gen() -> impl Strategy<Value = Gen> {
@@ -177,6 +180,7 @@ fn gen() -> impl Strategy<Value = Gen> {
         3 => (0u64..400).prop_map(Gen::Tick),
         2 => Just(Gen::Unprotect),
         1 => Just(Gen::Failover),
+        4 => (0u8..4).prop_map(Gen::Answer),
     ]
 }
 
@@ -190,10 +194,15 @@ proptest! {
     fn output_commit_rules_hold_for_any_event_order(
         events in proptest::collection::vec(gen(), 1..120),
         has_peer in any::<bool>(),
+        witness in any::<bool>(),
     ) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut c = Core::new(has_peer, GRACE);
+        let mut c = if witness { Core::with_witness() } else { Core::new(has_peer, GRACE) };
+        // the witness's questions in flight, oldest first (it answers in order)
+        let mut asked: std::collections::VecDeque<Ask> = Default::default();
+        // a sync record was granted in this session
+        let mut recorded = false;
         let mut engine_epoch = 0u64; // last epoch the engine numbered
         let mut next_id = 0u32;
         let mut produced_at: BTreeMap<u32, u64> = BTreeMap::new();
@@ -235,6 +244,22 @@ proptest! {
                 }
                 Gen::Unprotect => Event::Command(Command::Unprotect),
                 Gen::Failover => Event::Command(Command::Failover),
+                Gen::Answer(k) => match asked.pop_front() {
+                    None => Event::Tick,
+                    Some(a) => {
+                        let tag = match a { Ask::RecordSync { tag } | Ask::RunAlone { tag } => tag };
+                        let answer = match k {
+                            0 => Answer::Granted,
+                            1 => Answer::Superseded,
+                            2 => Answer::Unreachable("down".into()),
+                            _ => Answer::Refused { term: 9 },
+                        };
+                        if matches!((a, &answer), (Ask::RecordSync { .. }, Answer::Granted)) && c.mode().in_session() {
+                            recorded = true;
+                        }
+                        Event::Witness { tag, answer }
+                    }
+                },
             };
             let held_before = c.held_count();
             let res = c.on(ev.clone(), now);
@@ -243,9 +268,14 @@ proptest! {
                 prop_assert_eq!(c.held_count(), held_before);
                 continue;
             };
-            if matches!(ev, Event::Fenced { .. }) {
+            if matches!(ev, Event::Fenced { .. } | Event::Witness { answer: Answer::Refused { .. }, .. }) {
                 discarded = true;
             }
+            if matches!(ev, Event::SessionUp { .. }) || !c.mode().in_session() {
+                recorded = false;
+            }
+            prop_assert!(witness || step.ask.is_none(), "asked a witness that is not there");
+            asked.extend(step.ask);
             match (&ev, c.mode()) {
                 (Event::SessionUp { .. }, _) => sent_in_session.clear(),
                 (Event::Epoch { epoch, .. }, m) if m.in_session() => sent_in_session.push(*epoch),
@@ -264,12 +294,22 @@ proptest! {
                 // rule 2: nothing leaves while holding or fenced, except by
                 // the decision that ends the hold
                 (Mode::Fenced { .. }, _, _) => prop_assert!(false, "released while fenced"),
-                (Mode::Holding { .. }, Mode::Unprotected, Event::Tick | Event::Command(Command::Unprotect)) => {}
+                (Mode::Holding { .. }, Mode::Unprotected, Event::Tick | Event::Command(Command::Unprotect)) if !witness => {}
+                // with a witness only its grant ends a hold
+                (Mode::Holding { .. }, Mode::Unprotected, Event::Witness { answer: Answer::Granted, .. }) if witness => {}
                 (Mode::Holding { .. }, _, _) => prop_assert!(false, "released while holding: {:?}", ev),
                 // rule 1: with a secondary, only what an ack covers
                 (Mode::Syncing | Mode::Protected, _, Event::Ack { epoch }) => {
+                    prop_assert!(!witness || recorded, "released before the witness recorded the secondary");
                     for o in &step.release {
                         prop_assert!(produced_at[&id(o)] <= *epoch, "output of a later epoch released by ack {}", epoch);
+                    }
+                }
+                // the sync record releases what was acked meanwhile
+                (Mode::Syncing, Mode::Protected, Event::Witness { answer: Answer::Granted, .. }) if witness => {
+                    let acked = sent_in_session.iter().copied().max().unwrap_or(0);
+                    for o in &step.release {
+                        prop_assert!(produced_at[&id(o)] <= acked, "released output of an epoch never sent");
                     }
                 }
                 (Mode::Syncing | Mode::Protected, _, _) => prop_assert!(false, "released in a session without an ack: {:?}", ev),
@@ -282,7 +322,7 @@ proptest! {
         if !discarded {
             prop_assert_eq!(released.len() as u64 + c.held_count(), produced_at.len() as u64);
         }
-        if let Mode::Holding { .. } = c.mode() {
+        if let (Mode::Holding { .. }, false) = (c.mode(), witness) {
             let step = c.on(Event::Command(Command::Unprotect), now).unwrap();
             for o in &step.release {
                 prop_assert!(released.insert(id(o)));
@@ -292,4 +332,83 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn with_a_witness_a_session_releases_only_after_the_sync_record() {
+    let t = Instant::now();
+    let mut c = Core::with_witness();
+    let s = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    let Some(Ask::RecordSync { tag }) = s.ask else { panic!("no sync record asked: {s:?}") };
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    assert!(c.on(Event::Ack { epoch: 1 }, t).unwrap().release.is_empty(), "acked but not recorded");
+    assert_eq!(c.mode(), &Mode::Syncing);
+    // an acked epoch does not count against the ack deadline meanwhile
+    assert_eq!(c.oldest_unacked(), None);
+    // unreachable: asked again after the retry interval, with a new tag
+    c.on(Event::Witness { tag, answer: Answer::Unreachable("down".into()) }, t).unwrap();
+    assert!(matches!(c.witness(), WitnessView::Unreachable(_)));
+    assert_eq!(c.on(Event::Tick, t).unwrap().ask, None);
+    let s = c.on(Event::Tick, t + WITNESS_RETRY).unwrap();
+    let Some(Ask::RecordSync { tag: tag2 }) = s.ask else { panic!("not asked again") };
+    assert_ne!(tag, tag2);
+    // a late answer to the old question changes nothing
+    assert!(c.on(Event::Witness { tag, answer: Answer::Granted }, t).unwrap().release.is_empty());
+    let s = c.on(Event::Witness { tag: tag2, answer: Answer::Granted }, t).unwrap();
+    assert_eq!(s.release, vec![out(1)]);
+    assert_eq!(c.mode(), &Mode::Protected);
+    assert!(c.sync_recorded());
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+    assert_eq!(c.on(Event::Ack { epoch: 2 }, t).unwrap().release, vec![out(2)]);
+}
+
+#[test]
+fn with_a_witness_only_its_grant_ends_a_hold() {
+    let t = Instant::now();
+    let mut c = Core::with_witness();
+    let tag = match c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap().ask {
+        Some(Ask::RecordSync { tag }) => tag,
+        a => panic!("{a:?}"),
+    };
+    c.on(Event::Witness { tag, answer: Answer::Granted }, t).unwrap();
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    let s = c.on(lost(), t).unwrap();
+    let Some(Ask::RunAlone { tag }) = s.ask else { panic!("no run-alone asked: {s:?}") };
+    assert!(!c.sync_recorded());
+    // a refused port, the grace, unprotect: none of them decides
+    c.on(Event::PeerRefused, t).unwrap();
+    assert!(c.on(Event::Tick, t + GRACE * 10).unwrap().release.is_empty());
+    assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::WitnessDecides));
+    c.on(Event::Witness { tag, answer: Answer::Unreachable("down".into()) }, t).unwrap();
+    assert_eq!(c.mode().protection(), Protection::Holding);
+    let s = c.on(Event::Tick, t + WITNESS_RETRY).unwrap();
+    let Some(Ask::RunAlone { tag }) = s.ask else { panic!("not asked again") };
+    let s = c.on(Event::Witness { tag, answer: Answer::Granted }, t).unwrap();
+    assert_eq!(s.engine, Some(EngineCommand::Alone));
+    assert_eq!(s.release, vec![out(1)]);
+    assert_eq!(c.mode(), &Mode::Unprotected);
+}
+
+#[test]
+fn with_a_witness_a_refusal_fences_and_discards() {
+    let t = Instant::now();
+    let mut c = Core::with_witness();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    let Some(Ask::RunAlone { tag }) = c.on(lost(), t).unwrap().ask else { panic!() };
+    let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 3 } }, t).unwrap();
+    assert!(s.release.is_empty());
+    assert_eq!(c.mode(), &Mode::Fenced { by: 3 });
+    assert_eq!(c.held_count(), 0);
+    // a stale primary's new session is refused by the witness too
+    let mut c = Core::with_witness();
+    let Some(Ask::RecordSync { tag }) = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap().ask
+    else {
+        panic!()
+    };
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    c.on(Event::Ack { epoch: 1 }, t).unwrap();
+    let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 2 } }, t).unwrap();
+    assert!(s.release.is_empty());
+    assert_eq!(c.mode(), &Mode::Fenced { by: 2 });
 }
