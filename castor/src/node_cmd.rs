@@ -88,6 +88,17 @@ pub struct CommonArgs {
     /// per page per epoch. `--hot-pages false` re-arms every epoch.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     hot_pages: bool,
+    /// The witness: etcd client URLs (`http://HOST:PORT[,...]`). With it,
+    /// only the witness decides whether a primary that lost its secondary
+    /// runs alone and whether a secondary takes over (see docs/operations.md).
+    #[arg(long, value_name = "URL[,URL...]", requires = "vm_id")]
+    witness: Option<String>,
+    /// The guest's name in the witness (its keys are under /castor/<vm-id>/).
+    #[arg(long, requires = "witness")]
+    vm_id: Option<String>,
+    /// Deadline of one witness request.
+    #[arg(long, default_value_t = 500)]
+    witness_timeout_ms: u64,
     /// Let the test hooks act (`CASTOR_CRASH_AT`, `CASTOR_FORCE_TRACKING_LOST_EVERY`);
     /// without this flag they are ignored.
     #[arg(long, hide = true)]
@@ -116,8 +127,9 @@ pub struct PrimaryArgs {
     mem: u64,
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
-    /// Generation (fencing term) to start with.
-    #[arg(long, default_value_t = 0)]
+    /// Generation (fencing term) to start with (without a witness; with
+    /// one, the witness gives the term).
+    #[arg(long, default_value_t = 0, conflicts_with = "witness")]
     generation: u64,
     #[command(flatten)]
     common: CommonArgs,
@@ -155,6 +167,8 @@ pub enum NodeCmdError {
     Control { addr: SocketAddr, err: String },
     #[error("the node refused: {0}")]
     Refused(String),
+    #[error("witness: {0}")]
+    Witness(#[from] witness::WitnessError),
 }
 
 impl NodeCmdError {
@@ -165,6 +179,7 @@ impl NodeCmdError {
             NodeCmdError::Secret(_) | NodeCmdError::Control { .. } => 5,
             NodeCmdError::Fenced(_) => 7,
             NodeCmdError::Refused(_) => 8,
+            NodeCmdError::Witness(_) => 9,
         }
     }
 }
@@ -237,10 +252,23 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let mut machine = Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker(c), workload))?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));
-    let cfg = PrimaryConfig { generation: a.generation, peer: a.peer, ..primary_config(c, &name, secret)? };
+    let mut cfg = PrimaryConfig { generation: a.generation, peer: a.peer, ..primary_config(c, &name, secret)? };
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
+        let _lease = match witness_of(&c, &name).await? {
+            Some(w) => {
+                // a new primary claims the next term, unless one is alive
+                let (term, lease) = w.claim_primary().await?;
+                tracing::info!(term, vm = %w.config().vm_id, "the witness gave this primary its term");
+                cfg.generation = term;
+                cfg.witness = Some(w.clone());
+                let mut t = runtime::Tasks::default();
+                t.spawn(w.keep_alive(lease));
+                Some(t)
+            }
+            None => None,
+        };
         let status = Arc::new(NodeStatus::new(&name, Role::Primary, cfg.generation));
         let l = bind_all(&c, listen).await?;
         let io = PrimaryIo {
@@ -269,7 +297,24 @@ fn primary_config(c: &CommonArgs, node: &str, secret: Secret) -> Result<PrimaryC
         first_epoch: 1,
         release_log: c.release_log.clone(),
         print_console: c.console,
+        witness: None,
     })
+}
+
+/// Connects to the witness the command line names (`name`: this node's
+/// name in it).
+async fn witness_of(c: &CommonArgs, name: &str) -> Result<Option<witness::Witness>, NodeCmdError> {
+    let (Some(urls), Some(vm)) = (&c.witness, &c.vm_id) else { return Ok(None) };
+    let mut cfg = witness::WitnessConfig::new(urls, vm, name)?;
+    cfg.timeout = Duration::from_millis(c.witness_timeout_ms.max(10));
+    Ok(Some(witness::Witness::connect(cfg).await?))
+}
+
+/// A name unique to this process, for the witness's sync record: a
+/// restarted secondary is never taken for the one that was caught up.
+fn instance_name(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{name}#{}.{nanos:09}", std::process::id())
 }
 
 /// Binds every listener of a node and writes its ready file.
@@ -287,17 +332,20 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
     let secret = Secret::from_file(&c.secret_file)?;
     let name = c.name.clone().unwrap_or_else(|| format!("secondary-{}", std::process::id()));
     let promoted = primary_config(c, &name, secret.clone())?;
-    let cfg = SecondaryConfig {
+    let mut cfg = SecondaryConfig {
         node: name,
         secret,
         join: a.join,
         heartbeat_timeout: promoted.peer_timeout,
         tracker: tracker(c),
         hot_pages: c.hot_pages,
+        witness: None,
     };
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
+        cfg.witness = witness_of(&c, &instance_name(&cfg.node)).await?;
+        let promoted = PrimaryConfig { witness: cfg.witness.clone(), ..promoted };
         let status = Arc::new(NodeStatus::new(&cfg.node, Role::Secondary, 0));
         let l = bind_all(&c, Some(listen)).await?;
         let p = match run_secondary(cfg, l, status.clone(), stop.clone()).await {

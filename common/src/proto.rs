@@ -122,7 +122,13 @@ pub struct HelloAck {
     pub committed_epoch: Option<u64>,
     /// The secondary's generation.
     pub generation: u64,
+    /// The secondary's name in the witness (unique per process), at most
+    /// [`MAX_NODE_NAME`] bytes.
+    pub node: String,
 }
+
+/// Longest node name a HelloAck may carry.
+pub const MAX_NODE_NAME: usize = 160;
 
 /// One page of a chunk: `None` data means all zero.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,7 +278,13 @@ impl Message {
             Kind::Hello => Message::Hello(dec(k, &payload)?),
             Kind::Challenge => Message::Challenge(dec(k, &payload)?),
             Kind::Auth => Message::Auth(dec(k, &payload)?),
-            Kind::HelloAck => Message::HelloAck(dec(k, &payload)?),
+            Kind::HelloAck => {
+                let a: HelloAck = dec(k, &payload)?;
+                if a.node.len() > MAX_NODE_NAME {
+                    return Err(malformed(k, format!("node name of {} bytes", a.node.len())));
+                }
+                Message::HelloAck(a)
+            }
             Kind::FullSyncChunk => Message::FullSyncChunk(decode_chunk(k, payload)?),
             Kind::PageChunk => Message::PageChunk(decode_chunk(k, payload)?),
             Kind::EpochBegin => {

@@ -60,7 +60,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             .prop_map(|(version, nonce, proof)| { Message::Challenge(Challenge { version, nonce, proof }) }),
         any::<[u8; 32]>().prop_map(|proof| Message::Auth(Auth { proof })),
         (any::<u16>(), any::<Option<u64>>(), any::<u64>()).prop_map(|(version, committed_epoch, generation)| {
-            Message::HelloAck(HelloAck { version, committed_epoch, generation })
+            Message::HelloAck(HelloAck { version, committed_epoch, generation, node: format!("s{generation}") })
         }),
         (any::<u64>(), proptest::collection::vec(page_strategy(), 0..20))
             .prop_map(|(epoch, pages)| Message::PageChunk(PageChunk { epoch, pages })),

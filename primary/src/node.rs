@@ -65,6 +65,9 @@ pub struct PrimaryConfig {
     pub release_log: Option<std::path::PathBuf>,
     /// Print released console lines on stdout.
     pub print_console: bool,
+    /// The witness that decides holds and promotions (our term is
+    /// `generation`), if any.
+    pub witness: Option<witness::Witness>,
 }
 
 /// What a primary serves on, already bound.
@@ -93,6 +96,13 @@ pub async fn run_primary(
     status.update(|s| {
         s.role = Role::Primary;
         s.generation = cfg.generation;
+        s.witness = cfg.witness.as_ref().map(|w| runtime::status::WitnessStatus {
+            endpoints: w.config().endpoints.clone(),
+            vm_id: w.config().vm_id.clone(),
+            node: w.config().node.clone(),
+            state: "ok".into(),
+            ..Default::default()
+        });
         s.protection = Protection::Unprotected;
         s.peer = cfg.peer.map(|p| p.to_string());
     });
@@ -146,7 +156,9 @@ pub async fn run_primary(
         });
     }
     let rep = Replicator {
-        core: Core::new(cfg.peer.is_some(), cfg.fence_grace),
+        core: if cfg.witness.is_some() { Core::with_witness() } else { Core::new(cfg.peer.is_some(), cfg.fence_grace) },
+        witness: None,
+        session_peer: String::new(),
         cfg,
         shape,
         shared: shared.clone(),

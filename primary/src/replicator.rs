@@ -17,7 +17,7 @@ use runtime::status::NodeStatus;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::engine::{EngineError, EngineShared, EpochPacket, Packet};
-use crate::mode::{Core, EngineCommand, Event, Loss, Mode, Refusal, Resync};
+use crate::mode::{Answer, Ask, Core, EngineCommand, Event, Loss, Mode, Refusal, Resync, WitnessView};
 use crate::node::{PrimaryConfig, PrimaryExit};
 use crate::router::Router;
 use crate::sender::{SenderError, Session, SessionReader, SessionWriter};
@@ -30,6 +30,55 @@ const MAX_JOIN_HANDSHAKES: usize = 16;
 
 /// A joiner's finished handshake.
 type Handshaken = Result<(Session, Channel), SenderError>;
+
+/// The witness worker: asks go in, answers (tag, answer, ms) come out, in order.
+pub(crate) struct WitnessLink {
+    asks: mpsc::UnboundedSender<(Ask, String)>,
+    answers: mpsc::UnboundedReceiver<(u64, Answer, f64)>,
+    _task: runtime::Tasks,
+}
+
+impl WitnessLink {
+    /// One task asks the witness, one question at a time, so answers come
+    /// back in the order asked (and requests land in that order, see
+    /// `witness::Witness::record_sync`).
+    fn spawn(w: witness::Witness, term: u64) -> WitnessLink {
+        let (asks, mut rx) = mpsc::unbounded_channel::<(Ask, String)>();
+        let (tx, answers) = mpsc::unbounded_channel();
+        let mut task = runtime::Tasks::default();
+        task.spawn(async move {
+            while let Some((ask, peer)) = rx.recv().await {
+                let (tag, (r, ms)) = match ask {
+                    Ask::RecordSync { tag } => (tag, witness::timed(w.record_sync(term, &peer)).await),
+                    Ask::RunAlone { tag } => (tag, witness::timed(w.run_alone(term)).await),
+                };
+                let answer = match r {
+                    Ok(witness::Decision::Granted) => Answer::Granted,
+                    Ok(witness::Decision::Superseded) => Answer::Superseded,
+                    Ok(witness::Decision::Refused { term, why }) => {
+                        tracing::error!(term, %why, "the witness refused us");
+                        Answer::Refused { term }
+                    }
+                    Err(e) => Answer::Unreachable(e.to_string()),
+                };
+                if tx.send((tag, answer, ms)).is_err() {
+                    return;
+                }
+            }
+        });
+        WitnessLink { asks, answers, _task: task }
+    }
+}
+
+/// The next witness answer; never yields without a witness.
+async fn next_answer(w: &mut Option<WitnessLink>) -> (u64, Answer, f64) {
+    if let Some(l) = w {
+        if let Some(a) = l.answers.recv().await {
+            return a;
+        }
+    }
+    std::future::pending().await
+}
 
 /// How a session ended.
 enum SessionEnd {
@@ -70,6 +119,9 @@ pub(crate) struct Replicator {
     pub commands: Option<mpsc::Receiver<ControlRequest>>,
     pub stop: watch::Receiver<bool>,
     pub core: Core,
+    pub witness: Option<WitnessLink>,
+    /// The witness name of the session's secondary.
+    pub session_peer: String,
 }
 
 /// The next item of an optional channel; a closed or absent channel never
@@ -102,15 +154,29 @@ impl Replicator {
             // while it matters
             let _ = self.engine.send(c);
         }
+        if let (Some(ask), Some(w)) = (step.ask, &self.witness) {
+            let _ = w.asks.send((ask, self.session_peer.clone()));
+        }
         self.router.release(step.release);
         let (mode, held) = (self.core.mode().protection(), self.core.held_count());
+        let (view, recorded) = (self.core.witness().clone(), self.core.sync_recorded());
         self.status.update(|s| {
             s.protection = mode;
             s.held_outputs = held;
             s.syncs += u64::from(session_up);
+            if let Some(w) = &mut s.witness {
+                w.sync_recorded = recorded;
+                (w.state, w.reason) = match view {
+                    WitnessView::Unreachable(why) => ("unreachable".into(), Some(why)),
+                    _ => ("ok".into(), None),
+                };
+            }
         });
         if mode != before {
             match self.core.mode() {
+                Mode::Holding { why, .. } if self.witness.is_some() => {
+                    tracing::warn!(%why, "lost the secondary: holding output (guest paused) until the witness decides")
+                }
                 Mode::Holding { why, .. } => {
                     tracing::warn!(%why, "lost the secondary: holding output (guest paused) until we know more")
                 }
@@ -122,6 +188,21 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+
+    fn witness_answered(&mut self, (tag, answer, ms): (u64, Answer, f64)) {
+        if let Answer::Unreachable(why) = &answer {
+            if !matches!(self.core.witness(), WitnessView::Unreachable(_)) {
+                tracing::warn!(%why, "the witness is unreachable: holding what it must decide");
+            }
+        }
+        self.status.update(|s| {
+            if let Some(w) = &mut s.witness {
+                w.last_txn_ms = ms;
+                w.txns += 1;
+            }
+        });
+        let _ = self.apply(Event::Witness { tag, answer });
     }
 
     fn answer(&mut self, c: ControlRequest) {
@@ -185,6 +266,9 @@ impl Replicator {
         let (hs_tx, mut hs_rx) = mpsc::channel::<Handshaken>(8);
         let hs_slots = Arc::new(Semaphore::new(MAX_JOIN_HANDSHAKES));
         let _ = self.engine.send(EngineCommand::Alone);
+        if let Some(w) = self.cfg.witness.clone() {
+            self.witness = Some(WitnessLink::spawn(w, self.cfg.generation));
+        }
         loop {
             if *self.stop.borrow() {
                 return Ok(PrimaryExit::Shutdown);
@@ -217,6 +301,7 @@ impl Replicator {
                     }
                 },
                 c = next_of(&mut self.commands) => if let Some(c) = c { self.answer(c) },
+                a = next_answer(&mut self.witness) => self.witness_answered(a),
                 _ = tokio::time::sleep_until(dial_at), if self.cfg.peer.is_some() => {
                     let peer = self.cfg.peer.expect("peer");
                     match self.dial(peer).await {
@@ -242,6 +327,7 @@ impl Replicator {
             // epoch of ours gets a full-memory epoch (it stays at its
             // committed epoch until that one verifies)
             let resync = if data.ack.committed_epoch.is_some() { Resync::Full } else { Resync::Live };
+            self.session_peer = data.ack.node.clone();
             let next_epoch = self.shared.next_epoch.load(std::sync::atomic::Ordering::SeqCst);
             self.shared.acked.store(next_epoch, std::sync::atomic::Ordering::SeqCst);
             if let Err(e) = self.apply(Event::SessionUp { next_epoch, resync }) {
@@ -325,7 +411,14 @@ impl Replicator {
                     }
                 },
                 c = next_of(&mut self.commands) => if let Some(c) = c { self.answer(c) },
+                a = next_answer(&mut self.witness) => {
+                    self.witness_answered(a);
+                    if let Some(by) = self.fenced() {
+                        return SessionEnd::Fenced(by);
+                    }
+                }
                 _ = tick.tick() => {
+                    let _ = self.apply(Event::Tick);
                     if let Some(t) = self.core.oldest_unacked() {
                         if t.elapsed() > ack_timeout {
                             return SessionEnd::Lost(Loss::AckTimeout(t.elapsed()));

@@ -40,6 +40,8 @@ pub enum Protection {
     Replicating,
     /// Secondary: the replica failed a check; a resync was asked for.
     Diverged,
+    /// Secondary: asking the witness to take over.
+    Claiming,
     /// Secondary: taking over.
     Promoting,
 }
@@ -56,6 +58,7 @@ impl Protection {
             Protection::Waiting => "waiting",
             Protection::Replicating => "replicating",
             Protection::Diverged => "diverged",
+            Protection::Claiming => "claiming",
             Protection::Promoting => "promoting",
         }
     }
@@ -82,6 +85,24 @@ pub struct Phases {
     pub resume_us: f64,
     pub pause_us: f64,
     pub full: bool,
+}
+
+/// The witness as a node sees it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WitnessStatus {
+    pub endpoints: Vec<String>,
+    pub vm_id: String,
+    /// This node's name in the witness.
+    pub node: String,
+    /// `ok` (its last answer was definite) or `unreachable`.
+    pub state: String,
+    /// Why it is unreachable.
+    pub reason: Option<String>,
+    /// Primary: the witness records our secondary as caught up.
+    pub sync_recorded: bool,
+    /// Latency of the last transaction (ms).
+    pub last_txn_ms: f64,
+    pub txns: u64,
 }
 
 /// What `castor status` shows.
@@ -115,6 +136,8 @@ pub struct StatusSnapshot {
     pub released_outputs: u64,
     pub held_outputs: u64,
     pub syncs: u64,
+    /// `None` without `--witness`.
+    pub witness: Option<WitnessStatus>,
 }
 
 /// Shared, updated by the node's tasks.
@@ -242,6 +265,20 @@ impl NodeStatus {
         );
         r.register("released_outputs", "Outputs released by output commit", ConstCounter::new(s.released_outputs));
         r.register("syncs", "Secondary sessions started (initial syncs and resyncs)", ConstCounter::new(s.syncs));
+        if let Some(w) = &s.witness {
+            r.register(
+                "witness_reachable",
+                "1 while the witness's last answer was definite",
+                ConstGauge::new(i64::from(w.state == "ok")),
+            );
+            r.register(
+                "witness_sync_recorded",
+                "1 while the witness records this primary's secondary as caught up",
+                ConstGauge::new(i64::from(w.sync_recorded)),
+            );
+            r.register("witness_last_txn_ms", "Latency of the last witness transaction (ms)", ConstGauge::new(w.last_txn_ms));
+            r.register("witness_txns", "Witness transactions", ConstCounter::new(w.txns));
+        }
         r.register("epoch_pause_us", "Guest pause per epoch boundary (us)", self.pause_hist.clone());
         r.register("epoch_ack_us", "Time from sending an epoch to its ack (us)", self.ack_hist.clone());
         let mut out = String::new();
@@ -267,6 +304,7 @@ mod tests {
             Protection::Waiting,
             Protection::Replicating,
             Protection::Diverged,
+            Protection::Claiming,
             Protection::Promoting,
         ] {
             assert_eq!(serde_json::to_value(p).unwrap(), p.name());

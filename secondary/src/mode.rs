@@ -13,6 +13,8 @@ pub enum SecondaryMode {
     Replicating { committed: u64 },
     /// The replica failed a check at `committed`; a resync was asked for.
     Diverged { committed: u64 },
+    /// With a witness: asking it to let us take over (its answer decides).
+    Claiming { committed: u64, forced: bool },
     /// Taking over (forced, or the primary went silent).
     Promoting { committed: u64, forced: bool },
 }
@@ -28,6 +30,10 @@ pub enum SecondaryEvent {
     /// The primary has been silent past the heartbeat timeout.
     PrimarySilent,
     Command(Command),
+    /// The witness granted the takeover.
+    WitnessGranted,
+    /// The witness refused it (the primary ran alone, or the term moved on).
+    WitnessRefused,
 }
 
 /// Why an event was not applied.
@@ -47,6 +53,7 @@ impl SecondaryMode {
             SecondaryMode::Waiting => Protection::Waiting,
             SecondaryMode::Replicating { .. } => Protection::Replicating,
             SecondaryMode::Diverged { .. } => Protection::Diverged,
+            SecondaryMode::Claiming { .. } => Protection::Claiming,
             SecondaryMode::Promoting { .. } => Protection::Promoting,
         }
     }
@@ -57,6 +64,7 @@ impl SecondaryMode {
             SecondaryMode::Waiting => None,
             SecondaryMode::Replicating { committed }
             | SecondaryMode::Diverged { committed }
+            | SecondaryMode::Claiming { committed, .. }
             | SecondaryMode::Promoting { committed, .. } => Some(committed),
         }
     }
@@ -64,15 +72,33 @@ impl SecondaryMode {
     /// The next mode. A refused event changes nothing. Silence before the
     /// first commit is no reason to take over (there is nothing to run).
     pub fn on(self, e: SecondaryEvent) -> Result<SecondaryMode, SecondaryRefusal> {
+        self.step(e, false)
+    }
+
+    /// The next mode when a witness decides takeovers (`witness`): silence
+    /// or a forced failover starts a claim, and only the witness's grant
+    /// turns it into a takeover.
+    pub fn step(self, e: SecondaryEvent, witness: bool) -> Result<SecondaryMode, SecondaryRefusal> {
         use SecondaryEvent as E;
         use SecondaryMode as M;
         match (self, e) {
-            (M::Promoting { .. }, E::Command(Command::Failover)) => Err(SecondaryRefusal::Promoting),
+            (M::Promoting { .. } | M::Claiming { .. }, E::Command(Command::Failover)) => Err(SecondaryRefusal::Promoting),
             (M::Promoting { .. }, _) => Ok(self),
+            (M::Claiming { committed, forced }, E::WitnessGranted) => Ok(M::Promoting { committed, forced }),
+            (M::Claiming { committed, .. }, E::WitnessRefused) => Ok(M::Replicating { committed }),
+            // the claim stands until the witness answers; later commits
+            // (a primary that was only slow) move the epoch it starts from
+            (M::Claiming { forced, .. }, E::Committed { epoch, .. }) => Ok(M::Claiming { committed: epoch, forced }),
+            (M::Claiming { .. }, _) => Ok(self),
+            (_, E::WitnessGranted | E::WitnessRefused) => Ok(self),
             (_, E::Committed { epoch, diverged: false }) => Ok(M::Replicating { committed: epoch }),
             (_, E::Committed { epoch, diverged: true }) => Ok(M::Diverged { committed: epoch }),
             (M::Waiting, E::PrimarySilent) => Ok(self),
             (M::Waiting, E::Command(Command::Failover)) => Err(SecondaryRefusal::NothingCommitted),
+            (m, E::PrimarySilent) if witness => Ok(M::Claiming { committed: m.committed().unwrap_or(0), forced: false }),
+            (m, E::Command(Command::Failover)) if witness => {
+                Ok(M::Claiming { committed: m.committed().unwrap_or(0), forced: true })
+            }
             (m, E::PrimarySilent) => Ok(M::Promoting { committed: m.committed().unwrap_or(0), forced: false }),
             (m, E::Command(Command::Failover)) => {
                 Ok(M::Promoting { committed: m.committed().unwrap_or(0), forced: true })
@@ -105,5 +131,26 @@ mod tests {
         assert_eq!(p.on(E::Committed { epoch: 6, diverged: false }), Ok(p));
         assert_eq!(p.on(E::Command(Command::Failover)), Err(SecondaryRefusal::Promoting));
         assert_eq!(r.on(E::Command(Command::Failover)), Ok(M::Promoting { committed: 5, forced: true }));
+    }
+
+    #[test]
+    fn with_a_witness_only_its_grant_promotes() {
+        let w = M::Waiting;
+        assert_eq!(w.step(E::PrimarySilent, true), Ok(M::Waiting));
+        assert_eq!(w.step(E::WitnessGranted, true), Ok(M::Waiting), "a stale grant promotes nothing");
+        let r = M::Replicating { committed: 5 };
+        let c = r.step(E::PrimarySilent, true).unwrap();
+        assert_eq!(c, M::Claiming { committed: 5, forced: false });
+        assert_eq!(c.protection(), Protection::Claiming);
+        // the primary was only slow: commits go on, the claim stands
+        let c = c.step(E::Committed { epoch: 6, diverged: false }, true).unwrap();
+        assert_eq!(c, M::Claiming { committed: 6, forced: false });
+        assert_eq!(c.step(E::Command(Command::Failover), true), Err(SecondaryRefusal::Promoting));
+        assert_eq!(c.step(E::WitnessRefused, true), Ok(M::Replicating { committed: 6 }));
+        assert_eq!(c.step(E::WitnessGranted, true), Ok(M::Promoting { committed: 6, forced: false }));
+        let f = r.step(E::Command(Command::Failover), true).unwrap();
+        assert_eq!(f.step(E::WitnessGranted, true), Ok(M::Promoting { committed: 5, forced: true }));
+        let d = M::Diverged { committed: 3 };
+        assert_eq!(d.step(E::PrimarySilent, true), Ok(M::Claiming { committed: 3, forced: false }));
     }
 }

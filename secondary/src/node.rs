@@ -36,6 +36,8 @@ pub struct SecondaryConfig {
     pub tracker: TrackerKind,
     /// Hot-page retention for that VM.
     pub hot_pages: bool,
+    /// The witness that must grant a takeover, if any.
+    pub witness: Option<witness::Witness>,
 }
 
 /// Errors of the secondary runtime.
@@ -50,6 +52,12 @@ pub enum SecondaryError {
     #[error("replica: {0}")]
     Replica(#[from] crate::replica::ReplicaError),
 }
+
+/// How often an unanswered takeover claim is asked again.
+const CLAIM_RETRY: Duration = Duration::from_millis(200);
+
+/// A claim's answer: (granted lease | refusal reason | unreachable), ms.
+type ClaimResult = (Result<(witness::Decision, Option<i64>), witness::WitnessError>, f64);
 
 /// A secondary that took over: everything the primary it becomes needs.
 #[derive(Debug)]
@@ -97,7 +105,36 @@ pub async fn run_secondary(
     });
     let listener = listeners.replication.ok_or(SecondaryError::NoListener)?;
     let replica = Arc::new(Mutex::new(Replica::unshaped()?));
-    let rcfg = ReceiverConfig::new(cfg.secret.clone(), 0);
+    let mut rcfg = ReceiverConfig::new(cfg.secret.clone(), 0);
+    rcfg.node = cfg.witness.as_ref().map_or_else(|| cfg.node.clone(), |w| w.config().node.clone());
+    if let Some(w) = &cfg.witness {
+        status.update(|s| {
+            s.witness = Some(runtime::status::WitnessStatus {
+                endpoints: w.config().endpoints.clone(),
+                vm_id: w.config().vm_id.clone(),
+                node: w.config().node.clone(),
+                state: "ok".into(),
+                ..Default::default()
+            })
+        });
+        // a primary older than the term in force is refused at once (a
+        // stale primary dialing a restarted node); unreachable: the
+        // handshake's generation check and the primary's own sync record
+        // (which compares its term) still fence it
+        match w.read().await {
+            Ok((term, _)) => {
+                rcfg.generation.store(term, std::sync::atomic::Ordering::SeqCst);
+                status.update(|s| s.generation = term);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the term from the witness at start"),
+        }
+    }
+    let has_witness = cfg.witness.is_some();
+    let (claim_tx, mut claim_rx) = mpsc::unbounded_channel::<ClaimResult>();
+    let mut claim: Option<(u64, Option<Instant>)> = None; // (term claimed, retry at; None = in flight)
+    let mut claim_cmd: Option<ControlRequest> = None;
+    let mut lease: Option<i64> = None;
+    let mut unreachable_said = false;
     let live = Arc::new(Mutex::new(Liveness { last_heard: Instant::now(), heard: false }));
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
@@ -216,14 +253,70 @@ pub async fn run_secondary(
         });
     };
     while !matches!(mode, SecondaryMode::Promoting { .. }) {
+        // a claim to start or to ask again
+        if let (SecondaryMode::Claiming { .. }, Some(w)) = (mode, &cfg.witness) {
+            let due = match claim {
+                None => true,
+                Some((_, Some(t))) => Instant::now() >= t,
+                Some((_, None)) => false,
+            };
+            if due {
+                let term = claim.map_or_else(|| rcfg.generation.load(std::sync::atomic::Ordering::SeqCst), |c| c.0);
+                claim = Some((term, None));
+                let (w, tx) = (w.clone(), claim_tx.clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(witness::timed(w.promote(term)).await);
+                });
+            }
+        }
         tokio::select! {
+            r = claim_rx.recv() => if let Some((r, ms)) = r {
+                status.update(|s| if let Some(w) = &mut s.witness {
+                    w.last_txn_ms = ms;
+                    w.txns += 1;
+                    (w.state, w.reason) = match &r {
+                        Err(e) => ("unreachable".into(), Some(e.to_string())),
+                        Ok(_) => ("ok".into(), None),
+                    };
+                });
+                match r {
+                    Ok((witness::Decision::Granted, l)) => {
+                        unreachable_said = false;
+                        tracing::warn!(term = claim.map(|c| c.0), txn_ms = ms, "the witness granted the takeover");
+                        lease = l;
+                        let m = mode.step(SecondaryEvent::WitnessGranted, has_witness).unwrap_or(mode);
+                        set(m, &mut mode);
+                        if let Some(c) = claim_cmd.take() {
+                            c.answer(Ok("failover started"));
+                        }
+                    }
+                    Ok((witness::Decision::Refused { why, .. }, _)) => {
+                        tracing::warn!(%why, "the witness refused the takeover: this node stays a secondary");
+                        claim = None;
+                        // claim again only after hearing the primary again
+                        lock(&live).heard = false;
+                        let m = mode.step(SecondaryEvent::WitnessRefused, has_witness).unwrap_or(mode);
+                        set(m, &mut mode);
+                        if let Some(c) = claim_cmd.take() {
+                            c.answer(Err(Refused(format!("the witness refused the takeover: {why}"))));
+                        }
+                    }
+                    Ok((witness::Decision::Superseded, _)) => claim = claim.map(|c| (c.0, Some(Instant::now()))),
+                    Err(e) => {
+                        if !std::mem::replace(&mut unreachable_said, true) {
+                            tracing::warn!(error = %e, "the witness is unreachable: not taking over until it answers");
+                        }
+                        claim = claim.map(|c| (c.0, Some(Instant::now() + CLAIM_RETRY)));
+                    }
+                }
+            },
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
                 let (heard, since) = {
                     let l = lock(&live);
                     (l.heard, l.last_heard.elapsed())
                 };
                 if heard && since > cfg.heartbeat_timeout {
-                    if let Ok(m) = mode.on(SecondaryEvent::PrimarySilent) {
+                    if let Ok(m) = mode.step(SecondaryEvent::PrimarySilent, has_witness) {
                         if m != mode {
                             tracing::warn!(silent_ms = since.as_millis() as u64, "primary silent: failing over");
                         }
@@ -232,17 +325,22 @@ pub async fn run_secondary(
                 }
             }
             e = commit_rx.recv() => if let Some(e) = e {
-                if let Ok(m) = mode.on(e) {
+                if let Ok(m) = mode.step(e, has_witness) {
                     status.update(|s| s.epochs += 1);
                     set(m, &mut mode);
                 }
             },
             c = cmd_rx.recv() => if let Some(c) = c {
-                match mode.on(SecondaryEvent::Command(c.command)) {
+                match mode.step(SecondaryEvent::Command(c.command), has_witness) {
                     Ok(m) => {
                         tracing::warn!("forced failover requested");
                         set(m, &mut mode);
-                        c.answer(Ok("failover started"));
+                        if matches!(m, SecondaryMode::Claiming { .. }) {
+                            // answered when the witness decides
+                            claim_cmd = Some(c);
+                        } else {
+                            c.answer(Ok("failover started"));
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, command = c.command.name(), "command refused");
@@ -257,7 +355,17 @@ pub async fn run_secondary(
     // Failover.
     let SecondaryMode::Promoting { forced, .. } = mode else { unreachable!("the loop ends promoting") };
     let last_heard = lock(&live).last_heard;
-    let generation = rcfg.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let generation = match claim {
+        // the witness moved the term to the one we claimed + 1
+        Some((term, _)) => {
+            rcfg.generation.fetch_max(term + 1, std::sync::atomic::Ordering::SeqCst);
+            term + 1
+        }
+        None => rcfg.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+    };
+    if let (Some(w), Some(l)) = (&cfg.witness, lease) {
+        tasks.spawn(w.clone().keep_alive(l));
+    }
     promoted.store(true, std::sync::atomic::Ordering::SeqCst);
     let (state, mem, epoch) = {
         let mut r = lock(&replica);

@@ -102,13 +102,15 @@ pub enum ReceiverEvent {
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
     pub secret: Secret,
+    /// This node's name in the witness, sent in the HelloAck.
+    pub node: String,
     /// This node's generation: primaries with a lower one are refused.
     pub generation: Arc<AtomicU64>,
 }
 
 impl ReceiverConfig {
     pub fn new(secret: Secret, generation: u64) -> Self {
-        ReceiverConfig { secret, generation: Arc::new(AtomicU64::new(generation)) }
+        ReceiverConfig { secret, node: String::new(), generation: Arc::new(AtomicU64::new(generation)) }
     }
 
     fn generation(&self) -> u64 {
@@ -201,7 +203,13 @@ async fn serve_inner(
         }
         let committed_epoch = common::sync::lock(replica).committed_epoch();
         tx.send(
-            Message::HelloAck(HelloAck { version: PROTOCOL_VERSION, committed_epoch, generation: ours }).to_frame(),
+            Message::HelloAck(HelloAck {
+                version: PROTOCOL_VERSION,
+                committed_epoch,
+                generation: ours,
+                node: cfg.node.clone(),
+            })
+            .to_frame(),
         )
         .await
         .map_err(ReceiverError::Frame)?;
