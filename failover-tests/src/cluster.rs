@@ -28,6 +28,8 @@ pub struct NodeOpts {
     pub extra: Vec<String>,
     /// Extra environment (crash points).
     pub env: Vec<(String, String)>,
+    /// The witness's client URLs (`--witness`), with `--vm-id test`.
+    pub witness: Option<String>,
 }
 
 impl Default for NodeOpts {
@@ -43,6 +45,7 @@ impl Default for NodeOpts {
             vcpus: 2,
             extra: Vec::new(),
             env: Vec::new(),
+            witness: None,
         }
     }
 }
@@ -66,6 +69,16 @@ impl Cluster {
         )
         .expect("secret");
         Cluster { dir, secret }
+    }
+
+    /// A real etcd (Debian's etcd-server) for this test, on loopback.
+    pub fn etcd(&self) -> witness::server::Etcd {
+        witness::server::Etcd::start(&self.dir.join("etcd")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A real 3-member etcd cluster for this test.
+    pub fn etcd_cluster(&self) -> Vec<witness::server::Etcd> {
+        witness::server::Etcd::cluster(&self.dir.join("etcd3"), 3).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Where released responses are logged (one file for all nodes: G3).
@@ -98,6 +111,9 @@ impl Cluster {
         ];
         if o.verify_digest {
             v.push("--verify-digest".into());
+        }
+        if let Some(w) = &o.witness {
+            v.extend(["--witness".into(), w.clone(), "--vm-id".into(), "test".into()]);
         }
         if o.env.iter().any(|(k, _)| k.starts_with("CASTOR_")) {
             // test hooks act only with this flag

@@ -35,6 +35,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     fault: Arc<Mutex<Fault>>,
     epoch: Arc<std::sync::atomic::AtomicU64>,
+    upstream: Arc<Mutex<SocketAddr>>,
 }
 
 impl Proxy {
@@ -45,12 +46,14 @@ impl Proxy {
             addr: l.local_addr().expect("addr"),
             fault: Arc::new(Mutex::new(Fault::Pass)),
             epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            upstream: Arc::new(Mutex::new(upstream)),
         };
         let me = p.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((down, _)) = l.accept().await else { continue };
                 let me = me.clone();
+                let upstream = *common::sync::lock(&me.upstream);
                 tokio::spawn(async move { me.handle(down, upstream).await });
             }
         });
@@ -63,6 +66,11 @@ impl Proxy {
         if f == Fault::Drop {
             self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// New connections go to `to` (a restarted node's new port).
+    pub fn set_upstream(&self, to: SocketAddr) {
+        *common::sync::lock(&self.upstream) = to;
     }
 
     fn fault(&self) -> Fault {

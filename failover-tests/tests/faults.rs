@@ -19,6 +19,9 @@ use failover_tests::load::{split_brain, Load, Verdict};
 use failover_tests::proxy::{Fault, Proxy};
 use failover_tests::serial;
 
+#[path = "faults/witness.rs"]
+mod witness;
+
 const T: Duration = Duration::from_secs(30);
 
 fn rt() -> tokio::runtime::Runtime {
@@ -284,7 +287,22 @@ fn secondary_killed_then_reprotected(row: &mut Row) {
 /// once the link heals.
 fn network(row: &mut Row, name: &str, fault: Fault, hold_for: Duration, expect_takeover: bool) {
     let c = Cluster::new(name);
-    let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
+    network_with(row, name, fault, hold_for, expect_takeover, NodeOpts::default(), &c);
+}
+
+/// [`network`] with these node options in this cluster (a witness: the
+/// takeover is to term 2, the primary's own being 1).
+fn network_with(
+    row: &mut Row,
+    name: &str,
+    fault: Fault,
+    hold_for: Duration,
+    expect_takeover: bool,
+    o: NodeOpts,
+    c: &Cluster,
+) {
+    let o = NodeOpts { verify_digest: true, ..o };
+    let gen = if o.witness.is_some() { 2 } else { 1 };
     let mut s = c.secondary("s", &o, None);
     let rt = rt();
     let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
@@ -308,7 +326,7 @@ fn network(row: &mut Row, name: &str, fault: Fault, hold_for: Duration, expect_t
     proxy.set(Fault::Pass);
     let took_over = s.status().is_some_and(|v| v["role"] == "primary");
     let survivor = if took_over {
-        match take_over(&s, 1) {
+        match take_over(&s, gen) {
             Some(st) => row.failover(&st),
             None => row.fail(format!("{name}: odd takeover state")),
         }
@@ -344,7 +362,7 @@ fn network(row: &mut Row, name: &str, fault: Fault, hold_for: Duration, expect_t
         row.fail(format!("{name}: clients did not carry on"));
     }
     let v = load.finish(&rt, survivor);
-    row.check(&v, &c);
+    row.check(&v, c);
     let _ = &mut s;
 }
 
@@ -531,6 +549,15 @@ fn failover_suite() {
     run("truncated-frames", &mut |r| network(r, "truncated-frames", Fault::Drop, Duration::from_millis(60), false));
     run("tiny-ring", &mut tiny_ring_and_tracking_lost);
     run("strangers", &mut strangers);
+    run("w-standby-freeze", &mut witness::standby_freeze);
+    run("w-primary-freeze", &mut witness::primary_freeze);
+    run("w-double-fault", &mut witness::double_fault);
+    run("w-restart-as-sec", &mut witness::restart_as_secondary);
+    run("w-partition", &mut witness::partition);
+    run("w-primary-isolated", &mut witness::primary_isolated);
+    run("w-etcd-down", &mut witness::etcd_down);
+    run("w-etcd-member-kill", &mut witness::etcd_member_killed);
+    run("w-switchover", &mut witness::switchover);
 
     eprintln!("\nfailover suite summary (host: KVM-PVM nested, 2 cores; {:.0} s)", started.elapsed().as_secs_f64());
     eprintln!(

@@ -10,7 +10,8 @@
 //!
 //! With a witness ([`Core::with_witness`]) two more: a session releases
 //! nothing until the witness has recorded its secondary as caught up
-//! ([`Ask::RecordSync`], which also proves our term is still in force), and
+//! ([`Ask::RecordSync`], asked at the session's first ack; it also proves
+//! our term is still in force), and
 //! a hold ends in running alone only when the witness grants it
 //! ([`Ask::RunAlone`]); a refused port or the fence grace decide nothing.
 //!
@@ -136,7 +137,9 @@ pub enum Answer {
     /// A later request of ours landed first: ask again if still needed.
     Superseded,
     /// The term moved on to `term`: we are fenced.
-    Refused { term: u64 },
+    Refused {
+        term: u64,
+    },
     Unreachable(String),
 }
 
@@ -413,9 +416,12 @@ impl Core {
                 self.mode = Mode::Syncing;
                 step.engine = Some(EngineCommand::Protect(resync));
                 if self.witness {
+                    // the secondary is recorded once it has committed an
+                    // epoch of this session (its first ack); a run-alone
+                    // still in flight is answered before that record
                     self.sync_recorded = false;
                     self.acked_unrecorded = None;
-                    self.ask(Want::Sync, &mut step);
+                    self.asking = None;
                 }
             }
             Event::Epoch { epoch, outputs } => match &self.mode {
@@ -445,6 +451,9 @@ impl Core {
                         // acked, but released only once the witness knows
                         // this secondary may take over
                         self.acked_unrecorded = self.acked_unrecorded.max(Some(epoch));
+                        if !self.asking.is_some_and(|p| p.want == Want::Sync) {
+                            self.ask(Want::Sync, &mut step);
+                        }
                     } else {
                         self.mode = Mode::Protected;
                         step.release = self.held.take_through(epoch);

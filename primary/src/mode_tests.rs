@@ -339,9 +339,11 @@ fn with_a_witness_a_session_releases_only_after_the_sync_record() {
     let t = Instant::now();
     let mut c = Core::with_witness();
     let s = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
-    let Some(Ask::RecordSync { tag }) = s.ask else { panic!("no sync record asked: {s:?}") };
+    assert_eq!(s.ask, None, "recorded only once the secondary committed an epoch");
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
-    assert!(c.on(Event::Ack { epoch: 1 }, t).unwrap().release.is_empty(), "acked but not recorded");
+    let s = c.on(Event::Ack { epoch: 1 }, t).unwrap();
+    assert!(s.release.is_empty(), "acked but not recorded");
+    let Some(Ask::RecordSync { tag }) = s.ask else { panic!("no sync record asked: {s:?}") };
     assert_eq!(c.mode(), &Mode::Syncing);
     // an acked epoch does not count against the ack deadline meanwhile
     assert_eq!(c.oldest_unacked(), None);
@@ -366,12 +368,14 @@ fn with_a_witness_a_session_releases_only_after_the_sync_record() {
 fn with_a_witness_only_its_grant_ends_a_hold() {
     let t = Instant::now();
     let mut c = Core::with_witness();
-    let tag = match c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap().ask {
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    let tag = match c.on(Event::Ack { epoch: 1 }, t).unwrap().ask {
         Some(Ask::RecordSync { tag }) => tag,
         a => panic!("{a:?}"),
     };
-    c.on(Event::Witness { tag, answer: Answer::Granted }, t).unwrap();
-    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    assert_eq!(c.on(Event::Witness { tag, answer: Answer::Granted }, t).unwrap().release, vec![out(1)]);
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
     let s = c.on(lost(), t).unwrap();
     let Some(Ask::RunAlone { tag }) = s.ask else { panic!("no run-alone asked: {s:?}") };
     assert!(!c.sync_recorded());
@@ -385,7 +389,7 @@ fn with_a_witness_only_its_grant_ends_a_hold() {
     let Some(Ask::RunAlone { tag }) = s.ask else { panic!("not asked again") };
     let s = c.on(Event::Witness { tag, answer: Answer::Granted }, t).unwrap();
     assert_eq!(s.engine, Some(EngineCommand::Alone));
-    assert_eq!(s.release, vec![out(1)]);
+    assert_eq!(s.release, vec![out(2)]);
     assert_eq!(c.mode(), &Mode::Unprotected);
 }
 
@@ -402,12 +406,9 @@ fn with_a_witness_a_refusal_fences_and_discards() {
     assert_eq!(c.held_count(), 0);
     // a stale primary's new session is refused by the witness too
     let mut c = Core::with_witness();
-    let Some(Ask::RecordSync { tag }) = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap().ask
-    else {
-        panic!()
-    };
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
-    c.on(Event::Ack { epoch: 1 }, t).unwrap();
+    let Some(Ask::RecordSync { tag }) = c.on(Event::Ack { epoch: 1 }, t).unwrap().ask else { panic!() };
     let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 2 } }, t).unwrap();
     assert!(s.release.is_empty());
     assert_eq!(c.mode(), &Mode::Fenced { by: 2 });

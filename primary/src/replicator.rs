@@ -242,13 +242,18 @@ impl Replicator {
         });
     }
 
-    async fn dial(&self, peer: SocketAddr) -> Result<(Session, Session), SenderError> {
-        let t = Duration::from_secs(2);
-        let one = |ch| {
-            let c = Session::connect_channel(peer, &self.cfg.secret, self.shape.clone(), self.cfg.generation, ch);
-            async move { tokio::time::timeout(t, c).await.map_err(|_| SenderError::TimedOut("connect"))? }
-        };
-        Ok((one(Channel::Data).await?, one(Channel::Heartbeat).await?))
+    /// Dials the peer on its own task: a peer that accepts and then stalls
+    /// (a frozen host) cannot hold up this loop, nor the witness's answers.
+    fn dial(&self, peer: SocketAddr) -> tokio::task::JoinHandle<Result<(Session, Session), SenderError>> {
+        let (secret, shape, gen) = (self.cfg.secret.clone(), self.shape.clone(), self.cfg.generation);
+        tokio::spawn(async move {
+            let t = Duration::from_secs(2);
+            let one = |ch| {
+                let c = Session::connect_channel(peer, &secret, shape.clone(), gen, ch);
+                async move { tokio::time::timeout(t, c).await.map_err(|_| SenderError::TimedOut("connect"))? }
+            };
+            Ok((one(Channel::Data).await?, one(Channel::Heartbeat).await?))
+        })
     }
 
     /// Finds a secondary, protects, and survives its loss (see [`Core`]).
@@ -262,6 +267,7 @@ impl Replicator {
     /// only a joining secondary or the control command `unprotect` ends a hold.
     pub async fn run(mut self) -> Result<PrimaryExit, ReplicatorError> {
         let mut next_dial = Instant::now();
+        let mut dialing: Option<tokio::task::JoinHandle<Result<(Session, Session), SenderError>>> = None;
         let mut pending: (Option<Session>, Option<Session>) = (None, None);
         let (hs_tx, mut hs_rx) = mpsc::channel::<Handshaken>(8);
         let hs_slots = Arc::new(Semaphore::new(MAX_JOIN_HANDSHAKES));
@@ -302,9 +308,14 @@ impl Replicator {
                 },
                 c = next_of(&mut self.commands) => if let Some(c) = c { self.answer(c) },
                 a = next_answer(&mut self.witness) => self.witness_answered(a),
-                _ = tokio::time::sleep_until(dial_at), if self.cfg.peer.is_some() => {
+                _ = tokio::time::sleep_until(dial_at), if self.cfg.peer.is_some() && dialing.is_none() => {
+                    dialing = Some(self.dial(self.cfg.peer.expect("peer")));
+                }
+                r = async { dialing.as_mut().expect("dialing").await }, if dialing.is_some() => {
+                    dialing = None;
                     let peer = self.cfg.peer.expect("peer");
-                    match self.dial(peer).await {
+                    let r = r.unwrap_or(Err(SenderError::Closed("dial task ended")));
+                    match r {
                         Ok(pair) => session = Some(pair),
                         Err(e) => {
                             if let Some(by) = fenced_by(&e) {
@@ -323,6 +334,9 @@ impl Replicator {
                 _ = self.stop.changed() => {}
             }
             let Some((data, hb)) = session else { continue };
+            if let Some(d) = dialing.take() {
+                d.abort();
+            }
             // an empty replica gets a live sync; one that holds an older
             // epoch of ours gets a full-memory epoch (it stays at its
             // committed epoch until that one verifies)

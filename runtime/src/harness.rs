@@ -141,6 +141,24 @@ impl NodeProc {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the process neither answers nor refuses (a frozen host).
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`NodeProc::freeze`].
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) takes no pointers; the pid is our own child's,
+        // not yet reaped (so not reused).
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
     /// Exit code if the process has ended within `t`.
     pub fn wait_exit(&mut self, t: Duration) -> Option<i32> {
         let end = Instant::now() + t;
@@ -179,6 +197,7 @@ impl NodeProc {
 
 impl Drop for NodeProc {
     fn drop(&mut self) {
+        self.thaw();
         self.kill9();
     }
 }

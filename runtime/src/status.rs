@@ -276,7 +276,11 @@ impl NodeStatus {
                 "1 while the witness records this primary's secondary as caught up",
                 ConstGauge::new(i64::from(w.sync_recorded)),
             );
-            r.register("witness_last_txn_ms", "Latency of the last witness transaction (ms)", ConstGauge::new(w.last_txn_ms));
+            r.register(
+                "witness_last_txn_ms",
+                "Latency of the last witness transaction (ms)",
+                ConstGauge::new(w.last_txn_ms),
+            );
             r.register("witness_txns", "Witness transactions", ConstCounter::new(w.txns));
         }
         r.register("epoch_pause_us", "Guest pause per epoch boundary (us)", self.pause_hist.clone());

@@ -82,7 +82,9 @@ impl SecondaryMode {
         use SecondaryEvent as E;
         use SecondaryMode as M;
         match (self, e) {
-            (M::Promoting { .. } | M::Claiming { .. }, E::Command(Command::Failover)) => Err(SecondaryRefusal::Promoting),
+            (M::Promoting { .. } | M::Claiming { .. }, E::Command(Command::Failover)) => {
+                Err(SecondaryRefusal::Promoting)
+            }
             (M::Promoting { .. }, _) => Ok(self),
             (M::Claiming { committed, forced }, E::WitnessGranted) => Ok(M::Promoting { committed, forced }),
             (M::Claiming { committed, .. }, E::WitnessRefused) => Ok(M::Replicating { committed }),
@@ -95,7 +97,9 @@ impl SecondaryMode {
             (_, E::Committed { epoch, diverged: true }) => Ok(M::Diverged { committed: epoch }),
             (M::Waiting, E::PrimarySilent) => Ok(self),
             (M::Waiting, E::Command(Command::Failover)) => Err(SecondaryRefusal::NothingCommitted),
-            (m, E::PrimarySilent) if witness => Ok(M::Claiming { committed: m.committed().unwrap_or(0), forced: false }),
+            (m, E::PrimarySilent) if witness => {
+                Ok(M::Claiming { committed: m.committed().unwrap_or(0), forced: false })
+            }
             (m, E::Command(Command::Failover)) if witness => {
                 Ok(M::Claiming { committed: m.committed().unwrap_or(0), forced: true })
             }

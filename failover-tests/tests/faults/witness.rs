@@ -1,0 +1,369 @@
+//! Scenarios with the etcd witness (issue 11): real castor processes, a
+//! real etcd on loopback, frozen processes (SIGSTOP: a host that neither
+//! answers nor refuses), double faults and partitions.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use failover_tests::cluster::{Cluster, NodeOpts, NodeProc};
+use failover_tests::load::{split_brain, Load};
+use failover_tests::proxy::{Fault, Proxy};
+
+use super::{protected, rt, take_over, Row, T};
+
+fn opts(urls: &str) -> NodeOpts {
+    NodeOpts { witness: Some(urls.into()), ..NodeOpts::default() }
+}
+
+/// Responses `node` has released so far (its lines in the release log).
+fn released_by(c: &Cluster, node: &str) -> usize {
+    std::fs::read_to_string(c.release_log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(node))
+        .count()
+}
+
+fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().expect("etcd address")
+}
+
+fn txn_ms(n: &NodeProc) -> f64 {
+    n.status().and_then(|v| v["witness"]["last_txn_ms"].as_f64()).unwrap_or(f64::NAN)
+}
+
+/// The old primary `p`, thawed after a takeover, must release nothing more
+/// and exit fenced (7).
+fn old_primary_fenced(row: &mut Row, c: &Cluster, p: &mut NodeProc, what: &str) {
+    let frozen = released_by(c, "p");
+    p.thaw();
+    match p.wait_exit(T) {
+        Some(7) => eprintln!("  {what}: the old primary woke, the witness refused it, it exited fenced (7)"),
+        other => row.fail(format!("{what}: old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+    }
+    let after = released_by(c, "p");
+    if after != frozen {
+        row.fail(format!("{what}: the old primary released {} responses after it woke", after - frozen));
+    } else {
+        eprintln!("  {what}: it released nothing after waking");
+    }
+}
+
+fn pair(c: &Cluster, o: &NodeOpts, row: &mut Row) -> Option<(NodeProc, NodeProc)> {
+    let s = c.secondary("s", o, None);
+    let p = c.primary("p", o, s.listen.expect("listen"));
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return None;
+    }
+    Some((s, p))
+}
+
+/// The secondary freezes for good: the witness lets the primary run alone
+/// within about the heartbeat timeout; the standby, thawed, stays a standby.
+pub fn standby_freeze(row: &mut Row) {
+    let c = Cluster::new("w-standby-freeze");
+    let etcd = c.etcd();
+    let o = opts(&etcd.url);
+    let Some((s, p)) = pair(&c, &o, row) else { return };
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    s.freeze();
+    let t = Instant::now();
+    eprintln!("froze the secondary (SIGSTOP)");
+    match p.wait_status(T, |v| v["protection"] == "unprotected") {
+        Some(_) => eprintln!(
+            "  the witness granted running alone {:.0} ms after the freeze (heartbeat timeout {} ms; txn {:.1} ms)",
+            t.elapsed().as_secs_f64() * 1e3,
+            o.heartbeat_timeout_ms,
+            txn_ms(&p)
+        ),
+        None => row.fail(format!("the primary did not run alone:\n{}", p.log_tail())),
+    }
+    if !load.wait_more(100, T) {
+        row.fail("clients stalled".into());
+    }
+    s.thaw();
+    std::thread::sleep(Duration::from_millis(1500));
+    match s.status() {
+        Some(v) if v["role"] == "secondary" => eprintln!("  the thawed standby asked, was refused, stays a standby"),
+        other => row.fail(format!("the thawed standby is {other:?}:\n{}", s.log_tail())),
+    }
+    let v = load.finish(&rt, p.service);
+    row.check(&v, &c);
+    eprintln!(
+        "  standby-freeze gap {:.0} ms (goal: heartbeat timeout {} ms + 100 ms)",
+        v.max_gap.as_secs_f64() * 1e3,
+        o.heartbeat_timeout_ms
+    );
+}
+
+/// The primary freezes past the timeout: the secondary takes over by the
+/// witness's transaction; the primary, thawed, releases nothing, exits 7.
+pub fn primary_freeze(row: &mut Row) {
+    let c = Cluster::new("w-primary-freeze");
+    let etcd = c.etcd();
+    let o = opts(&etcd.url);
+    let Some((s, mut p)) = pair(&c, &o, row) else { return };
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    p.freeze();
+    eprintln!("froze the primary (SIGSTOP)");
+    match take_over(&s, 2) {
+        Some(st) => {
+            row.failover(&st);
+            eprintln!("  promote txn {:.1} ms", txn_ms(&s));
+        }
+        None => {
+            row.fail(format!("no takeover:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    if !load.wait_more(50, T) {
+        row.fail("clients did not carry on".into());
+    }
+    old_primary_fenced(row, &c, &mut p, "primary-freeze");
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+}
+
+/// Primary frozen, secondary takes over and serves, the promoted node is
+/// killed, the old primary wakes: it must not serve.
+pub fn double_fault(row: &mut Row) {
+    let c = Cluster::new("w-double-fault");
+    let etcd = c.etcd();
+    let o = opts(&etcd.url);
+    let Some((mut s, mut p)) = pair(&c, &o, row) else { return };
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    p.freeze();
+    match take_over(&s, 2) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    load.wait_more(30, T);
+    s.kill9();
+    eprintln!("froze the primary, the secondary took over and served, then was killed; thawing the old primary");
+    old_primary_fenced(row, &c, &mut p, "double-fault");
+    let sb = split_brain(&c.release_log());
+    if !sb.is_empty() {
+        row.split_brain += sb.len() as u64;
+        row.fail(format!("G3: generations released by two nodes: {sb:?}"));
+    }
+    eprintln!("  nobody serves now (both hosts failed): correct, nothing stale was released");
+    drop(load);
+}
+
+/// After a takeover the promoted node is restarted as `castor secondary`;
+/// the old primary wakes and reaches it: refused as stale, fenced.
+pub fn restart_as_secondary(row: &mut Row) {
+    let c = Cluster::new("w-restart");
+    let etcd = c.etcd();
+    let o = opts(&etcd.url);
+    let mut s = c.secondary("s", &o, None);
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let mut p = c.primary("p", &o, proxy.addr);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    p.freeze();
+    match take_over(&s, 2) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    load.wait_more(30, T);
+    s.kill9();
+    let s2 = c.secondary("s-again", &o, None);
+    proxy.set_upstream(s2.listen.expect("listen"));
+    eprintln!("restarted the promoted node as a secondary; the old primary's link now reaches it");
+    old_primary_fenced(row, &c, &mut p, "restart-as-secondary");
+    match s2.status() {
+        Some(v) if v["committed_epoch"].is_null() && v["generation"] == 2 => {
+            eprintln!("  the restarted secondary holds term 2 and took nothing from the stale primary")
+        }
+        other => row.fail(format!("restarted secondary: {other:?}:\n{}", s2.log_tail())),
+    }
+    drop(load);
+}
+
+/// The primary is cut off from the secondary and from etcd: it holds
+/// (witness unreachable); the secondary takes over; healed, the old
+/// primary is fenced.
+pub fn primary_isolated(row: &mut Row) {
+    let c = Cluster::new("w-isolated");
+    let etcd = c.etcd();
+    let rt = rt();
+    let to_etcd = rt.block_on(Proxy::start(addr_of(&etcd.url)));
+    let o = opts(&etcd.url);
+    let po = opts(&format!("http://{}", to_etcd.addr));
+    let s = c.secondary("s", &o, None);
+    let to_s = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let mut p = c.primary("p", &po, to_s.addr);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    to_etcd.set(Fault::Drop);
+    to_s.set(Fault::Drop);
+    eprintln!("isolated the primary from the secondary and from etcd");
+    match take_over(&s, 2) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    match p.wait_status(T, |v| v["witness"]["state"] == "unreachable") {
+        Some(v) if v["protection"] == "holding" => {
+            eprintln!("  the isolated primary holds: witness {}", v["witness"]["reason"])
+        }
+        other => row.fail(format!("isolated primary: {other:?}")),
+    }
+    if !load.wait_more(50, T) {
+        row.fail("clients did not carry on".into());
+    }
+    let before = released_by(&c, "p");
+    to_etcd.set(Fault::Pass);
+    to_s.set(Fault::Pass);
+    match p.wait_exit(T) {
+        Some(7) => eprintln!("  healed: the old primary learned the new term and exited fenced"),
+        other => row.fail(format!("old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+    }
+    if released_by(&c, "p") != before {
+        row.fail("the isolated primary released output".into());
+    }
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+}
+
+/// etcd frozen: protected operation goes on; a primary kill fails over
+/// only once etcd answers again.
+pub fn etcd_down(row: &mut Row) {
+    let c = Cluster::new("w-etcd-down");
+    let etcd = c.etcd();
+    let o = opts(&etcd.url);
+    let Some((s, mut p)) = pair(&c, &o, row) else { return };
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(30, T);
+    etcd.signal(libc::SIGSTOP);
+    eprintln!("froze etcd");
+    if !load.wait_more(100, T) || p.status().is_none_or(|v| v["protection"] != "protected") {
+        row.fail(format!("protected operation stopped without etcd:\n{}", p.log_tail()));
+    }
+    p.kill9();
+    eprintln!("  protected operation went on; killed the primary");
+    std::thread::sleep(Duration::from_millis(1500));
+    match s.status() {
+        Some(v) if v["role"] == "secondary" && v["protection"] == "claiming" => {
+            eprintln!("  without etcd the secondary claims and waits: {}", v["witness"]["reason"])
+        }
+        other => row.fail(format!("secondary without etcd: {other:?}")),
+    }
+    etcd.signal(libc::SIGCONT);
+    match take_over(&s, 2) {
+        Some(st) => {
+            row.failover(&st);
+            eprintln!("  etcd back: took over");
+        }
+        None => {
+            row.fail(format!("no takeover after etcd came back:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    if !load.wait_more(30, T) {
+        row.fail("clients did not carry on".into());
+    }
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+}
+
+/// One member of a 3-member etcd cluster killed: nothing changes; a later
+/// primary kill fails over.
+pub fn etcd_member_killed(row: &mut Row) {
+    let c = Cluster::new("w-etcd3");
+    let mut members = c.etcd_cluster();
+    let urls: Vec<String> = members.iter().map(|m| m.url.clone()).collect();
+    let o = opts(&urls.join(","));
+    let Some((s, mut p)) = pair(&c, &o, row) else { return };
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(30, T);
+    members[0].kill();
+    eprintln!("killed etcd member m0 of 3");
+    if !load.wait_more(100, T) || p.status().is_none_or(|v| v["protection"] != "protected") {
+        row.fail(format!("protection changed after losing one etcd member:\n{}", p.log_tail()));
+    }
+    p.kill9();
+    match take_over(&s, 2) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover with 2 of 3 members:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    if !load.wait_more(30, T) {
+        row.fail("clients did not carry on".into());
+    }
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+}
+
+/// `castor failover` on the secondary: the witness grants, the old
+/// primary is fenced.
+pub fn switchover(row: &mut Row) {
+    let c = Cluster::new("w-switchover");
+    let etcd = c.etcd();
+    let o = opts(&etcd.url);
+    let Some((s, mut p)) = pair(&c, &o, row) else { return };
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    let reply = s.command("failover").unwrap_or_default();
+    eprintln!("asked the secondary to take over: {}", reply.trim());
+    if !reply.contains("\"ok\":true") {
+        row.fail(format!("switchover refused: {reply}"));
+        return;
+    }
+    match take_over(&s, 2) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    match p.wait_exit(T) {
+        Some(7) => eprintln!("  the old primary was fenced (exit 7)"),
+        other => row.fail(format!("old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+    }
+    if !load.wait_more(30, T) {
+        row.fail("clients did not carry on".into());
+    }
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+}
+
+/// Partition between the nodes, both reaching etcd: exactly one serves.
+pub fn partition(row: &mut Row) {
+    let c = Cluster::new("w-partition");
+    let etcd = c.etcd();
+    super::network_with(row, "w-partition", Fault::Drop, Duration::from_millis(1500), false, opts(&etcd.url), &c);
+}
