@@ -127,6 +127,11 @@ pub struct PrimaryArgs {
     mem: u64,
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
+    /// With a witness: take over a VM id that already has a term. This is
+    /// your statement that every earlier node of this VM is dead (a frozen
+    /// one cannot be told from a dead one); without it castor refuses.
+    #[arg(long, requires = "witness")]
+    replace: bool,
     /// Generation (fencing term) to start with (without a witness; with
     /// one, the witness gives the term).
     #[arg(long, default_value_t = 0, conflicts_with = "witness")]
@@ -259,7 +264,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
         let _lease = match witness_of(&c, &name).await? {
             Some(w) => {
                 // a new primary claims the next term, unless one is alive
-                let (term, lease) = w.claim_primary().await?;
+                let (term, lease) = w.claim_primary(a.replace).await?;
                 tracing::info!(term, vm = %w.config().vm_id, "the witness gave this primary its term");
                 cfg.generation = term;
                 cfg.witness = Some(w.clone());

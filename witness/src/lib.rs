@@ -36,6 +36,11 @@ pub enum WitnessError {
     Corrupt { key: String, value: String },
     #[error("a primary of vm {vm} is alive: {holder}")]
     PrimaryAlive { vm: String, holder: String },
+    #[error(
+        "vm {vm} already has term {term}: an earlier primary of it may be frozen, not dead (its lease expires \
+         either way); start a new primary for it only with --replace, once every earlier node of it is known dead"
+    )]
+    HasHistory { vm: String, term: u64 },
 }
 
 /// What the witness decided.
@@ -230,9 +235,12 @@ impl Witness {
     }
 
     /// A new primary's claim: raises `term` by one and writes `primary`
-    /// (leased), unless a primary of this VM is alive. Returns the new term
-    /// and the lease to keep alive.
-    pub async fn claim_primary(&self) -> Result<(u64, i64), WitnessError> {
+    /// (leased), unless a primary of this VM is alive. A VM id that already
+    /// has a term is claimed only with `replace` (the operator's word that
+    /// every earlier primary is dead: a frozen one cannot be told from a
+    /// dead one here, and it would run on). Returns the new term and the
+    /// lease to keep alive.
+    pub async fn claim_primary(&self, replace: bool) -> Result<(u64, i64), WitnessError> {
         for _ in 0..8 {
             let txn = Txn::new().and_then([TxnOp::get(self.key("term"), None), TxnOp::get(self.key("primary"), None)]);
             let g = Self::gets(&self.txn(txn).await?);
@@ -242,6 +250,9 @@ impl Witness {
                     vm: self.cfg.vm_id.clone(),
                     holder: format!("{} (term {})", h.node, h.term),
                 });
+            }
+            if term > 0 && !replace {
+                return Err(WitnessError::HasHistory { vm: self.cfg.vm_id.clone(), term });
             }
             let lease = self.lease().await?;
             let me = Holder { node: self.cfg.node.clone(), term: term + 1 };

@@ -31,13 +31,15 @@ async fn promotion_and_running_alone_exclude_each_other() {
     let p = node(&etcd, "vm1", "p").await;
     let s = node(&etcd, "vm1", "s").await;
 
-    let (g, _lease) = p.claim_primary().await.unwrap();
+    let (g, _lease) = p.claim_primary(false).await.unwrap();
     assert_eq!(g, 1);
     // a second primary of the same VM is refused while the first lives
     let other = node(&etcd, "vm1", "p2").await;
-    assert!(matches!(other.claim_primary().await, Err(WitnessError::PrimaryAlive { .. })));
+    assert!(matches!(other.claim_primary(false).await, Err(WitnessError::PrimaryAlive { .. })));
+    // a VM id with a history needs --replace, and never while its primary lives
+    assert!(matches!(other.claim_primary(true).await, Err(WitnessError::PrimaryAlive { .. })));
     // another VM is independent
-    assert_eq!(node(&etcd, "vm2", "q").await.claim_primary().await.unwrap().0, 1);
+    assert_eq!(node(&etcd, "vm2", "q").await.claim_primary(false).await.unwrap().0, 1);
 
     // not recorded as caught up: no promotion
     assert!(matches!(s.promote(g).await.unwrap().0, Decision::Refused { term: 1, .. }));
@@ -61,6 +63,13 @@ async fn promotion_and_running_alone_exclude_each_other() {
     assert_eq!(p.read().await.unwrap(), (2, None));
     // a stale secondary of term 1 never promotes
     assert!(matches!(s2.promote(1).await.unwrap().0, Decision::Refused { term: 2, .. }));
+    // with every primary gone (leases revoked by expiry), a fresh primary
+    // needs --replace; with it, it gets the next term
+    let mut c = Client::connect([&etcd.url], None).await.unwrap();
+    c.delete("/castor/vm1/primary", None).await.unwrap();
+    let fresh = node(&etcd, "vm1", "p3").await;
+    assert!(matches!(fresh.claim_primary(false).await, Err(WitnessError::HasHistory { term: 2, .. })));
+    assert_eq!(fresh.claim_primary(true).await.unwrap().0, 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -69,7 +78,7 @@ async fn a_frozen_witness_is_unreachable_and_decides_nothing() {
     let dir = tmp("frozen");
     let etcd = Etcd::start(&dir).unwrap();
     let p = node(&etcd, "vm", "p").await;
-    let (g, _) = p.claim_primary().await.unwrap();
+    let (g, _) = p.claim_primary(false).await.unwrap();
     p.record_sync(g, "s").await.unwrap();
     etcd.signal(libc::SIGSTOP);
     let t = Instant::now();
@@ -97,7 +106,7 @@ async fn a_delayed_request_cannot_land_after_a_later_one() {
     let dir = tmp("order");
     let etcd = Etcd::start(&dir).unwrap();
     let p = node(&etcd, "vm", "p").await;
-    let (g, _) = p.claim_primary().await.unwrap();
+    let (g, _) = p.claim_primary(false).await.unwrap();
     // record_sync #1 is delayed; run_alone #2 lands first
     assert_eq!(p.run_alone_at(g, 2).await.unwrap(), Decision::Granted);
     assert_eq!(p.record_sync_at(g, "s", 1).await.unwrap(), Decision::Superseded);
@@ -115,7 +124,7 @@ async fn a_corrupt_term_is_an_error_not_a_decision() {
     let mut c = Client::connect([&etcd.url], None).await.unwrap();
     c.put("/castor/vm/term", "seven", None).await.unwrap();
     assert!(matches!(p.run_alone(7).await, Err(WitnessError::Corrupt { .. })));
-    assert!(matches!(p.claim_primary().await, Err(WitnessError::Corrupt { .. })));
+    assert!(matches!(p.claim_primary(false).await, Err(WitnessError::Corrupt { .. })));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -127,7 +136,7 @@ fn a_three_member_cluster_starts_on_unix_peer_sockets() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let w = Witness::connect(WitnessConfig::new(&urls.join(","), "vm", "p").unwrap()).await.unwrap();
-        let (g, _) = w.claim_primary().await.unwrap();
+        let (g, _) = w.claim_primary(false).await.unwrap();
         members[0].kill();
         // a majority is left: decisions go on
         let mut d = w.record_sync(g, "s").await;
