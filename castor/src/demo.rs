@@ -1,7 +1,8 @@
 //! `castor demo`: a secondary and a primary on loopback with the built-in kv
 //! guest and a client load; the primary is killed halfway and the clients
 //! carry on against the survivor; the table is read back to count lost and
-//! duplicated acknowledged writes.
+//! duplicated acknowledged writes. A real etcd (Debian's etcd-server) runs
+//! on loopback as the witness that grants the takeover.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,10 @@ pub struct DemoArgs {
     /// Print one JSON object as the last line (live lines go to stderr).
     #[arg(long)]
     json: bool,
+    /// Run the pair without the etcd witness (the two-node rule). By
+    /// default the demo starts a real etcd on loopback as the witness.
+    #[arg(long)]
+    no_witness: bool,
 }
 
 /// Errors of the demo.
@@ -136,8 +141,20 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let key = common::auth::nonce().map_err(|e| DemoError::Setup(e.to_string()))?;
     common::auth::write_secret_file(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>().as_bytes())
         .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let etcd = if a.no_witness {
+        None
+    } else {
+        let e = witness::server::Etcd::start(&dir.join("etcd")).map_err(|e| {
+            DemoError::Setup(format!("{e} (or run the demo with --no-witness)"))
+        })?;
+        live(format!("witness: etcd {} (pid {}) on loopback", e.url, e.pid()));
+        Some(e)
+    };
     let common = || -> Vec<String> {
         let mut v = node_args(None, &secret);
+        if let Some(e) = &etcd {
+            v.extend(["--witness".into(), e.url.clone(), "--vm-id".into(), "demo".into()]);
+        }
         v.extend([
             "--epoch-ms".into(),
             a.epoch_ms.to_string(),
@@ -337,6 +354,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         "output_delay_ms_p99": common::sync::percentile(&lat, 0.99) / 1e3,
         "survivor": survivor["node"],
         "survivor_generation": survivor["generation"],
+        "witness": etcd.as_ref().map(|e| e.url.clone()),
+        "witness_promote_txn_ms": survivor["witness"]["last_txn_ms"],
         "host": "KVM-PVM nested, 2 cores (numbers are this machine's)",
     });
     live(format!(
@@ -356,6 +375,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         println!("{report}");
     }
     drop(secondary);
+    drop(etcd);
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }

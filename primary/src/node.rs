@@ -96,13 +96,15 @@ pub async fn run_primary(
     status.update(|s| {
         s.role = Role::Primary;
         s.generation = cfg.generation;
-        s.witness = cfg.witness.as_ref().map(|w| runtime::status::WitnessStatus {
+        // a promoted secondary keeps its witness counters (its promote txn)
+        let kept = s.witness.take();
+        s.witness = cfg.witness.as_ref().map(|w| kept.unwrap_or_else(|| runtime::status::WitnessStatus {
             endpoints: w.config().endpoints.clone(),
             vm_id: w.config().vm_id.clone(),
             node: w.config().node.clone(),
             state: "ok".into(),
             ..Default::default()
-        });
+        }));
         s.protection = Protection::Unprotected;
         s.peer = cfg.peer.map(|p| p.to_string());
     });
