@@ -144,9 +144,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let etcd = if a.no_witness {
         None
     } else {
-        let e = witness::server::Etcd::start(&dir.join("etcd")).map_err(|e| {
-            DemoError::Setup(format!("{e} (or run the demo with --no-witness)"))
-        })?;
+        let e = witness::server::Etcd::start(&dir.join("etcd"))
+            .map_err(|e| DemoError::Setup(format!("{e} (or run the demo with --no-witness)")))?;
         live(format!("witness: etcd {} (pid {}) on loopback", e.url, e.pid()));
         Some(e)
     };

@@ -57,9 +57,6 @@ pub struct CommonArgs {
     /// Silence after which the peer counts as gone (failover on the secondary).
     #[arg(long, default_value_t = 100)]
     heartbeat_timeout_ms: u64,
-    /// After losing its secondary, a primary holds output this long before running unprotected.
-    #[arg(long, default_value_t = 300)]
-    fence_grace_ms: u64,
     /// With no secondary: keep running (continue) or keep the guest paused (pause).
     #[arg(long, value_enum, default_value = "continue")]
     unprotected: UnprotectedArg,
@@ -88,6 +85,11 @@ pub struct CommonArgs {
     /// per page per epoch. `--hot-pages false` re-arms every epoch.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     hot_pages: bool,
+    /// Where the node keeps what it must not forget across a restart (its
+    /// generation, fsynced on every change, and its node id). Without it a
+    /// restarted node starts at generation 0 under a new name.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// The witness: etcd client URLs (`http://HOST:PORT[,...]`). With it,
     /// only the witness decides whether a primary that lost its secondary
     /// runs alone and whether a secondary takes over (see docs/operations.md).
@@ -174,13 +176,18 @@ pub enum NodeCmdError {
     Refused(String),
     #[error("witness: {0}")]
     Witness(#[from] witness::WitnessError),
+    #[error(transparent)]
+    StateDir(#[from] runtime::state_dir::StateDirError),
 }
 
 impl NodeCmdError {
     pub fn exit_code(&self) -> i32 {
         match self {
             NodeCmdError::Build(_) => 3,
-            NodeCmdError::Listen(_) | NodeCmdError::Primary(_) | NodeCmdError::Secondary(_) => 4,
+            NodeCmdError::Listen(_)
+            | NodeCmdError::Primary(_)
+            | NodeCmdError::Secondary(_)
+            | NodeCmdError::StateDir(_) => 4,
             NodeCmdError::Secret(_) | NodeCmdError::Control { .. } => 5,
             NodeCmdError::Fenced(_) => 7,
             NodeCmdError::Refused(_) => 8,
@@ -257,7 +264,13 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let mut machine = Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker(c), workload))?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));
-    let mut cfg = PrimaryConfig { generation: a.generation, peer: a.peer, ..primary_config(c, &name, secret)? };
+    let state = c.state_dir.as_deref().map(runtime::state_dir::StateDir::open).transpose()?;
+    // without a witness: never below the generation this node last stored
+    let generation = match &state {
+        Some(sd) => sd.raise_generation(a.generation)?,
+        None => a.generation,
+    };
+    let mut cfg = PrimaryConfig { generation, peer: a.peer, ..primary_config(c, &name, secret)? };
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
@@ -267,6 +280,9 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
                 let (term, lease) = w.claim_primary(a.replace).await?;
                 tracing::info!(term, vm = %w.config().vm_id, "the witness gave this primary its term");
                 cfg.generation = term;
+                if let Some(sd) = &state {
+                    sd.raise_generation(term)?;
+                }
                 cfg.witness = Some(w.clone());
                 let mut t = runtime::Tasks::default();
                 t.spawn(w.keep_alive(lease));
@@ -297,7 +313,6 @@ fn primary_config(c: &CommonArgs, node: &str, secret: Secret) -> Result<PrimaryC
         peer: None,
         heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
         peer_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
-        fence_grace: Duration::from_millis(c.fence_grace_ms),
         engine: engine_opts(c)?,
         first_epoch: 1,
         release_log: c.release_log.clone(),
@@ -345,11 +360,19 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         tracker: tracker(c),
         hot_pages: c.hot_pages,
         witness: None,
+        node_id: String::new(),
+        state: None,
     };
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
-        cfg.witness = witness_of(&c, &instance_name(&cfg.node)).await?;
+        let state = c.state_dir.as_deref().map(runtime::state_dir::StateDir::open).transpose()?;
+        cfg.node_id = match &state {
+            Some(sd) => sd.node_id(&cfg.node)?,
+            None => instance_name(&cfg.node),
+        };
+        cfg.state = state.map(Arc::new);
+        cfg.witness = witness_of(&c, &cfg.node_id).await?;
         let promoted = PrimaryConfig { witness: cfg.witness.clone(), ..promoted };
         let status = Arc::new(NodeStatus::new(&cfg.node, Role::Secondary, 0));
         let l = bind_all(&c, Some(listen)).await?;

@@ -19,7 +19,6 @@ pub const ANY: &str = "127.0.0.1:0";
 pub struct NodeOpts {
     pub epoch_ms: u64,
     pub heartbeat_timeout_ms: u64,
-    pub fence_grace_ms: u64,
     pub verify_digest: bool,
     pub tracker: &'static str,
     pub ring_entries: u32,
@@ -30,6 +29,8 @@ pub struct NodeOpts {
     pub env: Vec<(String, String)>,
     /// The witness's client URLs (`--witness`), with `--vm-id test`.
     pub witness: Option<String>,
+    /// Give each node `--state-dir <dir>/<name>.state`.
+    pub state_dir: bool,
 }
 
 impl Default for NodeOpts {
@@ -37,7 +38,6 @@ impl Default for NodeOpts {
         NodeOpts {
             epoch_ms: 10,
             heartbeat_timeout_ms: 250,
-            fence_grace_ms: 500,
             verify_digest: false,
             tracker: "ring",
             ring_entries: 65536,
@@ -46,6 +46,7 @@ impl Default for NodeOpts {
             extra: Vec::new(),
             env: Vec::new(),
             witness: None,
+            state_dir: false,
         }
     }
 }
@@ -100,8 +101,6 @@ impl Cluster {
             o.epoch_ms.to_string(),
             "--heartbeat-timeout-ms".into(),
             o.heartbeat_timeout_ms.to_string(),
-            "--fence-grace-ms".into(),
-            o.fence_grace_ms.to_string(),
             "--tracker".into(),
             o.tracker.into(),
             "--ring-entries".into(),
@@ -111,6 +110,9 @@ impl Cluster {
         ];
         if o.verify_digest {
             v.push("--verify-digest".into());
+        }
+        if o.state_dir {
+            v.extend(["--state-dir".into(), self.dir.join(format!("{name}.state")).display().to_string()]);
         }
         if let Some(w) = &o.witness {
             v.extend(["--witness".into(), w.clone(), "--vm-id".into(), "test".into()]);

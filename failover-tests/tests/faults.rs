@@ -208,26 +208,39 @@ fn primary_crash_points(row: &mut Row) {
     }
 }
 
-/// A named crash point in the secondary: the primary notices, finds the
-/// secondary's port closed, and runs on unprotected; nothing is lost.
+/// A named crash point in the secondary: the primary notices and holds (a
+/// refused port proves nothing without a witness); the secondary restarts
+/// with its state dir (same node id, same generation), the primary takes it
+/// back, releases what it held; nothing is lost.
 fn secondary_crash_points(row: &mut Row) {
     for point in common::crashpoint::POINTS.iter().filter(|p| p.starts_with("secondary.")) {
         let c = Cluster::new(&format!("cs-{point}"));
-        let so = NodeOpts { env: vec![("CASTOR_CRASH_AT".into(), format!("{point}:40"))], ..NodeOpts::default() };
+        let plain = NodeOpts { state_dir: true, ..NodeOpts::default() };
+        let so = NodeOpts { env: vec![("CASTOR_CRASH_AT".into(), format!("{point}:40"))], ..plain.clone() };
         let mut s = c.secondary("s", &so, None);
-        let p = c.primary("p", &NodeOpts::default(), s.listen.expect("listen"));
+        let rt = rt();
+        let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+        let p = c.primary("p", &NodeOpts::default(), proxy.addr);
         row.trials += 1;
         if !protected(&p) {
             row.fail(format!("{point}: never protected:\n{}", p.log_tail()));
             continue;
         }
-        let rt = rt();
         let load = Load::start(&rt, vec![p.service], 4, 16, 1);
         let code = s.wait_exit(T);
         eprintln!("{point}: the secondary aborted there (exit {code:?})");
-        if p.wait_status(T, |v| v["protection"] == "unprotected").is_none() {
-            row.fail(format!("{point}: primary did not go unprotected:\n{}", p.log_tail()));
+        match p.wait_status(T, |v| v["protection"] == "holding") {
+            Some(v) => eprintln!("  the primary holds: {}", v["hold"]),
+            None => row.fail(format!("{point}: primary did not hold:\n{}", p.log_tail())),
         }
+        drop(s);
+        let s2 = c.secondary("s", &plain, None);
+        proxy.set_upstream(s2.listen.expect("listen"));
+        if !protected(&p) {
+            row.fail(format!("{point}: the restarted secondary did not protect it again:\n{}", p.log_tail()));
+            continue;
+        }
+        eprintln!("  the secondary restarted with its state dir; the primary took it back");
         if !load.wait_more(50, T) {
             row.fail(format!("{point}: clients stalled"));
         }
@@ -236,8 +249,9 @@ fn secondary_crash_points(row: &mut Row) {
     }
 }
 
-/// The secondary is killed; the primary runs unprotected; a new secondary
-/// joins it and re-protects it; a later primary kill fails over to it.
+/// The secondary is killed; the primary holds until the operator says
+/// `unprotect`; a new secondary joins it and re-protects it; a later
+/// primary kill fails over to it.
 fn secondary_killed_then_reprotected(row: &mut Row) {
     let c = Cluster::new("reprotect");
     let o = NodeOpts::default();
@@ -253,6 +267,11 @@ fn secondary_killed_then_reprotected(row: &mut Row) {
     load.wait_more(50, T);
     s.kill9();
     eprintln!("killed the secondary");
+    if p.wait_status(T, |v| v["protection"] == "holding").is_none() {
+        row.fail(format!("primary did not hold:\n{}", p.log_tail()));
+    }
+    let r = p.command("unprotect").unwrap_or_default();
+    eprintln!("  the primary holds; the operator says unprotect: {}", r.trim());
     if p.wait_status(T, |v| v["protection"] == "unprotected").is_none() {
         row.fail(format!("primary did not go unprotected:\n{}", p.log_tail()));
     }
@@ -280,6 +299,61 @@ fn secondary_killed_then_reprotected(row: &mut Row) {
     }
     let v = load.finish(&rt, s2.service);
     row.check(&v, &c);
+}
+
+/// Without a witness, the double fault of issue 11: primary frozen, the
+/// secondary takes over and serves, the promoted node dies, the old primary
+/// wakes. It must hold (a refused port proves nothing), and when the
+/// promoted node is restarted as a secondary with its state dir, that node
+/// refuses the old primary as stale and fences it.
+fn two_node_double_fault(row: &mut Row) {
+    let c = Cluster::new("2n-double-fault");
+    let o = NodeOpts { state_dir: true, ..NodeOpts::default() };
+    let mut s = c.secondary("s", &o, None);
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let mut p = c.primary("p", &o, proxy.addr);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    p.freeze();
+    match take_over(&s, 1) {
+        Some(st) => row.failover(&st),
+        None => {
+            row.fail(format!("no takeover:\n{}", s.log_tail()));
+            return;
+        }
+    }
+    load.wait_more(30, T);
+    s.kill9();
+    let frozen = witness::released_by(&c, "p");
+    p.thaw();
+    eprintln!("froze the primary, the secondary took over, then was killed; thawed the old primary");
+    std::thread::sleep(Duration::from_millis(2000));
+    match p.status() {
+        Some(v) if v["protection"] == "holding" => eprintln!("  the old primary holds: {}", v["hold"]),
+        other => row.fail(format!("the old primary after the double fault: {other:?}")),
+    }
+    let s2 = c.secondary("s", &o, None);
+    proxy.set_upstream(s2.listen.expect("listen"));
+    eprintln!("  restarted the promoted node as a secondary with its state dir");
+    match p.wait_exit(T) {
+        Some(7) => eprintln!("  it refused the old primary as stale; the old primary exited fenced (7)"),
+        other => row.fail(format!("old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+    }
+    let after = witness::released_by(&c, "p");
+    if after != frozen {
+        row.fail(format!("the old primary released {} responses after it woke", after - frozen));
+    }
+    match s2.status() {
+        Some(v) if v["generation"] == 1 => {}
+        other => row.fail(format!("the restarted node forgot its generation: {other:?}")),
+    }
+    drop(load);
 }
 
 /// Network faults between the nodes, through a proxy. `expect_takeover`:
@@ -536,6 +610,7 @@ fn failover_suite() {
     run("crash-primary", &mut primary_crash_points);
     run("crash-secondary", &mut secondary_crash_points);
     run("secondary-killed", &mut secondary_killed_then_reprotected);
+    run("2n-double-fault", &mut two_node_double_fault);
     run("partition", &mut |r| network(r, "partition", Fault::Drop, Duration::from_millis(1500), true));
     run("oneway-p2s", &mut |r| network(r, "oneway-p2s", Fault::HoldRequests, Duration::from_millis(1500), true));
     run("oneway-s2p", &mut |r| network(r, "oneway-s2p", Fault::HoldReplies, Duration::from_millis(1500), true));

@@ -50,7 +50,7 @@ fn responses_are_held_until_their_epoch_is_acknowledged() {
     let _g = serial();
     let c = Cluster::new("commit");
     // long timeouts: holding acks must not look like a dead secondary here
-    let o = NodeOpts { heartbeat_timeout_ms: 8000, fence_grace_ms: 20000, ..NodeOpts::default() };
+    let o = NodeOpts { heartbeat_timeout_ms: 8000, ..NodeOpts::default() };
     let s = c.secondary("s", &o, None);
     let rt = rt();
     let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
@@ -248,11 +248,10 @@ fn unprotected_pause_policy_waits_for_a_secondary() {
 
 /// An `unprotect` sent while the pair is healthy is refused, and not kept
 /// for later: when the secondary then freezes (SIGSTOP: its sockets neither
-/// answer nor refuse), the primary holds, and stays holding past the fence
-/// grace. (Before the state machine, the command was answered ok, queued,
-/// and fired at this hold: the primary released output while the secondary
-/// could be taking over.) Once the secondary is really gone (killed: its
-/// port refuses) the grace ends the hold.
+/// answer nor refuse), the primary holds, and stays holding. (Before the
+/// state machine, the command was answered ok, queued, and fired at this
+/// hold: the primary released output while the secondary could be taking
+/// over.) Then the operator's `unprotect` ends the hold.
 #[test]
 fn unprotect_is_refused_while_protected_and_not_applied_at_the_next_hold() {
     let _g = serial();
@@ -270,7 +269,7 @@ fn unprotect_is_refused_while_protected_and_not_applied_at_the_next_hold() {
     assert!(stopped.is_ok_and(|st| st.success()), "cannot SIGSTOP the secondary");
     p.wait_status(T, |v| v["protection"] == "holding")
         .unwrap_or_else(|| panic!("the primary did not hold:\n{}", p.log_tail()));
-    std::thread::sleep(Duration::from_millis(o.fence_grace_ms * 4));
+    std::thread::sleep(Duration::from_millis(2000));
     let st = p.status().expect("p");
     assert_eq!(st["protection"], "holding", "a frozen secondary ended the hold: {st}");
     assert!(st["held_outputs"].as_u64().is_some());

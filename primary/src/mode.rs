@@ -58,8 +58,10 @@ pub enum Mode {
     Holding {
         since: Instant,
         why: Loss,
-        /// Since when every dial of the peer was refused (its port closed).
-        refused_since: Option<Instant>,
+        /// The secondary (its witness name or durable node id) we hold for:
+        /// without a witness only it coming back ends the hold (it shows
+        /// its generation), or the operator's `unprotect`.
+        peer: String,
     },
     /// A newer generation exists: this node must never release output again.
     Fenced { by: u64 },
@@ -118,6 +120,11 @@ pub enum Refusal {
     SessionUp,
     #[error("with a witness, the witness decides when a hold ends (it grants running alone)")]
     WitnessDecides,
+    #[error(
+        "holding for secondary {0}: without a witness only it can show it did not take over; \
+         `castor unprotect` if you know it is dead"
+    )]
+    HoldingFor(String),
 }
 
 /// A question for the witness; its answer comes back as [`Event::Witness`]
@@ -178,6 +185,8 @@ pub enum Event {
     SessionUp {
         next_epoch: u64,
         resync: Resync,
+        /// The secondary's name (its HelloAck node).
+        peer: String,
     },
     /// The engine finished `epoch` (sent to the secondary in a session).
     Epoch {
@@ -202,10 +211,6 @@ pub enum Event {
     Fenced {
         by: u64,
     },
-    /// Dialing the peer was refused (its port is closed).
-    PeerRefused,
-    /// Dialing the peer failed otherwise (it may be alive).
-    PeerUnreachable,
     /// Time passes.
     Tick,
     Command(Command),
@@ -274,9 +279,8 @@ pub struct Core {
     session_base: u64,
     /// The last epoch of this session handed to the secondary.
     last_sent: Option<u64>,
-    /// A peer to dial exists (its refused port can end a hold).
-    has_peer: bool,
-    fence_grace: Duration,
+    /// The session's secondary.
+    peer: String,
     /// A witness decides (see the module's rules).
     witness: bool,
     witness_view: WitnessView,
@@ -289,15 +293,17 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(has_peer: bool, fence_grace: Duration) -> Core {
+    /// A core that decides by the two-node rule: a lost secondary means a
+    /// hold that only that secondary (showing its generation) or the
+    /// operator ends; a refused port or silence proves nothing.
+    pub fn new() -> Core {
         Core {
             mode: Mode::Unprotected,
             held: HeldOutputs::default(),
             pending: Vec::new(),
             session_base: 0,
             last_sent: None,
-            has_peer,
-            fence_grace,
+            peer: String::new(),
             witness: false,
             witness_view: WitnessView::None,
             sync_recorded: false,
@@ -309,7 +315,7 @@ impl Core {
 
     /// A core whose holds and sessions are decided with a witness.
     pub fn with_witness() -> Core {
-        Core { witness: true, witness_view: WitnessView::Ok, ..Core::new(false, Duration::ZERO) }
+        Core { witness: true, witness_view: WitnessView::Ok, ..Core::new() }
     }
 
     pub fn witness(&self) -> &WitnessView {
@@ -400,12 +406,16 @@ impl Core {
     pub fn on(&mut self, event: Event, now: Instant) -> Result<Step, Refusal> {
         let mut step = Step::default();
         match event {
-            Event::SessionUp { next_epoch, resync } => {
+            Event::SessionUp { next_epoch, resync, peer } => {
                 match &self.mode {
                     Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
                     m if m.in_session() => return Err(Refusal::SessionUp),
+                    Mode::Holding { peer: lost, .. } if !self.witness && *lost != peer => {
+                        return Err(Refusal::HoldingFor(lost.clone()))
+                    }
                     _ => {}
                 }
+                self.peer = peer;
                 // what waited (held while holding, unacked epochs of the
                 // lost session) goes out with this session's first ack: its
                 // first epoch is next_epoch or later
@@ -468,7 +478,7 @@ impl Core {
             }
             Event::SessionLost(why) => {
                 if self.mode.in_session() {
-                    self.mode = Mode::Holding { since: now, why, refused_since: None };
+                    self.mode = Mode::Holding { since: now, why, peer: self.peer.clone() };
                     step.engine = Some(EngineCommand::Hold);
                     self.acked_unrecorded = None;
                     if self.witness {
@@ -478,25 +488,10 @@ impl Core {
                 }
             }
             Event::Fenced { by } => step = self.fence(by),
-            Event::PeerRefused => {
-                if let Mode::Holding { refused_since, .. } = &mut self.mode {
-                    refused_since.get_or_insert(now);
-                }
-            }
-            Event::PeerUnreachable => {
-                if let Mode::Holding { refused_since, .. } = &mut self.mode {
-                    *refused_since = None;
-                }
-            }
             Event::Tick => {
                 if let Some(p) = self.asking {
                     if p.retry_at.is_some_and(|t| now >= t) {
                         self.ask(p.want, &mut step);
-                    }
-                }
-                if let Mode::Holding { refused_since: Some(t), .. } = &self.mode {
-                    if self.has_peer && now.saturating_duration_since(*t) >= self.fence_grace {
-                        step = self.go_unprotected();
                     }
                 }
             }

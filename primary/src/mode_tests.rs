@@ -31,8 +31,8 @@ fn unprotect_while_protected_is_refused_and_not_kept_for_later() {
     // read-through defect: an `unprotect` sent while the pair was healthy was
     // answered ok, queued, and fired at the next hold
     let t = Instant::now();
-    let mut c = Core::new(true, GRACE);
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    let mut c = Core::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::NotHolding(Protection::Syncing)));
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(Event::Ack { epoch: 1 }, t).unwrap();
@@ -54,14 +54,14 @@ fn reprotection_after_a_hold_is_one_command_and_releases_only_with_an_ack() {
     // `protected`, and an engine reading between the two ran an unprotected
     // epoch that released output. Now the engine gets one command.
     let t = Instant::now();
-    let mut c = Core::new(true, GRACE);
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    let mut c = Core::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(lost(), t).unwrap();
     // an unprotected epoch the engine ran before it saw Hold, then one of hold
     assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
     assert!(c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap().release.is_empty());
-    let s = c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Full }, t).unwrap();
+    let s = c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Full, peer: "s".into() }, t).unwrap();
     assert_eq!(s, Step { engine: Some(EngineCommand::Protect(Resync::Full)), release: vec![], ask: None });
     // an unprotected epoch racing the Protect command waits for an ack too
     assert!(c.on(Event::Released(vec![out(4)]), t).unwrap().release.is_empty());
@@ -73,55 +73,56 @@ fn reprotection_after_a_hold_is_one_command_and_releases_only_with_an_ack() {
 }
 
 #[test]
-fn a_refused_port_for_the_whole_grace_ends_a_hold() {
+fn without_a_witness_only_the_same_secondary_or_the_operator_ends_a_hold() {
+    // read-through defect (issue 11): a refused port for the fence grace
+    // ended a hold, but a promoted node that crashed refuses too
     let t = Instant::now();
-    let mut c = Core::new(true, GRACE);
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    let mut c = Core::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(lost(), t).unwrap();
-    c.on(Event::PeerRefused, t).unwrap();
-    assert!(c.on(Event::Tick, t + GRACE / 2).unwrap().release.is_empty());
-    // an answer that is not a refusal restarts the grace
-    c.on(Event::PeerUnreachable, t + GRACE / 2).unwrap();
-    c.on(Event::PeerRefused, t + GRACE).unwrap();
-    assert!(c.on(Event::Tick, t + GRACE * 3 / 2).unwrap().release.is_empty());
-    let s = c.on(Event::Tick, t + GRACE * 2).unwrap();
-    assert_eq!(s.engine, Some(EngineCommand::Alone));
-    assert_eq!(s.release.iter().map(id).collect::<Vec<_>>(), vec![1]);
-    assert_eq!(c.mode(), &Mode::Unprotected);
-}
-
-#[test]
-fn without_a_peer_only_a_joiner_or_the_operator_ends_a_hold() {
-    let t = Instant::now();
-    let mut c = Core::new(false, GRACE);
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
-    c.on(lost(), t).unwrap();
-    c.on(Event::PeerRefused, t).unwrap();
-    assert!(c.on(Event::Tick, t + GRACE * 10).unwrap().engine.is_none());
+    assert!(c.on(Event::Tick, t + GRACE * 100).unwrap().release.is_empty());
     assert_eq!(c.mode().protection(), Protection::Holding);
+    // another secondary proves nothing about the one we lost
+    let other = Event::SessionUp { next_epoch: 2, resync: Resync::Live, peer: "t".into() };
+    assert_eq!(c.on(other, t), Err(Refusal::HoldingFor("s".into())));
+    assert_eq!(c.mode().protection(), Protection::Holding);
+    // the same one back (its generation showed it did not take over)
+    c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Full, peer: "s".into() }, t).unwrap();
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+    let ids: Vec<u32> = c.on(Event::Ack { epoch: 2 }, t).unwrap().release.iter().map(id).collect();
+    assert_eq!(ids, vec![1, 2]);
+    // or the operator's word
+    c.on(lost(), t).unwrap();
+    c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap();
     let s = c.on(Event::Command(Command::Unprotect), t).unwrap();
     assert_eq!(s.engine, Some(EngineCommand::Alone));
+    assert_eq!(s.release, vec![out(3)]);
+    // once unprotected, any secondary may protect it
+    c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Live, peer: "t".into() }, t).unwrap();
 }
 
 #[test]
 fn fenced_discards_and_refuses_everything() {
     let t = Instant::now();
-    let mut c = Core::new(true, GRACE);
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    let mut c = Core::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     assert_eq!(c.on(Event::Fenced { by: 2 }, t).unwrap().engine, Some(EngineCommand::Hold));
     assert_eq!(c.held_count(), 0);
     assert!(c.on(Event::Ack { epoch: 1 }, t).unwrap().release.is_empty());
     assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::Fenced(2)));
-    assert_eq!(c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Live }, t), Err(Refusal::Fenced(2)));
+    assert_eq!(
+        c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Live, peer: "s".into() }, t),
+        Err(Refusal::Fenced(2))
+    );
     assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
     assert_eq!(c.mode(), &Mode::Fenced { by: 2 });
 }
 
 #[test]
 fn the_primary_refuses_a_forced_failover() {
-    let mut c = Core::new(true, GRACE);
+    let mut c = Core::new();
     assert_eq!(c.on(Event::Command(Command::Failover), Instant::now()), Err(Refusal::IsPrimary));
     assert_eq!(c.mode(), &Mode::Unprotected);
 }
@@ -148,7 +149,8 @@ fn held_outputs_release_in_epoch_order_up_to_the_ack() {
 /// A generated event; the model fills in epoch numbers as the engine would.
 #[derive(Debug, Clone)]
 enum Gen {
-    SessionUp(bool),
+    /// (full resync, from another secondary than "s")
+    SessionUp(bool, bool),
     Epoch,
     Released,
     /// Ack one of the epochs sent in this session (index modulo their count).
@@ -156,8 +158,6 @@ enum Gen {
     Resync,
     Lost,
     Fenced,
-    Refused,
-    Unreachable,
     Tick(u64),
     Unprotect,
     Failover,
@@ -168,15 +168,13 @@ enum Gen {
 
 fn gen() -> impl Strategy<Value = Gen> {
     prop_oneof![
-        2 => any::<bool>().prop_map(Gen::SessionUp),
+        2 => (any::<bool>(), any::<bool>()).prop_map(|(f, other)| Gen::SessionUp(f, other)),
         6 => Just(Gen::Epoch),
         2 => Just(Gen::Released),
         4 => any::<usize>().prop_map(Gen::Ack),
         1 => Just(Gen::Resync),
         2 => Just(Gen::Lost),
         1 => Just(Gen::Fenced),
-        2 => Just(Gen::Refused),
-        1 => Just(Gen::Unreachable),
         3 => (0u64..400).prop_map(Gen::Tick),
         2 => Just(Gen::Unprotect),
         1 => Just(Gen::Failover),
@@ -193,12 +191,11 @@ proptest! {
     #[test]
     fn output_commit_rules_hold_for_any_event_order(
         events in proptest::collection::vec(gen(), 1..120),
-        has_peer in any::<bool>(),
         witness in any::<bool>(),
     ) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut c = if witness { Core::with_witness() } else { Core::new(has_peer, GRACE) };
+        let mut c = if witness { Core::with_witness() } else { Core::new() };
         // the witness's questions in flight, oldest first (it answers in order)
         let mut asked: std::collections::VecDeque<Ask> = Default::default();
         // a sync record was granted in this session
@@ -217,9 +214,10 @@ proptest! {
                 vec![out(next_id)]
             };
             let ev = match g {
-                Gen::SessionUp(full) => Event::SessionUp {
+                Gen::SessionUp(full, other) => Event::SessionUp {
                     next_epoch: engine_epoch + 1,
                     resync: if full { Resync::Full } else { Resync::Live },
+                    peer: if other { "t" } else { "s" }.into(),
                 },
                 Gen::Epoch => {
                     engine_epoch += 1;
@@ -236,8 +234,6 @@ proptest! {
                 Gen::Resync => Event::ResyncRequested,
                 Gen::Lost => lost(),
                 Gen::Fenced => Event::Fenced { by: 9 },
-                Gen::Refused => Event::PeerRefused,
-                Gen::Unreachable => Event::PeerUnreachable,
                 Gen::Tick(ms) => {
                     now += Duration::from_millis(ms);
                     Event::Tick
@@ -294,7 +290,7 @@ proptest! {
                 // rule 2: nothing leaves while holding or fenced, except by
                 // the decision that ends the hold
                 (Mode::Fenced { .. }, _, _) => prop_assert!(false, "released while fenced"),
-                (Mode::Holding { .. }, Mode::Unprotected, Event::Tick | Event::Command(Command::Unprotect)) if !witness => {}
+                (Mode::Holding { .. }, Mode::Unprotected, Event::Command(Command::Unprotect)) if !witness => {}
                 // with a witness only its grant ends a hold
                 (Mode::Holding { .. }, Mode::Unprotected, Event::Witness { answer: Answer::Granted, .. }) if witness => {}
                 (Mode::Holding { .. }, _, _) => prop_assert!(false, "released while holding: {:?}", ev),
@@ -338,7 +334,7 @@ proptest! {
 fn with_a_witness_a_session_releases_only_after_the_sync_record() {
     let t = Instant::now();
     let mut c = Core::with_witness();
-    let s = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    let s = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     assert_eq!(s.ask, None, "recorded only once the secondary committed an epoch");
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let s = c.on(Event::Ack { epoch: 1 }, t).unwrap();
@@ -368,7 +364,7 @@ fn with_a_witness_a_session_releases_only_after_the_sync_record() {
 fn with_a_witness_only_its_grant_ends_a_hold() {
     let t = Instant::now();
     let mut c = Core::with_witness();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let tag = match c.on(Event::Ack { epoch: 1 }, t).unwrap().ask {
         Some(Ask::RecordSync { tag }) => tag,
@@ -379,8 +375,7 @@ fn with_a_witness_only_its_grant_ends_a_hold() {
     let s = c.on(lost(), t).unwrap();
     let Some(Ask::RunAlone { tag }) = s.ask else { panic!("no run-alone asked: {s:?}") };
     assert!(!c.sync_recorded());
-    // a refused port, the grace, unprotect: none of them decides
-    c.on(Event::PeerRefused, t).unwrap();
+    // time, unprotect: neither decides
     assert!(c.on(Event::Tick, t + GRACE * 10).unwrap().release.is_empty());
     assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::WitnessDecides));
     c.on(Event::Witness { tag, answer: Answer::Unreachable("down".into()) }, t).unwrap();
@@ -397,7 +392,7 @@ fn with_a_witness_only_its_grant_ends_a_hold() {
 fn with_a_witness_a_refusal_fences_and_discards() {
     let t = Instant::now();
     let mut c = Core::with_witness();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let Some(Ask::RunAlone { tag }) = c.on(lost(), t).unwrap().ask else { panic!() };
     let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 3 } }, t).unwrap();
@@ -406,7 +401,7 @@ fn with_a_witness_a_refusal_fences_and_discards() {
     assert_eq!(c.held_count(), 0);
     // a stale primary's new session is refused by the witness too
     let mut c = Core::with_witness();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live }, t).unwrap();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let Some(Ask::RecordSync { tag }) = c.on(Event::Ack { epoch: 1 }, t).unwrap().ask else { panic!() };
     let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 2 } }, t).unwrap();

@@ -55,9 +55,6 @@ pub struct PrimaryConfig {
     pub heartbeat_interval: Duration,
     /// No heartbeat reply or ack for this long: the secondary is lost.
     pub peer_timeout: Duration,
-    /// After losing the secondary, hold output this long (trying to learn
-    /// whether it took over) before going unprotected.
-    pub fence_grace: Duration,
     pub engine: EngineOptions,
     /// First epoch number (after a failover: the committed epoch + 1).
     pub first_epoch: u64,
@@ -98,13 +95,15 @@ pub async fn run_primary(
         s.generation = cfg.generation;
         // a promoted secondary keeps its witness counters (its promote txn)
         let kept = s.witness.take();
-        s.witness = cfg.witness.as_ref().map(|w| kept.unwrap_or_else(|| runtime::status::WitnessStatus {
-            endpoints: w.config().endpoints.clone(),
-            vm_id: w.config().vm_id.clone(),
-            node: w.config().node.clone(),
-            state: "ok".into(),
-            ..Default::default()
-        }));
+        s.witness = cfg.witness.as_ref().map(|w| {
+            kept.unwrap_or_else(|| runtime::status::WitnessStatus {
+                endpoints: w.config().endpoints.clone(),
+                vm_id: w.config().vm_id.clone(),
+                node: w.config().node.clone(),
+                state: "ok".into(),
+                ..Default::default()
+            })
+        });
         s.protection = Protection::Unprotected;
         s.peer = cfg.peer.map(|p| p.to_string());
     });
@@ -158,7 +157,7 @@ pub async fn run_primary(
         });
     }
     let rep = Replicator {
-        core: if cfg.witness.is_some() { Core::with_witness() } else { Core::new(cfg.peer.is_some(), cfg.fence_grace) },
+        core: if cfg.witness.is_some() { Core::with_witness() } else { Core::new() },
         witness: None,
         session_peer: String::new(),
         cfg,

@@ -160,10 +160,21 @@ impl Replicator {
         self.router.release(step.release);
         let (mode, held) = (self.core.mode().protection(), self.core.held_count());
         let (view, recorded) = (self.core.witness().clone(), self.core.sync_recorded());
+        let hold = match self.core.mode() {
+            Mode::Holding { why, .. } if self.witness.is_some() => {
+                Some(format!("lost the secondary ({why}); the witness decides whether this node runs alone"))
+            }
+            Mode::Holding { why, peer, .. } => Some(format!(
+                "lost the secondary {peer} ({why}); without a witness only it coming back, or `castor unprotect` \
+                 once you know it is dead, ends the hold"
+            )),
+            _ => None,
+        };
         self.status.update(|s| {
             s.protection = mode;
             s.held_outputs = held;
             s.syncs += u64::from(session_up);
+            s.hold = hold;
             if let Some(w) = &mut s.witness {
                 w.sync_recorded = recorded;
                 (w.state, w.reason) = match view {
@@ -259,14 +270,16 @@ impl Replicator {
     /// Finds a secondary, protects, and survives its loss (see [`Core`]).
     ///
     /// Losing the secondary cannot tell a dead secondary from a partitioned
-    /// one that is taking over. So the primary *holds*. It keeps dialing the
-    /// peer: a higher generation there fences it; a refused connection for
-    /// the whole fence grace (the peer process is gone, its port closed) lets
-    /// it run unprotected; a new session re-protects it and releases what it
-    /// held with the first ack. Without a peer to dial (after a failover)
-    /// only a joining secondary or the control command `unprotect` ends a hold.
+    /// one that is taking over. So the primary *holds*. With a witness, the
+    /// witness decides at once (run alone, or fenced). Without one it keeps
+    /// dialing the peer: a higher generation there fences it; the same
+    /// secondary coming back (its generation shows it did not take over)
+    /// re-protects it and releases what it held with the first ack; a
+    /// refused port or a different secondary proves nothing, so only the
+    /// operator's `unprotect` ends the hold otherwise.
     pub async fn run(mut self) -> Result<PrimaryExit, ReplicatorError> {
         let mut next_dial = Instant::now();
+        let mut refused_said = false;
         let mut dialing: Option<tokio::task::JoinHandle<Result<(Session, Session), SenderError>>> = None;
         let mut pending: (Option<Session>, Option<Session>) = (None, None);
         let (hs_tx, mut hs_rx) = mpsc::channel::<Handshaken>(8);
@@ -323,8 +336,8 @@ impl Replicator {
                                 let _ = self.apply(Event::Fenced { by });
                                 continue;
                             }
-                            let refused = matches!(&e, SenderError::Connect { err, .. } if err.kind() == std::io::ErrorKind::ConnectionRefused);
-                            let _ = self.apply(if refused { Event::PeerRefused } else { Event::PeerUnreachable });
+                            // a refused port proves nothing (a promoted
+                            // node that crashed refuses too): keep dialing
                             tracing::debug!(%peer, error = %e, "secondary not reachable");
                             next_dial = Instant::now() + Duration::from_millis(100);
                         }
@@ -344,10 +357,14 @@ impl Replicator {
             self.session_peer = data.ack.node.clone();
             let next_epoch = self.shared.next_epoch.load(std::sync::atomic::Ordering::SeqCst);
             self.shared.acked.store(next_epoch, std::sync::atomic::Ordering::SeqCst);
-            if let Err(e) = self.apply(Event::SessionUp { next_epoch, resync }) {
-                tracing::warn!(error = %e, "secondary session not started");
+            let peer = self.session_peer.clone();
+            if let Err(e) = self.apply(Event::SessionUp { next_epoch, resync, peer }) {
+                if !matches!(e, Refusal::HoldingFor(_)) || !std::mem::replace(&mut refused_said, true) {
+                    tracing::warn!(error = %e, "secondary session not started");
+                }
                 continue;
             }
+            refused_said = false;
             tracing::info!(?resync, "secondary connected: sync starts");
             match self.run_session(data, hb).await {
                 SessionEnd::Stopped => return Ok(PrimaryExit::Shutdown),

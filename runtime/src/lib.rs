@@ -9,6 +9,7 @@ pub mod join;
 pub mod listen;
 pub mod metrics;
 pub mod service;
+pub mod state_dir;
 pub mod status;
 
 /// Background tasks of a node, aborted when this is dropped.

@@ -138,6 +138,8 @@ pub struct StatusSnapshot {
     pub syncs: u64,
     /// `None` without `--witness`.
     pub witness: Option<WitnessStatus>,
+    /// While holding: why, and what ends the hold.
+    pub hold: Option<String>,
 }
 
 /// Shared, updated by the node's tasks.

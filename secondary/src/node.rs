@@ -38,6 +38,11 @@ pub struct SecondaryConfig {
     pub hot_pages: bool,
     /// The witness that must grant a takeover, if any.
     pub witness: Option<witness::Witness>,
+    /// This node's name to its primary and the witness: durable with a
+    /// state dir, unique to the process without one.
+    pub node_id: String,
+    /// `--state-dir`: the generation, stored before it is acted on.
+    pub state: Option<Arc<runtime::state_dir::StateDir>>,
 }
 
 /// Errors of the secondary runtime.
@@ -51,6 +56,8 @@ pub enum SecondaryError {
     NothingCommitted,
     #[error("replica: {0}")]
     Replica(#[from] crate::replica::ReplicaError),
+    #[error(transparent)]
+    StateDir(#[from] runtime::state_dir::StateDirError),
 }
 
 /// How often an unanswered takeover claim is asked again.
@@ -105,8 +112,14 @@ pub async fn run_secondary(
     });
     let listener = listeners.replication.ok_or(SecondaryError::NoListener)?;
     let replica = Arc::new(Mutex::new(Replica::unshaped()?));
-    let mut rcfg = ReceiverConfig::new(cfg.secret.clone(), 0);
-    rcfg.node = cfg.witness.as_ref().map_or_else(|| cfg.node.clone(), |w| w.config().node.clone());
+    let stored = match &cfg.state {
+        Some(sd) => sd.generation()?,
+        None => 0,
+    };
+    let mut rcfg = ReceiverConfig::new(cfg.secret.clone(), stored);
+    status.update(|s| s.generation = stored);
+    rcfg.node = cfg.node_id.clone();
+    rcfg.state = cfg.state.clone();
     if let Some(w) = &cfg.witness {
         status.update(|s| {
             s.witness = Some(runtime::status::WitnessStatus {
@@ -123,8 +136,8 @@ pub async fn run_secondary(
         // (which compares its term) still fence it
         match w.read().await {
             Ok((term, _)) => {
-                rcfg.generation.store(term, std::sync::atomic::Ordering::SeqCst);
-                status.update(|s| s.generation = term);
+                let g = rcfg.generation.fetch_max(term, std::sync::atomic::Ordering::SeqCst).max(term);
+                status.update(|s| s.generation = g);
             }
             Err(e) => tracing::warn!(error = %e, "could not read the term from the witness at start"),
         }
@@ -363,6 +376,11 @@ pub async fn run_secondary(
         }
         None => rcfg.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
     };
+    // stored before the guest runs here: restarted, this node still
+    // refuses the primary it replaced
+    if let Some(sd) = &cfg.state {
+        sd.raise_generation(generation)?;
+    }
     if let (Some(w), Some(l)) = (&cfg.witness, lease) {
         tasks.spawn(w.clone().keep_alive(l));
     }

@@ -36,6 +36,8 @@ pub enum ReceiverError {
     Closed(&'static str),
     #[error("no authenticated handshake within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    #[error("the new generation could not be stored: {0}")]
+    StateDir(#[from] runtime::state_dir::StateDirError),
 }
 
 /// How long a peer has to authenticate.
@@ -67,6 +69,7 @@ impl ReceiverError {
             ReceiverError::Replica(_) => "replica",
             ReceiverError::StaleGeneration { .. } => "stale-generation",
             ReceiverError::HandshakeTimeout(_) => "handshake-timeout",
+            ReceiverError::StateDir(_) => "state-dir",
         }
     }
 }
@@ -104,13 +107,15 @@ pub struct ReceiverConfig {
     pub secret: Secret,
     /// This node's name in the witness, sent in the HelloAck.
     pub node: String,
+    /// Where a raised generation is stored (`--state-dir`).
+    pub state: Option<Arc<runtime::state_dir::StateDir>>,
     /// This node's generation: primaries with a lower one are refused.
     pub generation: Arc<AtomicU64>,
 }
 
 impl ReceiverConfig {
     pub fn new(secret: Secret, generation: u64) -> Self {
-        ReceiverConfig { secret, node: String::new(), generation: Arc::new(AtomicU64::new(generation)) }
+        ReceiverConfig { secret, node: String::new(), state: None, generation: Arc::new(AtomicU64::new(generation)) }
     }
 
     fn generation(&self) -> u64 {
@@ -219,7 +224,11 @@ async fn serve_inner(
         .await
         .map_err(|_| ReceiverError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
     rx.read_buffer_mut().reserve(1 << 21);
-    // a primary of a newer generation (after failovers) raises ours
+    // a primary of a newer generation (after failovers) raises ours, stored
+    // before any of its epochs is taken
+    if let Some(sd) = &cfg.state {
+        sd.raise_generation(hello.generation)?;
+    }
     cfg.generation.fetch_max(hello.generation, Ordering::SeqCst);
     let session = cfg.secret.session_key(&hello.nonce, &nonce_s);
     rx.decoder_mut().set_key(session);

@@ -1,0 +1,124 @@
+//! `--state-dir`: what a node must not forget across a restart, written
+//! with fsync before it matters.
+//!
+//! * `node-id`: this node's durable name (made once): a primary that lost
+//!   its secondary knows it is the same node when it comes back;
+//! * `generation`: the highest fencing generation this node has seen or
+//!   taken, stored on every change before the node acts on it (a promoted
+//!   node that restarts as a secondary still refuses the primary it
+//!   replaced).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Errors of the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("state dir {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("state dir {path}: unreadable {what}: {value:?}")]
+    Corrupt { path: PathBuf, what: &'static str, value: String },
+}
+
+/// A node's state directory.
+#[derive(Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+    /// Serialises writers (the receiver and the promotion).
+    lock: std::sync::Mutex<()>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
+    move |err| StateDirError::Io { path: path.to_path_buf(), err }
+}
+
+impl StateDir {
+    /// Opens (creating) `dir`.
+    pub fn open(dir: &Path) -> Result<StateDir, StateDirError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        Ok(StateDir { dir: dir.to_path_buf(), lock: std::sync::Mutex::new(()) })
+    }
+
+    fn read(&self, file: &str) -> Result<Option<String>, StateDirError> {
+        let p = self.dir.join(file);
+        match std::fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StateDirError::Io { path: p, err: e }),
+        }
+    }
+
+    /// Writes `file` atomically and durably: temp file, fsync, rename,
+    /// fsync of the directory.
+    fn write(&self, file: &str, value: &str) -> Result<(), StateDirError> {
+        let _g = common::sync::lock(&self.lock);
+        let p = self.dir.join(file);
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(value.as_bytes()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io(&p))?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        Ok(())
+    }
+
+    /// The durable node id, made from `name` and a random suffix on first use.
+    pub fn node_id(&self, name: &str) -> Result<String, StateDirError> {
+        if let Some(id) = self.read("node-id")? {
+            if !id.is_empty() {
+                return Ok(id);
+            }
+        }
+        let nonce = common::auth::nonce()
+            .map_err(|e| StateDirError::Io { path: self.dir.clone(), err: std::io::Error::other(e.to_string()) })?;
+        let id = format!("{name}@{}", nonce[..6].iter().map(|b| format!("{b:02x}")).collect::<String>());
+        self.write("node-id", &id)?;
+        Ok(id)
+    }
+
+    /// The stored generation (0 if none).
+    pub fn generation(&self) -> Result<u64, StateDirError> {
+        match self.read("generation")? {
+            None => Ok(0),
+            Some(v) => v.parse().map_err(|_| StateDirError::Corrupt {
+                path: self.dir.join("generation"),
+                what: "generation",
+                value: v,
+            }),
+        }
+    }
+
+    /// Stores `g` if it is higher than the stored one; returns the stored value.
+    pub fn raise_generation(&self, g: u64) -> Result<u64, StateDirError> {
+        let now = self.generation()?;
+        if g > now {
+            self.write("generation", &g.to_string())?;
+            return Ok(g);
+        }
+        Ok(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_and_node_id_survive_a_reopen_and_never_go_down() {
+        let d = std::env::temp_dir().join(format!("castor-statedir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let s = StateDir::open(&d).unwrap();
+        assert_eq!(s.generation().unwrap(), 0);
+        let id = s.node_id("s").unwrap();
+        assert!(id.starts_with("s@"));
+        assert_eq!(s.raise_generation(3).unwrap(), 3);
+        assert_eq!(s.raise_generation(2).unwrap(), 3, "a generation never goes down");
+        drop(s);
+        let s = StateDir::open(&d).unwrap();
+        assert_eq!(s.generation().unwrap(), 3);
+        assert_eq!(s.node_id("other").unwrap(), id);
+        std::fs::write(d.join("generation"), "x").unwrap();
+        assert!(matches!(s.generation(), Err(StateDirError::Corrupt { .. })));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
