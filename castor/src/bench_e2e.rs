@@ -24,6 +24,22 @@ pub(crate) struct E2e {
     pub(crate) output_delay_ms_p50: f64,
     pub(crate) output_delay_ms_p99: f64,
     pub(crate) ops_per_s_moderate: f64,
+    /// The same load with output-driven epochs off (`--min-epoch-us 0`, the
+    /// 10 ms timer alone), measured in the same run: the baseline.
+    pub(crate) output_delay_ms_p50_timer_only: f64,
+    pub(crate) output_delay_ms_p99_timer_only: f64,
+    pub(crate) epochs_per_s_timer_only: f64,
+    /// output_delay_ms_p99 / output_delay_ms_p99_timer_only.
+    pub(crate) output_delay_ratio_p99: f64,
+    /// Light load (16 clients, the host not saturated): default, and timer only.
+    pub(crate) output_delay_ms_p50_light: f64,
+    pub(crate) output_delay_ms_p99_light: f64,
+    pub(crate) ops_per_s_light: f64,
+    pub(crate) epochs_per_s_light: f64,
+    pub(crate) output_delay_ms_p50_light_timer_only: f64,
+    pub(crate) output_delay_ms_p99_light_timer_only: f64,
+    pub(crate) ops_per_s_light_timer_only: f64,
+    pub(crate) output_delay_ratio_p99_light: f64,
     /// The same figures at saturation (2048 clients).
     pub(crate) epochs_per_s_saturated: f64,
     pub(crate) pause_us_p50_saturated: f64,
@@ -143,6 +159,9 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     let moderate = 256;
     for (label, extra, n) in [
         ("ring, moderate load", vec![], moderate),
+        ("ring, moderate load, timer only", vec!["--min-epoch-us".to_string(), "0".into()], moderate),
+        ("ring, light load", vec![], 16),
+        ("ring, light load, timer only", vec!["--min-epoch-us".to_string(), "0".into()], 16),
         ("ring", vec![], clients),
         ("ring, no retention", vec!["--hot-pages".to_string(), "false".into()], clients),
         ("bitmap", vec!["--tracker".to_string(), "bitmap".into()], clients),
@@ -161,6 +180,21 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
             out.output_delay_ms_p50 = med(&lat);
             out.output_delay_ms_p99 = p99(&lat);
             out.ops_per_s_moderate = rate;
+        } else if label == "ring, moderate load, timer only" {
+            out.output_delay_ms_p50_timer_only = med(&lat);
+            out.output_delay_ms_p99_timer_only = p99(&lat);
+            out.epochs_per_s_timer_only = eps;
+            out.output_delay_ratio_p99 = out.output_delay_ms_p99 / out.output_delay_ms_p99_timer_only.max(1e-9);
+        } else if label == "ring, light load" {
+            out.output_delay_ms_p50_light = med(&lat);
+            out.output_delay_ms_p99_light = p99(&lat);
+            out.ops_per_s_light = rate;
+            out.epochs_per_s_light = eps;
+        } else if label == "ring, light load, timer only" {
+            out.output_delay_ms_p50_light_timer_only = med(&lat);
+            out.output_delay_ms_p99_light_timer_only = p99(&lat);
+            out.ops_per_s_light_timer_only = rate;
+            out.output_delay_ratio_p99_light = out.output_delay_ms_p99_light / p99(&lat).max(1e-9);
         } else if label == "ring" {
             out.epochs_per_s_saturated = eps;
             out.pause_us_p50_saturated = st1["pause_us_p50"].as_f64().unwrap_or(0.0);

@@ -45,6 +45,12 @@ pub struct CommonArgs {
     /// Epoch length.
     #[arg(long, default_value_t = 10)]
     epoch_ms: u64,
+    /// Output-driven epochs: once the guest has sent output (held until
+    /// its epoch is acknowledged), end the epoch when it is this old instead
+    /// of at --epoch-ms. 0: the timer alone decides. The default was chosen
+    /// by measurement (docs/benchmarks.md: 300-2000 us tried).
+    #[arg(long, default_value_t = 1000)]
+    min_epoch_us: u64,
     /// End an epoch early past this many dirty pages.
     #[arg(long, default_value_t = 16384)]
     max_epoch_pages: u64,
@@ -208,6 +214,7 @@ fn engine_opts(c: &CommonArgs) -> Result<EngineOptions, NodeCmdError> {
         digest: c.verify_digest,
         unprotected,
         tracking_off: c.no_epochs,
+        min_epoch: (c.min_epoch_us > 0).then(|| Duration::from_micros(c.min_epoch_us)),
     })
 }
 

@@ -40,7 +40,14 @@ pub struct EngineOptions {
     /// Baseline mode for benchmarks: while unprotected, never pause or
     /// collect; just pass device output on every millisecond.
     pub tracking_off: bool,
+    /// Output-driven epochs: while protected, once the guest has sent
+    /// output (held until its epoch is acknowledged), end the epoch as soon
+    /// as it is this old instead of at `epoch`. `None`: timer only.
+    pub min_epoch: Option<Duration>,
 }
+
+/// How often the engine looks for output while an output-driven epoch runs.
+const OUTPUT_POLL: Duration = Duration::from_micros(100);
 
 pub use runtime::status::Phases;
 
@@ -180,6 +187,8 @@ pub struct Engine {
     /// shipped again: the secondary applies epochs in order, so it holds that
     /// content already. Emptied by anything that is not a delta epoch.
     last_copied: Vec<Page>,
+    /// When the guest last resumed after a boundary (the epoch's start).
+    epoch_started: Instant,
 }
 
 fn us(d: Duration) -> f64 {
@@ -212,6 +221,7 @@ impl Engine {
             pool: BufPool::default(),
             force_lost_every,
             last_copied: Vec::new(),
+            epoch_started: Instant::now(),
         }
     }
 
@@ -353,7 +363,18 @@ impl Engine {
                     next = now;
                     break;
                 }
-                std::thread::sleep((next - now).min(Duration::from_millis(1)));
+                // output-driven: held output waits for this epoch's ack, so
+                // end the epoch once it is min_epoch old (the epochs in
+                // flight bound the rate to what the link acknowledges)
+                let output_driven = self.opts.min_epoch.filter(|_| self.directive == Directive::Protect);
+                if let Some(min) = output_driven {
+                    if now >= self.epoch_started + min && self.machine.devices().has_output() {
+                        next = now;
+                        break;
+                    }
+                }
+                let step = if output_driven.is_some() { OUTPUT_POLL } else { Duration::from_millis(1) };
+                std::thread::sleep((next - now).min(step));
             }
             self.check_guest()?;
             self.poll_commands();
@@ -527,6 +548,8 @@ impl Engine {
         let resume = self.machine.resume()?;
         common::crashpoint::hit("primary.after_resume");
         let t5 = Instant::now();
+        let len_us = us(t0.saturating_duration_since(self.epoch_started));
+        self.epoch_started = t5;
         self.shared.next_epoch.store(epoch + 1, Ordering::SeqCst);
         let dirty = pages.len() as u64;
         let (pages, unchanged) = if full {
@@ -545,6 +568,7 @@ impl Engine {
             save_us: us(t4 - t3),
             resume_us: us(resume.elapsed),
             pause_us: us(t5 - t0),
+            len_us,
             full,
         };
         Ok(EpochPacket { epoch, full, pages, state, outputs, digest, phases })

@@ -84,6 +84,8 @@ pub struct Phases {
     pub save_us: f64,
     pub resume_us: f64,
     pub pause_us: f64,
+    /// How long the guest ran in this epoch (from the previous boundary).
+    pub len_us: f64,
     pub full: bool,
 }
 
@@ -241,6 +243,11 @@ impl NodeStatus {
         );
         r.register("held_outputs", "Outputs waiting for their epoch's ack", ConstGauge::new(s.held_outputs as i64));
         r.register("last_epoch_pages", "Pages in the last epoch", ConstGauge::new(s.last_epoch.pages as i64));
+        r.register(
+            "last_epoch_len_us",
+            "How long the guest ran in the last epoch (us): the timer's length, or shorter when output ended it",
+            ConstGauge::new(s.last_epoch.len_us),
+        );
         r.register(
             "ack_latency_us_p50",
             "Median epoch ack latency (us), recent epochs",

@@ -166,11 +166,14 @@ pub async fn run_secondary(
     standby.spawn(runtime::service::serve_unavailable(service.clone(), "standby secondary"));
 
     let on_event = {
-        let (live, replica) = (live.clone(), replica.clone());
+        let (live, replica, status) = (live.clone(), replica.clone(), status.clone());
         move |e: ReceiverEvent| {
             let mut l = lock(&live);
             l.last_heard = Instant::now();
             l.heard = true;
+            if let ReceiverEvent::Authenticated { generation, .. } = e {
+                status.update(|s| s.generation = s.generation.max(generation));
+            }
             if let ReceiverEvent::Committed { epoch } = e {
                 let diverged = lock(&replica).needs_resync();
                 let _ = commit_tx.send(SecondaryEvent::Committed { epoch, diverged });

@@ -5,7 +5,7 @@
 //! Device state (queued and in-flight requests, undrained output) is saveable.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use common::state::{DeviceState, Output};
@@ -68,6 +68,8 @@ pub struct Devices {
     ncpus: u32,
     inner: Mutex<Inner>,
     console_lines: AtomicU64,
+    /// The outbox is not empty (read without the lock by the epoch engine).
+    has_output: AtomicBool,
     dropped_lines: AtomicU64,
     bad_io: LogLimiter,
 }
@@ -92,6 +94,7 @@ impl Devices {
                 ..Default::default()
             }),
             console_lines: AtomicU64::new(0),
+            has_output: AtomicBool::new(false),
             dropped_lines: AtomicU64::new(0),
             bad_io: LogLimiter::default(),
         }
@@ -136,7 +139,13 @@ impl Devices {
     pub fn drain(&self) -> Vec<Output> {
         let mut g = self.lock();
         g.console_backlog = 0;
+        self.has_output.store(false, Ordering::Relaxed);
         std::mem::take(&mut g.outbox)
+    }
+
+    /// The guest has sent output since the last [`Devices::drain`].
+    pub fn has_output(&self) -> bool {
+        self.has_output.load(Ordering::Relaxed)
     }
 
     /// Console lines produced so far (and lines dropped for backlog).
@@ -168,6 +177,7 @@ impl Devices {
         }
         g.console_backlog += 1;
         g.outbox.push(Output::Console { cpu, line });
+        self.has_output.store(true, Ordering::Relaxed);
     }
 
     fn kv_poll(&self, cpu: u32) -> u32 {
@@ -225,6 +235,7 @@ impl Devices {
                 continue;
             }
             g.outbox.push(Output::Kv(resp));
+            self.has_output.store(true, Ordering::Relaxed);
         }
     }
 
@@ -237,8 +248,14 @@ impl Devices {
         match port {
             PORT_CONSOLE => self.console(cpu, u64::from(value)),
             PORT_KV_RESP => self.kv_responses(cpu, value),
-            PORT_DONE => self.lock().outbox.push(Output::Done { cpu, code: value }),
-            PORT_MARK => self.lock().outbox.push(Output::Mark { cpu, value }),
+            PORT_DONE => {
+                self.lock().outbox.push(Output::Done { cpu, code: value });
+                self.has_output.store(true, Ordering::Relaxed);
+            }
+            PORT_MARK => {
+                self.lock().outbox.push(Output::Mark { cpu, value });
+                self.has_output.store(true, Ordering::Relaxed);
+            }
             PORT_FAULT => return IoAction::Fault(u64::from(value)),
             _ => {
                 if let Some(c) = self.bad_io.allow() {
@@ -284,6 +301,7 @@ impl Devices {
         g.queues = (0..n).map(|i| st.kv_queues.get(i).cloned().unwrap_or_default().into()).collect();
         g.in_flight = (0..n).map(|i| st.kv_in_flight.get(i).cloned().unwrap_or_default()).collect();
         g.outbox = st.outbox.clone();
+        self.has_output.store(!g.outbox.is_empty(), Ordering::Relaxed);
         self.console_lines.store(st.console_lines, Ordering::Relaxed);
     }
 }
