@@ -194,7 +194,7 @@ fn memcpy_us(pages: u64) -> f64 {
 }
 
 fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, BenchError> {
-    let counts: &[u64] = if quick { &[64, 1024, 4096] } else { &[64, 256, 1024, 4096, 16384] };
+    let counts: &[u64] = if quick { &[64, 1024, 4096, 16384] } else { &[64, 256, 1024, 4096, 16384] };
     let mut rows = Vec::new();
     for &n in counts {
         // enough boundaries that p99 is a percentile, not the maximum
@@ -438,6 +438,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         _ => f64::NAN,
     };
     let k1 = phases.iter().find(|r| r.pages == 1024);
+    let k16 = phases.iter().find(|r| r.pages == 16384);
     let report = serde_json::json!({
         "host": "KVM-PVM (nested), 2 cores, 24 GiB",
         "quick": a.quick,
@@ -447,6 +448,14 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "pause_us_p99_1k": k1.map(|r| r.pause_us_p99),
         "pause_us_p50_1k": k1.map(|r| r.pause_us_p50),
         "floor_us_1k": k1.map(|r| r.floor_us),
+        "pause_us_p99_16k": k16.map(|r| r.pause_us_p99),
+        "floor_us_16k": k16.map(|r| r.floor_us),
+        "output_delay_ms_p50": e2e.output_delay_ms_p50,
+        "output_delay_ms_p99": e2e.output_delay_ms_p99,
+        "output_delay_ms_p99_timer_only": e2e.output_delay_ms_p99_timer_only,
+        "output_delay_ms_p50_light": e2e.output_delay_ms_p50_light,
+        "output_delay_ms_p99_light": e2e.output_delay_ms_p99_light,
+        "output_delay_ms_p99_light_timer_only": e2e.output_delay_ms_p99_light_timer_only,
         "epochs_per_s": e2e.epochs_per_s,
         "epochs_per_s_saturated": e2e.epochs_per_s_saturated,
         "throughput_ratio_protected": e2e.throughput_ratio_protected,

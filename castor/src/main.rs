@@ -72,7 +72,17 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // A panic anywhere ends the process (as panic = "abort" would, without
+    // building the test harness's dependencies twice): a thread that
+    // panicked halfway through applying an epoch must not leave a replica
+    // that a failover would run, nor a primary that keeps serving beside it.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let cli = Cli::parse();
     let node = |name: &str, r: Result<(), node_cmd::NodeCmdError>| match r {
         Ok(()) => 0,

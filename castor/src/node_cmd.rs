@@ -13,7 +13,7 @@ use runtime::listen::Listeners;
 use runtime::status::{NodeStatus, Role};
 use secondary::node::{run_secondary, SecondaryConfig, SecondaryExit};
 use tokio::sync::watch;
-use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
+use vmm::{Machine, TrackerKind};
 
 use crate::run::{parse_size, GuestArg, TrackerArg};
 
@@ -135,6 +135,8 @@ pub struct PrimaryArgs {
     mem: u64,
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
+    #[command(flatten)]
+    workload: crate::run::WorkloadArgs,
     /// With a witness: take over a VM id that already has a term. This is
     /// your statement that every earlier node of this VM is dead (a frozen
     /// one cannot be told from a dead one); without it castor refuses.
@@ -263,12 +265,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let c = &a.common;
     hooks(c);
     let secret = Secret::from_file(&c.secret_file)?;
-    let workload = match a.guest {
-        GuestArg::Kv => WorkloadConfig::kv(),
-        GuestArg::Dirty => WorkloadConfig::dirty(4096, vmm::abi::Pattern::Random, 20000),
-        GuestArg::Idle => WorkloadConfig::idle(),
-    };
-    let mut machine = Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker(c), workload))?;
+    let mut machine = Machine::new(a.workload.machine_config(a.guest, a.mem, a.vcpus, tracker(c)))?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));
     let state = c.state_dir.as_deref().map(runtime::state_dir::StateDir::open).transpose()?;

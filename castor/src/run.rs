@@ -67,15 +67,8 @@ pub struct RunArgs {
     /// Dirty-set collection period.
     #[arg(long, default_value_t = 10)]
     epoch_ms: u64,
-    /// dirty: working-set pages per vCPU.
-    #[arg(long, default_value_t = 4096)]
-    ws_pages: u64,
-    /// dirty: page selection pattern.
-    #[arg(long, value_enum, default_value = "random")]
-    pattern: PatternArg,
-    /// dirty: page writes per second per vCPU (0 = as fast as it goes).
-    #[arg(long, default_value_t = 20000)]
-    rate: u64,
+    #[command(flatten)]
+    workload: WorkloadArgs,
     /// kv: number of load clients (0 = no load).
     #[arg(long, default_value_t = 8)]
     kv_clients: u32,
@@ -179,19 +172,7 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         let snap = Snapshot::read(path).map_err(RunError::Snapshot)?;
         snap.restore(tracker).map_err(RunError::Snapshot)?
     } else {
-        let workload = match a.guest {
-            GuestArg::Dirty => {
-                let pattern = match a.pattern {
-                    PatternArg::Seq => Pattern::Sequential,
-                    PatternArg::Random => Pattern::Random,
-                    PatternArg::Hotcold => Pattern::HotCold,
-                };
-                WorkloadConfig::dirty(a.ws_pages, pattern, a.rate)
-            }
-            GuestArg::Kv => WorkloadConfig::kv(),
-            GuestArg::Idle => WorkloadConfig::idle(),
-        };
-        Machine::new(MachineConfig::new(a.mem, a.vcpus, tracker, workload)).map_err(RunError::Build)?
+        Machine::new(a.workload.machine_config(a.guest, a.mem, a.vcpus, tracker)).map_err(RunError::Build)?
     };
     let is_kv = machine.config().workload.kind == WorkloadKind::Kv;
     let prior: Option<KvExpectation> = match &a.kv_verify {
@@ -397,4 +378,42 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         return Err(RunError::Verify(format!("{vmismatch} verification mismatches, {wrong} wrong kv responses")));
     }
     Ok(())
+}
+
+/// The guest's workload options, shared by `castor run` and `castor primary`.
+#[derive(Debug, Args, Clone)]
+pub struct WorkloadArgs {
+    /// dirty: working-set pages per vCPU.
+    #[arg(long, default_value_t = 4096)]
+    ws_pages: u64,
+    /// dirty: page selection pattern.
+    #[arg(long, value_enum, default_value = "random")]
+    pattern: PatternArg,
+    /// dirty: page writes per second per vCPU (0 = as fast as it goes).
+    #[arg(long, default_value_t = 20000)]
+    rate: u64,
+    /// Fill this much guest memory (above the workload's area) with
+    /// non-zero data before boot, e.g. `--fill 2G`: a guest of real size
+    /// whose memory is full (every page distinct).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    fill: u64,
+}
+
+impl WorkloadArgs {
+    /// The machine these options describe for `guest`.
+    pub fn machine_config(&self, guest: GuestArg, mem: u64, vcpus: u32, tracker: TrackerKind) -> MachineConfig {
+        let workload = match guest {
+            GuestArg::Dirty => {
+                let pattern = match self.pattern {
+                    PatternArg::Seq => Pattern::Sequential,
+                    PatternArg::Random => Pattern::Random,
+                    PatternArg::Hotcold => Pattern::HotCold,
+                };
+                WorkloadConfig::dirty(self.ws_pages, pattern, self.rate)
+            }
+            GuestArg::Kv => WorkloadConfig::kv(),
+            GuestArg::Idle => WorkloadConfig::idle(),
+        };
+        MachineConfig { fill_bytes: self.fill, ..MachineConfig::new(mem, vcpus, tracker, workload) }
+    }
 }

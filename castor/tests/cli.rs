@@ -180,3 +180,71 @@ fn control_commands_report_refusals_and_listeners_report_their_ports() {
         .expect("bad option");
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// `castor primary --witness`: a second primary of a live VM id, a VM id
+/// with a history without `--replace`, an unreachable witness and a bad URL
+/// are refused with exit 9 (2 for the URL's missing --vm-id); with
+/// `--replace` (and the old primary gone) it starts at the next term.
+#[test]
+fn witness_claims_are_refused_with_exit_9_unless_they_are_safe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = witness::server::Etcd::start(&dir.path().join("etcd")).expect("etcd (scripts/deps.sh installs it)");
+    let secret = dir.path().join("secret");
+    common::auth::write_secret_file(&secret, b"cli-test-secret-0123456789").expect("secret");
+    let secret = secret.display().to_string();
+    let args = |vm: &str, url: &str, extra: &[&str]| -> Vec<String> {
+        ["primary", "--guest", "idle", "--mem", "64M", "--vcpus", "1", "--secret-file", &secret]
+            .iter()
+            .chain(["--service-listen", "127.0.0.1:0", "--control", "127.0.0.1:0"].iter())
+            .chain(["--witness", url, "--vm-id", vm].iter())
+            .chain(extra.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let spec = |name: &str, a: Vec<String>| runtime::harness::Spec {
+        exe: env!("CARGO_BIN_EXE_castor").into(),
+        name: name.into(),
+        args: a,
+        dir: dir.path().to_path_buf(),
+        env: vec![],
+    };
+    let mut p = spec("p", args("vm", &etcd.url, &[])).start().expect("the first primary claims term 1");
+    let st = p.status().expect("status");
+    assert_eq!(st["generation"], 1, "{st}");
+    assert_eq!(st["witness"]["state"], "ok", "{st}");
+
+    let second = castor().args(args("vm", &etcd.url, &["--replace"])).output().expect("second primary");
+    assert_eq!(second.status.code(), Some(9), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("is alive"));
+
+    p.kill9();
+    // its lease outlives it for a few seconds; then the VM id still has a
+    // history: refused without --replace, started at term 2 with it
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let err = loop {
+        let out = castor().args(args("vm", &etcd.url, &[])).output().expect("restart");
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(9), "{e}");
+        if !e.contains("is alive") || std::time::Instant::now() > end {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(err.contains("--replace"), "{err}");
+    let p2 = spec("p2", args("vm", &etcd.url, &["--replace"])).start().expect("--replace starts it");
+    assert_eq!(p2.status().expect("status")["generation"], 2);
+
+    // a witness that does not answer, and a witness URL that is not one
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = format!("http://{}", l.local_addr().expect("addr"));
+    let out = castor().args(args("other", &silent, &["--witness-timeout-ms", "200"])).output().expect("silent");
+    assert_eq!(out.status.code(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
+    let out = castor().args(args("other", "127.0.0.1:2379", &[])).output().expect("bad url");
+    assert_eq!(out.status.code(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = castor()
+        .args(["primary", "--secret-file", &secret, "--service-listen", "127.0.0.1:0", "--witness", &etcd.url])
+        .output()
+        .expect("no vm id");
+    assert_eq!(out.status.code(), Some(2), "--witness needs --vm-id");
+}

@@ -323,3 +323,36 @@ fn service_connections_are_freed_when_they_close() {
     eprintln!("open files of the node: {before} before, {after} after 2000 connections");
     assert!(after <= before + 4, "connections leaked: {before} open files before, {after} after");
 }
+
+/// A guest whose memory is full (`--fill`, issue 13): the live sync copies
+/// every filled page, the replica matches page for page (verification mode),
+/// and a failover runs the guest from it with nothing lost.
+#[test]
+fn a_full_guest_syncs_page_exact_and_fails_over() {
+    let _g = serial();
+    let c = Cluster::new("full");
+    let o = NodeOpts { verify_digest: true, mem: "256M", ..NodeOpts::default() };
+    let s = c.secondary("s", &o, None);
+    let po = NodeOpts { extra: vec!["--fill".into(), "160M".into()], ..o.clone() };
+    let mut p = c.primary("p", &po, s.listen.expect("listen"));
+    p.wait_status(Duration::from_secs(90), |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+    let synced: u64 = log
+        .lines()
+        .filter(|l| l.contains("live sync: copied"))
+        .filter_map(|l| l.split("pages=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .next()
+        .unwrap_or(0);
+    assert!(synced >= 160 * 256, "the live sync copied {synced} pages, fewer than the 40960 filled");
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    assert!(load.wait_more(200, T), "clients stalled:\n{}", p.log_tail());
+    let st = s.status().expect("secondary");
+    assert_eq!(st["protection"], "replicating", "the full replica diverged:\n{}", s.log_tail());
+    p.kill9();
+    s.wait_status(T, |v| v["role"] == "primary").unwrap_or_else(|| panic!("no takeover:\n{}", s.log_tail()));
+    assert!(load.wait_more(50, T), "clients did not carry on");
+    let v = load.finish(&rt, s.service);
+    assert_eq!((v.lost, v.duplicated), (0, 0), "{v:?}");
+}

@@ -133,13 +133,14 @@ pub async fn run_primary(
     if cfg.engine.unprotected == crate::engine::UnprotectedPolicy::Continue {
         machine.resume()?;
     }
+    let devices = machine.devices().clone();
     let engine = Engine::new(machine, cfg.engine, shared.clone(), ptx, crx);
     let engine_thread = std::thread::Builder::new()
         .name("epoch-engine".into())
         .spawn(move || engine.run())
         .map_err(NodeError::Thread)?;
     {
-        let (status, shared) = (status.clone(), shared.clone());
+        let (status, shared, devices) = (status.clone(), shared.clone(), devices.clone());
         tasks.spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -152,6 +153,7 @@ pub async fn run_primary(
                     s.acked_epoch = acked;
                     s.tracking_lost = shared.tracking_lost.load(Ordering::Relaxed);
                     s.ring_full_exits = shared.ring_full_exits.load(Ordering::Relaxed);
+                    (s.console_dropped, s.marks_dropped) = devices.dropped_counts();
                 });
             }
         });

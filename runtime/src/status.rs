@@ -142,6 +142,10 @@ pub struct StatusSnapshot {
     pub witness: Option<WitnessStatus>,
     /// While holding: why, and what ends the hold.
     pub hold: Option<String>,
+    /// Guest output dropped for backlog (counted, never silent): console
+    /// lines, marker writes.
+    pub console_dropped: u64,
+    pub marks_dropped: u64,
 }
 
 /// Shared, updated by the node's tasks.
@@ -274,6 +278,8 @@ impl NodeStatus {
         );
         r.register("released_outputs", "Outputs released by output commit", ConstCounter::new(s.released_outputs));
         r.register("syncs", "Secondary sessions started (initial syncs and resyncs)", ConstCounter::new(s.syncs));
+        r.register("console_dropped", "Guest console lines dropped for backlog", ConstCounter::new(s.console_dropped));
+        r.register("marks_dropped", "Guest marker writes dropped for backlog", ConstCounter::new(s.marks_dropped));
         if let Some(w) = &s.witness {
             r.register(
                 "witness_reachable",

@@ -28,6 +28,10 @@ pub enum DeviceError {
 pub const KV_QUEUE_LIMIT: usize = 4096;
 /// Bound on undrained console lines; beyond it lines are counted and dropped.
 pub const CONSOLE_BACKLOG: usize = 10_000;
+/// Marker and done writes kept between two drains (an epoch); more are
+/// dropped and counted (a guest flooding the port cannot grow the outbox,
+/// nor the epoch's state past its frame).
+pub const MARK_BACKLOG: usize = 4096;
 
 /// An unexpected exception in the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +48,7 @@ struct Inner {
     in_flight: Vec<Vec<KvRequest>>,
     outbox: Vec<Output>,
     console_backlog: usize,
+    mark_backlog: usize,
 }
 
 /// A log limiter: the first `burst` events are logged, then one in `every`.
@@ -71,6 +76,7 @@ pub struct Devices {
     /// The outbox is not empty (read without the lock by the epoch engine).
     has_output: AtomicBool,
     dropped_lines: AtomicU64,
+    dropped_marks: AtomicU64,
     bad_io: LogLimiter,
 }
 
@@ -96,6 +102,7 @@ impl Devices {
             console_lines: AtomicU64::new(0),
             has_output: AtomicBool::new(false),
             dropped_lines: AtomicU64::new(0),
+            dropped_marks: AtomicU64::new(0),
             bad_io: LogLimiter::default(),
         }
     }
@@ -139,6 +146,7 @@ impl Devices {
     pub fn drain(&self) -> Vec<Output> {
         let mut g = self.lock();
         g.console_backlog = 0;
+        g.mark_backlog = 0;
         self.has_output.store(false, Ordering::Relaxed);
         std::mem::take(&mut g.outbox)
     }
@@ -151,6 +159,22 @@ impl Devices {
     /// Console lines produced so far (and lines dropped for backlog).
     pub fn console_counts(&self) -> (u64, u64) {
         (self.console_lines.load(Ordering::Relaxed), self.dropped_lines.load(Ordering::Relaxed))
+    }
+
+    fn mark(&self, o: Output) {
+        let mut g = self.lock();
+        if g.mark_backlog >= MARK_BACKLOG {
+            self.dropped_marks.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        g.mark_backlog += 1;
+        g.outbox.push(o);
+        self.has_output.store(true, Ordering::Relaxed);
+    }
+
+    /// Outputs dropped for backlog: (console lines, marker writes).
+    pub fn dropped_counts(&self) -> (u64, u64) {
+        (self.dropped_lines.load(Ordering::Relaxed), self.dropped_marks.load(Ordering::Relaxed))
     }
 
     fn console(&self, cpu: u32, gpa: u64) {
@@ -248,14 +272,8 @@ impl Devices {
         match port {
             PORT_CONSOLE => self.console(cpu, u64::from(value)),
             PORT_KV_RESP => self.kv_responses(cpu, value),
-            PORT_DONE => {
-                self.lock().outbox.push(Output::Done { cpu, code: value });
-                self.has_output.store(true, Ordering::Relaxed);
-            }
-            PORT_MARK => {
-                self.lock().outbox.push(Output::Mark { cpu, value });
-                self.has_output.store(true, Ordering::Relaxed);
-            }
+            PORT_DONE => self.mark(Output::Done { cpu, code: value }),
+            PORT_MARK => self.mark(Output::Mark { cpu, value }),
             PORT_FAULT => return IoAction::Fault(u64::from(value)),
             _ => {
                 if let Some(c) = self.bad_io.allow() {
@@ -303,5 +321,28 @@ impl Devices {
         g.outbox = st.outbox.clone();
         self.has_output.store(!g.outbox.is_empty(), Ordering::Relaxed);
         self.console_lines.store(st.console_lines, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_flooding_the_mark_port_is_bounded_and_counted() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = Arc::new(kvm.create_vm().expect("vm"));
+        let mem = Arc::new(GuestMem::new(64 << 20).expect("guest memory"));
+        let d = Devices::new(mem, vm, 1);
+        assert!(!d.has_output());
+        for i in 0..MARK_BACKLOG as u32 + 100 {
+            d.io_out(0, PORT_MARK, &i.to_le_bytes());
+        }
+        assert!(d.has_output());
+        assert_eq!(d.dropped_counts(), (0, 100));
+        assert_eq!(d.drain().len(), MARK_BACKLOG);
+        assert!(!d.has_output());
+        d.io_out(0, PORT_MARK, &1u32.to_le_bytes());
+        assert_eq!(d.drain().len(), 1, "the bound is per epoch (between drains)");
     }
 }

@@ -121,11 +121,25 @@ pub struct MachineConfig {
     /// Collections then report a superset of the pages written.
     pub hot_pages: bool,
     pub workload: WorkloadConfig,
+    /// Bytes of guest RAM above the workload's area filled with non-zero
+    /// data (distinct per page) before boot: a guest whose memory is full,
+    /// for tests and benchmarks of real-size guests. The guest never reads
+    /// or writes them.
+    pub fill_bytes: u64,
 }
 
 impl MachineConfig {
     pub fn new(mem_bytes: u64, vcpus: u32, tracker: TrackerKind, workload: WorkloadConfig) -> Self {
-        MachineConfig { mem_bytes, vcpus, tracker, ring_verify: false, timer_hz: 250, hot_pages: false, workload }
+        MachineConfig {
+            mem_bytes,
+            vcpus,
+            tracker,
+            ring_verify: false,
+            timer_hz: 250,
+            hot_pages: false,
+            workload,
+            fill_bytes: 0,
+        }
     }
 }
 
@@ -256,15 +270,11 @@ impl Machine {
         let w = &self.cfg.workload;
         let ram = self.cfg.mem_bytes;
         let heap = KERNEL_END;
-        let need = match w.kind {
-            WorkloadKind::Dirty => w.ws_pages * w.ws_stride.max(1) * u64::from(self.cfg.vcpus) * PAGE_SIZE,
-            WorkloadKind::KernelWrite => w.ws_pages * u64::from(self.cfg.vcpus) * PAGE_SIZE,
-            WorkloadKind::Kv => w.kv_slots * 32 + w.kv_clients * 48,
-            WorkloadKind::Idle => 0,
-        };
-        if heap + need > ram {
+        let need = self.workload_bytes();
+        if heap + need + self.cfg.fill_bytes > ram {
             return Err(MachineError::BadWorkload(format!(
-                "working set of {need} bytes does not fit {ram} bytes of RAM above the {heap:#x} kernel area"
+                "working set of {need} bytes and a fill of {} bytes do not fit {ram} bytes of RAM above the {heap:#x} kernel area",
+                self.cfg.fill_bytes
             )));
         }
         if w.kind == WorkloadKind::Kv && (!w.kv_slots.is_power_of_two() || !w.kv_clients.is_power_of_two()) {
@@ -296,12 +306,49 @@ impl Machine {
         })
     }
 
+    /// Bytes of RAM the workload uses above the kernel area.
+    fn workload_bytes(&self) -> u64 {
+        let w = &self.cfg.workload;
+        match w.kind {
+            WorkloadKind::Dirty => w.ws_pages * w.ws_stride.max(1) * u64::from(self.cfg.vcpus) * PAGE_SIZE,
+            WorkloadKind::KernelWrite => w.ws_pages * u64::from(self.cfg.vcpus) * PAGE_SIZE,
+            WorkloadKind::Kv => w.kv_slots * 32 + w.kv_clients * 48,
+            WorkloadKind::Idle => 0,
+        }
+    }
+
+    /// Writes `fill_bytes` of non-zero data above the workload's area: page
+    /// `gfn` holds its number and a pattern derived from it, so no two pages
+    /// are alike and none is zero.
+    fn fill(&self) -> Result<(), MachineError> {
+        let start = (KERNEL_END + self.workload_bytes()).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let pages = self.cfg.fill_bytes.div_ceil(PAGE_SIZE);
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for i in 0..pages {
+            let gpa = self.mem.linear_to_gpa(start + i * PAGE_SIZE);
+            let gfn = gpa / PAGE_SIZE;
+            let mut x = gfn.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for chunk in page.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            page[..8].copy_from_slice(&gfn.to_le_bytes());
+            self.mem.write(gpa, &page)?;
+        }
+        Ok(())
+    }
+
     /// Builds and boots a fresh machine (vCPUs not yet started).
     pub fn new(cfg: MachineConfig) -> Result<Machine, MachineError> {
         let (mut m, fds) = Self::build(&cfg, None)?;
         let tsc_khz = u64::from(fds[0].get_tsc_khz().unwrap_or(0));
         let info = m.boot_info(tsc_khz)?;
         let header = boot::setup(&m.mem, abi::GUEST_IMAGE, cfg.vcpus, &info)?;
+        if cfg.fill_bytes > 0 {
+            m.fill()?;
+        }
         for (id, fd) in fds.iter().enumerate() {
             let id = id as u32;
             let sregs = fd.get_sregs().map_err(|e| MachineError::Setup("KVM_GET_SREGS", e))?;
