@@ -394,11 +394,18 @@ impl Replicator {
         let (heard_tx, mut heard_rx) = mpsc::unbounded_channel::<Heard>();
         let (gen, interval, timeout) = (self.cfg.generation, self.cfg.heartbeat_interval, self.cfg.peer_timeout);
         let queued_w = queued.clone();
+        // when the secondary last answered a heartbeat: an ack is applied
+        // only while that is recent. A primary that was frozen past the
+        // timeout finds acks in its socket when it thaws; the secondary may
+        // have taken over meanwhile, so it releases nothing more and treats
+        // the session as lost (the witness or the two-node rule decides).
+        let last_reply = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let last_reply_hb = last_reply.clone();
         let io = async move {
             tokio::select! {
                 e = write_loop(dw, ship_rx, queued_w) => e,
                 e = read_acks(dr, heard_tx, gen) => e,
-                e = heartbeats(hr, hw, gen, interval, timeout) => e,
+                e = heartbeats(hr, hw, gen, interval, timeout, last_reply_hb) => e,
             }
         };
         let mut io = std::pin::pin!(io);
@@ -410,6 +417,10 @@ impl Replicator {
                 end = &mut io => return end,
                 h = heard_rx.recv() => match h {
                     Some(Heard::Ack(epoch)) => {
+                        let silent = common::sync::lock(&last_reply).elapsed();
+                        if silent > self.cfg.peer_timeout {
+                            return SessionEnd::Lost(Loss::HeartbeatTimeout(silent));
+                        }
                         self.shared.record_ack(epoch);
                         common::crashpoint::hit("primary.after_ack");
                         if let Some(sent) = self.core.sent_at(epoch) {
@@ -520,6 +531,7 @@ async fn heartbeats(
     gen: u64,
     interval: Duration,
     timeout: Duration,
+    heard: Arc<std::sync::Mutex<Instant>>,
 ) -> SessionEnd {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -544,6 +556,7 @@ async fn heartbeats(
                         return SessionEnd::Fenced(generation);
                     }
                     last_reply = Instant::now();
+                    *common::sync::lock(&heard) = last_reply;
                 }
                 Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
                 Ok(None) => return SessionEnd::Lost(Loss::Closed("heartbeat")),

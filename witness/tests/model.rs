@@ -7,8 +7,10 @@
 //! id that has a term: a frozen primary's lease expires like a dead one's,
 //! and the model finds the split brain that would allow). The witness holds `term` and `sync`.
 //! Every process may crash, freeze and thaw at any moment (a frozen one
-//! simply takes no step), the link between P1 and S may drop at any moment
-//! and acks may be lost (P1 learns an ack only by its own step).
+//! simply takes no step), the link between P1 and S may drop at any moment,
+//! acks may be lost or arrive after S took over (P1 applies one only while
+//! S answered a heartbeat within the timeout, as the replicator does), and
+//! S takes over only after a heartbeat silence (or when P1 is frozen).
 //!
 //! The transactions are the ones `witness::Witness` runs:
 //! record-sync (P1, at a session's first ack: `term == g` -> `sync = {S, g}`),
@@ -64,6 +66,9 @@ struct Prim {
     session_shipped: bool,
     /// The witness recorded S as caught up in this session.
     sync_ok: bool,
+    /// S answered a heartbeat within the timeout (P1's view). An ack is
+    /// applied only while this holds; a thawed P1 has been silent.
+    fresh: bool,
 }
 
 impl Prim {
@@ -80,6 +85,7 @@ impl Prim {
             session_acked: false,
             session_shipped: false,
             sync_ok: false,
+            fresh: true,
         }
     }
     fn acts(&self) -> bool {
@@ -123,7 +129,12 @@ enum Who {
 enum Action {
     Produce(Who),
     Ship,
+    /// An ack reaches P1 (it may have been in flight when S took over).
     Ack,
+    /// A heartbeat round trip between P1 and S.
+    Heartbeat,
+    /// Time passes without a heartbeat reply reaching P1.
+    Silence,
     RecordSync,
     LoseSession,
     Reconnect,
@@ -141,6 +152,8 @@ impl Action {
             Action::Produce(w) | Action::Crash(w) | Action::Freeze(w) | Action::Thaw(w) => *w,
             Action::Ship
             | Action::Ack
+            | Action::Heartbeat
+            | Action::Silence
             | Action::RecordSync
             | Action::LoseSession
             | Action::Reconnect
@@ -159,6 +172,9 @@ enum Mutation {
     NoTermInPromote,
     /// Running alone deletes `sync` whatever the term.
     NoTermInRunAlone,
+    /// P1 applies every ack, however long S has been silent (the suite saw
+    /// this: a thawed primary released acked output after the takeover).
+    NoAckFreshness,
 }
 
 struct Fencing {
@@ -283,8 +299,14 @@ impl Model for Fencing {
             if p1.session && Self::s_acts(st) && (!p1.session_shipped || st.replica < p1.produced) {
                 out.push(Action::Ship);
             }
-            if p1.session && p1.session_shipped && st.replica > p1.acked && st.s_prim.is_none() {
+            if p1.session && p1.session_shipped && st.replica > p1.acked {
                 out.push(Action::Ack);
+            }
+            if p1.session && Self::s_acts(st) && !p1.fresh {
+                out.push(Action::Heartbeat);
+            }
+            if p1.fresh {
+                out.push(Action::Silence);
             }
             if p1.session && p1.session_acked && !p1.sync_ok {
                 out.push(Action::RecordSync);
@@ -299,7 +321,10 @@ impl Model for Fencing {
                 out.push(Action::RunAlone);
             }
         }
-        if Self::s_acts(st) && st.replica > 0 {
+        // S takes over after its heartbeat timeout: heartbeats are request
+        // and reply, so P1 has heard nothing either (or P1 is frozen/dead)
+        let p1_silent = !p1.fresh || p1.frozen || !p1.up || !p1.session;
+        if Self::s_acts(st) && st.replica > 0 && p1_silent {
             out.push(Action::Promote);
         }
         if let Some(sp) = &st.s_prim {
@@ -371,6 +396,18 @@ impl Model for Fencing {
                     st.p1.session_shipped = true;
                 }
             }
+            Action::Heartbeat => st.p1.fresh = true,
+            Action::Silence => st.p1.fresh = false,
+            Action::Ack if !st.p1.fresh && self.mutation != Mutation::NoAckFreshness => {
+                // the replicator's freshness check: the session is lost
+                st.p1.session = false;
+                st.p1.session_shipped = false;
+                st.p1.sync_ok = false;
+                st.p1.session_acked = false;
+                if matches!(st.p1.mode, PMode::Syncing | PMode::Protected) {
+                    st.p1.mode = PMode::Holding;
+                }
+            }
             Action::Ack => {
                 st.p1.acked = st.replica;
                 st.p1.session_acked = true;
@@ -404,6 +441,7 @@ impl Model for Fencing {
                 // a new session resyncs S (its replica stays at its
                 // committed epoch until the resync's epoch commits)
                 st.p1.session = true;
+                st.p1.fresh = true;
                 st.p1.mode = PMode::Syncing;
                 st.p1.acked = 0;
             }
@@ -428,8 +466,9 @@ impl Model for Fencing {
                 }
                 let mut sp = Prim::new(st.term, PMode::Alone, st.replica);
                 sp.released = st.replica;
+                // P1 learns of it only by its own steps (a lost session,
+                // a refused transaction)
                 st.s_prim = Some(sp);
-                st.p1.session = false;
             }
             Action::Claim => {
                 st.term += 1;
@@ -451,6 +490,10 @@ impl Model for Fencing {
                     Action::Crash(_) => *up = false,
                     Action::Freeze(_) => *frozen = true,
                     _ => *frozen = false,
+                }
+                if matches!(a, Action::Thaw(Who::P1)) {
+                    // it was silent for as long as it was frozen
+                    st.p1.fresh = false;
                 }
             }
         }
@@ -500,5 +543,12 @@ fn dropping_the_term_compare_from_the_promotion_is_caught() {
 fn dropping_the_term_compare_from_running_alone_is_caught() {
     let (states, found) = check(Mutation::NoTermInRunAlone);
     eprintln!("run-alone without a term compare: {states} states, discoveries {found:?}");
+    assert!(found.contains(&"at most one term releases output"), "{found:?}");
+}
+
+#[test]
+fn dropping_the_ack_freshness_check_is_caught() {
+    let (states, found) = check(Mutation::NoAckFreshness);
+    eprintln!("acks applied without a fresh heartbeat: {states} states, discoveries {found:?}");
     assert!(found.contains(&"at most one term releases output"), "{found:?}");
 }
