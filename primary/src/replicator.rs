@@ -394,8 +394,9 @@ impl Replicator {
         let (heard_tx, mut heard_rx) = mpsc::unbounded_channel::<Heard>();
         let (gen, interval, timeout) = (self.cfg.generation, self.cfg.heartbeat_interval, self.cfg.peer_timeout);
         let queued_w = queued.clone();
-        // when the secondary last answered a heartbeat: an ack is applied
-        // only while that is recent. A primary that was frozen past the
+        // when the last heartbeat the secondary answered was sent: an ack
+        // is applied only while that is recent (the secondary cannot have
+        // taken over yet: it heard us then, and waits a timeout). A primary that was frozen past the
         // timeout finds acks in its socket when it thaws; the secondary may
         // have taken over meanwhile, so it releases nothing more and treats
         // the session as lost (the witness or the two-node rule decides).
@@ -551,12 +552,19 @@ async fn heartbeats(
                 }
             }
             m = hr.recv() => match m {
-                Ok(Some(Message::Heartbeat { generation, .. })) => {
+                Ok(Some(Message::Heartbeat { generation, time_us, .. })) => {
                     if generation > gen {
                         return SessionEnd::Fenced(generation);
                     }
-                    last_reply = Instant::now();
-                    *common::sync::lock(&heard) = last_reply;
+                    // liveness is when the answered heartbeat was *sent*
+                    // (its echoed time): replies that waited in our socket
+                    // while this process was frozen say the secondary was
+                    // alive back then, not now
+                    let sent = start + Duration::from_micros(time_us);
+                    if sent > last_reply && sent <= Instant::now() {
+                        last_reply = sent;
+                        *common::sync::lock(&heard) = sent;
+                    }
                 }
                 Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
                 Ok(None) => return SessionEnd::Lost(Loss::Closed("heartbeat")),
