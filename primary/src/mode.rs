@@ -258,12 +258,12 @@ impl HeldOutputs {
         self.by_epoch.get(&epoch).map(|v| v.1)
     }
 
-    /// When the oldest waiting epoch after `after` was sent.
-    pub fn oldest_after(&self, after: Option<u64>) -> Option<Instant> {
-        match after {
-            None => self.by_epoch.values().next().map(|v| v.1),
-            Some(e) => self.by_epoch.range(e + 1..).next().map(|v| v.1 .1),
+    /// When the oldest waiting epoch in `lo..=hi` was sent.
+    pub fn oldest_in(&self, lo: u64, hi: u64) -> Option<Instant> {
+        if lo > hi {
+            return None;
         }
+        self.by_epoch.range(lo..=hi).next().map(|v| v.1 .1)
     }
 }
 
@@ -342,8 +342,16 @@ impl Core {
     }
 
     /// When the oldest unacknowledged epoch was sent (in a session).
+    ///
+    /// Only epochs this session sent count: output that waited from before
+    /// (a hold, the lost session, a live sync still running) goes out with
+    /// the first ack, whose deadline is the first epoch's. (Counting it made
+    /// every new session time out at once after a long hold: each resync
+    /// after the first lost session died within a millisecond.)
     pub fn oldest_unacked(&self) -> Option<Instant> {
-        self.held.oldest_after(self.acked_unrecorded).filter(|_| self.mode.in_session())
+        let hi = self.last_sent.filter(|_| self.mode.in_session())?;
+        let lo = (self.session_base + 1).max(self.acked_unrecorded.map_or(0, |e| e + 1));
+        self.held.oldest_in(lo, hi)
     }
 
     fn ask(&mut self, want: Want, step: &mut Step) {

@@ -141,7 +141,7 @@ fn held_outputs_release_in_epoch_order_up_to_the_ack() {
     assert_eq!(r.iter().map(id).collect::<Vec<_>>(), vec![1, 11, 2]);
     assert_eq!(h.sent_at(2), None);
     assert_eq!(h.count(), 1);
-    assert_eq!(h.oldest_after(None), Some(t));
+    assert_eq!(h.oldest_in(0, u64::MAX), Some(t));
     assert_eq!(h.take_through(0), vec![]);
     assert_eq!(h.take_all().iter().map(id).collect::<Vec<_>>(), vec![3]);
 }
@@ -407,4 +407,24 @@ fn with_a_witness_a_refusal_fences_and_discards() {
     let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 2 } }, t).unwrap();
     assert!(s.release.is_empty());
     assert_eq!(c.mode(), &Mode::Fenced { by: 2 });
+}
+
+#[test]
+fn a_new_session_is_not_timed_out_by_output_that_waited_before_it() {
+    // seen with a full guest: after a long hold, each new session found the
+    // held output's old send time and timed out within a millisecond
+    let t = Instant::now();
+    let mut c = Core::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    assert_eq!(c.oldest_unacked(), None, "a live sync has no ack deadline");
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    assert_eq!(c.oldest_unacked(), Some(t));
+    c.on(lost(), t).unwrap();
+    let later = t + Duration::from_secs(90);
+    c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Full, peer: "s".into() }, later).unwrap();
+    assert_eq!(c.oldest_unacked(), None, "nothing of this session was sent yet");
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, later).unwrap();
+    assert_eq!(c.oldest_unacked(), Some(later), "the deadline is this session's first epoch's");
+    let ids: Vec<u32> = c.on(Event::Ack { epoch: 2 }, later).unwrap().release.iter().map(id).collect();
+    assert_eq!(ids, vec![1, 2]);
 }
