@@ -1,4 +1,6 @@
-//! Framing: every message travels in one frame
+//! Framing on the encrypted link (protocol version 2).
+//!
+//! A frame is a header and a payload:
 //!
 //! ```text
 //! offset size field
@@ -8,35 +10,50 @@
 //!      8    8 sequence number (per direction, from 0, +1 per frame)
 //!     16    4 payload length (at most MAX_PAYLOAD)
 //!     20    n payload
-//!   20+n    4 CRC32 of bytes 0..20+n
-//!   24+n   32 MAC (BLAKE3 keyed hash) of bytes 0..20+n under the current key
 //! ```
 //!
-//! The decoder checks, in this order, and says which check failed: magic,
-//! version, kind, length (before buffering the payload), CRC (accidental
-//! corruption), MAC (tampering or a peer without the secret), sequence
-//! (duplicated or reordered frames). A stream that ends inside a frame is
-//! `Truncated`.
+//! and travels encrypted (the keys come from the Noise handshake, see
+//! `link.rs`): its bytes are cut in pieces of at most [`PIECE`] bytes and
+//! each piece is one sealed record,
+//!
+//! ```text
+//!      0    8 record nonce (per direction, from 0, +1 per record)
+//!      8    2 sealed length n (16..=65535)
+//!     10    n AES-256-GCM of the piece, with its 16-byte tag
+//! ```
+//!
+//! so nothing of a frame, not even its kind or length, is readable on the
+//! wire. The decoder checks, in this order, and says which check failed:
+//! record length, record nonce (a duplicated or reordered record, before
+//! decrypting), the tag (a record altered in transit, or sealed with other
+//! keys: `Corrupt`), then inside the frame magic, version, kind, length
+//! (before the rest arrives) and sequence. A stream that ends inside a
+//! record or frame is `Truncated`. The AEAD tag replaces the CRC and MAC of
+//! version 1.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::auth::{self, Key, MAC_LEN};
+use crate::link::Transport;
 
 /// "CSTR".
 pub const MAGIC: [u8; 4] = *b"CSTR";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Oldest version this build accepts in a Hello.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Header bytes.
 pub const HEADER_LEN: usize = 20;
-/// CRC + MAC bytes.
-pub const TRAILER_LEN: usize = 4 + MAC_LEN;
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 1 << 20;
-/// Largest frame.
-pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TRAILER_LEN;
+/// Record header bytes (nonce, sealed length).
+pub const RECORD_HEADER: usize = 10;
+/// AEAD tag bytes.
+pub const TAG_LEN: usize = 16;
+/// Largest plaintext piece of one record.
+pub const PIECE: usize = 65535 - TAG_LEN;
+/// Largest frame on the wire.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + (HEADER_LEN + MAX_PAYLOAD).div_ceil(PIECE) * (RECORD_HEADER + TAG_LEN);
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,13 +68,11 @@ pub enum FrameError {
     Oversize(usize),
     #[error("stream ended inside a frame ({0} bytes of it received)")]
     Truncated(usize),
-    #[error("frame checksum mismatch: corrupted in transit")]
+    #[error("a record failed authentication: altered in transit, or not sealed with this session's keys")]
     Corrupt,
-    #[error("frame authentication failed: peer lacks the shared secret or the frame was altered")]
-    BadMac,
-    #[error("duplicated frame: sequence {got}, expected {expected}")]
+    #[error("duplicated frame or record: sequence {got}, expected {expected}")]
     Duplicate { got: u64, expected: u64 },
-    #[error("out-of-order frame: sequence {got}, expected {expected}")]
+    #[error("out-of-order frame or record: sequence {got}, expected {expected}")]
     OutOfOrder { got: u64, expected: u64 },
     #[error("I/O: {0}")]
     Io(String),
@@ -85,22 +100,36 @@ pub struct OutFrame {
 }
 
 /// Stateful codec for one direction of a connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FrameCodec {
     version: u16,
-    key: Key,
+    link: Transport,
     next_seq: u64,
+    nonce: u64,
+    /// Decoder: plaintext of the frame being received, and its total size
+    /// once its header is in.
+    partial: BytesMut,
+    want: Option<usize>,
+    /// Encoder: one piece's plaintext.
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for FrameCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameCodec")
+            .field("version", &self.version)
+            .field("next_seq", &self.next_seq)
+            .field("nonce", &self.nonce)
+            .finish()
+    }
 }
 
 impl FrameCodec {
-    /// A codec speaking `version`, MACing with `key`.
-    pub fn new(version: u16, key: Key) -> Self {
-        FrameCodec { version, key, next_seq: 0 }
-    }
-
-    /// Switches to the session key (after the handshake).
-    pub fn set_key(&mut self, key: Key) {
-        self.key = key;
+    /// A codec speaking `version` over the link's keys (its direction is
+    /// the link's: an initiator's codecs seal with the initiator's key and
+    /// open with the responder's).
+    pub fn new(version: u16, link: Transport) -> Self {
+        FrameCodec { version, link, next_seq: 0, nonce: 0, partial: BytesMut::new(), want: None, scratch: Vec::new() }
     }
 
     /// Switches the spoken version (after negotiation).
@@ -113,21 +142,54 @@ impl FrameCodec {
         self.next_seq
     }
 
-    /// Encodes one frame with an explicit sequence number (tests use this to
-    /// build bad streams; normal senders use the `Encoder` impl).
-    pub fn encode_raw(version: u16, kind: u16, seq: u64, payload: &[u8], key: &Key, dst: &mut BytesMut) {
+    /// Seals `plain` as one record (tests build bad streams with it).
+    pub fn seal_record(&mut self, plain: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
+        if plain.len() > PIECE {
+            return Err(FrameError::Oversize(plain.len()));
+        }
+        let sealed = plain.len() + TAG_LEN;
+        dst.reserve(RECORD_HEADER + sealed);
+        dst.put_u64_le(self.nonce);
+        dst.put_u16_le(sealed as u16);
         let start = dst.len();
-        dst.reserve(HEADER_LEN + payload.len() + TRAILER_LEN);
-        dst.put_slice(&MAGIC);
-        dst.put_u16_le(version);
-        dst.put_u16_le(kind);
-        dst.put_u64_le(seq);
-        dst.put_u32_le(payload.len() as u32);
-        dst.put_slice(payload);
-        let crc = crc32fast::hash(&dst[start..]);
-        let mac = auth::frame_mac(key, &dst[start..]);
-        dst.put_u32_le(crc);
-        dst.put_slice(&mac);
+        dst.resize(start + sealed, 0);
+        let n = self.link.write_message(self.nonce, plain, &mut dst[start..]).map_err(|_| FrameError::Corrupt)?;
+        debug_assert_eq!(n, sealed);
+        self.nonce += 1;
+        Ok(())
+    }
+
+    /// Encodes one frame with an explicit sequence number (tests use this
+    /// to build bad streams; normal senders use the `Encoder` impl).
+    pub fn encode_raw(&mut self, kind: u16, seq: u64, payload: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&MAGIC);
+        header[4..6].copy_from_slice(&self.version.to_le_bytes());
+        header[6..8].copy_from_slice(&kind.to_le_bytes());
+        header[8..16].copy_from_slice(&seq.to_le_bytes());
+        header[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let total = HEADER_LEN + payload.len();
+        dst.reserve(total + total.div_ceil(PIECE) * (RECORD_HEADER + TAG_LEN));
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut off = 0;
+        while off < total {
+            let n = PIECE.min(total - off);
+            scratch.clear();
+            if off < HEADER_LEN {
+                scratch.extend_from_slice(&header[off..]);
+                scratch.extend_from_slice(&payload[..n - (HEADER_LEN - off)]);
+            } else {
+                scratch.extend_from_slice(&payload[off - HEADER_LEN..off - HEADER_LEN + n]);
+            }
+            let r = self.seal_record(&scratch, dst);
+            if r.is_err() {
+                self.scratch = scratch;
+                return r;
+            }
+            off += n;
+        }
+        self.scratch = scratch;
+        Ok(())
     }
 }
 
@@ -138,9 +200,34 @@ impl Encoder<OutFrame> for FrameCodec {
         if item.payload.len() > MAX_PAYLOAD {
             return Err(FrameError::Oversize(item.payload.len()));
         }
-        Self::encode_raw(self.version, item.kind, self.next_seq, &item.payload, &self.key, dst);
+        let seq = self.next_seq;
+        self.encode_raw(item.kind, seq, &item.payload, dst)?;
         self.next_seq += 1;
         Ok(())
+    }
+}
+
+impl FrameCodec {
+    /// Checks a frame header (the first 20 plaintext bytes); returns the
+    /// frame's total plaintext size.
+    fn header(&self, h: &[u8]) -> Result<usize, FrameError> {
+        let magic: [u8; 4] = h[..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([h[4], h[5]]);
+        if version != self.version {
+            return Err(FrameError::WrongVersion { got: version, expected: self.version });
+        }
+        let kind = u16::from_le_bytes([h[6], h[7]]);
+        if kind == 0 {
+            return Err(FrameError::InvalidKind(kind));
+        }
+        let len = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::Oversize(len));
+        }
+        Ok(HEADER_LEN + len)
     }
 }
 
@@ -149,62 +236,71 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        if src.len() < HEADER_LEN {
-            // check what we can early, so garbage is refused without waiting
-            if src.len() >= 4 && src[..4] != MAGIC {
-                return Err(FrameError::BadMagic(src[..4].try_into().expect("4 bytes")));
+        loop {
+            if src.len() < RECORD_HEADER {
+                return Ok(None);
             }
-            return Ok(None);
+            let nonce = u64::from_le_bytes(src[..8].try_into().expect("8 bytes"));
+            let sealed = u16::from_le_bytes([src[8], src[9]]) as usize;
+            if sealed < TAG_LEN {
+                return Err(FrameError::Corrupt);
+            }
+            if nonce < self.nonce {
+                return Err(FrameError::Duplicate { got: nonce, expected: self.nonce });
+            }
+            if nonce > self.nonce {
+                return Err(FrameError::OutOfOrder { got: nonce, expected: self.nonce });
+            }
+            if src.len() < RECORD_HEADER + sealed {
+                src.reserve(RECORD_HEADER + sealed - src.len());
+                return Ok(None);
+            }
+            let start = self.partial.len();
+            self.partial.resize(start + sealed - TAG_LEN, 0);
+            let opened = self.link.read_message(nonce, &src[RECORD_HEADER..RECORD_HEADER + sealed], &mut self.partial[start..]);
+            if opened.is_err() {
+                return Err(FrameError::Corrupt);
+            }
+            self.nonce += 1;
+            src.advance(RECORD_HEADER + sealed);
+            if self.want.is_none() {
+                if self.partial.len() < HEADER_LEN {
+                    return Err(FrameError::Corrupt);
+                }
+                let total = self.header(&self.partial[..HEADER_LEN])?;
+                self.partial.reserve(total.saturating_sub(self.partial.len()));
+                self.want = Some(total);
+            }
+            let want = self.want.expect("set above");
+            if self.partial.len() > want {
+                // a record never holds the end of one frame and the start of
+                // the next
+                return Err(FrameError::Corrupt);
+            }
+            if self.partial.len() < want {
+                continue;
+            }
+            let kind = u16::from_le_bytes([self.partial[6], self.partial[7]]);
+            let seq = u64::from_le_bytes(self.partial[8..16].try_into().expect("8 bytes"));
+            if seq < self.next_seq {
+                return Err(FrameError::Duplicate { got: seq, expected: self.next_seq });
+            }
+            if seq > self.next_seq {
+                return Err(FrameError::OutOfOrder { got: seq, expected: self.next_seq });
+            }
+            self.next_seq += 1;
+            self.want = None;
+            let mut frame = self.partial.split_to(want);
+            frame.advance(HEADER_LEN);
+            return Ok(Some(Frame { kind, seq, payload: frame.freeze() }));
         }
-        let magic: [u8; 4] = src[..4].try_into().expect("4 bytes");
-        if magic != MAGIC {
-            return Err(FrameError::BadMagic(magic));
-        }
-        let version = u16::from_le_bytes([src[4], src[5]]);
-        if version != self.version {
-            return Err(FrameError::WrongVersion { got: version, expected: self.version });
-        }
-        let kind = u16::from_le_bytes([src[6], src[7]]);
-        if kind == 0 {
-            return Err(FrameError::InvalidKind(kind));
-        }
-        let seq = u64::from_le_bytes(src[8..16].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(src[16..20].try_into().expect("4 bytes")) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(FrameError::Oversize(len));
-        }
-        let total = HEADER_LEN + len + TRAILER_LEN;
-        if src.len() < total {
-            src.reserve(total - src.len());
-            return Ok(None);
-        }
-        let body = HEADER_LEN + len;
-        let crc = u32::from_le_bytes(src[body..body + 4].try_into().expect("4 bytes"));
-        if crc32fast::hash(&src[..body]) != crc {
-            return Err(FrameError::Corrupt);
-        }
-        let mac = auth::frame_mac(&self.key, &src[..body]);
-        if !auth::verify(&mac, &src[body + 4..total]) {
-            return Err(FrameError::BadMac);
-        }
-        if seq < self.next_seq {
-            return Err(FrameError::Duplicate { got: seq, expected: self.next_seq });
-        }
-        if seq > self.next_seq {
-            return Err(FrameError::OutOfOrder { got: seq, expected: self.next_seq });
-        }
-        self.next_seq += 1;
-        let mut frame = src.split_to(total);
-        frame.advance(HEADER_LEN);
-        frame.truncate(len);
-        Ok(Some(Frame { kind, seq, payload: frame.freeze() }))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         match self.decode(src)? {
             Some(f) => Ok(Some(f)),
-            None if src.is_empty() => Ok(None),
-            None => Err(FrameError::Truncated(src.len())),
+            None if src.is_empty() && self.partial.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated(src.len() + self.partial.len())),
         }
     }
 }
@@ -212,37 +308,73 @@ impl Decoder for FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Secret;
 
-    fn key() -> Key {
-        [7u8; 32]
+    fn pair() -> (FrameCodec, FrameCodec) {
+        let (i, r) = crate::link::pair(&Secret::new(b"frame-test-secret-0123".to_vec()).expect("secret")).expect("link");
+        (FrameCodec::new(PROTOCOL_VERSION, i), FrameCodec::new(PROTOCOL_VERSION, r))
     }
 
     #[test]
     fn round_trip_and_each_check() {
-        let mut tx = FrameCodec::new(1, key());
-        let mut rx = FrameCodec::new(1, key());
+        let (mut tx, rx) = pair();
         let mut buf = BytesMut::new();
         tx.encode(OutFrame { kind: 3, payload: Bytes::from_static(b"hello") }, &mut buf).expect("encode");
+        assert!(!buf.windows(5).any(|w| w == b"hello"), "the payload is not on the wire");
+        assert!(!buf.windows(4).any(|w| w == MAGIC), "nor the header");
         let good = buf.clone();
-        let f = rx.decode(&mut buf).expect("decode").expect("frame");
+        let mut r = rx.clone();
+        let f = r.decode(&mut buf).expect("decode").expect("frame");
         assert_eq!((f.kind, f.seq, &f.payload[..]), (3, 0, &b"hello"[..]));
-        // duplicate of frame 0
-        assert!(matches!(rx.clone().decode(&mut good.clone()), Err(FrameError::Duplicate { got: 0, expected: 1 })));
-        // corrupt payload byte
+        // the same record again
+        assert!(matches!(r.clone().decode(&mut good.clone()), Err(FrameError::Duplicate { got: 0, expected: 1 })));
+        // one byte flipped in the sealed part
         let mut c = good.clone();
-        c[HEADER_LEN] ^= 1;
-        assert_eq!(FrameCodec::new(1, key()).decode(&mut c), Err(FrameError::Corrupt));
-        // wrong key
-        assert_eq!(FrameCodec::new(1, [8; 32]).decode(&mut good.clone()), Err(FrameError::BadMac));
-        // wrong version
-        assert!(matches!(FrameCodec::new(2, key()).decode(&mut good.clone()), Err(FrameError::WrongVersion { .. })));
+        c[RECORD_HEADER + 3] ^= 1;
+        assert_eq!(rx.clone().decode(&mut c), Err(FrameError::Corrupt));
+        // other keys (another session)
+        let (_, other) = pair();
+        assert_eq!(other.clone().decode(&mut good.clone()), Err(FrameError::Corrupt));
+        // reflected to its sender
+        let mut own = tx.clone();
+        own.nonce = 0;
+        assert_eq!(own.decode(&mut good.clone()), Err(FrameError::Corrupt));
         // truncated at EOF
         let mut t = good.clone();
         t.truncate(good.len() - 1);
-        assert_eq!(FrameCodec::new(1, key()).decode_eof(&mut t), Err(FrameError::Truncated(good.len() - 1)));
-        // oversize header, refused before the payload arrives
-        let mut o = BytesMut::from(&good[..HEADER_LEN]);
-        o[16..20].copy_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
-        assert_eq!(FrameCodec::new(1, key()).decode(&mut o), Err(FrameError::Oversize(MAX_PAYLOAD + 1)));
+        assert_eq!(rx.clone().decode_eof(&mut t), Err(FrameError::Truncated(good.len() - 1)));
+        // a sealed header announcing more than the frame limit, refused
+        // before the payload arrives
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(&MAGIC);
+        h[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        h[6..8].copy_from_slice(&3u16.to_le_bytes());
+        h[16..20].copy_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
+        let (mut tx2, mut rx2) = pair();
+        let mut o = BytesMut::new();
+        tx2.seal_record(&h, &mut o).expect("seal");
+        assert_eq!(rx2.decode(&mut o), Err(FrameError::Oversize(MAX_PAYLOAD + 1)));
+    }
+
+    #[test]
+    fn a_megabyte_frame_crosses_records_and_arrives_whole() {
+        let (mut tx, mut rx) = pair();
+        let payload: Vec<u8> = (0..MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
+        let mut buf = BytesMut::new();
+        tx.encode(OutFrame { kind: 7, payload: Bytes::from(payload.clone()) }, &mut buf).expect("encode");
+        tx.encode(OutFrame { kind: 8, payload: Bytes::from_static(b"next") }, &mut buf).expect("encode");
+        assert!(buf.len() <= MAX_FRAME + RECORD_HEADER + TAG_LEN + 24);
+        // fed in odd slices, as TCP delivers
+        let mut inbox = BytesMut::new();
+        let mut got = Vec::new();
+        for chunk in buf.chunks(7777) {
+            inbox.extend_from_slice(chunk);
+            while let Some(f) = rx.decode(&mut inbox).expect("decode") {
+                got.push(f);
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(&got[0].payload[..], &payload[..]);
+        assert_eq!((got[1].kind, got[1].seq, &got[1].payload[..]), (8, 1, &b"next"[..]));
     }
 }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod codec;
 pub mod crashpoint;
 pub mod frame;
+pub mod link;
 pub mod proto;
 pub mod service;
 pub mod state;

@@ -28,8 +28,8 @@ pub const PAGES_PER_CHUNK: usize = (MAX_PAYLOAD - 12) / (8 + PAGE_SIZE);
 pub enum Kind {
     Invalid = 0,
     Hello = 1,
-    Challenge = 2,
-    Auth = 3,
+    // 2 and 3 were version 1's Challenge and Auth: the Noise handshake
+    // (link.rs) replaced them
     HelloAck = 4,
     FullSyncChunk = 5,
     EpochBegin = 6,
@@ -48,8 +48,6 @@ impl Kind {
         use Kind::*;
         Some(match k {
             1 => Hello,
-            2 => Challenge,
-            3 => Auth,
             4 => HelloAck,
             5 => FullSyncChunk,
             6 => EpochBegin,
@@ -87,7 +85,6 @@ pub struct Hello {
     pub shape: VmShape,
     /// The sender's generation (fencing term).
     pub generation: u64,
-    pub nonce: [u8; 32],
     /// What this connection carries.
     pub channel: Channel,
 }
@@ -100,21 +97,7 @@ pub enum Channel {
     Heartbeat,
 }
 
-/// Secondary's answer: its nonce and its proof of the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Challenge {
-    pub version: u16,
-    pub nonce: [u8; 32],
-    pub proof: [u8; 32],
-}
-
-/// Primary's proof of the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Auth {
-    pub proof: [u8; 32],
-}
-
-/// Handshake done; the session key is in force from the next frame.
+/// The secondary's answer to the Hello: the session is up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloAck {
     pub version: u16,
@@ -172,8 +155,6 @@ pub enum RefuseCode {
 #[derive(Debug, Clone)]
 pub enum Message {
     Hello(Hello),
-    Challenge(Challenge),
-    Auth(Auth),
     HelloAck(HelloAck),
     FullSyncChunk(PageChunk),
     EpochBegin { epoch: u64, page_count: u64, full: bool },
@@ -225,8 +206,6 @@ impl Message {
     pub fn kind(&self) -> Kind {
         match self {
             Message::Hello(_) => Kind::Hello,
-            Message::Challenge(_) => Kind::Challenge,
-            Message::Auth(_) => Kind::Auth,
             Message::HelloAck(_) => Kind::HelloAck,
             Message::FullSyncChunk(_) => Kind::FullSyncChunk,
             Message::EpochBegin { .. } => Kind::EpochBegin,
@@ -245,8 +224,6 @@ impl Message {
     pub fn payload(&self) -> Bytes {
         match self {
             Message::Hello(h) => enc(h),
-            Message::Challenge(c) => enc(c),
-            Message::Auth(a) => enc(a),
             Message::HelloAck(a) => enc(a),
             Message::FullSyncChunk(c) | Message::PageChunk(c) => encode_chunk(c),
             Message::EpochBegin { epoch, page_count, full } => {
@@ -276,8 +253,6 @@ impl Message {
         Ok(match k {
             Kind::Invalid => return Err(ProtoError::UnknownKind(0)),
             Kind::Hello => Message::Hello(dec(k, &payload)?),
-            Kind::Challenge => Message::Challenge(dec(k, &payload)?),
-            Kind::Auth => Message::Auth(dec(k, &payload)?),
             Kind::HelloAck => {
                 let a: HelloAck = dec(k, &payload)?;
                 if a.node.len() > MAX_NODE_NAME {

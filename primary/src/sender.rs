@@ -3,11 +3,10 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use common::auth::{self, Key, Secret};
+use common::auth::Secret;
 use common::frame::{FrameCodec, FrameError, OutFrame, PROTOCOL_VERSION};
-use common::proto::{
-    self, Auth, Channel, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, ProtoError, RefuseCode,
-};
+use common::link::LinkError;
+use common::proto::{self, Channel, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, ProtoError, RefuseCode};
 use common::state::{MachineState, VmShape};
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -25,8 +24,8 @@ pub enum SenderError {
     Proto(#[from] ProtoError),
     #[error("secondary refused us ({code:?}): {reason}")]
     Refused { code: RefuseCode, reason: String },
-    #[error("the secondary failed to prove it holds the shared secret")]
-    SecondaryUnauthenticated,
+    #[error("the link handshake failed: {0}")]
+    Link(#[from] LinkError),
     #[error("secondary closed the connection {0}")]
     Closed(&'static str),
     #[error("{0} timed out")]
@@ -46,7 +45,6 @@ type Tx = FramedWrite<OwnedWriteHalf, FrameCodec>;
 pub struct Session {
     reader: SessionReader,
     writer: SessionWriter,
-    session_key: Key,
     /// The secondary's answer to the handshake.
     pub ack: HelloAck,
 }
@@ -129,9 +127,12 @@ impl Session {
         Self::handshake(stream, secret, shape, generation, channel, PROTOCOL_VERSION, PROTOCOL_VERSION).await
     }
 
-    /// The handshake on an open stream (whoever dialed), offering versions `min..=max`.
+    /// The handshake on an open stream (whoever dialed), offering versions
+    /// `min..=max`: the Noise handshake (`common::link`: both sides prove
+    /// they hold the secret, and get their own keys), then the Hello and
+    /// its answer, encrypted.
     pub async fn handshake(
-        stream: TcpStream,
+        mut stream: TcpStream,
         secret: &Secret,
         shape: VmShape,
         generation: u64,
@@ -140,29 +141,17 @@ impl Session {
         max: u16,
     ) -> Result<Session, SenderError> {
         let _ = stream.set_nodelay(true);
-        let hs = secret.handshake_key();
+        let link = common::link::initiate(&mut stream, secret).await?;
         let (r, w) = stream.into_split();
-        let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, hs), 1 << 16);
-        let mut tx = FramedWrite::new(w, FrameCodec::new(max, hs));
-        let nonce_p = auth::nonce().map_err(|e| SenderError::Random(e.to_string()))?;
-        let hello = Hello { min_version: min, max_version: max, shape, generation, nonce: nonce_p, channel };
+        let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, link.clone()), 1 << 16);
+        let mut tx = FramedWrite::new(w, FrameCodec::new(max, link));
+        let hello = Hello { min_version: min, max_version: max, shape, generation, channel };
         tx.send(Message::Hello(hello).to_frame()).await?;
-        let ch = match recv(&mut rx).await?.ok_or(SenderError::Closed("during the handshake"))? {
-            Message::Challenge(c) => c,
-            other => return Err(refused(other)),
-        };
-        if !auth::verify(&secret.secondary_proof(&nonce_p, &ch.nonce), &ch.proof) {
-            return Err(SenderError::SecondaryUnauthenticated);
-        }
-        tx.send(Message::Auth(Auth { proof: secret.primary_proof(&nonce_p, &ch.nonce) }).to_frame()).await?;
         let ack = match recv(&mut rx).await?.ok_or(SenderError::Closed("during the handshake"))? {
             Message::HelloAck(a) => a,
             other => return Err(refused(other)),
         };
-        let session_key = secret.session_key(&nonce_p, &ch.nonce);
-        rx.decoder_mut().set_key(session_key);
-        tx.encoder_mut().set_key(session_key);
-        Ok(Session { reader: SessionReader { rx }, writer: SessionWriter { tx }, session_key, ack })
+        Ok(Session { reader: SessionReader { rx }, writer: SessionWriter { tx }, ack })
     }
 
     /// Receives one message (`None` when the secondary closed cleanly).
@@ -179,10 +168,12 @@ impl Session {
         }
     }
 
-    /// For fault-injection tests: (version, next sequence number, session key)
-    /// of the sending direction, to build frames by hand.
-    pub fn raw_state(&self) -> (u16, u64, Key) {
-        (PROTOCOL_VERSION, self.writer.tx.encoder().next_seq(), self.session_key)
+    /// For fault-injection tests: a copy of the sending direction's codec
+    /// (its keys, next sequence number and record nonce), to build frames
+    /// and records by hand. Frames built with it use up the nonces the
+    /// session would use next, so send them instead of the session's own.
+    pub fn raw_codec(&self) -> FrameCodec {
+        self.writer.tx.encoder().clone()
     }
 
     /// Writes raw bytes to the connection (tests), after anything buffered.

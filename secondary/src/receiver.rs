@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use common::auth::{self, Secret};
+use common::auth::Secret;
 use common::frame::{FrameCodec, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use common::proto::{Challenge, Channel, HelloAck, Kind, Message, ProtoError, RefuseCode};
+use common::proto::{Channel, HelloAck, Kind, Message, ProtoError, RefuseCode};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -53,7 +53,6 @@ impl ReceiverError {
             ReceiverError::VersionRefused { .. } | ReceiverError::Frame(FrameError::WrongVersion { .. }) => "version",
             ReceiverError::Frame(FrameError::Truncated(_)) | ReceiverError::Closed(_) => "truncated",
             ReceiverError::Frame(FrameError::Corrupt) => "corrupt",
-            ReceiverError::Frame(FrameError::BadMac) => "bad-mac",
             ReceiverError::Frame(FrameError::Duplicate { .. }) => "duplicate",
             ReceiverError::Frame(FrameError::OutOfOrder { .. }) => "reordered",
             ReceiverError::Frame(FrameError::Oversize(_)) => "oversize",
@@ -155,15 +154,22 @@ async fn serve_inner(
     began: &mut Option<u64>,
 ) -> Result<SessionEnd, ReceiverError> {
     let _ = stream.set_nodelay(true);
-    let hs_key = cfg.secret.handshake_key();
-    let (r, w) = stream.into_split();
-    let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, hs_key), PRE_AUTH_BUFFER);
-    let mut tx = FramedWrite::new(w, FrameCodec::new(PROTOCOL_VERSION, hs_key));
+    let mut stream = stream;
     let handshake = async {
-        // Handshake frames are MACed with the handshake key: a peer without the
-        // secret fails here, before anything is read into the replica.
+        // The Noise handshake: a peer without the secret fails here, having
+        // made us read at most one small message, before anything is read
+        // into the replica.
+        let link = common::link::respond(&mut stream, &cfg.secret).await.map_err(|e| match e {
+            common::link::LinkError::Closed => ReceiverError::Closed("during the handshake"),
+            other => ReceiverError::Unauthenticated(other.to_string()),
+        })?;
+        let (r, w) = stream.into_split();
+        let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, link.clone()), PRE_AUTH_BUFFER);
+        let mut tx = FramedWrite::new(w, FrameCodec::new(PROTOCOL_VERSION, link));
+        // the first frame proves the peer holds this session's keys (a
+        // replayed handshake message does not)
         let hs_err = |e: FrameError| match e {
-            FrameError::BadMac => ReceiverError::Unauthenticated("Hello not signed with the shared secret".into()),
+            FrameError::Corrupt => ReceiverError::Unauthenticated("the first frame did not open: a replayed or forged handshake".into()),
             other => ReceiverError::Frame(other),
         };
         let first = rx.next().await.ok_or(ReceiverError::Closed("before Hello"))?.map_err(hs_err)?;
@@ -186,20 +192,6 @@ async fn serve_inner(
                 .await;
             return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
         }
-        let nonce_s = auth::nonce().map_err(|e| ReceiverError::Unauthenticated(e.to_string()))?;
-        let proof = cfg.secret.secondary_proof(&hello.nonce, &nonce_s);
-        tx.send(Message::Challenge(Challenge { version: PROTOCOL_VERSION, nonce: nonce_s, proof }).to_frame())
-            .await
-            .map_err(ReceiverError::Frame)?;
-        let f = rx.next().await.ok_or(ReceiverError::Closed("before Auth"))?.map_err(hs_err)?;
-        let proof_p = match Message::decode(f.kind, f.payload)? {
-            Message::Auth(a) => a.proof,
-            other => return Err(ReceiverError::Unexpected(other.kind(), "before Auth")),
-        };
-        if !auth::verify(&cfg.secret.primary_proof(&hello.nonce, &nonce_s), &proof_p) {
-            let _ = tx.send(refuse(RefuseCode::Auth, "bad proof".into())).await;
-            return Err(ReceiverError::Unauthenticated("the primary's proof is wrong".into()));
-        }
         // authenticated: only now may the peer shape the replica
         let shape_ok = common::sync::lock(replica).check_shape(&hello.shape);
         if let Err(e) = shape_ok {
@@ -218,9 +210,9 @@ async fn serve_inner(
         )
         .await
         .map_err(ReceiverError::Frame)?;
-        Ok::<_, ReceiverError>((hello, nonce_s, committed_epoch))
+        Ok::<_, ReceiverError>((hello, committed_epoch, rx, tx))
     };
-    let (hello, nonce_s, committed_epoch) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let (hello, committed_epoch, mut rx, mut tx) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| ReceiverError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
     rx.read_buffer_mut().reserve(1 << 21);
@@ -230,9 +222,6 @@ async fn serve_inner(
         sd.raise_generation(hello.generation)?;
     }
     cfg.generation.fetch_max(hello.generation, Ordering::SeqCst);
-    let session = cfg.secret.session_key(&hello.nonce, &nonce_s);
-    rx.decoder_mut().set_key(session);
-    tx.encoder_mut().set_key(session);
     on_event(ReceiverEvent::Authenticated { generation: hello.generation, channel: hello.channel });
     tracing::info!(generation = hello.generation, ?committed_epoch, channel = ?hello.channel, "primary authenticated");
     if hello.channel == Channel::Heartbeat {
