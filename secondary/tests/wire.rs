@@ -109,12 +109,23 @@ impl Fixture {
     }
 }
 
-/// Builds a frame by hand in the session's current direction state.
-fn frame(s: &Session, seq_offset: u64, m: &Message) -> BytesMut {
-    let (version, next, key) = s.raw_state();
-    let mut b = BytesMut::new();
-    FrameCodec::encode_raw(version, m.kind() as u16, next + seq_offset, &m.payload(), &key, &mut b);
-    b
+/// Builds frames by hand, sealed as the session would seal its next ones
+/// (consecutive sequence numbers and record nonces), each in its own buffer
+/// so a test can send them out of order, twice, or damaged.
+fn frames(s: &Session, ms: &[&Message]) -> Vec<BytesMut> {
+    let mut c = s.raw_codec();
+    ms.iter()
+        .map(|m| {
+            let mut b = BytesMut::new();
+            let seq = c.next_seq();
+            c.encode_raw(m.kind() as u16, seq, &m.payload(), &mut b).expect("seal");
+            b
+        })
+        .collect()
+}
+
+fn frame(s: &Session, m: &Message) -> BytesMut {
+    frames(s, &[m]).remove(0)
 }
 
 async fn bootstrap() -> Fixture {
@@ -165,17 +176,17 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "truncated", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let b = frame(&s, 0, &chunk(f));
+        let b = frame(&s, &chunk(f));
         s.send_raw(&b[..b.len() / 2]).await.expect("half");
         s.shutdown_write().await.expect("shutdown");
     })
     .await;
 
-    // corrupted: one payload byte flipped in transit
+    // corrupted: one sealed byte flipped in transit
     expect_refusal(f, "corrupt", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let mut b = frame(&s, 0, &chunk(f));
+        let mut b = frame(&s, &chunk(f));
         let i = b.len() / 2;
         b[i] ^= 0x20;
         s.send_raw(&b).await.expect("send");
@@ -189,7 +200,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         s.send(begin).await.expect("begin");
         let c1 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
         let c2 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[20..].to_vec() });
-        let (a, b) = (frame(&s, 0, &c1), frame(&s, 1, &c2));
+        let mut ab = frames(&s, &[&c1, &c2]);
+        let (b, a) = (ab.pop().expect("b"), ab.pop().expect("a"));
         s.send_raw(&b).await.expect("b");
         s.send_raw(&a).await.expect("a");
         let _ = s.recv().await;
@@ -201,28 +213,37 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
         let c = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
-        let a = frame(&s, 0, &c);
+        let a = frame(&s, &c);
         s.send_raw(&a).await.expect("a");
         s.send_raw(&a).await.expect("a again");
         let _ = s.recv().await;
     })
     .await;
 
-    // oversize: a header announcing more than the frame limit
+    // oversize: a (sealed) header announcing more than the frame limit,
+    // refused before any of the payload arrives
     expect_refusal(f, "oversize", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let mut b = frame(&s, 0, &chunk(f));
-        b[16..20].copy_from_slice(&((MAX_PAYLOAD as u32) + 1).to_le_bytes());
-        s.send_raw(&b[..20]).await.expect("header");
+        let mut c = s.raw_codec();
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&common::frame::MAGIC);
+        h[4..6].copy_from_slice(&common::frame::PROTOCOL_VERSION.to_le_bytes());
+        h[6..8].copy_from_slice(&(proto::Kind::PageChunk as u16).to_le_bytes());
+        h[8..16].copy_from_slice(&c.next_seq().to_le_bytes());
+        h[16..20].copy_from_slice(&((MAX_PAYLOAD as u32) + 1).to_le_bytes());
+        let mut b = BytesMut::new();
+        c.seal_record(&h, &mut b).expect("seal");
+        s.send_raw(&b).await.expect("header");
         let _ = s.recv().await;
     })
     .await;
 
-    // wrong version: a peer that only speaks version 2
+    // wrong version: a peer that only speaks a later version
     expect_refusal(f, "version", |addr| async move {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, proto::Channel::Data, 2, 2).await;
+        let v = common::frame::PROTOCOL_VERSION + 1;
+        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, proto::Channel::Data, v, v).await;
         assert!(
             matches!(r, Err(SenderError::Refused { .. }) | Err(SenderError::Frame(_)) | Err(SenderError::Closed(_))),
             "{r:?}"
