@@ -53,7 +53,8 @@ pub const TAG_LEN: usize = 16;
 /// Largest plaintext piece of one record.
 pub const PIECE: usize = 65535 - TAG_LEN;
 /// Largest frame on the wire.
-pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + (HEADER_LEN + MAX_PAYLOAD).div_ceil(PIECE) * (RECORD_HEADER + TAG_LEN);
+pub const MAX_FRAME: usize =
+    HEADER_LEN + MAX_PAYLOAD + (HEADER_LEN + MAX_PAYLOAD).div_ceil(PIECE) * (RECORD_HEADER + TAG_LEN);
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -257,7 +258,8 @@ impl Decoder for FrameCodec {
             }
             let start = self.partial.len();
             self.partial.resize(start + sealed - TAG_LEN, 0);
-            let opened = self.link.read_message(nonce, &src[RECORD_HEADER..RECORD_HEADER + sealed], &mut self.partial[start..]);
+            let opened =
+                self.link.read_message(nonce, &src[RECORD_HEADER..RECORD_HEADER + sealed], &mut self.partial[start..]);
             if opened.is_err() {
                 return Err(FrameError::Corrupt);
             }
@@ -311,7 +313,8 @@ mod tests {
     use crate::auth::Secret;
 
     fn pair() -> (FrameCodec, FrameCodec) {
-        let (i, r) = crate::link::pair(&Secret::new(b"frame-test-secret-0123".to_vec()).expect("secret")).expect("link");
+        let (i, r) =
+            crate::link::pair(&Secret::new(b"frame-test-secret-0123".to_vec()).expect("secret")).expect("link");
         (FrameCodec::new(PROTOCOL_VERSION, i), FrameCodec::new(PROTOCOL_VERSION, r))
     }
 

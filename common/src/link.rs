@@ -142,10 +142,8 @@ pub async fn respond<S: AsyncReadExt + AsyncWriteExt + Unpin>(
 pub fn pair(secret: &Secret) -> Result<(Transport, Transport), LinkError> {
     let psk = builder_psk(secret);
     let b = || Builder::new(NOISE_PARAMS.parse().expect("valid params"));
-    let mut i =
-        b().psk(0, &psk).map_err(noise)?.prologue(PROLOGUE).map_err(noise)?.build_initiator().map_err(noise)?;
-    let mut r =
-        b().psk(0, &psk).map_err(noise)?.prologue(PROLOGUE).map_err(noise)?.build_responder().map_err(noise)?;
+    let mut i = b().psk(0, &psk).map_err(noise)?.prologue(PROLOGUE).map_err(noise)?.build_initiator().map_err(noise)?;
+    let mut r = b().psk(0, &psk).map_err(noise)?.prologue(PROLOGUE).map_err(noise)?.build_responder().map_err(noise)?;
     let (mut m, mut p) = ([0u8; MAX_HANDSHAKE_MESSAGE], [0u8; MAX_HANDSHAKE_MESSAGE]);
     let n = i.write_message(&[], &mut m).map_err(noise)?;
     r.read_message(&m[..n], &mut p).map_err(|_| LinkError::Unauthenticated)?;
@@ -183,7 +181,13 @@ mod tests {
 
         let (mut a, mut b) = tokio::io::duplex(4096);
         let other = secret("not-the-link-test-secret!!");
-        let (i, r) = tokio::join!(initiate(&mut a, &other), respond(&mut b, &s));
+        // the responder hangs up on failure, as the receiver does
+        let responder = async move {
+            let r = respond(&mut b, &s).await;
+            drop(b);
+            r
+        };
+        let (i, r) = tokio::join!(initiate(&mut a, &other), responder);
         assert!(matches!(r, Err(LinkError::Unauthenticated)), "{r:?}");
         assert!(i.is_err());
     }

@@ -36,6 +36,8 @@ pub struct Proxy {
     fault: Arc<Mutex<Fault>>,
     epoch: Arc<std::sync::atomic::AtomicU64>,
     upstream: Arc<Mutex<SocketAddr>>,
+    /// Every byte forwarded towards the upstream, when recording.
+    recorded: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl Proxy {
@@ -47,6 +49,7 @@ impl Proxy {
             fault: Arc::new(Mutex::new(Fault::Pass)),
             epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             upstream: Arc::new(Mutex::new(upstream)),
+            recorded: Arc::new(Mutex::new(None)),
         };
         let me = p.clone();
         tokio::spawn(async move {
@@ -66,6 +69,16 @@ impl Proxy {
         if f == Fault::Drop {
             self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// Starts keeping every byte forwarded towards the upstream.
+    pub fn record(&self) {
+        *common::sync::lock(&self.recorded) = Some(Vec::new());
+    }
+
+    /// What was recorded so far.
+    pub fn recording(&self) -> Vec<u8> {
+        common::sync::lock(&self.recorded).clone().unwrap_or_default()
     }
 
     /// New connections go to `to` (a restarted node's new port).
@@ -135,6 +148,11 @@ impl Proxy {
                     held[i] ^= 0x10;
                 }
                 _ => {}
+            }
+            if to_upstream {
+                if let Some(r) = common::sync::lock(&self.recorded).as_mut() {
+                    r.extend_from_slice(&held);
+                }
             }
             if w.write_all(&held).await.is_err() {
                 return;

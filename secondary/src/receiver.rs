@@ -169,7 +169,9 @@ async fn serve_inner(
         // the first frame proves the peer holds this session's keys (a
         // replayed handshake message does not)
         let hs_err = |e: FrameError| match e {
-            FrameError::Corrupt => ReceiverError::Unauthenticated("the first frame did not open: a replayed or forged handshake".into()),
+            FrameError::Corrupt => {
+                ReceiverError::Unauthenticated("the first frame did not open: a replayed or forged handshake".into())
+            }
             other => ReceiverError::Frame(other),
         };
         let first = rx.next().await.ok_or(ReceiverError::Closed("before Hello"))?.map_err(hs_err)?;

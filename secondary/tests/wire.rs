@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use common::auth::Secret;
-use common::frame::{FrameCodec, MAX_PAYLOAD, PROTOCOL_VERSION};
+use common::frame::{MAX_PAYLOAD, PROTOCOL_VERSION};
 use common::proto::{self, Kind, Message, Page, PageChunk, PAGE_SIZE};
 use common::state::{MachineState, VmShape};
 use primary::sender::{SenderError, Session};
@@ -265,6 +265,58 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         let wrong = Secret::new(b"not the castor test secret!!".to_vec()).expect("secret");
         let r = Session::connect(addr, &wrong, f.shape.clone(), 1).await;
         assert!(r.is_err(), "a peer without the secret got a session");
+    })
+    .await;
+
+    // replayed: the bytes a real primary sent on another connection,
+    // recorded and sent again: the handshake message is answered with
+    // fresh keys, so the first recorded frame does not open
+    let recorded = {
+        let (addr, server) = f.serve_one().await;
+        let tap = TcpListener::bind("127.0.0.1:0").await.expect("bind tap");
+        let tap_addr = tap.local_addr().expect("tap addr");
+        let rec = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut down, _) = tap.accept().await.expect("accept");
+            let up = tokio::net::TcpStream::connect(addr).await.expect("upstream");
+            let (mut ur, mut uw) = up.into_split();
+            let (mut dr, mut dw) = down.split();
+            let mut log = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let back = async move {
+                let _ = tokio::io::copy(&mut ur, &mut dw).await;
+            };
+            let fwd = async {
+                loop {
+                    let n = match dr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    log.extend_from_slice(&buf[..n]);
+                    if uw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = uw.shutdown().await;
+            };
+            tokio::join!(back, fwd);
+            log
+        });
+        {
+            let mut s = f.session(tap_addr).await;
+            s.send(begin).await.expect("begin");
+            s.send(&chunk(f)).await.expect("chunk");
+        }
+        let _ = server.await.expect("join");
+        rec.await.expect("recorder")
+    };
+    assert!(recorded.len() > 4096, "recorded {} bytes", recorded.len());
+    expect_refusal(f, "unauthenticated", |addr| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut t = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = t.write_all(&recorded).await;
+        let mut sink = Vec::new();
+        let _ = t.read_to_end(&mut sink).await;
     })
     .await;
 
