@@ -91,27 +91,34 @@ async fn read_msg<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Vec<u8>, LinkErr
     Ok(m)
 }
 
+/// The handshake state of one side, keyed by the secret.
+fn handshake_state(secret: &Secret, initiator: bool) -> Result<snow::HandshakeState, LinkError> {
+    let psk = builder_psk(secret);
+    let b = Builder::new(NOISE_PARAMS.parse().map_err(noise)?)
+        .psk(0, &psk)
+        .map_err(noise)?
+        .prologue(PROLOGUE)
+        .map_err(noise)?;
+    if initiator { b.build_initiator() } else { b.build_responder() }.map_err(noise)
+}
+
+fn transport(hs: snow::HandshakeState) -> Result<Transport, LinkError> {
+    Ok(Arc::new(hs.into_stateless_transport_mode().map_err(noise)?))
+}
+
 /// The primary's side: it dialed, it starts.
 pub async fn initiate<S: AsyncReadExt + AsyncWriteExt + Unpin>(
     s: &mut S,
     secret: &Secret,
 ) -> Result<Transport, LinkError> {
-    let psk = builder_psk(secret);
-    let params = NOISE_PARAMS.parse().map_err(noise)?;
-    let mut hs = Builder::new(params)
-        .psk(0, &psk)
-        .map_err(noise)?
-        .prologue(PROLOGUE)
-        .map_err(noise)?
-        .build_initiator()
-        .map_err(noise)?;
+    let mut hs = handshake_state(secret, true)?;
     let mut buf = [0u8; MAX_HANDSHAKE_MESSAGE];
     let n = hs.write_message(&[], &mut buf).map_err(noise)?;
     write_msg(s, &buf[..n]).await?;
     let m = read_msg(s).await?;
     let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
     hs.read_message(&m, &mut payload).map_err(|_| LinkError::Unauthenticated)?;
-    Ok(Arc::new(hs.into_stateless_transport_mode().map_err(noise)?))
+    transport(hs)
 }
 
 /// The secondary's side.
@@ -119,40 +126,26 @@ pub async fn respond<S: AsyncReadExt + AsyncWriteExt + Unpin>(
     s: &mut S,
     secret: &Secret,
 ) -> Result<Transport, LinkError> {
-    let psk = builder_psk(secret);
-    let params = NOISE_PARAMS.parse().map_err(noise)?;
-    let mut hs = Builder::new(params)
-        .psk(0, &psk)
-        .map_err(noise)?
-        .prologue(PROLOGUE)
-        .map_err(noise)?
-        .build_responder()
-        .map_err(noise)?;
+    let mut hs = handshake_state(secret, false)?;
     let m = read_msg(s).await?;
     let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
     hs.read_message(&m, &mut payload).map_err(|_| LinkError::Unauthenticated)?;
     let mut buf = [0u8; MAX_HANDSHAKE_MESSAGE];
     let n = hs.write_message(&[], &mut buf).map_err(noise)?;
     write_msg(s, &buf[..n]).await?;
-    Ok(Arc::new(hs.into_stateless_transport_mode().map_err(noise)?))
+    transport(hs)
 }
 
 /// Both ends of a link made in memory (tests, benches, fuzzing):
 /// (initiator, responder).
 pub fn pair(secret: &Secret) -> Result<(Transport, Transport), LinkError> {
-    let psk = builder_psk(secret);
-    let b = || Builder::new(NOISE_PARAMS.parse().expect("valid params"));
-    let mut i = b().psk(0, &psk).map_err(noise)?.prologue(PROLOGUE).map_err(noise)?.build_initiator().map_err(noise)?;
-    let mut r = b().psk(0, &psk).map_err(noise)?.prologue(PROLOGUE).map_err(noise)?.build_responder().map_err(noise)?;
+    let (mut i, mut r) = (handshake_state(secret, true)?, handshake_state(secret, false)?);
     let (mut m, mut p) = ([0u8; MAX_HANDSHAKE_MESSAGE], [0u8; MAX_HANDSHAKE_MESSAGE]);
     let n = i.write_message(&[], &mut m).map_err(noise)?;
     r.read_message(&m[..n], &mut p).map_err(|_| LinkError::Unauthenticated)?;
     let n = r.write_message(&[], &mut m).map_err(noise)?;
     i.read_message(&m[..n], &mut p).map_err(|_| LinkError::Unauthenticated)?;
-    Ok((
-        Arc::new(i.into_stateless_transport_mode().map_err(noise)?),
-        Arc::new(r.into_stateless_transport_mode().map_err(noise)?),
-    ))
+    Ok((transport(i)?, transport(r)?))
 }
 
 #[cfg(test)]

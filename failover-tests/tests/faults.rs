@@ -103,6 +103,21 @@ fn take_over(s: &NodeProc, gen: u64) -> Option<serde_json::Value> {
     s.wait_status(T, |v| v["role"] == "primary" && v["generation"].as_u64() == Some(gen))
 }
 
+/// Waits for `s` to take over as generation `gen` and counts the failover;
+/// if it does not, records `what` with the node's log and returns false.
+fn expect_takeover(row: &mut Row, s: &NodeProc, gen: u64, what: &str) -> bool {
+    match take_over(s, gen) {
+        Some(st) => {
+            row.failover(&st);
+            true
+        }
+        None => {
+            row.fail(format!("{what}:\n{}", s.log_tail()));
+            false
+        }
+    }
+}
+
 /// Random kill -9 of the primary: during the initial sync, or at a random
 /// moment of protected operation (between epochs, while one is sent, after
 /// its end before its ack: whatever the clock hits).
@@ -152,12 +167,8 @@ fn kill_trials(row: &mut Row, trials: u64, seed: u64) {
             "trial {t}: kill -9 of the primary {delay} ms into protected operation (verify digests: {})",
             o.verify_digest
         );
-        match take_over(&s, 1) {
-            Some(st) => row.failover(&st),
-            None => {
-                row.fail(format!("trial {t}: no takeover:\n{}", s.log_tail()));
-                continue;
-            }
+        if !expect_takeover(row, &s, 1, &format!("trial {t}: no takeover")) {
+            continue;
         }
         if !load.wait_more(30, T) {
             row.fail(format!("trial {t}: clients did not carry on"));
@@ -193,12 +204,8 @@ fn primary_crash_points(row: &mut Row) {
             row.fail(format!("{point}: crash point never reached"));
             continue;
         }
-        match take_over(&s, 1) {
-            Some(st) => row.failover(&st),
-            None => {
-                row.fail(format!("{point}: no takeover:\n{}", s.log_tail()));
-                continue;
-            }
+        if !expect_takeover(row, &s, 1, &format!("{point}: no takeover")) {
+            continue;
         }
         if !load.wait_more(30, T) {
             row.fail(format!("{point}: clients did not carry on"));
@@ -287,12 +294,8 @@ fn secondary_killed_then_reprotected(row: &mut Row) {
     eprintln!("re-protected by a new secondary");
     load.wait_more(100, T);
     p.kill9();
-    match take_over(&s2, 1) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover by the new secondary:\n{}", s2.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s2, 1, "no takeover by the new secondary") {
+        return;
     }
     if !load.wait_more(50, T) {
         row.fail("clients did not carry on".into());
@@ -321,12 +324,8 @@ fn two_node_double_fault(row: &mut Row) {
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     load.wait_more(50, T);
     p.freeze();
-    match take_over(&s, 1) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 1, "no takeover") {
+        return;
     }
     load.wait_more(30, T);
     s.kill9();
@@ -487,12 +486,8 @@ fn tiny_ring_and_tracking_lost(row: &mut Row) {
         row.fail("G2: replica diverged".into());
     }
     p.kill9();
-    match take_over(&s, 1) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 1, "no takeover") {
+        return;
     }
     load.wait_more(30, T);
     let v = load.finish(&rt, s.service);

@@ -113,13 +113,6 @@ impl WitnessConfig {
     }
 }
 
-/// The result of one witness request with its latency, for status.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct TxnStats {
-    pub last_txn_ms: f64,
-    pub txns: u64,
-}
-
 /// A connection to the witness (cheap to clone).
 #[derive(Clone)]
 pub struct Witness {

@@ -9,7 +9,7 @@ use failover_tests::cluster::{Cluster, NodeOpts, NodeProc};
 use failover_tests::load::{split_brain, Load};
 use failover_tests::proxy::{Fault, Proxy};
 
-use super::{protected, rt, take_over, Row, T};
+use super::{expect_takeover, protected, rt, Row, T};
 
 fn opts(urls: &str) -> NodeOpts {
     NodeOpts { witness: Some(urls.into()), ..NodeOpts::default() }
@@ -112,16 +112,10 @@ pub fn primary_freeze(row: &mut Row) {
     load.wait_more(50, T);
     p.freeze();
     eprintln!("froze the primary (SIGSTOP)");
-    match take_over(&s, 2) {
-        Some(st) => {
-            row.failover(&st);
-            eprintln!("  promote txn {:.1} ms", txn_ms(&s));
-        }
-        None => {
-            row.fail(format!("no takeover:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 2, "no takeover") {
+        return;
     }
+    eprintln!("  promote txn {:.1} ms", txn_ms(&s));
     if !load.wait_more(50, T) {
         row.fail("clients did not carry on".into());
     }
@@ -141,12 +135,8 @@ pub fn double_fault(row: &mut Row) {
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     load.wait_more(50, T);
     p.freeze();
-    match take_over(&s, 2) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 2, "no takeover") {
+        return;
     }
     load.wait_more(30, T);
     s.kill9();
@@ -181,12 +171,8 @@ pub fn restart_as_secondary(row: &mut Row) {
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     load.wait_more(50, T);
     p.freeze();
-    match take_over(&s, 2) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 2, "no takeover") {
+        return;
     }
     load.wait_more(30, T);
     s.kill9();
@@ -226,12 +212,8 @@ pub fn primary_isolated(row: &mut Row) {
     to_etcd.set(Fault::Drop);
     to_s.set(Fault::Drop);
     eprintln!("isolated the primary from the secondary and from etcd");
-    match take_over(&s, 2) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 2, "no takeover") {
+        return;
     }
     match p.wait_status(T, |v| v["witness"]["state"] == "unreachable") {
         Some(v) if v["protection"] == "holding" => {
@@ -281,16 +263,10 @@ pub fn etcd_down(row: &mut Row) {
         other => row.fail(format!("secondary without etcd: {other:?}")),
     }
     etcd.signal(libc::SIGCONT);
-    match take_over(&s, 2) {
-        Some(st) => {
-            row.failover(&st);
-            eprintln!("  etcd back: took over");
-        }
-        None => {
-            row.fail(format!("no takeover after etcd came back:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 2, "no takeover after etcd came back") {
+        return;
     }
+    eprintln!("  etcd back: took over");
     if !load.wait_more(30, T) {
         row.fail("clients did not carry on".into());
     }
@@ -315,12 +291,8 @@ pub fn etcd_member_killed(row: &mut Row) {
         row.fail(format!("protection changed after losing one etcd member:\n{}", p.log_tail()));
     }
     p.kill9();
-    match take_over(&s, 2) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover with 2 of 3 members:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 2, "no takeover with 2 of 3 members") {
+        return;
     }
     if !load.wait_more(30, T) {
         row.fail("clients did not carry on".into());
@@ -345,12 +317,8 @@ pub fn switchover(row: &mut Row) {
         row.fail(format!("switchover refused: {reply}"));
         return;
     }
-    match take_over(&s, 2) {
-        Some(st) => row.failover(&st),
-        None => {
-            row.fail(format!("no takeover:\n{}", s.log_tail()));
-            return;
-        }
+    if !expect_takeover(row, &s, 2, "no takeover") {
+        return;
     }
     match p.wait_exit(T) {
         Some(7) => eprintln!("  the old primary was fenced (exit 7)"),
