@@ -69,7 +69,7 @@ pub struct CommonArgs {
     /// Verification mode: send a digest of all guest memory with every epoch.
     #[arg(long)]
     verify_digest: bool,
-    /// Append every released kv response (node generation client seq) to this file.
+    /// Append every released kv response (`node generation client seq decided_us`) to this file.
     #[arg(long)]
     release_log: Option<PathBuf>,
     /// Print the guest's released console lines.

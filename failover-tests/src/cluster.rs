@@ -126,7 +126,9 @@ impl Cluster {
     }
 
     fn spec(&self, name: &str, args: Vec<String>, o: &NodeOpts) -> Spec {
-        let mut env = vec![("CASTOR_LOG".to_string(), "info".to_string())];
+        // FAILOVER_NODE_LOG: the nodes' log filter (default info), to debug a scenario
+        let level = std::env::var("FAILOVER_NODE_LOG").unwrap_or_else(|_| "info".into());
+        let mut env = vec![("CASTOR_LOG".to_string(), level)];
         env.extend(o.env.iter().cloned());
         Spec { exe: castor_bin(), name: name.into(), args, dir: self.dir.clone(), env }
     }

@@ -216,6 +216,24 @@ pub enum Event {
     Command(Command),
 }
 
+impl Event {
+    /// The event's name (for logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::SessionUp { .. } => "session-up",
+            Event::Epoch { .. } => "epoch",
+            Event::Released(_) => "released",
+            Event::Ack { .. } => "ack",
+            Event::ResyncRequested => "resync-requested",
+            Event::Witness { .. } => "witness",
+            Event::SessionLost(_) => "session-lost",
+            Event::Fenced { .. } => "fenced",
+            Event::Tick => "tick",
+            Event::Command(_) => "command",
+        }
+    }
+}
+
 /// The effect of one event.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Step {

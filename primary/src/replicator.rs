@@ -148,7 +148,14 @@ impl Replicator {
     fn apply(&mut self, event: Event) -> Result<(), Refusal> {
         let before = self.core.mode().protection();
         let session_up = matches!(event, Event::SessionUp { .. });
+        let name = event.name();
         let step = self.core.on(event, Instant::now())?;
+        // read at once after the decision (before any syscall below): the
+        // release log shows when each release was decided
+        let decided_us = crate::router::wall_us();
+        if !step.release.is_empty() {
+            tracing::trace!(event = name, outputs = step.release.len(), mode = ?self.core.mode().protection(), "released");
+        }
         if let Some(c) = step.engine {
             // the engine thread ends only after this task: a send cannot fail
             // while it matters
@@ -157,7 +164,7 @@ impl Replicator {
         if let (Some(ask), Some(w)) = (step.ask, &self.witness) {
             let _ = w.asks.send((ask, self.session_peer.clone()));
         }
-        self.router.release(step.release);
+        self.router.release(step.release, decided_us);
         let (mode, held) = (self.core.mode().protection(), self.core.held_count());
         let (view, recorded) = (self.core.witness().clone(), self.core.sync_recorded());
         let hold = match self.core.mode() {

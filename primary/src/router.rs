@@ -30,8 +30,10 @@ pub struct Router {
 }
 
 impl Router {
-    /// `release_log`: append `node generation client seq` for every released
-    /// kv response (a file that cannot be opened is reported and skipped).
+    /// `release_log`: append `node generation client seq decided_us` for
+    /// every released kv response (`decided_us`: wall clock, microseconds
+    /// since the Unix epoch, read just after the release was decided; a file
+    /// that cannot be opened is reported and skipped).
     pub fn new(
         node: &str,
         generation: u64,
@@ -64,8 +66,11 @@ impl Router {
         }
     }
 
-    /// Releases output: it leaves castor now.
-    pub fn release(&self, outputs: Vec<Output>) {
+    /// Releases output: it leaves castor now. `decided_us`: when the
+    /// release was decided ([`wall_us`] just after the decision). A process
+    /// stopped (SIGSTOP, a frozen host) between deciding and emitting
+    /// finishes emitting when it resumes; the time shows it decided before.
+    pub fn release(&self, outputs: Vec<Output>, decided_us: u128) {
         if outputs.is_empty() {
             return;
         }
@@ -76,8 +81,10 @@ impl Router {
             match o {
                 Output::Kv(resp) => {
                     if self.log.is_some() {
-                        log_lines
-                            .push_str(&format!("{} {} {} {}\n", self.node, self.generation, resp.client, resp.seq));
+                        log_lines.push_str(&format!(
+                            "{} {} {} {} {decided_us}\n",
+                            self.node, self.generation, resp.client, resp.seq
+                        ));
                     }
                     if let Some(tx) = clients.get(&resp.client) {
                         let _ = tx.try_send(NodeMsg::Response {
@@ -102,6 +109,11 @@ impl Router {
         }
         self.status.update(|s| s.released_outputs += n);
     }
+}
+
+/// Wall-clock time in microseconds since the Unix epoch (release log).
+pub fn wall_us() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros())
 }
 
 async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Router>) {
