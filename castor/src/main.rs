@@ -63,6 +63,13 @@ enum Command {
         #[arg(long)]
         control: std::net::SocketAddr,
     },
+    /// Planned switchover: the primary at this control address finishes its
+    /// epoch, waits for the ack and hands over; its secondary takes over at
+    /// once and the old primary exits 0. Refused unless protected.
+    Switchover {
+        #[arg(long)]
+        control: std::net::SocketAddr,
+    },
 }
 
 fn main() {
@@ -134,6 +141,9 @@ fn main() {
         }
         Command::Unprotect { control } => {
             node("unprotect", node_cmd::control(control, "unprotect").map(|j| println!("{j}")))
+        }
+        Command::Switchover { control } => {
+            node("switchover", node_cmd::control(control, "switchover").map(|j| println!("{j}")))
         }
     };
     std::process::exit(code);

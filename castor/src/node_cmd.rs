@@ -249,6 +249,10 @@ fn stop_signal() -> watch::Receiver<bool> {
 fn exit_of(r: Result<PrimaryExit, primary::node::NodeError>) -> Result<(), NodeCmdError> {
     match r? {
         PrimaryExit::Shutdown => Ok(()),
+        PrimaryExit::HandedOver { epoch } => {
+            eprintln!("castor: handed over to the secondary after epoch {epoch}; it runs the guest now");
+            Ok(())
+        }
         PrimaryExit::Fenced { by } => Err(NodeCmdError::Fenced(by)),
     }
 }

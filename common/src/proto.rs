@@ -41,6 +41,9 @@ pub enum Kind {
     Shutdown = 12,
     ResyncRequest = 13,
     Refused = 14,
+    /// Planned switchover: the primary's last epoch is acknowledged; the
+    /// secondary takes over at once from it (protocol v2).
+    Handover = 15,
 }
 
 impl Kind {
@@ -59,6 +62,7 @@ impl Kind {
             12 => Shutdown,
             13 => ResyncRequest,
             14 => Refused,
+            15 => Handover,
             _ => return None,
         })
     }
@@ -157,15 +161,40 @@ pub enum Message {
     Hello(Hello),
     HelloAck(HelloAck),
     FullSyncChunk(PageChunk),
-    EpochBegin { epoch: u64, page_count: u64, full: bool },
+    EpochBegin {
+        epoch: u64,
+        page_count: u64,
+        full: bool,
+    },
     PageChunk(PageChunk),
     EpochEnd(Box<EpochEnd>),
-    EpochAck { epoch: u64 },
-    Heartbeat { generation: u64, seq: u64, time_us: u64 },
-    Fence { generation: u64, reason: String },
-    Shutdown { reason: String },
-    ResyncRequest { reason: String },
-    Refused { code: RefuseCode, reason: String },
+    EpochAck {
+        epoch: u64,
+    },
+    Heartbeat {
+        generation: u64,
+        seq: u64,
+        time_us: u64,
+    },
+    Fence {
+        generation: u64,
+        reason: String,
+    },
+    Shutdown {
+        reason: String,
+    },
+    ResyncRequest {
+        reason: String,
+    },
+    Refused {
+        code: RefuseCode,
+        reason: String,
+    },
+    /// The primary stopped after `epoch` (acknowledged) and hands over: the
+    /// secondary, whose committed epoch it must be, takes over now.
+    Handover {
+        epoch: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -217,6 +246,7 @@ impl Message {
             Message::Shutdown { .. } => Kind::Shutdown,
             Message::ResyncRequest { .. } => Kind::ResyncRequest,
             Message::Refused { .. } => Kind::Refused,
+            Message::Handover { .. } => Kind::Handover,
         }
     }
 
@@ -230,7 +260,7 @@ impl Message {
                 enc(&EpochBeginWire { epoch: *epoch, page_count: *page_count, full: *full })
             }
             Message::EpochEnd(e) => enc(e.as_ref()),
-            Message::EpochAck { epoch } => enc(epoch),
+            Message::EpochAck { epoch } | Message::Handover { epoch } => enc(epoch),
             Message::Heartbeat { generation, seq, time_us } => {
                 enc(&HeartbeatWire { generation: *generation, seq: *seq, time_us: *time_us })
             }
@@ -268,6 +298,7 @@ impl Message {
             }
             Kind::EpochEnd => Message::EpochEnd(Box::new(dec(k, &payload)?)),
             Kind::EpochAck => Message::EpochAck { epoch: dec(k, &payload)? },
+            Kind::Handover => Message::Handover { epoch: dec(k, &payload)? },
             Kind::Heartbeat => {
                 let w: HeartbeatWire = dec(k, &payload)?;
                 Message::Heartbeat { generation: w.generation, seq: w.seq, time_us: w.time_us }

@@ -624,7 +624,10 @@ fn failover_suite() {
     run("w-primary-isolated", &mut witness::primary_isolated);
     run("w-etcd-down", &mut witness::etcd_down);
     run("w-etcd-member-kill", &mut witness::etcd_member_killed);
-    run("w-switchover", &mut witness::switchover);
+    run("w-forced-failover", &mut witness::forced_failover);
+    run("w-switchover", &mut |r| witness::planned(r, "w-switchover", true, witness::Planned::Command));
+    run("w-sigterm", &mut |r| witness::planned(r, "w-sigterm", true, witness::Planned::Sigterm));
+    run("2n-switchover", &mut |r| witness::planned(r, "2n-switchover", false, witness::Planned::Command));
 
     eprintln!("\nfailover suite summary (host: KVM-PVM nested, 2 cores; {:.0} s)", started.elapsed().as_secs_f64());
     eprintln!(

@@ -114,6 +114,8 @@ pub struct EpochPacket {
     pub outputs: Vec<Output>,
     pub digest: Option<u64>,
     pub phases: Phases,
+    /// The last epoch before a handover: the guest stays paused after it.
+    pub last: bool,
 }
 
 /// What the engine hands to the network side.
@@ -176,6 +178,9 @@ pub struct Engine {
     want_sync: bool,
     /// The next epoch is a full-memory epoch.
     want_full: bool,
+    /// End the current epoch now and keep the guest paused after it
+    /// ([`EngineCommand::Finish`]).
+    finish: bool,
     held: Vec<Output>,
     pool: BufPool,
     /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`, with `--test-hooks`): treat every N-th
@@ -217,6 +222,7 @@ impl Engine {
             directive: Directive::Alone,
             want_sync: false,
             want_full: false,
+            finish: false,
             held: Vec::new(),
             pool: BufPool::default(),
             force_lost_every,
@@ -312,12 +318,15 @@ impl Engine {
                     self.directive = Directive::Hold;
                     self.want_sync = false;
                     self.want_full = false;
+                    self.finish = false;
                 }
                 EngineCommand::Alone => {
                     self.directive = Directive::Alone;
                     self.want_sync = false;
                     self.want_full = false;
+                    self.finish = false;
                 }
+                EngineCommand::Finish => self.finish = self.directive == Directive::Protect,
                 EngineCommand::FullEpoch => self.want_full |= self.directive == Directive::Protect,
             }
         }
@@ -360,6 +369,12 @@ impl Engine {
                     break;
                 }
                 if self.machine.ring_pending() >= self.opts.max_epoch_pages {
+                    next = now;
+                    break;
+                }
+                // a switchover ends the epoch at once
+                self.poll_commands();
+                if self.finish {
                     next = now;
                     break;
                 }
@@ -416,7 +431,13 @@ impl Engine {
             if self.directive != Directive::Protect {
                 continue;
             }
-            let packet = self.boundary()?;
+            let last = std::mem::take(&mut self.finish);
+            let packet = self.boundary(!last)?;
+            if last {
+                // the guest stays paused: the secondary runs it from here
+                self.directive = Directive::Hold;
+                tracing::info!(epoch = packet.epoch, "last epoch before the handover: the guest stays paused");
+            }
             if !self.send(Packet::Epoch(Box::new(packet))) {
                 return Ok(());
             }
@@ -492,7 +513,9 @@ impl Engine {
         Ok(())
     }
 
-    fn boundary(&mut self) -> Result<EpochPacket, vmm::MachineError> {
+    /// One epoch boundary; `resume`: let the guest run on after it (not
+    /// after the last epoch before a handover).
+    fn boundary(&mut self, resume: bool) -> Result<EpochPacket, vmm::MachineError> {
         let epoch = self.shared.next_epoch.load(Ordering::SeqCst);
         common::crashpoint::hit("primary.before_pause");
         let t0 = Instant::now();
@@ -545,7 +568,7 @@ impl Engine {
         // by a secondary that takes over from this state
         let mut outputs = std::mem::take(&mut self.held);
         outputs.extend(self.machine.devices().drain());
-        let resume = self.machine.resume()?;
+        let resume_us = if resume { us(self.machine.resume()?.elapsed) } else { 0.0 };
         common::crashpoint::hit("primary.after_resume");
         let t5 = Instant::now();
         let len_us = us(t0.saturating_duration_since(self.epoch_started));
@@ -566,11 +589,11 @@ impl Engine {
             collect_us: us(t2 - t1),
             copy_us: us(t3 - t2),
             save_us: us(t4 - t3),
-            resume_us: us(resume.elapsed),
+            resume_us,
             pause_us: us(t5 - t0),
             len_us,
             full,
         };
-        Ok(EpochPacket { epoch, full, pages, state, outputs, digest, phases })
+        Ok(EpochPacket { epoch, full, pages, state, outputs, digest, phases, last: !resume })
     }
 }

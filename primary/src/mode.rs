@@ -65,6 +65,13 @@ pub enum Mode {
     },
     /// A newer generation exists: this node must never release output again.
     Fenced { by: u64 },
+    /// A planned switchover: the engine ends its last epoch (`last`, once
+    /// known) and keeps the guest paused; acked output is released as when
+    /// protected; once `last` is acknowledged the handover is sent (`sent`).
+    HandingOver { last: Option<u64>, sent: bool },
+    /// The secondary accepted the handover after `epoch`: this node never
+    /// releases output again (the secondary runs the guest now).
+    HandedOver { epoch: u64 },
 }
 
 impl Mode {
@@ -75,12 +82,14 @@ impl Mode {
             Mode::Protected => Protection::Protected,
             Mode::Holding { .. } => Protection::Holding,
             Mode::Fenced { .. } => Protection::Fenced,
+            Mode::HandingOver { .. } => Protection::HandingOver,
+            Mode::HandedOver { .. } => Protection::HandedOver,
         }
     }
 
     /// A secondary session is up.
     pub fn in_session(&self) -> bool {
-        matches!(self, Mode::Syncing | Mode::Protected)
+        matches!(self, Mode::Syncing | Mode::Protected | Mode::HandingOver { .. })
     }
 }
 
@@ -105,6 +114,9 @@ pub enum EngineCommand {
     Alone,
     /// Send the next epoch as a full-memory epoch (the secondary asked).
     FullEpoch,
+    /// End the current epoch now, ship it as the last one, and keep the
+    /// guest paused (a planned switchover).
+    Finish,
 }
 
 /// Why a command or event was not applied.
@@ -125,6 +137,14 @@ pub enum Refusal {
          `castor unprotect` if you know it is dead"
     )]
     HoldingFor(String),
+    #[error("not protected but {0}: a switchover needs a secondary that acknowledges epochs")]
+    NotProtected(Protection),
+    #[error("the witness has not recorded the secondary as caught up yet: try again in a moment")]
+    NotRecorded,
+    #[error("a switchover is already under way")]
+    SwitchingOver,
+    #[error("handed over: the secondary runs the guest now; this node takes no commands")]
+    HandedOver,
 }
 
 /// A question for the witness; its answer comes back as [`Event::Witness`]
@@ -214,6 +234,15 @@ pub enum Event {
     /// Time passes.
     Tick,
     Command(Command),
+    /// The epoch the engine ended last before a handover (after its
+    /// [`Event::Epoch`]).
+    LastEpoch {
+        epoch: u64,
+    },
+    /// The secondary accepted the handover after `epoch`.
+    HandoverAccepted {
+        epoch: u64,
+    },
 }
 
 impl Event {
@@ -230,6 +259,8 @@ impl Event {
             Event::Fenced { .. } => "fenced",
             Event::Tick => "tick",
             Event::Command(_) => "command",
+            Event::LastEpoch { .. } => "last-epoch",
+            Event::HandoverAccepted { .. } => "handover-accepted",
         }
     }
 }
@@ -242,6 +273,8 @@ pub struct Step {
     pub release: Vec<Output>,
     /// Ask the witness this.
     pub ask: Option<Ask>,
+    /// Send the secondary the handover after this epoch (acknowledged).
+    pub handover: Option<u64>,
 }
 
 /// Output waiting for its epoch's ack: epoch -> (outputs, sent at).
@@ -398,7 +431,9 @@ impl Core {
                     Want::Sync if self.mode.in_session() => {
                         self.sync_recorded = true;
                         if let Some(e) = self.acked_unrecorded.take() {
-                            self.mode = Mode::Protected;
+                            if matches!(self.mode, Mode::Syncing | Mode::Protected) {
+                                self.mode = Mode::Protected;
+                            }
                             step.release = self.held.take_through(e);
                         }
                     }
@@ -435,6 +470,7 @@ impl Core {
             Event::SessionUp { next_epoch, resync, peer } => {
                 match &self.mode {
                     Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
+                    Mode::HandedOver { .. } => return Err(Refusal::HandedOver),
                     m if m.in_session() => return Err(Refusal::SessionUp),
                     Mode::Holding { peer: lost, .. } if !self.witness && *lost != peer => {
                         return Err(Refusal::HoldingFor(lost.clone()))
@@ -461,25 +497,25 @@ impl Core {
                 }
             }
             Event::Epoch { epoch, outputs } => match &self.mode {
-                Mode::Syncing | Mode::Protected => {
+                Mode::Syncing | Mode::Protected | Mode::HandingOver { .. } => {
                     self.last_sent = Some(epoch);
                     self.held.insert(epoch, outputs, now);
                 }
                 Mode::Holding { .. } => self.pending.extend(outputs),
                 Mode::Unprotected => step.release = outputs,
-                Mode::Fenced { .. } => {}
+                Mode::Fenced { .. } | Mode::HandedOver { .. } => {}
             },
             Event::Released(outputs) => match &self.mode {
                 // an engine epoch that ran before the engine saw Protect:
                 // a secondary exists now, so it waits for an ack of an epoch
                 // after it
-                Mode::Syncing | Mode::Protected => {
+                Mode::Syncing | Mode::Protected | Mode::HandingOver { .. } => {
                     let key = self.last_sent.map_or(self.session_base, |e| e + 1);
                     self.held.insert(key, outputs, now);
                 }
                 Mode::Holding { .. } => self.pending.extend(outputs),
                 Mode::Unprotected => step.release = outputs,
-                Mode::Fenced { .. } => {}
+                Mode::Fenced { .. } | Mode::HandedOver { .. } => {}
             },
             Event::Ack { epoch } => {
                 if self.mode.in_session() {
@@ -491,9 +527,34 @@ impl Core {
                             self.ask(Want::Sync, &mut step);
                         }
                     } else {
-                        self.mode = Mode::Protected;
                         step.release = self.held.take_through(epoch);
+                        match self.mode {
+                            Mode::HandingOver { last: Some(last), sent: false } if epoch >= last => {
+                                // everything up to the last epoch is in the
+                                // secondary's replica and released: hand over
+                                self.mode = Mode::HandingOver { last: Some(last), sent: true };
+                                step.handover = Some(last);
+                            }
+                            Mode::HandingOver { .. } => {}
+                            _ => self.mode = Mode::Protected,
+                        }
                     }
+                }
+            }
+            Event::LastEpoch { epoch } => {
+                if let Mode::HandingOver { last: None, sent } = self.mode {
+                    self.mode = Mode::HandingOver { last: Some(epoch), sent };
+                }
+            }
+            Event::HandoverAccepted { epoch } => {
+                if self.mode == (Mode::HandingOver { last: Some(epoch), sent: true }) {
+                    self.mode = Mode::HandedOver { epoch };
+                    // nothing can be left (the guest stopped at the last
+                    // boundary); whatever is, the secondary's state has
+                    self.held.take_all();
+                    self.pending.clear();
+                    self.asking = None;
+                    step.engine = Some(EngineCommand::Hold);
                 }
             }
             Event::Witness { tag, answer } => self.on_witness(tag, answer, now, &mut step),
@@ -522,10 +583,23 @@ impl Core {
                 }
             }
             Event::Command(Command::Failover) => return Err(Refusal::IsPrimary),
+            Event::Command(Command::Switchover) => match &self.mode {
+                Mode::Protected if !self.witness || self.sync_recorded => {
+                    self.mode = Mode::HandingOver { last: None, sent: false };
+                    step.engine = Some(EngineCommand::Finish);
+                }
+                Mode::Protected => return Err(Refusal::NotRecorded),
+                Mode::Syncing if self.acked_unrecorded.is_some() => return Err(Refusal::NotRecorded),
+                Mode::HandingOver { .. } => return Err(Refusal::SwitchingOver),
+                Mode::HandedOver { .. } => return Err(Refusal::HandedOver),
+                Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
+                other => return Err(Refusal::NotProtected(other.protection())),
+            },
             Event::Command(Command::Unprotect) => match &self.mode {
                 Mode::Holding { .. } if self.witness => return Err(Refusal::WitnessDecides),
                 Mode::Holding { .. } => step = self.go_unprotected(),
                 Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
+                Mode::HandedOver { .. } => return Err(Refusal::HandedOver),
                 other => return Err(Refusal::NotHolding(other.protection())),
             },
         }
@@ -536,7 +610,7 @@ impl Core {
         self.mode = Mode::Unprotected;
         let mut release = self.held.take_all();
         release.append(&mut self.pending);
-        Step { engine: Some(EngineCommand::Alone), release, ask: None }
+        Step { engine: Some(EngineCommand::Alone), release, ..Step::default() }
     }
 }
 

@@ -62,7 +62,7 @@ fn reprotection_after_a_hold_is_one_command_and_releases_only_with_an_ack() {
     assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
     assert!(c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap().release.is_empty());
     let s = c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Full, peer: "s".into() }, t).unwrap();
-    assert_eq!(s, Step { engine: Some(EngineCommand::Protect(Resync::Full)), release: vec![], ask: None });
+    assert_eq!(s, Step { engine: Some(EngineCommand::Protect(Resync::Full)), ..Step::default() });
     // an unprotected epoch racing the Protect command waits for an ack too
     assert!(c.on(Event::Released(vec![out(4)]), t).unwrap().release.is_empty());
     c.on(Event::Epoch { epoch: 5, outputs: vec![out(5)] }, t).unwrap();
@@ -127,6 +127,75 @@ fn the_primary_refuses_a_forced_failover() {
     assert_eq!(c.mode(), &Mode::Unprotected);
 }
 
+fn up(c: &mut Core, t: Instant) {
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+}
+
+#[test]
+fn a_switchover_hands_over_only_once_the_last_epoch_is_acked_and_then_releases_nothing() {
+    let t = Instant::now();
+    let mut c = Core::new();
+    let sw = Event::Command(Command::Switchover);
+    assert_eq!(c.on(sw.clone(), t), Err(Refusal::NotProtected(Protection::Unprotected)));
+    up(&mut c, t);
+    assert_eq!(c.on(sw.clone(), t), Err(Refusal::NotProtected(Protection::Syncing)));
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    c.on(Event::Ack { epoch: 1 }, t).unwrap();
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+    let s = c.on(sw.clone(), t).unwrap();
+    assert_eq!(s.engine, Some(EngineCommand::Finish));
+    assert_eq!(c.mode().protection(), Protection::HandingOver);
+    assert_eq!(c.on(sw.clone(), t), Err(Refusal::SwitchingOver));
+    // the engine's last epoch
+    c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap();
+    c.on(Event::LastEpoch { epoch: 3 }, t).unwrap();
+    // an earlier ack releases its output, no handover yet
+    let s = c.on(Event::Ack { epoch: 2 }, t).unwrap();
+    assert_eq!((s.release, s.handover), (vec![out(2)], None));
+    let s = c.on(Event::Ack { epoch: 3 }, t).unwrap();
+    assert_eq!((s.release, s.handover), (vec![out(3)], Some(3)));
+    // an acceptance of another epoch is not this one's
+    c.on(Event::HandoverAccepted { epoch: 2 }, t).unwrap();
+    assert_eq!(c.mode(), &Mode::HandingOver { last: Some(3), sent: true });
+    c.on(Event::HandoverAccepted { epoch: 3 }, t).unwrap();
+    assert_eq!(c.mode(), &Mode::HandedOver { epoch: 3 });
+    // the secondary runs the guest now: nothing leaves here again
+    assert!(c.on(Event::Released(vec![out(4)]), t).unwrap().release.is_empty());
+    assert!(c.on(Event::Epoch { epoch: 4, outputs: vec![out(5)] }, t).unwrap().release.is_empty());
+    assert!(c.on(Event::Ack { epoch: 4 }, t).unwrap().release.is_empty());
+    assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::HandedOver));
+    assert_eq!(
+        c.on(Event::SessionUp { next_epoch: 5, resync: Resync::Live, peer: "s".into() }, t),
+        Err(Refusal::HandedOver)
+    );
+    assert_eq!(c.held_count(), 0);
+}
+
+#[test]
+fn a_switchover_that_loses_its_secondary_holds_and_with_a_witness_waits_for_its_record() {
+    let t = Instant::now();
+    let mut c = Core::with_witness();
+    up(&mut c, t);
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    let s = c.on(Event::Ack { epoch: 1 }, t).unwrap();
+    let Some(Ask::RecordSync { tag }) = s.ask else { panic!("no sync record asked: {s:?}") };
+    // acked, but the witness has not recorded the secondary: it may not be
+    // promotable, so no switchover to it
+    assert_eq!(c.on(Event::Command(Command::Switchover), t), Err(Refusal::NotRecorded));
+    c.on(Event::Witness { tag, answer: Answer::Granted }, t).unwrap();
+    assert_eq!(c.mode(), &Mode::Protected);
+    c.on(Event::Command(Command::Switchover), t).unwrap();
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+    c.on(Event::LastEpoch { epoch: 2 }, t).unwrap();
+    // the secondary is lost before acking the last epoch: a hold, and the
+    // witness decides (the secondary may have taken over)
+    let s = c.on(lost(), t).unwrap();
+    assert!(s.release.is_empty() && s.handover.is_none());
+    assert!(matches!(s.ask, Some(Ask::RunAlone { .. })), "{s:?}");
+    assert_eq!(c.mode().protection(), Protection::Holding);
+    assert_eq!(c.held_count(), 1);
+}
+
 #[test]
 fn held_outputs_release_in_epoch_order_up_to_the_ack() {
     let t = Instant::now();
@@ -161,6 +230,11 @@ enum Gen {
     Tick(u64),
     Unprotect,
     Failover,
+    Switchover,
+    /// The engine's last epoch before a handover: an epoch, then its mark.
+    LastEpoch,
+    /// The secondary accepts the handover it was sent (or some epoch).
+    Accept,
     /// Answer the oldest unanswered witness question (0 granted, 1
     /// superseded, 2 unreachable, 3 refused).
     Answer(u8),
@@ -178,6 +252,9 @@ fn gen() -> impl Strategy<Value = Gen> {
         3 => (0u64..400).prop_map(Gen::Tick),
         2 => Just(Gen::Unprotect),
         1 => Just(Gen::Failover),
+        2 => Just(Gen::Switchover),
+        1 => Just(Gen::LastEpoch),
+        2 => Just(Gen::Accept),
         4 => (0u8..4).prop_map(Gen::Answer),
     ]
 }
@@ -206,6 +283,9 @@ proptest! {
         let mut sent_in_session: Vec<u64> = Vec::new();
         let mut released: BTreeSet<u32> = BTreeSet::new();
         let mut discarded = false;
+        // the handover the core asked to send, and the highest epoch acked
+        let mut handover_sent: Option<u64> = None;
+        let mut acked_max = 0u64;
         for g in events {
             let before = c.mode().clone();
             let mut fresh = |engine_epoch: u64| {
@@ -240,6 +320,22 @@ proptest! {
                 }
                 Gen::Unprotect => Event::Command(Command::Unprotect),
                 Gen::Failover => Event::Command(Command::Failover),
+                Gen::Switchover => Event::Command(Command::Switchover),
+                Gen::LastEpoch => {
+                    // applied right after its epoch, as the replicator does
+                    engine_epoch += 1;
+                    let e = Event::Epoch { epoch: engine_epoch, outputs: fresh(engine_epoch) };
+                    if c.mode().in_session() {
+                        sent_in_session.push(engine_epoch);
+                    }
+                    let s = c.on(e, now).expect("an epoch is never refused");
+                    prop_assert!(s.release.is_empty() || matches!(c.mode(), Mode::Unprotected));
+                    for o in &s.release {
+                        prop_assert!(released.insert(id(o)));
+                    }
+                    Event::LastEpoch { epoch: engine_epoch }
+                }
+                Gen::Accept => Event::HandoverAccepted { epoch: handover_sent.unwrap_or(engine_epoch) },
                 Gen::Answer(k) => match asked.pop_front() {
                     None => Event::Tick,
                     Some(a) => {
@@ -267,6 +363,25 @@ proptest! {
             if matches!(ev, Event::Fenced { .. } | Event::Witness { answer: Answer::Refused { .. }, .. }) {
                 discarded = true;
             }
+            if let Event::Ack { epoch } = ev {
+                acked_max = acked_max.max(epoch);
+            }
+            if let Some(h) = step.handover {
+                // the handover goes only once the last epoch is acked, and
+                // nothing of it or before it is still held
+                let on_ack = matches!(ev, Event::Ack { epoch } if epoch >= h);
+                prop_assert!(on_ack, "handover on {:?}", ev);
+                let handing = matches!(c.mode(), Mode::HandingOver { last: Some(l), sent: true } if *l == h);
+                prop_assert!(handing, "handover asked outside its mode: {:?}", c.mode());
+                handover_sent = Some(h);
+            }
+            if matches!(c.mode(), Mode::HandedOver { .. }) {
+                // the secondary's state holds what was not released
+                discarded = true;
+            }
+            if !matches!(c.mode(), Mode::HandingOver { .. } | Mode::HandedOver { .. }) {
+                handover_sent = None;
+            }
             if matches!(ev, Event::SessionUp { .. }) || !c.mode().in_session() {
                 recorded = false;
             }
@@ -290,12 +405,13 @@ proptest! {
                 // rule 2: nothing leaves while holding or fenced, except by
                 // the decision that ends the hold
                 (Mode::Fenced { .. }, _, _) => prop_assert!(false, "released while fenced"),
+                (Mode::HandedOver { .. }, _, _) => prop_assert!(false, "released after the handover"),
                 (Mode::Holding { .. }, Mode::Unprotected, Event::Command(Command::Unprotect)) if !witness => {}
                 // with a witness only its grant ends a hold
                 (Mode::Holding { .. }, Mode::Unprotected, Event::Witness { answer: Answer::Granted, .. }) if witness => {}
                 (Mode::Holding { .. }, _, _) => prop_assert!(false, "released while holding: {:?}", ev),
                 // rule 1: with a secondary, only what an ack covers
-                (Mode::Syncing | Mode::Protected, _, Event::Ack { epoch }) => {
+                (Mode::Syncing | Mode::Protected | Mode::HandingOver { .. }, _, Event::Ack { epoch }) => {
                     prop_assert!(!witness || recorded, "released before the witness recorded the secondary");
                     for o in &step.release {
                         prop_assert!(produced_at[&id(o)] <= *epoch, "output of a later epoch released by ack {}", epoch);
@@ -308,7 +424,9 @@ proptest! {
                         prop_assert!(produced_at[&id(o)] <= acked, "released output of an epoch never sent");
                     }
                 }
-                (Mode::Syncing | Mode::Protected, _, _) => prop_assert!(false, "released in a session without an ack: {:?}", ev),
+                (Mode::Syncing | Mode::Protected | Mode::HandingOver { .. }, _, _) => {
+                    prop_assert!(false, "released in a session without an ack: {:?}", ev)
+                }
                 (Mode::Unprotected, Mode::Unprotected, Event::Epoch { .. } | Event::Released(_)) => {}
                 (b, a, e) => prop_assert!(false, "release from {:?} to {:?} on {:?}", b, a, e),
             }

@@ -42,6 +42,8 @@ pub enum PrimaryExit {
     Shutdown,
     /// A node of a higher generation exists: this one must not release output.
     Fenced { by: u64 },
+    /// A planned switchover completed: the secondary took over after `epoch`.
+    HandedOver { epoch: u64 },
 }
 
 /// Primary settings.
@@ -162,6 +164,8 @@ pub async fn run_primary(
         core: if cfg.witness.is_some() { Core::with_witness() } else { Core::new() },
         witness: None,
         session_peer: String::new(),
+        handover_due: None,
+        switchover: None,
         cfg,
         shape,
         shared: shared.clone(),

@@ -17,7 +17,7 @@ use runtime::status::NodeStatus;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::engine::{EngineError, EngineShared, EpochPacket, Packet};
-use crate::mode::{Answer, Ask, Core, EngineCommand, Event, Loss, Mode, Refusal, Resync, WitnessView};
+use crate::mode::{Answer, Ask, Command, Core, EngineCommand, Event, Loss, Mode, Refusal, Resync, WitnessView};
 use crate::node::{PrimaryConfig, PrimaryExit};
 use crate::router::Router;
 use crate::sender::{SenderError, Session, SessionReader, SessionWriter};
@@ -86,6 +86,9 @@ enum SessionEnd {
     Fenced(u64),
     Stopped,
     GuestFailed(EngineError),
+    /// The secondary accepted the handover after this epoch (from the
+    /// reader: its echo; from the session: applied, this node handed over).
+    HandedOver(u64),
 }
 
 /// What the session's reader tasks report.
@@ -98,7 +101,13 @@ enum Heard {
 enum Ship {
     Sync(Vec<common::proto::Page>),
     Epoch(Box<EpochPacket>),
+    /// The handover after this (acknowledged) epoch.
+    Handover(u64),
 }
+
+/// How long a switchover started by SIGTERM may take before the primary
+/// stops anyway (its secondary then fails over by the heartbeat timeout).
+const STOP_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a run ended in error.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +131,10 @@ pub(crate) struct Replicator {
     pub witness: Option<WitnessLink>,
     /// The witness name of the session's secondary.
     pub session_peer: String,
+    /// A step asked to send the handover after this epoch.
+    pub handover_due: Option<u64>,
+    /// The operator's switchover, answered once it completes or fails.
+    pub switchover: Option<ControlRequest>,
 }
 
 /// The next item of an optional channel; a closed or absent channel never
@@ -165,6 +178,9 @@ impl Replicator {
             let _ = w.asks.send((ask, self.session_peer.clone()));
         }
         self.router.release(step.release, decided_us);
+        if step.handover.is_some() {
+            self.handover_due = step.handover;
+        }
         let (mode, held) = (self.core.mode().protection(), self.core.held_count());
         let (view, recorded) = (self.core.witness().clone(), self.core.sync_recorded());
         let hold = match self.core.mode() {
@@ -190,6 +206,15 @@ impl Replicator {
                 };
             }
         });
+        if let Some(c) = self.switchover.take() {
+            match self.core.mode() {
+                Mode::HandingOver { .. } => self.switchover = Some(c),
+                Mode::HandedOver { .. } => c.answer(Ok("handed over: the secondary runs the guest now")),
+                m => {
+                    c.answer(Err(Refused(format!("the switchover did not complete: this node is {}", m.protection()))))
+                }
+            }
+        }
         if mode != before {
             match self.core.mode() {
                 Mode::Holding { why, .. } if self.witness.is_some() => {
@@ -227,6 +252,12 @@ impl Replicator {
         let r = self.apply(Event::Command(c.command)).map(|()| "done").map_err(|e| Refused(e.to_string()));
         if r.is_ok() {
             tracing::warn!(command = c.command.name(), "operator command applied");
+            if c.command == Command::Switchover {
+                // answered when the secondary accepts the handover (or the
+                // switchover fails)
+                self.switchover = Some(c);
+                return;
+            }
         }
         c.answer(r);
     }
@@ -375,6 +406,7 @@ impl Replicator {
             tracing::info!(?resync, "secondary connected: sync starts");
             match self.run_session(data, hb).await {
                 SessionEnd::Stopped => return Ok(PrimaryExit::Shutdown),
+                SessionEnd::HandedOver(epoch) => return Ok(PrimaryExit::HandedOver { epoch }),
                 SessionEnd::GuestFailed(e) => return Err(e.into()),
                 SessionEnd::Fenced(by) => {
                     let _ = self.apply(Event::Fenced { by });
@@ -420,9 +452,23 @@ impl Replicator {
         let ack_timeout = self.cfg.peer_timeout * 4;
         let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
         let mut stop = self.stop.clone();
+        // SIGTERM with a caught-up secondary: hand over, then stop
+        let mut stopping: Option<Instant> = None;
         loop {
+            if let Some(epoch) = self.handover_due.take() {
+                tracing::info!(epoch, "the last epoch is acknowledged: handing over");
+                let _ = ship_tx.send(Ship::Handover(epoch));
+            }
             tokio::select! {
-                end = &mut io => return end,
+                end = &mut io => {
+                    let SessionEnd::HandedOver(epoch) = end else { return end };
+                    let _ = self.apply(Event::HandoverAccepted { epoch });
+                    if let Mode::HandedOver { epoch } = self.core.mode() {
+                        tracing::warn!(epoch = *epoch, peer = %self.session_peer, "handed over: the secondary runs the guest now");
+                        return SessionEnd::HandedOver(*epoch);
+                    }
+                    return SessionEnd::Lost(Loss::Unexpected(format!("a handover acceptance for epoch {epoch}")));
+                }
                 h = heard_rx.recv() => match h {
                     Some(Heard::Ack(epoch)) => {
                         let silent = common::sync::lock(&last_reply).elapsed();
@@ -442,6 +488,7 @@ impl Replicator {
                         tracing::error!(%reason, "secondary asks for a full resync");
                         let _ = self.apply(Event::ResyncRequested);
                     }
+
                     None => {}
                 },
                 p = self.packets.recv(), if queued.load(std::sync::atomic::Ordering::SeqCst) < ship_max => match p {
@@ -456,6 +503,9 @@ impl Replicator {
                         self.record_epoch(&e);
                         let outputs = std::mem::take(&mut e.outputs);
                         let _ = self.apply(Event::Epoch { epoch: e.epoch, outputs });
+                        if e.last {
+                            let _ = self.apply(Event::LastEpoch { epoch: e.epoch });
+                        }
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let _ = ship_tx.send(Ship::Epoch(e));
                     }
@@ -468,6 +518,10 @@ impl Replicator {
                     }
                 }
                 _ = tick.tick() => {
+                    if stopping.is_some_and(|t| t.elapsed() > STOP_SWITCHOVER_TIMEOUT) {
+                        tracing::warn!("the switchover did not complete in time: stopping");
+                        return SessionEnd::Stopped;
+                    }
                     let _ = self.apply(Event::Tick);
                     if let Some(t) = self.core.oldest_unacked() {
                         if t.elapsed() > ack_timeout {
@@ -475,7 +529,21 @@ impl Replicator {
                         }
                     }
                 }
-                _ = stop.changed() => return SessionEnd::Stopped,
+                _ = stop.changed(), if stopping.is_none() => {
+                    if !*stop.borrow() {
+                        continue;
+                    }
+                    match self.apply(Event::Command(Command::Switchover)) {
+                        Ok(()) => {
+                            tracing::warn!("asked to stop: handing over to the secondary first");
+                            stopping = Some(Instant::now());
+                        }
+                        Err(e) => {
+                            tracing::info!(reason = %e, "asked to stop: no switchover");
+                            return SessionEnd::Stopped;
+                        }
+                    }
+                }
             }
         }
     }
@@ -506,6 +574,7 @@ async fn write_loop(
                 let e = *e;
                 dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await
             }
+            Ship::Handover(epoch) => dw.send(&Message::Handover { epoch }).await,
         };
         queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = res {
@@ -520,6 +589,9 @@ async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<Heard>, g
         let h = match dr.recv().await {
             Ok(Some(Message::EpochAck { epoch })) => Heard::Ack(epoch),
             Ok(Some(Message::ResyncRequest { reason })) => Heard::ResyncRequest(reason),
+            // the secondary accepted and closes the session: the end of the
+            // I/O carries it (ahead of the close that follows)
+            Ok(Some(Message::Handover { epoch })) => return SessionEnd::HandedOver(epoch),
             Ok(Some(Message::Fence { generation, .. })) => return SessionEnd::Fenced(generation),
             Ok(Some(Message::Refused { code: RefuseCode::StaleGeneration, .. })) => return SessionEnd::Fenced(gen + 1),
             Ok(Some(Message::Refused { reason, .. })) => return SessionEnd::Lost(Loss::Refused(reason)),

@@ -2,8 +2,9 @@
 //! asks of a node, on loopback.
 //!
 //! Two forms on one port. One request per line (`status`, `failover`,
-//! `unprotect`), one JSON object per line back; or HTTP (hyper): `GET /status`,
-//! `POST /failover`, `POST /unprotect`, one JSON object back. A command goes
+//! `unprotect`, `switchover`), one JSON object per line back; or HTTP
+//! (hyper): `GET /status`, `POST /failover`, `POST /unprotect`,
+//! `POST /switchover`, one JSON object back. A command goes
 //! to the task that owns the node's mode and is answered by it at once:
 //! applied, or refused with the reason (never queued for later).
 
@@ -26,6 +27,9 @@ pub enum Command {
     Failover,
     /// A primary that holds: stop holding, run unprotected.
     Unprotect,
+    /// A protected primary: finish the current epoch, wait for its ack and
+    /// hand over to the secondary, which takes over at once.
+    Switchover,
 }
 
 impl Command {
@@ -33,6 +37,7 @@ impl Command {
         match self {
             Command::Failover => "failover",
             Command::Unprotect => "unprotect",
+            Command::Switchover => "switchover",
         }
     }
 }
@@ -47,7 +52,7 @@ pub enum Request {
 /// Errors of the control API.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
-    #[error("unknown command '{0}' (status, failover, unprotect)")]
+    #[error("unknown command '{0}' (status, failover, unprotect, switchover)")]
     Unknown(String),
     #[error("{0} needs POST")]
     Method(&'static str),
@@ -64,6 +69,7 @@ impl FromStr for Request {
             "status" => Ok(Request::Status),
             "failover" => Ok(Request::Act(Command::Failover)),
             "unprotect" => Ok(Request::Act(Command::Unprotect)),
+            "switchover" => Ok(Request::Act(Command::Switchover)),
             other => Err(ControlError::Unknown(other.chars().take(64).collect())),
         }
     }
@@ -262,7 +268,7 @@ mod tests {
             while let Some(r) = rx.recv().await {
                 match r.command {
                     Command::Failover => r.answer(Ok("failover started")),
-                    Command::Unprotect => r.answer(Err(Refused("not holding".into()))),
+                    Command::Unprotect | Command::Switchover => r.answer(Err(Refused("not holding".into()))),
                 }
             }
         });

@@ -146,6 +146,11 @@ impl NodeProc {
         self.signal(libc::SIGSTOP);
     }
 
+    /// SIGTERM: an orderly stop (a protected primary hands over first).
+    pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
     /// SIGCONT after [`NodeProc::freeze`].
     pub fn thaw(&self) {
         self.signal(libc::SIGCONT);

@@ -33,6 +33,14 @@ pub enum Protection {
     Holding,
     /// Primary: a newer generation exists.
     Fenced,
+    /// Primary: a planned switchover runs (the last epoch is on its way to
+    /// the secondary; the guest is paused).
+    #[serde(rename = "handing-over")]
+    HandingOver,
+    /// Primary: the secondary accepted the handover; this node releases
+    /// nothing more and exits.
+    #[serde(rename = "handed-over")]
+    HandedOver,
     /// Secondary: no primary has synced it yet.
     #[default]
     Waiting,
@@ -55,6 +63,8 @@ impl Protection {
             Protection::Protected => "protected",
             Protection::Holding => "holding",
             Protection::Fenced => "fenced",
+            Protection::HandingOver => "handing-over",
+            Protection::HandedOver => "handed-over",
             Protection::Waiting => "waiting",
             Protection::Replicating => "replicating",
             Protection::Diverged => "diverged",
@@ -320,6 +330,8 @@ mod tests {
             Protection::Protected,
             Protection::Holding,
             Protection::Fenced,
+            Protection::HandingOver,
+            Protection::HandedOver,
             Protection::Waiting,
             Protection::Replicating,
             Protection::Diverged,

@@ -34,6 +34,11 @@ pub enum SecondaryEvent {
     WitnessGranted,
     /// The witness refused it (the primary ran alone, or the term moved on).
     WitnessRefused,
+    /// The primary handed over after `epoch` (a planned switchover; the
+    /// receiver checked that it is the epoch committed here).
+    Handover {
+        epoch: u64,
+    },
 }
 
 /// Why an event was not applied.
@@ -45,6 +50,10 @@ pub enum SecondaryRefusal {
     NotPrimary,
     #[error("already taking over")]
     Promoting,
+    #[error("this node is a secondary: a switchover is asked of its primary (`castor switchover --control PRIMARY`)")]
+    SwitchoverOnPrimary,
+    #[error("handover after epoch {asked}, but the committed epoch here is {committed:?}")]
+    HandoverEpoch { asked: u64, committed: Option<u64> },
 }
 
 impl SecondaryMode {
@@ -82,10 +91,22 @@ impl SecondaryMode {
         use SecondaryEvent as E;
         use SecondaryMode as M;
         match (self, e) {
+            (_, E::Command(Command::Switchover)) => Err(SecondaryRefusal::SwitchoverOnPrimary),
             (M::Promoting { .. } | M::Claiming { .. }, E::Command(Command::Failover)) => {
                 Err(SecondaryRefusal::Promoting)
             }
             (M::Promoting { .. }, _) => Ok(self),
+            // a planned switchover: take over at once (with a witness, by
+            // its promote transaction), no heartbeat timeout
+            (M::Claiming { .. }, E::Handover { .. }) => Ok(self),
+            (m, E::Handover { epoch }) if m.committed() == Some(epoch) => Ok(if witness {
+                M::Claiming { committed: epoch, forced: true }
+            } else {
+                M::Promoting { committed: epoch, forced: true }
+            }),
+            (m, E::Handover { epoch }) => {
+                Err(SecondaryRefusal::HandoverEpoch { asked: epoch, committed: m.committed() })
+            }
             (M::Claiming { committed, forced }, E::WitnessGranted) => Ok(M::Promoting { committed, forced }),
             (M::Claiming { committed, .. }, E::WitnessRefused) => Ok(M::Replicating { committed }),
             // the claim stands until the witness answers; later commits
@@ -124,6 +145,9 @@ mod tests {
         assert_eq!(w.on(E::PrimarySilent), Ok(M::Waiting));
         assert_eq!(w.on(E::Command(Command::Failover)), Err(SecondaryRefusal::NothingCommitted));
         assert_eq!(w.on(E::Command(Command::Unprotect)), Err(SecondaryRefusal::NotPrimary));
+        for m in [M::Waiting, M::Replicating { committed: 1 }, M::Claiming { committed: 1, forced: false }] {
+            assert_eq!(m.on(E::Command(Command::Switchover)), Err(SecondaryRefusal::SwitchoverOnPrimary));
+        }
         let r = w.on(E::Committed { epoch: 5, diverged: false }).unwrap();
         assert_eq!(r, M::Replicating { committed: 5 });
         let d = r.on(E::Committed { epoch: 6, diverged: true }).unwrap();
@@ -156,5 +180,20 @@ mod tests {
         assert_eq!(f.step(E::WitnessGranted, true), Ok(M::Promoting { committed: 5, forced: true }));
         let d = M::Diverged { committed: 3 };
         assert_eq!(d.step(E::PrimarySilent, true), Ok(M::Claiming { committed: 3, forced: false }));
+    }
+
+    #[test]
+    fn a_handover_promotes_at_once_from_exactly_the_committed_epoch() {
+        let r = M::Replicating { committed: 9 };
+        assert_eq!(r.step(E::Handover { epoch: 9 }, false), Ok(M::Promoting { committed: 9, forced: true }));
+        assert_eq!(r.step(E::Handover { epoch: 9 }, true), Ok(M::Claiming { committed: 9, forced: true }));
+        let wrong = r.step(E::Handover { epoch: 8 }, true);
+        assert_eq!(wrong, Err(SecondaryRefusal::HandoverEpoch { asked: 8, committed: Some(9) }));
+        assert_eq!(
+            M::Waiting.step(E::Handover { epoch: 1 }, false),
+            Err(SecondaryRefusal::HandoverEpoch { asked: 1, committed: None })
+        );
+        let c = M::Claiming { committed: 9, forced: false };
+        assert_eq!(c.step(E::Handover { epoch: 9 }, true), Ok(c), "a claim already running stands");
     }
 }

@@ -178,6 +178,9 @@ pub async fn run_secondary(
                 let diverged = lock(&replica).needs_resync();
                 let _ = commit_tx.send(SecondaryEvent::Committed { epoch, diverged });
             }
+            if let ReceiverEvent::Handover { epoch } = e {
+                let _ = commit_tx.send(SecondaryEvent::Handover { epoch });
+            }
         }
     };
 
@@ -341,9 +344,16 @@ pub async fn run_secondary(
                 }
             }
             e = commit_rx.recv() => if let Some(e) = e {
-                if let Ok(m) = mode.step(e, has_witness) {
-                    status.update(|s| s.epochs += 1);
-                    set(m, &mut mode);
+                match mode.step(e, has_witness) {
+                    Ok(m) => {
+                        if let SecondaryEvent::Handover { epoch } = e {
+                            tracing::warn!(epoch, "planned switchover: taking over now");
+                        } else {
+                            status.update(|s| s.epochs += 1);
+                        }
+                        set(m, &mut mode);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "event refused"),
                 }
             },
             c = cmd_rx.recv() => if let Some(c) = c {

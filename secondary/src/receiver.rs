@@ -38,6 +38,8 @@ pub enum ReceiverError {
     HandshakeTimeout(std::time::Duration),
     #[error("the new generation could not be stored: {0}")]
     StateDir(#[from] runtime::state_dir::StateDirError),
+    #[error("handover after epoch {asked} refused: {why}")]
+    Handover { asked: u64, why: String },
 }
 
 /// How long a peer has to authenticate.
@@ -69,6 +71,7 @@ impl ReceiverError {
             ReceiverError::StaleGeneration { .. } => "stale-generation",
             ReceiverError::HandshakeTimeout(_) => "handshake-timeout",
             ReceiverError::StateDir(_) => "state-dir",
+            ReceiverError::Handover { .. } => "handover-refused",
         }
     }
 }
@@ -80,6 +83,9 @@ pub enum SessionEnd {
     Closed,
     /// The primary said Shutdown.
     Shutdown,
+    /// The primary handed over after this epoch (our committed one); we
+    /// accepted and take over.
+    Handover(u64),
 }
 
 /// What the receiver reports as it goes.
@@ -98,6 +104,10 @@ pub enum ReceiverEvent {
     },
     /// Any frame on a data channel (liveness of the primary).
     Data,
+    /// The primary handed over after `epoch` (committed here): take over now.
+    Handover {
+        epoch: u64,
+    },
 }
 
 /// Receiver settings.
@@ -292,6 +302,28 @@ async fn serve_inner(
             Message::Shutdown { reason } => {
                 tracing::info!(%reason, "primary shut the session down");
                 return Ok(SessionEnd::Shutdown);
+            }
+            Message::Handover { epoch } => {
+                // accepted only from exactly the epoch committed here, on a
+                // replica that passed its checks
+                let (committed, diverged) = {
+                    let r = common::sync::lock(replica);
+                    (r.committed_epoch(), r.needs_resync())
+                };
+                let why = match committed {
+                    _ if diverged => Some("the replica failed its last check".to_string()),
+                    Some(c) if c == epoch => None,
+                    c => Some(format!("the committed epoch here is {c:?}")),
+                };
+                if let Some(why) = why {
+                    let reason = format!("handover refused: {why}");
+                    let _ = tx.send(Message::Refused { code: RefuseCode::Protocol, reason }.to_frame()).await;
+                    return Err(ReceiverError::Handover { asked: epoch, why });
+                }
+                tx.send(Message::Handover { epoch }.to_frame()).await.map_err(ReceiverError::Frame)?;
+                on_event(ReceiverEvent::Handover { epoch });
+                tracing::warn!(epoch, "the primary handed over: taking over");
+                return Ok(SessionEnd::Handover(epoch));
             }
             other => return Err(ReceiverError::Unexpected(other.kind(), "during replication")),
         }

@@ -354,9 +354,10 @@ pub fn etcd_member_killed(row: &mut Row) {
 }
 
 /// `castor failover` on the secondary: the witness grants, the old
-/// primary is fenced.
-pub fn switchover(row: &mut Row) {
-    let c = Cluster::new("w-switchover");
+/// A forced failover with the witness: the secondary is told to take over
+/// while the primary is healthy; the witness's term fences the primary.
+pub fn forced_failover(row: &mut Row) {
+    let c = Cluster::new("w-forced-failover");
     let etcd = c.etcd();
     let o = opts(&etcd.url);
     let Some((s, mut p)) = pair(&c, &o, row) else { return };
@@ -366,7 +367,7 @@ pub fn switchover(row: &mut Row) {
     let reply = s.command("failover").unwrap_or_default();
     eprintln!("asked the secondary to take over: {}", reply.trim());
     if !reply.contains("\"ok\":true") {
-        row.fail(format!("switchover refused: {reply}"));
+        row.fail(format!("forced failover refused: {reply}"));
         return;
     }
     if !expect_takeover(row, &s, 2, "no takeover") {
@@ -381,6 +382,74 @@ pub fn switchover(row: &mut Row) {
     }
     let v = load.finish(&rt, s.service);
     row.check(&v, &c);
+}
+
+/// How a planned switchover is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planned {
+    /// `castor switchover` (the control command) to the primary.
+    Command,
+    /// SIGTERM to the primary.
+    Sigterm,
+}
+
+/// A planned switchover (issue 11): the primary ends its epoch, waits for
+/// the ack and hands over; the secondary takes over at once (no heartbeat
+/// timeout), the old primary exits 0, no acknowledged write is lost.
+pub fn planned(row: &mut Row, name: &str, witness: bool, how: Planned) {
+    let c = Cluster::new(name);
+    let etcd = witness.then(|| c.etcd());
+    let o = match &etcd {
+        Some(e) => opts(&e.url),
+        None => NodeOpts::default(),
+    };
+    let Some((s, mut p)) = pair(&c, &o, row) else { return };
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    if witness && p.wait_status(T, |v| v["witness"]["sync_recorded"] == true).is_none() {
+        row.fail(format!("the witness never recorded the secondary:\n{}", p.log_tail()));
+        return;
+    }
+    let t = Instant::now();
+    match how {
+        Planned::Command => {
+            let reply = p.command("switchover").unwrap_or_default();
+            eprintln!("asked the primary to switch over: {} ({:.0} ms)", reply.trim(), t.elapsed().as_secs_f64() * 1e3);
+            if !reply.contains("\"ok\":true") {
+                row.fail(format!("switchover refused: {reply}\n{}", p.log_tail()));
+                return;
+            }
+        }
+        Planned::Sigterm => {
+            p.terminate();
+            eprintln!("sent SIGTERM to the primary");
+        }
+    }
+    let gen = if witness { 2 } else { 1 };
+    if !expect_takeover(row, &s, gen, "no takeover") {
+        return;
+    }
+    match p.wait_exit(T) {
+        Some(0) => eprintln!("  the old primary handed over and exited 0"),
+        other => row.fail(format!("the old primary did not exit 0 (exit {other:?}):\n{}", p.log_tail())),
+    }
+    // a handover, not a heartbeat timeout
+    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+    if !log.contains("the primary handed over") || log.contains("primary silent") {
+        row.fail(format!("the secondary did not take over by the handover:\n{}", s.log_tail()));
+    }
+    if !load.wait_more(30, T) {
+        row.fail("clients did not carry on".into());
+    }
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+    eprintln!(
+        "  switchover: longest client gap {:.0} ms (epoch {} ms, heartbeat timeout {} ms)",
+        v.max_gap.as_secs_f64() * 1e3,
+        o.epoch_ms,
+        o.heartbeat_timeout_ms
+    );
 }
 
 /// Partition between the nodes, both reaching etcd: exactly one serves.
