@@ -1,8 +1,10 @@
 //! `castor demo`: a secondary and a primary on loopback with the built-in kv
-//! guest and a client load; the primary is killed halfway and the clients
-//! carry on against the survivor; the table is read back to count lost and
-//! duplicated acknowledged writes. A real etcd (Debian's etcd-server) runs
-//! on loopback as the witness that grants the takeover.
+//! guest and a client load; halfway a fault (`--scenario`): the primary is
+//! killed, the standby dies silently, the link between them is cut, or the
+//! operator switches over. The clients carry on against whichever node
+//! serves; the table is read back to count lost and duplicated acknowledged
+//! writes. A real etcd (Debian's etcd-server) runs on loopback as the
+//! witness that decides.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,13 +18,45 @@ use common::state::KvOp;
 use runtime::harness::{NodeProc, Spec};
 use serde_json::Value;
 
+/// What happens halfway through the demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// kill -9 the primary: the secondary takes over.
+    KillPrimary,
+    /// The standby freezes for good (SIGSTOP: a host that dies silently):
+    /// the witness lets the primary run alone (without a witness the primary
+    /// holds, and the demo types `castor unprotect` for you after 2 s).
+    StandbyDies,
+    /// Cut the link between the nodes both ways (both still reach etcd):
+    /// exactly one of them serves.
+    Partition,
+    /// Planned switchover (`castor switchover`): the secondary takes over at
+    /// once, the old primary exits 0.
+    Switchover,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::KillPrimary => "kill-primary",
+            Scenario::StandbyDies => "standby-dies",
+            Scenario::Partition => "partition",
+            Scenario::Switchover => "switchover",
+        }
+    }
+}
+
 /// `castor demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
+    /// The fault injected halfway (at --kill-primary-at).
+    #[arg(long, value_enum, default_value = "kill-primary")]
+    scenario: Scenario,
     /// Length of the client load.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-    /// When to kill -9 the primary (default: half of --seconds).
+    /// When the fault happens, in seconds (default: half of --seconds);
+    /// the name is kept from when the only fault was kill -9.
     #[arg(long)]
     kill_primary_at: Option<f64>,
     /// Concurrent kv clients.
@@ -170,10 +204,22 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let secondary = start_node("secondary", &sargs, &dir)?;
     let repl_s =
         secondary.listen.ok_or_else(|| DemoError::Node("the secondary reported no replication address".into()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    // partition: the primary reaches its secondary through a relay that can
+    // cut the link
+    let relay = match a.scenario {
+        Scenario::Partition => Some(rt.block_on(Relay::start(repl_s)).map_err(|e| DemoError::Setup(e.to_string()))?),
+        _ => None,
+    };
+    let peer = relay.as_ref().map_or(repl_s, |r| r.addr);
     let mut pargs: Vec<String> = vec![
         "primary".into(),
         "--peer".into(),
-        repl_s.to_string(),
+        peer.to_string(),
         "--guest".into(),
         "kv".into(),
         "--mem".into(),
@@ -211,13 +257,23 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    live(format!("protected after {:.1}s (initial sync done)", t.elapsed().as_secs_f64()));
+    live(format!(
+        "protected after {:.1}s (initial sync done); scenario {} at t={:.1}s",
+        t.elapsed().as_secs_f64(),
+        a.scenario.name(),
+        a.kill_primary_at.unwrap_or(a.seconds / 2.0)
+    ));
+    if etcd.is_some() && a.scenario == Scenario::Switchover {
+        // the switchover goes to a secondary the witness holds as caught up
+        let t = Instant::now();
+        while primary.as_ref().and_then(NodeProc::status).is_none_or(|s| s["witness"]["sync_recorded"] != true) {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(DemoError::Node("the witness never recorded the secondary as caught up".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| DemoError::Setup(e.to_string()))?;
     let load = Arc::new(Load::default());
     let stop = Arc::new(AtomicBool::new(false));
     let nodes = vec![svc_p, svc_s];
@@ -253,6 +309,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let mut last_status: Option<Value> = None;
     let mut prev: (f64, f64, f64, f64, u64) = (0.0, 0.0, 0.0, 0.0, 0);
     let mut killed_at: Option<Instant> = None;
+    let mut unprotect_at: Option<Instant> = None;
+    let mut frozen = false;
     let mut pre_kill: Option<Value> = None;
     let mut next_tick = Duration::from_secs(1);
     let mut protected_epochs_rate = Vec::new();
@@ -260,17 +318,45 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         std::thread::sleep(Duration::from_millis(20));
         if killed_at.is_none() && start.elapsed() >= kill_at {
             pre_kill = primary.as_ref().and_then(NodeProc::status).or(last_status.clone());
-            drop(primary.take()); // kill -9 and reap
             killed_at = Some(Instant::now());
-            live(format!("t={:.1}s: killed the primary (kill -9)", start.elapsed().as_secs_f64()));
+            let at = start.elapsed().as_secs_f64();
+            match a.scenario {
+                Scenario::KillPrimary => {
+                    drop(primary.take()); // kill -9 and reap
+                    live(format!("t={at:.1}s: killed the primary (kill -9)"));
+                }
+                Scenario::StandbyDies => {
+                    secondary.freeze();
+                    frozen = true;
+                    live(format!("t={at:.1}s: froze the secondary for good (SIGSTOP: a host that dies silently)"));
+                    if etcd.is_none() {
+                        unprotect_at = Some(Instant::now() + Duration::from_secs(2));
+                    }
+                }
+                Scenario::Partition => {
+                    if let Some(r) = &relay {
+                        r.cut.store(true, Ordering::SeqCst);
+                    }
+                    live(format!("t={at:.1}s: cut the link between the nodes both ways (both still reach etcd)"));
+                }
+                Scenario::Switchover => {
+                    let reply = primary.as_ref().and_then(|p| p.command("switchover")).unwrap_or_default();
+                    live(format!("t={at:.1}s: castor switchover -> {}", reply.trim()));
+                }
+            }
+        }
+        if unprotect_at.is_some_and(|t| Instant::now() >= t) {
+            unprotect_at = None;
+            let reply = primary.as_ref().and_then(|p| p.command("unprotect")).unwrap_or_default();
+            live(format!(
+                "t={:.1}s: without a witness the primary holds; as the operator who knows the standby is dead: castor unprotect -> {}",
+                start.elapsed().as_secs_f64(),
+                reply.trim()
+            ));
         }
         if start.elapsed() >= next_tick {
             next_tick += Duration::from_secs(1);
-            let st = match &primary {
-                Some(p) => p.status(),
-                None => secondary.status(),
-            };
-            let Some(st) = st else { continue };
+            let Some(st) = serving(primary.as_ref(), Some(&secondary).filter(|_| !frozen)) else { continue };
             let acked = load.acked.load(Ordering::SeqCst);
             let (epochs, pages, bytes) = (f(&st, "epoch"), f(&st, "pages_total"), f(&st, "bytes_total"));
             let same_node = last_status.as_ref().is_some_and(|l| l["node"] == st["node"] && l["role"] == st["role"]);
@@ -302,12 +388,16 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         let _ = rt.block_on(h);
     }
 
-    // read the table back from the survivor
-    let survivor = secondary.status().ok_or_else(|| DemoError::Node("the secondary does not answer".into()))?;
+    // read the table back from the node that serves
+    let (survivor, svc) = match serving(primary.as_ref(), Some(&secondary).filter(|_| !frozen)) {
+        Some(st) if st["node"] == "node-a" => (st, svc_p),
+        Some(st) => (st, svc_s),
+        None => return Err(DemoError::Node(format!("no node serves at the end; logs in {}", dir.display()))),
+    };
     let counts = common::sync::lock(&load.counts).clone();
     let uncertain: std::collections::HashSet<u64> = common::sync::lock(&load.uncertain).iter().copied().collect();
     let (lost, dup, checked) = rt.block_on(async {
-        let mut c = KvClient::new(0x7fff_fff0, vec![svc_s]);
+        let mut c = KvClient::new(0x7fff_fff0, vec![svc]);
         let (mut lost, mut dup, mut checked) = (0u64, 0u64, 0u64);
         for (k, n) in &counts {
             if uncertain.contains(k) {
@@ -325,7 +415,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         }
         Ok((lost, dup, checked))
     })?;
-    let failover = survivor["failovers"].as_u64().unwrap_or(0) > 0;
+    let failover = survivor["node"] == "node-b" && survivor["failovers"].as_u64().unwrap_or(0) > 0;
     let failover_ms = survivor["last_failover_ms"].as_f64();
     let pk = pre_kill.unwrap_or(Value::Null);
     let lat = common::sync::lock(&load.latencies_us).clone();
@@ -337,6 +427,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let acked = load.acked.load(Ordering::SeqCst);
     let epochs = f(&pk, "epochs") + f(&survivor, "epoch") - f(&survivor, "committed_epoch").min(f(&survivor, "epoch"));
     let report = serde_json::json!({
+        "scenario": a.scenario.name(),
+        "serving": survivor["node"],
         "failover": failover,
         "failover_ms": failover_ms,
         "acked_ops": acked,
@@ -358,7 +450,9 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         "host": "KVM-PVM nested, 2 cores (numbers are this machine's)",
     });
     live(format!(
-        "summary: failover {} in {:.0} ms; {} acked ops, {} lost, {} duplicated ({} keys checked); {:.0} epochs/s protected, pause p50 {:.0}us p99 {:.0}us; client-observed output delay p99 {:.1} ms",
+        "summary: {}: {} serves; failover {} in {:.0} ms; {} acked ops, {} lost, {} duplicated ({} keys checked); {:.0} epochs/s protected, pause p50 {:.0}us p99 {:.0}us; client-observed output delay p99 {:.1} ms",
+        a.scenario.name(),
+        survivor["node"].as_str().unwrap_or("?"),
         failover,
         failover_ms.unwrap_or(0.0),
         acked,
@@ -374,9 +468,83 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         println!("{report}");
     }
     drop(secondary);
+    drop(primary);
+    drop(relay);
     drop(etcd);
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// The status of the node that serves now: a primary (or promoted node)
+/// that is neither fenced, holding, nor handed over. (A frozen secondary is
+/// not asked: its control socket accepts and never answers.)
+fn serving(primary: Option<&NodeProc>, secondary: Option<&NodeProc>) -> Option<Value> {
+    let serves = |s: &Value| {
+        s["role"] == "primary" && !matches!(s["protection"].as_str(), Some("fenced" | "holding" | "handed-over"))
+    };
+    primary.and_then(NodeProc::status).filter(serves).or_else(|| secondary.and_then(NodeProc::status).filter(serves))
+}
+
+/// A relay on loopback between the primary and its secondary's replication
+/// port that can cut the link both ways: once `cut`, bytes are dropped in
+/// both directions and connections stay open (a partition neither answers
+/// nor refuses).
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: std::net::SocketAddr) -> std::io::Result<Relay> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = l.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let cut = c.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::select! {
+                        _ = pipe(dr, uw, cut.clone()) => {}
+                        _ = pipe(ur, dw, cut) => {}
+                    }
+                });
+            }
+        });
+        Ok(Relay { addr, cut, task })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `r` to `w` until either ends; while `cut`, what is read is dropped.
+async fn pipe(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) if !cut.load(Ordering::SeqCst) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+        }
+    }
 }

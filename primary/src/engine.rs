@@ -388,7 +388,16 @@ impl Engine {
                         break;
                     }
                 }
-                let step = if output_driven.is_some() { OUTPUT_POLL } else { Duration::from_millis(1) };
+                // unprotected and running: output leaves at once (no
+                // secondary to wait for; the epoch only bounds tracking)
+                let alone = self.directive == Directive::Alone && self.opts.unprotected == UnprotectedPolicy::Continue;
+                if alone {
+                    let out = self.machine.devices().drain();
+                    if !out.is_empty() {
+                        self.send(Packet::Release(out));
+                    }
+                }
+                let step = if output_driven.is_some() || alone { OUTPUT_POLL } else { Duration::from_millis(1) };
                 std::thread::sleep((next - now).min(step));
             }
             self.check_guest()?;
