@@ -107,7 +107,7 @@ impl DemoError {
 }
 
 /// The arguments every node takes: (role,) secret file, and any free port
-/// for its service and control API (reported in its ready file).
+/// for its service (reported in its ready file).
 pub(crate) fn node_args(role: Option<&str>, secret: &Path) -> Vec<String> {
     let mut v: Vec<String> = role.map(|r| vec![r.to_string()]).unwrap_or_default();
     v.extend([
@@ -115,24 +115,18 @@ pub(crate) fn node_args(role: Option<&str>, secret: &Path) -> Vec<String> {
         secret.display().to_string(),
         "--service-listen".into(),
         "127.0.0.1:0".into(),
-        "--control".into(),
-        "127.0.0.1:0".into(),
     ]);
     v
 }
 
-/// Starts this binary as node `name` (log `<dir>/<name>.log`) and waits
-/// until it has bound its listeners.
+/// Starts this binary as node `name` (log `<dir>/<name>.log`, control
+/// socket `<dir>/<name>.ctl`) and waits until it has bound its listeners.
 pub(crate) fn start_node(name: &str, args: &[String], dir: &Path) -> Result<NodeProc, DemoError> {
     let exe = std::env::current_exe().map_err(|e| DemoError::Setup(e.to_string()))?;
+    let mut args = args.to_vec();
+    args.extend(["--control".into(), dir.join(format!("{name}.ctl")).display().to_string()]);
     let level = std::env::var("CASTOR_LOG").unwrap_or_else(|_| "warn".into());
-    let spec = Spec {
-        exe,
-        name: name.into(),
-        args: args.to_vec(),
-        dir: dir.to_path_buf(),
-        env: vec![("CASTOR_LOG".into(), level)],
-    };
+    let spec = Spec { exe, name: name.into(), args, dir: dir.to_path_buf(), env: vec![("CASTOR_LOG".into(), level)] };
     spec.start().map_err(|e| DemoError::Node(e.to_string()))
 }
 

@@ -34,9 +34,8 @@ enum Command {
     Secondary(node_cmd::SecondaryArgs),
     /// Show a node's status (role, generation, epochs, protection, last epoch's phases).
     Status {
-        /// The node's control address.
-        #[arg(long)]
-        control: std::net::SocketAddr,
+        #[command(flatten)]
+        control: node_cmd::ControlArgs,
     },
     /// Secondary + primary on loopback with the kv guest and clients; kills the primary halfway.
     Demo(demo::DemoArgs),
@@ -54,21 +53,21 @@ enum Command {
     },
     /// Force a failover: the secondary at this control address takes over now.
     Failover {
-        #[arg(long)]
-        control: std::net::SocketAddr,
+        #[command(flatten)]
+        control: node_cmd::ControlArgs,
     },
     /// End a primary's hold: it runs unprotected and releases what it held
     /// (only when you know its secondary is gone; refused unless holding).
     Unprotect {
-        #[arg(long)]
-        control: std::net::SocketAddr,
+        #[command(flatten)]
+        control: node_cmd::ControlArgs,
     },
     /// Planned switchover: the primary at this control address finishes its
     /// epoch, waits for the ack and hands over; its secondary takes over at
     /// once and the old primary exits 0. Refused unless protected.
     Switchover {
-        #[arg(long)]
-        control: std::net::SocketAddr,
+        #[command(flatten)]
+        control: node_cmd::ControlArgs,
     },
 }
 
@@ -135,15 +134,15 @@ fn main() {
         }
         Command::Primary(a) => node("primary", node_cmd::primary(a)),
         Command::Secondary(a) => node("secondary", node_cmd::secondary(a)),
-        Command::Status { control } => node("status", node_cmd::control(control, "status").map(|j| println!("{j}"))),
+        Command::Status { control } => node("status", node_cmd::control(&control, "status").map(|j| println!("{j}"))),
         Command::Failover { control } => {
-            node("failover", node_cmd::control(control, "failover").map(|j| println!("{j}")))
+            node("failover", node_cmd::control(&control, "failover").map(|j| println!("{j}")))
         }
         Command::Unprotect { control } => {
-            node("unprotect", node_cmd::control(control, "unprotect").map(|j| println!("{j}")))
+            node("unprotect", node_cmd::control(&control, "unprotect").map(|j| println!("{j}")))
         }
         Command::Switchover { control } => {
-            node("switchover", node_cmd::control(control, "switchover").map(|j| println!("{j}")))
+            node("switchover", node_cmd::control(&control, "switchover").map(|j| println!("{j}")))
         }
     };
     std::process::exit(code);

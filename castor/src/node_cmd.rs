@@ -28,9 +28,15 @@ pub struct CommonArgs {
     /// port, reported in the ready file.
     #[arg(long)]
     service_listen: SocketAddr,
-    /// Control API (loopback): `castor status --control ADDR`. Port 0 allowed.
+    /// Control API: a Unix socket path (created mode 0600; only this uid
+    /// and root may connect), or `tcp:HOST:PORT` for HTTP with
+    /// --control-token (port 0 allowed). `castor status --control ADDR`.
     #[arg(long)]
-    control: Option<SocketAddr>,
+    control: Option<runtime::control::ControlAddr>,
+    /// Bearer token file (mode 0600, at least 16 printable bytes) that every
+    /// request to a TCP control address must carry.
+    #[arg(long)]
+    control_token: Option<PathBuf>,
     /// Prometheus metrics over HTTP. Port 0 allowed.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -179,7 +185,7 @@ pub enum NodeCmdError {
     #[error("fenced: a node of a newer generation ({}) replaced this one", if *.0 == u64::MAX { "unknown".to_string() } else { .0.to_string() })]
     Fenced(u64),
     #[error("control {addr}: {err}")]
-    Control { addr: SocketAddr, err: String },
+    Control { addr: runtime::control::ControlAddr, err: String },
     #[error("the node refused: {0}")]
     Refused(String),
     #[error("witness: {0}")]
@@ -347,7 +353,11 @@ fn instance_name(name: &str) -> String {
 
 /// Binds every listener of a node and writes its ready file.
 async fn bind_all(c: &CommonArgs, replication: Option<SocketAddr>) -> Result<Listeners, NodeCmdError> {
-    let l = Listeners::bind(c.service_listen, replication, c.control, c.metrics_listen).await?;
+    let control = c.control.as_ref().map(|a| (a, c.control_token.as_deref()));
+    if control.is_none() && c.control_token.is_some() {
+        return Err(runtime::listen::ListenError::TokenWithoutTcp.into());
+    }
+    let l = Listeners::bind(c.service_listen, replication, control, c.metrics_listen).await?;
     if let Some(p) = &c.ready_file {
         l.ready().write(p)?;
     }
@@ -404,19 +414,31 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
     })
 }
 
+/// How `castor status|failover|unprotect|switchover` reach a node.
+#[derive(Debug, Args, Clone)]
+pub struct ControlArgs {
+    /// The node's control address: its socket path, or tcp:HOST:PORT.
+    #[arg(long)]
+    control: runtime::control::ControlAddr,
+    /// The bearer token file of a TCP control address.
+    #[arg(long)]
+    control_token: Option<PathBuf>,
+}
+
 /// Sends one control command and returns the JSON line.
-pub fn control(addr: SocketAddr, cmd: &str) -> Result<String, NodeCmdError> {
-    let line = runtime::control::ask(addr, cmd)
-        .map_err(|e| NodeCmdError::Control { addr, err: e.to_string() })?
+pub fn control(a: &ControlArgs, cmd: &str) -> Result<String, NodeCmdError> {
+    let addr = a.control.clone();
+    let token = a.control_token.as_deref().map(Secret::token_from_file).transpose()?;
+    let line = runtime::control::ask(&addr, cmd, token.as_ref())
+        .map_err(|e| NodeCmdError::Control { addr: addr.clone(), err: e.to_string() })?
         .trim()
         .to_string();
-    // a command the node refused is an error (exit code 8), with its reason
-    if cmd != "status" {
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| NodeCmdError::Control { addr, err: format!("not a JSON reply ({e}): {line}") })?;
-        if v["ok"] != true {
-            return Err(NodeCmdError::Refused(v["error"].as_str().unwrap_or("no reason given").to_string()));
-        }
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| NodeCmdError::Control { addr: addr.clone(), err: format!("not a JSON reply ({e}): {line}") })?;
+    // a command the node refused (or a request it did not take: another
+    // uid, no token) is an error (exit code 8), with its reason
+    if v["ok"] == false || (cmd != "status" && v["ok"] != true) {
+        return Err(NodeCmdError::Refused(v["error"].as_str().unwrap_or("no reason given").to_string()));
     }
     Ok(line)
 }

@@ -139,15 +139,15 @@ fn control_commands_report_refusals_and_listeners_report_their_ports() {
             .iter()
             .map(|s| s.to_string())
             .chain(
-                ["--service-listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
-                    .map(String::from),
+                ["--service-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--control"].map(String::from),
             )
+            .chain([dir.path().join("p.ctl").display().to_string()])
             .collect(),
         dir: dir.path().to_path_buf(),
         env: vec![],
     };
     let p = spec.start().expect("primary starts and reports its listeners");
-    assert_ne!(p.control.port(), 0);
+    assert_eq!(p.control, runtime::control::ControlAddr::Unix(dir.path().join("p.ctl")));
     assert_ne!(p.service.port(), 0);
     assert!(p.metrics.is_some_and(|m| m.port() != 0));
     let ctl = p.control.to_string();
@@ -163,6 +163,13 @@ fn control_commands_report_refusals_and_listeners_report_their_ports() {
     let fo = castor().args(["failover", "--control", &ctl]).output().expect("failover");
     assert_eq!(fo.status.code(), Some(8));
     assert!(String::from_utf8_lossy(&fo.stderr).contains("primary"));
+    let so = castor().args(["switchover", "--control", &ctl]).output().expect("switchover");
+    assert_eq!(so.status.code(), Some(8));
+    assert!(String::from_utf8_lossy(&so.stderr).contains("not protected"), "{}", String::from_utf8_lossy(&so.stderr));
+    // a bare TCP address is not taken as a control address without asking
+    let bare = castor().args(["status", "--control", "127.0.0.1:9"]).output().expect("status");
+    assert_eq!(bare.status.code(), Some(2), "{}", String::from_utf8_lossy(&bare.stderr));
+    assert!(String::from_utf8_lossy(&bare.stderr).contains("tcp:"), "{}", String::from_utf8_lossy(&bare.stderr));
 
     // the service address is taken: a second node cannot bind it
     let taken = p.service.to_string();
@@ -247,4 +254,96 @@ fn witness_claims_are_refused_with_exit_9_unless_they_are_safe() {
         .output()
         .expect("no vm id");
     assert_eq!(out.status.code(), Some(2), "--witness needs --vm-id");
+}
+
+/// The control socket refuses another uid (issue 12): first by its mode
+/// (0600), and, if someone loosens the mode, by the peer's uid
+/// (SO_PEERCRED). TCP control needs the bearer token. Needs root (CI is),
+/// to run the client as `nobody`.
+#[test]
+fn the_control_socket_refuses_other_uids_and_tcp_needs_the_token() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let secret = dir.path().join("secret");
+    common::auth::write_secret_file(&secret, b"cli-test-secret-0123456789").expect("secret");
+    let token = dir.path().join("token");
+    common::auth::write_secret_file(&token, b"control-token-0123456789").expect("token");
+    let (secret, token_s) = (secret.display().to_string(), token.display().to_string());
+    let ctl = dir.path().join("p.ctl");
+    let spec = |name: &str, control: &str, extra: &[&str]| runtime::harness::Spec {
+        exe: env!("CARGO_BIN_EXE_castor").into(),
+        name: name.into(),
+        args: ["primary", "--guest", "idle", "--mem", "64M", "--vcpus", "1", "--secret-file", &secret]
+            .iter()
+            .chain(["--service-listen", "127.0.0.1:0", "--control", control].iter())
+            .chain(extra.iter())
+            .map(|s| s.to_string())
+            .collect(),
+        dir: dir.path().to_path_buf(),
+        env: vec![],
+    };
+    let p = spec("p", &ctl.display().to_string(), &[]).start().expect("primary");
+    assert_eq!(std::fs::metadata(&ctl).expect("socket").permissions().mode() & 0o777, 0o600);
+
+    // the client as another uid: a copy of the binary anyone can run
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false);
+    if root {
+        let exe = dir.path().join("castor-copy");
+        std::fs::copy(env!("CARGO_BIN_EXE_castor"), &exe).expect("copy");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let as_nobody = |cmd: &str| {
+            std::process::Command::new(&exe)
+                .args([cmd, "--control", &ctl.display().to_string()])
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .expect("run as nobody")
+        };
+        let out = as_nobody("status");
+        assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("ermission denied"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // someone loosens the socket's mode: the peer's uid still decides
+        std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).expect("chmod socket");
+        for cmd in ["status", "unprotect"] {
+            let out = as_nobody(cmd);
+            assert_eq!(out.status.code(), Some(8), "{}", String::from_utf8_lossy(&out.stderr));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("uid 65534 may not use this control socket"), "{err}");
+        }
+        eprintln!("another uid: refused by the socket's mode, and by its uid once the mode was loosened");
+    } else {
+        eprintln!("not root: the other-uid part of this test needs root to run a client as nobody (CI runs as root)");
+    }
+    // root (or the owner) is served
+    let st = castor().args(["status", "--control", &ctl.display().to_string()]).output().expect("status");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    drop(p);
+
+    // TCP: only with a token file, and every request must carry it
+    let refused = castor()
+        .args(["primary", "--guest", "idle", "--mem", "64M", "--vcpus", "1", "--secret-file", &secret])
+        .args(["--service-listen", "127.0.0.1:0", "--control", "tcp:127.0.0.1:0"])
+        .output()
+        .expect("primary without token");
+    assert_eq!(refused.status.code(), Some(4), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--control-token"));
+    let t = spec("t", "tcp:127.0.0.1:0", &["--control-token", &token_s]).start().expect("tcp primary");
+    let addr = t.control.to_string();
+    assert!(addr.starts_with("tcp:127.0.0.1:") && !addr.ends_with(":0"), "{addr}");
+    let no = castor().args(["status", "--control", &addr]).output().expect("status");
+    assert_eq!(no.status.code(), Some(8), "{}", String::from_utf8_lossy(&no.stderr));
+    assert!(String::from_utf8_lossy(&no.stderr).contains("bearer token"));
+    let yes = castor().args(["status", "--control", &addr, "--control-token", &token_s]).output().expect("status");
+    assert!(yes.status.success(), "{}", String::from_utf8_lossy(&yes.stderr));
+    let v: Value = serde_json::from_slice(&yes.stdout).expect("status JSON");
+    assert_eq!(v["role"], "primary");
 }

@@ -4,6 +4,7 @@
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use zeroize::Zeroizing;
 
 /// Length of MACs, keys and nonces.
 pub const MAC_LEN: usize = 32;
@@ -19,6 +20,8 @@ pub enum AuthError {
     Random(String),
     #[error("secret file {path} can be read by group or others (mode {mode:03o}): chmod 600 it")]
     SecretFileMode { path: String, mode: u32 },
+    #[error("token file {0}: a bearer token must be printable ASCII without spaces")]
+    TokenNotText(String),
 }
 
 /// Writes a secret file only its owner can read (mode 0600).
@@ -34,9 +37,10 @@ pub fn write_secret_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Resul
 /// A 32-byte key.
 pub type Key = [u8; MAC_LEN];
 
-/// The long-term shared secret.
+/// The long-term shared secret (or a bearer token): its bytes are zeroed
+/// when the last copy is dropped.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(Zeroizing<Vec<u8>>);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,7 +54,7 @@ impl Secret {
         if bytes.len() < 16 {
             return Err(AuthError::SecretTooShort(bytes.len()));
         }
-        Ok(Secret(bytes))
+        Ok(Secret(Zeroizing::new(bytes)))
     }
 
     /// Reads a secret file (trailing newline ignored). A file that group or
@@ -63,11 +67,35 @@ impl Secret {
         if mode & 0o077 != 0 {
             return Err(AuthError::SecretFileMode { path: path.display().to_string(), mode });
         }
-        let mut b = std::fs::read(path).map_err(file_err)?;
+        let mut b = Zeroizing::new(std::fs::read(path).map_err(file_err)?);
         while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
             b.pop();
         }
-        Self::new(b)
+        if b.len() < 16 {
+            return Err(AuthError::SecretTooShort(b.len()));
+        }
+        Ok(Secret(b))
+    }
+
+    /// Reads a bearer token file: like [`Secret::from_file`], and printable
+    /// ASCII without spaces (it travels in an HTTP header).
+    pub fn token_from_file(path: &std::path::Path) -> Result<Self, AuthError> {
+        let t = Self::from_file(path)?;
+        if !t.0.iter().all(|c| c.is_ascii_graphic()) {
+            return Err(AuthError::TokenNotText(path.display().to_string()));
+        }
+        Ok(t)
+    }
+
+    /// Whether `presented` equals this secret (in time that does not depend
+    /// on where they differ).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        presented.len() == self.0.len() && self.0.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// The bytes as text (a bearer token, checked printable when read).
+    pub fn as_text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
     }
 
     /// HMAC-SHA256 of the concatenated parts under this secret.
@@ -109,6 +137,8 @@ mod tests {
         let other = Secret::new(b"0123456789abcdeX".to_vec()).expect("secret");
         assert!(!verify(&s.mac(&[b"x"]), &other.mac(&[b"x"])));
         assert!(Secret::new(b"short".to_vec()).is_err());
+        assert!(s.matches(b"0123456789abcdef"));
+        assert!(!s.matches(b"0123456789abcdeX") && !s.matches(b"0123456789abcde") && !s.matches(b""));
     }
 }
 

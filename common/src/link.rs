@@ -61,8 +61,8 @@ impl From<std::io::Error> for LinkError {
 /// (each uses its own key and its own nonce counter).
 pub type Transport = Arc<StatelessTransportState>;
 
-fn builder_psk(secret: &Secret) -> [u8; 32] {
-    secret.mac(&[b"castor link psk v2"])
+fn builder_psk(secret: &Secret) -> zeroize::Zeroizing<[u8; 32]> {
+    zeroize::Zeroizing::new(secret.mac(&[b"castor link psk v2"]))
 }
 
 fn noise(e: snow::Error) -> LinkError {
@@ -95,7 +95,7 @@ async fn read_msg<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Vec<u8>, LinkErr
 fn handshake_state(secret: &Secret, initiator: bool) -> Result<snow::HandshakeState, LinkError> {
     let psk = builder_psk(secret);
     let b = Builder::new(NOISE_PARAMS.parse().map_err(noise)?)
-        .psk(0, &psk)
+        .psk(0, &*psk)
         .map_err(noise)?
         .prologue(PROLOGUE)
         .map_err(noise)?;

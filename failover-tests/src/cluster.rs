@@ -96,7 +96,7 @@ impl Cluster {
             "--service-listen".into(),
             ANY.into(),
             "--control".into(),
-            ANY.into(),
+            self.dir.join(format!("{name}.ctl")).display().to_string(),
             "--epoch-ms".into(),
             o.epoch_ms.to_string(),
             "--heartbeat-timeout-ms".into(),

@@ -189,28 +189,29 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
 
-    // the control API also speaks HTTP
-    let http = |req: &str, addr: std::net::SocketAddr| {
+    // the control socket also speaks HTTP
+    let http = |req: &str, addr: &runtime::control::ControlAddr| {
         use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(addr).expect("control");
+        let runtime::control::ControlAddr::Unix(path) = addr else { panic!("not a socket: {addr}") };
+        let mut conn = std::os::unix::net::UnixStream::connect(path).expect("control");
         conn.write_all(req.as_bytes()).expect("request");
         let mut body = String::new();
         conn.read_to_string(&mut body).expect("read");
         body
     };
-    let st = http("GET /status HTTP/1.1\r\nHost: x\r\n\r\n", p.control);
+    let st = http("GET /status HTTP/1.1\r\nHost: x\r\n\r\n", &p.control);
     assert!(st.starts_with("HTTP/1.1 200") && st.contains("\"role\":\"primary\""), "{st}");
-    let nf = http("GET /nonsense HTTP/1.1\r\n\r\n", p.control);
+    let nf = http("GET /nonsense HTTP/1.1\r\n\r\n", &p.control);
     assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
     // a GET (what a web page's <img src=...> sends) does not act
-    let get = http("GET /failover HTTP/1.1\r\n\r\n", s.control);
+    let get = http("GET /failover HTTP/1.1\r\n\r\n", &s.control);
     assert!(get.starts_with("HTTP/1.1 405"), "{get}");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(s.status().expect("s")["role"], "secondary", "a GET made the secondary take over");
     // the primary takes no forced failover: it says why
     let r = p.command("failover").expect("reply");
     assert!(r.contains("\"ok\":false") && r.contains("primary"), "{r}");
-    let reply = http("POST /failover HTTP/1.1\r\nContent-Length: 0\r\n\r\n", s.control);
+    let reply = http("POST /failover HTTP/1.1\r\nContent-Length: 0\r\n\r\n", &s.control);
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"ok\":true"), "{reply}");
     s.wait_status(T, |v| v["role"] == "primary" && v["generation"] == 1)

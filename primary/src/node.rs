@@ -75,7 +75,7 @@ pub struct PrimaryIo {
     /// The client service.
     pub service: Arc<TcpListener>,
     /// Control API, unless another task serves it and forwards `commands`.
-    pub control: Option<TcpListener>,
+    pub control: Option<runtime::control::ControlListener>,
     pub metrics: Option<TcpListener>,
     /// Secondaries that dial us (after a failover, or with `--listen`).
     pub joiners: Option<mpsc::Receiver<Joiner>>,
@@ -170,7 +170,7 @@ pub async fn run_primary(
         shape,
         shared: shared.clone(),
         engine: ctx,
-        router,
+        router: router.clone(),
         status: status.clone(),
         packets: prx,
         joiners: io.joiners,
@@ -178,6 +178,9 @@ pub async fn run_primary(
         stop,
     };
     let exit = rep.run().await;
+    // this node serves no more: its clients move on now, not after the VM
+    // is torn down
+    router.close();
     shared.stop.store(true, Ordering::SeqCst);
     let machine = tokio::task::spawn_blocking(move || engine_thread.join()).await;
     if let Ok(Ok(mut m)) = machine {

@@ -27,6 +27,9 @@ pub struct Router {
     log: Option<Mutex<std::fs::File>>,
     print_console: bool,
     status: Arc<NodeStatus>,
+    /// Set once this node stops serving (handed over, fenced, stopped):
+    /// client connections close so clients move on at once.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Router {
@@ -48,7 +51,22 @@ impl Router {
                 None
             }
         });
-        Router { node: node.into(), generation, clients: Mutex::new(HashMap::new()), log, print_console, status }
+        Router {
+            node: node.into(),
+            generation,
+            clients: Mutex::new(HashMap::new()),
+            log,
+            print_console,
+            status,
+            closed: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Stops serving: every client connection closes (its clients retry
+    /// against the other node at once), and no new one is taken.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+        lock(&self.clients).clear();
     }
 
     fn register(&self, client: u32, tx: mpsc::Sender<NodeMsg>) {
@@ -130,7 +148,13 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
         }
     });
     let mut ids = std::collections::HashSet::new();
-    while let Some(Ok(frame)) = source.next().await {
+    let mut closed = router.closed.subscribe();
+    loop {
+        let frame = tokio::select! {
+            f = source.next() => f,
+            _ = closed.wait_for(|c| *c) => None,
+        };
+        let Some(Ok(frame)) = frame else { break };
         match common::codec::decode::<ClientMsg>(&frame) {
             Ok(ClientMsg::Request(req)) => {
                 ids.insert(req.client);
@@ -150,15 +174,21 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
     router.unregister(&ids, &tx);
     drop(tx);
     // the writer ends once it has sent what was queued (no sender is left)
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+    let wait = if *router.closed.borrow() { Duration::from_millis(100) } else { Duration::from_secs(5) };
+    if tokio::time::timeout(wait, &mut writer).await.is_err() {
         writer.abort();
     }
 }
 
 /// Serves clients on `listener` until the task is aborted.
 pub async fn serve_clients(listener: Arc<TcpListener>, devices: Arc<Devices>, router: Arc<Router>) {
+    let mut closed = router.closed.subscribe();
     loop {
-        let Ok((s, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = closed.wait_for(|c| *c) => return,
+        };
+        let Ok((s, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };

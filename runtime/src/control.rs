@@ -1,24 +1,108 @@
-//! The control API: what an operator (or `castor status|failover|unprotect`)
-//! asks of a node, on loopback.
+//! The control API: what an operator (or `castor status|failover|unprotect|
+//! switchover`) asks of a node.
 //!
-//! Two forms on one port. One request per line (`status`, `failover`,
+//! Where: a Unix socket by default (`--control PATH`), created with mode
+//! 0600, and every connection's peer uid checked (SO_PEERCRED): only this
+//! node's uid (and root) may use it. TCP only when asked for explicitly
+//! (`--control tcp:ADDR`), and then HTTP with a bearer token read from a
+//! file (`--control-token FILE`) on every request.
+//!
+//! Two forms on the socket. One request per line (`status`, `failover`,
 //! `unprotect`, `switchover`), one JSON object per line back; or HTTP
 //! (hyper): `GET /status`, `POST /failover`, `POST /unprotect`,
 //! `POST /switchover`, one JSON object back. A command goes
 //! to the task that owns the node's mode and is answered by it at once:
 //! applied, or refused with the reason (never queued for later).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::auth::Secret;
 use hyper::Method;
-use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::status::NodeStatus;
+
+/// Where a node's control API is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ControlAddr {
+    /// A Unix socket (mode 0600, peer uid checked).
+    Unix(PathBuf),
+    /// HTTP on TCP with a bearer token (`tcp:ADDR`).
+    Tcp(SocketAddr),
+}
+
+impl FromStr for ControlAddr {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, ControlError> {
+        if let Some(a) = s.strip_prefix("tcp:") {
+            return a.parse().map(ControlAddr::Tcp).map_err(|_| ControlError::Address(s.chars().take(200).collect()));
+        }
+        if s.is_empty() || s.parse::<SocketAddr>().is_ok() {
+            // a bare address would be TCP without anyone asking for it
+            return Err(ControlError::Address(s.chars().take(200).collect()));
+        }
+        Ok(ControlAddr::Unix(PathBuf::from(s)))
+    }
+}
+
+impl TryFrom<String> for ControlAddr {
+    type Error = ControlError;
+    fn try_from(s: String) -> Result<Self, ControlError> {
+        s.parse()
+    }
+}
+
+impl From<ControlAddr> for String {
+    fn from(a: ControlAddr) -> String {
+        a.to_string()
+    }
+}
+
+impl std::fmt::Display for ControlAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlAddr::Unix(p) => write!(f, "{}", p.display()),
+            ControlAddr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A bound control listener (see `listen.rs` for binding).
+#[derive(Debug)]
+pub enum ControlListener {
+    /// Connections from `uid` (this node's) or root only.
+    Unix { listener: UnixListener, socket: SocketFile, uid: u32 },
+    /// Requests must carry `Authorization: Bearer <token>`.
+    Tcp { listener: TcpListener, token: Arc<Secret> },
+}
+
+impl ControlListener {
+    /// Where it listens (the bound port for TCP port 0).
+    pub fn addr(&self) -> Option<ControlAddr> {
+        match self {
+            ControlListener::Unix { socket, .. } => Some(ControlAddr::Unix(socket.0.clone())),
+            ControlListener::Tcp { listener, .. } => listener.local_addr().ok().map(ControlAddr::Tcp),
+        }
+    }
+}
+
+/// The socket's file, removed when the listener goes.
+#[derive(Debug)]
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 /// Commands that change a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +144,16 @@ pub enum ControlError {
     Timeout,
     #[error("this node takes no commands now")]
     NoHandler,
+    #[error(
+        "control address '{0}': give a Unix socket path, or tcp:HOST:PORT (HTTP with --control-token) to ask for TCP"
+    )]
+    Address(String),
+    #[error("uid {0} may not use this control socket")]
+    Uid(u32),
+    #[error("missing or wrong bearer token")]
+    Token,
+    #[error("the TCP control API speaks HTTP with a bearer token (Authorization: Bearer ...)")]
+    TcpNeedsHttp,
 }
 
 impl FromStr for Request {
@@ -115,17 +209,42 @@ impl Reply {
 
 /// How long a node may take to answer a command.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Sends one request line to a node's control API and returns its reply
-/// line (blocking: for command-line tools and test harnesses). Waits longer
-/// than a node may take to answer.
-pub fn ask(control: std::net::SocketAddr, line: &str) -> std::io::Result<String> {
-    use std::io::{BufRead, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&control, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(ANSWER_TIMEOUT + Duration::from_secs(1)))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    let mut reply = String::new();
-    std::io::BufReader::new(s).read_line(&mut reply)?;
-    Ok(reply)
+
+/// Sends one request (`status`, `failover`, ...) to a node's control API
+/// and returns its JSON reply (blocking: for command-line tools and test
+/// harnesses). A Unix socket gets the line form; TCP gets HTTP with the
+/// bearer `token`. Waits longer than a node may take to answer.
+pub fn ask(control: &ControlAddr, line: &str, token: Option<&Secret>) -> std::io::Result<String> {
+    use std::io::{BufRead, Read, Write};
+    let wait = Some(ANSWER_TIMEOUT + Duration::from_secs(1));
+    match control {
+        ControlAddr::Unix(path) => {
+            let mut s = std::os::unix::net::UnixStream::connect(path)?;
+            s.set_read_timeout(wait)?;
+            s.set_write_timeout(wait)?;
+            s.write_all(format!("{line}\n").as_bytes())?;
+            let mut reply = String::new();
+            std::io::BufReader::new(s).read_line(&mut reply)?;
+            Ok(reply)
+        }
+        ControlAddr::Tcp(addr) => {
+            let mut s = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))?;
+            s.set_read_timeout(wait)?;
+            let method = if line == "status" { "GET" } else { "POST" };
+            let auth = token.map(|t| format!("Authorization: Bearer {}\r\n", t.as_text())).unwrap_or_default();
+            let req = format!(
+                "{method} /{line} HTTP/1.1\r\nHost: castor\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes())?;
+            let mut resp = String::new();
+            s.take(1 << 20).read_to_string(&mut resp)?;
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b)
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))?;
+            Ok(body.to_string())
+        }
+    }
 }
 
 /// Longest request line or header line read.
@@ -163,11 +282,20 @@ fn http_request(method: &Method, path: &str) -> Result<Request, ControlError> {
 }
 
 async fn http_answer(
-    method: Method,
-    path: String,
+    req: crate::http::HttpRequest,
+    token: Option<Arc<Secret>>,
     status: Arc<NodeStatus>,
     commands: Option<mpsc::Sender<ControlRequest>>,
 ) -> crate::http::Answer {
+    if let Some(t) = &token {
+        let presented = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+        if !t.matches(presented.trim().as_bytes()) {
+            tracing::debug!("control request without the bearer token: refused");
+            let body = serde_json::to_string(&Reply::refused(ControlError::Token)).unwrap_or_default();
+            return (401, "application/json", body);
+        }
+    }
+    let (method, path) = (req.method, req.path);
     let (code, body) = match http_request(&method, &path) {
         Ok(req) => answer(req, &status, &commands).await,
         Err(e @ ControlError::Method(_)) => (405, serde_json::to_string(&Reply::refused(e)).unwrap_or_default()),
@@ -189,36 +317,82 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Stri
 
 /// Serves the control API until the task is dropped.
 pub async fn serve_control(
-    listener: TcpListener,
+    listener: ControlListener,
     status: Arc<NodeStatus>,
     commands: Option<mpsc::Sender<ControlRequest>>,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // out of descriptors or similar: do not spin
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let (status, commands) = (status.clone(), commands.clone());
-        tokio::spawn(async move {
-            // HTTP requests start with an upper-case method; line commands
-            // are lower case
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut first)).await {
-                Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
-                    let handle = move |m, p| http_answer(m, p, status.clone(), commands.clone());
-                    crate::http::serve_http(stream, handle).await;
-                }
-                Ok(Ok(1)) => serve_lines(stream, &status, &commands).await,
-                _ => {}
+    match listener {
+        ControlListener::Unix { listener, socket, uid } => {
+            let _socket = socket; // removed when this task ends
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    // out of descriptors or similar: do not spin
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let peer = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+                let (status, commands) = (status.clone(), commands.clone());
+                tokio::spawn(async move {
+                    if peer != uid && peer != 0 {
+                        // a stranger on the host: told why, nothing done
+                        tracing::debug!(peer, "control connection from another uid: refused");
+                        let mut stream = stream;
+                        let body = serde_json::to_string(&Reply::refused(ControlError::Uid(peer))).unwrap_or_default();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            stream.write_all(format!("{body}\n").as_bytes()),
+                        )
+                        .await;
+                        return;
+                    }
+                    serve_one(stream, None, status, commands).await;
+                });
             }
-        });
+        }
+        ControlListener::Tcp { listener, token } => loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (status, commands, token) = (status.clone(), commands.clone(), token.clone());
+            tokio::spawn(serve_one(stream, Some(token), status, commands));
+        },
+    }
+}
+
+/// One control connection: HTTP (it starts with an upper-case method) or
+/// the line form (lower case; not on TCP, where every request needs the
+/// token).
+async fn serve_one<S>(
+    stream: S,
+    token: Option<Arc<Secret>>,
+    status: Arc<NodeStatus>,
+    commands: Option<mpsc::Sender<ControlRequest>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut stream = BufReader::new(stream);
+    let first = match tokio::time::timeout(Duration::from_secs(5), stream.fill_buf()).await {
+        Ok(Ok(b)) if !b.is_empty() => b[0],
+        _ => return,
+    };
+    if first.is_ascii_uppercase() {
+        let handle = move |req| http_answer(req, token.clone(), status.clone(), commands.clone());
+        crate::http::serve_http(stream, handle).await;
+    } else if token.is_some() {
+        let body = serde_json::to_string(&Reply::refused(ControlError::TcpNeedsHttp)).unwrap_or_default();
+        let _ = stream.write_all(format!("{body}\n").as_bytes()).await;
+    } else {
+        serve_lines(stream, &status, &commands).await;
     }
 }
 
 /// The line form: one request per line, one JSON line back.
-async fn serve_lines(stream: TcpStream, status: &NodeStatus, commands: &Option<mpsc::Sender<ControlRequest>>) {
-    let (r, mut w) = stream.into_split();
+async fn serve_lines<S>(stream: BufReader<S>, status: &NodeStatus, commands: &Option<mpsc::Sender<ControlRequest>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (r, mut w) = tokio::io::split(stream);
     let mut r = BufReader::new(r);
     let mut line = String::new();
     while read_line(&mut r, &mut line).await.is_some() {
@@ -257,29 +431,39 @@ mod tests {
         assert!(v.get("action").is_none());
     }
 
-    #[tokio::test]
-    async fn a_command_is_answered_by_its_owner_or_refused() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, mut rx) = mpsc::channel::<ControlRequest>(1);
-        let status = Arc::new(NodeStatus::default());
-        tokio::spawn(serve_control(l, status, Some(tx)));
+    fn owner(mut rx: mpsc::Receiver<ControlRequest>) {
         tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
                 match r.command {
                     Command::Failover => r.answer(Ok("failover started")),
-                    Command::Unprotect | Command::Switchover => r.answer(Err(Refused("not holding".into()))),
+                    _ => r.answer(Err(Refused("not holding".into()))),
                 }
             }
         });
-        let ask = |req: &'static str| async move {
-            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (r, mut w) = s.into_split();
-            w.write_all(req.as_bytes()).await.unwrap();
-            w.shutdown().await.unwrap();
-            let mut out = String::new();
-            BufReader::new(r).read_to_string(&mut out).await.unwrap();
-            out
+    }
+
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: S, req: &str) -> String {
+        let (r, mut w) = tokio::io::split(s);
+        w.write_all(req.as_bytes()).await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut out = String::new();
+        BufReader::new(r).read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_command_is_answered_by_its_owner_or_refused() {
+        let dir = std::env::temp_dir().join(format!("castor-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = ControlAddr::Unix(dir.join("c.ctl"));
+        let l = crate::listen::bind_control(&addr, None).await.unwrap();
+        let (tx, rx) = mpsc::channel::<ControlRequest>(1);
+        owner(rx);
+        tokio::spawn(serve_control(l, Arc::new(NodeStatus::default()), Some(tx)));
+        let ControlAddr::Unix(path) = addr.clone() else { unreachable!() };
+        let ask = |req: &'static str| {
+            let path = path.clone();
+            async move { exchange(tokio::net::UnixStream::connect(&path).await.unwrap(), req).await }
         };
         let a = ask("failover\n").await;
         assert!(a.contains("\"ok\":true") && a.contains("failover started"), "{a}");
@@ -293,5 +477,59 @@ mod tests {
         assert!(a.starts_with("HTTP/1.1 200") && a.contains("\"role\":\"secondary\""), "{a}");
         let a = ask("GET /reboot HTTP/1.1\r\n\r\n").await;
         assert!(a.starts_with("HTTP/1.1 404"), "{a}");
+        // the blocking client the CLI uses
+        let st = tokio::task::spawn_blocking(move || super::ask(&addr, "status", None)).await.unwrap().unwrap();
+        assert!(st.contains("\"role\""), "{st}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_needs_the_bearer_token_on_every_request() {
+        let dir = std::env::temp_dir().join(format!("castor-control-tcp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        common::auth::write_secret_file(&token, b"0123456789abcdef-token").unwrap();
+        let l = crate::listen::bind_control(&"tcp:127.0.0.1:0".parse().unwrap(), Some(&token)).await.unwrap();
+        let Some(ControlAddr::Tcp(addr)) = l.addr() else { panic!("not tcp") };
+        let (tx, rx) = mpsc::channel::<ControlRequest>(1);
+        owner(rx);
+        tokio::spawn(serve_control(l, Arc::new(NodeStatus::default()), Some(tx)));
+        let ask =
+            |req: String| async move { exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), &req).await };
+        let post = |auth: &str| format!("POST /failover HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n");
+        let a = ask(post("")).await;
+        assert!(a.starts_with("HTTP/1.1 401"), "{a}");
+        let a = ask(post("Authorization: Bearer 0123456789abcdef-tokeX\r\n")).await;
+        assert!(a.starts_with("HTTP/1.1 401"), "{a}");
+        let a = ask("GET /status HTTP/1.1\r\n\r\n".into()).await;
+        assert!(a.starts_with("HTTP/1.1 401"), "even status needs the token: {a}");
+        let a = ask(post("Authorization: Bearer 0123456789abcdef-token\r\n")).await;
+        assert!(a.starts_with("HTTP/1.1 200") && a.contains("failover started"), "{a}");
+        // the line form carries no token: refused on TCP
+        let a = ask("failover\n".into()).await;
+        assert!(a.contains("\"ok\":false") && a.contains("bearer token"), "{a}");
+        // the blocking client with the token
+        let secret = Secret::token_from_file(&token).unwrap();
+        let a = tokio::task::spawn_blocking(move || super::ask(&ControlAddr::Tcp(addr), "status", Some(&secret)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(a.contains("\"role\""), "{a}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn control_addresses_say_what_they_are() {
+        assert_eq!("/run/castor/a.ctl".parse::<ControlAddr>(), Ok(ControlAddr::Unix("/run/castor/a.ctl".into())));
+        assert_eq!(
+            "tcp:127.0.0.1:7300".parse::<ControlAddr>(),
+            Ok(ControlAddr::Tcp("127.0.0.1:7300".parse().unwrap()))
+        );
+        // a bare address is not taken as TCP without asking
+        assert!(matches!("127.0.0.1:7300".parse::<ControlAddr>(), Err(ControlError::Address(_))));
+        assert!(matches!("tcp:nonsense".parse::<ControlAddr>(), Err(ControlError::Address(_))));
+        for a in ["x.ctl", "tcp:[::1]:9"] {
+            assert_eq!(a.parse::<ControlAddr>().unwrap().to_string(), a);
+        }
     }
 }

@@ -116,7 +116,7 @@ pub fn tail(log: &Path, n: usize) -> String {
 pub struct NodeProc {
     pub name: String,
     pub child: Child,
-    pub control: SocketAddr,
+    pub control: crate::control::ControlAddr,
     pub service: SocketAddr,
     /// Replication listen address (secondaries; primaries with --listen).
     pub listen: Option<SocketAddr>,
@@ -127,12 +127,12 @@ pub struct NodeProc {
 impl NodeProc {
     /// The node's status JSON, if it answers.
     pub fn status(&self) -> Option<Value> {
-        serde_json::from_str(&ask(self.control, "status").ok()?).ok()
+        serde_json::from_str(&ask(&self.control, "status", None).ok()?).ok()
     }
 
     /// Sends a control command; the reply line.
     pub fn command(&self, cmd: &str) -> Option<String> {
-        ask(self.control, cmd).ok()
+        ask(&self.control, cmd, None).ok()
     }
 
     /// kill -9, and reap.

@@ -9,7 +9,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How long one HTTP exchange may take.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -17,16 +17,35 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a handler answers: status, content type, body.
 pub type Answer = (u16, &'static str, String);
 
-/// Serves one HTTP/1.1 connection: `handle(method, path)` answers each request.
-pub async fn serve_http<F, Fut>(stream: TcpStream, handle: F)
+/// What a handler is given of a request.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    pub method: Method,
+    pub path: String,
+    /// The `Authorization` header, if any (and valid text).
+    pub authorization: Option<String>,
+}
+
+/// Serves one HTTP/1.1 connection: `handle(request)` answers each request.
+pub async fn serve_http<S, F, Fut>(stream: S, handle: F)
 where
-    F: Fn(Method, String) -> Fut + Clone + Send + Sync + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(HttpRequest) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Answer> + Send,
 {
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let handle = handle.clone();
         async move {
-            let (code, ctype, body) = handle(req.method().clone(), req.uri().path().to_string()).await;
+            let r = HttpRequest {
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+                authorization: req
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            };
+            let (code, ctype, body) = handle(r).await;
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {

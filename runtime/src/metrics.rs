@@ -18,10 +18,10 @@ pub async fn serve_metrics(listener: TcpListener, status: Arc<NodeStatus>) {
             continue;
         };
         let status = status.clone();
-        tokio::spawn(crate::http::serve_http(stream, move |method, _path| {
+        tokio::spawn(crate::http::serve_http(stream, move |req: crate::http::HttpRequest| {
             let status = status.clone();
             async move {
-                match method {
+                match req.method {
                     hyper::Method::GET | hyper::Method::HEAD => (200, OPENMETRICS, status.metrics()),
                     _ => (405, "text/plain", "metrics take GET\n".to_string()),
                 }
