@@ -199,10 +199,13 @@ fn witness_claims_are_refused_with_exit_9_unless_they_are_safe() {
     let secret = dir.path().join("secret");
     common::auth::write_secret_file(&secret, b"cli-test-secret-0123456789").expect("secret");
     let secret = secret.display().to_string();
+    let n = std::cell::Cell::new(0);
     let args = |vm: &str, url: &str, extra: &[&str]| -> Vec<String> {
+        n.set(n.get() + 1);
+        let ctl = dir.path().join(format!("c{}.ctl", n.get())).display().to_string();
         ["primary", "--guest", "idle", "--mem", "64M", "--vcpus", "1", "--secret-file", &secret]
             .iter()
-            .chain(["--service-listen", "127.0.0.1:0", "--control", "127.0.0.1:0"].iter())
+            .chain(["--service-listen", "127.0.0.1:0", "--control", &ctl].iter())
             .chain(["--witness", url, "--vm-id", vm].iter())
             .chain(extra.iter())
             .map(|s| s.to_string())

@@ -222,10 +222,17 @@ pub fn ask(control: &ControlAddr, line: &str, token: Option<&Secret>) -> std::io
             let mut s = std::os::unix::net::UnixStream::connect(path)?;
             s.set_read_timeout(wait)?;
             s.set_write_timeout(wait)?;
-            s.write_all(format!("{line}\n").as_bytes())?;
+            // a node that refuses us answers why and closes: read its
+            // reply even when our write found the pipe closed
+            let sent = s.write_all(format!("{line}\n").as_bytes());
             let mut reply = String::new();
-            std::io::BufReader::new(s).read_line(&mut reply)?;
-            Ok(reply)
+            match std::io::BufReader::new(s).read_line(&mut reply) {
+                Ok(n) if n > 0 => Ok(reply),
+                other => {
+                    sent?;
+                    other.map(|_| reply)
+                }
+            }
         }
         ControlAddr::Tcp(addr) => {
             let mut s = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))?;
@@ -337,6 +344,10 @@ pub async fn serve_control(
                         // a stranger on the host: told why, nothing done
                         tracing::debug!(peer, "control connection from another uid: refused");
                         let mut stream = stream;
+                        // take (and ignore) what it sent first, so the
+                        // reason reaches it rather than a broken pipe
+                        let mut skip = [0u8; 512];
+                        let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut skip)).await;
                         let body = serde_json::to_string(&Reply::refused(ControlError::Uid(peer))).unwrap_or_default();
                         let _ = tokio::time::timeout(
                             Duration::from_secs(1),
