@@ -325,6 +325,69 @@ fn service_connections_are_freed_when_they_close() {
     assert!(after <= before + 4, "connections leaked: {before} open files before, {after} after");
 }
 
+/// Responses go to the connection that sent the request (issue 12): a
+/// second connection declaring the same client id cannot take a live
+/// connection's responses, and a retry of a request on a new connection is
+/// still answered (the exactly-once rule needs it).
+#[test]
+fn a_second_connection_cannot_take_a_live_connections_responses() {
+    use common::service::{ClientMsg, NodeMsg};
+    use common::state::KvRequest;
+    use futures::{SinkExt, StreamExt};
+    let _g = serial();
+    let c = Cluster::new("steal");
+    // protected with long timer-only epochs: a response leaves only after
+    // its epoch's ack, so the stranger's request below lands before it
+    let o = NodeOpts { epoch_ms: 300, extra: vec!["--min-epoch-us".into(), "0".into()], ..NodeOpts::default() };
+    let s = c.secondary("s", &o, None);
+    let p = c.primary("p", &o, s.listen.expect("listen"));
+    p.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    let svc = p.service;
+    rt().block_on(async {
+        type Conn = tokio_util::codec::Framed<tokio::net::TcpStream, tokio_util::codec::LengthDelimitedCodec>;
+        let connect = || async {
+            let s = tokio::net::TcpStream::connect(svc).await.expect("connect");
+            tokio_util::codec::Framed::new(s, runtime::service::service_codec())
+        };
+        async fn send(conn: &mut Conn, seq: u32, key: u64) {
+            let req = KvRequest { client: 77, seq, op: KvOp::Put, key, value: u64::from(seq) };
+            let b = bytes::Bytes::from(common::codec::encode(&ClientMsg::Request(req)).expect("encode"));
+            conn.send(b).await.expect("send")
+        }
+        // the response to `seq` on `conn` within `t` (others are skipped)
+        async fn answer(conn: &mut Conn, seq: u32, t: Duration) -> bool {
+            let end = tokio::time::Instant::now() + t;
+            while let Ok(Some(Ok(f))) = tokio::time::timeout_at(end, conn.next()).await {
+                if let Ok(NodeMsg::Response { resp, .. }) = common::codec::decode::<NodeMsg>(&f) {
+                    if resp.seq == seq {
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+        let mut a = connect().await;
+        send(&mut a, 1, 1).await;
+        assert!(answer(&mut a, 1, T).await, "no answer to the first request");
+        // a stranger declares client 77 on its own connection
+        let mut b = connect().await;
+        send(&mut b, 2, 2).await;
+        assert!(answer(&mut b, 2, T).await, "the stranger's own request is answered");
+        // the live connection's next request, and at once the stranger's:
+        // a's response still goes to a
+        send(&mut a, 3, 3).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        send(&mut b, 4, 4).await;
+        assert!(answer(&mut a, 3, T).await, "the second connection took the first one's response");
+        assert!(!answer(&mut b, 3, Duration::from_millis(300)).await, "b received a response it did not ask for");
+        // a client that reconnects retries the same request: answered there
+        let mut a2 = connect().await;
+        send(&mut a2, 3, 3).await;
+        assert!(answer(&mut a2, 3, T).await, "a retry on a new connection was not answered");
+    });
+}
+
 /// A guest whose memory is full (`--fill`, issue 13): the live sync copies
 /// every filled page, the replica matches page for page (verification mode),
 /// and a failover runs the guest from it with nothing lost.

@@ -18,12 +18,28 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use vmm::devices::Devices;
 
-/// Routes released output to the clients that asked.
+/// A request waiting for its response: (client id, sequence number).
+type Key = (u32, u32);
+
+/// Connections that may wait on one request: the one that sent it and a few
+/// that retried it (a client that reconnected).
+const MAX_WAITERS: usize = 4;
+
+/// Client connections served at once; more are closed at accept.
+pub const MAX_CLIENT_CONNECTIONS: usize = 4096;
+
+/// Routes released output to the connections that asked.
+///
+/// A response goes to every connection that sent its (client, sequence)
+/// request: the first, and a retry on a new connection (the exactly-once
+/// rule needs the retry answered). A connection that declares another's
+/// client id gets at most a copy of what it asked for itself; it cannot
+/// take responses away from the connection that sent the request.
 #[derive(Debug)]
 pub struct Router {
     node: String,
     generation: u64,
-    clients: Mutex<HashMap<u32, mpsc::Sender<NodeMsg>>>,
+    waiting: Mutex<HashMap<Key, Vec<mpsc::Sender<NodeMsg>>>>,
     log: Option<Mutex<std::fs::File>>,
     print_console: bool,
     status: Arc<NodeStatus>,
@@ -54,7 +70,7 @@ impl Router {
         Router {
             node: node.into(),
             generation,
-            clients: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
             log,
             print_console,
             status,
@@ -66,22 +82,42 @@ impl Router {
     /// against the other node at once), and no new one is taken.
     pub fn close(&self) {
         self.closed.send_replace(true);
-        lock(&self.clients).clear();
+        lock(&self.waiting).clear();
     }
 
-    fn register(&self, client: u32, tx: mpsc::Sender<NodeMsg>) {
-        lock(&self.clients).insert(client, tx);
+    /// `tx`'s connection waits for the response to `key`.
+    fn register(&self, key: Key, tx: &mpsc::Sender<NodeMsg>) {
+        let mut w = lock(&self.waiting);
+        let v = w.entry(key).or_default();
+        v.retain(|t| !t.is_closed());
+        if v.iter().any(|t| t.same_channel(tx)) {
+            return;
+        }
+        if v.len() >= MAX_WAITERS {
+            // the first (the sender) always stays; the newest retry replaces
+            // the last one
+            v.pop();
+        }
+        v.push(tx.clone());
     }
 
-    /// Forgets the clients a closed connection registered (unless a newer
-    /// connection of the same client took over since).
-    fn unregister(&self, ids: &std::collections::HashSet<u32>, tx: &mpsc::Sender<NodeMsg>) {
-        let mut c = lock(&self.clients);
-        for id in ids {
-            if c.get(id).is_some_and(|t| t.same_channel(tx)) {
-                c.remove(id);
+    /// `tx`'s connection no longer waits on `keys` (it closed).
+    fn unregister(&self, keys: &std::collections::HashSet<Key>, tx: &mpsc::Sender<NodeMsg>) {
+        let mut w = lock(&self.waiting);
+        for k in keys {
+            if let Some(v) = w.get_mut(k) {
+                v.retain(|t| !t.same_channel(tx));
+                if v.is_empty() {
+                    w.remove(k);
+                }
             }
         }
+    }
+
+    /// Drops from `keys` those `tx` no longer waits on (answered).
+    fn prune(&self, keys: &mut std::collections::HashSet<Key>, tx: &mpsc::Sender<NodeMsg>) {
+        let w = lock(&self.waiting);
+        keys.retain(|k| w.get(k).is_some_and(|v| v.iter().any(|t| t.same_channel(tx))));
     }
 
     /// Releases output: it leaves castor now. `decided_us`: when the
@@ -92,7 +128,7 @@ impl Router {
         if outputs.is_empty() {
             return;
         }
-        let clients = lock(&self.clients);
+        let mut waiting = lock(&self.waiting);
         let mut log_lines = String::new();
         let n = outputs.len() as u64;
         for o in outputs {
@@ -104,7 +140,7 @@ impl Router {
                             self.node, self.generation, resp.client, resp.seq
                         ));
                     }
-                    if let Some(tx) = clients.get(&resp.client) {
+                    for tx in waiting.remove(&(resp.client, resp.seq)).unwrap_or_default() {
                         let _ = tx.try_send(NodeMsg::Response {
                             resp,
                             node: self.node.clone(),
@@ -147,7 +183,7 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
             }
         }
     });
-    let mut ids = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
     let mut closed = router.closed.subscribe();
     loop {
         let frame = tokio::select! {
@@ -157,9 +193,14 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
         let Some(Ok(frame)) = frame else { break };
         match common::codec::decode::<ClientMsg>(&frame) {
             Ok(ClientMsg::Request(req)) => {
-                ids.insert(req.client);
-                router.register(req.client, tx.clone());
+                let key = (req.client, req.seq);
+                if keys.len() >= 4096 {
+                    router.prune(&mut keys, &tx);
+                }
+                keys.insert(key);
+                router.register(key, &tx);
                 if let Err(e) = devices.submit(req) {
+                    router.unregister(&std::iter::once(key).collect(), &tx);
                     let _ = tx.try_send(NodeMsg::Unavailable { reason: e.to_string() });
                 }
             }
@@ -171,7 +212,7 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
     }
     // the connection is gone: the router must not keep its sender (the
     // writer task would wait on it forever, and the socket with it)
-    router.unregister(&ids, &tx);
+    router.unregister(&keys, &tx);
     drop(tx);
     // the writer ends once it has sent what was queued (no sender is left)
     let wait = if *router.closed.borrow() { Duration::from_millis(100) } else { Duration::from_secs(5) };
@@ -181,8 +222,11 @@ async fn serve_client(stream: TcpStream, devices: Arc<Devices>, router: Arc<Rout
 }
 
 /// Serves clients on `listener` until the task is aborted.
+/// At most [`MAX_CLIENT_CONNECTIONS`] at once; a connection past that is
+/// closed at once (its client tries again or the other node).
 pub async fn serve_clients(listener: Arc<TcpListener>, devices: Arc<Devices>, router: Arc<Router>) {
     let mut closed = router.closed.subscribe();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -192,6 +236,14 @@ pub async fn serve_clients(listener: Arc<TcpListener>, devices: Arc<Devices>, ro
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        tokio::spawn(serve_client(s, devices.clone(), router.clone()));
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("too many client connections: closed one");
+            continue;
+        };
+        let (devices, router) = (devices.clone(), router.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_client(s, devices, router).await;
+        });
     }
 }
