@@ -506,19 +506,61 @@ fn strangers(row: &mut Row) {
         row.fail(format!("never protected:\n{}", p.log_tail()));
         return;
     }
+    stranger_storm(row, &c, &p, s.listen.expect("listen"), vec![p.service, s.service]);
+}
+
+/// Strangers on a promoted node's join port: after a failover a new
+/// secondary joins the promoted node; the same storm on the port it joined
+/// through must not drop that protection either.
+fn strangers_on_the_join_port(row: &mut Row) {
+    let c = Cluster::new("strangers-join");
+    let o = NodeOpts::default();
+    let mut s = c.secondary("s", &o, None);
+    let mut p = c.primary("p", &o, s.listen.expect("listen"));
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    p.kill9();
+    if !expect_takeover(row, &s, 1, "no takeover") {
+        return;
+    }
+    let join = s.listen.expect("listen");
+    let s2 = c.secondary("s2", &o, Some(join));
+    if !protected(&s) {
+        row.fail(format!("the promoted node was never protected by the joiner:\n{}", s.log_tail()));
+        return;
+    }
+    eprintln!("  the promoted node is protected by a secondary that joined it; strangers on its join port");
+    stranger_storm(row, &c, &s, join, vec![s.service, s2.service]);
+    drop(s2);
+    s.kill9();
+}
+
+/// 100 connect/close a second for 5 s on `target` plus one slow stranger,
+/// while clients load `primary`: its protection must not drop.
+fn stranger_storm(
+    row: &mut Row,
+    c: &Cluster,
+    p: &NodeProc,
+    target: std::net::SocketAddr,
+    services: Vec<std::net::SocketAddr>,
+) {
     let rt = rt();
     // enough clients that epochs span several reads on the secondary
-    let load = Load::start(&rt, vec![p.service, s.service], 32, 64, 1);
+    let load = Load::start(&rt, services, 32, 64, 1);
     load.wait_more(50, T);
     let before = p.status().expect("p");
-    let target = s.listen.expect("listen");
     let slow = std::thread::spawn(move || {
         use std::io::{Read, Write};
         let mut conn = std::net::TcpStream::connect(target).expect("slow connect");
         let start = Instant::now();
         conn.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-        // a valid frame magic, then zeros, a byte at a time: never a whole header
-        let bytes = common::frame::MAGIC.iter().copied().chain(std::iter::repeat(0u8));
+        // a valid handshake length prefix (32 bytes follow), then zeros, a
+        // byte at a time: a handshake message that never completes, cut
+        // only by the handshake deadline
+        let bytes = [0u8, 32].into_iter().chain(std::iter::repeat(0u8));
         for b in bytes {
             if start.elapsed() > Duration::from_secs(8) {
                 break;
@@ -572,11 +614,13 @@ fn strangers(row: &mut Row) {
         row.fail(format!("acks did not keep flowing: {} -> {}", before["acked_epoch"], after["acked_epoch"]));
     }
     match slow.join().expect("slow thread") {
-        Some(t) if t < Duration::from_secs(4) => eprintln!("  the slow stranger was cut after {t:?}"),
+        Some(t) if t < Duration::from_secs(4) => {
+            eprintln!("  the slow stranger was cut after {t:?} (handshake deadline 2 s)")
+        }
         other => row.fail(format!("the slow stranger was not cut at the handshake deadline: {other:?}")),
     }
     let v = load.finish(&rt, p.service);
-    row.check(&v, &c);
+    row.check(&v, c);
 }
 
 #[test]
@@ -616,6 +660,7 @@ fn failover_suite() {
     run("truncated-frames", &mut |r| network(r, "truncated-frames", Fault::Drop, Duration::from_millis(60), false));
     run("tiny-ring", &mut tiny_ring_and_tracking_lost);
     run("strangers", &mut strangers);
+    run("strangers-join", &mut strangers_on_the_join_port);
     run("w-standby-freeze", &mut witness::standby_freeze);
     run("w-primary-freeze", &mut witness::primary_freeze);
     run("w-double-fault", &mut witness::double_fault);
