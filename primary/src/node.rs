@@ -98,12 +98,8 @@ pub async fn run_primary(
         // a promoted secondary keeps its witness counters (its promote txn)
         let kept = s.witness.take();
         s.witness = cfg.witness.as_ref().map(|w| {
-            kept.unwrap_or_else(|| runtime::status::WitnessStatus {
-                endpoints: w.config().endpoints.clone(),
-                vm_id: w.config().vm_id.clone(),
-                node: w.config().node.clone(),
-                state: "ok".into(),
-                ..Default::default()
+            kept.unwrap_or_else(|| {
+                runtime::status::WitnessStatus::new(&w.config().endpoints, &w.config().vm_id, &w.config().node)
             })
         });
         s.protection = Protection::Unprotected;

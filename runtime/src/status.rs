@@ -117,6 +117,19 @@ pub struct WitnessStatus {
     pub txns: u64,
 }
 
+impl WitnessStatus {
+    /// A node's view of its witness at start: reachable until it says otherwise.
+    pub fn new(endpoints: &[String], vm_id: &str, node: &str) -> Self {
+        WitnessStatus {
+            endpoints: endpoints.to_vec(),
+            vm_id: vm_id.into(),
+            node: node.into(),
+            state: "ok".into(),
+            ..Default::default()
+        }
+    }
+}
+
 /// What `castor status` shows.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StatusSnapshot {

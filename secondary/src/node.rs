@@ -122,13 +122,8 @@ pub async fn run_secondary(
     rcfg.state = cfg.state.clone();
     if let Some(w) = &cfg.witness {
         status.update(|s| {
-            s.witness = Some(runtime::status::WitnessStatus {
-                endpoints: w.config().endpoints.clone(),
-                vm_id: w.config().vm_id.clone(),
-                node: w.config().node.clone(),
-                state: "ok".into(),
-                ..Default::default()
-            })
+            s.witness =
+                Some(runtime::status::WitnessStatus::new(&w.config().endpoints, &w.config().vm_id, &w.config().node))
         });
         // a primary older than the term in force is refused at once (a
         // stale primary dialing a restarted node); unreachable: the

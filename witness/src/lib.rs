@@ -227,6 +227,13 @@ impl Witness {
         Ok(r.id())
     }
 
+    /// Gives a lease back at once (best effort: unrevoked, it expires by
+    /// its TTL).
+    async fn revoke(&self, lease: i64) {
+        let mut c = self.client.clone();
+        let _ = tokio::time::timeout(self.cfg.timeout, c.lease_revoke(lease)).await;
+    }
+
     /// A new primary's claim: raises `term` by one and writes `primary`
     /// (leased), unless a primary of this VM is alive. A VM id that already
     /// has a term is claimed only with `replace` (the operator's word that
@@ -339,9 +346,12 @@ impl Witness {
         let g = Self::gets(&r);
         let now = self.parse_term(&g[0])?;
         if now == term + 1 && self.parse_holder("primary", &g[2])?.as_ref() == Some(&next) {
-            // our own earlier attempt won (its answer was lost)
-            return Ok((Decision::Granted, Some(lease)));
+            // our own earlier attempt won (its answer was lost): keep the
+            // lease its `primary` key carries, give this one back
+            self.revoke(lease).await;
+            return Ok((Decision::Granted, g[2].first().map(|kv| kv.lease()).filter(|&l| l != 0)));
         }
+        self.revoke(lease).await;
         let why = match self.parse_holder("sync", &g[1])? {
             _ if now != term => format!("the term moved on (term {now}, ours {term})"),
             None => "no secondary is recorded as caught up: the primary ran alone".to_string(),
