@@ -353,7 +353,6 @@ pub fn etcd_member_killed(row: &mut Row) {
     row.check(&v, &c);
 }
 
-/// `castor failover` on the secondary: the witness grants, the old
 /// A forced failover with the witness: the secondary is told to take over
 /// while the primary is healthy; the witness's term fences the primary.
 pub fn forced_failover(row: &mut Row) {
