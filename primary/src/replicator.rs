@@ -488,7 +488,6 @@ impl Replicator {
                         tracing::error!(%reason, "secondary asks for a full resync");
                         let _ = self.apply(Event::ResyncRequested);
                     }
-
                     None => {}
                 },
                 p = self.packets.recv(), if queued.load(std::sync::atomic::Ordering::SeqCst) < ship_max => match p {

@@ -205,6 +205,10 @@ impl Reply {
     fn refused(why: impl ToString) -> Reply {
         Reply { ok: false, action: None, error: Some(why.to_string()) }
     }
+    /// A refusal as its JSON text.
+    fn refused_json(why: impl ToString) -> String {
+        serde_json::to_string(&Reply::refused(why)).unwrap_or_default()
+    }
 }
 
 /// How long a node may take to answer a command.
@@ -298,15 +302,15 @@ async fn http_answer(
         let presented = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
         if !t.matches(presented.trim().as_bytes()) {
             tracing::debug!("control request without the bearer token: refused");
-            let body = serde_json::to_string(&Reply::refused(ControlError::Token)).unwrap_or_default();
+            let body = Reply::refused_json(ControlError::Token);
             return (401, "application/json", body);
         }
     }
     let (method, path) = (req.method, req.path);
     let (code, body) = match http_request(&method, &path) {
         Ok(req) => answer(req, &status, &commands).await,
-        Err(e @ ControlError::Method(_)) => (405, serde_json::to_string(&Reply::refused(e)).unwrap_or_default()),
-        Err(e) => (404, serde_json::to_string(&Reply::refused(e)).unwrap_or_default()),
+        Err(e @ ControlError::Method(_)) => (405, Reply::refused_json(e)),
+        Err(e) => (404, Reply::refused_json(e)),
     };
     (code, "application/json", body)
 }
@@ -348,7 +352,7 @@ pub async fn serve_control(
                         // reason reaches it rather than a broken pipe
                         let mut skip = [0u8; 512];
                         let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut skip)).await;
-                        let body = serde_json::to_string(&Reply::refused(ControlError::Uid(peer))).unwrap_or_default();
+                        let body = Reply::refused_json(ControlError::Uid(peer));
                         let _ = tokio::time::timeout(
                             Duration::from_secs(1),
                             stream.write_all(format!("{body}\n").as_bytes()),
@@ -391,7 +395,7 @@ async fn serve_one<S>(
         let handle = move |req| http_answer(req, token.clone(), status.clone(), commands.clone());
         crate::http::serve_http(stream, handle).await;
     } else if token.is_some() {
-        let body = serde_json::to_string(&Reply::refused(ControlError::TcpNeedsHttp)).unwrap_or_default();
+        let body = Reply::refused_json(ControlError::TcpNeedsHttp);
         let _ = stream.write_all(format!("{body}\n").as_bytes()).await;
     } else {
         serve_lines(stream, &status, &commands).await;
@@ -409,7 +413,7 @@ where
     while read_line(&mut r, &mut line).await.is_some() {
         let body = match line.trim().parse::<Request>() {
             Ok(req) => answer(req, status, commands).await.1,
-            Err(e) => serde_json::to_string(&Reply::refused(e)).unwrap_or_default(),
+            Err(e) => Reply::refused_json(e),
         };
         if w.write_all(format!("{body}\n").as_bytes()).await.is_err() {
             break;
