@@ -54,6 +54,25 @@ impl RingLedger {
     }
 }
 
+/// Whether a collection can be trusted to hold every write since the one
+/// before. After any doubt about a ring or log (a short or failed reset, an
+/// overflow, an entry outside memory, a failed re-arm) collections stay lost
+/// until tracking is provably whole again: every slot re-protected, and then a
+/// reset that recycled exactly what was harvested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// Every write since the last collection will be in the next one.
+    Whole,
+    /// A loss was seen and re-protecting the slots failed: every collection
+    /// is lost until a re-protect succeeds.
+    Doubt,
+    /// Every slot was re-protected at the last collection (a lost one): the
+    /// next collection holds every write since, and tracking is whole again
+    /// once its reset (synchronous, no retention) recycles exactly what it
+    /// harvested; any loss in it starts over.
+    Reprotected,
+}
+
 /// Dirty tracking of one machine.
 #[derive(Debug)]
 pub(crate) struct DirtyTracker {
@@ -65,6 +84,12 @@ pub(crate) struct DirtyTracker {
     lost_pending: bool,
     /// A ring reset handed to a vCPU thread by an overlapped collection.
     reset_in_flight: bool,
+    trust: Trust,
+    /// Fault injection: the next synchronous ring reset is cut short.
+    short_reset_armed: bool,
+    short_resets_injected: u64,
+    /// Times every slot was re-protected after a loss.
+    reprotects: u64,
 }
 
 impl DirtyTracker {
@@ -80,7 +105,39 @@ impl DirtyTracker {
     }
 
     pub fn new(kind: TrackerKind, slots: SlotTable) -> Self {
-        DirtyTracker { kind, slots, retention: Retention::default(), lost_pending: false, reset_in_flight: false }
+        DirtyTracker {
+            kind,
+            slots,
+            retention: Retention::default(),
+            lost_pending: false,
+            reset_in_flight: false,
+            trust: Trust::Whole,
+            short_reset_armed: false,
+            short_resets_injected: 0,
+            reprotects: 0,
+        }
+    }
+
+    pub fn trust(&self) -> Trust {
+        self.trust
+    }
+
+    /// Fault injection (tests): the next collection that resets the rings
+    /// synchronously recycles only part of what it harvested and leaves the
+    /// rest marked but not recycled, as a reset cut short by a signal does on
+    /// this host (their pages stay writable). No effect with the bitmap.
+    pub fn inject_short_reset(&mut self) {
+        self.short_reset_armed = matches!(self.kind, TrackerKind::Ring { .. });
+    }
+
+    /// Short resets injected so far.
+    pub fn short_resets_injected(&self) -> u64 {
+        self.short_resets_injected
+    }
+
+    /// Times every slot was re-protected after a loss.
+    pub fn reprotects(&self) -> u64 {
+        self.reprotects
     }
 
     /// The ring a new vCPU carries (none with the bitmap tracker).
@@ -144,13 +201,18 @@ impl DirtyTracker {
         let t0 = std::time::Instant::now();
         let mut reset_ns = 0u64;
         let mut gfns = Vec::new();
-        let mut lost = std::mem::take(&mut self.lost_pending);
+        let mut lost = std::mem::take(&mut self.lost_pending) || self.trust == Trust::Doubt;
+        // while tracking is not known to be whole, no retention (every
+        // collection re-arms) and no overlapped reset: the reset's verdict
+        // must be known before this collection is called complete
+        let doubtful = self.trust != Trust::Whole;
         let from_kvm;
         match self.kind {
             TrackerKind::Ring { entries: ring_size } => {
                 let mut ledger = common::sync::lock(&ctx.reset_lock);
                 let mut entries = Vec::new();
                 let mut cores: Vec<_> = vcpus.iter().map(|v| v.core()).collect();
+                let mut harvested = Vec::with_capacity(cores.len());
                 ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
                 for core in cores.iter_mut() {
                     let rs = core.ring.as_mut().expect("ring tracker has rings");
@@ -159,6 +221,7 @@ impl DirtyTracker {
                     let h = rs.ring.harvest(&mut entries, rs.verify);
                     lost |= h.overflow || h.stray;
                     ledger.unreset += u64::from(h.expected_reset());
+                    harvested.push(h.harvested);
                 }
                 if std::mem::take(&mut ledger.suspect) {
                     lost = true;
@@ -176,7 +239,7 @@ impl DirtyTracker {
                 // rings on average more than half full of entries waiting for
                 // a reset would soon exit ring-full: re-arm now instead
                 let filling = ledger.unreset > u64::from(ring_size / 2) * vcpus.len() as u64;
-                let rearm = if retain {
+                let rearm = if retain && !doubtful {
                     let d = self.retention.decide(&gfns, lost || filling);
                     gfns = d.report;
                     d.rearm
@@ -185,14 +248,21 @@ impl DirtyTracker {
                 };
                 // hand the reset off only when the copy it overlaps is longer
                 // than a hand-off to a parked thread (~100 us here)
-                if rearm && overlap && gfns.len() >= OVERLAP_RESET_MIN_PAGES && !vcpus.is_empty() {
+                if rearm && overlap && !doubtful && !lost && gfns.len() >= OVERLAP_RESET_MIN_PAGES && !vcpus.is_empty()
+                {
                     drop(cores);
                     drop(ledger);
                     vcpus[0].request_reset();
                     self.reset_in_flight = true;
                 } else if rearm {
                     let tr = std::time::Instant::now();
-                    let ok = ledger.reset(vm);
+                    let ok = if self.short_reset_armed && harvested.iter().any(|&n| n >= 2) {
+                        self.short_reset_armed = false;
+                        self.short_resets_injected += 1;
+                        cut_short_reset(&mut ledger, vm, &mut cores, &harvested)
+                    } else {
+                        ledger.reset(vm)
+                    };
                     reset_ns = tr.elapsed().as_nanos() as u64;
                     if !ok {
                         ledger.suspect = false;
@@ -201,12 +271,24 @@ impl DirtyTracker {
                             core.ring.as_mut().expect("ring").ring.mark_desynchronised();
                         }
                     }
+                    if lost {
+                        // (a loss always re-arms, here) recycle whatever a
+                        // short reset left marked, so that the next reset
+                        // counts only the next harvest
+                        for _ in 0..4 {
+                            if !matches!(ring::reset_rings(vm), Ok(n) if n > 0) {
+                                break;
+                            }
+                        }
+                        ledger.unreset = 0;
+                        ledger.suspect = false;
+                    }
                 }
             }
             TrackerKind::Bitmap => {
                 let (mut logs, n) = tracker::get_bitmaps(vm, &self.slots, &mut gfns)?;
                 from_kvm = n;
-                let rearm = if retain {
+                let rearm = if retain && !doubtful {
                     let d = self.retention.decide(&gfns, lost);
                     gfns = d.report;
                     d.rearm
@@ -220,6 +302,23 @@ impl DirtyTracker {
         }
         if lost {
             tracing::warn!("dirty tracking lost for this collection: all memory must be treated as dirty");
+            // any doubt: write-protect every page again now (the vCPUs are
+            // parked), so the next collection holds every write from here on
+            self.retention.clear();
+            match tracker::reprotect_all(vm, &self.slots) {
+                Ok(ns) => {
+                    reset_ns += ns;
+                    self.reprotects += 1;
+                    self.trust = Trust::Reprotected;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "re-protecting guest memory failed: tracking stays lost");
+                    self.trust = Trust::Doubt;
+                }
+            }
+        } else if self.trust == Trust::Reprotected {
+            tracing::info!("dirty tracking is whole again");
+            self.trust = Trust::Whole;
         }
         let mut d = tracker::finish(gfns, from_kvm, mem.take_vmm_dirty(), lost);
         d.reset_ns = reset_ns;
@@ -236,4 +335,26 @@ impl DirtyTracker {
     pub fn rearms(&self) -> u64 {
         self.retention.rearms()
     }
+}
+
+/// The injected short reset: the last half of each ring's fresh harvest is
+/// held back, the rings are reset (KVM stops at the first entry not marked
+/// RESET, so it recycles less than was harvested and says so), and the held
+/// entries are marked again: the state a signal-interrupted reset leaves.
+fn cut_short_reset(
+    ledger: &mut RingLedger,
+    vm: &VmFd,
+    cores: &mut [std::sync::MutexGuard<'_, crate::vcpu::VcpuCore>],
+    harvested: &[u32],
+) -> bool {
+    let held: Vec<u32> = harvested.iter().map(|&n| n / 2).collect();
+    for (core, &n) in cores.iter_mut().zip(&held) {
+        core.ring.as_mut().expect("ring").ring.hold_back(n);
+    }
+    let ok = ledger.reset(vm);
+    for (core, &n) in cores.iter_mut().zip(&held) {
+        core.ring.as_mut().expect("ring").ring.release_held(n);
+    }
+    tracing::warn!(held = held.iter().sum::<u32>(), "injected a short ring reset");
+    ok
 }

@@ -23,5 +23,6 @@ pub mod state;
 pub mod tracker;
 pub mod vcpu;
 
+pub use dirty::Trust;
 pub use machine::{Machine, MachineConfig, MachineError, WorkloadConfig};
 pub use tracker::{DirtySet, TrackerKind};

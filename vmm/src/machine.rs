@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::abi::{self, BootInfo, Pattern, WorkloadKind, BOOT_MAGIC, KERNEL_END, PAGE_SIZE, PERCPU_GPA};
 use crate::boot::{self, BootError};
 use crate::devices::{Devices, GuestFault};
-use crate::dirty::DirtyTracker;
+use crate::dirty::{DirtyTracker, Trust};
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::ring::{RingError, RingFlavour};
 use crate::state::{self, MachineState, SaveContext, StateError, VmShape};
@@ -591,6 +591,28 @@ impl Machine {
     /// Times hot-page retention re-armed tracking.
     pub fn hot_page_rearms(&self) -> u64 {
         self.tracker.rearms()
+    }
+
+    /// Whether dirty tracking is known to be whole (see [`Trust`]).
+    pub fn tracking_trust(&self) -> Trust {
+        self.tracker.trust()
+    }
+
+    /// Times every slot was re-protected after tracking was lost.
+    pub fn tracking_reprotects(&self) -> u64 {
+        self.tracker.reprotects()
+    }
+
+    /// Fault injection for tests: the next collection that resets the dirty
+    /// rings synchronously is cut short, as a reset interrupted by a signal
+    /// is (ring tracker only; see `DirtyTracker::inject_short_reset`).
+    pub fn inject_short_reset(&mut self) {
+        self.tracker.inject_short_reset();
+    }
+
+    /// Short resets injected so far.
+    pub fn short_resets_injected(&self) -> u64 {
+        self.tracker.short_resets_injected()
     }
 
     /// Ring-full exits so far, summed over vCPUs (parked machine only; else 0 for busy ones).

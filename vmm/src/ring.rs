@@ -16,7 +16,8 @@
 //! After an overflow the ring is *desynchronised*: the kernel's next entry is at
 //! an unknown position. We find it as the start of the run of DIRTY entries,
 //! mark the skipped (invalid) entries RESET so the kernel's reset index walks
-//! past them, and carry on in sync. Only the overflowing collection is lost.
+//! past them, and carry on in sync. The machine's tracker then re-protects every slot and
+//! reports collections lost until a reset is exact again (dirty.rs, `Trust`).
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -276,6 +277,26 @@ impl DirtyRing {
         }
         self.desync = true;
         step
+    }
+
+    /// Fault injection (tests): takes the RESET mark off the last `n` entries
+    /// harvested, so the next reset stops before them, as a reset cut short
+    /// by a signal does; [`DirtyRing::release_held`] puts the marks back
+    /// after it (their pages then stay writable until a later reset).
+    pub fn hold_back(&mut self, n: u32) {
+        self.mark_last(n, DIRTY);
+    }
+
+    /// Marks the `n` entries taken by [`DirtyRing::hold_back`] RESET again.
+    pub fn release_held(&mut self, n: u32) {
+        self.mark_last(n, RESET);
+    }
+
+    fn mark_last(&mut self, n: u32, flag: u32) {
+        let mask = self.entries - 1;
+        for k in 1..=u64::from(n.min(self.entries)) {
+            self.flags((self.fetch.wrapping_sub(k) as u32) & mask).store(flag, Ordering::Release);
+        }
     }
 
     /// Declares the ring desynchronised (the caller saw a reset count mismatch).

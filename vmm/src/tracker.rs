@@ -52,6 +52,8 @@ pub enum TrackerError {
     ClearLog(u32, std::io::Error),
     #[error("ring entry names slot {0}, which does not exist")]
     BadSlot(u32),
+    #[error("re-protecting slot {0} (KVM_SET_USER_MEMORY_REGION) failed: {1}")]
+    Reprotect(u32, vmm_sys_util::errno::Error),
     #[error(transparent)]
     Ring(#[from] crate::ring::RingError),
 }
@@ -73,15 +75,21 @@ pub struct DirtySet {
     pub reset_ns: u64,
 }
 
-/// KVM memory slots: slot id -> (first gfn, pages).
+/// KVM memory slots: slot id -> (first gfn, pages), and each slot's host
+/// mapping (to register the slot again when re-protecting it).
 #[derive(Debug, Clone, Default)]
 pub struct SlotTable {
     slots: Vec<(u64, u64)>,
+    hosts: Vec<u64>,
 }
 
 impl SlotTable {
+    /// From the machine's regions, as registered: (gpa, bytes, host address).
     pub fn new(regions: &[(u64, u64, u64)]) -> Self {
-        SlotTable { slots: regions.iter().map(|r| (r.0 / PAGE_SIZE, r.1 / PAGE_SIZE)).collect() }
+        SlotTable {
+            slots: regions.iter().map(|r| (r.0 / PAGE_SIZE, r.1 / PAGE_SIZE)).collect(),
+            hosts: regions.iter().map(|r| r.2).collect(),
+        }
     }
 
     /// The gfn of a ring entry, if it names a valid slot and page.
@@ -160,6 +168,33 @@ pub fn clear_bitmaps(vm: &VmFd, logs: &mut [SlotLog]) -> Result<u64, TrackerErro
     Ok(t.elapsed().as_nanos() as u64)
 }
 
+/// Write-protects every page of every slot again, for either tracker: dirty
+/// logging is turned off and on again on each slot (KVM write-protects all of
+/// a slot's pages, or with the bitmap starts an empty log, when logging is
+/// enabled on it). After it every guest write is logged, whatever state the
+/// rings or logs were in. The vCPUs must be parked. Returns the time it took, ns.
+pub fn reprotect_all(vm: &VmFd, slots: &SlotTable) -> Result<u64, TrackerError> {
+    use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+    let t = std::time::Instant::now();
+    for ((slot, base, pages), &host) in slots.iter().zip(&slots.hosts) {
+        for flags in [0, KVM_MEM_LOG_DIRTY_PAGES] {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: base * PAGE_SIZE,
+                memory_size: pages * PAGE_SIZE,
+                userspace_addr: host,
+            };
+            // SAFETY: the same slot, guest range and host mapping the machine
+            // registered at build (SlotTable is built from those regions, and
+            // the machine keeps the mapping alive as long as the VM fd); only
+            // the flags change, so no new memory is handed to KVM.
+            unsafe { vm.set_user_memory_region(region) }.map_err(|e| TrackerError::Reprotect(slot, e))?;
+        }
+    }
+    Ok(t.elapsed().as_nanos() as u64)
+}
+
 /// Hot-page retention, for both trackers: re-arming tracking (ring reset,
 /// bitmap clear) is deferred, so pages already reported stay writable and are
 /// reported, and copied, at every collection until the next re-arm.
@@ -210,6 +245,13 @@ pub struct RetentionDecision {
 }
 
 impl Retention {
+    /// Forgets the retained set (tracking was re-armed by other means: every
+    /// page is write-protected again).
+    pub fn clear(&mut self) {
+        self.retained.clear();
+        self.since_rearm = 0;
+    }
+
     /// Decides whether to re-arm now, given the pages KVM reported in this
     /// collection (any order, duplicates allowed); `must` forces a re-arm
     /// (tracking was lost, or a ring is filling up with deferred entries).

@@ -293,3 +293,85 @@ fn ring_hot_pages_never_miss_a_write_with_ring_full_exits() {
     m.pause().expect("pause");
     assert!(m.ring_full_exits() > 0, "the small ring never filled");
 }
+
+/// A ring reset cut short (as a pending signal cuts it on this host) leaves
+/// harvested entries marked but not recycled, and their pages writable. With
+/// hot-page retention deferring the next reset, nothing would notice: later
+/// collections would miss writes to those pages. Every collection after an
+/// injected short reset is checked against the guest's stamps: it must be
+/// reported lost or hold every page written, and tracking must come back
+/// (every slot re-protected, then an exact reset) within a few collections.
+#[test]
+fn ring_short_reset_keeps_tracking_lost_until_whole() {
+    use vmm::Trust;
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let mut w = WorkloadConfig::dirty(2048, Pattern::Random, 20_000);
+    w.report_ms = 0;
+    let mut cfg = MachineConfig::new(256 * MIB, 2, TrackerKind::Ring { entries: 65536 }, w);
+    cfg.hot_pages = true;
+    let mut m = Machine::new(cfg).expect("machine");
+    let mut stamps = Checker::new(&m).stamps;
+    m.start().expect("start");
+    let (mut lost, mut lost_after_injection, mut last_lost) = (0, 0, None);
+    // a short reset is armed at collection 10 and again 10 collections after
+    // the first one happened (with retention, the next synchronous reset can
+    // be up to RETAIN_MAX_EPOCHS collections away)
+    let mut injected_at: Vec<usize> = Vec::new();
+    let mut fired_at: Vec<usize> = Vec::new();
+    for i in 0..220 {
+        wait_writes(&m, if i % 3 == 0 { 5 } else { 120 });
+        m.pause().expect("pause");
+        if i == 10 || (injected_at.len() == 1 && fired_at.first().is_some_and(|&f| i == f + 10)) {
+            m.inject_short_reset();
+            injected_at.push(i);
+        }
+        let before = m.short_resets_injected();
+        let d = m.collect().expect("collect");
+        let fired = m.short_resets_injected() > before;
+        let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
+        let mut missing = Vec::new();
+        for (gpa, last) in stamps.iter_mut() {
+            let now = m.memory().read_u64(*gpa).expect("read");
+            if now != *last {
+                if !dirty.contains(&(*gpa / PAGE_SIZE)) {
+                    missing.push(*gpa / PAGE_SIZE);
+                }
+                *last = now;
+            }
+        }
+        if d.tracking_lost {
+            lost += 1;
+            last_lost = Some(i);
+            if !injected_at.is_empty() {
+                lost_after_injection += 1;
+            }
+        } else {
+            assert!(
+                missing.is_empty(),
+                "collection {i} (short resets injected at or after {injected_at:?}) was not reported lost but misses {} written pages: {:x?}",
+                missing.len(),
+                &missing[..missing.len().min(8)]
+            );
+        }
+        if fired {
+            eprintln!("collection {i}: short reset, re-arm and re-protect of 256 MiB took {} us", d.reset_ns / 1000);
+            fired_at.push(i);
+            assert!(d.tracking_lost, "collection {i}: the short reset itself was not reported");
+            assert_eq!(m.tracking_trust(), Trust::Reprotected, "collection {i}: slots not re-protected");
+        }
+        assert!(m.faults().is_empty(), "{:?}", m.faults());
+        m.resume().expect("resume");
+    }
+    m.pause().expect("pause");
+    eprintln!(
+        "short resets armed at {injected_at:?}, done at {fired_at:?}; collections lost {lost} ({lost_after_injection} after an injection), re-protects {}, last lost {last_lost:?}",
+        m.tracking_reprotects()
+    );
+    assert_eq!(fired_at.len(), 2, "the injected short resets did not both happen");
+    assert!(m.tracking_reprotects() >= 2);
+    assert_eq!(m.tracking_trust(), Trust::Whole, "tracking never became whole again");
+    assert!(
+        last_lost.is_some_and(|l| l < fired_at[1] + 4),
+        "collections still lost 4 collections after the last short reset (last lost: {last_lost:?})"
+    );
+}
