@@ -81,13 +81,17 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // A panic anywhere ends the process (as panic = "abort" would, without
-    // building the test harness's dependencies twice): a thread that
-    // panicked halfway through applying an epoch must not leave a replica
-    // that a failover would run, nor a primary that keeps serving beside it.
+    // building the test harness's dependencies twice): a half-done step must
+    // not leave a primary serving beside a state it did not finish. The one
+    // exception is code run under `crashpoint::contained::contain`, whose
+    // caller cleans up: the secondary's apply thread, which marks its replica
+    // unusable before writing a page (no failover from it; a resync follows).
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);
-        std::process::abort();
+        if !common::crashpoint::contained::is_inside() {
+            std::process::abort();
+        }
     }));
     let cli = Cli::parse();
     let node = |name: &str, r: Result<(), node_cmd::NodeCmdError>| match r {

@@ -2,7 +2,9 @@
 //!
 //! `CASTOR_CRASH_AT=name` (or `name:N`, the N-th time, default 1) makes the
 //! process abort on the spot when it reaches the point `name`, as a kill -9
-//! would: no destructor, no flush, no goodbye to the peer. Every test hook is
+//! would: no destructor, no flush, no goodbye to the peer. `name:N:panic`
+//! panics there instead (the N-th time), and `name:N+:panic` every time from
+//! the N-th on: a bug in the code at that point, as the code around it sees it. Every test hook is
 //! inert unless the command line enabled them (`--test-hooks`, which calls
 //! [`enable_test_hooks`]): an environment variable alone changes nothing.
 //! Disabled, a crash point costs one atomic load.
@@ -26,7 +28,24 @@ pub fn test_hooks_enabled() -> bool {
 struct Target {
     name: String,
     nth: u64,
+    /// From the N-th hit on, not only at it.
+    onward: bool,
+    panic: bool,
     seen: AtomicU64,
+}
+
+fn parse(v: &str) -> Target {
+    let mut parts = v.split(':');
+    let name = parts.next().unwrap_or_default().to_string();
+    let (nth, onward) = match parts.next() {
+        Some(k) => match k.strip_suffix('+') {
+            Some(k) => (k.parse().unwrap_or(1), true),
+            None => (k.parse().unwrap_or(1), false),
+        },
+        None => (1, false),
+    };
+    let panic = parts.next() == Some("panic");
+    Target { name, nth: nth.max(1), onward, panic, seen: AtomicU64::new(0) }
 }
 
 fn target() -> Option<&'static Target> {
@@ -36,11 +55,7 @@ fn target() -> Option<&'static Target> {
     static T: OnceLock<Option<Target>> = OnceLock::new();
     T.get_or_init(|| {
         let v = std::env::var("CASTOR_CRASH_AT").ok()?;
-        let (name, nth) = match v.split_once(':') {
-            Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1)),
-            None => (v, 1),
-        };
-        Some(Target { name, nth: nth.max(1), seen: AtomicU64::new(0) })
+        Some(parse(&v))
     })
     .as_ref()
 }
@@ -64,20 +79,76 @@ pub const POINTS: &[&str] = &[
     "secondary.after_ack",
 ];
 
-/// Aborts the process if `name` is the configured crash point (and this is its N-th hit).
+/// Aborts the process (or panics, if so configured) if `name` is the
+/// configured crash point and this is its N-th hit (or later, with `N+`).
 #[inline]
 pub fn hit(name: &str) {
     if let Some(t) = target() {
-        if t.name == name && t.seen.fetch_add(1, Ordering::SeqCst) + 1 == t.nth {
-            eprintln!("castor: crash point {name} reached: aborting");
-            std::process::abort();
+        if t.name == name {
+            let n = t.seen.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == t.nth || (t.onward && n > t.nth) {
+                if t.panic {
+                    panic!("castor: injected panic at crash point {name} (hit {n})");
+                }
+                eprintln!("castor: crash point {name} reached: aborting");
+                std::process::abort();
+            }
         }
+    }
+}
+
+/// Panics that the code around them handles. castor's panic hook ends the
+/// process on any panic, except inside [`contain`]: there the panic unwinds
+/// to the caller, which must leave nothing half done behind (the apply of an
+/// epoch marks its replica unusable before it writes a page).
+pub mod contained {
+    use std::cell::Cell;
+
+    thread_local! {
+        static INSIDE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Runs `f`; a panic in it comes back as `Err(message)`.
+    pub fn contain<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+        INSIDE.with(|c| c.set(true));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        INSIDE.with(|c| c.set(false));
+        r.map_err(|p| {
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into())
+        })
+    }
+
+    /// Whether this thread is inside [`contain`] (the panic hook asks).
+    pub fn is_inside() -> bool {
+        INSIDE.with(|c| c.get())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_parse() {
+        let t = parse("secondary.mid_apply:3+:panic");
+        assert_eq!((t.name.as_str(), t.nth, t.onward, t.panic), ("secondary.mid_apply", 3, true, true));
+        let t = parse("primary.after_ack:2");
+        assert_eq!((t.name.as_str(), t.nth, t.onward, t.panic), ("primary.after_ack", 2, false, false));
+        let t = parse("x");
+        assert_eq!((t.nth, t.onward, t.panic), (1, false, false));
+    }
+
+    #[test]
+    fn contained_panics_come_back_as_errors() {
+        assert_eq!(contained::contain(|| 7), Ok(7));
+        assert!(!contained::is_inside());
+        let e = contained::contain(|| -> u32 { panic!("boom {}", 1) });
+        assert_eq!(e, Err("boom 1".to_string()));
+        assert!(!contained::is_inside());
+    }
 
     #[test]
     fn a_crash_point_is_inert_without_the_flag() {

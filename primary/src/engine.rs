@@ -507,7 +507,17 @@ impl Engine {
             let d = self.machine.collect()?;
             self.held.extend(self.machine.devices().drain());
             self.machine.resume()?;
-            let pages = if d.tracking_lost { self.all_nonzero_pages() } else { self.read_pages(d.gfns.into_iter()) };
+            if d.tracking_lost {
+                // sync pages are written in place, and a resend of the
+                // non-zero pages would leave stale what the guest zeroed
+                // since round 0: the epoch that ends the sync replaces all
+                // of memory instead (tracking is re-armed whole by then)
+                tracing::warn!(round, "dirty tracking lost during the live sync: the final epoch is a full one");
+                self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
+                self.want_full = true;
+                break;
+            }
+            let pages = self.read_pages(d.gfns.into_iter());
             let n = pages.len();
             sent += n;
             tracing::info!(round, pages = n, "live sync: round");

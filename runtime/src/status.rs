@@ -48,6 +48,10 @@ pub enum Protection {
     Replicating,
     /// Secondary: the replica failed a check; a resync was asked for.
     Diverged,
+    /// Secondary: applying an epoch failed halfway (an error or a panic): the
+    /// replica is neither the last epoch nor the one before, so no failover
+    /// runs from it until a full resync has replaced it.
+    Unusable,
     /// Secondary: asking the witness to take over.
     Claiming,
     /// Secondary: taking over.
@@ -68,6 +72,7 @@ impl Protection {
             Protection::Waiting => "waiting",
             Protection::Replicating => "replicating",
             Protection::Diverged => "diverged",
+            Protection::Unusable => "unusable",
             Protection::Claiming => "claiming",
             Protection::Promoting => "promoting",
         }
@@ -169,6 +174,11 @@ pub struct StatusSnapshot {
     /// lines, marker writes.
     pub console_dropped: u64,
     pub marks_dropped: u64,
+    /// Secondary: applies of a verified epoch that failed halfway (an error
+    /// or a panic); each made the replica unusable until a full resync.
+    pub apply_failures: u64,
+    /// Secondary: why the replica cannot be failed over to, while it cannot.
+    pub replica_unusable: Option<String>,
 }
 
 /// Shared, updated by the node's tasks.
@@ -348,6 +358,7 @@ mod tests {
             Protection::Waiting,
             Protection::Replicating,
             Protection::Diverged,
+            Protection::Unusable,
             Protection::Claiming,
             Protection::Promoting,
         ] {

@@ -2,6 +2,7 @@
 //! heartbeat monitor and failover activation (handing a running VM back as a
 //! [`node::Promotion`]).
 
+pub mod apply;
 pub mod mode;
 pub mod node;
 pub mod receiver;

@@ -13,6 +13,9 @@ pub enum SecondaryMode {
     Replicating { committed: u64 },
     /// The replica failed a check at `committed`; a resync was asked for.
     Diverged { committed: u64 },
+    /// Applying the epoch after `committed` failed halfway: the replica is
+    /// torn, a full resync was asked for, and no takeover runs from it.
+    Unusable { committed: u64 },
     /// With a witness: asking it to let us take over (its answer decides).
     Claiming { committed: u64, forced: bool },
     /// Taking over (forced, or the primary went silent).
@@ -39,6 +42,9 @@ pub enum SecondaryEvent {
     Handover {
         epoch: u64,
     },
+    /// Applying the epoch after the committed one failed halfway (the
+    /// replica is torn until a full epoch commits).
+    ApplyFailed,
 }
 
 /// Why an event was not applied.
@@ -54,6 +60,8 @@ pub enum SecondaryRefusal {
     SwitchoverOnPrimary,
     #[error("handover after epoch {asked}, but the committed epoch here is {committed:?}")]
     HandoverEpoch { asked: u64, committed: Option<u64> },
+    #[error("the replica is unusable (applying the epoch after {committed} failed halfway): no takeover until a full resync repairs it")]
+    ReplicaUnusable { committed: u64 },
 }
 
 impl SecondaryMode {
@@ -62,6 +70,7 @@ impl SecondaryMode {
             SecondaryMode::Waiting => Protection::Waiting,
             SecondaryMode::Replicating { .. } => Protection::Replicating,
             SecondaryMode::Diverged { .. } => Protection::Diverged,
+            SecondaryMode::Unusable { .. } => Protection::Unusable,
             SecondaryMode::Claiming { .. } => Protection::Claiming,
             SecondaryMode::Promoting { .. } => Protection::Promoting,
         }
@@ -73,6 +82,7 @@ impl SecondaryMode {
             SecondaryMode::Waiting => None,
             SecondaryMode::Replicating { committed }
             | SecondaryMode::Diverged { committed }
+            | SecondaryMode::Unusable { committed }
             | SecondaryMode::Claiming { committed, .. }
             | SecondaryMode::Promoting { committed, .. } => Some(committed),
         }
@@ -96,6 +106,16 @@ impl SecondaryMode {
                 Err(SecondaryRefusal::Promoting)
             }
             (M::Promoting { .. }, _) => Ok(self),
+            // a torn replica: nothing may run from it; only a full epoch
+            // that commits (the resync it asked for) makes it usable again
+            (m, E::ApplyFailed) => Ok(M::Unusable { committed: m.committed().unwrap_or(0) }),
+            (M::Unusable { .. }, E::Committed { epoch, diverged: false }) => Ok(M::Replicating { committed: epoch }),
+            (M::Unusable { .. }, E::Committed { epoch, diverged: true }) => Ok(M::Diverged { committed: epoch }),
+            (M::Unusable { committed }, E::Command(Command::Failover) | E::Handover { .. }) => {
+                Err(SecondaryRefusal::ReplicaUnusable { committed })
+            }
+            (M::Unusable { .. }, E::Command(Command::Unprotect)) => Err(SecondaryRefusal::NotPrimary),
+            (M::Unusable { .. }, _) => Ok(self),
             // a planned switchover: take over at once (with a witness, by
             // its promote transaction), no heartbeat timeout
             (M::Claiming { .. }, E::Handover { .. }) => Ok(self),
@@ -180,6 +200,34 @@ mod tests {
         assert_eq!(f.step(E::WitnessGranted, true), Ok(M::Promoting { committed: 5, forced: true }));
         let d = M::Diverged { committed: 3 };
         assert_eq!(d.step(E::PrimarySilent, true), Ok(M::Claiming { committed: 3, forced: false }));
+    }
+
+    #[test]
+    fn a_torn_replica_is_never_taken_over_until_a_full_epoch_commits() {
+        for witness in [false, true] {
+            for m in [
+                M::Replicating { committed: 4 },
+                M::Diverged { committed: 4 },
+                M::Claiming { committed: 4, forced: false },
+            ] {
+                let u = m.step(E::ApplyFailed, witness).unwrap();
+                assert_eq!(u, M::Unusable { committed: 4 });
+                assert_eq!(u.protection(), Protection::Unusable);
+                assert_eq!(u.step(E::PrimarySilent, witness), Ok(u), "silence promotes nothing");
+                assert_eq!(u.step(E::WitnessGranted, witness), Ok(u), "a late grant promotes nothing");
+                let refused = Err(SecondaryRefusal::ReplicaUnusable { committed: 4 });
+                assert_eq!(u.step(E::Command(Command::Failover), witness), refused);
+                assert_eq!(u.step(E::Handover { epoch: 4 }, witness), refused);
+                assert_eq!(u.step(E::Command(Command::Unprotect), witness), Err(SecondaryRefusal::NotPrimary));
+                // the full resync commits
+                assert_eq!(
+                    u.step(E::Committed { epoch: 9, diverged: false }, witness),
+                    Ok(M::Replicating { committed: 9 })
+                );
+            }
+        }
+        let p = M::Promoting { committed: 4, forced: false };
+        assert_eq!(p.on(E::ApplyFailed), Ok(p), "a takeover under way is not undone (the failover checks the replica)");
     }
 
     #[test]

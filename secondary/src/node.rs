@@ -54,6 +54,8 @@ pub enum SecondaryError {
     Failover(#[from] vmm::MachineError),
     #[error("failover: no committed epoch")]
     NothingCommitted,
+    #[error("failover refused: {0}")]
+    Unusable(String),
     #[error("replica: {0}")]
     Replica(#[from] crate::replica::ReplicaError),
     #[error(transparent)]
@@ -143,6 +145,7 @@ pub async fn run_secondary(
     let mut claim_cmd: Option<ControlRequest> = None;
     let mut lease: Option<i64> = None;
     let mut unreachable_said = false;
+    let mut silent_said = false;
     let live = Arc::new(Mutex::new(Liveness { last_heard: Instant::now(), heard: false }));
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
@@ -175,6 +178,9 @@ pub async fn run_secondary(
             }
             if let ReceiverEvent::Handover { epoch } = e {
                 let _ = commit_tx.send(SecondaryEvent::Handover { epoch });
+            }
+            if let ReceiverEvent::ApplyFailed { .. } = e {
+                let _ = commit_tx.send(SecondaryEvent::ApplyFailed);
             }
         }
     };
@@ -258,7 +264,9 @@ pub async fn run_secondary(
     // SecondaryMode::on.
     let set = |m: SecondaryMode, mode: &mut SecondaryMode| {
         *mode = m;
+        let unusable = lock(&replica).unusable();
         status.update(|s| {
+            s.replica_unusable = unusable;
             s.protection = m.protection();
             if let Some(e) = m.committed() {
                 s.epoch = e;
@@ -333,18 +341,22 @@ pub async fn run_secondary(
                     if let Ok(m) = mode.step(SecondaryEvent::PrimarySilent, has_witness) {
                         if m != mode {
                             tracing::warn!(silent_ms = since.as_millis() as u64, "primary silent: failing over");
+                        } else if matches!(mode, SecondaryMode::Unusable { .. }) && !std::mem::replace(&mut silent_said, true) {
+                            tracing::error!(silent_ms = since.as_millis() as u64, "primary silent, but the replica is torn: not taking over (nothing correct to run)");
                         }
                         set(m, &mut mode);
                     }
+                } else {
+                    silent_said = false;
                 }
             }
             e = commit_rx.recv() => if let Some(e) = e {
                 match mode.step(e, has_witness) {
                     Ok(m) => {
-                        if let SecondaryEvent::Handover { epoch } = e {
-                            tracing::warn!(epoch, "planned switchover: taking over now");
-                        } else {
-                            status.update(|s| s.epochs += 1);
+                        match e {
+                            SecondaryEvent::Handover { epoch } => tracing::warn!(epoch, "planned switchover: taking over now"),
+                            SecondaryEvent::ApplyFailed => status.update(|s| s.apply_failures += 1),
+                            _ => status.update(|s| s.epochs += 1),
                         }
                         set(m, &mut mode);
                     }
@@ -375,6 +387,11 @@ pub async fn run_secondary(
 
     // Failover.
     let SecondaryMode::Promoting { forced, .. } = mode else { unreachable!("the loop ends promoting") };
+    if let Some(why) = lock(&replica).unusable() {
+        // the mode refuses this; a takeover that raced a failed apply stops
+        // here, before anything changed: a torn replica is never run
+        return Err(SecondaryError::Unusable(why));
+    }
     let last_heard = lock(&live).last_heard;
     let generation = match claim {
         // the witness moved the term to the one we claimed + 1
@@ -396,6 +413,12 @@ pub async fn run_secondary(
     let (state, mem, epoch) = {
         let mut r = lock(&replica);
         let c = r.committed().cloned().ok_or(SecondaryError::NothingCommitted)?;
+        if let Some(why) = r.unusable() {
+            // an apply that failed after the check above (under the same
+            // lock as the retire: nothing changes the replica after this)
+            return Err(SecondaryError::Unusable(why));
+        }
+
         if r.needs_resync() {
             tracing::error!("the replica diverged from its primary at its last check; failing over to it anyway, it is the only copy");
         }

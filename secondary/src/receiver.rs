@@ -108,6 +108,11 @@ pub enum ReceiverEvent {
     Handover {
         epoch: u64,
     },
+    /// Applying `epoch` failed halfway: the replica is torn (unusable) and a
+    /// full resync was asked for.
+    ApplyFailed {
+        epoch: u64,
+    },
 }
 
 /// Receiver settings.
@@ -282,7 +287,7 @@ async fn serve_inner(
             }
             Message::EpochEnd(end) => {
                 let t = Instant::now();
-                let res = common::sync::lock(replica).end_epoch(*end);
+                let res = crate::apply::apply_epoch(replica, *end).await;
                 match res {
                     Ok(epoch) => {
                         tracing::debug!(epoch, apply_us = t.elapsed().as_micros() as u64, "epoch committed");
@@ -293,6 +298,13 @@ async fn serve_inner(
                     }
                     Err(ReplicaError::Diverged { epoch, expected, got }) => {
                         let reason = format!("replica digest {got:#x} != primary {expected:#x} after epoch {epoch}");
+                        tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
+                    }
+                    Err(ReplicaError::Torn { epoch, why }) => {
+                        // not acknowledged: the primary holds its output and
+                        // sends a full epoch, which repairs the replica
+                        on_event(ReceiverEvent::ApplyFailed { epoch });
+                        let reason = format!("applying epoch {epoch} failed halfway ({why}): the replica is torn");
                         tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
                     }
                     Err(e) => return Err(e.into()),

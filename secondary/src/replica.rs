@@ -6,7 +6,10 @@
 //! EpochEnd arrives and verifies (epoch order, every chunk, the counts, the
 //! checksum); only then are its pages written and its state becomes the
 //! committed state. Anything that goes wrong before that (lost connection,
-//! corrupt frame, killed primary) leaves the replica exactly at N-1.
+//! corrupt frame, killed primary) leaves the replica exactly at N-1. Anything
+//! that goes wrong while the pages are written (an error, a panic) leaves it
+//! *torn*: neither N-1 nor N. A torn replica is unusable: no failover runs
+//! from it and only a full epoch (which rewrites every page) repairs it.
 
 use std::sync::Arc;
 
@@ -50,6 +53,12 @@ pub enum ReplicaError {
     Memory(#[from] MemoryError),
     #[error("this node has taken over: its replica is the running guest now")]
     Retired,
+    #[error("applying epoch {epoch} failed halfway ({why}): the replica is unusable until a full resync")]
+    Torn { epoch: u64, why: String },
+    #[error(
+        "applying epoch {epoch} failed before a page was written ({why}): the replica stays at its committed epoch"
+    )]
+    ApplyPanicked { epoch: u64, why: String },
 }
 
 /// The last committed epoch.
@@ -80,6 +89,9 @@ pub struct Replica {
     /// No shape yet: the first primary's Hello gives it.
     unshaped: bool,
     retired: bool,
+    /// The apply of this epoch began and did not finish: the memory is
+    /// neither the committed epoch nor this one.
+    torn: Option<u64>,
 }
 
 fn shape_str(s: &VmShape) -> String {
@@ -105,6 +117,7 @@ impl Replica {
             needs_resync: false,
             unshaped: false,
             retired: false,
+            torn: None,
         })
     }
 
@@ -160,8 +173,15 @@ impl Replica {
         self.staging.as_ref().map(|s| s.epoch)
     }
 
+    /// True after a failed check or a torn apply: only a full epoch is taken.
     pub fn needs_resync(&self) -> bool {
-        self.needs_resync
+        self.needs_resync || self.torn.is_some()
+    }
+
+    /// Why no failover may run from this replica (`None`: it is exactly its
+    /// committed epoch).
+    pub fn unusable(&self) -> Option<String> {
+        self.torn.map(|e| format!("the apply of epoch {e} did not finish: the replica is torn"))
     }
 
     /// The replica memory (registered with KVM at failover).
@@ -187,6 +207,22 @@ impl Replica {
         match &p.data {
             Some(d) => self.mem.write(gpa, d)?,
             None => self.mem.write(gpa, &[0u8; PAGE_SIZE])?,
+        }
+        Ok(())
+    }
+
+    fn write_all(&self, s: &Staging) -> Result<(), ReplicaError> {
+        if s.full {
+            self.mem.discard_all()?;
+        }
+        for (i, p) in s.pages.iter().enumerate() {
+            if i == s.pages.len() / 2 {
+                common::crashpoint::hit("secondary.mid_apply");
+            }
+            if s.full && p.data.is_none() {
+                continue; // already zero
+            }
+            self.write_page(p)?;
         }
         Ok(())
     }
@@ -232,7 +268,7 @@ impl Replica {
             }
             _ => {}
         }
-        if self.needs_resync && !full {
+        if self.needs_resync() && !full {
             return Err(ReplicaError::NeedsResync);
         }
         self.staging = Some(Staging { epoch, announced, full, pages: Vec::new(), sum: EpochChecksum::default() });
@@ -291,23 +327,19 @@ impl Replica {
         if end.state.shape != self.shape {
             return Err(ReplicaError::StateShape { epoch: s.epoch });
         }
-        // verified: apply
+        // verified: apply. From the first write until the last the replica
+        // is torn; an error (or a panic, see `mark_torn`) leaves it so.
         common::crashpoint::hit("secondary.before_apply");
         let s = self.staging.take().expect("checked above");
-        if s.full {
-            self.mem.discard_all()?;
-        }
-        for (i, p) in s.pages.iter().enumerate() {
-            if i == s.pages.len() / 2 {
-                common::crashpoint::hit("secondary.mid_apply");
-            }
-            if s.full && p.data.is_none() {
-                continue; // already zero
-            }
-            self.write_page(p)?;
+        let was_torn = self.torn.replace(s.epoch);
+        if let Err(e) = self.write_all(&s) {
+            tracing::error!(epoch = s.epoch, error = %e, "applying a verified epoch failed: the replica is unusable");
+            return Err(ReplicaError::Torn { epoch: s.epoch, why: e.to_string() });
         }
         self.mem.take_vmm_dirty();
         self.committed = Some(Committed { epoch: s.epoch, state: end.state });
+        // a full epoch rewrote every page: whatever was torn is repaired
+        self.torn = if s.full { None } else { was_torn };
         if s.full {
             self.needs_resync = false;
         }
