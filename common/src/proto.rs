@@ -7,7 +7,15 @@
 //! PageChunk / FullSyncChunk payload:
 //!   u64 epoch | u32 count | count x u64 gfn (bit 63 set = zero page, no data)
 //!   | data pages (4096 bytes each, for the non-zero entries, in order)
+//! StateChunk payload (protocol v3):
+//!   u64 epoch | u64 offset | u64 total | bytes of the encoded machine state
 //! ```
+//!
+//! An epoch's machine state (vCPUs, devices, the undrained output) has no
+//! fixed size: a long epoch at a high request rate holds many outputs. It
+//! travels like pages, in [`StateChunk`]s of at most one frame each, before
+//! the [`EpochTail`], which carries its length and CRC; the receiver puts it
+//! back together with a [`StateAssembler`] (at most [`MAX_STATE_BYTES`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -44,6 +52,8 @@ pub enum Kind {
     /// Planned switchover: the primary's last epoch is acknowledged; the
     /// secondary takes over at once from it (protocol v2).
     Handover = 15,
+    /// A piece of an epoch's encoded machine state (protocol v3).
+    StateChunk = 16,
 }
 
 impl Kind {
@@ -63,6 +73,7 @@ impl Kind {
             13 => ResyncRequest,
             14 => Refused,
             15 => Handover,
+            16 => StateChunk,
             _ => return None,
         })
     }
@@ -131,6 +142,38 @@ pub struct PageChunk {
     pub pages: Vec<Page>,
 }
 
+/// Largest encoded machine state an epoch may carry (the codec's decode
+/// limit); a receiver refuses more.
+pub const MAX_STATE_BYTES: u64 = codec::DECODE_LIMIT as u64;
+/// State bytes in one [`StateChunk`] (its frame stays within [`MAX_PAYLOAD`]).
+pub const STATE_CHUNK_BYTES: usize = MAX_PAYLOAD - 24;
+
+/// A piece of an epoch's encoded machine state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChunk {
+    pub epoch: u64,
+    /// Where `data` starts in the encoded state.
+    pub offset: u64,
+    /// Length of the whole encoded state.
+    pub total: u64,
+    pub data: Bytes,
+}
+
+/// The last message of an epoch (after its pages and state chunks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochTail {
+    pub epoch: u64,
+    /// Pages sent in this epoch's chunks.
+    pub page_count: u64,
+    /// [`EpochChecksum`] over the epoch's pages in send order.
+    pub checksum: u32,
+    /// Optional digest of all guest memory after this epoch (verification mode).
+    pub digest: Option<u64>,
+    /// Length and CRC-32 of the encoded machine state sent in StateChunks.
+    pub state_len: u64,
+    pub state_crc: u32,
+}
+
 /// End of an epoch: everything needed to verify and commit it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochEnd {
@@ -167,7 +210,8 @@ pub enum Message {
         full: bool,
     },
     PageChunk(PageChunk),
-    EpochEnd(Box<EpochEnd>),
+    StateChunk(StateChunk),
+    EpochEnd(EpochTail),
     EpochAck {
         epoch: u64,
     },
@@ -239,6 +283,7 @@ impl Message {
             Message::FullSyncChunk(_) => Kind::FullSyncChunk,
             Message::EpochBegin { .. } => Kind::EpochBegin,
             Message::PageChunk(_) => Kind::PageChunk,
+            Message::StateChunk(_) => Kind::StateChunk,
             Message::EpochEnd(_) => Kind::EpochEnd,
             Message::EpochAck { .. } => Kind::EpochAck,
             Message::Heartbeat { .. } => Kind::Heartbeat,
@@ -259,7 +304,15 @@ impl Message {
             Message::EpochBegin { epoch, page_count, full } => {
                 enc(&EpochBeginWire { epoch: *epoch, page_count: *page_count, full: *full })
             }
-            Message::EpochEnd(e) => enc(e.as_ref()),
+            Message::StateChunk(c) => {
+                let mut b = BytesMut::with_capacity(24 + c.data.len());
+                b.put_u64_le(c.epoch);
+                b.put_u64_le(c.offset);
+                b.put_u64_le(c.total);
+                b.put_slice(&c.data);
+                b.freeze()
+            }
+            Message::EpochEnd(t) => enc(t),
             Message::EpochAck { epoch } | Message::Handover { epoch } => enc(epoch),
             Message::Heartbeat { generation, seq, time_us } => {
                 enc(&HeartbeatWire { generation: *generation, seq: *seq, time_us: *time_us })
@@ -296,7 +349,28 @@ impl Message {
                 let w: EpochBeginWire = dec(k, &payload)?;
                 Message::EpochBegin { epoch: w.epoch, page_count: w.page_count, full: w.full }
             }
-            Kind::EpochEnd => Message::EpochEnd(Box::new(dec(k, &payload)?)),
+            Kind::StateChunk => {
+                if payload.len() < 24 {
+                    return Err(malformed(k, "shorter than its header"));
+                }
+                let u = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().expect("8"));
+                let (epoch, offset, total) = (u(0), u(8), u(16));
+                let data = payload.slice(24..);
+                if total > MAX_STATE_BYTES {
+                    return Err(malformed(k, format!("a state of {total} bytes (at most {MAX_STATE_BYTES})")));
+                }
+                if offset.checked_add(data.len() as u64).is_none_or(|end| end > total) {
+                    return Err(malformed(k, format!("{} bytes at {offset} in a state of {total}", data.len())));
+                }
+                Message::StateChunk(StateChunk { epoch, offset, total, data })
+            }
+            Kind::EpochEnd => {
+                let t: EpochTail = dec(k, &payload)?;
+                if t.state_len > MAX_STATE_BYTES {
+                    return Err(malformed(k, format!("a state of {} bytes (at most {MAX_STATE_BYTES})", t.state_len)));
+                }
+                Message::EpochEnd(t)
+            }
             Kind::EpochAck => Message::EpochAck { epoch: dec(k, &payload)? },
             Kind::Handover => Message::Handover { epoch: dec(k, &payload)? },
             Kind::Heartbeat => {
@@ -390,6 +464,104 @@ pub fn chunk_pages(epoch: u64, pages: Vec<Page>) -> Vec<PageChunk> {
         out.push(PageChunk { epoch, pages: cur });
     }
     out
+}
+
+impl EpochEnd {
+    /// The messages that end an epoch: its state in chunks, then the tail.
+    pub fn into_messages(self) -> Result<Vec<Message>, ProtoError> {
+        let bytes =
+            Bytes::from(codec::encode(&self.state).map_err(|e| malformed(Kind::StateChunk, format!("encoding: {e}")))?);
+        let total = bytes.len() as u64;
+        if total > MAX_STATE_BYTES {
+            return Err(malformed(Kind::StateChunk, format!("a state of {total} bytes (at most {MAX_STATE_BYTES})")));
+        }
+        let mut out = Vec::with_capacity(bytes.len() / STATE_CHUNK_BYTES + 2);
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let end = (offset + STATE_CHUNK_BYTES).min(bytes.len());
+            out.push(Message::StateChunk(StateChunk {
+                epoch: self.epoch,
+                offset: offset as u64,
+                total,
+                data: bytes.slice(offset..end),
+            }));
+            offset = end;
+        }
+        out.push(Message::EpochEnd(EpochTail {
+            epoch: self.epoch,
+            page_count: self.page_count,
+            checksum: self.checksum,
+            digest: self.digest,
+            state_len: total,
+            state_crc: crc32fast::hash(&bytes),
+        }));
+        Ok(out)
+    }
+}
+
+/// Puts an epoch's state back together from its [`StateChunk`]s, in order,
+/// and checks it against the [`EpochTail`]. Refuses a gap, an overlap,
+/// another epoch's chunk, a length or CRC that differs from the tail's.
+#[derive(Debug, Default)]
+pub struct StateAssembler {
+    epoch: Option<u64>,
+    total: u64,
+    buf: BytesMut,
+}
+
+impl StateAssembler {
+    /// Forgets a partly received state (the epoch it belonged to was dropped).
+    pub fn reset(&mut self) {
+        *self = StateAssembler::default();
+    }
+
+    pub fn push(&mut self, c: StateChunk) -> Result<(), ProtoError> {
+        let k = Kind::StateChunk;
+        match self.epoch {
+            Some(e) if e != c.epoch => {
+                return Err(malformed(k, format!("a chunk of epoch {} while assembling epoch {e}", c.epoch)))
+            }
+            Some(_) if c.total != self.total => {
+                return Err(malformed(k, format!("total {} after {}", c.total, self.total)))
+            }
+            Some(_) => {}
+            None => {
+                self.epoch = Some(c.epoch);
+                self.total = c.total;
+            }
+        }
+        if c.offset != self.buf.len() as u64 {
+            return Err(malformed(k, format!("a chunk at {} after {} bytes", c.offset, self.buf.len())));
+        }
+        if c.total > MAX_STATE_BYTES || self.buf.len() as u64 + c.data.len() as u64 > c.total {
+            return Err(malformed(k, format!("more than the {} bytes announced", c.total)));
+        }
+        self.buf.extend_from_slice(&c.data);
+        Ok(())
+    }
+
+    /// The whole epoch end, once every chunk of its state has arrived.
+    pub fn finish(&mut self, tail: EpochTail) -> Result<EpochEnd, ProtoError> {
+        let k = Kind::EpochEnd;
+        let got = std::mem::take(self);
+        if got.epoch != Some(tail.epoch) {
+            return Err(malformed(k, format!("epoch {} ends with state of {:?}", tail.epoch, got.epoch)));
+        }
+        if got.buf.len() as u64 != tail.state_len || got.total != tail.state_len {
+            return Err(malformed(k, format!("{} state bytes received, {} announced", got.buf.len(), tail.state_len)));
+        }
+        if crc32fast::hash(&got.buf) != tail.state_crc {
+            return Err(malformed(k, "the state's CRC does not match"));
+        }
+        let state = codec::decode(&got.buf).map_err(|e| malformed(k, format!("state: {e}")))?;
+        Ok(EpochEnd {
+            epoch: tail.epoch,
+            page_count: tail.page_count,
+            checksum: tail.checksum,
+            digest: tail.digest,
+            state,
+        })
+    }
 }
 
 /// Order-sensitive checksum of an epoch's pages as sent.

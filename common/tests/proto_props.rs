@@ -64,11 +64,15 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             .prop_map(|(epoch, pages)| Message::FullSyncChunk(PageChunk { epoch, pages })),
         (any::<u64>(), any::<u64>(), any::<bool>())
             .prop_map(|(epoch, page_count, full)| { Message::EpochBegin { epoch, page_count, full } }),
-        (any::<u64>(), any::<u64>(), any::<u32>(), any::<Option<u64>>()).prop_map(
-            |(epoch, page_count, checksum, digest)| {
-                Message::EpochEnd(Box::new(EpochEnd { epoch, page_count, checksum, digest, state: state(epoch) }))
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<Option<u64>>(), 0..MAX_STATE_BYTES, any::<u32>()).prop_map(
+            |(epoch, page_count, checksum, digest, state_len, state_crc)| {
+                Message::EpochEnd(EpochTail { epoch, page_count, checksum, digest, state_len, state_crc })
             }
         ),
+        (any::<u64>(), 0u64..1000, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(epoch, offset, data)| {
+            let total = offset + data.len() as u64 + 5;
+            Message::StateChunk(StateChunk { epoch, offset, total, data: Bytes::from(data) })
+        }),
         any::<u64>().prop_map(|epoch| Message::EpochAck { epoch }),
         (any::<u64>(), any::<u64>(), any::<u64>())
             .prop_map(|(generation, seq, time_us)| { Message::Heartbeat { generation, seq, time_us } }),
@@ -169,4 +173,84 @@ fn a_full_chunk_is_exactly_at_the_limit() {
     assert_eq!(chunks.len(), 2);
     assert_eq!(chunks[0].pages.len(), PAGES_PER_CHUNK);
     assert!(encode_chunk(&chunks[0]).len() <= MAX_PAYLOAD);
+}
+
+/// A state far over one frame (a long epoch's undrained output): it travels
+/// in chunks that each fit a frame, and is put back together exactly.
+#[test]
+fn a_large_state_travels_in_chunks_and_is_put_back_together() {
+    let mut st = state(9);
+    st.devices.outbox = (0..200_000u32).map(|i| Output::Console { cpu: i % 4, line: format!("line {i:08}") }).collect();
+    let encoded = common::codec::encode(&st).expect("encode");
+    assert!(encoded.len() > 3 * MAX_PAYLOAD, "state of {} bytes", encoded.len());
+    let end = EpochEnd { epoch: 9, page_count: 0, checksum: 7, digest: Some(5), state: st };
+    let msgs = end.into_messages().expect("messages");
+    let chunks = msgs.iter().filter(|m| m.kind() == Kind::StateChunk).count();
+    assert!(chunks >= 4, "{chunks} chunks");
+    assert_eq!(msgs.last().map(Message::kind), Some(Kind::EpochEnd));
+    let (i, r) = link();
+    let (mut tx, mut rx) = (FrameCodec::new(PROTOCOL_VERSION, i), FrameCodec::new(PROTOCOL_VERSION, r));
+    let mut asm = StateAssembler::default();
+    let mut done = None;
+    for m in msgs {
+        let mut buf = BytesMut::new();
+        tx.encode(m.to_frame(), &mut buf).expect("every message fits a frame");
+        let f = rx.decode(&mut buf).expect("decode").expect("frame");
+        match Message::decode(f.kind, f.payload).expect("message") {
+            Message::StateChunk(c) => asm.push(c).expect("chunk"),
+            Message::EpochEnd(t) => done = Some(asm.finish(t).expect("assembled")),
+            other => panic!("unexpected {:?}", other.kind()),
+        }
+    }
+    let back = done.expect("an end");
+    assert_eq!((back.epoch, back.checksum, back.digest), (9, 7, Some(5)));
+    assert_eq!(common::codec::encode(&back.state).expect("encode"), encoded);
+}
+
+#[test]
+fn the_state_assembler_refuses_gaps_strangers_and_bad_tails() {
+    let mut st = state(3);
+    st.devices.outbox = (0..100_000u32).map(|i| Output::Mark { cpu: 0, value: i }).collect();
+    let msgs = EpochEnd { epoch: 3, page_count: 0, checksum: 0, digest: None, state: st }.into_messages().expect("m");
+    let chunks: Vec<StateChunk> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Message::StateChunk(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    let Some(Message::EpochEnd(tail)) = msgs.last().cloned() else { panic!("no tail") };
+    assert!(chunks.len() >= 2);
+    // a gap
+    let mut a = StateAssembler::default();
+    a.push(chunks[0].clone()).expect("first");
+    assert!(a.push(chunks[0].clone()).is_err(), "the same chunk twice");
+    let mut a = StateAssembler::default();
+    assert!(a.push(chunks[1].clone()).is_err(), "a chunk that does not start the state");
+    // another epoch's chunk in the middle
+    let mut a = StateAssembler::default();
+    a.push(chunks[0].clone()).expect("first");
+    assert!(a.push(StateChunk { epoch: 4, ..chunks[1].clone() }).is_err());
+    // a tail for the wrong epoch, a short state, a wrong CRC
+    let full = |a: &mut StateAssembler| chunks.iter().for_each(|c| a.push(c.clone()).expect("chunk"));
+    let mut a = StateAssembler::default();
+    full(&mut a);
+    assert!(a.finish(EpochTail { epoch: 4, ..tail.clone() }).is_err());
+    let mut a = StateAssembler::default();
+    a.push(chunks[0].clone()).expect("first");
+    assert!(a.finish(tail.clone()).is_err(), "ended before the whole state arrived");
+    let mut a = StateAssembler::default();
+    full(&mut a);
+    assert!(a.finish(EpochTail { state_crc: tail.state_crc ^ 1, ..tail.clone() }).is_err());
+    let mut a = StateAssembler::default();
+    assert!(a.finish(tail.clone()).is_err(), "a tail with no state at all");
+    // and the good sequence works after all of that
+    let mut a = StateAssembler::default();
+    full(&mut a);
+    assert_eq!(a.finish(tail).expect("good").epoch, 3);
+    // the decoder refuses states over the limit and chunks past their total
+    let over = Message::StateChunk(StateChunk { epoch: 1, offset: 0, total: MAX_STATE_BYTES + 1, data: Bytes::new() });
+    assert!(Message::decode(Kind::StateChunk as u16, over.payload()).is_err());
+    let past = Message::StateChunk(StateChunk { epoch: 1, offset: 10, total: 12, data: Bytes::from_static(b"abc") });
+    assert!(Message::decode(Kind::StateChunk as u16, past.payload()).is_err());
 }

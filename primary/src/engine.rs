@@ -48,6 +48,11 @@ pub struct EngineOptions {
 
 /// How often the engine looks for output while an output-driven epoch runs.
 const OUTPUT_POLL: Duration = Duration::from_micros(100);
+/// Outputs after which an epoch ends whatever its length: the epoch's state
+/// carries its undrained output, so this bounds the state of every epoch the
+/// timer or the output rule would have made longer (a stretched epoch, one
+/// waiting for acks, is bounded by the state limit and travels in chunks).
+pub const MAX_EPOCH_OUTPUTS: usize = 16384;
 
 pub use runtime::status::Phases;
 
@@ -368,7 +373,9 @@ impl Engine {
                     }
                     break;
                 }
-                if self.machine.ring_pending() >= self.opts.max_epoch_pages {
+                if self.machine.ring_pending() >= self.opts.max_epoch_pages
+                    || self.machine.devices().outbox_len() >= MAX_EPOCH_OUTPUTS
+                {
                     next = now;
                     break;
                 }

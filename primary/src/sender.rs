@@ -98,8 +98,13 @@ async fn send_epoch(
             common::crashpoint::hit("primary.mid_chunks");
         }
     }
+    // the state travels in chunks too: a long epoch's undrained output can
+    // be larger than one frame
     let end = EpochEnd { epoch, page_count, checksum: sum.value(), digest, state };
-    tx.send(Message::EpochEnd(Box::new(end)).to_frame()).await?;
+    for m in end.into_messages()? {
+        tx.feed(m.to_frame()).await?;
+    }
+    tx.flush().await?;
     common::crashpoint::hit("primary.after_epoch_end");
     Ok(())
 }

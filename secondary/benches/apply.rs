@@ -6,7 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 use common::frame::{FrameCodec, PROTOCOL_VERSION};
-use common::proto::{chunk_pages, EpochChecksum, EpochEnd, Message, Page, PAGE_SIZE};
+use common::proto::{chunk_pages, EpochChecksum, EpochEnd, Message, Page, StateAssembler, PAGE_SIZE};
 use common::state::{DeviceState, MachineState, VmShape, VmState};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use secondary::replica::Replica;
@@ -48,16 +48,17 @@ fn epoch_frames(epoch: u64, src: &[Page]) -> Vec<common::frame::OutFrame> {
     let mut v = vec![Message::EpochBegin { epoch, page_count: n, full: false }.to_frame()];
     v.extend(chunk_pages(epoch, src.to_vec()).into_iter().map(|ch| Message::PageChunk(ch).to_frame()));
     let end = EpochEnd { epoch, page_count: n, checksum: sum.value(), digest: None, state: state() };
-    v.push(Message::EpochEnd(Box::new(end)).to_frame());
+    v.extend(end.into_messages().expect("end").iter().map(Message::to_frame));
     v
 }
 
-fn apply(replica: &mut Replica, m: Message) {
+fn apply(replica: &mut Replica, asm: &mut StateAssembler, m: Message) {
     match m {
         Message::EpochBegin { epoch, page_count, full } => replica.begin_epoch(epoch, page_count, full).expect("begin"),
         Message::PageChunk(c) => replica.chunk(c).expect("chunk"),
-        Message::EpochEnd(e) => {
-            replica.end_epoch(*e).expect("end");
+        Message::StateChunk(c) => asm.push(c).expect("state"),
+        Message::EpochEnd(t) => {
+            replica.end_epoch(asm.finish(t).expect("state")).expect("end");
         }
         _ => unreachable!(),
     }
@@ -79,6 +80,7 @@ fn mac_only_v1(frames: Vec<common::frame::OutFrame>, replica: &mut Replica) {
         wire.extend_from_slice(&mac);
     }
     let mut off = 0;
+    let mut asm = StateAssembler::default();
     for f in frames {
         let body = 20 + f.payload.len();
         let frame = &wire[off..off + body];
@@ -86,7 +88,7 @@ fn mac_only_v1(frames: Vec<common::frame::OutFrame>, replica: &mut Replica) {
         let mac = blake3::keyed_hash(&key, frame);
         assert_eq!(mac.as_bytes()[..], wire[off + body + 4..off + body + 36]);
         let payload = Bytes::copy_from_slice(&frame[20..]);
-        apply(replica, Message::decode(f.kind, payload).expect("msg"));
+        apply(replica, &mut asm, Message::decode(f.kind, payload).expect("msg"));
         off += body + 36;
     }
 }
@@ -105,13 +107,14 @@ fn bench(c: &mut Criterion) {
         let mut tx = FrameCodec::new(PROTOCOL_VERSION, i);
         let mut rx = FrameCodec::new(PROTOCOL_VERSION, r);
         g.bench_with_input(BenchmarkId::new("encrypted_encode_decode_apply", n), &n, |b, _| {
+            let mut asm = StateAssembler::default();
             b.iter(|| {
                 let mut wire = BytesMut::new();
                 for f in epoch_frames(epoch, &src) {
                     tx.encode(f, &mut wire).expect("enc");
                 }
                 while let Some(f) = rx.decode(&mut wire).expect("dec") {
-                    apply(&mut replica, Message::decode(f.kind, f.payload).expect("msg"));
+                    apply(&mut replica, &mut asm, Message::decode(f.kind, f.payload).expect("msg"));
                 }
                 epoch += 1;
             })

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use common::auth::Secret;
 use common::frame::{FrameCodec, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use common::proto::{Channel, HelloAck, Kind, Message, ProtoError, RefuseCode};
+use common::proto::{Channel, HelloAck, Kind, Message, ProtoError, RefuseCode, StateAssembler};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -261,6 +261,7 @@ async fn serve_inner(
         }
     }
 
+    let mut state = StateAssembler::default();
     loop {
         let Some(frame) = rx.next().await else {
             return Ok(SessionEnd::Closed);
@@ -279,15 +280,24 @@ async fn serve_inner(
             Message::EpochBegin { epoch, page_count, full } => {
                 common::sync::lock(replica).begin_epoch(epoch, page_count, full)?;
                 *began = Some(epoch);
+                state.reset();
                 common::crashpoint::hit("secondary.after_begin");
             }
             Message::PageChunk(c) => {
                 common::sync::lock(replica).chunk(c)?;
                 common::crashpoint::hit("secondary.mid_chunks");
             }
-            Message::EpochEnd(end) => {
+            Message::StateChunk(c) => {
+                // only the epoch being staged has state to receive
+                if common::sync::lock(replica).staging_epoch() != Some(c.epoch) {
+                    return Err(ReceiverError::Unexpected(Kind::StateChunk, "outside the epoch being staged"));
+                }
+                state.push(c)?;
+            }
+            Message::EpochEnd(tail) => {
+                let end = state.finish(tail)?;
                 let t = Instant::now();
-                let res = crate::apply::apply_epoch(replica, *end).await;
+                let res = crate::apply::apply_epoch(replica, end).await;
                 match res {
                     Ok(epoch) => {
                         tracing::debug!(epoch, apply_us = t.elapsed().as_micros() as u64, "epoch committed");

@@ -338,7 +338,9 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         s.send(&Message::PageChunk(PageChunk { epoch: 2, pages })).await.expect("chunk");
         let end =
             proto::EpochEnd { epoch: 2, page_count: n, checksum: 0xdead_beef, digest: None, state: f.state.clone() };
-        s.send(&Message::EpochEnd(Box::new(end))).await.expect("end");
+        for m in end.into_messages().expect("end") {
+            s.send(&m).await.expect("end");
+        }
         let _ = s.recv().await;
     })
     .await;
@@ -411,4 +413,23 @@ async fn divergence_is_detected_and_a_full_epoch_resyncs() {
     assert_eq!((r.committed_epoch(), r.digest()), (Some(3), f.shadow.digest()));
     let _ = Kind::Invalid;
     let _ = PROTOCOL_VERSION;
+}
+
+/// An epoch whose machine state is several frames long (a long epoch's
+/// undrained output: here 3+ MiB of kv responses and console lines) commits
+/// and is acknowledged: the state travels in chunks. Before protocol v3 the
+/// whole state was one frame, its encoding failed past 1 MiB and the
+/// session was lost.
+#[tokio::test]
+async fn an_epoch_with_a_state_of_several_frames_commits() {
+    let mut f = bootstrap().await;
+    f.state.devices.outbox = (0..150_000u32)
+        .map(|i| common::state::Output::Console { cpu: 0, line: format!("console line {i:010} of a flooding guest") })
+        .collect();
+    let size = common::codec::encode(&f.state).expect("encode").len();
+    assert!(size > 3 * common::frame::MAX_PAYLOAD, "state of {size} bytes");
+    f.good_epoch(2).await;
+    assert_eq!(f.snapshot(), (Some(2), f.shadow.digest()));
+    let r = f.replica.lock().expect("lock");
+    assert_eq!(r.committed().expect("committed").state.devices.outbox.len(), 150_000);
 }

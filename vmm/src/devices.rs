@@ -75,6 +75,8 @@ pub struct Devices {
     console_lines: AtomicU64,
     /// The outbox is not empty (read without the lock by the epoch engine).
     has_output: AtomicBool,
+    /// Outputs in the outbox (read without the lock by the epoch loop).
+    outbox_len: std::sync::atomic::AtomicUsize,
     dropped_lines: AtomicU64,
     dropped_marks: AtomicU64,
     bad_io: LogLimiter,
@@ -101,6 +103,7 @@ impl Devices {
             }),
             console_lines: AtomicU64::new(0),
             has_output: AtomicBool::new(false),
+            outbox_len: std::sync::atomic::AtomicUsize::new(0),
             dropped_lines: AtomicU64::new(0),
             dropped_marks: AtomicU64::new(0),
             bad_io: LogLimiter::default(),
@@ -148,7 +151,13 @@ impl Devices {
         g.console_backlog = 0;
         g.mark_backlog = 0;
         self.has_output.store(false, Ordering::Relaxed);
+        self.outbox_len.store(0, Ordering::Relaxed);
         std::mem::take(&mut g.outbox)
+    }
+
+    /// Outputs sent since the last [`Devices::drain`] (no lock taken).
+    pub fn outbox_len(&self) -> usize {
+        self.outbox_len.load(Ordering::Relaxed)
     }
 
     /// The guest has sent output since the last [`Devices::drain`].
@@ -170,6 +179,7 @@ impl Devices {
         g.mark_backlog += 1;
         g.outbox.push(o);
         self.has_output.store(true, Ordering::Relaxed);
+        self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
     }
 
     /// Outputs dropped for backlog: (console lines, marker writes).
@@ -202,6 +212,7 @@ impl Devices {
         g.console_backlog += 1;
         g.outbox.push(Output::Console { cpu, line });
         self.has_output.store(true, Ordering::Relaxed);
+        self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
     }
 
     fn kv_poll(&self, cpu: u32) -> u32 {
@@ -260,6 +271,7 @@ impl Devices {
             }
             g.outbox.push(Output::Kv(resp));
             self.has_output.store(true, Ordering::Relaxed);
+            self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
         }
     }
 
@@ -319,6 +331,7 @@ impl Devices {
         g.queues = (0..n).map(|i| st.kv_queues.get(i).cloned().unwrap_or_default().into()).collect();
         g.in_flight = (0..n).map(|i| st.kv_in_flight.get(i).cloned().unwrap_or_default()).collect();
         g.outbox = st.outbox.clone();
+        self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
         self.has_output.store(!g.outbox.is_empty(), Ordering::Relaxed);
         self.console_lines.store(st.console_lines, Ordering::Relaxed);
     }
