@@ -462,6 +462,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "throughput_ratio_protected_bitmap_hot": e2e.throughput_ratio_protected_bitmap_hot,
         "throughput_ratio_protected_no_retention": e2e.throughput_ratio_protected_no_retention,
         "failover_ms_p50": e2e.failover_ms_p50,
+        "sync_gib_per_s": e2e.full_guests.first().map(|r| r.sync_gib_per_s),
+        "resync_max_pause_ms": e2e.full_guests.first().map(|r| r.resync_max_pause_ms),
         "collection": collect,
         "pause_phases": phases,
         "end_to_end": e2e,

@@ -62,6 +62,102 @@ pub(crate) struct E2e {
     pub(crate) output_delay_ms_p99_bitmap_hot: f64,
     pub(crate) failover_ms: Vec<f64>,
     pub(crate) failover_ms_p50: f64,
+    /// Guests of real size (issue 13), one row per size.
+    pub(crate) full_guests: Vec<FullGuest>,
+}
+
+/// A guest whose memory is mostly non-zero: its initial live sync, then a
+/// forced tracking-lost epoch and the live resync that follows.
+#[derive(Debug, Clone, Serialize, Default)]
+pub(crate) struct FullGuest {
+    pub(crate) mem_gib: f64,
+    pub(crate) fill_gib: f64,
+    /// Data rate of the initial sync (non-zero pages copied, GiB/s).
+    pub(crate) sync_gib_per_s: f64,
+    pub(crate) sync_s: f64,
+    /// Data rate of the resync, and the longest guest pause while it ran
+    /// (from the boundary that lost tracking to the epoch that ended it).
+    pub(crate) resync_gib_per_s: f64,
+    pub(crate) resync_s: f64,
+    pub(crate) resync_max_pause_ms: f64,
+    /// Epoch pauses of ordinary protected operation, for comparison (p99).
+    pub(crate) pause_us_p99: f64,
+}
+
+/// Runs one full-guest row: `mem` GiB with `fill` GiB of non-zero data,
+/// the dirty guest writing meanwhile; the primary is told (test hook) to
+/// treat one epoch as tracking-lost once it is protected.
+pub(crate) fn full_guest(
+    secret: &std::path::Path,
+    dir: &std::path::Path,
+    mem_gib: u64,
+    fill_gib: u64,
+) -> Result<FullGuest, BenchError> {
+    let e = |e: runtime::harness::HarnessError| BenchError::E2e(e.to_string());
+    let exe = std::env::current_exe().map_err(|e| BenchError::Io(e.to_string()))?;
+    let level = std::env::var("CASTOR_LOG").unwrap_or_else(|_| "info".into());
+    let spec = |name: &str, args: Vec<String>, env: Vec<(String, String)>| {
+        let mut args = args;
+        args.extend(["--control".into(), dir.join(format!("{name}.ctl")).display().to_string()]);
+        let mut env = env;
+        env.push(("CASTOR_LOG".into(), level.clone()));
+        runtime::harness::Spec { exe: exe.clone(), name: name.into(), args, dir: dir.to_path_buf(), env }
+    };
+    let tag = format!("full{mem_gib}g");
+    // on this 2-core host a multi-GiB sync keeps both cores busy (the scan,
+    // the encryption on both sides, the guest): heartbeats answered 100 ms
+    // late would end the session, so these rows run with a 1 s timeout
+    let hb = ["--heartbeat-timeout-ms".to_string(), "1000".to_string()];
+    let mut sa = node_args(Some("secondary"), secret);
+    sa.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    sa.extend(hb.iter().cloned());
+    let s = spec(&format!("s-{tag}"), sa, vec![]).start().map_err(e)?;
+    let repl = s.listen.ok_or_else(|| BenchError::E2e("the secondary reported no replication address".into()))?;
+    let mut pa = node_args(Some("primary"), secret);
+    pa.extend([
+        "--peer".into(),
+        repl.to_string(),
+        "--guest".into(),
+        "dirty".into(),
+        "--mem".into(),
+        format!("{mem_gib}G"),
+        "--fill".into(),
+        format!("{fill_gib}G"),
+        "--test-hooks".into(),
+    ]);
+    pa.extend(hb.iter().cloned());
+    // every 500th epoch counts as tracking-lost: one resync a few seconds
+    // after protection (10 ms epochs)
+    let p = spec(&format!("p-{tag}"), pa, vec![("CASTOR_FORCE_TRACKING_LOST_EVERY".into(), "500".into())])
+        .start()
+        .map_err(e)?;
+    let long = Duration::from_secs(600);
+    let t0 = Instant::now();
+    let st = p
+        .wait_status(long, |v| v["protection"] == "protected")
+        .ok_or_else(|| BenchError::E2e(format!("{mem_gib} GiB guest never protected:\n{}", p.log_tail())))?;
+    let mut row = FullGuest { mem_gib: mem_gib as f64, fill_gib: fill_gib as f64, ..FullGuest::default() };
+    row.sync_s = t0.elapsed().as_secs_f64();
+    row.sync_gib_per_s = st["last_sync_gib_per_s"].as_f64().unwrap_or(0.0);
+    let t1 = Instant::now();
+    let st = p
+        .wait_status(long, |v| {
+            v["live_syncs"].as_u64() >= Some(2) && v["protection"] == "protected" && v["acked_epoch"].as_u64() > Some(0)
+        })
+        .ok_or_else(|| BenchError::E2e(format!("no resync completed:\n{}", p.log_tail())))?;
+    row.resync_s = t1.elapsed().as_secs_f64();
+    row.resync_gib_per_s = st["last_sync_gib_per_s"].as_f64().unwrap_or(0.0);
+    row.resync_max_pause_ms = st["sync_max_pause_us"].as_f64().unwrap_or(0.0) / 1e3;
+    row.pause_us_p99 = st["pause_us_p99"].as_f64().unwrap_or(0.0);
+    let sst = s.status().unwrap_or_default();
+    if sst["protection"] != "replicating" {
+        return Err(BenchError::E2e(format!(
+            "the secondary is {} after the resync:\n{}",
+            sst["protection"],
+            s.log_tail()
+        )));
+    }
+    Ok(row)
 }
 
 fn wait_status(n: &NodeProc, f: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
@@ -248,6 +344,16 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
         out.failover_ms.iter().map(|x| x.round()).collect::<Vec<_>>(),
         out.failover_ms_p50
     ));
+    // guests of real size: 4 GiB with 2 GiB non-zero (and, in the full
+    // bench, 16 GiB sparse with the same data)
+    for (mem, fill) in if quick { vec![(4, 2)] } else { vec![(4, 2), (16, 2)] } {
+        let r = full_guest(&secret, &dir, mem, fill)?;
+        live(format!(
+            "full     {mem} GiB guest, {fill} GiB non-zero: initial sync {:.2} GiB/s ({:.1} s to protected); forced resync {:.2} GiB/s, {:.1} s, longest pause {:.1} ms (epoch pause p99 {:.0} us)",
+            r.sync_gib_per_s, r.sync_s, r.resync_gib_per_s, r.resync_s, r.resync_max_pause_ms, r.pause_us_p99
+        ));
+        out.full_guests.push(r);
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }

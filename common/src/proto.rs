@@ -54,6 +54,9 @@ pub enum Kind {
     Handover = 15,
     /// A piece of an epoch's encoded machine state (protocol v3).
     StateChunk = 16,
+    /// A live sync starts: its FullSyncChunks go to a fresh staging area,
+    /// which replaces the replica when the next epoch commits (protocol v3).
+    SyncBegin = 17,
 }
 
 impl Kind {
@@ -74,6 +77,7 @@ impl Kind {
             14 => Refused,
             15 => Handover,
             16 => StateChunk,
+            17 => SyncBegin,
             _ => return None,
         })
     }
@@ -239,6 +243,8 @@ pub enum Message {
     Handover {
         epoch: u64,
     },
+    /// A live sync starts (see [`Kind::SyncBegin`]).
+    SyncBegin,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -284,6 +290,7 @@ impl Message {
             Message::EpochBegin { .. } => Kind::EpochBegin,
             Message::PageChunk(_) => Kind::PageChunk,
             Message::StateChunk(_) => Kind::StateChunk,
+            Message::SyncBegin => Kind::SyncBegin,
             Message::EpochEnd(_) => Kind::EpochEnd,
             Message::EpochAck { .. } => Kind::EpochAck,
             Message::Heartbeat { .. } => Kind::Heartbeat,
@@ -313,6 +320,7 @@ impl Message {
                 b.freeze()
             }
             Message::EpochEnd(t) => enc(t),
+            Message::SyncBegin => Bytes::new(),
             Message::EpochAck { epoch } | Message::Handover { epoch } => enc(epoch),
             Message::Heartbeat { generation, seq, time_us } => {
                 enc(&HeartbeatWire { generation: *generation, seq: *seq, time_us: *time_us })
@@ -363,6 +371,12 @@ impl Message {
                     return Err(malformed(k, format!("{} bytes at {offset} in a state of {total}", data.len())));
                 }
                 Message::StateChunk(StateChunk { epoch, offset, total, data })
+            }
+            Kind::SyncBegin => {
+                if !payload.is_empty() {
+                    return Err(malformed(k, format!("{} bytes of payload", payload.len())));
+                }
+                Message::SyncBegin
             }
             Kind::EpochEnd => {
                 let t: EpochTail = dec(k, &payload)?;

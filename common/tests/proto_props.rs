@@ -74,6 +74,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             Message::StateChunk(StateChunk { epoch, offset, total, data: Bytes::from(data) })
         }),
         any::<u64>().prop_map(|epoch| Message::EpochAck { epoch }),
+        Just(Message::SyncBegin),
         (any::<u64>(), any::<u64>(), any::<u64>())
             .prop_map(|(generation, seq, time_us)| { Message::Heartbeat { generation, seq, time_us } }),
         (any::<u64>(), s).prop_map(|(generation, reason)| Message::Fence { generation, reason }),

@@ -470,7 +470,7 @@ fn tiny_ring_and_tracking_lost(row: &mut Row) {
     let lost = st["tracking_lost"].as_u64().unwrap_or(0);
     let full_exits = st["ring_full_exits"].as_u64().unwrap_or(0);
     eprintln!(
-        "tiny ring: {full_exits} ring-full exits, {lost} epochs sent as full resyncs so far; replica: {}",
+        "tiny ring: {full_exits} ring-full exits, {lost} collections lost so far (each followed by a live resync); replica: {}",
         s.status().expect("s")["protection"]
     );
     if lost == 0 {

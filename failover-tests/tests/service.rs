@@ -389,15 +389,24 @@ fn a_second_connection_cannot_take_a_live_connections_responses() {
 }
 
 /// A guest whose memory is full (`--fill`, issue 13): the live sync copies
-/// every filled page, the replica matches page for page (verification mode),
-/// and a failover runs the guest from it with nothing lost.
+/// every filled page, the replica matches page for page (verification mode).
+/// Then an epoch whose dirty tracking is lost (test hook): nothing of it is
+/// sent, and a live resync copies memory again while the guest runs, into a
+/// staging area on the secondary that replaces its replica only when the
+/// resync's final epoch commits. Protection comes back, the replica still
+/// matches, and a failover right after runs the guest from it with nothing
+/// lost. (Its longest pause is printed; the bench reports it as a figure.)
 #[test]
-fn a_full_guest_syncs_page_exact_and_fails_over() {
+fn a_full_guest_syncs_page_exact_resyncs_live_and_fails_over() {
     let _g = serial();
     let c = Cluster::new("full");
     let o = NodeOpts { verify_digest: true, mem: "256M", ..NodeOpts::default() };
     let s = c.secondary("s", &o, None);
-    let po = NodeOpts { extra: vec!["--fill".into(), "160M".into()], ..o.clone() };
+    let po = NodeOpts {
+        extra: vec!["--fill".into(), "160M".into()],
+        env: vec![("CASTOR_FORCE_TRACKING_LOST_EVERY".into(), "150".into())],
+        ..o.clone()
+    };
     let mut p = c.primary("p", &po, s.listen.expect("listen"));
     p.wait_status(Duration::from_secs(90), |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
@@ -412,6 +421,28 @@ fn a_full_guest_syncs_page_exact_and_fails_over() {
     let rt = rt();
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     assert!(load.wait_more(200, T), "clients stalled:\n{}", p.log_tail());
+    // the forced tracking loss (epoch 150) and the live resync after it
+    let st = p
+        .wait_status(Duration::from_secs(60), |v| {
+            v["live_syncs"].as_u64() >= Some(2)
+                && v["protection"] == "protected"
+                && v["tracking_lost"].as_u64() >= Some(1)
+        })
+        .unwrap_or_else(|| panic!("no live resync completed:\n{}", p.log_tail()));
+    eprintln!(
+        "full guest: initial sync and {} resync(s); last sync {:.2} GiB/s, longest pause during it {:.1} ms (epoch pause p99 {:.0} us)",
+        st["live_syncs"].as_u64().unwrap_or(0) - 1,
+        st["last_sync_gib_per_s"].as_f64().unwrap_or(0.0),
+        st["sync_max_pause_us"].as_f64().unwrap_or(0.0) / 1e3,
+        st["pause_us_p99"].as_f64().unwrap_or(0.0)
+    );
+    let slog = std::fs::read_to_string(&s.log).unwrap_or_default();
+    assert!(
+        slog.contains("live sync committed: the staged copy is the replica now"),
+        "the secondary never committed a staged resync:\n{}",
+        s.log_tail()
+    );
+    assert!(load.wait_more(200, T), "clients stalled after the resync:\n{}", p.log_tail());
     let st = s.status().expect("secondary");
     assert_eq!(st["protection"], "replicating", "the full replica diverged:\n{}", s.log_tail());
     p.kill9();

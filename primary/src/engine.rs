@@ -48,6 +48,21 @@ pub struct EngineOptions {
 
 /// How often the engine looks for output while an output-driven epoch runs.
 const OUTPUT_POLL: Duration = Duration::from_micros(100);
+/// Live sync attempts (each restarted by a lost round) before a full epoch.
+const SYNC_ATTEMPTS: u32 = 3;
+/// Pages per batch of a live sync's first round (16 MiB of data at most).
+const SYNC_BATCH_PAGES: usize = 4096;
+
+/// How one live sync attempt ended.
+enum SyncEnd {
+    /// Every round sent: the next boundary ends the sync.
+    Copied,
+    /// The session changed (lost, or a new one that syncs anew).
+    Abandoned,
+    /// Dirty tracking was lost in this round.
+    TrackingLost(u32),
+}
+
 /// Outputs after which an epoch ends whatever its length: the epoch's state
 /// carries its undrained output, so this bounds the state of every epoch the
 /// timer or the output rule would have made longer (a stretched epoch, one
@@ -68,6 +83,15 @@ pub struct EngineShared {
     pub tracking_lost: AtomicU64,
     /// Ring-full exits of the vCPUs so far (ring tracker).
     pub ring_full_exits: AtomicU64,
+    /// Longest pause of the guest so far, us (epoch boundaries and sync rounds).
+    pub pause_us_max: AtomicU64,
+    /// Longest pause during the last live sync, us: from the boundary that
+    /// started it (a lost collection) to the epoch that ended it.
+    pub sync_max_pause_us: AtomicU64,
+    /// Data rate of the last live sync that completed, GiB/s (f64 bits).
+    pub last_sync_gib_per_s: AtomicU64,
+    /// Live syncs completed (initial syncs and resyncs).
+    pub live_syncs: AtomicU64,
 }
 
 /// What the engine does now: a function of the last command it applied.
@@ -126,9 +150,11 @@ pub struct EpochPacket {
 /// What the engine hands to the network side.
 #[derive(Debug)]
 pub enum Packet {
-    /// Initial-sync pages (guest running).
+    /// Pages of a live (re)sync, copied while the guest runs; `first`: the
+    /// first batch of a sync (the secondary opens a fresh staging area).
     Sync {
         round: u32,
+        first: bool,
         pages: Vec<Page>,
     },
     Epoch(Box<EpochPacket>),
@@ -179,9 +205,13 @@ pub struct Engine {
     tx: mpsc::Sender<Packet>,
     commands: std::sync::mpsc::Receiver<EngineCommand>,
     directive: Directive,
-    /// A live sync starts at the next boundary.
+    /// A live sync starts at the next boundary: the initial sync, and every
+    /// resync (a new session with a replica that has a committed epoch, a
+    /// lost collection, a resync the secondary asked for). It copies memory
+    /// while the guest runs into a staging area on the secondary.
     want_sync: bool,
-    /// The next epoch is a full-memory epoch.
+    /// The next epoch is a full-memory epoch, copied in the pause: only
+    /// when live syncs keep losing their dirty tracking.
     want_full: bool,
     /// End the current epoch now and keep the guest paused after it
     /// ([`EngineCommand::Finish`]).
@@ -191,6 +221,15 @@ pub struct Engine {
     /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`, with `--test-hooks`): treat every N-th
     /// epoch as if dirty tracking had been lost.
     force_lost_every: Option<u64>,
+    /// The epoch the test hook last forced lost.
+    last_forced: Option<u64>,
+    /// The next epoch ends a live sync.
+    sync_final: bool,
+    /// The epoch that ended the last live sync, until it is acknowledged.
+    sync_until: Option<u64>,
+    /// The sync about to run was started by a lost collection (its pause
+    /// already counts for the sync's longest pause).
+    sync_started_by_loss: bool,
     /// The previous delta epoch's pages as copied (sorted by gfn). A page
     /// reported dirty again (hot-page retention reports retained pages every
     /// epoch) whose content equals its copy in the previous epoch is not
@@ -231,6 +270,10 @@ impl Engine {
             held: Vec::new(),
             pool: BufPool::default(),
             force_lost_every,
+            last_forced: None,
+            sync_final: false,
+            sync_until: None,
+            sync_started_by_loss: false,
             last_copied: Vec::new(),
             epoch_started: Instant::now(),
         }
@@ -314,10 +357,13 @@ impl Engine {
     fn poll_commands(&mut self) {
         while let Ok(c) = self.commands.try_recv() {
             match c {
-                EngineCommand::Protect(resync) => {
+                EngineCommand::Protect(_) => {
+                    // a replica with a committed epoch (Resync::Full) keeps
+                    // it usable for failover until the sync's final epoch
+                    // commits: the secondary stages the sync either way
                     self.directive = Directive::Protect;
-                    self.want_sync = resync == crate::mode::Resync::Live;
-                    self.want_full = resync == crate::mode::Resync::Full;
+                    self.want_sync = true;
+                    self.want_full = false;
                 }
                 EngineCommand::Hold => {
                     self.directive = Directive::Hold;
@@ -332,7 +378,7 @@ impl Engine {
                     self.finish = false;
                 }
                 EngineCommand::Finish => self.finish = self.directive == Directive::Protect,
-                EngineCommand::FullEpoch => self.want_full |= self.directive == Directive::Protect,
+                EngineCommand::FullEpoch => self.want_sync |= self.directive == Directive::Protect,
             }
         }
     }
@@ -448,7 +494,10 @@ impl Engine {
                 continue;
             }
             let last = std::mem::take(&mut self.finish);
-            let packet = self.boundary(!last)?;
+            let Some(packet) = self.boundary(!last)? else {
+                // the collection was incomplete: a live resync follows
+                continue;
+            };
             if last {
                 // the guest stays paused: the secondary runs it from here
                 self.directive = Directive::Hold;
@@ -493,55 +542,141 @@ impl Engine {
         Ok(())
     }
 
-    /// Full live sync: pages copied while the guest runs, re-sending what it
-    /// dirties meanwhile, a few rounds; the next boundary ends the sync.
+    /// Live sync: pages copied while the guest runs, re-sending what it
+    /// dirties meanwhile, a few rounds; the next boundary (a delta epoch)
+    /// ends it. The secondary writes the pages into a staging area that
+    /// replaces its replica only when that epoch commits, so nothing in a
+    /// pause grows with guest memory and its committed replica stays usable
+    /// for failover meanwhile. Output stays held until that epoch's ack. A
+    /// round whose dirty tracking was lost restarts the sync (a staging
+    /// area cannot be patched without knowing every write); after
+    /// [`SYNC_ATTEMPTS`] lost attempts the sync ends with an in-pause full
+    /// epoch instead.
     fn live_sync(&mut self) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
+        if !std::mem::take(&mut self.sync_started_by_loss) {
+            self.shared.sync_max_pause_us.store(0, Ordering::Relaxed);
+        }
+        for attempt in 1..=SYNC_ATTEMPTS {
+            match self.sync_attempt(attempt)? {
+                SyncEnd::Copied => {
+                    self.sync_final = true;
+                    self.shared.live_syncs.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                SyncEnd::Abandoned => return Ok(()),
+                SyncEnd::TrackingLost(round) => {
+                    tracing::warn!(attempt, round, "dirty tracking lost during a live sync: starting it again");
+                    self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        tracing::warn!("every live sync attempt lost dirty tracking: the final epoch is a full one");
+        self.want_full = true;
+        Ok(())
+    }
+
+    /// One pause of a live sync: collect (a lost collection re-protects
+    /// every slot), hold the output, resume; counts for the sync's pauses.
+    fn sync_pause(&mut self) -> Result<vmm::DirtySet, vmm::MachineError> {
         let t = Instant::now();
         self.machine.pause()?;
-        self.machine.collect()?; // baseline: track from here
+        let d = self.machine.collect()?;
         self.held.extend(self.machine.devices().drain());
         self.machine.resume()?;
-        let first = self.all_nonzero_pages();
-        let mut sent = first.len();
-        tracing::info!(pages = first.len(), "live sync: round 0");
-        if !self.send(Packet::Sync { round: 0, pages: first }) {
-            return Ok(());
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        self.note_pause(us);
+        self.shared.sync_max_pause_us.fetch_max(us as u64, Ordering::Relaxed);
+        tracing::debug!(pause_us = us as u64, pages = d.gfns.len(), lost = d.tracking_lost, "live sync pause");
+        Ok(d)
+    }
+
+    fn sync_attempt(&mut self, attempt: u32) -> Result<SyncEnd, vmm::MachineError> {
+        let t = Instant::now();
+        self.sync_pause()?; // baseline: track from here
+                            // round 0 in batches: bounded memory here, and the link sends one
+                            // batch while the next is read
+        let mem = self.machine.memory().clone();
+        let total = mem.size() / PAGE_SIZE;
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut batch = Vec::with_capacity(SYNC_BATCH_PAGES);
+        let (mut sent, mut bytes, mut first) = (0u64, 0u64, true);
+        let mut last = Instant::now();
+        for (i, g) in mem.all_gfns().enumerate() {
+            if mem.read_page(g, &mut buf).is_ok() && buf.iter().any(|&b| b != 0) {
+                batch.push(page_from(g, &buf));
+            }
+            if batch.len() == SYNC_BATCH_PAGES || i as u64 + 1 == total {
+                sent += batch.len() as u64;
+                bytes += batch.len() as u64 * PAGE_SIZE;
+                let pages = std::mem::replace(&mut batch, Vec::with_capacity(SYNC_BATCH_PAGES));
+                if !self.send(Packet::Sync { round: 0, first: std::mem::take(&mut first), pages }) {
+                    return Ok(SyncEnd::Abandoned);
+                }
+                // a lost session or a new one ends this sync
+                self.poll_commands();
+                if self.directive != Directive::Protect || self.want_sync {
+                    tracing::info!("live sync abandoned: the session changed");
+                    return Ok(SyncEnd::Abandoned);
+                }
+            }
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                let done = i as u64 + 1;
+                let rate = done as f64 * PAGE_SIZE as f64 / t.elapsed().as_secs_f64();
+                tracing::info!(
+                    attempt,
+                    scanned_mib = (done * PAGE_SIZE) >> 20,
+                    total_mib = (total * PAGE_SIZE) >> 20,
+                    sent_mib = bytes >> 20,
+                    scan_gib_s = rate / f64::from(1u32 << 30),
+                    "live sync: round 0 in progress"
+                );
+            }
         }
+        if first {
+            // an all-zero guest: still open the staging area
+            if !self.send(Packet::Sync { round: 0, first: true, pages: Vec::new() }) {
+                return Ok(SyncEnd::Abandoned);
+            }
+        }
+        tracing::info!(attempt, pages = sent, "live sync: round 0 sent");
         for round in 1..=4 {
             std::thread::sleep(self.opts.epoch);
-            self.machine.pause()?;
-            let d = self.machine.collect()?;
-            self.held.extend(self.machine.devices().drain());
-            self.machine.resume()?;
+            let d = self.sync_pause()?;
             if d.tracking_lost {
-                // sync pages are written in place, and a resend of the
-                // non-zero pages would leave stale what the guest zeroed
-                // since round 0: the epoch that ends the sync replaces all
-                // of memory instead (tracking is re-armed whole by then)
-                tracing::warn!(round, "dirty tracking lost during the live sync: the final epoch is a full one");
-                self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
-                self.want_full = true;
-                break;
+                return Ok(SyncEnd::TrackingLost(round));
             }
             let pages = self.read_pages(d.gfns.into_iter());
             let n = pages.len();
-            sent += n;
+            sent += n as u64;
+            bytes += pages.iter().filter(|p| p.data.is_some()).count() as u64 * PAGE_SIZE;
             tracing::info!(round, pages = n, "live sync: round");
-            if !self.send(Packet::Sync { round, pages }) {
-                return Ok(());
+            if !self.send(Packet::Sync { round, first: false, pages }) {
+                return Ok(SyncEnd::Abandoned);
             }
             if n < 256 {
                 break;
             }
         }
-        tracing::info!(pages = sent, ms = t.elapsed().as_millis() as u64, "live sync: copied, final epoch next");
-        Ok(())
+        let secs = t.elapsed().as_secs_f64();
+        tracing::info!(
+            attempt,
+            pages = sent,
+            gib = bytes as f64 / f64::from(1u32 << 30),
+            ms = (secs * 1e3) as u64,
+            gib_per_s = bytes as f64 / f64::from(1u32 << 30) / secs.max(1e-9),
+            "live sync: copied, final epoch next"
+        );
+        self.shared
+            .last_sync_gib_per_s
+            .store((bytes as f64 / f64::from(1u32 << 30) / secs.max(1e-9)).to_bits(), Ordering::Relaxed);
+        Ok(SyncEnd::Copied)
     }
 
     /// One epoch boundary; `resume`: let the guest run on after it (not
     /// after the last epoch before a handover).
-    fn boundary(&mut self, resume: bool) -> Result<EpochPacket, vmm::MachineError> {
+    fn boundary(&mut self, resume: bool) -> Result<Option<EpochPacket>, vmm::MachineError> {
         let epoch = self.shared.next_epoch.load(Ordering::SeqCst);
         common::crashpoint::hit("primary.before_pause");
         let t0 = Instant::now();
@@ -555,12 +690,20 @@ impl Engine {
         self.shared.ring_full_exits.store(self.machine.ring_full_exits(), Ordering::Relaxed);
         common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();
-        let forced_lost = self.force_lost_every.is_some_and(|n| epoch.is_multiple_of(n));
+        // (the test hook acts once per epoch number: a resync keeps it)
+        let forced_lost = self.force_lost_every.is_some_and(|n| epoch.is_multiple_of(n))
+            && self.last_forced.replace(epoch) != Some(epoch);
         let lost = d.tracking_lost || forced_lost;
-        let mut full = lost || std::mem::take(&mut self.want_full);
         if lost {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory resync");
+        }
+        if lost && resume && !self.want_full {
+            tracing::warn!(epoch, "dirty tracking lost: this epoch is not sent; a live resync follows");
+            return self.resync_instead(t0).map(|()| None);
+        }
+        let mut full = lost || std::mem::take(&mut self.want_full);
+        if lost {
+            tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory epoch");
         }
         let mut pages = if full {
             self.all_nonzero_pages()
@@ -580,8 +723,13 @@ impl Engine {
         // a failed re-arm means this collection may be incomplete: never
         // ship it as a delta
         if !self.machine.finish_reset() && !full {
-            tracing::warn!(epoch, "dirty ring reset failed: this epoch is sent as a full-memory resync");
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
+            if resume {
+                tracing::warn!(epoch, "dirty ring reset failed: this epoch is not sent; a live resync follows");
+                drop(pages);
+                return self.resync_instead(t0).map(|()| None);
+            }
+            tracing::warn!(epoch, "dirty ring reset failed: this epoch is sent as a full-memory epoch");
             full = true;
             pages = self.all_nonzero_pages();
         }
@@ -620,6 +768,45 @@ impl Engine {
             len_us,
             full,
         };
-        Ok(EpochPacket { epoch, full, pages, state, outputs, digest, phases, last: !resume })
+        self.note_pause(phases.pause_us);
+        if phases.pause_us > 20_000.0 {
+            tracing::debug!(?phases, "long epoch pause");
+        }
+        if std::mem::take(&mut self.sync_final) {
+            // the epoch that ends a live sync: the sync lasts until its ack
+            self.sync_until = Some(epoch);
+        }
+        if let Some(e) = self.sync_until {
+            // epochs until the sync's final epoch is acknowledged count for
+            // the sync's pauses (the secondary is still applying it)
+            if self.shared.acked.load(Ordering::SeqCst) > e && epoch > e {
+                self.sync_until = None;
+            } else {
+                self.shared.sync_max_pause_us.fetch_max(phases.pause_us as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(Some(EpochPacket { epoch, full, pages, state, outputs, digest, phases, last: !resume }))
+    }
+
+    /// A boundary whose collection was incomplete: nothing of it is sent
+    /// (the epoch number is kept for the sync's final epoch); its output is
+    /// held for that epoch, the guest runs on, and a live resync starts.
+    fn resync_instead(&mut self, t0: Instant) -> Result<(), vmm::MachineError> {
+        self.last_copied.clear();
+        self.held.extend(self.machine.devices().drain());
+        self.machine.resume()?;
+        let us = t0.elapsed().as_secs_f64() * 1e6;
+        self.note_pause(us);
+        self.shared.sync_max_pause_us.store(us as u64, Ordering::Relaxed);
+        tracing::debug!(pause_us = us as u64, "pause of the boundary that lost tracking");
+        self.sync_started_by_loss = true;
+        self.want_sync = true;
+        self.epoch_started = Instant::now();
+        Ok(())
+    }
+
+    /// Every pause counts for the longest one (status `pause_us_max`).
+    fn note_pause(&self, us: f64) {
+        self.shared.pause_us_max.fetch_max(us as u64, Ordering::Relaxed);
     }
 }

@@ -151,6 +151,10 @@ pub async fn run_primary(
                     s.acked_epoch = acked;
                     s.tracking_lost = shared.tracking_lost.load(Ordering::Relaxed);
                     s.ring_full_exits = shared.ring_full_exits.load(Ordering::Relaxed);
+                    s.pause_us_max = shared.pause_us_max.load(Ordering::Relaxed) as f64;
+                    s.sync_max_pause_us = shared.sync_max_pause_us.load(Ordering::Relaxed) as f64;
+                    s.last_sync_gib_per_s = f64::from_bits(shared.last_sync_gib_per_s.load(Ordering::Relaxed));
+                    s.live_syncs = shared.live_syncs.load(Ordering::Relaxed);
                     (s.console_dropped, s.marks_dropped) = devices.dropped_counts();
                 });
             }

@@ -99,7 +99,11 @@ enum Heard {
 
 /// What the session's writer ships.
 enum Ship {
-    Sync(Vec<common::proto::Page>),
+    /// Live-sync pages; `first`: the first batch of a sync.
+    Sync {
+        first: bool,
+        pages: Vec<common::proto::Page>,
+    },
     Epoch(Box<EpochPacket>),
     /// The handover after this (acknowledged) epoch.
     Handover(u64),
@@ -494,9 +498,9 @@ impl Replicator {
                     None => return SessionEnd::Stopped,
                     Some(Packet::Failed(e)) => return SessionEnd::GuestFailed(e),
                     Some(Packet::Release(o)) => { let _ = self.apply(Event::Released(o)); }
-                    Some(Packet::Sync { pages, .. }) => {
+                    Some(Packet::Sync { first, pages, .. }) => {
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let _ = ship_tx.send(Ship::Sync(pages));
+                        let _ = ship_tx.send(Ship::Sync { first, pages });
                     }
                     Some(Packet::Epoch(mut e)) => {
                         self.record_epoch(&e);
@@ -568,7 +572,7 @@ async fn write_loop(
 ) -> SessionEnd {
     while let Some(s) = ship.recv().await {
         let res = match s {
-            Ship::Sync(pages) => dw.send_full_sync(pages).await,
+            Ship::Sync { first, pages } => dw.send_sync(first, pages).await,
             Ship::Epoch(e) => {
                 let e = *e;
                 dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await

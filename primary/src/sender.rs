@@ -66,7 +66,10 @@ async fn recv(rx: &mut Rx) -> Result<Option<Message>, SenderError> {
     }
 }
 
-async fn send_full_sync(tx: &mut Tx, pages: Vec<Page>) -> Result<(), SenderError> {
+async fn send_full_sync(tx: &mut Tx, first: bool, pages: Vec<Page>) -> Result<(), SenderError> {
+    if first {
+        tx.feed(Message::SyncBegin.to_frame()).await?;
+    }
     for c in proto::chunk_pages(0, pages) {
         tx.feed(Message::FullSyncChunk(c).to_frame()).await?;
     }
@@ -251,9 +254,9 @@ impl SessionWriter {
         Ok(())
     }
 
-    /// Sends initial-sync pages.
-    pub async fn send_full_sync(&mut self, pages: Vec<Page>) -> Result<(), SenderError> {
-        send_full_sync(&mut self.tx, pages).await
+    /// Sends live-sync pages; `first` opens a new sync (SyncBegin first).
+    pub async fn send_sync(&mut self, first: bool, pages: Vec<Page>) -> Result<(), SenderError> {
+        send_full_sync(&mut self.tx, first, pages).await
     }
 
     /// Sends one whole epoch (begin, chunks, end).

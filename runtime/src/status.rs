@@ -174,6 +174,16 @@ pub struct StatusSnapshot {
     /// lines, marker writes.
     pub console_dropped: u64,
     pub marks_dropped: u64,
+    /// Primary: the longest pause of the guest since start, us (epoch
+    /// boundaries and live-sync rounds).
+    pub pause_us_max: f64,
+    /// Primary: the longest pause during the last live sync, us (from the
+    /// boundary that started it until the epoch that ended it was acked).
+    pub sync_max_pause_us: f64,
+    /// Primary: data rate of the last live sync that completed, GiB/s.
+    pub last_sync_gib_per_s: f64,
+    /// Primary: live syncs completed (the initial one and every resync).
+    pub live_syncs: u64,
     /// Secondary: applies of a verified epoch that failed halfway (an error
     /// or a panic); each made the replica unusable until a full resync.
     pub apply_failures: u64,

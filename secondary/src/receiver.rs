@@ -148,17 +148,30 @@ pub async fn serve_connection(
     replica: &Arc<Mutex<Replica>>,
     mut on_event: impl FnMut(ReceiverEvent),
 ) -> Result<SessionEnd, ReceiverError> {
-    let mut began = None;
+    let mut began = Began::default();
     let result = serve_inner(stream, cfg, replica, &mut on_event, &mut began).await;
-    if began.is_some() {
-        let mut r = common::sync::lock(replica);
-        if r.staging_epoch() == began {
-            if let Some(e) = r.abort_staging() {
-                tracing::warn!(epoch = e, "dropped a partly received epoch; replica stays at its committed epoch");
-            }
+    let mut r = common::sync::lock(replica);
+    if began.epoch.is_some() && r.staging_epoch() == began.epoch {
+        if let Some(e) = r.abort_staging() {
+            tracing::warn!(epoch = e, "dropped a partly received epoch; replica stays at its committed epoch");
         }
     }
+    if let Some(id) = began.sync {
+        if r.abort_sync(id) {
+            tracing::warn!("dropped an unfinished live sync; the replica stays at its committed epoch");
+        }
+    }
+    drop(r);
     result
+}
+
+/// What this session began in the replica (only it may drop them).
+#[derive(Debug, Default)]
+struct Began {
+    /// The epoch it began staging.
+    epoch: Option<u64>,
+    /// The live sync it opened.
+    sync: Option<u64>,
 }
 
 async fn serve_inner(
@@ -166,7 +179,7 @@ async fn serve_inner(
     cfg: &ReceiverConfig,
     replica: &Arc<Mutex<Replica>>,
     on_event: &mut impl FnMut(ReceiverEvent),
-    began: &mut Option<u64>,
+    began: &mut Began,
 ) -> Result<SessionEnd, ReceiverError> {
     let _ = stream.set_nodelay(true);
     let mut stream = stream;
@@ -276,10 +289,14 @@ async fn serve_inner(
         }
         let msg = Message::decode(frame.kind, frame.payload)?;
         match msg {
+            Message::SyncBegin => {
+                began.sync = Some(common::sync::lock(replica).begin_sync()?);
+                tracing::info!("live sync begun: pages go to a staging area until its final epoch commits");
+            }
             Message::FullSyncChunk(c) => common::sync::lock(replica).full_sync_chunk(&c)?,
             Message::EpochBegin { epoch, page_count, full } => {
                 common::sync::lock(replica).begin_epoch(epoch, page_count, full)?;
-                *began = Some(epoch);
+                began.epoch = Some(epoch);
                 state.reset();
                 common::crashpoint::hit("secondary.after_begin");
             }

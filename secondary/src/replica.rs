@@ -73,8 +73,23 @@ struct Staging {
     epoch: u64,
     announced: u64,
     full: bool,
+    /// The epoch that ends a live sync: applied onto the sync's staging area,
+    /// which then becomes the replica.
+    onto_sync: bool,
     pages: Vec<Page>,
     sum: EpochChecksum,
+}
+
+/// A live sync's staging area: the pages the primary copied while its guest
+/// ran, in memory of the guest's shape. It becomes the replica when the
+/// sync's final epoch commits; until then the committed replica is untouched
+/// and stays usable for failover. With nothing committed yet there is
+/// nothing to keep, and the replica's own memory (cleared) is the stage.
+#[derive(Debug)]
+struct SyncStage {
+    id: u64,
+    mem: Arc<GuestMem>,
+    pages: u64,
 }
 
 /// A page-exact replica.
@@ -92,6 +107,8 @@ pub struct Replica {
     /// The apply of this epoch began and did not finish: the memory is
     /// neither the committed epoch nor this one.
     torn: Option<u64>,
+    sync: Option<SyncStage>,
+    syncs_begun: u64,
 }
 
 fn shape_str(s: &VmShape) -> String {
@@ -118,6 +135,8 @@ impl Replica {
             unshaped: false,
             retired: false,
             torn: None,
+            sync: None,
+            syncs_begun: 0,
         })
     }
 
@@ -133,6 +152,7 @@ impl Replica {
     pub fn retire(&mut self) {
         self.retired = true;
         self.staging = None;
+        self.sync = None;
     }
 
     fn check_live(&self) -> Result<(), ReplicaError> {
@@ -202,18 +222,18 @@ impl Replica {
         Ok(())
     }
 
-    fn write_page(&self, p: &Page) -> Result<(), ReplicaError> {
+    fn write_page(mem: &GuestMem, p: &Page) -> Result<(), ReplicaError> {
         let gpa = p.gfn * PAGE_SIZE as u64;
         match &p.data {
-            Some(d) => self.mem.write(gpa, d)?,
-            None => self.mem.write(gpa, &[0u8; PAGE_SIZE])?,
+            Some(d) => mem.write(gpa, d)?,
+            None => mem.write(gpa, &[0u8; PAGE_SIZE])?,
         }
         Ok(())
     }
 
-    fn write_all(&self, s: &Staging) -> Result<(), ReplicaError> {
+    fn write_all(mem: &GuestMem, s: &Staging) -> Result<(), ReplicaError> {
         if s.full {
-            self.mem.discard_all()?;
+            mem.discard_all()?;
         }
         for (i, p) in s.pages.iter().enumerate() {
             if i == s.pages.len() / 2 {
@@ -222,26 +242,64 @@ impl Replica {
             if s.full && p.data.is_none() {
                 continue; // already zero
             }
-            self.write_page(p)?;
+            Self::write_page(mem, p)?;
         }
         Ok(())
     }
 
-    /// Initial-sync pages, written straight into memory: before the first
-    /// commit there is no consistent state to protect.
+    /// A live sync starts: its pages go to a fresh staging area (see
+    /// [`SyncStage`]). Returns the sync's id (for [`Replica::abort_sync`]).
+    pub fn begin_sync(&mut self) -> Result<u64, ReplicaError> {
+        self.check_live()?;
+        if let Some(s) = &self.staging {
+            return Err(ReplicaError::StagingInProgress { got: 0, staging: s.epoch });
+        }
+        self.syncs_begun += 1;
+        let mem = if self.committed.is_none() {
+            self.mem.discard_all()?;
+            self.synced_pages = 0;
+            self.mem.clone()
+        } else {
+            Arc::new(GuestMem::new(self.shape.mem_bytes)?)
+        };
+        self.sync = Some(SyncStage { id: self.syncs_begun, mem, pages: 0 });
+        Ok(self.syncs_begun)
+    }
+
+    /// Drops the live sync `id` if it is still open (its session ended).
+    pub fn abort_sync(&mut self, id: u64) -> bool {
+        if self.sync.as_ref().is_some_and(|s| s.id == id) {
+            self.sync = None;
+            return true;
+        }
+        false
+    }
+
+    /// Whether a live sync is open (its final epoch not yet committed).
+    pub fn sync_open(&self) -> bool {
+        self.sync.is_some()
+    }
+
+    /// Live-sync pages: into the open sync's staging area; with no sync open
+    /// and nothing committed, straight into memory (there is no consistent
+    /// state to protect yet).
     pub fn full_sync_chunk(&mut self, c: &PageChunk) -> Result<(), ReplicaError> {
         self.check_live()?;
-        if self.committed.is_some() {
+        if self.sync.is_none() && self.committed.is_some() {
             return Err(ReplicaError::SyncAfterCommit);
         }
         for p in &c.pages {
             self.check_page(p)?;
         }
+        let mem = self.sync.as_ref().map_or_else(|| self.mem.clone(), |s| s.mem.clone());
         for p in &c.pages {
-            self.write_page(p)?;
+            Self::write_page(&mem, p)?;
         }
-        self.mem.take_vmm_dirty();
+        mem.take_vmm_dirty();
         self.synced_pages += c.pages.len() as u64;
+        if let Some(s) = &mut self.sync {
+            s.pages += c.pages.len() as u64;
+        }
         Ok(())
     }
 
@@ -251,13 +309,19 @@ impl Replica {
         if let Some(s) = &self.staging {
             return Err(ReplicaError::StagingInProgress { got: epoch, staging: s.epoch });
         }
+        if full {
+            // a full epoch replaces everything, an open sync included
+            self.sync = None;
+        }
+        let onto_sync = self.sync.is_some();
         match &self.committed {
-            // a full epoch replaces everything: it may skip epoch numbers
-            // (the primary ran on while this replica was disconnected)
-            Some(c) if full && epoch <= c.epoch => {
+            // a full epoch, or the epoch that ends a live sync, replaces
+            // everything: it may skip epoch numbers (the primary ran on
+            // while this replica was disconnected or syncing)
+            Some(c) if (full || onto_sync) && epoch <= c.epoch => {
                 return Err(ReplicaError::EpochOrder { got: epoch, expected: format!("> {}", c.epoch) })
             }
-            Some(c) if !full && epoch != c.epoch + 1 => {
+            Some(c) if !full && !onto_sync && epoch != c.epoch + 1 => {
                 return Err(ReplicaError::EpochOrder { got: epoch, expected: (c.epoch + 1).to_string() })
             }
             None if !full && self.synced_pages == 0 => {
@@ -268,10 +332,11 @@ impl Replica {
             }
             _ => {}
         }
-        if self.needs_resync() && !full {
+        if self.needs_resync() && !full && !onto_sync {
             return Err(ReplicaError::NeedsResync);
         }
-        self.staging = Some(Staging { epoch, announced, full, pages: Vec::new(), sum: EpochChecksum::default() });
+        self.staging =
+            Some(Staging { epoch, announced, full, onto_sync, pages: Vec::new(), sum: EpochChecksum::default() });
         Ok(())
     }
 
@@ -331,18 +396,42 @@ impl Replica {
         // is torn; an error (or a panic, see `mark_torn`) leaves it so.
         common::crashpoint::hit("secondary.before_apply");
         let s = self.staging.take().expect("checked above");
-        let was_torn = self.torn.replace(s.epoch);
-        if let Err(e) = self.write_all(&s) {
-            tracing::error!(epoch = s.epoch, error = %e, "applying a verified epoch failed: the replica is unusable");
-            return Err(ReplicaError::Torn { epoch: s.epoch, why: e.to_string() });
-        }
-        self.mem.take_vmm_dirty();
-        self.committed = Some(Committed { epoch: s.epoch, state: end.state });
-        // a full epoch rewrote every page: whatever was torn is repaired
-        self.torn = if s.full { None } else { was_torn };
-        if s.full {
+        if s.onto_sync {
+            // onto the sync's staging area, which then becomes the replica:
+            // a failure here leaves the committed replica as it was (an
+            // in-place stage has no committed epoch to lose)
+            let stage = self.sync.take().expect("onto_sync means a sync is open");
+            if let Err(e) = Self::write_all(&stage.mem, &s) {
+                tracing::error!(epoch = s.epoch, error = %e, "applying a sync's final epoch failed: the sync is dropped");
+                return Err(e);
+            }
+            stage.mem.take_vmm_dirty();
+            tracing::info!(
+                epoch = s.epoch,
+                pages = stage.pages,
+                "live sync committed: the staged copy is the replica now"
+            );
+            // the old copy is unmapped on a thread of its own: dropping
+            // gigabytes of touched memory takes long, and the ack waits
+            // for this apply
+            let old = std::mem::replace(&mut self.mem, stage.mem);
+            let _ = std::thread::Builder::new().name("castor-unmap".into()).spawn(move || drop(old));
+            self.torn = None;
             self.needs_resync = false;
+        } else {
+            let was_torn = self.torn.replace(s.epoch);
+            if let Err(e) = Self::write_all(&self.mem, &s) {
+                tracing::error!(epoch = s.epoch, error = %e, "applying a verified epoch failed: the replica is unusable");
+                return Err(ReplicaError::Torn { epoch: s.epoch, why: e.to_string() });
+            }
+            self.mem.take_vmm_dirty();
+            // a full epoch rewrote every page: whatever was torn is repaired
+            self.torn = if s.full { None } else { was_torn };
+            if s.full {
+                self.needs_resync = false;
+            }
         }
+        self.committed = Some(Committed { epoch: s.epoch, state: end.state });
         if let Some(expected) = end.digest {
             let got = self.mem.digest();
             if got != expected {

@@ -136,7 +136,7 @@ async fn bootstrap() -> Fixture {
     // initial sync: 600 pages (3 chunks), then epoch 0 with the state
     let sync: Vec<Page> = (0..600u64).map(|g| data_page(0x400 + g, (g % 251) as u8 + 1)).collect();
     f.mirror(&sync);
-    s.send_full_sync(sync).await.expect("sync");
+    s.send_sync(true, sync).await.expect("sync");
     let e0 = f.pages(0, 30);
     f.mirror(&e0);
     s.send_epoch(0, false, e0, f.state.clone(), Some(f.shadow.digest())).await.expect("epoch 0");
@@ -432,4 +432,51 @@ async fn an_epoch_with_a_state_of_several_frames_commits() {
     assert_eq!(f.snapshot(), (Some(2), f.shadow.digest()));
     let r = f.replica.lock().expect("lock");
     assert_eq!(r.committed().expect("committed").state.devices.outbox.len(), 150_000);
+}
+
+/// A live resync of a replica that has a committed epoch (issue 13): its
+/// pages go to a staging area, the committed replica stays as it was (a
+/// failover meanwhile would run epoch 1 exactly), a session that ends before
+/// the resync's final epoch leaves it so, and the final epoch of a complete
+/// resync (a later epoch number) makes the staged copy the replica, pages
+/// the new image no longer has included (they are zero there).
+#[tokio::test]
+async fn a_live_resync_stages_until_its_final_epoch_commits() {
+    let f = bootstrap().await;
+    let before = f.snapshot();
+    // the primary's memory now: other pages than the replica holds
+    let img = GuestMem::new(64 << 20).expect("image");
+    let round0: Vec<Page> = (0..300u64).map(|g| data_page(0x2000 + g, (g % 200) as u8 + 7)).collect();
+    let round1: Vec<Page> = (0..20u64).map(|g| data_page(0x2000 + g * 5, 0xee)).collect();
+    let fin: Vec<Page> = vec![data_page(0x2001, 0x55), Page { gfn: 0x2002, data: None }];
+    for p in round0.iter().chain(&round1).chain(&fin) {
+        let d = p.data.clone().unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
+        img.write(p.gfn * PAGE_SIZE as u64, &d).expect("image write");
+    }
+    assert!(img.digest() != before.1);
+
+    // a resync whose session ends before its final epoch changes nothing
+    let (addr, server) = f.serve_one().await;
+    {
+        let mut s = f.session(addr).await;
+        s.send_sync(true, round0.clone()).await.expect("round 0");
+        s.send_sync(false, round1.clone()).await.expect("round 1");
+    }
+    assert_eq!(server.await.expect("join").expect("clean close"), SessionEnd::Closed);
+    assert_eq!(f.snapshot(), before, "an unfinished resync touched the committed replica");
+    assert!(!f.replica.lock().expect("lock").sync_open(), "the unfinished resync was kept");
+
+    // a complete resync: its final epoch (number 7: the primary ran on) commits it
+    let (addr, server) = f.serve_one().await;
+    {
+        let mut s = f.session(addr).await;
+        s.send_sync(true, round0).await.expect("round 0");
+        s.send_sync(false, round1).await.expect("round 1");
+        s.send_epoch(7, false, fin, f.state.clone(), Some(img.digest())).await.expect("final epoch");
+        s.wait_ack(7).await.expect("ack 7");
+    }
+    assert_eq!(server.await.expect("join").expect("server"), SessionEnd::Closed);
+    let r = f.replica.lock().expect("lock");
+    assert_eq!((r.committed_epoch(), r.digest()), (Some(7), img.digest()), "the replica is not the resynced image");
+    assert!(!r.needs_resync() && !r.sync_open());
 }

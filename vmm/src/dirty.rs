@@ -307,6 +307,7 @@ impl DirtyTracker {
             self.retention.clear();
             match tracker::reprotect_all(vm, &self.slots) {
                 Ok(ns) => {
+                    tracing::info!(ms = ns as f64 / 1e6, "re-protected every memory slot after a tracking loss");
                     reset_ns += ns;
                     self.reprotects += 1;
                     self.trust = Trust::Reprotected;
