@@ -109,6 +109,76 @@ enum Ship {
     Handover(u64),
 }
 
+/// The ack deadline follows the link: the oldest unacknowledged epoch must
+/// be acknowledged within a base (4 x the peer timeout) plus the time the
+/// link needs, at its measured rate, for every byte ahead of that ack (queued
+/// for the writer, or written and not yet acknowledged). A fixed deadline
+/// counted from when an epoch is queued failed large epochs, and epochs
+/// queued behind a large live sync, on a link that was merely busy.
+#[derive(Debug, Default)]
+pub(crate) struct LinkPace {
+    /// Written epochs not yet acknowledged: (epoch, bytes).
+    unacked: std::collections::VecDeque<(u64, u64)>,
+}
+
+/// Rate assumed before one is measured (and the least one used), bytes/s.
+const MIN_LINK_RATE: f64 = 16.0 * 1048576.0;
+/// At most this much is added to the base deadline.
+const MAX_LINK_WAIT: Duration = Duration::from_secs(60);
+
+impl LinkPace {
+    pub(crate) fn written(&mut self, epoch: u64, bytes: u64) {
+        self.unacked.push_back((epoch, bytes));
+    }
+
+    pub(crate) fn acked(&mut self, epoch: u64) {
+        while self.unacked.front().is_some_and(|&(e, _)| e <= epoch) {
+            self.unacked.pop_front();
+        }
+    }
+
+    /// The deadline for the oldest unacknowledged epoch, with `queued` bytes
+    /// still waiting for the writer and the link measured at `rate` bytes/s.
+    pub(crate) fn deadline(&self, base: Duration, queued: u64, rate: f64) -> Duration {
+        let ahead = queued + self.unacked.iter().map(|&(_, b)| b).sum::<u64>();
+        base + Duration::from_secs_f64(ahead as f64 / rate.max(MIN_LINK_RATE)).min(MAX_LINK_WAIT)
+    }
+}
+
+/// What the writer measured: bytes queued and not yet written, and the
+/// link's rate over large sends (EWMA, bytes/s; 0 until measured).
+#[derive(Debug, Default)]
+struct LinkMeter {
+    queued: std::sync::atomic::AtomicU64,
+    rate: std::sync::atomic::AtomicU64,
+    /// Epochs written: (epoch, bytes), for the session loop's [`LinkPace`].
+    written: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl LinkMeter {
+    fn sent(&self, bytes: u64, took: Duration) {
+        self.queued.fetch_sub(
+            bytes.min(self.queued.load(std::sync::atomic::Ordering::Relaxed)),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        // only sends large enough to measure the link, not the scheduler
+        if bytes >= 1 << 20 && took > Duration::ZERO {
+            let now = bytes as f64 / took.as_secs_f64();
+            let old = f64::from_bits(self.rate.load(std::sync::atomic::Ordering::Relaxed));
+            let next = if old > 0.0 { 0.8 * old + 0.2 * now } else { now };
+            self.rate.store(next.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+fn page_bytes(pages: &[common::proto::Page]) -> u64 {
+    pages.iter().filter(|p| p.data.is_some()).count() as u64 * 4096
+}
+
 /// How long a switchover started by SIGTERM may take before the primary
 /// stops anyway (its secondary then fails over by the heartbeat timeout).
 const STOP_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -437,6 +507,9 @@ impl Replicator {
         let (heard_tx, mut heard_rx) = mpsc::unbounded_channel::<Heard>();
         let (gen, interval, timeout) = (self.cfg.generation, self.cfg.heartbeat_interval, self.cfg.peer_timeout);
         let queued_w = queued.clone();
+        let meter = Arc::new(LinkMeter::default());
+        let meter_w = meter.clone();
+        let mut pace = LinkPace::default();
         // when the last heartbeat the secondary answered was sent: an ack
         // is applied only while that is recent (the secondary cannot have
         // taken over yet: it heard us then, and waits a timeout). A primary that was frozen past the
@@ -447,7 +520,7 @@ impl Replicator {
         let last_reply_hb = last_reply.clone();
         let io = async move {
             tokio::select! {
-                e = write_loop(dw, ship_rx, queued_w) => e,
+                e = write_loop(dw, ship_rx, queued_w, meter_w) => e,
                 e = read_acks(dr, heard_tx, gen) => e,
                 e = heartbeats(hr, hw, gen, interval, timeout, last_reply_hb) => e,
             }
@@ -480,6 +553,7 @@ impl Replicator {
                             return SessionEnd::Lost(Loss::HeartbeatTimeout(silent));
                         }
                         self.shared.record_ack(epoch);
+                        pace.acked(epoch);
                         common::crashpoint::hit("primary.after_ack");
                         if let Some(sent) = self.core.sent_at(epoch) {
                             self.status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
@@ -500,6 +574,7 @@ impl Replicator {
                     Some(Packet::Release(o)) => { let _ = self.apply(Event::Released(o)); }
                     Some(Packet::Sync { first, pages, .. }) => {
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        meter.queued.fetch_add(page_bytes(&pages), std::sync::atomic::Ordering::Relaxed);
                         let _ = ship_tx.send(Ship::Sync { first, pages });
                     }
                     Some(Packet::Epoch(mut e)) => {
@@ -510,6 +585,7 @@ impl Replicator {
                             let _ = self.apply(Event::LastEpoch { epoch: e.epoch });
                         }
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        meter.queued.fetch_add(page_bytes(&e.pages), std::sync::atomic::Ordering::Relaxed);
                         let _ = ship_tx.send(Ship::Epoch(e));
                     }
                 },
@@ -526,8 +602,12 @@ impl Replicator {
                         return SessionEnd::Stopped;
                     }
                     let _ = self.apply(Event::Tick);
+                    for (epoch, bytes) in std::mem::take(&mut *common::sync::lock(&meter.written)) {
+                        pace.written(epoch, bytes);
+                    }
                     if let Some(t) = self.core.oldest_unacked() {
-                        if t.elapsed() > ack_timeout {
+                        let queued_bytes = meter.queued.load(std::sync::atomic::Ordering::Relaxed);
+                        if t.elapsed() > pace.deadline(ack_timeout, queued_bytes, meter.rate()) {
                             return SessionEnd::Lost(Loss::AckTimeout(t.elapsed()));
                         }
                     }
@@ -569,13 +649,24 @@ async fn write_loop(
     mut dw: SessionWriter,
     mut ship: mpsc::UnboundedReceiver<Ship>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    meter: Arc<LinkMeter>,
 ) -> SessionEnd {
     while let Some(s) = ship.recv().await {
+        let t = Instant::now();
         let res = match s {
-            Ship::Sync { first, pages } => dw.send_sync(first, pages).await,
+            Ship::Sync { first, pages } => {
+                let bytes = page_bytes(&pages);
+                let r = dw.send_sync(first, pages).await;
+                meter.sent(bytes, t.elapsed());
+                r
+            }
             Ship::Epoch(e) => {
                 let e = *e;
-                dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await
+                let (epoch, bytes) = (e.epoch, page_bytes(&e.pages));
+                let r = dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await;
+                meter.sent(bytes, t.elapsed());
+                common::sync::lock(&meter.written).push((epoch, bytes));
+                r
             }
             Ship::Handover(epoch) => dw.send(&Message::Handover { epoch }).await,
         };
@@ -653,5 +744,43 @@ async fn heartbeats(
                 Err(e) => return SessionEnd::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+
+    #[test]
+    fn the_ack_deadline_grows_with_the_bytes_ahead_at_the_measured_rate() {
+        let base = Duration::from_millis(400);
+        let mut p = LinkPace::default();
+        assert_eq!(p.deadline(base, 0, 0.0), base, "nothing ahead: the base");
+        // 200 MiB queued at a measured 100 MiB/s: 2 s more
+        let mib = 1048576u64;
+        assert_eq!(p.deadline(base, 200 * mib, 100.0 * mib as f64), base + Duration::from_secs(2));
+        // no rate measured yet: the floor (16 MiB/s)
+        assert_eq!(p.deadline(base, 32 * mib, 0.0), base + Duration::from_secs(2));
+        // written epochs count until acknowledged
+        p.written(5, 50 * mib);
+        p.written(6, 50 * mib);
+        assert_eq!(p.deadline(base, 0, 100.0 * mib as f64), base + Duration::from_secs(1));
+        p.acked(5);
+        assert_eq!(p.deadline(base, 0, 100.0 * mib as f64), base + Duration::from_millis(500));
+        p.acked(9);
+        assert_eq!(p.deadline(base, 0, 100.0 * mib as f64), base);
+        // a stuck link is not waited for forever
+        assert_eq!(p.deadline(base, u64::MAX / 2, 0.0), base + MAX_LINK_WAIT);
+    }
+
+    #[test]
+    fn the_meter_measures_large_sends_only() {
+        let m = LinkMeter::default();
+        m.queued.store(10 << 20, std::sync::atomic::Ordering::Relaxed);
+        m.sent(4096, Duration::from_millis(50));
+        assert_eq!(m.rate(), 0.0, "a small send measures the scheduler, not the link");
+        m.sent(8 << 20, Duration::from_millis(100));
+        assert!((m.rate() - 80.0 * 1048576.0).abs() < 1.0, "{}", m.rate());
+        assert_eq!(m.queued.load(std::sync::atomic::Ordering::Relaxed), (2 << 20) - 4096);
     }
 }
