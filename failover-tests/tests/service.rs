@@ -396,19 +396,33 @@ fn a_second_connection_cannot_take_a_live_connections_responses() {
 /// resync's final epoch commits. Protection comes back, the replica still
 /// matches, and a failover right after runs the guest from it with nothing
 /// lost. (Its longest pause is printed; the bench reports it as a figure.)
+/// Soak: `FULL_GUEST=4G:2G` runs it with a 4 GiB guest of which 2 GiB are
+/// filled (no verification digest, which is O(memory) in every pause, and a
+/// 1 s heartbeat timeout: on 2 cores a multi-GiB sync delays heartbeats).
 #[test]
 fn a_full_guest_syncs_page_exact_resyncs_live_and_fails_over() {
     let _g = serial();
     let c = Cluster::new("full");
-    let o = NodeOpts { verify_digest: true, mem: "256M", ..NodeOpts::default() };
+    let (mem, fill) = std::env::var("FULL_GUEST")
+        .ok()
+        .and_then(|v| v.split_once(':').map(|(m, f)| (m.to_string(), f.to_string())))
+        .unwrap_or_else(|| ("256M".into(), "160M".into()));
+    let soak = mem != "256M";
+    let fill_pages = parse_mib(&fill) * 256;
+    let o = NodeOpts {
+        verify_digest: !soak,
+        mem: Box::leak(mem.clone().into_boxed_str()),
+        heartbeat_timeout_ms: if soak { 1000 } else { NodeOpts::default().heartbeat_timeout_ms },
+        ..NodeOpts::default()
+    };
     let s = c.secondary("s", &o, None);
     let po = NodeOpts {
-        extra: vec!["--fill".into(), "160M".into()],
-        env: vec![("CASTOR_FORCE_TRACKING_LOST_EVERY".into(), "150".into())],
+        extra: vec!["--fill".into(), fill.clone()],
+        env: vec![("CASTOR_FORCE_TRACKING_LOST_EVERY".into(), if soak { "1500" } else { "150" }.into())],
         ..o.clone()
     };
     let mut p = c.primary("p", &po, s.listen.expect("listen"));
-    p.wait_status(Duration::from_secs(90), |v| v["protection"] == "protected")
+    p.wait_status(Duration::from_secs(if soak { 900 } else { 90 }), |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
     let log = std::fs::read_to_string(&p.log).unwrap_or_default();
     let synced: u64 = log
@@ -417,20 +431,20 @@ fn a_full_guest_syncs_page_exact_resyncs_live_and_fails_over() {
         .filter_map(|l| l.split("pages=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
         .next()
         .unwrap_or(0);
-    assert!(synced >= 160 * 256, "the live sync copied {synced} pages, fewer than the 40960 filled");
+    assert!(synced >= fill_pages, "the live sync copied {synced} pages, fewer than the {fill_pages} filled");
     let rt = rt();
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     assert!(load.wait_more(200, T), "clients stalled:\n{}", p.log_tail());
     // the forced tracking loss (epoch 150) and the live resync after it
     let st = p
-        .wait_status(Duration::from_secs(60), |v| {
+        .wait_status(Duration::from_secs(if soak { 900 } else { 60 }), |v| {
             v["live_syncs"].as_u64() >= Some(2)
                 && v["protection"] == "protected"
                 && v["tracking_lost"].as_u64() >= Some(1)
         })
         .unwrap_or_else(|| panic!("no live resync completed:\n{}", p.log_tail()));
     eprintln!(
-        "full guest: initial sync and {} resync(s); last sync {:.2} GiB/s, longest pause during it {:.1} ms (epoch pause p99 {:.0} us)",
+        "full guest ({mem}, {fill} filled): initial sync and {} resync(s); last sync {:.2} GiB/s, longest pause during it {:.1} ms (epoch pause p99 {:.0} us)",
         st["live_syncs"].as_u64().unwrap_or(0) - 1,
         st["last_sync_gib_per_s"].as_f64().unwrap_or(0.0),
         st["sync_max_pause_us"].as_f64().unwrap_or(0.0) / 1e3,
@@ -450,6 +464,17 @@ fn a_full_guest_syncs_page_exact_resyncs_live_and_fails_over() {
     assert!(load.wait_more(50, T), "clients did not carry on");
     let v = load.finish(&rt, s.service);
     assert_eq!((v.lost, v.duplicated), (0, 0), "{v:?}");
+}
+
+/// `160M`, `2G` -> MiB.
+fn parse_mib(v: &str) -> u64 {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().expect("size");
+    if unit.eq_ignore_ascii_case("g") {
+        n << 10
+    } else {
+        n
+    }
 }
 
 /// Guest memory travels encrypted (issue 12): clients write values carrying
