@@ -86,7 +86,7 @@ pub struct EngineShared {
     /// Longest pause of the guest so far, us (epoch boundaries and sync rounds).
     pub pause_us_max: AtomicU64,
     /// Longest pause during the last live sync, us: from the boundary that
-    /// started it (a lost collection) to the epoch that ended it.
+    /// started it (a lost collection) until the epoch that ended it was acked.
     pub sync_max_pause_us: AtomicU64,
     /// Data rate of the last live sync that completed, GiB/s (f64 bits).
     pub last_sync_gib_per_s: AtomicU64,
