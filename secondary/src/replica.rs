@@ -309,11 +309,9 @@ impl Replica {
         if let Some(s) = &self.staging {
             return Err(ReplicaError::StagingInProgress { got: epoch, staging: s.epoch });
         }
-        if full {
-            // a full epoch replaces everything, an open sync included
-            self.sync = None;
-        }
-        let onto_sync = self.sync.is_some();
+        // the epoch after a live sync's pages ends it (a full epoch replaces
+        // everything, an open sync included: dropped once it is accepted)
+        let onto_sync = self.sync.is_some() && !full;
         match &self.committed {
             // a full epoch, or the epoch that ends a live sync, replaces
             // everything: it may skip epoch numbers (the primary ran on
@@ -324,7 +322,7 @@ impl Replica {
             Some(c) if !full && !onto_sync && epoch != c.epoch + 1 => {
                 return Err(ReplicaError::EpochOrder { got: epoch, expected: (c.epoch + 1).to_string() })
             }
-            None if !full && self.synced_pages == 0 => {
+            None if !full && !onto_sync && self.synced_pages == 0 => {
                 return Err(ReplicaError::EpochOrder {
                     got: epoch,
                     expected: "a full sync or a full epoch first".into(),
@@ -334,6 +332,9 @@ impl Replica {
         }
         if self.needs_resync() && !full && !onto_sync {
             return Err(ReplicaError::NeedsResync);
+        }
+        if full {
+            self.sync = None;
         }
         self.staging =
             Some(Staging { epoch, announced, full, onto_sync, pages: Vec::new(), sum: EpochChecksum::default() });

@@ -480,3 +480,25 @@ async fn a_live_resync_stages_until_its_final_epoch_commits() {
     assert_eq!((r.committed_epoch(), r.digest()), (Some(7), img.digest()), "the replica is not the resynced image");
     assert!(!r.needs_resync() && !r.sync_open());
 }
+
+/// The initial live sync of an all-zero guest: SyncBegin and no pages, then
+/// the final epoch, which commits on an empty replica; a refused epoch begin
+/// while a sync is open keeps the sync.
+#[test]
+fn an_empty_live_sync_commits_and_a_refused_begin_keeps_the_sync() {
+    let f = Fixture::new();
+    let mut r = f.replica.lock().expect("lock");
+    r.begin_sync().expect("sync");
+    let sum = common::proto::EpochChecksum::default().value();
+    r.begin_epoch(4, 0, false).expect("the final epoch of an all-zero sync");
+    let end = proto::EpochEnd { epoch: 4, page_count: 0, checksum: sum, digest: None, state: f.state.clone() };
+    assert_eq!(r.end_epoch(end).expect("commit"), 4);
+    assert!(!r.sync_open());
+    // a sync over a committed replica, then a begin with a stale number: refused, the sync stays
+    r.begin_sync().expect("resync");
+    assert!(r.begin_epoch(4, 0, true).is_err(), "a full epoch that does not move forward");
+    assert!(r.sync_open(), "a refused begin dropped the open sync");
+    r.begin_epoch(9, 0, false).expect("the resync's final epoch");
+    let end = proto::EpochEnd { epoch: 9, page_count: 0, checksum: sum, digest: None, state: f.state.clone() };
+    assert_eq!(r.end_epoch(end).expect("commit"), 9);
+}
