@@ -397,6 +397,10 @@ pub struct WorkloadArgs {
     /// whose memory is full (every page distinct).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     fill: u64,
+    /// dirty: write a console line after every page write (a guest that
+    /// floods its console; what the VMM drops is counted in status).
+    #[arg(long)]
+    console_flood: bool,
 }
 
 impl WorkloadArgs {
@@ -409,7 +413,10 @@ impl WorkloadArgs {
                     PatternArg::Random => Pattern::Random,
                     PatternArg::Hotcold => Pattern::HotCold,
                 };
-                WorkloadConfig::dirty(self.ws_pages, pattern, self.rate)
+                WorkloadConfig {
+                    console_flood: self.console_flood,
+                    ..WorkloadConfig::dirty(self.ws_pages, pattern, self.rate)
+                }
             }
             GuestArg::Kv => WorkloadConfig::kv(),
             GuestArg::Idle => WorkloadConfig::idle(),

@@ -31,6 +31,8 @@ pub struct NodeOpts {
     pub witness: Option<String>,
     /// Give each node `--state-dir <dir>/<name>.state`.
     pub state_dir: bool,
+    /// The primary's guest (`--guest`): kv unless a test needs another.
+    pub guest: &'static str,
 }
 
 impl Default for NodeOpts {
@@ -47,6 +49,7 @@ impl Default for NodeOpts {
             env: Vec::new(),
             witness: None,
             state_dir: false,
+            guest: "kv",
         }
     }
 }
@@ -154,7 +157,7 @@ impl Cluster {
         let mut args: Vec<String> = vec![
             "primary".into(),
             "--guest".into(),
-            "kv".into(),
+            o.guest.into(),
             "--mem".into(),
             o.mem.into(),
             "--vcpus".into(),

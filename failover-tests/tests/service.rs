@@ -477,6 +477,59 @@ fn parse_mib(v: &str) -> u64 {
     }
 }
 
+/// A guest that floods its console (a line after every page write, as fast
+/// as it can) while the link to its secondary is throttled to 2 MiB/s for 3 s,
+/// so epochs stretch while it waits for acks (issue 13): the session survives
+/// (no hold, no new sync), the console lines the VMM could not keep are
+/// counted in status (`console_dropped`), never a crash, and protection and
+/// acks go on afterwards.
+#[test]
+fn a_guest_flooding_its_console_keeps_its_session() {
+    let _g = serial();
+    let c = Cluster::new("flood");
+    let o = NodeOpts::default();
+    let s = c.secondary("s", &o, None);
+    let rt = rt();
+    let link = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let po = NodeOpts {
+        guest: "dirty",
+        extra: vec!["--console-flood".into(), "--rate".into(), "0".into(), "--ws-pages".into(), "256".into()],
+        ..o.clone()
+    };
+    let p = c.primary("p", &po, link.addr);
+    p.wait_status(T, |v| v["protection"] == "protected")
+        .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
+    std::thread::sleep(Duration::from_secs(1));
+    let before = p.status().expect("status");
+    link.set(Fault::Throttle(2 << 20));
+    std::thread::sleep(Duration::from_secs(3));
+    link.set(Fault::Pass);
+    let after = p
+        .wait_status(T, |v| {
+            v["protection"] == "protected" && v["acked_epoch"].as_u64() > before["acked_epoch"].as_u64()
+        })
+        .unwrap_or_else(|| panic!("not protected with new acks after the flood:\n{}", p.log_tail()));
+    std::thread::sleep(Duration::from_secs(1));
+    let end = p.status().expect("status");
+    let (lines, dropped) =
+        (end["released_outputs"].as_u64().unwrap_or(0), end["console_dropped"].as_u64().unwrap_or(0));
+    eprintln!(
+        "console flood: {lines} outputs released, {dropped} console lines dropped (counted), syncs {} -> {}, acked epoch {} -> {}",
+        before["syncs"], end["syncs"], before["acked_epoch"], end["acked_epoch"]
+    );
+    assert_eq!(
+        before["syncs"],
+        end["syncs"],
+        "the session was lost and synced again:\n{}\n{}",
+        p.log_tail(),
+        s.log_tail()
+    );
+    assert!(end["acked_epoch"].as_u64() > after["acked_epoch"].as_u64(), "acks stopped after the flood");
+    assert!(lines > 10_000, "the guest did not flood its console ({lines} outputs)");
+    assert!(dropped > 0, "no console line was dropped: the flood never filled the backlog");
+    assert_eq!(s.status().expect("secondary")["protection"], "replicating");
+}
+
 /// Guest memory travels encrypted (issue 12): clients write values carrying
 /// a marker, a recording proxy between the nodes keeps every byte the
 /// primary sends, and the marker is not in it; the same marker is found in

@@ -109,20 +109,28 @@ enum Ship {
     Handover(u64),
 }
 
-/// The ack deadline follows the link: the oldest unacknowledged epoch must
-/// be acknowledged within a base (4 x the peer timeout) plus the time the
-/// link needs, at its measured rate, for every byte ahead of that ack (queued
-/// for the writer, or written and not yet acknowledged). A fixed deadline
-/// counted from when an epoch is queued failed large epochs, and epochs
-/// queued behind a large live sync, on a link that was merely busy.
+/// The ack deadline follows the bytes ahead: the oldest unacknowledged
+/// epoch must be acknowledged within a base (4 x the peer timeout) plus the
+/// time for every byte ahead of that ack (queued for the writer, or written
+/// and not yet acknowledged) at [`DEADLINE_LINK_RATE`]. A fixed deadline
+/// counted from when an epoch is queued failed large epochs, epochs behind a
+/// large live sync, and a flooding guest's epochs on a link that was merely
+/// slow. The rate the acks measure (ack-clocked, [`LinkPace::rate`]) is not
+/// used to shorten it: a link can slow down at once (the console-flood test
+/// throttles it to 2 MiB/s), and a dead secondary is found by the heartbeats,
+/// not by this deadline.
 #[derive(Debug, Default)]
 pub(crate) struct LinkPace {
     /// Written epochs not yet acknowledged: (epoch, bytes).
     unacked: std::collections::VecDeque<(u64, u64)>,
+    /// Ack-clocked rate, bytes/s (EWMA over windows of 256 KiB or more).
+    rate: f64,
+    window: u64,
+    window_start: Option<Instant>,
 }
 
-/// Rate assumed before one is measured (and the least one used), bytes/s.
-const MIN_LINK_RATE: f64 = 16.0 * 1048576.0;
+/// The rate the deadline assumes for the bytes ahead, bytes/s.
+const DEADLINE_LINK_RATE: f64 = 1048576.0;
 /// At most this much is added to the base deadline.
 const MAX_LINK_WAIT: Duration = Duration::from_secs(60);
 
@@ -131,52 +139,62 @@ impl LinkPace {
         self.unacked.push_back((epoch, bytes));
     }
 
-    pub(crate) fn acked(&mut self, epoch: u64) {
-        while self.unacked.front().is_some_and(|&(e, _)| e <= epoch) {
+    pub(crate) fn acked(&mut self, epoch: u64, now: Instant) {
+        while let Some(&(e, b)) = self.unacked.front() {
+            if e > epoch {
+                break;
+            }
+            self.window += b;
             self.unacked.pop_front();
+        }
+        let start = *self.window_start.get_or_insert(now);
+        if self.window >= 256 << 10 && now > start {
+            let sample = self.window as f64 / (now - start).as_secs_f64();
+            self.rate = if self.rate > 0.0 { 0.8 * self.rate + 0.2 * sample } else { sample };
+            self.window = 0;
+            self.window_start = Some(now);
         }
     }
 
+    /// What the acks say the link carries, bytes/s (0 until measured).
+    pub(crate) fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// The deadline for the oldest unacknowledged epoch, with `queued` bytes
-    /// still waiting for the writer and the link measured at `rate` bytes/s.
-    pub(crate) fn deadline(&self, base: Duration, queued: u64, rate: f64) -> Duration {
+    /// still waiting for the writer.
+    pub(crate) fn deadline(&self, base: Duration, queued: u64) -> Duration {
         let ahead = queued + self.unacked.iter().map(|&(_, b)| b).sum::<u64>();
-        base + Duration::from_secs_f64(ahead as f64 / rate.max(MIN_LINK_RATE)).min(MAX_LINK_WAIT)
+        base + Duration::from_secs_f64(ahead as f64 / DEADLINE_LINK_RATE).min(MAX_LINK_WAIT)
     }
 }
 
-/// What the writer measured: bytes queued and not yet written, and the
-/// link's rate over large sends (EWMA, bytes/s; 0 until measured).
+/// What the writer saw: bytes queued and not yet written, and the epochs it
+/// wrote (for the session loop's [`LinkPace`]).
 #[derive(Debug, Default)]
 struct LinkMeter {
     queued: std::sync::atomic::AtomicU64,
-    rate: std::sync::atomic::AtomicU64,
-    /// Epochs written: (epoch, bytes), for the session loop's [`LinkPace`].
     written: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 impl LinkMeter {
-    fn sent(&self, bytes: u64, took: Duration) {
-        self.queued.fetch_sub(
-            bytes.min(self.queued.load(std::sync::atomic::Ordering::Relaxed)),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        // only sends large enough to measure the link, not the scheduler
-        if bytes >= 1 << 20 && took > Duration::ZERO {
-            let now = bytes as f64 / took.as_secs_f64();
-            let old = f64::from_bits(self.rate.load(std::sync::atomic::Ordering::Relaxed));
-            let next = if old > 0.0 { 0.8 * old + 0.2 * now } else { now };
-            self.rate.store(next.to_bits(), std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    fn rate(&self) -> f64 {
-        f64::from_bits(self.rate.load(std::sync::atomic::Ordering::Relaxed))
+    fn sent(&self, bytes: u64) {
+        let q = &self.queued;
+        let _ = q.fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(bytes))
+        });
     }
 }
 
 fn page_bytes(pages: &[common::proto::Page]) -> u64 {
     pages.iter().filter(|p| p.data.is_some()).count() as u64 * 4096
+}
+
+/// What an epoch puts on the link, estimated before it is encoded: its
+/// pages, and its state, whose size is mostly the undrained output (a
+/// flooding guest's console lines).
+fn epoch_bytes(e: &EpochPacket) -> u64 {
+    page_bytes(&e.pages) + e.state.devices.outbox.len() as u64 * 64 + (16 << 10)
 }
 
 /// How long a switchover started by SIGTERM may take before the primary
@@ -510,6 +528,7 @@ impl Replicator {
         let meter = Arc::new(LinkMeter::default());
         let meter_w = meter.clone();
         let mut pace = LinkPace::default();
+        let mut sync_begun = false;
         // when the last heartbeat the secondary answered was sent: an ack
         // is applied only while that is recent (the secondary cannot have
         // taken over yet: it heard us then, and waits a timeout). A primary that was frozen past the
@@ -553,7 +572,9 @@ impl Replicator {
                             return SessionEnd::Lost(Loss::HeartbeatTimeout(silent));
                         }
                         self.shared.record_ack(epoch);
-                        pace.acked(epoch);
+                        pace.acked(epoch, Instant::now());
+                        let mib_s = pace.rate() / 1048576.0;
+                        self.status.update(|s| s.link_mib_s = mib_s);
                         common::crashpoint::hit("primary.after_ack");
                         if let Some(sent) = self.core.sent_at(epoch) {
                             self.status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
@@ -572,7 +593,12 @@ impl Replicator {
                     None => return SessionEnd::Stopped,
                     Some(Packet::Failed(e)) => return SessionEnd::GuestFailed(e),
                     Some(Packet::Release(o)) => { let _ = self.apply(Event::Released(o)); }
+                    // a sync begun in an earlier session: its pages would
+                    // arrive here without their SyncBegin (the engine starts
+                    // the sync again for this session)
+                    Some(Packet::Sync { first: false, .. }) if !sync_begun => {}
                     Some(Packet::Sync { first, pages, .. }) => {
+                        sync_begun |= first;
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         meter.queued.fetch_add(page_bytes(&pages), std::sync::atomic::Ordering::Relaxed);
                         let _ = ship_tx.send(Ship::Sync { first, pages });
@@ -585,7 +611,7 @@ impl Replicator {
                             let _ = self.apply(Event::LastEpoch { epoch: e.epoch });
                         }
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        meter.queued.fetch_add(page_bytes(&e.pages), std::sync::atomic::Ordering::Relaxed);
+                        meter.queued.fetch_add(epoch_bytes(&e), std::sync::atomic::Ordering::Relaxed);
                         let _ = ship_tx.send(Ship::Epoch(e));
                     }
                 },
@@ -607,7 +633,7 @@ impl Replicator {
                     }
                     if let Some(t) = self.core.oldest_unacked() {
                         let queued_bytes = meter.queued.load(std::sync::atomic::Ordering::Relaxed);
-                        if t.elapsed() > pace.deadline(ack_timeout, queued_bytes, meter.rate()) {
+                        if t.elapsed() > pace.deadline(ack_timeout, queued_bytes) {
                             return SessionEnd::Lost(Loss::AckTimeout(t.elapsed()));
                         }
                     }
@@ -652,19 +678,18 @@ async fn write_loop(
     meter: Arc<LinkMeter>,
 ) -> SessionEnd {
     while let Some(s) = ship.recv().await {
-        let t = Instant::now();
         let res = match s {
             Ship::Sync { first, pages } => {
                 let bytes = page_bytes(&pages);
                 let r = dw.send_sync(first, pages).await;
-                meter.sent(bytes, t.elapsed());
+                meter.sent(bytes);
                 r
             }
             Ship::Epoch(e) => {
                 let e = *e;
-                let (epoch, bytes) = (e.epoch, page_bytes(&e.pages));
+                let (epoch, bytes) = (e.epoch, epoch_bytes(&e));
                 let r = dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await;
-                meter.sent(bytes, t.elapsed());
+                meter.sent(bytes);
                 common::sync::lock(&meter.written).push((epoch, bytes));
                 r
             }
@@ -752,35 +777,37 @@ mod pace_tests {
     use super::*;
 
     #[test]
-    fn the_ack_deadline_grows_with_the_bytes_ahead_at_the_measured_rate() {
+    fn the_ack_deadline_grows_with_the_bytes_ahead() {
         let base = Duration::from_millis(400);
-        let mut p = LinkPace::default();
-        assert_eq!(p.deadline(base, 0, 0.0), base, "nothing ahead: the base");
-        // 200 MiB queued at a measured 100 MiB/s: 2 s more
         let mib = 1048576u64;
-        assert_eq!(p.deadline(base, 200 * mib, 100.0 * mib as f64), base + Duration::from_secs(2));
-        // no rate measured yet: the floor (16 MiB/s)
-        assert_eq!(p.deadline(base, 32 * mib, 0.0), base + Duration::from_secs(2));
+        let mut p = LinkPace::default();
+        assert_eq!(p.deadline(base, 0), base, "nothing ahead: the base");
+        assert_eq!(p.deadline(base, 3 * mib), base + Duration::from_secs(3), "queued bytes at 1 MiB/s");
         // written epochs count until acknowledged
-        p.written(5, 50 * mib);
-        p.written(6, 50 * mib);
-        assert_eq!(p.deadline(base, 0, 100.0 * mib as f64), base + Duration::from_secs(1));
-        p.acked(5);
-        assert_eq!(p.deadline(base, 0, 100.0 * mib as f64), base + Duration::from_millis(500));
-        p.acked(9);
-        assert_eq!(p.deadline(base, 0, 100.0 * mib as f64), base);
+        p.written(5, 2 * mib);
+        p.written(6, mib);
+        assert_eq!(p.deadline(base, 0), base + Duration::from_secs(3));
+        let t0 = Instant::now();
+        p.acked(5, t0);
+        assert_eq!(p.deadline(base, 0), base + Duration::from_secs(1));
+        p.acked(9, t0 + Duration::from_millis(500));
+        assert_eq!(p.deadline(base, 0), base);
         // a stuck link is not waited for forever
-        assert_eq!(p.deadline(base, u64::MAX / 2, 0.0), base + MAX_LINK_WAIT);
+        assert_eq!(p.deadline(base, u64::MAX / 2), base + MAX_LINK_WAIT);
     }
 
     #[test]
-    fn the_meter_measures_large_sends_only() {
+    fn acks_measure_the_link_rate() {
+        let mib = 1048576u64;
+        let mut p = LinkPace::default();
+        let t0 = Instant::now();
+        p.acked(0, t0); // opens the window
+        p.written(1, 4 * mib);
+        p.acked(1, t0 + Duration::from_secs(2));
+        assert!((p.rate() - 2.0 * mib as f64).abs() < 1.0, "{}", p.rate());
         let m = LinkMeter::default();
-        m.queued.store(10 << 20, std::sync::atomic::Ordering::Relaxed);
-        m.sent(4096, Duration::from_millis(50));
-        assert_eq!(m.rate(), 0.0, "a small send measures the scheduler, not the link");
-        m.sent(8 << 20, Duration::from_millis(100));
-        assert!((m.rate() - 80.0 * 1048576.0).abs() < 1.0, "{}", m.rate());
-        assert_eq!(m.queued.load(std::sync::atomic::Ordering::Relaxed), (2 << 20) - 4096);
+        m.queued.store(10, std::sync::atomic::Ordering::Relaxed);
+        m.sent(25);
+        assert_eq!(m.queued.load(std::sync::atomic::Ordering::Relaxed), 0, "never below zero");
     }
 }

@@ -184,6 +184,8 @@ pub struct StatusSnapshot {
     pub last_sync_gib_per_s: f64,
     /// Primary: live syncs completed (the initial one and every resync).
     pub live_syncs: u64,
+    /// Primary: what the acks say the link carries, MiB/s (0 until measured).
+    pub link_mib_s: f64,
     /// Secondary: applies of a verified epoch that failed halfway (an error
     /// or a panic); each made the replica unusable until a full resync.
     pub apply_failures: u64,

@@ -40,6 +40,8 @@ pub enum ReceiverError {
     StateDir(#[from] runtime::state_dir::StateDirError),
     #[error("handover after epoch {asked} refused: {why}")]
     Handover { asked: u64, why: String },
+    #[error("a newer session from the primary took over this one")]
+    Superseded,
 }
 
 /// How long a peer has to authenticate.
@@ -72,6 +74,7 @@ impl ReceiverError {
             ReceiverError::HandshakeTimeout(_) => "handshake-timeout",
             ReceiverError::StateDir(_) => "state-dir",
             ReceiverError::Handover { .. } => "handover-refused",
+            ReceiverError::Superseded => "superseded",
         }
     }
 }
@@ -140,7 +143,7 @@ impl ReceiverConfig {
 /// Serves one replication connection until it ends. The replica is left at
 /// its committed epoch whatever happens. Nothing of the replica is touched
 /// before the peer authenticated (within [`HANDSHAKE_TIMEOUT`]), and only
-/// the session that began staging an epoch can drop it: a stranger's
+/// the newest authenticated data session owns staging and can drop it: a stranger's
 /// connection that ends changes nothing.
 pub async fn serve_connection(
     stream: TcpStream,
@@ -148,30 +151,18 @@ pub async fn serve_connection(
     replica: &Arc<Mutex<Replica>>,
     mut on_event: impl FnMut(ReceiverEvent),
 ) -> Result<SessionEnd, ReceiverError> {
-    let mut began = Began::default();
-    let result = serve_inner(stream, cfg, replica, &mut on_event, &mut began).await;
-    let mut r = common::sync::lock(replica);
-    if began.epoch.is_some() && r.staging_epoch() == began.epoch {
-        if let Some(e) = r.abort_staging() {
+    let mut session = None;
+    let result = serve_inner(stream, cfg, replica, &mut on_event, &mut session).await;
+    if let Some(id) = session {
+        let (epoch, sync) = common::sync::lock(replica).end_data_session(id);
+        if let Some(e) = epoch {
             tracing::warn!(epoch = e, "dropped a partly received epoch; replica stays at its committed epoch");
         }
-    }
-    if let Some(id) = began.sync {
-        if r.abort_sync(id) {
+        if sync {
             tracing::warn!("dropped an unfinished live sync; the replica stays at its committed epoch");
         }
     }
-    drop(r);
     result
-}
-
-/// What this session began in the replica (only it may drop them).
-#[derive(Debug, Default)]
-struct Began {
-    /// The epoch it began staging.
-    epoch: Option<u64>,
-    /// The live sync it opened.
-    sync: Option<u64>,
 }
 
 async fn serve_inner(
@@ -179,7 +170,7 @@ async fn serve_inner(
     cfg: &ReceiverConfig,
     replica: &Arc<Mutex<Replica>>,
     on_event: &mut impl FnMut(ReceiverEvent),
-    began: &mut Began,
+    session: &mut Option<u64>,
 ) -> Result<SessionEnd, ReceiverError> {
     let _ = stream.set_nodelay(true);
     let mut stream = stream;
@@ -274,6 +265,10 @@ async fn serve_inner(
         }
     }
 
+    // this data session owns staging from now on (a newer one takes it
+    // over, and this one ends at its next frame)
+    let mine = common::sync::lock(replica).open_data_session();
+    *session = Some(mine);
     let mut state = StateAssembler::default();
     loop {
         let Some(frame) = rx.next().await else {
@@ -288,15 +283,17 @@ async fn serve_inner(
             return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours: cfg.generation() });
         }
         let msg = Message::decode(frame.kind, frame.payload)?;
+        if common::sync::lock(replica).data_session() != mine {
+            return Err(ReceiverError::Superseded);
+        }
         match msg {
             Message::SyncBegin => {
-                began.sync = Some(common::sync::lock(replica).begin_sync()?);
+                common::sync::lock(replica).begin_sync()?;
                 tracing::info!("live sync begun: pages go to a staging area until its final epoch commits");
             }
             Message::FullSyncChunk(c) => common::sync::lock(replica).full_sync_chunk(&c)?,
             Message::EpochBegin { epoch, page_count, full } => {
                 common::sync::lock(replica).begin_epoch(epoch, page_count, full)?;
-                began.epoch = Some(epoch);
                 state.reset();
                 common::crashpoint::hit("secondary.after_begin");
             }

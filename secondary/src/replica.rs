@@ -87,7 +87,6 @@ struct Staging {
 /// nothing to keep, and the replica's own memory (cleared) is the stage.
 #[derive(Debug)]
 struct SyncStage {
-    id: u64,
     mem: Arc<GuestMem>,
     pages: u64,
 }
@@ -108,7 +107,8 @@ pub struct Replica {
     /// neither the committed epoch nor this one.
     torn: Option<u64>,
     sync: Option<SyncStage>,
-    syncs_begun: u64,
+    /// The authenticated data session that owns staging (the newest).
+    data_session: u64,
 }
 
 fn shape_str(s: &VmShape) -> String {
@@ -136,7 +136,7 @@ impl Replica {
             retired: false,
             torn: None,
             sync: None,
-            syncs_begun: 0,
+            data_session: 0,
         })
     }
 
@@ -248,13 +248,12 @@ impl Replica {
     }
 
     /// A live sync starts: its pages go to a fresh staging area (see
-    /// [`SyncStage`]). Returns the sync's id (for [`Replica::abort_sync`]).
-    pub fn begin_sync(&mut self) -> Result<u64, ReplicaError> {
+    /// [`SyncStage`]); a sync already open is replaced.
+    pub fn begin_sync(&mut self) -> Result<(), ReplicaError> {
         self.check_live()?;
         if let Some(s) = &self.staging {
             return Err(ReplicaError::StagingInProgress { got: 0, staging: s.epoch });
         }
-        self.syncs_begun += 1;
         let mem = if self.committed.is_none() {
             self.mem.discard_all()?;
             self.synced_pages = 0;
@@ -262,17 +261,40 @@ impl Replica {
         } else {
             Arc::new(GuestMem::new(self.shape.mem_bytes)?)
         };
-        self.sync = Some(SyncStage { id: self.syncs_begun, mem, pages: 0 });
-        Ok(self.syncs_begun)
+        self.sync = Some(SyncStage { mem, pages: 0 });
+        Ok(())
     }
 
-    /// Drops the live sync `id` if it is still open (its session ended).
-    pub fn abort_sync(&mut self, id: u64) -> bool {
-        if self.sync.as_ref().is_some_and(|s| s.id == id) {
-            self.sync = None;
-            return true;
+    /// A new authenticated data session from the primary: it owns staging
+    /// from now on, and whatever an older session left staged (its
+    /// connection not yet seen to end) is dropped. Returns its id. (Strangers
+    /// never get here: only an authenticated peer opens a data session.)
+    pub fn open_data_session(&mut self) -> u64 {
+        self.data_session += 1;
+        if let Some(e) = self.abort_staging() {
+            tracing::warn!(
+                epoch = e,
+                "a newer session from the primary supersedes an older one: its staged epoch is dropped"
+            );
         }
-        false
+        if self.sync.take().is_some() {
+            tracing::warn!("a newer session from the primary supersedes an older one: its live sync is dropped");
+        }
+        self.data_session
+    }
+
+    /// The data session that owns staging.
+    pub fn data_session(&self) -> u64 {
+        self.data_session
+    }
+
+    /// Drops whatever is staged (an epoch, a live sync) if `session` still
+    /// owns staging; returns what was dropped (epoch, sync).
+    pub fn end_data_session(&mut self, session: u64) -> (Option<u64>, bool) {
+        if self.data_session != session {
+            return (None, false);
+        }
+        (self.abort_staging(), self.sync.take().is_some())
     }
 
     /// Whether a live sync is open (its final epoch not yet committed).

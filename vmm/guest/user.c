@@ -28,8 +28,11 @@ struct boot_info {
     /* kv */
     u64 kv_slots;         /* power of two */
     u64 kv_clients;       /* power of two */
+    /* dirty: 1 = write a console line after every page write (a guest that
+     * floods its console, for tests) */
+    u64 console_flood;
 };
-_Static_assert(sizeof(struct boot_info) == 136, "boot_info layout");
+_Static_assert(sizeof(struct boot_info) == 144, "boot_info layout");
 
 struct kv_req { u32 client; u32 seq; u32 op; u32 pad; u64 key; u64 value; };
 struct kv_resp { u32 client; u32 seq; u32 status; u32 pad; u64 value; u64 ops; };
@@ -142,6 +145,11 @@ static void dirty_main(u32 cpu, const struct boot_info *bi) {
         writes++;
         pc[PC_STAMP / 8] = stamp;
         pc[PC_WRITES / 8] = writes;
+        if (bi->console_flood) {
+            put_str(&con, "flood cpu"); put_u64(&con, cpu);
+            put_str(&con, " write "); put_u64(&con, writes);
+            con_flush(&con);
+        }
         if (bi->report_ms) {
             u64 now = rdtsc();
             if (now - last_report >= bi->report_ms * tsc_per_ms) {

@@ -100,13 +100,15 @@ pub struct BootInfo {
     pub max_writes: u64,
     pub kv_slots: u64,
     pub kv_clients: u64,
+    /// dirty: 1 = a console line after every page write.
+    pub console_flood: u64,
 }
-const _: () = assert!(std::mem::size_of::<BootInfo>() == 136);
+const _: () = assert!(std::mem::size_of::<BootInfo>() == 144);
 
 impl BootInfo {
     /// The little-endian bytes the guest reads.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(136);
+        let mut v = Vec::with_capacity(144);
         v.extend_from_slice(&self.magic.to_le_bytes());
         v.extend_from_slice(&self.ncpus.to_le_bytes());
         v.extend_from_slice(&self.workload.to_le_bytes());
@@ -124,7 +126,9 @@ impl BootInfo {
         }
         v.extend_from_slice(&self.pattern.to_le_bytes());
         v.extend_from_slice(&self.hot_percent.to_le_bytes());
-        for x in [self.rate, self.seed, self.report_ms, self.max_writes, self.kv_slots, self.kv_clients] {
+        for x in
+            [self.rate, self.seed, self.report_ms, self.max_writes, self.kv_slots, self.kv_clients, self.console_flood]
+        {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v
@@ -239,10 +243,11 @@ mod tests {
 
     #[test]
     fn boot_info_bytes_match_layout() {
-        let b = BootInfo { magic: BOOT_MAGIC, timer_count: 7, kv_clients: 9, ..Default::default() };
+        let b = BootInfo { magic: BOOT_MAGIC, timer_count: 7, kv_clients: 9, console_flood: 1, ..Default::default() };
         let v = b.to_bytes();
-        assert_eq!(v.len(), 136);
+        assert_eq!(v.len(), 144);
         assert_eq!(&v[24..32], &7u64.to_le_bytes());
         assert_eq!(&v[128..136], &9u64.to_le_bytes());
+        assert_eq!(&v[136..144], &1u64.to_le_bytes());
     }
 }

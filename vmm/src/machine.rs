@@ -75,6 +75,9 @@ pub struct WorkloadConfig {
     pub kv_slots: u64,
     /// kv: client dedup slots (power of two).
     pub kv_clients: u64,
+    /// dirty: a console line after every page write (a guest flooding its
+    /// console; the VMM bounds and counts what it keeps).
+    pub console_flood: bool,
 }
 
 impl WorkloadConfig {
@@ -100,6 +103,7 @@ impl WorkloadConfig {
             max_writes: 0,
             kv_slots: 1 << 16,
             kv_clients: 1 << 12,
+            console_flood: false,
         }
     }
 }
@@ -303,6 +307,7 @@ impl Machine {
             max_writes: w.max_writes,
             kv_slots: w.kv_slots,
             kv_clients: w.kv_clients,
+            console_flood: u64::from(w.console_flood),
         })
     }
 
