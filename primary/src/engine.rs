@@ -53,6 +53,40 @@ const SYNC_ATTEMPTS: u32 = 3;
 /// Pages per batch of a live sync's first round (16 MiB of data at most).
 const SYNC_BATCH_PAGES: usize = 4096;
 
+/// Progress lines, one a second, of a scan over all guest memory (a full
+/// copy in a pause, or a live sync's first round).
+struct ScanProgress {
+    total: u64,
+    what: &'static str,
+    start: Instant,
+    last: Instant,
+}
+
+impl ScanProgress {
+    fn new(total_pages: u64, what: &'static str) -> Self {
+        let now = Instant::now();
+        ScanProgress { total: total_pages, what, start: now, last: now }
+    }
+
+    /// `done` pages scanned so far, `data` bytes of them kept.
+    fn tick(&mut self, done: u64, data: u64) {
+        if self.last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last = Instant::now();
+        let rate = done as f64 * PAGE_SIZE as f64 / self.start.elapsed().as_secs_f64();
+        tracing::info!(
+            scanned_mib = (done * PAGE_SIZE) >> 20,
+            total_mib = (self.total * PAGE_SIZE) >> 20,
+            data_mib = data >> 20,
+            scan_gib_s = rate / f64::from(1u32 << 30),
+            remaining_s = (self.total.saturating_sub(done) as f64 * PAGE_SIZE as f64 / rate) as u64,
+            "{}",
+            self.what
+        );
+    }
+}
+
 /// How one live sync attempt ended.
 enum SyncEnd {
     /// Every round sent: the next boundary ends the sync.
@@ -289,27 +323,14 @@ impl Engine {
     /// Every non-zero page of guest memory, with progress lines for long scans.
     fn all_nonzero_pages(&self) -> Vec<Page> {
         let mem = self.machine.memory().clone();
-        let total = mem.size() / PAGE_SIZE;
+        let mut progress = ScanProgress::new(mem.size() / PAGE_SIZE, "full copy in progress");
         let mut buf = vec![0u8; PAGE_SIZE as usize];
-        let (start, mut last) = (Instant::now(), Instant::now());
         let mut out = Vec::new();
         for (i, g) in mem.all_gfns().enumerate() {
             if mem.read_page(g, &mut buf).is_ok() && buf.iter().any(|&b| b != 0) {
                 out.push(page_from(g, &buf));
             }
-            if last.elapsed() >= Duration::from_secs(1) {
-                last = Instant::now();
-                let done = i as u64 + 1;
-                let rate = done as f64 * PAGE_SIZE as f64 / start.elapsed().as_secs_f64();
-                tracing::info!(
-                    scanned_mib = (done * PAGE_SIZE) >> 20,
-                    total_mib = (total * PAGE_SIZE) >> 20,
-                    data_mib = (out.len() as u64 * PAGE_SIZE) >> 20,
-                    rate_mib_s = (rate / 1048576.0) as u64,
-                    remaining_s = ((total - done) as f64 * PAGE_SIZE as f64 / rate) as u64,
-                    "full copy in progress"
-                );
-            }
+            progress.tick(i as u64 + 1, out.len() as u64 * PAGE_SIZE);
         }
         out
     }
@@ -598,10 +619,10 @@ impl Engine {
                             // batch while the next is read
         let mem = self.machine.memory().clone();
         let total = mem.size() / PAGE_SIZE;
+        let mut progress = ScanProgress::new(total, "live sync: round 0 in progress");
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         let mut batch = Vec::with_capacity(SYNC_BATCH_PAGES);
         let (mut sent, mut bytes, mut first) = (0u64, 0u64, true);
-        let mut last = Instant::now();
         for (i, g) in mem.all_gfns().enumerate() {
             if mem.read_page(g, &mut buf).is_ok() && buf.iter().any(|&b| b != 0) {
                 batch.push(page_from(g, &buf));
@@ -620,19 +641,7 @@ impl Engine {
                     return Ok(SyncEnd::Abandoned);
                 }
             }
-            if last.elapsed() >= Duration::from_secs(1) {
-                last = Instant::now();
-                let done = i as u64 + 1;
-                let rate = done as f64 * PAGE_SIZE as f64 / t.elapsed().as_secs_f64();
-                tracing::info!(
-                    attempt,
-                    scanned_mib = (done * PAGE_SIZE) >> 20,
-                    total_mib = (total * PAGE_SIZE) >> 20,
-                    sent_mib = bytes >> 20,
-                    scan_gib_s = rate / f64::from(1u32 << 30),
-                    "live sync: round 0 in progress"
-                );
-            }
+            progress.tick(i as u64 + 1, bytes);
         }
         if first {
             // an all-zero guest: still open the staging area
