@@ -658,7 +658,7 @@ impl Replicator {
     }
 
     fn record_epoch(&self, e: &EpochPacket) {
-        let bytes = e.pages.iter().filter(|p| p.data.is_some()).count() as u64 * 4096;
+        let bytes = page_bytes(&e.pages);
         self.status.update(|s| {
             s.epoch = e.epoch;
             s.last_epoch = e.phases;
