@@ -90,6 +90,8 @@ pub(crate) struct DirtyTracker {
     short_resets_injected: u64,
     /// Times every slot was re-protected after a loss.
     reprotects: u64,
+    /// Pre-copy rounds done (tracking re-armed while the guest ran).
+    precopy_rounds: u64,
 }
 
 impl DirtyTracker {
@@ -115,6 +117,7 @@ impl DirtyTracker {
             short_reset_armed: false,
             short_resets_injected: 0,
             reprotects: 0,
+            precopy_rounds: 0,
         }
     }
 
@@ -169,7 +172,7 @@ impl DirtyTracker {
         if !ok {
             common::sync::lock(&ctx.reset_lock).suspect = false;
             for v in vcpus {
-                if let Some(rs) = v.core().ring.as_mut() {
+                if let Some(rs) = v.ring().as_mut() {
                     rs.ring.mark_desynchronised();
                 }
             }
@@ -211,11 +214,11 @@ impl DirtyTracker {
             TrackerKind::Ring { entries: ring_size } => {
                 let mut ledger = common::sync::lock(&ctx.reset_lock);
                 let mut entries = Vec::new();
-                let mut cores: Vec<_> = vcpus.iter().map(|v| v.core()).collect();
+                let mut cores: Vec<_> = vcpus.iter().map(|v| v.ring()).collect();
                 let mut harvested = Vec::with_capacity(cores.len());
                 ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
                 for core in cores.iter_mut() {
-                    let rs = core.ring.as_mut().expect("ring tracker has rings");
+                    let rs = core.as_mut().expect("ring tracker has rings");
                     entries.append(&mut rs.pending);
                     lost |= std::mem::take(&mut rs.lost);
                     let h = rs.ring.harvest(&mut entries, rs.verify);
@@ -268,7 +271,7 @@ impl DirtyTracker {
                         ledger.suspect = false;
                         lost = true;
                         for core in cores.iter_mut() {
-                            core.ring.as_mut().expect("ring").ring.mark_desynchronised();
+                            core.as_mut().expect("ring").ring.mark_desynchronised();
                         }
                     }
                     if lost {
@@ -327,6 +330,102 @@ impl DirtyTracker {
         Ok(d)
     }
 
+    /// While the guest runs: harvests every ring into its pending list
+    /// (entries marked RESET, not yet recycled) and returns the entries
+    /// pending since the last collection or pre-copy round. Cheap (a read of
+    /// the new entries), re-arms nothing: hot pages kept writable by
+    /// retention stay writable. 0 with the bitmap tracker, or while tracking
+    /// is not whole.
+    pub fn skim(&mut self, vcpus: &[Arc<Vcpu>], ctx: &VcpuContext) -> u64 {
+        if !matches!(self.kind, TrackerKind::Ring { .. }) || self.trust != Trust::Whole || self.lost_pending {
+            return 0;
+        }
+        let mut ledger = common::sync::lock(&ctx.reset_lock);
+        let mut pending = 0u64;
+        for v in vcpus {
+            let mut g = v.ring();
+            let Some(rs) = g.as_mut() else { continue };
+            v.note_foreign_harvest();
+            // no verification scan: the running vCPU adds entries meanwhile
+            let h = rs.ring.harvest(&mut rs.pending, false);
+            if h.overflow {
+                rs.lost = true;
+            }
+            ledger.unreset += u64::from(h.expected_reset());
+            pending += rs.pending.len() as u64;
+        }
+        ctx.ring_pending.store(pending, std::sync::atomic::Ordering::Relaxed);
+        pending
+    }
+
+    /// A pre-copy round, while the guest runs: harvests every ring, re-arms
+    /// tracking (KVM_RESET_DIRTY_RINGS: every harvested page is write-protected
+    /// again) and returns the pages harvested since the last collection or
+    /// round, sorted. The caller copies them after this returns: a write after
+    /// the reset is logged again and is in the next collection, which the
+    /// boundary copies in its pause, so a page torn by a write during its
+    /// pre-copy is always copied again. Pages written by the VMM stay for the
+    /// boundary's collection. None (nothing to pre-copy) with the bitmap
+    /// tracker or while tracking is not whole; any doubt found here (an
+    /// overflow, a reset count mismatch, an entry outside memory) makes the
+    /// next collection a lost one, and the round returns None.
+    pub fn precopy_round(
+        &mut self,
+        vm: &VmFd,
+        vcpus: &[Arc<Vcpu>],
+        ctx: &VcpuContext,
+    ) -> Result<Option<Vec<u64>>, TrackerError> {
+        if !matches!(self.kind, TrackerKind::Ring { .. })
+            || self.trust != Trust::Whole
+            || self.lost_pending
+            || self.reset_in_flight
+        {
+            return Ok(None);
+        }
+        let mut ledger = common::sync::lock(&ctx.reset_lock);
+        let mut rings: Vec<_> = vcpus.iter().map(|v| v.ring()).collect();
+        let mut entries = Vec::new();
+        let mut lost = std::mem::take(&mut ledger.suspect);
+        for (v, g) in vcpus.iter().zip(rings.iter_mut()) {
+            let rs = g.as_mut().expect("ring tracker has rings");
+            v.note_foreign_harvest();
+            let h = rs.ring.harvest(&mut rs.pending, false);
+            ledger.unreset += u64::from(h.expected_reset());
+            lost |= h.overflow || std::mem::take(&mut rs.lost);
+            entries.append(&mut rs.pending);
+        }
+        ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
+        // (this thread is no vCPU thread: no kick signal cuts the reset short)
+        if !lost && !ledger.reset(vm) {
+            ledger.suspect = false;
+            lost = true;
+            for g in rings.iter_mut() {
+                g.as_mut().expect("ring").ring.mark_desynchronised();
+            }
+        }
+        let mut gfns = Vec::with_capacity(entries.len());
+        for (slot, offset) in entries {
+            match self.slots.gfn(slot, offset) {
+                Some(g) => gfns.push(g),
+                None => lost = true,
+            }
+        }
+        if lost {
+            tracing::warn!("dirty tracking lost during a pre-copy round: the next collection is lost");
+            self.lost_pending = true;
+            return Ok(None);
+        }
+        gfns.sort_unstable();
+        gfns.dedup();
+        self.precopy_rounds += 1;
+        Ok(Some(gfns))
+    }
+
+    /// Pre-copy rounds so far.
+    pub fn precopy_rounds(&self) -> u64 {
+        self.precopy_rounds
+    }
+
     /// Pages kept writable by hot-page retention.
     pub fn retained(&self) -> usize {
         self.retention.retained()
@@ -345,16 +444,16 @@ impl DirtyTracker {
 fn cut_short_reset(
     ledger: &mut RingLedger,
     vm: &VmFd,
-    cores: &mut [std::sync::MutexGuard<'_, crate::vcpu::VcpuCore>],
+    cores: &mut [std::sync::MutexGuard<'_, Option<RingState>>],
     harvested: &[u32],
 ) -> bool {
     let held: Vec<u32> = harvested.iter().map(|&n| n / 2).collect();
     for (core, &n) in cores.iter_mut().zip(&held) {
-        core.ring.as_mut().expect("ring").ring.hold_back(n);
+        core.as_mut().expect("ring").ring.hold_back(n);
     }
     let ok = ledger.reset(vm);
     for (core, &n) in cores.iter_mut().zip(&held) {
-        core.ring.as_mut().expect("ring").ring.release_held(n);
+        core.as_mut().expect("ring").ring.release_held(n);
     }
     tracing::warn!(held = held.iter().sum::<u32>(), "injected a short ring reset");
     ok

@@ -49,6 +49,8 @@ pub enum MachineError {
     State(#[from] StateError),
     #[error("the machine must be paused for {0}")]
     NotPaused(&'static str),
+    #[error("the machine must be running for {0}")]
+    NotRunning(&'static str),
     #[error("saved state does not fit: {0}")]
     ShapeMismatch(String),
 }
@@ -514,6 +516,46 @@ impl Machine {
         Ok(())
     }
 
+    /// While the guest runs: harvests the dirty rings without re-arming
+    /// anything and returns the ring entries pending since the last
+    /// collection or pre-copy round (0 with the bitmap tracker, or while
+    /// tracking is not whole). See [`Machine::precopy_round`].
+    pub fn skim(&mut self) -> u64 {
+        self.tracker.skim(&self.vcpus, &self.ctx)
+    }
+
+    /// A pre-copy round while the guest runs: the pages written since the
+    /// last collection or round, with their tracking re-armed; copy them
+    /// with [`Machine::copy_pages_running`]. The next collection reports
+    /// every page written after the re-arm, so an epoch's pages are this
+    /// round's copies of the pages it does not report, plus the boundary's
+    /// copies of those it does. None: nothing to pre-copy (bitmap tracker,
+    /// tracking not whole, or a doubt found now: the next collection is then
+    /// lost). Refused while paused (the boundary collects then).
+    pub fn precopy_round(&mut self) -> Result<Option<Vec<u64>>, MachineError> {
+        if self.paused || !self.started {
+            return Err(MachineError::NotRunning("a pre-copy round"));
+        }
+        Ok(self.tracker.precopy_round(&self.vm, &self.vcpus, &self.ctx)?)
+    }
+
+    /// Pre-copy rounds so far.
+    pub fn precopy_rounds(&self) -> u64 {
+        self.tracker.precopy_rounds()
+    }
+
+    /// Copies pages, in order, into `out` (`gfns.len() * 4096` bytes) while
+    /// the guest runs: only for pages returned by [`Machine::precopy_round`]
+    /// (a page the guest writes during the copy comes out torn, and the next
+    /// collection reports it, so its copy is replaced).
+    pub fn copy_pages_running(&self, gfns: &[u64], out: &mut [u8]) -> Result<(), MachineError> {
+        // SAFETY: the caller contract above: every page here had its
+        // tracking re-armed before this copy, so a torn page is reported by
+        // the next collection and its bytes from here are replaced.
+        unsafe { self.mem.copy_pages_racy(gfns, out)? };
+        Ok(())
+    }
+
     /// Starts saving every vCPU's state on its own parked thread, in
     /// parallel, while the caller copies pages; [`Machine::save`] then picks
     /// the results up (or saves inline what was not done). Optional. Call it
@@ -620,20 +662,14 @@ impl Machine {
         self.tracker.short_resets_injected()
     }
 
-    /// Ring-full exits so far, summed over vCPUs (parked machine only; else 0 for busy ones).
+    /// Ring-full exits so far, summed over vCPUs.
     pub fn ring_full_exits(&self) -> u64 {
-        if !self.paused {
-            return 0;
-        }
-        self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.full_exits)).sum()
+        self.vcpus.iter().map(|v| v.ring().as_ref().map_or(0, |r| r.full_exits)).sum()
     }
 
-    /// Ring-full exits that found the ring desynchronised, summed over vCPUs (paused machine only).
+    /// Ring-full exits that found the ring desynchronised, summed over vCPUs.
     pub fn ring_stalls(&self) -> u64 {
-        if !self.paused {
-            return 0;
-        }
-        self.vcpus.iter().map(|v| v.core().ring.as_ref().map_or(0, |r| r.stalls)).sum()
+        self.vcpus.iter().map(|v| v.ring().as_ref().map_or(0, |r| r.stalls)).sum()
     }
 
     /// Ring entries harvested on ring-full exits since the last collection

@@ -185,6 +185,35 @@ impl GuestMem {
     /// no VMM write in flight. (Concurrent writes would make this a data race;
     /// use [`GuestMem::read_page`] while the guest runs.)
     pub unsafe fn copy_pages_quiescent(&self, gfns: &[u64], out: &mut [u8]) -> Result<(), MemoryError> {
+        // SAFETY: the caller's guarantee (no writer) is this function's.
+        unsafe { self.copy_pages_raw(gfns, out) }
+    }
+
+    /// Copies whole pages, in order, into `out` while the guest may be
+    /// writing them (a pre-copy). A page written during its copy comes out
+    /// torn: callers use this only for pages whose tracking was re-armed
+    /// before the copy, so that any such write is logged and the page copied
+    /// again in the boundary's pause.
+    ///
+    /// # Safety
+    ///
+    /// The result is defined only for pages nobody writes meanwhile; the
+    /// caller must treat every other page's bytes as garbage to be replaced
+    /// (re-armed tracking guarantees it will be).
+    pub unsafe fn copy_pages_racy(&self, gfns: &[u64], out: &mut [u8]) -> Result<(), MemoryError> {
+        // SAFETY: guest memory is an mmap the guest writes through KVM, from
+        // outside this program's view (like memory shared with another
+        // process): the copy goes through raw pointers only, never through a
+        // reference to guest memory, and any byte value is a valid u8. The
+        // VMM's own writes (vm-memory's volatile stores, on vCPU threads in
+        // device exits) may race with it; the caller discards what they tear.
+        unsafe { self.copy_pages_raw(gfns, out) }
+    }
+
+    /// # Safety
+    ///
+    /// See [`GuestMem::copy_pages_quiescent`] and [`GuestMem::copy_pages_racy`].
+    unsafe fn copy_pages_raw(&self, gfns: &[u64], out: &mut [u8]) -> Result<(), MemoryError> {
         let ps = PAGE_SIZE as usize;
         if out.len() != gfns.len() * ps {
             return Err(MemoryError::OutOfRange { gpa: 0, len: out.len() });
@@ -198,8 +227,8 @@ impl GuestMem {
                 .ok_or(MemoryError::OutOfRange { gpa, len: ps })?;
             // SAFETY: the page lies inside one of our mappings (checked just
             // above), `out` has room for it (length checked on entry), the two
-            // never overlap (`out` is ordinary heap memory), and the caller
-            // guarantees that nothing writes guest memory meanwhile.
+            // never overlap (`out` is ordinary heap memory); concurrent writes
+            // are the callers' contract (see the two public wrappers).
             unsafe {
                 std::ptr::copy_nonoverlapping((host + (gpa - start)) as *const u8, out.as_mut_ptr().add(i * ps), ps);
             }

@@ -210,9 +210,11 @@ impl DirtyRing {
     }
 
     /// Harvests every DIRTY entry in order into `out` as (slot, offset), marking
-    /// each RESET. The vCPU must not be running (it is parked, or this is its
-    /// own thread handling a ring-full exit). With `verify`, the whole ring is
-    /// scanned afterwards for DIRTY entries that should not be there.
+    /// each RESET. The vCPU may be running (KVM publishes an entry's contents
+    /// before its DIRTY flag, read here with acquire ordering): then `verify`
+    /// must be false. With `verify` (vCPU parked, or this is its own thread
+    /// handling a ring-full exit), the whole ring is scanned afterwards for
+    /// DIRTY entries that should not be there.
     pub fn harvest(&mut self, out: &mut Vec<(u32, u64)>, verify: bool) -> Harvest {
         let mask = self.entries - 1;
         let mut h = Harvest::default();

@@ -108,7 +108,6 @@ pub struct RingState {
 #[derive(Debug)]
 pub struct VcpuCore {
     pub fd: VcpuFd,
-    pub ring: Option<RingState>,
 }
 
 /// Run state of a vCPU thread.
@@ -147,6 +146,14 @@ struct ParkedWork {
 pub struct Vcpu {
     pub id: u32,
     core: Mutex<VcpuCore>,
+    /// The vCPU's dirty ring, apart from the core so that it can be harvested
+    /// while the vCPU runs (a pre-copy). Lock order: `VcpuContext::reset_lock`
+    /// first, then this (a ring-full exit holds the core, then both).
+    ring: Mutex<Option<RingState>>,
+    /// Harvests of this ring by another thread while the vCPU may run (a
+    /// pre-copy): a ring-full exit that then finds nothing to harvest was
+    /// emptied by one of them, not desynchronised.
+    foreign_harvests: AtomicU64,
     immediate_exit: ImmediateExit,
     pause: AtomicBool,
     stop: AtomicBool,
@@ -185,7 +192,9 @@ impl Vcpu {
         let immediate_exit = ImmediateExit::new(fd.get_kvm_run());
         Vcpu {
             id,
-            core: Mutex::new(VcpuCore { fd, ring }),
+            core: Mutex::new(VcpuCore { fd }),
+            ring: Mutex::new(ring),
+            foreign_harvests: AtomicU64::new(0),
             immediate_exit,
             pause: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -202,6 +211,18 @@ impl Vcpu {
     /// (otherwise this waits for the thread to park).
     pub fn core(&self) -> MutexGuard<'_, VcpuCore> {
         common::sync::lock(&self.core)
+    }
+
+    /// Records a harvest of this vCPU's ring by another thread while the
+    /// vCPU may be running (call with the ring locked).
+    pub fn note_foreign_harvest(&self) {
+        self.foreign_harvests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Locks the dirty ring (none with the bitmap tracker). Take
+    /// `VcpuContext::reset_lock` first when both are needed.
+    pub fn ring(&self) -> MutexGuard<'_, Option<RingState>> {
+        common::sync::lock(&self.ring)
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
@@ -441,6 +462,7 @@ impl Vcpu {
                 continue;
             }
             let c = core.as_mut().expect("core held while running");
+            let harvests_seen = self.foreign_harvests.load(Ordering::SeqCst);
             let exit = c.fd.run();
             match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -463,9 +485,7 @@ impl Vcpu {
                 Ok(VcpuExit::MmioWrite(..)) => io_pending = true,
                 Ok(VcpuExit::Unsupported(r)) if r == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL => {
                     io_pending = false;
-                    if let Some(rs) = c.ring.as_mut() {
-                        ring_full(rs, ctx);
-                    }
+                    ring_full(self, ctx, harvests_seen);
                 }
                 Ok(VcpuExit::Intr) => io_pending = false,
                 Ok(VcpuExit::Hlt) => return "guest halted with no in-kernel irqchip to wake it".into(),
@@ -528,14 +548,24 @@ impl Drop for KickBlocked {
 }
 
 /// Ring-full exit: harvest this vCPU's ring into its pending set, reset, re-enter.
-fn ring_full(rs: &mut RingState, ctx: &VcpuContext) {
-    rs.full_exits += 1;
+/// `harvests_seen`: the vCPU's foreign harvest count before it entered the
+/// guest.
+fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
     let mut ledger = common::sync::lock(&ctx.reset_lock);
+    let mut ring = vcpu.ring();
+    let Some(rs) = ring.as_mut() else { return };
+    rs.full_exits += 1;
+    let emptied_meanwhile = vcpu.foreign_harvests.load(Ordering::SeqCst) != harvests_seen;
     let h = rs.ring.harvest(&mut rs.pending, rs.verify);
     ctx.ring_pending.fetch_add(u64::from(h.harvested), Ordering::Relaxed);
     let mut expected = h.expected_reset();
     if h.overflow || h.stray {
         rs.lost = true;
+    }
+    if expected == 0 && ledger.unreset == 0 && emptied_meanwhile {
+        // a pre-copy round harvested and reset this ring between the exit
+        // and here: KVM is no longer soft-full, re-enter
+        return;
     }
     if expected == 0 && ledger.unreset == 0 {
         // Soft-full with nothing to harvest and nothing harvested waiting for
