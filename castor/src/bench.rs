@@ -63,6 +63,9 @@ pub(crate) fn med(v: &[f64]) -> f64 {
 pub(crate) fn p99(v: &[f64]) -> f64 {
     common::sync::percentile(v, 0.99)
 }
+/// The engine's default `--precopy-min-pages`.
+const PRECOPY_MIN_PAGES: u64 = 256;
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -87,8 +90,14 @@ struct PhaseRow {
     copy_us: f64,
     save_us: f64,
     resume_us: f64,
+    /// The epoch pause with pre-copy rounds (the engine's default).
     pause_us_p50: f64,
     pause_us_p99: f64,
+    /// Pages per epoch copied by pre-copy rounds, not in the pause.
+    precopied_mean: f64,
+    /// The same boundaries without pre-copy (every page copied in the pause).
+    stop_and_copy_pause_us_p50: f64,
+    stop_and_copy_pause_us_p99: f64,
     floor_us: f64,
     /// Copy of the same guest pages again (warm): the copy part of the floor.
     memcpy_us: f64,
@@ -193,6 +202,121 @@ fn memcpy_us(pages: u64) -> f64 {
     med(&t)
 }
 
+/// The boundaries of one phase-bench run.
+#[derive(Default)]
+struct Boundaries {
+    /// stop, harvest, reset, copy, save, resume
+    ph: [Vec<f64>; 6],
+    totals: Vec<f64>,
+    /// Pages of each epoch (copied in the pause or by pre-copy rounds).
+    dirty: Vec<f64>,
+    /// Of those, pages copied by pre-copy rounds and not again in the pause.
+    precopied: Vec<f64>,
+    /// The floor's copy: the epoch's pages again, guest stopped, warm buffer.
+    warm: Vec<f64>,
+}
+
+/// Pre-copy in the bench, as the engine does it: skim every 500 us; once
+/// `min` pages wait, a round re-arms them and copies them while the guest
+/// runs. Runs until every vCPU wrote `n` more pages; returns the pages
+/// copied by rounds (sorted, unique).
+fn wait_writes_precopy(m: &mut Machine, n: u64, min: u64, buf: &mut Vec<u8>) -> Result<Vec<u64>, BenchError> {
+    let cpus = m.config().vcpus;
+    let start: Vec<u64> = (0..cpus).map(|c| m.percpu(c, PC_WRITES)).collect();
+    let t = Instant::now();
+    let mut pre = Vec::new();
+    let mut last_skim = Instant::now();
+    while (0..cpus).any(|c| m.percpu(c, PC_WRITES) < start[c as usize] + n) {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(BenchError::Stalled);
+        }
+        if last_skim.elapsed() >= Duration::from_micros(500) {
+            last_skim = Instant::now();
+            if m.skim() >= min {
+                if let Some(gfns) = m.precopy_round()? {
+                    buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
+                    m.copy_pages_running(&gfns, buf)?;
+                    pre.extend(gfns);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    pre.sort_unstable();
+    pre.dedup();
+    Ok(pre)
+}
+
+/// `samples` boundaries of a guest writing `n` pages per epoch, timed as the
+/// epoch engine times them; `precopy`: with pre-copy rounds (their minimum).
+fn boundaries(m: &mut Machine, n: u64, samples: usize, precopy: Option<u64>) -> Result<Boundaries, BenchError> {
+    let mut b = Boundaries::default();
+    let mut pagebuf: Vec<u8> = Vec::new();
+    let mut prebuf: Vec<u8> = Vec::new();
+    let mut warmbuf: Vec<u8> = Vec::new();
+    // three untimed boundaries first: fault in the copy buffers (the
+    // engine's pooled buffers are warm after its first epochs too)
+    for i in 0..samples + 3 {
+        let record = i >= 3;
+        m.resume()?;
+        let pre = match precopy {
+            Some(min) => wait_writes_precopy(m, n, min, &mut prebuf)?,
+            None => {
+                wait_writes(m, n)?;
+                Vec::new()
+            }
+        };
+        let t0 = Instant::now();
+        let stop = m.pause()?;
+        // as the epoch engine does: the ring reset runs on a parked vCPU
+        // thread and the vCPU threads save their state while this thread
+        // copies; "reset" below is the wait for that reset after the copy
+        let d = m.collect_overlapped()?;
+        m.begin_save();
+        let t2 = Instant::now();
+        pagebuf.resize(d.gfns.len() * PAGE_SIZE as usize, 0);
+        m.copy_pages_into(&d.gfns, &mut pagebuf)?;
+        let tc = Instant::now();
+        if !m.finish_reset() {
+            return Err(BenchError::E2e("dirty ring reset failed during the pause benchmark".into()));
+        }
+        let t3 = Instant::now();
+        let st = m.save()?;
+        let t4 = Instant::now();
+        let resume = m.resume()?;
+        let t5 = Instant::now();
+        std::hint::black_box((&pagebuf, &st));
+        if d.tracking_lost {
+            return Err(BenchError::E2e("dirty tracking lost during the pause benchmark".into()));
+        }
+        if !record {
+            m.pause()?;
+            continue;
+        }
+        b.ph[0].push(us(stop.elapsed));
+        b.ph[1].push(d.harvest_ns as f64 / 1e3);
+        b.ph[2].push(d.reset_ns as f64 / 1e3 + us(t3 - tc));
+        b.ph[3].push(us(tc - t2));
+        b.ph[4].push(us(t4 - t3));
+        b.ph[5].push(us(resume.elapsed));
+        b.totals.push(us(t5 - t0));
+        let uncollected: Vec<u64> = pre.iter().copied().filter(|g| d.gfns.binary_search(g).is_err()).collect();
+        b.dirty.push((d.gfns.len() + uncollected.len()) as f64);
+        b.precopied.push(uncollected.len() as f64);
+        m.pause()?;
+        // the floor's copy: all of the epoch's pages again (warm buffer),
+        // guest stopped, outside the timed boundary
+        let mut all = d.gfns.clone();
+        all.extend(uncollected);
+        all.sort_unstable();
+        warmbuf.resize(all.len() * PAGE_SIZE as usize, 0);
+        let tw = Instant::now();
+        m.copy_pages_into(&all, &mut warmbuf)?;
+        b.warm.push(us(tw.elapsed()));
+    }
+    Ok(b)
+}
+
 fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, BenchError> {
     let counts: &[u64] = if quick { &[64, 1024, 4096, 16384] } else { &[64, 256, 1024, 4096, 16384] };
     let mut rows = Vec::new();
@@ -217,59 +341,13 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
         }
         m.pause()?;
         m.collect()?;
-        let mut ph: [Vec<f64>; 7] = Default::default();
-        let mut totals = Vec::new();
-        let mut dirty = Vec::new();
-        let mut pagebuf: Vec<u8> = Vec::new();
-        let mut warmbuf: Vec<u8> = Vec::new();
-        let mut warm = Vec::new();
-        // three untimed boundaries first: fault in the copy buffers (the
-        // engine's pooled buffers are warm after its first epochs too)
-        for i in 0..samples + 3 {
-            let record = i >= 3;
-            m.resume()?;
-            wait_writes(&m, n)?;
-            let t0 = Instant::now();
-            let stop = m.pause()?;
-            // as the epoch engine does: the ring reset runs on a parked vCPU
-            // thread and the vCPU threads save their state while this thread
-            // copies; "reset" below is the wait for that reset after the copy
-            let d = m.collect_overlapped()?;
-            m.begin_save();
-            let t2 = Instant::now();
-            pagebuf.resize(d.gfns.len() * PAGE_SIZE as usize, 0);
-            m.copy_pages_into(&d.gfns, &mut pagebuf)?;
-            let pages = &pagebuf;
-            let tc = Instant::now();
-            if !m.finish_reset() {
-                return Err(BenchError::E2e("dirty ring reset failed during the pause benchmark".into()));
-            }
-            let t3 = Instant::now();
-            let st = m.save()?;
-            let t4 = Instant::now();
-            let resume = m.resume()?;
-            let t5 = Instant::now();
-            std::hint::black_box((&pages, &st));
-            if !record {
-                m.pause()?;
-                continue;
-            }
-            ph[0].push(us(stop.elapsed));
-            ph[1].push(d.harvest_ns as f64 / 1e3);
-            ph[2].push(d.reset_ns as f64 / 1e3 + us(t3 - tc));
-            ph[3].push(us(tc - t2));
-            ph[4].push(us(t4 - t3));
-            ph[5].push(us(resume.elapsed));
-            totals.push(us(t5 - t0));
-            dirty.push(d.gfns.len() as f64);
-            m.pause()?;
-            // the floor's copy: the same pages again (warm buffer), guest
-            // stopped, outside the timed boundary
-            warmbuf.resize(pagebuf.len(), 0);
-            let tw = Instant::now();
-            m.copy_pages_into(&d.gfns, &mut warmbuf)?;
-            warm.push(us(tw.elapsed()));
-        }
+        // stop-and-copy first (every page copied in the pause), then what
+        // the engine does by default (pre-copy rounds while the guest runs)
+        let sc = boundaries(&mut m, n, samples, None)?;
+        let b = boundaries(&mut m, n, samples, Some(PRECOPY_MIN_PAGES))?;
+        let (ph, totals, dirty) = (&b.ph, &b.totals, &b.dirty);
+        let mut warm = sc.warm.clone();
+        warm.extend_from_slice(&b.warm);
         let mc = med(&warm);
         let contiguous = memcpy_us(n);
         let row = PhaseRow {
@@ -281,8 +359,11 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             copy_us: med(&ph[3]),
             save_us: med(&ph[4]),
             resume_us: med(&ph[5]),
-            pause_us_p50: med(&totals),
-            pause_us_p99: p99(&totals),
+            pause_us_p50: med(totals),
+            pause_us_p99: p99(totals),
+            precopied_mean: b.precopied.iter().sum::<f64>() / b.precopied.len() as f64,
+            stop_and_copy_pause_us_p50: med(&sc.totals),
+            stop_and_copy_pause_us_p99: p99(&sc.totals),
             floor_us: med(&kick) + mc,
             memcpy_us: mc,
             floor_kick_us_p99: p99(&kick),
@@ -290,8 +371,9 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             memcpy_contiguous_us: contiguous,
         };
         live(format!(
-            "pause    {:>6} pages: stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us | floor {:>6.0} us (kick+resume {:.0}, copy of the same pages {:.0}; contiguous memcpy {:.0}) | p50/floor {:.2} p99/floor {:.2}",
+            "pause    {:>6} pages ({:.0} pre-copied): stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us (stop-and-copy p50 {:.0} p99 {:.0}) | floor {:>6.0} us (kick+resume {:.0}, copy of the same pages {:.0}; contiguous memcpy {:.0}) | p50/floor {:.2} p99/floor {:.2}",
             n,
+            row.precopied_mean,
             row.stop_us,
             row.harvest_us,
             row.reset_us,
@@ -300,6 +382,8 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             row.resume_us,
             row.pause_us_p50,
             row.pause_us_p99,
+            row.stop_and_copy_pause_us_p50,
+            row.stop_and_copy_pause_us_p99,
             row.floor_us,
             med(&kick),
             mc,
@@ -450,6 +534,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "floor_us_1k": k1.map(|r| r.floor_us),
         "pause_us_p99_16k": k16.map(|r| r.pause_us_p99),
         "floor_us_16k": k16.map(|r| r.floor_us),
+        "stop_and_copy_pause_us_p99_1k": k1.map(|r| r.stop_and_copy_pause_us_p99),
+        "stop_and_copy_pause_us_p99_16k": k16.map(|r| r.stop_and_copy_pause_us_p99),
         "output_delay_ms_p50": e2e.output_delay_ms_p50,
         "output_delay_ms_p99": e2e.output_delay_ms_p99,
         "output_delay_ms_p99_timer_only": e2e.output_delay_ms_p99_timer_only,

@@ -60,6 +60,13 @@ pub struct CommonArgs {
     /// End an epoch early past this many dirty pages.
     #[arg(long, default_value_t = 16384)]
     max_epoch_pages: u64,
+    /// Pre-copy: once this many pages wait in the dirty rings during an
+    /// epoch, re-arm their tracking and copy them while the guest runs, so
+    /// the epoch's pause copies only what was written since. 0: off (every
+    /// page is copied in the pause). Ring tracker only. The default was
+    /// chosen by measurement (docs/benchmarks.md).
+    #[arg(long, default_value_t = 256)]
+    precopy_min_pages: u64,
     /// Epochs sent but not acknowledged before epochs are stretched.
     #[arg(long, default_value_t = 4)]
     max_in_flight: u64,
@@ -223,6 +230,7 @@ fn engine_opts(c: &CommonArgs) -> Result<EngineOptions, NodeCmdError> {
         unprotected,
         tracking_off: c.no_epochs,
         min_epoch: (c.min_epoch_us > 0).then(|| Duration::from_micros(c.min_epoch_us)),
+        precopy_min_pages: (c.precopy_min_pages > 0).then_some(c.precopy_min_pages),
     })
 }
 

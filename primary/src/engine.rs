@@ -44,7 +44,15 @@ pub struct EngineOptions {
     /// output (held until its epoch is acknowledged), end the epoch as soon
     /// as it is this old instead of at `epoch`. `None`: timer only.
     pub min_epoch: Option<Duration>,
+    /// Pre-copy: while an epoch runs, once this many pages wait in the dirty
+    /// rings, re-arm their tracking and copy them while the guest runs, so
+    /// the boundary's pause copies only what was written since (plus
+    /// hot pages kept writable). `None`: every page is copied in the pause.
+    pub precopy_min_pages: Option<u64>,
 }
+
+/// How often the engine skims the dirty rings for a pre-copy round.
+const PRECOPY_POLL: Duration = Duration::from_micros(500);
 
 /// How often the engine looks for output while an output-driven epoch runs.
 const OUTPUT_POLL: Duration = Duration::from_micros(100);
@@ -126,6 +134,10 @@ pub struct EngineShared {
     pub last_sync_gib_per_s: AtomicU64,
     /// Live syncs completed (initial syncs and resyncs).
     pub live_syncs: AtomicU64,
+    /// Pre-copy rounds done (pages copied while the guest ran).
+    pub precopy_rounds: AtomicU64,
+    /// Pages copied by pre-copy rounds and shipped (not copied in a pause).
+    pub precopied_pages: AtomicU64,
 }
 
 /// What the engine does now: a function of the last command it applied.
@@ -216,7 +228,7 @@ impl AsRef<[u8]> for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         let mut p = common::sync::lock(&self.1 .0);
-        if p.len() < 8 {
+        if p.len() < 32 {
             p.push(std::mem::take(&mut self.0));
         }
     }
@@ -227,6 +239,60 @@ impl BufPool {
         let mut v = common::sync::lock(&self.0).pop().unwrap_or_default();
         v.resize(len, 0);
         PooledBuf(v, self.clone())
+    }
+}
+
+/// The current epoch's pre-copy rounds: each round's pages (sorted) and
+/// their copies, made while the guest ran after the round re-armed their
+/// tracking. A later round's copy of a page replaces an earlier one; the
+/// boundary's copy replaces both.
+#[derive(Debug, Default)]
+struct PreCopy {
+    rounds: Vec<(Vec<u64>, PooledBuf)>,
+    pages: u64,
+}
+
+impl PreCopy {
+    fn clear(&mut self) {
+        self.rounds.clear();
+        self.pages = 0;
+    }
+
+    /// The latest copy of every pre-copied page the boundary did not
+    /// collect (`collected`: sorted), sorted by gfn.
+    fn take_uncollected(&mut self, collected: &[u64]) -> Vec<Page> {
+        let rounds = std::mem::take(&mut self.rounds);
+        self.pages = 0;
+        let mut latest: std::collections::HashMap<u64, (usize, usize)> = std::collections::HashMap::new();
+        for (r, (gfns, _)) in rounds.iter().enumerate() {
+            for (i, &g) in gfns.iter().enumerate() {
+                latest.insert(g, (r, i));
+            }
+        }
+        let mut keep: Vec<(u64, (usize, usize))> =
+            latest.into_iter().filter(|(g, _)| collected.binary_search(g).is_err()).collect();
+        keep.sort_unstable_by_key(|k| k.0);
+        let ps = PAGE_SIZE as usize;
+        let bufs: Vec<bytes::Bytes> = rounds.into_iter().map(|(_, b)| bytes::Bytes::from_owner(b)).collect();
+        keep.into_iter().map(|(gfn, (r, i))| Page { gfn, data: Some(bufs[r].slice(i * ps..(i + 1) * ps)) }).collect()
+    }
+}
+
+/// Merges two page lists sorted by gfn with no gfn in both.
+fn merge_pages(a: Vec<Page>, b: Vec<Page>) -> Vec<Page> {
+    if b.is_empty() {
+        return a;
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.gfn < y.gfn,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return out,
+        };
+        out.extend(if take_a { a.next() } else { b.next() });
     }
 }
 
@@ -272,6 +338,10 @@ pub struct Engine {
     last_copied: Vec<Page>,
     /// When the guest last resumed after a boundary (the epoch's start).
     epoch_started: Instant,
+    /// This epoch's pre-copy rounds.
+    pre: PreCopy,
+    /// When the rings were last skimmed for a pre-copy round.
+    last_skim: Instant,
 }
 
 fn us(d: Duration) -> f64 {
@@ -310,6 +380,8 @@ impl Engine {
             sync_started_by_loss: false,
             last_copied: Vec::new(),
             epoch_started: Instant::now(),
+            pre: PreCopy::default(),
+            last_skim: Instant::now(),
         }
     }
 
@@ -440,7 +512,7 @@ impl Engine {
                     }
                     break;
                 }
-                if self.machine.ring_pending() >= self.opts.max_epoch_pages
+                if self.machine.ring_pending() + self.pre.pages >= self.opts.max_epoch_pages
                     || self.machine.devices().outbox_len() >= MAX_EPOCH_OUTPUTS
                 {
                     next = now;
@@ -471,7 +543,22 @@ impl Engine {
                         self.send(Packet::Release(out));
                     }
                 }
-                let step = if output_driven.is_some() || alone { OUTPUT_POLL } else { Duration::from_millis(1) };
+                let precopy = self.opts.precopy_min_pages.filter(|_| self.directive == Directive::Protect);
+                if let Some(min) = precopy {
+                    if now >= self.last_skim + PRECOPY_POLL {
+                        self.last_skim = now;
+                        if self.machine.skim() >= min {
+                            self.precopy_round()?;
+                        }
+                    }
+                }
+                let step = if output_driven.is_some() || alone {
+                    OUTPUT_POLL
+                } else if precopy.is_some() {
+                    PRECOPY_POLL
+                } else {
+                    Duration::from_millis(1)
+                };
                 std::thread::sleep((next - now).min(step));
             }
             self.check_guest()?;
@@ -530,12 +617,31 @@ impl Engine {
         }
     }
 
+    /// One pre-copy round: re-arm the pages waiting in the rings and copy
+    /// them while the guest runs.
+    fn precopy_round(&mut self) -> Result<(), vmm::MachineError> {
+        let Some(gfns) = self.machine.precopy_round()? else {
+            // tracking is in doubt: the boundary's collection says so
+            return Ok(());
+        };
+        if gfns.is_empty() {
+            return Ok(());
+        }
+        let mut buf = self.pool.take(gfns.len() * PAGE_SIZE as usize);
+        self.machine.copy_pages_running(&gfns, &mut buf.0)?;
+        self.pre.pages += gfns.len() as u64;
+        self.pre.rounds.push((gfns, buf));
+        self.shared.precopy_rounds.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn in_flight(&self) -> u64 {
         self.shared.next_epoch.load(Ordering::SeqCst).saturating_sub(self.shared.acked.load(Ordering::SeqCst))
     }
 
     fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
+        self.pre.clear();
         let policy = if self.directive == Directive::Hold { UnprotectedPolicy::Pause } else { self.opts.unprotected };
         match policy {
             UnprotectedPolicy::Pause => {
@@ -575,6 +681,7 @@ impl Engine {
     /// epoch instead.
     fn live_sync(&mut self) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
+        self.pre.clear();
         if !std::mem::take(&mut self.sync_started_by_loss) {
             self.shared.sync_max_pause_us.store(0, Ordering::Relaxed);
         }
@@ -706,11 +813,17 @@ impl Engine {
         if lost {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
         }
+        if lost {
+            self.pre.clear();
+        }
         if lost && resume && !self.want_full {
             tracing::warn!(epoch, "dirty tracking lost: this epoch is not sent; a live resync follows");
             return self.resync_instead(t0).map(|()| None);
         }
         let mut full = lost || std::mem::take(&mut self.want_full);
+        if full {
+            self.pre.clear();
+        }
         if lost {
             tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory epoch");
         }
@@ -739,6 +852,7 @@ impl Engine {
                 return self.resync_instead(t0).map(|()| None);
             }
             tracing::warn!(epoch, "dirty ring reset failed: this epoch is sent as a full-memory epoch");
+            self.pre.clear();
             full = true;
             pages = self.all_nonzero_pages();
         }
@@ -758,6 +872,12 @@ impl Engine {
         self.epoch_started = t5;
         self.shared.next_epoch.store(epoch + 1, Ordering::SeqCst);
         let dirty = pages.len() as u64;
+        // (after the resume) the pre-copied pages this boundary did not
+        // collect again: their copies from the rounds are current
+        let pre = if full { Vec::new() } else { self.pre.take_uncollected(&d.gfns) };
+        let precopied = pre.len() as u64;
+        self.shared.precopied_pages.fetch_add(precopied, Ordering::Relaxed);
+        let pages = merge_pages(pages, pre);
         let (pages, unchanged) = if full {
             self.last_copied.clear();
             (pages, 0)
@@ -776,6 +896,7 @@ impl Engine {
             pause_us: us(t5 - t0),
             len_us,
             full,
+            precopied,
         };
         self.note_pause(phases.pause_us);
         if phases.pause_us > 20_000.0 {
@@ -802,6 +923,7 @@ impl Engine {
     /// held for that epoch, the guest runs on, and a live resync starts.
     fn resync_instead(&mut self, t0: Instant) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
+        self.pre.clear();
         self.held.extend(self.machine.devices().drain());
         self.machine.resume()?;
         let us = t0.elapsed().as_secs_f64() * 1e6;

@@ -155,6 +155,8 @@ pub async fn run_primary(
                     s.sync_max_pause_us = shared.sync_max_pause_us.load(Ordering::Relaxed) as f64;
                     s.last_sync_gib_per_s = f64::from_bits(shared.last_sync_gib_per_s.load(Ordering::Relaxed));
                     s.live_syncs = shared.live_syncs.load(Ordering::Relaxed);
+                    s.precopy_rounds = shared.precopy_rounds.load(Ordering::Relaxed);
+                    s.precopied_pages = shared.precopied_pages.load(Ordering::Relaxed);
                     (s.console_dropped, s.marks_dropped) = devices.dropped_counts();
                 });
             }

@@ -102,6 +102,9 @@ pub struct Phases {
     /// How long the guest ran in this epoch (from the previous boundary).
     pub len_us: f64,
     pub full: bool,
+    /// Pages shipped from this epoch's pre-copy rounds (copied while the
+    /// guest ran, not in the pause; not counted in `pages`).
+    pub precopied: u64,
 }
 
 /// The witness as a node sees it.
@@ -184,6 +187,10 @@ pub struct StatusSnapshot {
     pub last_sync_gib_per_s: f64,
     /// Primary: live syncs completed (the initial one and every resync).
     pub live_syncs: u64,
+    /// Primary: pre-copy rounds (pages re-armed and copied while the guest ran).
+    pub precopy_rounds: u64,
+    /// Primary: pages shipped from pre-copy rounds (not copied in a pause).
+    pub precopied_pages: u64,
     /// Primary: what the acks say the link carries, MiB/s (0 until measured).
     pub link_mib_s: f64,
     /// Secondary: applies of a verified epoch that failed halfway (an error
@@ -309,6 +316,21 @@ impl NodeStatus {
         );
         r.register("epochs", "Epochs completed", ConstCounter::new(s.epochs));
         r.register("pages", "Pages shipped in epochs", ConstCounter::new(s.pages_total));
+        r.register(
+            "last_epoch_precopied_pages",
+            "Pages of the last epoch copied by pre-copy rounds while the guest ran",
+            ConstGauge::new(s.last_epoch.precopied as i64),
+        );
+        r.register(
+            "precopy_rounds",
+            "Pre-copy rounds (pages copied while the guest ran)",
+            ConstCounter::new(s.precopy_rounds),
+        );
+        r.register(
+            "precopied_pages",
+            "Pages shipped from pre-copy rounds instead of being copied in a pause",
+            ConstCounter::new(s.precopied_pages),
+        );
         r.register(
             "pages_unchanged",
             "Pages reported dirty but not shipped (same content as in the previous epoch)",
