@@ -232,7 +232,7 @@ fn wait_writes_precopy(m: &mut Machine, n: u64, min: u64, buf: &mut Vec<u8>) -> 
         }
         if last_skim.elapsed() >= Duration::from_micros(500) {
             last_skim = Instant::now();
-            if m.skim() >= min {
+            if m.precopy_due(min) {
                 if let Some(gfns) = m.precopy_round()? {
                     buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
                     m.copy_pages_running(&gfns, buf)?;
@@ -547,6 +547,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "throughput_ratio_protected": e2e.throughput_ratio_protected,
         "throughput_ratio_protected_bitmap_hot": e2e.throughput_ratio_protected_bitmap_hot,
         "throughput_ratio_protected_no_retention": e2e.throughput_ratio_protected_no_retention,
+        "throughput_ratio_protected_no_precopy": e2e.throughput_ratio_protected_no_precopy,
+        "output_delay_ms_p99_no_precopy": e2e.output_delay_ms_p99_no_precopy,
         "failover_ms_p50": e2e.failover_ms_p50,
         "sync_gib_per_s": e2e.full_guests.first().map(|r| r.sync_gib_per_s),
         "resync_max_pause_ms": e2e.full_guests.first().map(|r| r.resync_max_pause_ms),

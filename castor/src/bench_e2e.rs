@@ -31,6 +31,9 @@ pub(crate) struct E2e {
     pub(crate) epochs_per_s_timer_only: f64,
     /// output_delay_ms_p99 / output_delay_ms_p99_timer_only.
     pub(crate) output_delay_ratio_p99: f64,
+    /// The same load with pre-copy off (`--precopy-min-pages 0`).
+    pub(crate) output_delay_ms_p99_no_precopy: f64,
+    pub(crate) pause_us_p99_no_precopy: f64,
     /// Light load (16 clients, the host not saturated): default, and timer only.
     pub(crate) output_delay_ms_p50_light: f64,
     pub(crate) output_delay_ms_p99_light: f64,
@@ -53,6 +56,10 @@ pub(crate) struct E2e {
     pub(crate) ops_per_s_protected_no_retention: f64,
     pub(crate) throughput_ratio_protected_no_retention: f64,
     pub(crate) pause_us_p99_no_retention: f64,
+    /// Ring with pre-copy off (every page copied in the pause).
+    pub(crate) ops_per_s_protected_no_precopy: f64,
+    pub(crate) throughput_ratio_protected_no_precopy: f64,
+    pub(crate) pause_us_p99_saturated_no_precopy: f64,
     /// Bitmap tracker (with hot-page retention, the default).
     pub(crate) ops_per_s_protected_bitmap_hot: f64,
     pub(crate) throughput_ratio_protected_bitmap_hot: f64,
@@ -256,9 +263,11 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     for (label, extra, n) in [
         ("ring, moderate load", vec![], moderate),
         ("ring, moderate load, timer only", vec!["--min-epoch-us".to_string(), "0".into()], moderate),
+        ("ring, moderate load, no pre-copy", vec!["--precopy-min-pages".to_string(), "0".into()], moderate),
         ("ring, light load", vec![], 16),
         ("ring, light load, timer only", vec!["--min-epoch-us".to_string(), "0".into()], 16),
         ("ring", vec![], clients),
+        ("ring, no pre-copy", vec!["--precopy-min-pages".to_string(), "0".into()], clients),
         ("ring, no retention", vec!["--hot-pages".to_string(), "false".into()], clients),
         ("bitmap", vec!["--tracker".to_string(), "bitmap".into()], clients),
     ] {
@@ -281,6 +290,12 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
             out.output_delay_ms_p99_timer_only = p99(&lat);
             out.epochs_per_s_timer_only = eps;
             out.output_delay_ratio_p99 = out.output_delay_ms_p99 / out.output_delay_ms_p99_timer_only.max(1e-9);
+        } else if label == "ring, moderate load, no pre-copy" {
+            out.output_delay_ms_p99_no_precopy = p99(&lat);
+            out.pause_us_p99_no_precopy = st1["pause_us_p99"].as_f64().unwrap_or(0.0);
+        } else if label == "ring, no pre-copy" {
+            out.ops_per_s_protected_no_precopy = rate;
+            out.pause_us_p99_saturated_no_precopy = st1["pause_us_p99"].as_f64().unwrap_or(0.0);
         } else if label == "ring, light load" {
             out.output_delay_ms_p50_light = med(&lat);
             out.output_delay_ms_p99_light = p99(&lat);
@@ -324,10 +339,11 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     out.throughput_ratio_protected = out.ops_per_s_protected / urate.max(1e-9);
     out.throughput_ratio_protected_bitmap_hot = out.ops_per_s_protected_bitmap_hot / urate.max(1e-9);
     out.throughput_ratio_protected_no_retention = out.ops_per_s_protected_no_retention / urate.max(1e-9);
+    out.throughput_ratio_protected_no_precopy = out.ops_per_s_protected_no_precopy / urate.max(1e-9);
     drop(u);
     live(format!(
-        "e2e      unprotected (tracking off): {urate:.0} kv ops/s; ratio protected/unprotected: ring {:.2}, ring without retention {:.2}, bitmap {:.2}",
-        out.throughput_ratio_protected, out.throughput_ratio_protected_no_retention, out.throughput_ratio_protected_bitmap_hot
+        "e2e      unprotected (tracking off): {urate:.0} kv ops/s; ratio protected/unprotected: ring {:.2}, ring without pre-copy {:.2}, ring without retention {:.2}, bitmap {:.2}",
+        out.throughput_ratio_protected, out.throughput_ratio_protected_no_precopy, out.throughput_ratio_protected_no_retention, out.throughput_ratio_protected_bitmap_hot
     ));
 
     // failover time over repeated kills

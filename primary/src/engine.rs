@@ -543,11 +543,15 @@ impl Engine {
                         self.send(Packet::Release(out));
                     }
                 }
-                let precopy = self.opts.precopy_min_pages.filter(|_| self.directive == Directive::Protect);
+                // (a guest paused until a secondary syncs has nothing to pre-copy)
+                let precopy = self
+                    .opts
+                    .precopy_min_pages
+                    .filter(|_| self.directive == Directive::Protect && !self.machine.is_paused());
                 if let Some(min) = precopy {
                     if now >= self.last_skim + PRECOPY_POLL {
                         self.last_skim = now;
-                        if self.machine.skim() >= min {
+                        if self.machine.precopy_due(min) {
                             self.precopy_round()?;
                         }
                     }
