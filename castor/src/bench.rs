@@ -242,6 +242,14 @@ fn wait_writes_precopy(m: &mut Machine, n: u64, min: u64, buf: &mut Vec<u8>) -> 
         }
         std::thread::sleep(Duration::from_micros(200));
     }
+    // the engine's last round before the boundary
+    if m.precopy_due(min / 4) {
+        if let Some(gfns) = m.precopy_round()? {
+            buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
+            m.copy_pages_running(&gfns, buf)?;
+            pre.extend(gfns);
+        }
+    }
     pre.sort_unstable();
     pre.dedup();
     Ok(pre)
@@ -441,7 +449,9 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
     let path = dir.join("pause_vs_dirty_pages.png");
     let root = BitMapBackend::new(&path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| ioe(&e))?;
-    let ymax = phases.iter().map(|r| r.pause_us_p99.max(r.floor_us)).fold(1.0, f64::max) * 1.3;
+    let ymax =
+        phases.iter().map(|r| r.pause_us_p99.max(r.floor_us).max(r.stop_and_copy_pause_us_p99)).fold(1.0, f64::max)
+            * 1.3;
     let xmax = phases.iter().map(|r| r.pages).max().unwrap_or(64) as f64 * 1.5;
     let mut ch = ChartBuilder::on(&root)
         .caption("epoch pause vs dirty pages (ring, 256 MiB, KVM-PVM nested, 2 cores)", ("sans-serif", 20))
@@ -452,9 +462,10 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
         .map_err(|e| ioe(&e))?;
     ch.configure_mesh().x_desc("dirty pages per epoch").y_desc("microseconds").draw().map_err(|e| ioe(&e))?;
     type Pick = Box<dyn Fn(&PhaseRow) -> f64>;
-    let series: [(&str, RGBColor, Pick); 4] = [
-        ("pause p50", BLUE, Box::new(|r| r.pause_us_p50)),
-        ("pause p99", RED, Box::new(|r| r.pause_us_p99)),
+    let series: [(&str, RGBColor, Pick); 5] = [
+        ("pause p50 (pre-copy)", BLUE, Box::new(|r| r.pause_us_p50)),
+        ("pause p99 (pre-copy)", RED, Box::new(|r| r.pause_us_p99)),
+        ("stop-and-copy pause p99", MAGENTA, Box::new(|r| r.stop_and_copy_pause_us_p99)),
         ("floor (kick+resume+memcpy)", BLACK, Box::new(|r| r.floor_us)),
         ("state save", GREEN, Box::new(|r| r.save_us)),
     ];

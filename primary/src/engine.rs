@@ -605,6 +605,14 @@ impl Engine {
             if self.directive != Directive::Protect {
                 continue;
             }
+            // a last round just before the boundary, once a quarter of the
+            // round minimum waits: the pause then copies only what the guest
+            // wrote during this round's copy
+            if let Some(min) = self.opts.precopy_min_pages {
+                if !self.finish && !self.machine.is_paused() && self.machine.precopy_due(min / 4) {
+                    self.precopy_round()?;
+                }
+            }
             let last = std::mem::take(&mut self.finish);
             let Some(packet) = self.boundary(!last)? else {
                 // the collection was incomplete: a live resync follows
