@@ -107,6 +107,9 @@ struct PhaseRow {
     floor_copy_us_p99: f64,
     /// memcpy of as many bytes between contiguous host buffers.
     memcpy_contiguous_us: f64,
+    /// The same number of pages copied from an ordinary anonymous mapping
+    /// of the guest's size, at the writer's stride (scattered, no guest).
+    memcpy_scattered_anon_us: f64,
 }
 
 /// Runs the guest until every vCPU wrote `n` more pages.
@@ -188,6 +191,30 @@ fn collection_cost(quick: bool, live: &dyn Fn(String)) -> Result<Vec<CollectRow>
     Ok(rows)
 }
 
+/// Copy of `pages` pages spread over an ordinary anonymous mapping of `mem`
+/// bytes (faulted in, 4 KiB pages, the writer's stride) into a warm buffer,
+/// other pages each pass: what scattered copying costs here without guest
+/// memory.
+fn scattered_anon_us(pages: u64, mem: u64) -> f64 {
+    let ps = PAGE_SIZE as usize;
+    let src = vec![7u8; mem as usize];
+    let stride = ((mem - KERNEL_END) / PAGE_SIZE / pages).max(1) as usize;
+    let mut dst = vec![0u8; pages as usize * ps];
+    let mut t = Vec::new();
+    // each pass copies other pages (shifted by one): cold in the caches,
+    // as pages just written by the guest on another CPU are for the copy
+    for pass in 0..15 {
+        let s = Instant::now();
+        for i in 0..pages as usize {
+            let off = (KERNEL_END as usize + (i * stride + pass % stride.max(1)) * ps) % (mem as usize - ps);
+            dst[i * ps..(i + 1) * ps].copy_from_slice(std::hint::black_box(&src[off..off + ps]));
+        }
+        std::hint::black_box(&dst);
+        t.push(us(s.elapsed()));
+    }
+    med(&t)
+}
+
 fn memcpy_us(pages: u64) -> f64 {
     let n = (pages * PAGE_SIZE) as usize;
     let src = vec![7u8; n];
@@ -232,7 +259,7 @@ fn wait_writes_precopy(m: &mut Machine, n: u64, min: u64, buf: &mut Vec<u8>) -> 
         }
         if last_skim.elapsed() >= Duration::from_micros(500) {
             last_skim = Instant::now();
-            if m.precopy_due(min) {
+            if m.precopy_due(min, !pre.is_empty()) {
                 if let Some(gfns) = m.precopy_round()? {
                     buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
                     m.copy_pages_running(&gfns, buf)?;
@@ -243,7 +270,7 @@ fn wait_writes_precopy(m: &mut Machine, n: u64, min: u64, buf: &mut Vec<u8>) -> 
         std::thread::sleep(Duration::from_micros(200));
     }
     // the engine's last round before the boundary
-    if m.precopy_due(min / 4) {
+    if m.precopy_due(min / 4, !pre.is_empty()) {
         if let Some(gfns) = m.precopy_round()? {
             buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
             m.copy_pages_running(&gfns, buf)?;
@@ -358,6 +385,7 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
         warm.extend_from_slice(&b.warm);
         let mc = med(&warm);
         let contiguous = memcpy_us(n);
+        let scattered = scattered_anon_us(n, 256 << 20);
         let row = PhaseRow {
             pages: n,
             dirty_mean: dirty.iter().sum::<f64>() / dirty.len() as f64,
@@ -377,9 +405,10 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             floor_kick_us_p99: p99(&kick),
             floor_copy_us_p99: p99(&warm),
             memcpy_contiguous_us: contiguous,
+            memcpy_scattered_anon_us: scattered,
         };
         live(format!(
-            "pause    {:>6} pages ({:.0} pre-copied): stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us (stop-and-copy p50 {:.0} p99 {:.0}) | floor {:>6.0} us (kick+resume {:.0}, copy of the same pages {:.0}; contiguous memcpy {:.0}) | p50/floor {:.2} p99/floor {:.2}",
+            "pause    {:>6} pages ({:.0} pre-copied): stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us (stop-and-copy p50 {:.0} p99 {:.0}) | floor {:>6.0} us (kick+resume {:.0}, copy of the same pages {:.0}; contiguous memcpy {:.0}, scattered anonymous {:.0}) | p50/floor {:.2} p99/floor {:.2}",
             n,
             row.precopied_mean,
             row.stop_us,
@@ -396,6 +425,7 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             med(&kick),
             mc,
             contiguous,
+            scattered,
             row.pause_us_p50 / row.floor_us,
             row.pause_us_p99 / row.floor_us
         ));

@@ -551,7 +551,7 @@ impl Engine {
                 if let Some(min) = precopy {
                     if now >= self.last_skim + PRECOPY_POLL {
                         self.last_skim = now;
-                        if self.machine.precopy_due(min) {
+                        if self.machine.precopy_due(min, !self.pre.rounds.is_empty()) {
                             self.precopy_round()?;
                         }
                     }
@@ -609,7 +609,10 @@ impl Engine {
             // round minimum waits: the pause then copies only what the guest
             // wrote during this round's copy
             if let Some(min) = self.opts.precopy_min_pages {
-                if !self.finish && !self.machine.is_paused() && self.machine.precopy_due(min / 4) {
+                if !self.finish
+                    && !self.machine.is_paused()
+                    && self.machine.precopy_due(min / 4, !self.pre.rounds.is_empty())
+                {
                     self.precopy_round()?;
                 }
             }
