@@ -141,7 +141,9 @@ pub(crate) fn full_guest(
     let long = Duration::from_secs(600);
     let t0 = Instant::now();
     let st = p
-        .wait_status(long, |v| v["protection"] == "protected")
+        // (live_syncs and the sync's rate reach the status in the same
+        // update, which may come after the protection change)
+        .wait_status(long, |v| v["protection"] == "protected" && v["live_syncs"].as_u64() >= Some(1))
         .ok_or_else(|| BenchError::E2e(format!("{mem_gib} GiB guest never protected:\n{}", p.log_tail())))?;
     let mut row = FullGuest { mem_gib: mem_gib as f64, fill_gib: fill_gib as f64, ..FullGuest::default() };
     row.sync_s = t0.elapsed().as_secs_f64();

@@ -956,3 +956,42 @@ impl Engine {
         self.shared.pause_us_max.fetch_max(us as u64, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(pool: &BufPool, gfns: &[u64], fill: u8) -> (Vec<u64>, PooledBuf) {
+        let mut b = pool.take(gfns.len() * PAGE_SIZE as usize);
+        b.0.fill(fill);
+        (gfns.to_vec(), b)
+    }
+
+    fn summary(pages: &[Page]) -> Vec<(u64, u8)> {
+        pages.iter().map(|p| (p.gfn, p.data.as_ref().map_or(0, |d| d[0]))).collect()
+    }
+
+    #[test]
+    fn the_latest_round_copy_of_each_uncollected_page_is_shipped() {
+        let pool = BufPool::default();
+        let mut pre = PreCopy::default();
+        pre.rounds.push(round(&pool, &[1, 3, 5, 9], b'a'));
+        pre.rounds.push(round(&pool, &[3, 7], b'b'));
+        pre.pages = 6;
+        // the boundary collected 5 and 9 again: its copies win
+        let got = pre.take_uncollected(&[5, 9]);
+        assert_eq!(summary(&got), vec![(1, b'a'), (3, b'b'), (7, b'b')]);
+        assert!(pre.rounds.is_empty() && pre.pages == 0);
+        assert!(pre.take_uncollected(&[]).is_empty());
+    }
+
+    #[test]
+    fn boundary_pages_and_round_pages_merge_in_gfn_order() {
+        let page = |gfn: u64, b: u8| Page { gfn, data: Some(bytes::Bytes::from(vec![b; 8])) };
+        let a = vec![page(2, b'x'), page(5, b'x'), page(8, b'x')];
+        let b = vec![page(1, b'y'), page(3, b'y'), page(9, b'y')];
+        let m = merge_pages(a, b);
+        assert_eq!(summary(&m), vec![(1, b'y'), (2, b'x'), (3, b'y'), (5, b'x'), (8, b'x'), (9, b'y')]);
+        assert_eq!(summary(&merge_pages(Vec::new(), vec![page(4, b'z')])), vec![(4, b'z')]);
+    }
+}
