@@ -303,11 +303,11 @@ fn boundaries(m: &mut Machine, n: u64, samples: usize, precopy: Option<u64>) -> 
         };
         let t0 = Instant::now();
         let stop = m.pause()?;
-        // as the epoch engine does: the ring reset runs on a parked vCPU
-        // thread and the vCPU threads save their state while this thread
-        // copies; "reset" below is the wait for that reset after the copy
-        let d = m.collect_overlapped()?;
+        // as the epoch engine does: the vCPU threads save their state while
+        // this thread harvests and copies, and a large ring reset runs on a
+        // parked vCPU thread; "reset" below is the wait for that reset
         m.begin_save();
+        let d = m.collect_overlapped()?;
         let t2 = Instant::now();
         pagebuf.resize(d.gfns.len() * PAGE_SIZE as usize, 0);
         m.copy_pages_into(&d.gfns, &mut pagebuf)?;

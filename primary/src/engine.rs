@@ -813,11 +813,11 @@ impl Engine {
         let t0 = Instant::now();
         let stop = self.machine.pause()?;
         let t1 = Instant::now();
-        // the ring reset (re-arming) runs on a parked vCPU thread and the
-        // vCPU threads save their state while this thread copies (after the
-        // collect: a save holds the vCPU's core, which harvesting needs)
-        let d = self.machine.collect_overlapped()?;
+        // the vCPU threads save their state while this thread harvests and
+        // copies (the rings live apart from the vCPU cores the saves hold),
+        // and a large ring reset (re-arming) runs on a parked vCPU thread
         self.machine.begin_save();
+        let d = self.machine.collect_overlapped()?;
         self.shared.ring_full_exits.store(self.machine.ring_full_exits(), Ordering::Relaxed);
         common::crashpoint::hit("primary.after_collect");
         let t2 = Instant::now();

@@ -585,9 +585,9 @@ impl Machine {
 
     /// Starts saving every vCPU's state on its own parked thread, in
     /// parallel, while the caller copies pages; [`Machine::save`] then picks
-    /// the results up (or saves inline what was not done). Optional. Call it
-    /// after [`Machine::collect`]: a save holds the vCPU's core, which the
-    /// ring harvest needs too.
+    /// the results up (or saves inline what was not done). Optional; call
+    /// it right after the pause: the harvest does not need the vCPU cores a
+    /// save holds (each ring has its own lock).
     pub fn begin_save(&self) {
         if self.paused && self.started {
             for v in &self.vcpus {
