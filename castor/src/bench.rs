@@ -260,26 +260,28 @@ fn wait_writes_precopy(m: &mut Machine, n: u64, min: u64, buf: &mut Vec<u8>) -> 
         if last_skim.elapsed() >= Duration::from_micros(500) {
             last_skim = Instant::now();
             if m.precopy_due(min, !pre.is_empty()) {
-                if let Some(gfns) = m.precopy_round()? {
-                    buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
-                    m.copy_pages_running(&gfns, buf)?;
-                    pre.extend(gfns);
-                }
+                bench_round(m, buf, &mut pre)?;
             }
         }
         std::thread::sleep(Duration::from_micros(200));
     }
     // the engine's last round before the boundary
     if m.precopy_due(min / 4, !pre.is_empty()) {
-        if let Some(gfns) = m.precopy_round()? {
-            buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
-            m.copy_pages_running(&gfns, buf)?;
-            pre.extend(gfns);
-        }
+        bench_round(m, buf, &mut pre)?;
     }
     pre.sort_unstable();
     pre.dedup();
     Ok(pre)
+}
+
+/// One pre-copy round: re-arm, copy while the guest runs, note the pages.
+fn bench_round(m: &mut Machine, buf: &mut Vec<u8>, pre: &mut Vec<u64>) -> Result<(), BenchError> {
+    if let Some(gfns) = m.precopy_round()? {
+        buf.resize(gfns.len() * PAGE_SIZE as usize, 0);
+        m.copy_pages_running(&gfns, buf)?;
+        pre.extend(gfns);
+    }
+    Ok(())
 }
 
 /// `samples` boundaries of a guest writing `n` pages per epoch, timed as the
