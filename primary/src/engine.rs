@@ -249,20 +249,22 @@ impl BufPool {
 #[derive(Debug, Default)]
 struct PreCopy {
     rounds: Vec<(Vec<u64>, PooledBuf)>,
-    pages: u64,
 }
 
 impl PreCopy {
     fn clear(&mut self) {
         self.rounds.clear();
-        self.pages = 0;
+    }
+
+    /// Pages copied by this epoch's rounds (a page copied twice counts twice).
+    fn pages(&self) -> u64 {
+        self.rounds.iter().map(|(g, _)| g.len() as u64).sum()
     }
 
     /// The latest copy of every pre-copied page the boundary did not
     /// collect (`collected`: sorted), sorted by gfn.
     fn take_uncollected(&mut self, collected: &[u64]) -> Vec<Page> {
         let rounds = std::mem::take(&mut self.rounds);
-        self.pages = 0;
         let mut latest: std::collections::HashMap<u64, (usize, usize)> = std::collections::HashMap::new();
         for (r, (gfns, _)) in rounds.iter().enumerate() {
             for (i, &g) in gfns.iter().enumerate() {
@@ -512,7 +514,7 @@ impl Engine {
                     }
                     break;
                 }
-                if self.machine.ring_pending() + self.pre.pages >= self.opts.max_epoch_pages
+                if self.machine.ring_pending() + self.pre.pages() >= self.opts.max_epoch_pages
                     || self.machine.devices().outbox_len() >= MAX_EPOCH_OUTPUTS
                 {
                     next = now;
@@ -644,7 +646,6 @@ impl Engine {
         }
         let mut buf = self.pool.take(gfns.len() * PAGE_SIZE as usize);
         self.machine.copy_pages_running(&gfns, &mut buf.0)?;
-        self.pre.pages += gfns.len() as u64;
         self.pre.rounds.push((gfns, buf));
         self.shared.precopy_rounds.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -828,17 +829,11 @@ impl Engine {
         if lost {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
         }
-        if lost {
-            self.pre.clear();
-        }
         if lost && resume && !self.want_full {
             tracing::warn!(epoch, "dirty tracking lost: this epoch is not sent; a live resync follows");
             return self.resync_instead(t0).map(|()| None);
         }
         let mut full = lost || std::mem::take(&mut self.want_full);
-        if full {
-            self.pre.clear();
-        }
         if lost {
             tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory epoch");
         }
@@ -867,7 +862,6 @@ impl Engine {
                 return self.resync_instead(t0).map(|()| None);
             }
             tracing::warn!(epoch, "dirty ring reset failed: this epoch is sent as a full-memory epoch");
-            self.pre.clear();
             full = true;
             pages = self.all_nonzero_pages();
         }
@@ -888,8 +882,14 @@ impl Engine {
         self.shared.next_epoch.store(epoch + 1, Ordering::SeqCst);
         let dirty = pages.len() as u64;
         // (after the resume) the pre-copied pages this boundary did not
-        // collect again: their copies from the rounds are current
-        let pre = if full { Vec::new() } else { self.pre.take_uncollected(&d.gfns) };
+        // collect again: their copies from the rounds are current (a full
+        // epoch holds every page: the rounds are dropped)
+        let pre = if full {
+            self.pre.clear();
+            Vec::new()
+        } else {
+            self.pre.take_uncollected(&d.gfns)
+        };
         let precopied = pre.len() as u64;
         self.shared.precopied_pages.fetch_add(precopied, Ordering::Relaxed);
         let pages = merge_pages(pages, pre);
@@ -977,11 +977,11 @@ mod tests {
         let mut pre = PreCopy::default();
         pre.rounds.push(round(&pool, &[1, 3, 5, 9], b'a'));
         pre.rounds.push(round(&pool, &[3, 7], b'b'));
-        pre.pages = 6;
+        assert_eq!(pre.pages(), 6);
         // the boundary collected 5 and 9 again: its copies win
         let got = pre.take_uncollected(&[5, 9]);
         assert_eq!(summary(&got), vec![(1, b'a'), (3, b'b'), (7, b'b')]);
-        assert!(pre.rounds.is_empty() && pre.pages == 0);
+        assert!(pre.rounds.is_empty() && pre.pages() == 0);
         assert!(pre.take_uncollected(&[]).is_empty());
     }
 

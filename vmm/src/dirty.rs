@@ -214,11 +214,11 @@ impl DirtyTracker {
             TrackerKind::Ring { entries: ring_size } => {
                 let mut ledger = common::sync::lock(&ctx.reset_lock);
                 let mut entries = Vec::new();
-                let mut cores: Vec<_> = vcpus.iter().map(|v| v.ring()).collect();
-                let mut harvested = Vec::with_capacity(cores.len());
+                let mut rings: Vec<_> = vcpus.iter().map(|v| v.ring()).collect();
+                let mut harvested = Vec::with_capacity(rings.len());
                 ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
-                for core in cores.iter_mut() {
-                    let rs = core.as_mut().expect("ring tracker has rings");
+                for g in rings.iter_mut() {
+                    let rs = g.as_mut().expect("ring tracker has rings");
                     entries.append(&mut rs.pending);
                     lost |= std::mem::take(&mut rs.lost);
                     let h = rs.ring.harvest(&mut entries, rs.verify);
@@ -253,7 +253,7 @@ impl DirtyTracker {
                 // than a hand-off to a parked thread (~100 us here)
                 if rearm && overlap && !doubtful && !lost && gfns.len() >= OVERLAP_RESET_MIN_PAGES && !vcpus.is_empty()
                 {
-                    drop(cores);
+                    drop(rings);
                     drop(ledger);
                     vcpus[0].request_reset();
                     self.reset_in_flight = true;
@@ -262,7 +262,7 @@ impl DirtyTracker {
                     let ok = if self.short_reset_armed && harvested.iter().any(|&n| n >= 2) {
                         self.short_reset_armed = false;
                         self.short_resets_injected += 1;
-                        cut_short_reset(&mut ledger, vm, &mut cores, &harvested)
+                        cut_short_reset(&mut ledger, vm, &mut rings, &harvested)
                     } else {
                         ledger.reset(vm)
                     };
@@ -270,8 +270,8 @@ impl DirtyTracker {
                     if !ok {
                         ledger.suspect = false;
                         lost = true;
-                        for core in cores.iter_mut() {
-                            core.as_mut().expect("ring").ring.mark_desynchronised();
+                        for g in rings.iter_mut() {
+                            g.as_mut().expect("ring").ring.mark_desynchronised();
                         }
                     }
                     if lost {
@@ -341,19 +341,9 @@ impl DirtyTracker {
             return 0;
         }
         let mut ledger = common::sync::lock(&ctx.reset_lock);
-        let mut pending = 0u64;
-        for v in vcpus {
-            let mut g = v.ring();
-            let Some(rs) = g.as_mut() else { continue };
-            v.note_foreign_harvest();
-            // no verification scan: the running vCPU adds entries meanwhile
-            let h = rs.ring.harvest(&mut rs.pending, false);
-            if h.overflow {
-                rs.lost = true;
-            }
-            ledger.unreset += u64::from(h.expected_reset());
-            pending += rs.pending.len() as u64;
-        }
+        let mut rings: Vec<_> = vcpus.iter().map(|v| v.ring()).collect();
+        harvest_running(vcpus, &mut rings, &mut ledger);
+        let pending = rings.iter().map(|g| g.as_ref().map_or(0, |rs| rs.pending.len() as u64)).sum();
         ctx.ring_pending.store(pending, std::sync::atomic::Ordering::Relaxed);
         pending
     }
@@ -386,12 +376,10 @@ impl DirtyTracker {
         let mut rings: Vec<_> = vcpus.iter().map(|v| v.ring()).collect();
         let mut entries = Vec::new();
         let mut lost = std::mem::take(&mut ledger.suspect);
-        for (v, g) in vcpus.iter().zip(rings.iter_mut()) {
+        harvest_running(vcpus, &mut rings, &mut ledger);
+        for g in rings.iter_mut() {
             let rs = g.as_mut().expect("ring tracker has rings");
-            v.note_foreign_harvest();
-            let h = rs.ring.harvest(&mut rs.pending, false);
-            ledger.unreset += u64::from(h.expected_reset());
-            lost |= h.overflow || std::mem::take(&mut rs.lost);
+            lost |= std::mem::take(&mut rs.lost);
             entries.append(&mut rs.pending);
         }
         ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
@@ -437,6 +425,26 @@ impl DirtyTracker {
     }
 }
 
+/// Harvests every ring into its pending list while the vCPUs may run (no
+/// verification scan: a running vCPU adds entries meanwhile); an overflow
+/// marks the ring's tracking lost. Entries stay marked RESET, counted in the
+/// ledger, until a reset recycles them.
+fn harvest_running(
+    vcpus: &[Arc<Vcpu>],
+    rings: &mut [std::sync::MutexGuard<'_, Option<RingState>>],
+    ledger: &mut RingLedger,
+) {
+    for (v, g) in vcpus.iter().zip(rings.iter_mut()) {
+        let Some(rs) = g.as_mut() else { continue };
+        v.note_foreign_harvest();
+        let h = rs.ring.harvest(&mut rs.pending, false);
+        if h.overflow {
+            rs.lost = true;
+        }
+        ledger.unreset += u64::from(h.expected_reset());
+    }
+}
+
 /// The injected short reset: the last half of each ring's fresh harvest is
 /// held back, the rings are reset (KVM stops at the first entry not marked
 /// RESET, so it recycles less than was harvested and says so), and the held
@@ -444,16 +452,16 @@ impl DirtyTracker {
 fn cut_short_reset(
     ledger: &mut RingLedger,
     vm: &VmFd,
-    cores: &mut [std::sync::MutexGuard<'_, Option<RingState>>],
+    rings: &mut [std::sync::MutexGuard<'_, Option<RingState>>],
     harvested: &[u32],
 ) -> bool {
     let held: Vec<u32> = harvested.iter().map(|&n| n / 2).collect();
-    for (core, &n) in cores.iter_mut().zip(&held) {
-        core.as_mut().expect("ring").ring.hold_back(n);
+    for (g, &n) in rings.iter_mut().zip(&held) {
+        g.as_mut().expect("ring").ring.hold_back(n);
     }
     let ok = ledger.reset(vm);
-    for (core, &n) in cores.iter_mut().zip(&held) {
-        core.as_mut().expect("ring").ring.release_held(n);
+    for (g, &n) in rings.iter_mut().zip(&held) {
+        g.as_mut().expect("ring").ring.release_held(n);
     }
     tracing::warn!(held = held.iter().sum::<u32>(), "injected a short ring reset");
     ok
