@@ -111,13 +111,11 @@ pub(crate) fn full_guest(
         runtime::harness::Spec { exe: exe.clone(), name: name.into(), args, dir: dir.to_path_buf(), env }
     };
     let tag = format!("full{mem_gib}g");
-    // on this 2-core host a multi-GiB sync keeps both cores busy (the scan,
-    // the encryption on both sides, the guest): heartbeats answered 100 ms
-    // late would end the session, so these rows run with a 1 s timeout
-    let hb = ["--heartbeat-timeout-ms".to_string(), "1000".to_string()];
+    // the default heartbeat timeout (100 ms): until the session's frame
+    // loops yielded between frames these rows needed 1 s (heartbeats went
+    // out 100-160 ms late during a multi-GiB sync on 2 cores)
     let mut sa = node_args(Some("secondary"), secret);
     sa.extend(["--listen".into(), "127.0.0.1:0".into()]);
-    sa.extend(hb.iter().cloned());
     let s = spec(&format!("s-{tag}"), sa, vec![]).start().map_err(e)?;
     let repl = s.listen.ok_or_else(|| BenchError::E2e("the secondary reported no replication address".into()))?;
     let mut pa = node_args(Some("primary"), secret);
@@ -132,7 +130,6 @@ pub(crate) fn full_guest(
         format!("{fill_gib}G"),
         "--test-hooks".into(),
     ]);
-    pa.extend(hb.iter().cloned());
     // every 500th epoch counts as tracking-lost: one resync a few seconds
     // after protection (10 ms epochs)
     let p = spec(&format!("p-{tag}"), pa, vec![("CASTOR_FORCE_TRACKING_LOST_EVERY".into(), "500".into())])

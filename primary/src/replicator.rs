@@ -537,11 +537,19 @@ impl Replicator {
         // the session as lost (the witness or the two-node rule decides).
         let last_reply = Arc::new(std::sync::Mutex::new(Instant::now()));
         let last_reply_hb = last_reply.clone();
+        // each on its own task: a writer busy sealing megabytes of a sync
+        // must not delay a heartbeat (the secondary counts a primary that
+        // sends none for its timeout as dead), nor the reading of replies.
+        // Aborted when the session ends (the guards drop with `io`).
+        let writer = AbortOnDrop(tokio::spawn(write_loop(dw, ship_rx, queued_w, meter_w)));
+        let acks = AbortOnDrop(tokio::spawn(read_acks(dr, heard_tx, gen)));
+        let beats = AbortOnDrop(tokio::spawn(heartbeats(hr, hw, gen, interval, timeout, last_reply_hb)));
         let io = async move {
+            let (w, a, b) = (writer, acks, beats);
             tokio::select! {
-                e = write_loop(dw, ship_rx, queued_w, meter_w) => e,
-                e = read_acks(dr, heard_tx, gen) => e,
-                e = heartbeats(hr, hw, gen, interval, timeout, last_reply_hb) => e,
+                e = w.join() => e,
+                e = a.join() => e,
+                e = b.join() => e,
             }
         };
         let mut io = std::pin::pin!(io);
@@ -668,6 +676,24 @@ impl Replicator {
             s.epochs += 1;
         });
         self.status.record_pause(e.phases.pause_us);
+    }
+}
+
+/// A session I/O task, aborted when its guard drops (the session ended).
+struct AbortOnDrop(tokio::task::JoinHandle<SessionEnd>);
+
+impl AbortOnDrop {
+    async fn join(mut self) -> SessionEnd {
+        match (&mut self.0).await {
+            Ok(end) => end,
+            Err(e) => SessionEnd::Lost(Loss::Unexpected(format!("a session task ended: {e}"))),
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

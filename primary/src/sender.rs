@@ -72,9 +72,25 @@ async fn send_full_sync(tx: &mut Tx, first: bool, pages: Vec<Page>) -> Result<()
     }
     for c in proto::chunk_pages(0, pages) {
         tx.feed(Message::FullSyncChunk(c).to_frame()).await?;
+        // sealing a MiB takes milliseconds, and a loopback socket is always
+        // writable: without a yield this task ran for 100+ ms, the runtime
+        // polled no timer meanwhile, and heartbeats went out late enough
+        // to end the session (see yield_between_frames)
+        yield_between_frames().await;
     }
     tx.flush().await?;
     Ok(())
+}
+
+/// Lets the runtime poll its timers and sockets between two frames of a
+/// long send. A task that never has to wait runs until the runtime's
+/// cooperative budget stops it (128 socket writes, here 128 sealed MiB):
+/// on this 2-core host that kept timers unpolled for 100-160 ms, the
+/// heartbeat task fired that late and the session ended as if the
+/// secondary were gone. `yield_now` wakes this task again only after the
+/// runtime has polled its driver.
+pub(crate) async fn yield_between_frames() {
+    tokio::task::yield_now().await;
 }
 
 async fn send_epoch(
@@ -96,6 +112,7 @@ async fn send_epoch(
     let half = chunks.len() / 2;
     for (i, c) in chunks.into_iter().enumerate() {
         tx.feed(Message::PageChunk(c).to_frame()).await?;
+        yield_between_frames().await;
         if i + 1 == half.max(1) {
             tx.flush().await?;
             common::crashpoint::hit("primary.mid_chunks");

@@ -271,6 +271,12 @@ async fn serve_inner(
     *session = Some(mine);
     let mut state = StateAssembler::default();
     loop {
+        // between two frames the runtime polls its timers and sockets: a
+        // sync's frames arrive faster than they are opened and stored, and
+        // without this yield the task ran for 100+ ms (its cooperative
+        // budget), heartbeat replies waited as long, and the primary ended
+        // the session (the primary's writer yields the same way)
+        tokio::task::yield_now().await;
         let Some(frame) = rx.next().await else {
             return Ok(SessionEnd::Closed);
         };
