@@ -51,6 +51,18 @@ pub(crate) struct E2e {
     pub(crate) output_delay_ms_p99_saturated: f64,
     pub(crate) ops_per_s_protected: f64,
     pub(crate) ops_per_s_unprotected: f64,
+    /// The unprotected guest's request-to-response latency at the same
+    /// client counts (256 and 16), measured in the same run: what this host
+    /// gives without output commit, the floor of output_delay_ms_*.
+    pub(crate) output_delay_ms_p50_unprotected: f64,
+    pub(crate) output_delay_ms_p99_unprotected: f64,
+    pub(crate) ops_per_s_moderate_unprotected: f64,
+    pub(crate) output_delay_ms_p50_light_unprotected: f64,
+    pub(crate) output_delay_ms_p99_light_unprotected: f64,
+    /// What output commit adds at 256 clients: output_delay_ms_p99 minus
+    /// output_delay_ms_p99_unprotected (p50 likewise).
+    pub(crate) output_delay_added_ms_p50: f64,
+    pub(crate) output_delay_added_ms_p99: f64,
     pub(crate) throughput_ratio_protected: f64,
     /// Ring with hot-page retention off (re-armed every epoch).
     pub(crate) ops_per_s_protected_no_retention: f64,
@@ -334,6 +346,19 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     let u_svc = u.service;
     wait_status(&u, |v| v["role"] == "primary").ok_or_else(|| BenchError::E2e("baseline never started".into()))?;
     let (urate, _) = kv_load(&rt, u_svc, clients, secs);
+    let (mrate, lat) = kv_load(&rt, u_svc, moderate, secs);
+    out.ops_per_s_moderate_unprotected = mrate;
+    out.output_delay_ms_p50_unprotected = med(&lat);
+    out.output_delay_ms_p99_unprotected = p99(&lat);
+    out.output_delay_added_ms_p50 = out.output_delay_ms_p50 - med(&lat);
+    out.output_delay_added_ms_p99 = out.output_delay_ms_p99 - p99(&lat);
+    let (_, llat) = kv_load(&rt, u_svc, 16, secs);
+    out.output_delay_ms_p50_light_unprotected = med(&llat);
+    out.output_delay_ms_p99_light_unprotected = p99(&llat);
+    live(format!(
+        "e2e      unprotected ({moderate} clients): {mrate:.0} kv ops/s, latency p50 {:.1} ms p99 {:.1} ms (protected: output delay p50 {:.1} ms p99 {:.1} ms; added p50 {:.1} ms p99 {:.1} ms); 16 clients p50 {:.1} ms p99 {:.1} ms",
+        med(&lat), p99(&lat), out.output_delay_ms_p50, out.output_delay_ms_p99, out.output_delay_added_ms_p50, out.output_delay_added_ms_p99, med(&llat), p99(&llat)
+    ));
     out.ops_per_s_unprotected = urate;
     out.throughput_ratio_protected = out.ops_per_s_protected / urate.max(1e-9);
     out.throughput_ratio_protected_bitmap_hot = out.ops_per_s_protected_bitmap_hot / urate.max(1e-9);
