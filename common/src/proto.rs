@@ -223,6 +223,11 @@ pub enum Message {
         generation: u64,
         seq: u64,
         time_us: u64,
+        /// Secondary's replies: bytes it has read from its data
+        /// connections so far (since version 4). A slow link shows progress
+        /// here long before an epoch's ack: the primary ends a session for
+        /// a missing ack only once this has stopped growing. Primaries send 0.
+        received: u64,
     },
     Fence {
         generation: u64,
@@ -259,6 +264,7 @@ struct HeartbeatWire {
     generation: u64,
     seq: u64,
     time_us: u64,
+    received: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -322,8 +328,8 @@ impl Message {
             Message::EpochEnd(t) => enc(t),
             Message::SyncBegin => Bytes::new(),
             Message::EpochAck { epoch } | Message::Handover { epoch } => enc(epoch),
-            Message::Heartbeat { generation, seq, time_us } => {
-                enc(&HeartbeatWire { generation: *generation, seq: *seq, time_us: *time_us })
+            Message::Heartbeat { generation, seq, time_us, received } => {
+                enc(&HeartbeatWire { generation: *generation, seq: *seq, time_us: *time_us, received: *received })
             }
             Message::Fence { generation, reason } => {
                 enc(&GenReason { generation: *generation, reason: reason.clone() })
@@ -389,7 +395,7 @@ impl Message {
             Kind::Handover => Message::Handover { epoch: dec(k, &payload)? },
             Kind::Heartbeat => {
                 let w: HeartbeatWire = dec(k, &payload)?;
-                Message::Heartbeat { generation: w.generation, seq: w.seq, time_us: w.time_us }
+                Message::Heartbeat { generation: w.generation, seq: w.seq, time_us: w.time_us, received: w.received }
             }
             Kind::Fence => {
                 let w: GenReason = dec(k, &payload)?;

@@ -75,8 +75,9 @@ fn message_strategy() -> impl Strategy<Value = Message> {
         }),
         any::<u64>().prop_map(|epoch| Message::EpochAck { epoch }),
         Just(Message::SyncBegin),
-        (any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(generation, seq, time_us)| { Message::Heartbeat { generation, seq, time_us } }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(generation, seq, time_us, received)| {
+            Message::Heartbeat { generation, seq, time_us, received }
+        }),
         (any::<u64>(), s).prop_map(|(generation, reason)| Message::Fence { generation, reason }),
         s.prop_map(|reason| Message::Shutdown { reason }),
         s.prop_map(|reason| Message::ResyncRequest { reason }),

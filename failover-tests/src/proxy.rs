@@ -27,7 +27,14 @@ pub enum Fault {
     Throttle(u64),
     /// Flip one bit in every chunk forwarded downstream-to-upstream.
     Corrupt,
+    /// Hold the downstream-to-upstream direction of every connection that
+    /// has carried more than 1 MiB that way: a replication data connection
+    /// stands still while its heartbeat connection (a few KiB) flows.
+    StallBulk,
 }
+
+/// Bytes a connection carries upstream before [`Fault::StallBulk`] holds it.
+const BULK: u64 = 1 << 20;
 
 /// A running proxy: clients connect to `addr`, traffic goes to `upstream`.
 #[derive(Debug, Clone)]
@@ -114,6 +121,7 @@ impl Proxy {
     ) {
         let mut buf = vec![0u8; 64 << 10];
         let mut held: Vec<u8> = Vec::new();
+        let mut carried = 0u64;
         loop {
             if self.epoch.load(std::sync::atomic::Ordering::SeqCst) != born {
                 return;
@@ -127,6 +135,7 @@ impl Proxy {
             let hold = match fault {
                 Fault::HoldReplies => !to_upstream,
                 Fault::HoldRequests => to_upstream,
+                Fault::StallBulk => to_upstream && carried > BULK,
                 Fault::Blackhole => true,
                 Fault::Drop => return,
                 _ => false,
@@ -157,6 +166,7 @@ impl Proxy {
             if w.write_all(&held).await.is_err() {
                 return;
             }
+            carried += held.len() as u64;
             held.clear();
         }
     }

@@ -491,6 +491,153 @@ fn tiny_ring_and_tracking_lost(row: &mut Row) {
     row.check(&v, &c);
 }
 
+/// Epochs stretched to seconds at a high request rate (issue 13): 256
+/// clients, and the data link throttled to 128 KiB/s for 5 s (the heartbeat
+/// channel is throttled too, but its frames are small), so each epoch waits
+/// seconds for its ack and the engine stretches the next one. The session
+/// must live through it: no hold, no resync (a lost session would end in
+/// one), protection back once the link heals;
+/// then a kill -9 of the primary loses no acknowledged write.
+fn stretched_epochs(row: &mut Row) {
+    const RATE: u64 = 128 << 10;
+    let c = Cluster::new("stretched");
+    let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
+    let s = c.secondary("s", &o, None);
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let mut p = c.primary("p", &o, proxy.addr);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let load = Load::start(&rt, vec![p.service, s.service], 256, 4, 1);
+    load.wait_more(2000, T);
+    let st0 = p.status().expect("status");
+    let (syncs0, acked0) = (st0["syncs"].as_u64(), load.acked());
+    proxy.set(Fault::Throttle(RATE));
+    let t = Instant::now();
+    let (mut len_max, mut lag_max, mut held_max) = (0f64, 0u64, 0u64);
+    let mut holds = Vec::new();
+    let mut during = 0;
+    // the stretched epochs end (and show in status) after the link heals
+    while t.elapsed() < Duration::from_secs(8) {
+        if t.elapsed() > Duration::from_secs(5) && during == 0 {
+            during = load.acked() - acked0;
+            proxy.set(Fault::Pass);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let Some(st) = p.status() else { continue };
+        len_max = len_max.max(st["last_epoch"]["len_us"].as_f64().unwrap_or(0.0));
+        lag_max = lag_max.max(st["lag_epochs"].as_u64().unwrap_or(0));
+        held_max = held_max.max(st["held_outputs"].as_u64().unwrap_or(0));
+        if !st["hold"].is_null() {
+            holds.push(st["hold"].to_string());
+        }
+    }
+    let back = protected(&p);
+    load.wait_more(500, T);
+    let st = p.status().expect("status");
+    eprintln!(
+        "stretched: longest epoch seen {:.2} s, lag up to {lag_max} epochs, up to {held_max} outputs held, {during} writes acked in the 5 s; syncs {:?} -> {:?}",
+        len_max / 1e6,
+        syncs0,
+        st["syncs"].as_u64()
+    );
+    if len_max < 1e6 {
+        row.fail(format!(
+            "no epoch was stretched to a second (longest {:.0} ms): the scenario did not happen",
+            len_max / 1e3
+        ));
+    }
+    if !holds.is_empty() || st["syncs"].as_u64() != syncs0 || !back {
+        row.fail(format!(
+            "the session did not live through stretched epochs: holds {holds:?}, syncs {syncs0:?} -> {:?}, protected again {back}:\n{}",
+            st["syncs"].as_u64(),
+            p.log_tail()
+        ));
+    }
+    if s.status().expect("s")["protection"] == "diverged" {
+        row.fail("G2: replica diverged".into());
+    }
+    p.kill9();
+    if !expect_takeover(row, &s, 1, "no takeover") {
+        return;
+    }
+    load.wait_more(100, T);
+    let v = load.finish(&rt, s.service);
+    row.check(&v, &c);
+}
+
+/// The data connection stands still while heartbeats flow (a wedged
+/// receiver, or a middlebox stalling one flow): the proxy holds every
+/// connection that has carried more than 1 MiB to the secondary. The acks
+/// stop and so do the bytes the secondary reports read, so the primary must
+/// end the session for the missing ack (its hold says the link stood still)
+/// instead of waiting on a link that only looks slow. Whatever follows (the
+/// secondary takes over once the heartbeats stop, or the primary syncs
+/// again after the link heals), nothing acknowledged is lost.
+fn stalled_data_path(row: &mut Row) {
+    let c = Cluster::new("stalled");
+    let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
+    let mut s = c.secondary("s", &o, None);
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let mut p = c.primary("p", &o, proxy.addr);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let load = Load::start(&rt, vec![p.service, s.service], 16, 16, 1);
+    load.wait_more(200, T);
+    proxy.set(Fault::StallBulk);
+    let t = Instant::now();
+    // the hold that follows can be short (the secondary answers again at
+    // once and ends it): the primary's log says why the session ended
+    let said = |p: &NodeProc| {
+        std::fs::read_to_string(&p.log)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("no byte of the data connection read"))
+            .map(str::to_string)
+    };
+    let mut line = None;
+    while line.is_none() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+        line = said(&p);
+    }
+    let found = t.elapsed();
+    proxy.set(Fault::Pass);
+    match line {
+        Some(l) => eprintln!("stalled: the primary ended the session within {:.1} s: {l}", found.as_secs_f64()),
+        None => row.fail(format!("the primary never ended a session whose link stood still:\n{}", p.log_tail())),
+    }
+    let survivor = if s.wait_status(Duration::from_secs(3), |v| v["role"] == "primary").is_some() {
+        match take_over(&s, 1) {
+            Some(st) => row.failover(&st),
+            None => row.fail("odd takeover state".into()),
+        }
+        match p.wait_exit(T) {
+            Some(7) => eprintln!("  the secondary took over; the old primary exited fenced"),
+            other => row.fail(format!("old primary not fenced after healing (exit {other:?}):\n{}", p.log_tail())),
+        }
+        s.service
+    } else {
+        if !protected(&p) {
+            row.fail(format!("no takeover, and the primary did not get protection back:\n{}", p.log_tail()));
+        }
+        eprintln!("  no takeover; the primary is protected again");
+        p.service
+    };
+    if !load.wait_more(30, T) {
+        row.fail("clients did not carry on".into());
+    }
+    let v = load.finish(&rt, survivor);
+    row.check(&v, &c);
+    let _ = &mut s;
+}
+
 /// A panic in the secondary's apply thread halfway through writing a
 /// verified epoch (crash point `secondary.mid_apply` set to panic). The
 /// replica is then neither the committed epoch nor the next one.
@@ -734,6 +881,8 @@ fn failover_suite() {
     run("slow-secondary", &mut |r| {
         network(r, "slow-secondary", Fault::Throttle(2 << 20), Duration::from_millis(2000), false)
     });
+    run("stretched", &mut stretched_epochs);
+    run("stalled-data", &mut stalled_data_path);
     run("corrupt-frames", &mut |r| network(r, "corrupt-frames", Fault::Corrupt, Duration::from_millis(400), false));
     run("truncated-frames", &mut |r| network(r, "truncated-frames", Fault::Drop, Duration::from_millis(60), false));
     run("tiny-ring", &mut tiny_ring_and_tracking_lost);

@@ -40,8 +40,8 @@ pub enum Loss {
     Channel { channel: &'static str, err: String },
     #[error("no heartbeat reply for {0:?}")]
     HeartbeatTimeout(Duration),
-    #[error("no ack for {0:?}")]
-    AckTimeout(Duration),
+    #[error("no ack for {waited:?}, and no byte of the data connection read for {no_progress:?}")]
+    AckTimeout { waited: Duration, no_progress: Duration },
 }
 
 /// The protection mode of a primary.

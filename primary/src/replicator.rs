@@ -118,7 +118,12 @@ enum Ship {
 /// slow. The rate the acks measure (ack-clocked, [`LinkPace::rate`]) is not
 /// used to shorten it: a link can slow down at once (the console-flood test
 /// throttles it to 2 MiB/s), and a dead secondary is found by the heartbeats,
-/// not by this deadline.
+/// not by this deadline. Past the deadline the session is lost only if the
+/// link has stopped moving too: no heartbeat reply for [`DATA_STALL`] (or
+/// the base, if longer) counted more bytes read by the secondary (a link slower than the assumed
+/// rate, where an epoch's ack takes seconds, keeps its session; a secondary
+/// that reads nothing, or has read everything and acknowledges nothing, loses
+/// it).
 #[derive(Debug, Default)]
 pub(crate) struct LinkPace {
     /// Written epochs not yet acknowledged: (epoch, bytes).
@@ -128,6 +133,12 @@ pub(crate) struct LinkPace {
     window: u64,
     window_start: Option<Instant>,
 }
+
+/// How long no byte of the data connection may be read by the secondary
+/// (at least; the base deadline if longer) before a missing ack ends the
+/// session. A slow link forwards in bursts (a retransmission alone can
+/// stall it for a second); the heartbeats find a dead secondary sooner.
+const DATA_STALL: Duration = Duration::from_secs(2);
 
 /// The rate the deadline assumes for the bytes ahead, bytes/s.
 const DEADLINE_LINK_RATE: f64 = 1048576.0;
@@ -166,6 +177,13 @@ impl LinkPace {
     pub(crate) fn deadline(&self, base: Duration, queued: u64) -> Duration {
         let ahead = queued + self.unacked.iter().map(|&(_, b)| b).sum::<u64>();
         base + Duration::from_secs_f64(ahead as f64 / DEADLINE_LINK_RATE).min(MAX_LINK_WAIT)
+    }
+
+    /// The oldest unacknowledged epoch has `waited` for its ack, and the
+    /// secondary has read no byte of the data connection for `still`: is
+    /// the session lost? Only past the deadline *and* with the link still.
+    pub(crate) fn overdue(&self, base: Duration, queued: u64, waited: Duration, still: Duration) -> bool {
+        waited > self.deadline(base, queued) && still > base.max(DATA_STALL)
     }
 }
 
@@ -537,13 +555,26 @@ impl Replicator {
         // the session as lost (the witness or the two-node rule decides).
         let last_reply = Arc::new(std::sync::Mutex::new(Instant::now()));
         let last_reply_hb = last_reply.clone();
+        // when the secondary last said it had read more of the data
+        // connection (its heartbeat replies count the bytes): on a slow
+        // link an epoch's ack takes seconds, and the session is lost for a
+        // missing ack only once these bytes have stopped growing too
+        let data_progress = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let data_progress_hb = data_progress.clone();
         // each on its own task: a writer busy sealing megabytes of a sync
         // must not delay a heartbeat (the secondary counts a primary that
         // sends none for its timeout as dead), nor the reading of replies.
         // Aborted when the session ends (the guards drop with `io`).
         let writer = AbortOnDrop(tokio::spawn(write_loop(dw, ship_rx, queued_w, meter_w)));
         let acks = AbortOnDrop(tokio::spawn(read_acks(dr, heard_tx, gen)));
-        let beats = AbortOnDrop(tokio::spawn(heartbeats(hr, hw, gen, interval, timeout, last_reply_hb)));
+        let beats = AbortOnDrop(tokio::spawn(heartbeats(
+            hr,
+            hw,
+            gen,
+            interval,
+            timeout,
+            Liveness { heard: last_reply_hb, data_progress: data_progress_hb },
+        )));
         let io = async move {
             let (w, a, b) = (writer, acks, beats);
             tokio::select! {
@@ -641,8 +672,9 @@ impl Replicator {
                     }
                     if let Some(t) = self.core.oldest_unacked() {
                         let queued_bytes = meter.queued.load(std::sync::atomic::Ordering::Relaxed);
-                        if t.elapsed() > pace.deadline(ack_timeout, queued_bytes) {
-                            return SessionEnd::Lost(Loss::AckTimeout(t.elapsed()));
+                        let still = common::sync::lock(&data_progress).elapsed();
+                        if pace.overdue(ack_timeout, queued_bytes, t.elapsed(), still) {
+                            return SessionEnd::Lost(Loss::AckTimeout { waited: t.elapsed(), no_progress: still });
                         }
                     }
                 }
@@ -750,14 +782,24 @@ async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<Heard>, g
     }
 }
 
+/// What the heartbeat task learns from the secondary's replies.
+struct Liveness {
+    /// When the last heartbeat the secondary answered was sent.
+    heard: Arc<std::sync::Mutex<Instant>>,
+    /// When the last heartbeat was sent whose reply counted more bytes read
+    /// from the data connection than the one before.
+    data_progress: Arc<std::sync::Mutex<Instant>>,
+}
+
 async fn heartbeats(
     mut hr: SessionReader,
     mut hw: SessionWriter,
     gen: u64,
     interval: Duration,
     timeout: Duration,
-    heard: Arc<std::sync::Mutex<Instant>>,
+    live: Liveness,
 ) -> SessionEnd {
+    let mut received_max = 0u64;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -767,7 +809,7 @@ async fn heartbeats(
         tokio::select! {
             _ = tick.tick() => {
                 let time_us = start.elapsed().as_micros() as u64;
-                if hw.send(&Message::Heartbeat { generation: gen, seq, time_us }).await.is_err() {
+                if hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
                     return SessionEnd::Lost(Loss::Closed("heartbeat"));
                 }
                 seq += 1;
@@ -776,7 +818,7 @@ async fn heartbeats(
                 }
             }
             m = hr.recv() => match m {
-                Ok(Some(Message::Heartbeat { generation, time_us, .. })) => {
+                Ok(Some(Message::Heartbeat { generation, time_us, received, .. })) => {
                     if generation > gen {
                         return SessionEnd::Fenced(generation);
                     }
@@ -787,7 +829,11 @@ async fn heartbeats(
                     let sent = start + Duration::from_micros(time_us);
                     if sent > last_reply && sent <= Instant::now() {
                         last_reply = sent;
-                        *common::sync::lock(&heard) = sent;
+                        *common::sync::lock(&live.heard) = sent;
+                        if received > received_max {
+                            received_max = received;
+                            *common::sync::lock(&live.data_progress) = sent;
+                        }
                     }
                 }
                 Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
@@ -801,6 +847,22 @@ async fn heartbeats(
 #[cfg(test)]
 mod pace_tests {
     use super::*;
+
+    #[test]
+    fn a_missing_ack_ends_the_session_only_once_the_link_stands_still() {
+        let base = Duration::from_millis(400);
+        let mut p = LinkPace::default();
+        p.written(1, 1 << 20);
+        let deadline = p.deadline(base, 0);
+        let (late, moving) = (deadline + Duration::from_secs(10), Duration::from_millis(300));
+        assert!(!p.overdue(base, 0, late, moving), "a slow link that moves keeps its session");
+        assert!(!p.overdue(base, 0, deadline / 2, DATA_STALL * 10), "before the deadline: kept");
+        assert!(p.overdue(base, 0, late, DATA_STALL + Duration::from_millis(1)), "late and still: lost");
+        assert!(!p.overdue(base, 0, late, DATA_STALL), "still for exactly the stall window: kept");
+        let long = Duration::from_secs(5);
+        assert!(!p.overdue(long, 0, p.deadline(long, 0) + base, long), "a base longer than the window rules");
+        assert!(p.overdue(long, 0, p.deadline(long, 0) + base, long + base));
+    }
 
     #[test]
     fn the_ack_deadline_grows_with_the_bytes_ahead() {

@@ -128,15 +128,49 @@ pub struct ReceiverConfig {
     pub state: Option<Arc<runtime::state_dir::StateDir>>,
     /// This node's generation: primaries with a lower one are refused.
     pub generation: Arc<AtomicU64>,
+    /// Bytes read from authenticated data connections so far, sent in every
+    /// heartbeat reply: the primary's sign that a slow link still moves
+    /// (an epoch's ack can take seconds on it).
+    pub data_received: Arc<AtomicU64>,
 }
 
 impl ReceiverConfig {
     pub fn new(secret: Secret, generation: u64) -> Self {
-        ReceiverConfig { secret, node: String::new(), state: None, generation: Arc::new(AtomicU64::new(generation)) }
+        ReceiverConfig {
+            secret,
+            node: String::new(),
+            state: None,
+            generation: Arc::new(AtomicU64::new(generation)),
+            data_received: Arc::default(),
+        }
     }
 
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// A connection's read half that, once armed (the peer authenticated on a
+/// data channel), counts every byte read into the node's counter: bytes,
+/// not frames, since one frame can take seconds on a slow link.
+struct CountingRead<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+    armed: bool,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingRead<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.armed {
+            self.count.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -183,6 +217,7 @@ async fn serve_inner(
             other => ReceiverError::Unauthenticated(other.to_string()),
         })?;
         let (r, w) = stream.into_split();
+        let r = CountingRead { inner: r, count: cfg.data_received.clone(), armed: false };
         let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, link.clone()), PRE_AUTH_BUFFER);
         let mut tx = FramedWrite::new(w, FrameCodec::new(PROTOCOL_VERSION, link));
         // the first frame proves the peer holds this session's keys (a
@@ -254,9 +289,10 @@ async fn serve_inner(
             };
             let frame = frame.map_err(ReceiverError::Frame)?;
             match Message::decode(frame.kind, frame.payload)? {
-                Message::Heartbeat { generation, seq, time_us } => {
+                Message::Heartbeat { generation, seq, time_us, .. } => {
                     on_event(ReceiverEvent::Heartbeat { generation, seq });
-                    let reply = Message::Heartbeat { generation: cfg.generation(), seq, time_us };
+                    let received = cfg.data_received.load(Ordering::Relaxed);
+                    let reply = Message::Heartbeat { generation: cfg.generation(), seq, time_us, received };
                     tx.send(reply.to_frame()).await.map_err(ReceiverError::Frame)?;
                 }
                 Message::Shutdown { .. } => return Ok(SessionEnd::Shutdown),
@@ -265,6 +301,8 @@ async fn serve_inner(
         }
     }
 
+    // an authenticated data session: its bytes count as the link's progress
+    rx.get_mut().armed = true;
     // this data session owns staging from now on (a newer one takes it
     // over, and this one ends at its next frame)
     let mine = common::sync::lock(replica).open_data_session();
