@@ -85,6 +85,11 @@ fn responses_are_held_until_their_epoch_is_acknowledged() {
     assert_eq!(r.expect("held call").resp.value, 22);
     assert!(at >= released_at, "answered before the acks were let through");
     eprintln!("response held for {:?} until the acks flowed again", at - t);
+    // the primary measured the wait too (from the guest's answer to its release)
+    let st = p
+        .wait_status(T, |v| v["output_hold_us_p99"].as_f64() >= Some(1.0e6))
+        .unwrap_or_else(|| panic!("status does not show output held for a second: {}", p.status().unwrap_or_default()));
+    eprintln!("status: output held p50 {} us, p99 {} us", st["output_hold_us_p50"], st["output_hold_us_p99"]);
 }
 
 #[test]
@@ -182,6 +187,8 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
         "castor_epochs_total",
         "castor_epoch_pause_us_bucket",
         "castor_ack_latency_us_p99",
+        "castor_output_hold_us_p99",
+        "castor_output_hold_us_bucket",
         "castor_epochs_in_flight",
         "castor_failovers_total",
         "castor_bytes_total",

@@ -187,6 +187,8 @@ pub struct EpochPacket {
     pub state: MachineState,
     /// Output produced up to this boundary: released when `epoch` is acked.
     pub outputs: Vec<Output>,
+    /// When the oldest of `outputs` was sent by the guest.
+    pub outputs_since: Option<Instant>,
     pub digest: Option<u64>,
     pub phases: Phases,
     /// The last epoch before a handover: the guest stays paused after it.
@@ -319,6 +321,8 @@ pub struct Engine {
     /// ([`EngineCommand::Finish`]).
     finish: bool,
     held: Vec<Output>,
+    /// When the oldest output in `held` was sent.
+    held_since: Option<Instant>,
     pool: BufPool,
     /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`, with `--test-hooks`): treat every N-th
     /// epoch as if dirty tracking had been lost.
@@ -374,6 +378,7 @@ impl Engine {
             want_full: false,
             finish: false,
             held: Vec::new(),
+            held_since: None,
             pool: BufPool::default(),
             force_lost_every,
             last_forced: None,
@@ -676,6 +681,7 @@ impl Engine {
                 self.machine.resume()?;
             }
         }
+        self.held_since = None;
         let mut out = std::mem::take(&mut self.held);
         out.extend(self.machine.devices().drain());
         if !out.is_empty() {
@@ -720,13 +726,23 @@ impl Engine {
         Ok(())
     }
 
+    /// Moves the devices' output into `held` (the guest is paused).
+    fn hold_output(&mut self) {
+        let (out, since) = self.machine.devices().drain_timed();
+        self.held.extend(out);
+        self.held_since = match (self.held_since, since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
     /// One pause of a live sync: collect (a lost collection re-protects
     /// every slot), hold the output, resume; counts for the sync's pauses.
     fn sync_pause(&mut self) -> Result<vmm::DirtySet, vmm::MachineError> {
         let t = Instant::now();
         self.machine.pause()?;
         let d = self.machine.collect()?;
-        self.held.extend(self.machine.devices().drain());
+        self.hold_output();
         self.machine.resume()?;
         let us = t.elapsed().as_secs_f64() * 1e6;
         self.note_pause(us);
@@ -872,8 +888,9 @@ impl Engine {
         let t4 = Instant::now();
         // drain after saving: output still in the saved outbox is re-released
         // by a secondary that takes over from this state
-        let mut outputs = std::mem::take(&mut self.held);
-        outputs.extend(self.machine.devices().drain());
+        self.hold_output();
+        let outputs = std::mem::take(&mut self.held);
+        let outputs_since = self.held_since.take();
         let resume_us = if resume { us(self.machine.resume()?.elapsed) } else { 0.0 };
         common::crashpoint::hit("primary.after_resume");
         let t5 = Instant::now();
@@ -930,7 +947,7 @@ impl Engine {
                 self.shared.sync_max_pause_us.fetch_max(phases.pause_us as u64, Ordering::Relaxed);
             }
         }
-        Ok(Some(EpochPacket { epoch, full, pages, state, outputs, digest, phases, last: !resume }))
+        Ok(Some(EpochPacket { epoch, full, pages, state, outputs, outputs_since, digest, phases, last: !resume }))
     }
 
     /// A boundary whose collection was incomplete: nothing of it is sent
@@ -939,7 +956,7 @@ impl Engine {
     fn resync_instead(&mut self, t0: Instant) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
         self.pre.clear();
-        self.held.extend(self.machine.devices().drain());
+        self.hold_output();
         self.machine.resume()?;
         let us = t0.elapsed().as_secs_f64() * 1e6;
         self.note_pause(us);

@@ -546,6 +546,9 @@ impl Replicator {
         let meter = Arc::new(LinkMeter::default());
         let meter_w = meter.clone();
         let mut pace = LinkPace::default();
+        // epochs of this session with output: when their oldest output was
+        // sent (how long output waits is measured to its release)
+        let mut output_since = std::collections::BTreeMap::<u64, Instant>::new();
         let mut sync_begun = false;
         // when the last heartbeat the secondary answered was sent: an ack
         // is applied only while that is recent (the secondary cannot have
@@ -618,7 +621,12 @@ impl Replicator {
                         if let Some(sent) = self.core.sent_at(epoch) {
                             self.status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
                         }
-                        let _ = self.apply(Event::Ack { epoch });
+                        if self.apply(Event::Ack { epoch }).is_ok() {
+                            let later = output_since.split_off(&(epoch + 1));
+                            for since in std::mem::replace(&mut output_since, later).into_values() {
+                                self.status.record_output_hold(since.elapsed().as_secs_f64() * 1e6);
+                            }
+                        }
                         common::crashpoint::hit("primary.after_release");
                         self.status.update(|s| s.acked_epoch = Some(epoch));
                     }
@@ -645,6 +653,9 @@ impl Replicator {
                     Some(Packet::Epoch(mut e)) => {
                         self.record_epoch(&e);
                         let outputs = std::mem::take(&mut e.outputs);
+                        if let (false, Some(since)) = (outputs.is_empty(), e.outputs_since) {
+                            output_since.insert(e.epoch, since);
+                        }
                         let _ = self.apply(Event::Epoch { epoch: e.epoch, outputs });
                         if e.last {
                             let _ = self.apply(Event::LastEpoch { epoch: e.epoch });
@@ -702,6 +713,7 @@ impl Replicator {
         self.status.update(|s| {
             s.epoch = e.epoch;
             s.last_epoch = e.phases;
+            s.epoch_len_us_max = s.epoch_len_us_max.max(e.phases.len_us);
             s.pages_total += e.pages.len() as u64;
             s.pages_unchanged_total += e.phases.unchanged;
             s.bytes_total += bytes;

@@ -156,6 +156,12 @@ pub struct StatusSnapshot {
     pub pause_us_p99: f64,
     pub ack_latency_us_p50: f64,
     pub ack_latency_us_p99: f64,
+    /// Primary: how long output waited, from the guest sending it to its
+    /// release (the oldest output of each acknowledged epoch), recent epochs.
+    /// What output commit adds to a response inside castor; the client also
+    /// sees the guest's own time and the network's.
+    pub output_hold_us_p50: f64,
+    pub output_hold_us_p99: f64,
     pub epochs: u64,
     pub pages_total: u64,
     /// Pages reported dirty but not shipped: unchanged since the previous epoch.
@@ -180,6 +186,9 @@ pub struct StatusSnapshot {
     /// Primary: the longest pause of the guest since start, us (epoch
     /// boundaries and live-sync rounds).
     pub pause_us_max: f64,
+    /// Primary: the longest epoch since start, us (how long the guest ran
+    /// between two boundaries: stretched while the secondary is behind).
+    pub epoch_len_us_max: f64,
     /// Primary: the longest pause during the last live sync, us (from the
     /// boundary that started it until the epoch that ended it was acked).
     pub sync_max_pause_us: f64,
@@ -207,9 +216,11 @@ pub struct NodeStatus {
     /// Recent values, for the percentiles in the status.
     ack_lat: Mutex<Vec<f64>>,
     pauses: Mutex<Vec<f64>>,
+    holds: Mutex<Vec<f64>>,
     /// Every value since start, for the metrics.
     pause_hist: Histogram,
     ack_hist: Histogram,
+    hold_hist: Histogram,
 }
 
 /// Upper bounds of the latency histograms (us).
@@ -221,8 +232,10 @@ impl Default for NodeStatus {
             snap: Mutex::default(),
             ack_lat: Mutex::default(),
             pauses: Mutex::default(),
+            holds: Mutex::default(),
             pause_hist: Histogram::new(LATENCY_BUCKETS_US),
             ack_hist: Histogram::new(LATENCY_BUCKETS_US),
+            hold_hist: Histogram::new(LATENCY_BUCKETS_US),
         }
     }
 }
@@ -260,6 +273,12 @@ impl NodeStatus {
         push_bounded(&mut lock(&self.ack_lat), us);
     }
 
+    /// An acknowledged epoch's oldest output waited `us` until its release.
+    pub fn record_output_hold(&self, us: f64) {
+        self.hold_hist.observe(us);
+        push_bounded(&mut lock(&self.holds), us);
+    }
+
     pub fn record_pause(&self, us: f64) {
         self.pause_hist.observe(us);
         push_bounded(&mut lock(&self.pauses), us);
@@ -274,6 +293,9 @@ impl NodeStatus {
         s.ack_latency_us_p99 = percentile(&a, 0.99);
         s.pause_us_p50 = percentile(&p, 0.5);
         s.pause_us_p99 = percentile(&p, 0.99);
+        let h = lock(&self.holds).clone();
+        s.output_hold_us_p50 = percentile(&h, 0.5);
+        s.output_hold_us_p99 = percentile(&h, 0.99);
         s
     }
 
@@ -313,6 +335,11 @@ impl NodeStatus {
             "ack_latency_us_p99",
             "p99 epoch ack latency (us), recent epochs",
             ConstGauge::new(s.ack_latency_us_p99),
+        );
+        r.register(
+            "output_hold_us_p99",
+            "p99 of how long output waited for its epoch's ack (us; from the guest sending it to its release), recent epochs",
+            ConstGauge::new(s.output_hold_us_p99),
         );
         r.register("epochs", "Epochs completed", ConstCounter::new(s.epochs));
         r.register("pages", "Pages shipped in epochs", ConstCounter::new(s.pages_total));
@@ -367,6 +394,11 @@ impl NodeStatus {
         }
         r.register("epoch_pause_us", "Guest pause per epoch boundary (us)", self.pause_hist.clone());
         r.register("epoch_ack_us", "Time from sending an epoch to its ack (us)", self.ack_hist.clone());
+        r.register(
+            "output_hold_us",
+            "How long each acknowledged epoch's oldest output waited, from the guest sending it to its release (us)",
+            self.hold_hist.clone(),
+        );
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
             tracing::error!("metrics encoding failed");
@@ -416,6 +448,11 @@ mod tests {
         for _ in 0..3000 {
             st.record_pause(10.0);
         }
+        for i in 0..100 {
+            st.record_output_hold(f64::from(1000 + i));
+        }
+        let snap = st.snapshot();
+        assert_eq!((snap.output_hold_us_p50, snap.output_hold_us_p99), (1050.0, 1098.0), "{snap:?}");
         let b = st.metrics();
         assert_eq!(count(&b), 8000);
         for needle in [
@@ -424,6 +461,8 @@ mod tests {
             "castor_failovers_total",
             "castor_epochs_in_flight",
             "castor_ack_latency_us_p99",
+            "castor_output_hold_us_p99",
+            "castor_output_hold_us_bucket{le=\"50.0\"}",
             "castor_epoch_pause_us_bucket{le=\"50.0\"}",
             "# EOF",
         ] {

@@ -47,6 +47,8 @@ struct Inner {
     queues: Vec<VecDeque<KvRequest>>,
     in_flight: Vec<Vec<KvRequest>>,
     outbox: Vec<Output>,
+    /// When the oldest output in the outbox was sent (None while empty).
+    first_output_at: Option<std::time::Instant>,
     console_backlog: usize,
     mark_backlog: usize,
 }
@@ -147,12 +149,18 @@ impl Devices {
 
     /// Takes everything the devices sent out since the last call.
     pub fn drain(&self) -> Vec<Output> {
+        self.drain_timed().0
+    }
+
+    /// [`Devices::drain`], and when the oldest of those outputs was sent
+    /// (None if there were none): how long output waits is measured from it.
+    pub fn drain_timed(&self) -> (Vec<Output>, Option<std::time::Instant>) {
         let mut g = self.lock();
         g.console_backlog = 0;
         g.mark_backlog = 0;
         self.has_output.store(false, Ordering::Relaxed);
         self.outbox_len.store(0, Ordering::Relaxed);
-        std::mem::take(&mut g.outbox)
+        (std::mem::take(&mut g.outbox), g.first_output_at.take())
     }
 
     /// Outputs sent since the last [`Devices::drain`] (no lock taken).
@@ -178,6 +186,7 @@ impl Devices {
         }
         g.mark_backlog += 1;
         g.outbox.push(o);
+        g.first_output_at.get_or_insert_with(std::time::Instant::now);
         self.has_output.store(true, Ordering::Relaxed);
         self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
     }
@@ -211,6 +220,7 @@ impl Devices {
         }
         g.console_backlog += 1;
         g.outbox.push(Output::Console { cpu, line });
+        g.first_output_at.get_or_insert_with(std::time::Instant::now);
         self.has_output.store(true, Ordering::Relaxed);
         self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
     }
@@ -270,6 +280,7 @@ impl Devices {
                 continue;
             }
             g.outbox.push(Output::Kv(resp));
+            g.first_output_at.get_or_insert_with(std::time::Instant::now);
             self.has_output.store(true, Ordering::Relaxed);
             self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
         }
@@ -331,6 +342,7 @@ impl Devices {
         g.queues = (0..n).map(|i| st.kv_queues.get(i).cloned().unwrap_or_default().into()).collect();
         g.in_flight = (0..n).map(|i| st.kv_in_flight.get(i).cloned().unwrap_or_default()).collect();
         g.outbox = st.outbox.clone();
+        g.first_output_at = (!g.outbox.is_empty()).then(std::time::Instant::now);
         self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
         self.has_output.store(!g.outbox.is_empty(), Ordering::Relaxed);
         self.console_lines.store(st.console_lines, Ordering::Relaxed);
