@@ -615,6 +615,12 @@ impl Machine {
         })
     }
 
+    /// The kernel thread ids of the vCPU threads that run (for checks of
+    /// their scheduling policy).
+    pub fn vcpu_thread_ids(&self) -> Vec<i32> {
+        self.vcpus.iter().filter_map(|v| v.thread_id()).collect()
+    }
+
     pub fn memory(&self) -> &Arc<GuestMem> {
         &self.mem
     }

@@ -10,7 +10,7 @@
 //! written by the owner; resume clears the flag and wakes it.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -166,6 +166,11 @@ pub struct Vcpu {
     /// and takes the slot lock only when there is work (polling the lock
     /// itself at idle priority let a preempted poller block the owner).
     has_work: AtomicBool,
+    /// The vCPU thread's kernel thread id (0 until it runs): a pause raises
+    /// it to a real-time policy until it parks (see [`Vcpu::kick`]).
+    tid: AtomicI32,
+    /// Set when a resume raised the parked thread to a real-time policy.
+    boosted: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -203,6 +208,8 @@ impl Vcpu {
             pause_gen: AtomicU64::new(0),
             work: Mutex::new(ParkedWork::default()),
             has_work: AtomicBool::new(false),
+            tid: AtomicI32::new(0),
+            boosted: AtomicBool::new(false),
             thread: Mutex::new(None),
         }
     }
@@ -254,6 +261,16 @@ impl Vcpu {
 
     fn kick(&self) -> Result<(), VcpuError> {
         self.immediate_exit.set(1);
+        {
+            // real-time until it parks, only if it runs: a thread still in
+            // its park (resumed, not yet out) must not poll at a real-time
+            // policy. Under the status lock it cannot park meanwhile, and
+            // parking lowers it again.
+            let st = self.status();
+            if st.state == RunState::Running {
+                boost(self.tid.load(Ordering::Acquire));
+            }
+        }
         let t = common::sync::lock(&self.thread);
         if let Some(h) = t.as_ref() {
             // SAFETY: the handle's pthread is alive until joined (we hold its JoinHandle).
@@ -270,6 +287,11 @@ impl Vcpu {
         self.pause_gen.fetch_add(1, Ordering::SeqCst);
         self.pause.store(true, Ordering::SeqCst);
         self.kick()
+    }
+
+    /// The vCPU thread's kernel thread id, once it runs.
+    pub fn thread_id(&self) -> Option<i32> {
+        Some(self.tid.load(Ordering::Acquire)).filter(|&t| t != 0)
     }
 
     fn parked_work(&self) -> MutexGuard<'_, ParkedWork> {
@@ -324,34 +346,39 @@ impl Vcpu {
     }
 
     /// On the vCPU thread, while parked: does a requested save or reset.
+    ///
+    /// The work runs at normal (or, with real-time pauses, real-time)
+    /// priority, and the slot lock is held only at that priority: the owner may be waiting for the lock, and a thread
+    /// that held it at idle priority lost its core to any runnable thread
+    /// (lowering the policy with the lock held was such a point: the kernel
+    /// preempts an idle-policy thread at once), which stalled the pause for as
+    /// long as the core stayed busy.
     fn serve_parked_work(&self, ctx: &VcpuContext) {
-        let gen = self.pause_gen.load(Ordering::SeqCst);
+        set_work_policy();
         {
             let mut slot = self.parked_work();
             self.has_work.store(false, Ordering::Relaxed);
+            let gen = self.pause_gen.load(Ordering::SeqCst);
             if slot.reset_requested != 0 && slot.reset_requested == gen {
                 slot.reset_requested = 0;
-                // the work runs at normal priority: the owner may be waiting
-                // for it (holding the slot lock at idle priority would let
-                // any busy thread stall the pause)
-                set_idle_policy(false);
                 let ok = {
                     let _blocked = KickBlocked::new();
                     common::sync::lock(&ctx.reset_lock).reset(&ctx.vm)
                 };
                 slot.reset_done = Some((gen, ok));
-                set_idle_policy(true);
             }
         }
-        let gen = self.pause_gen.load(Ordering::SeqCst);
-        let mut slot = self.parked_work();
-        if slot.requested == 0 || slot.requested != gen {
-            return;
+        // the reset's result is out before the save starts (the owner may
+        // be waiting for it alone)
+        {
+            let gen = self.pause_gen.load(Ordering::SeqCst);
+            let mut slot = self.parked_work();
+            if slot.requested != 0 && slot.requested == gen {
+                slot.requested = 0;
+                let r = state::save_vcpu_cached(&self.core().fd, self.id, &ctx.save_ctx, slot.template.as_ref());
+                slot.done = Some((gen, r));
+            }
         }
-        slot.requested = 0;
-        set_idle_policy(false);
-        let r = state::save_vcpu_cached(&self.core().fd, self.id, &ctx.save_ctx, slot.template.as_ref());
-        slot.done = Some((gen, r));
         set_idle_policy(true);
     }
 
@@ -394,9 +421,17 @@ impl Vcpu {
 
     /// Lets a parked vCPU run again.
     pub fn resume(&self) {
-        let _g = self.status();
+        let st = self.status();
         self.pause.store(false, Ordering::SeqCst);
         self.cv.notify_all();
+        // a thread polling in its park does so at idle priority and waited
+        // behind any load for a core: it leaves at a real-time policy and
+        // lowers itself once out (it sets Running under this lock first,
+        // so the boost cannot land after that). If it is paused again
+        // before it saw this resume, its polling lowers it back to idle.
+        if st.state == RunState::Parked && set_fifo(self.tid.load(Ordering::Acquire)) {
+            self.boosted.store(true, Ordering::Release);
+        }
     }
 
     /// Stops the thread for good and joins it.
@@ -426,6 +461,11 @@ impl Vcpu {
         // a parked thread's polling (on 2 cores it did, in the copy's tail)
         set_idle_policy(true);
         while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) && Instant::now() < spin_until {
+            if self.boosted.swap(false, Ordering::AcqRel) && self.pause.load(Ordering::SeqCst) {
+                // boosted by a resume, then paused again before it left:
+                // polling stays at idle priority
+                set_idle_policy(true);
+            }
             if self.has_work.load(Ordering::Acquire) {
                 self.serve_parked_work(ctx);
             }
@@ -435,12 +475,21 @@ impl Vcpu {
         let mut st = self.status();
         while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            if self.boosted.swap(false, Ordering::AcqRel) && self.pause.load(Ordering::SeqCst) {
+                set_idle_policy(false);
+            }
         }
         st.state = RunState::Running;
         self.cv.notify_all();
+        drop(st);
+        // back to normal from the resume's real-time boost
+        self.boosted.store(false, Ordering::Release);
+        set_idle_policy(false);
     }
 
     fn thread_main(self: Arc<Self>, ctx: VcpuContext) {
+        // SAFETY: gettid has no arguments and cannot fail.
+        self.tid.store(unsafe { libc::gettid() }, Ordering::Release);
         let reason = self.run_loop(&ctx);
         tracing::debug!(vcpu = self.id, %reason, "vCPU thread exits");
         self.set_state(RunState::Exited(reason));
@@ -500,6 +549,71 @@ impl Vcpu {
                 Err(e) => return format!("KVM_RUN failed: {e}"),
             }
         }
+    }
+}
+
+/// Real-time pauses (`CASTOR_RT_PAUSE=1`; off by default): 2 = not read
+/// yet, 1 = on, 0 = off (also once the kernel refused, for want of
+/// CAP_SYS_NICE: best effort).
+static RT_PAUSE: AtomicU8 = AtomicU8::new(2);
+
+fn rt_pause_on() -> bool {
+    match RT_PAUSE.load(Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => {
+            let on = std::env::var("CASTOR_RT_PAUSE").is_ok_and(|v| v == "1");
+            RT_PAUSE.store(u8::from(on), Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Whether real-time pauses are on and no policy change was refused yet
+/// (false before the first pause reads `CASTOR_RT_PAUSE`).
+pub fn realtime_pauses_active() -> bool {
+    RT_PAUSE.load(Ordering::Relaxed) == 1
+}
+
+/// Moves thread `tid` (0: the calling thread) to SCHED_FIFO at the lowest
+/// real-time priority. False if real-time pauses are off or refused.
+fn set_fifo(tid: i32) -> bool {
+    if !rt_pause_on() {
+        return false;
+    }
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: `tid` is 0 (the calling thread) or a live thread of this
+    // process (a vCPU thread lives until joined, after its last kick or
+    // resume); `param` is a valid sched_param for SCHED_FIFO, read by the
+    // kernel during the call.
+    let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        RT_PAUSE.store(0, Ordering::Relaxed);
+        tracing::debug!(error = %std::io::Error::last_os_error(), "no real-time policy for pauses");
+    }
+    r == 0
+}
+
+/// With real-time pauses, the vCPU threads a pause waits for run at
+/// SCHED_FIFO while they do what it waits for: a kicked thread until it
+/// parks, a parked one while it saves or resets, a resumed one until it has
+/// left its park. On a loaded host each of these can wait for a core behind
+/// the load while the guest stays stopped (docs/benchmarks.md, "Real-time
+/// pauses": on this 2-core host it cut the saturated pause's p99 2-3x and
+/// cost throughput, so it is off by default). The pauser itself stays
+/// normal: at a real-time policy its polling kept vCPU threads of normal
+/// policy off its core. Each span is bounded by the pause's own work.
+fn boost(tid: i32) {
+    if tid != 0 {
+        set_fifo(tid);
+    }
+}
+
+/// The policy a parked vCPU thread does its requested work at: real-time
+/// when pauses are (the pauser may be waiting for it), else normal.
+fn set_work_policy() {
+    if !set_fifo(0) {
+        set_idle_policy(false);
     }
 }
 
