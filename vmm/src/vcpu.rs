@@ -552,9 +552,9 @@ impl Vcpu {
     }
 }
 
-/// Real-time pauses (`CASTOR_RT_PAUSE=1`; off by default): 2 = not read
-/// yet, 1 = on, 0 = off (also once the kernel refused, for want of
-/// CAP_SYS_NICE: best effort).
+/// Real-time pauses (on by default; `CASTOR_RT_PAUSE=0` turns them off):
+/// 2 = not read yet, 1 = on, 0 = off (also once the kernel refused, for want
+/// of CAP_SYS_NICE: best effort).
 static RT_PAUSE: AtomicU8 = AtomicU8::new(2);
 
 fn rt_pause_on() -> bool {
@@ -562,7 +562,7 @@ fn rt_pause_on() -> bool {
         0 => false,
         1 => true,
         _ => {
-            let on = std::env::var("CASTOR_RT_PAUSE").is_ok_and(|v| v == "1");
+            let on = std::env::var("CASTOR_RT_PAUSE").map_or(true, |v| v != "0");
             RT_PAUSE.store(u8::from(on), Ordering::Relaxed);
             on
         }
@@ -599,8 +599,8 @@ fn set_fifo(tid: i32) -> bool {
 /// parks, a parked one while it saves or resets, a resumed one until it has
 /// left its park. On a loaded host each of these can wait for a core behind
 /// the load while the guest stays stopped (docs/benchmarks.md, "Real-time
-/// pauses": on this 2-core host it cut the saturated pause's p99 2-3x and
-/// cost throughput, so it is off by default). The pauser itself stays
+/// pauses": on this 2-core host it cut the saturated pause's p99 2.5-3x).
+/// The pauser itself stays
 /// normal: at a real-time policy its polling kept vCPU threads of normal
 /// policy off its core. Each span is bounded by the pause's own work.
 fn boost(tid: i32) {
