@@ -599,7 +599,7 @@ fn set_fifo(tid: i32) -> bool {
 /// parks, a parked one while it saves or resets, a resumed one until it has
 /// left its park. On a loaded host each of these can wait for a core behind
 /// the load while the guest stays stopped (docs/benchmarks.md, "Real-time
-/// pauses": on this 2-core host it cut the saturated pause's p99 2.5-3x).
+/// pauses": on this 2-core host it cut the saturated pause's p99 about 2.5x).
 /// The pauser itself stays
 /// normal: at a real-time policy its polling kept vCPU threads of normal
 /// policy off its core. Each span is bounded by the pause's own work.
