@@ -261,23 +261,27 @@ impl Vcpu {
 
     fn kick(&self) -> Result<(), VcpuError> {
         self.immediate_exit.set(1);
+        // Under the status lock the thread cannot park meanwhile (parking
+        // lowers it again). The signal goes first: a thread raised before
+        // its signal was pending took the core from the kicker, which then
+        // could not send it, and ran guest code at a real-time policy until
+        // the guest exited on its own (a guest writing memory with no I/O:
+        // stops of 50-500 ms, seen in the pre-copy service test). Only a
+        // running thread is raised: one still in its park (resumed, not yet
+        // out) must not poll at a real-time policy.
+        let st = self.status();
         {
-            // real-time until it parks, only if it runs: a thread still in
-            // its park (resumed, not yet out) must not poll at a real-time
-            // policy. Under the status lock it cannot park meanwhile, and
-            // parking lowers it again.
-            let st = self.status();
-            if st.state == RunState::Running {
-                boost(self.tid.load(Ordering::Acquire));
+            let t = common::sync::lock(&self.thread);
+            if let Some(h) = t.as_ref() {
+                // SAFETY: the handle's pthread is alive until joined (we hold its JoinHandle).
+                let ret = unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+                if ret != 0 {
+                    return Err(VcpuError::Kick(self.id, vmm_sys_util::errno::Error::new(ret)));
+                }
             }
         }
-        let t = common::sync::lock(&self.thread);
-        if let Some(h) = t.as_ref() {
-            // SAFETY: the handle's pthread is alive until joined (we hold its JoinHandle).
-            let ret = unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
-            if ret != 0 {
-                return Err(VcpuError::Kick(self.id, vmm_sys_util::errno::Error::new(ret)));
-            }
+        if st.state == RunState::Running {
+            boost(self.tid.load(Ordering::Acquire));
         }
         Ok(())
     }
