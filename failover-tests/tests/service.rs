@@ -665,6 +665,10 @@ fn pre_copied_epochs_keep_a_verified_replica_and_fail_over() {
             "64".into(),
         ],
         epoch_ms: 30,
+        // real-time pauses (opt-in) on the primary: a guest writing memory
+        // with no I/O is where a vCPU thread raised before its kick signal
+        // ran guest code at SCHED_FIFO (stops of 50-500 ms, the session lost)
+        env: vec![("CASTOR_RT_PAUSE".into(), "1".into())],
         ..o.clone()
     };
     let mut p = c.primary("p", &po, s.listen.expect("listen"));

@@ -556,7 +556,7 @@ impl Vcpu {
     }
 }
 
-/// Real-time pauses (on by default; `CASTOR_RT_PAUSE=0` turns them off):
+/// Real-time pauses (off by default; `CASTOR_RT_PAUSE=1` turns them on):
 /// 2 = not read yet, 1 = on, 0 = off (also once the kernel refused, for want
 /// of CAP_SYS_NICE: best effort).
 static RT_PAUSE: AtomicU8 = AtomicU8::new(2);
@@ -566,7 +566,7 @@ fn rt_pause_on() -> bool {
         0 => false,
         1 => true,
         _ => {
-            let on = std::env::var("CASTOR_RT_PAUSE").map_or(true, |v| v != "0");
+            let on = std::env::var("CASTOR_RT_PAUSE").is_ok_and(|v| v == "1");
             RT_PAUSE.store(u8::from(on), Ordering::Relaxed);
             on
         }
@@ -603,7 +603,8 @@ fn set_fifo(tid: i32) -> bool {
 /// parks, a parked one while it saves or resets, a resumed one until it has
 /// left its park. On a loaded host each of these can wait for a core behind
 /// the load while the guest stays stopped (docs/benchmarks.md, "Real-time
-/// pauses": on this 2-core host it cut the saturated pause's p99 about 2.5x).
+/// pauses": on this 2-core host it cut the saturated pause's p99 about
+/// 2.5x and the saturated throughput by about a fifth, hence off by default).
 /// The pauser itself stays
 /// normal: at a real-time policy its polling kept vCPU threads of normal
 /// policy off its core. Each span is bounded by the pause's own work.

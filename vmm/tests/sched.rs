@@ -1,11 +1,11 @@
-//! Real-time pauses (vmm/src/vcpu.rs; on unless `CASTOR_RT_PAUSE=0`): the vCPU threads a
+//! Real-time pauses (vmm/src/vcpu.rs, `CASTOR_RT_PAUSE=1`): the vCPU threads a
 //! pause waits for run at SCHED_FIFO only while they do what it waits for. A
 //! thread left at a real-time policy while the guest runs (or while it polls
 //! in its park) would starve everything else on its core, so every pause and
 //! resume here, back to back or spaced, must leave the vCPU threads at their
 //! normal policy while the guest runs and never at SCHED_FIFO while parked.
-//! (This test binary holds this one test: the variable is cleared before
-//! any vCPU thread reads it.)
+//! (This test binary holds this one test: the variable is set before any
+//! vCPU thread reads it.)
 
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ fn is_root() -> bool {
 
 #[test]
 fn pauses_leave_no_thread_at_a_real_time_policy() {
-    std::env::remove_var("CASTOR_RT_PAUSE");
+    std::env::set_var("CASTOR_RT_PAUSE", "1");
     let mut w = WorkloadConfig::dirty(512, Pattern::Random, 0);
     w.report_ms = 0;
     let cfg = MachineConfig::new(256 << 20, 2, TrackerKind::Ring { entries: 4096 }, w);
