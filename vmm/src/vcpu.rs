@@ -166,8 +166,8 @@ pub struct Vcpu {
     /// and takes the slot lock only when there is work (polling the lock
     /// itself at idle priority let a preempted poller block the owner).
     has_work: AtomicBool,
-    /// The vCPU thread's kernel thread id (0 until it runs): a pause raises
-    /// it to a real-time policy until it parks (see [`Vcpu::kick`]).
+    /// The vCPU thread's kernel thread id (0 until it runs): with real-time
+    /// pauses, a kick raises it until it parks (see [`Vcpu::kick`]).
     tid: AtomicI32,
     /// Set when a resume raised the parked thread to a real-time policy.
     boosted: AtomicBool,
@@ -352,11 +352,12 @@ impl Vcpu {
     /// On the vCPU thread, while parked: does a requested save or reset.
     ///
     /// The work runs at normal (or, with real-time pauses, real-time)
-    /// priority, and the slot lock is held only at that priority: the owner may be waiting for the lock, and a thread
-    /// that held it at idle priority lost its core to any runnable thread
-    /// (lowering the policy with the lock held was such a point: the kernel
-    /// preempts an idle-policy thread at once), which stalled the pause for as
-    /// long as the core stayed busy.
+    /// priority, and the slot lock is held only at that priority: the owner
+    /// may be waiting for the lock, and a thread that held it at idle
+    /// priority lost its core to any runnable thread (lowering the policy
+    /// with the lock held was such a point: the kernel preempts an
+    /// idle-policy thread at once), which stalled the pause for as long as
+    /// the core stayed busy.
     fn serve_parked_work(&self, ctx: &VcpuContext) {
         set_work_policy();
         {
@@ -604,10 +605,10 @@ fn set_fifo(tid: i32) -> bool {
 /// left its park. On a loaded host each of these can wait for a core behind
 /// the load while the guest stays stopped (docs/benchmarks.md, "Real-time
 /// pauses": on this 2-core host it cut the saturated pause's p99 about
-/// 2.5x and the saturated throughput by about a fifth, hence off by default).
-/// The pauser itself stays
-/// normal: at a real-time policy its polling kept vCPU threads of normal
-/// policy off its core. Each span is bounded by the pause's own work.
+/// 2.5x and the saturated throughput by about a fifth, hence off by
+/// default). The pauser itself stays normal: at a real-time policy its
+/// polling kept vCPU threads of normal policy off its core. Each span is
+/// bounded by the pause's own work.
 fn boost(tid: i32) {
     if tid != 0 {
         set_fifo(tid);
