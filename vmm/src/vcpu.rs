@@ -269,7 +269,9 @@ impl Vcpu {
         // stops of 50-500 ms, seen in the pre-copy service test). Only a
         // running thread is raised: one still in its park (resumed, not yet
         // out) must not poll at a real-time policy.
-        let st = self.status();
+        // (the status lock only when a raise may follow: the default path
+        // stays as it was)
+        let st = rt_pause_on().then(|| self.status());
         {
             let t = common::sync::lock(&self.thread);
             if let Some(h) = t.as_ref() {
@@ -280,7 +282,7 @@ impl Vcpu {
                 }
             }
         }
-        if st.state == RunState::Running {
+        if st.as_ref().is_some_and(|g| g.state == RunState::Running) {
             boost(self.tid.load(Ordering::Acquire));
         }
         Ok(())
@@ -434,7 +436,7 @@ impl Vcpu {
         // lowers itself once out (it sets Running under this lock first,
         // so the boost cannot land after that). If it is paused again
         // before it saw this resume, its polling lowers it back to idle.
-        if st.state == RunState::Parked && set_fifo(self.tid.load(Ordering::Acquire)) {
+        if st.state == RunState::Parked && boost(self.tid.load(Ordering::Acquire)) {
             self.boosted.store(true, Ordering::Release);
         }
     }
@@ -487,9 +489,12 @@ impl Vcpu {
         st.state = RunState::Running;
         self.cv.notify_all();
         drop(st);
-        // back to normal from the resume's real-time boost
-        self.boosted.store(false, Ordering::Release);
-        set_idle_policy(false);
+        // back to normal from the resume's real-time boost (only with
+        // real-time pauses: otherwise the thread is at normal policy here)
+        if rt_pause_on() {
+            self.boosted.store(false, Ordering::Release);
+            set_idle_policy(false);
+        }
     }
 
     fn thread_main(self: Arc<Self>, ctx: VcpuContext) {
@@ -609,10 +614,10 @@ fn set_fifo(tid: i32) -> bool {
 /// default). The pauser itself stays normal: at a real-time policy its
 /// polling kept vCPU threads of normal policy off its core. Each span is
 /// bounded by the pause's own work.
-fn boost(tid: i32) {
-    if tid != 0 {
-        set_fifo(tid);
-    }
+/// Raises vCPU thread `tid`; false if it was not raised. (0, a thread not
+/// started yet, is never passed on: to `set_fifo` it names the caller.)
+fn boost(tid: i32) -> bool {
+    tid != 0 && set_fifo(tid)
 }
 
 /// The policy a parked vCPU thread does its requested work at: real-time
