@@ -489,9 +489,9 @@ impl Vcpu {
         st.state = RunState::Running;
         self.cv.notify_all();
         drop(st);
-        // back to normal from the resume's real-time boost (only with
-        // real-time pauses: otherwise the thread is at normal policy here)
-        if rt_pause_on() {
+        // back to normal from the resume's real-time boost (only once a
+        // thread was ever raised: otherwise it is at normal policy here)
+        if RT_RAISED.load(Ordering::Acquire) {
             self.boosted.store(false, Ordering::Release);
             set_idle_policy(false);
         }
@@ -567,6 +567,11 @@ impl Vcpu {
 /// of CAP_SYS_NICE: best effort).
 static RT_PAUSE: AtomicU8 = AtomicU8::new(2);
 
+/// Set once any thread was raised: from then on a thread leaving its park
+/// always lowers itself, even if a later raise was refused and turned
+/// real-time pauses off.
+static RT_RAISED: AtomicBool = AtomicBool::new(false);
+
 fn rt_pause_on() -> bool {
     match RT_PAUSE.load(Ordering::Relaxed) {
         0 => false,
@@ -600,6 +605,8 @@ fn set_fifo(tid: i32) -> bool {
     if r != 0 {
         RT_PAUSE.store(0, Ordering::Relaxed);
         tracing::debug!(error = %std::io::Error::last_os_error(), "no real-time policy for pauses");
+    } else {
+        RT_RAISED.store(true, Ordering::Release);
     }
     r == 0
 }
