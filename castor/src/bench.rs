@@ -598,6 +598,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "output_delay_added_ms_p99": e2e.output_delay_added_ms_p99,
         "output_hold_ms_p50": e2e.output_hold_ms_p50,
         "output_hold_ms_p99": e2e.output_hold_ms_p99,
+        "pause_phases_p50": e2e.pause_phases_p50,
+        "pause_phases_p99": e2e.pause_phases_p99,
         "failover_ms_p50": e2e.failover_ms_p50,
         "sync_gib_per_s": e2e.full_guests.first().map(|r| r.sync_gib_per_s),
         "resync_max_pause_ms": e2e.full_guests.first().map(|r| r.resync_max_pause_ms),

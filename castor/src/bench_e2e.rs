@@ -29,6 +29,14 @@ pub(crate) struct E2e {
     pub(crate) output_hold_ms_p50: f64,
     pub(crate) output_hold_ms_p99: f64,
     pub(crate) ops_per_s_moderate: f64,
+    /// Where the pause goes at 256 clients: the primary's status
+    /// `pause_phases_p50` / `_p99` (each part's own percentile over recent
+    /// epochs: stop, collect, copy, save, resume, pages copied in the pause,
+    /// epoch length), and its epoch ack latency.
+    pub(crate) pause_phases_p50: serde_json::Value,
+    pub(crate) pause_phases_p99: serde_json::Value,
+    pub(crate) ack_latency_us_p50: f64,
+    pub(crate) ack_latency_us_p99: f64,
     /// The same load with output-driven epochs off (`--min-epoch-us 0`, the
     /// 10 ms timer alone), measured in the same run: the baseline.
     pub(crate) output_delay_ms_p50_timer_only: f64,
@@ -54,6 +62,8 @@ pub(crate) struct E2e {
     pub(crate) pause_us_p99_saturated: f64,
     pub(crate) output_delay_ms_p50_saturated: f64,
     pub(crate) output_delay_ms_p99_saturated: f64,
+    pub(crate) pause_phases_p50_saturated: serde_json::Value,
+    pub(crate) pause_phases_p99_saturated: serde_json::Value,
     pub(crate) ops_per_s_protected: f64,
     pub(crate) ops_per_s_unprotected: f64,
     /// The unprotected guest's request-to-response latency at the same
@@ -303,6 +313,10 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
             out.output_hold_ms_p50 = st1["output_hold_us_p50"].as_f64().unwrap_or(0.0) / 1e3;
             out.output_hold_ms_p99 = st1["output_hold_us_p99"].as_f64().unwrap_or(0.0) / 1e3;
             out.ops_per_s_moderate = rate;
+            out.pause_phases_p50 = st1["pause_phases_p50"].clone();
+            out.pause_phases_p99 = st1["pause_phases_p99"].clone();
+            out.ack_latency_us_p50 = st1["ack_latency_us_p50"].as_f64().unwrap_or(0.0);
+            out.ack_latency_us_p99 = st1["ack_latency_us_p99"].as_f64().unwrap_or(0.0);
         } else if label == "ring, moderate load, timer only" {
             out.output_delay_ms_p50_timer_only = med(&lat);
             out.output_delay_ms_p99_timer_only = p99(&lat);
@@ -331,6 +345,8 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
             out.output_delay_ms_p50_saturated = med(&lat);
             out.output_delay_ms_p99_saturated = p99(&lat);
             out.ops_per_s_protected = rate;
+            out.pause_phases_p50_saturated = st1["pause_phases_p50"].clone();
+            out.pause_phases_p99_saturated = st1["pause_phases_p99"].clone();
         } else if label == "ring, no retention" {
             out.ops_per_s_protected_no_retention = rate;
             out.pause_us_p99_no_retention = st1["pause_us_p99"].as_f64().unwrap_or(0.0);
@@ -342,6 +358,9 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
             out.output_delay_ms_p99_bitmap_hot = p99(&lat);
         }
         live(format!("e2e      {label} ({n} clients): {rate:.0} kv ops/s protected, {eps:.0} epochs/s, pause p50 {:.0} us p99 {:.0} us, output delay p50 {:.1} ms p99 {:.1} ms (held in castor p50 {:.1} ms p99 {:.1} ms)", st1["pause_us_p50"].as_f64().unwrap_or(0.0), st1["pause_us_p99"].as_f64().unwrap_or(0.0), med(&lat), p99(&lat), st1["output_hold_us_p50"].as_f64().unwrap_or(0.0) / 1e3, st1["output_hold_us_p99"].as_f64().unwrap_or(0.0) / 1e3));
+        if label == "ring, moderate load" || label == "ring" {
+            live(format!("e2e      {label} ({n} clients), pause parts p50 / p99: {}", phase_line(&st1)));
+        }
         drop(p);
         drop(s);
     }
@@ -403,4 +422,21 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
+}
+
+/// The parts of the pause from a primary's status, one line: each part's
+/// median / p99 (us), and the pages copied in the pause.
+fn phase_line(st: &serde_json::Value) -> String {
+    let (a, b) = (&st["pause_phases_p50"], &st["pause_phases_p99"]);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let mut parts: Vec<String> = ["stop", "collect", "copy", "save", "resume"]
+        .iter()
+        .map(|k| {
+            let k = format!("{k}_us");
+            format!("{} {:.0} / {:.0}", &k[..k.len() - 3], f(a, &k), f(b, &k))
+        })
+        .collect();
+    parts.push(format!("pages {:.0} / {:.0}", f(a, "pages"), f(b, "pages")));
+    parts.push(format!("epoch {:.0} / {:.0} us", f(a, "len_us"), f(b, "len_us")));
+    parts.join(", ")
 }

@@ -186,6 +186,8 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
     for needle in [
         "castor_epochs_total",
         "castor_epoch_pause_us_bucket",
+        "castor_epoch_phase_us_bucket{le=\"50.0\",phase=\"stop\"}",
+        "castor_epoch_phase_us_count{phase=\"copy\"}",
         "castor_ack_latency_us_p99",
         "castor_output_hold_us_p99",
         "castor_output_hold_us_bucket",
@@ -195,6 +197,13 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
+    // the parts of the pauses under load: every boundary stops and resumes
+    // the vCPUs, and the guest ran between two boundaries
+    let st = p.status().expect("status");
+    for part in ["stop_us", "resume_us", "len_us"] {
+        assert!(st["pause_phases_p50"][part].as_f64() > Some(0.0), "{part} missing: {st}");
+    }
+    assert!(st["pause_phases_p99"]["stop_us"].as_f64() >= st["pause_phases_p50"]["stop_us"].as_f64(), "{st}");
 
     // the control socket also speaks HTTP
     let http = |req: &str, addr: &runtime::control::ControlAddr| {

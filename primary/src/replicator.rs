@@ -719,7 +719,7 @@ impl Replicator {
             s.bytes_total += bytes;
             s.epochs += 1;
         });
-        self.status.record_pause(e.phases.pause_us);
+        self.status.record_boundary(&e.phases);
     }
 }
 

@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use common::sync::{lock, percentile};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
@@ -107,6 +108,41 @@ pub struct Phases {
     pub precopied: u64,
 }
 
+/// Percentiles of each part of recent epoch boundaries (the last 2048 to
+/// 4096), taken part by part: the p99 of `copy_us` and the p99 of `stop_us`
+/// may come from different epochs, so the parts do not add up to the pause's
+/// percentile. Where a pause goes under load: `stop_us` (kick until every
+/// vCPU is parked), `collect_us` (harvest), `copy_us` (the pages copied in
+/// the pause: written since the last pre-copy round, plus those hot-page
+/// retention keeps writable), `save_us`, `resume_us` (until every vCPU
+/// thread left its park); `pages`: pages copied in the pause; `len_us`: how
+/// long the guest ran in the epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PhasePercentiles {
+    pub pages: f64,
+    pub stop_us: f64,
+    pub collect_us: f64,
+    pub copy_us: f64,
+    pub save_us: f64,
+    pub resume_us: f64,
+    pub len_us: f64,
+}
+
+impl PhasePercentiles {
+    fn of(phases: &[Phases], q: f64) -> Self {
+        let part = |f: fn(&Phases) -> f64| percentile(&phases.iter().map(f).collect::<Vec<_>>(), q);
+        PhasePercentiles {
+            pages: part(|p| p.pages as f64),
+            stop_us: part(|p| p.stop_us),
+            collect_us: part(|p| p.collect_us),
+            copy_us: part(|p| p.copy_us),
+            save_us: part(|p| p.save_us),
+            resume_us: part(|p| p.resume_us),
+            len_us: part(|p| p.len_us),
+        }
+    }
+}
+
 /// The witness as a node sees it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WitnessStatus {
@@ -154,6 +190,10 @@ pub struct StatusSnapshot {
     pub last_epoch: Phases,
     pub pause_us_p50: f64,
     pub pause_us_p99: f64,
+    /// Primary: the parts of recent pauses, median and p99 (see
+    /// [`PhasePercentiles`]).
+    pub pause_phases_p50: PhasePercentiles,
+    pub pause_phases_p99: PhasePercentiles,
     pub ack_latency_us_p50: f64,
     pub ack_latency_us_p99: f64,
     /// Primary: how long output waited, from the guest sending it to its
@@ -215,10 +255,13 @@ pub struct NodeStatus {
     snap: Mutex<StatusSnapshot>,
     /// Recent values, for the percentiles in the status.
     ack_lat: Mutex<Vec<f64>>,
-    pauses: Mutex<Vec<f64>>,
+    /// Recent epoch boundaries (their pauses and the parts of them).
+    epochs: Mutex<Vec<Phases>>,
     holds: Mutex<Vec<f64>>,
     /// Every value since start, for the metrics.
     pause_hist: Histogram,
+    /// The parts of every pause, by `phase` label.
+    phase_hist: Family<[(&'static str, &'static str); 1], Histogram, fn() -> Histogram>,
     ack_hist: Histogram,
     hold_hist: Histogram,
 }
@@ -231,16 +274,17 @@ impl Default for NodeStatus {
         NodeStatus {
             snap: Mutex::default(),
             ack_lat: Mutex::default(),
-            pauses: Mutex::default(),
+            epochs: Mutex::default(),
             holds: Mutex::default(),
             pause_hist: Histogram::new(LATENCY_BUCKETS_US),
+            phase_hist: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS_US)),
             ack_hist: Histogram::new(LATENCY_BUCKETS_US),
             hold_hist: Histogram::new(LATENCY_BUCKETS_US),
         }
     }
 }
 
-fn push_bounded(v: &mut Vec<f64>, x: f64) {
+fn push_bounded<T>(v: &mut Vec<T>, x: T) {
     if v.len() >= 4096 {
         v.drain(..2048);
     }
@@ -279,20 +323,33 @@ impl NodeStatus {
         push_bounded(&mut lock(&self.holds), us);
     }
 
-    pub fn record_pause(&self, us: f64) {
-        self.pause_hist.observe(us);
-        push_bounded(&mut lock(&self.pauses), us);
+    /// An epoch boundary: its pause and the parts of it.
+    pub fn record_boundary(&self, p: &Phases) {
+        self.pause_hist.observe(p.pause_us);
+        for (phase, us) in [
+            ("stop", p.stop_us),
+            ("collect", p.collect_us),
+            ("copy", p.copy_us),
+            ("save", p.save_us),
+            ("resume", p.resume_us),
+        ] {
+            self.phase_hist.get_or_create(&[("phase", phase)]).observe(us);
+        }
+        push_bounded(&mut lock(&self.epochs), *p);
     }
 
     /// A consistent copy with percentiles filled in.
     pub fn snapshot(&self) -> StatusSnapshot {
         let mut s = self.lock().clone();
         let a = lock(&self.ack_lat).clone();
-        let p = lock(&self.pauses).clone();
+        let e = lock(&self.epochs).clone();
+        let p: Vec<f64> = e.iter().map(|p| p.pause_us).collect();
         s.ack_latency_us_p50 = percentile(&a, 0.5);
         s.ack_latency_us_p99 = percentile(&a, 0.99);
         s.pause_us_p50 = percentile(&p, 0.5);
         s.pause_us_p99 = percentile(&p, 0.99);
+        s.pause_phases_p50 = PhasePercentiles::of(&e, 0.5);
+        s.pause_phases_p99 = PhasePercentiles::of(&e, 0.99);
         let h = lock(&self.holds).clone();
         s.output_hold_us_p50 = percentile(&h, 0.5);
         s.output_hold_us_p99 = percentile(&h, 0.99);
@@ -393,6 +450,11 @@ impl NodeStatus {
             r.register("witness_txns", "Witness transactions", ConstCounter::new(w.txns));
         }
         r.register("epoch_pause_us", "Guest pause per epoch boundary (us)", self.pause_hist.clone());
+        r.register(
+            "epoch_phase_us",
+            "Parts of each epoch boundary's pause (us): stop (kick until parked), collect (harvest), copy, save, resume (until every vCPU thread left its park)",
+            self.phase_hist.clone(),
+        );
         r.register("epoch_ack_us", "Time from sending an epoch to its ack (us)", self.ack_hist.clone());
         r.register(
             "output_hold_us",
@@ -436,7 +498,7 @@ mod tests {
     fn metrics_histograms_never_count_down() {
         let st = NodeStatus::default();
         for i in 0..5000 {
-            st.record_pause(f64::from(i % 300));
+            st.record_boundary(&Phases { pause_us: f64::from(i % 300), ..Default::default() });
         }
         let count = |text: &str| -> u64 {
             let line = text.lines().find(|l| l.starts_with("castor_epoch_pause_us_count")).expect("count line");
@@ -446,7 +508,7 @@ mod tests {
         assert_eq!(count(&a), 5000, "{a}");
         // the status keeps a window of recent values; the histogram keeps all
         for _ in 0..3000 {
-            st.record_pause(10.0);
+            st.record_boundary(&Phases { pause_us: 10.0, ..Default::default() });
         }
         for i in 0..100 {
             st.record_output_hold(f64::from(1000 + i));
@@ -464,9 +526,55 @@ mod tests {
             "castor_output_hold_us_p99",
             "castor_output_hold_us_bucket{le=\"50.0\"}",
             "castor_epoch_pause_us_bucket{le=\"50.0\"}",
+            "castor_epoch_phase_us_count{phase=\"copy\"} 8000",
+            "castor_epoch_phase_us_bucket{le=\"50.0\",phase=\"resume\"}",
             "# EOF",
         ] {
             assert!(b.contains(needle), "{needle} missing:\n{b}");
         }
+    }
+
+    #[test]
+    fn pause_parts_have_their_own_percentiles() {
+        let st = NodeStatus::default();
+        for i in 0..101u32 {
+            let x = f64::from(i);
+            // parts rank differently: the epoch with the longest copy has
+            // the shortest stop
+            st.record_boundary(&Phases {
+                pages: u64::from(i) * 2,
+                stop_us: 100.0 - x,
+                collect_us: 1.0,
+                copy_us: 10.0 * x,
+                save_us: 2.0,
+                resume_us: x,
+                pause_us: 200.0 + 11.0 * x,
+                len_us: 1000.0,
+                ..Default::default()
+            });
+        }
+        let s = st.snapshot();
+        let want50 = PhasePercentiles {
+            pages: 100.0,
+            stop_us: 50.0,
+            collect_us: 1.0,
+            copy_us: 500.0,
+            save_us: 2.0,
+            resume_us: 50.0,
+            len_us: 1000.0,
+        };
+        assert_eq!(s.pause_phases_p50, want50);
+        assert_eq!(
+            (s.pause_phases_p99.copy_us, s.pause_phases_p99.stop_us, s.pause_phases_p99.pages),
+            (990.0, 99.0, 198.0)
+        );
+        assert_eq!((s.pause_us_p50, s.pause_us_p99), (750.0, 1289.0));
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["pause_phases_p50"]["copy_us"], 500.0, "{json}");
+        // the window keeps recent epochs only
+        for _ in 0..4096 {
+            st.record_boundary(&Phases { copy_us: 7.0, ..Default::default() });
+        }
+        assert_eq!(st.snapshot().pause_phases_p99.copy_us, 7.0);
     }
 }
