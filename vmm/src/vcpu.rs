@@ -433,8 +433,11 @@ impl Vcpu {
         let mut st = self.status();
         // (under the status lock: the thread sets Running under it first,
         // so the move cannot land once it has left; paused again before it
-        // saw the resume, its polling drops it back to idle)
-        if st.state == RunState::Parked && !self.pause.load(Ordering::SeqCst) && lift(self.tid.load(Ordering::Acquire))
+        // saw the resume, its polling drops it back to idle. A thread the
+        // resume raised to a real-time policy is left there.)
+        if st.state == RunState::Parked
+            && !self.boosted.load(Ordering::Acquire)
+            && lift(self.tid.load(Ordering::Acquire))
         {
             self.boosted.store(true, Ordering::Release);
         }
