@@ -360,7 +360,7 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
     for &n in counts {
         // enough boundaries that p99 is a percentile, not the maximum
         let samples = match (quick, n <= 1024) {
-            (true, true) => 60,
+            (true, true) => 200,
             (true, false) => 15,
             (false, true) => 200,
             (false, false) => 50,
