@@ -169,7 +169,9 @@ pub struct Vcpu {
     /// The vCPU thread's kernel thread id (0 until it runs): with real-time
     /// pauses, a kick raises it until it parks (see [`Vcpu::kick`]).
     tid: AtomicI32,
-    /// Set when a resume raised the parked thread to a real-time policy.
+    /// Set when a resume changed the parked thread's policy (raised it to a
+    /// real-time one, or moved it from idle to normal: see
+    /// [`Vcpu::wait_running`]); cleared once it has left its park.
     boosted: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -590,6 +592,17 @@ impl Vcpu {
     }
 }
 
+/// With real-time pauses, the vCPU threads a pause waits for run at
+/// SCHED_FIFO while they do what it waits for: a kicked thread until it
+/// parks, a parked one while it saves or resets, a resumed one until it has
+/// left its park. On a loaded host each of these can wait for a core behind
+/// the load while the guest stays stopped (docs/benchmarks.md, "Real-time
+/// pauses": on this 2-core host it cut the saturated pause's p99 about
+/// 2.5x and the saturated throughput by about a fifth, hence off by
+/// default). The pauser itself stays normal: at a real-time policy its
+/// polling kept vCPU threads of normal policy off its core. Each span is
+/// bounded by the pause's own work.
+///
 /// Real-time pauses (off by default; `CASTOR_RT_PAUSE=1` turns them on):
 /// 2 = not read yet, 1 = on, 0 = off (also once the kernel refused, for want
 /// of CAP_SYS_NICE: best effort).
@@ -624,31 +637,28 @@ fn set_fifo(tid: i32) -> bool {
     if !rt_pause_on() {
         return false;
     }
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: `tid` is 0 (the calling thread) or a live thread of this
-    // process (a vCPU thread lives until joined, after its last kick or
-    // resume); `param` is a valid sched_param for SCHED_FIFO, read by the
-    // kernel during the call.
-    let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) };
-    if r != 0 {
+    let ok = set_policy(tid, libc::SCHED_FIFO, 1);
+    if ok {
+        RT_RAISED.store(true, Ordering::Release);
+    } else {
         RT_PAUSE.store(0, Ordering::Relaxed);
         tracing::debug!(error = %std::io::Error::last_os_error(), "no real-time policy for pauses");
-    } else {
-        RT_RAISED.store(true, Ordering::Release);
     }
-    r == 0
+    ok
 }
 
-/// With real-time pauses, the vCPU threads a pause waits for run at
-/// SCHED_FIFO while they do what it waits for: a kicked thread until it
-/// parks, a parked one while it saves or resets, a resumed one until it has
-/// left its park. On a loaded host each of these can wait for a core behind
-/// the load while the guest stays stopped (docs/benchmarks.md, "Real-time
-/// pauses": on this 2-core host it cut the saturated pause's p99 about
-/// 2.5x and the saturated throughput by about a fifth, hence off by
-/// default). The pauser itself stays normal: at a real-time policy its
-/// polling kept vCPU threads of normal policy off its core. Each span is
-/// bounded by the pause's own work.
+/// `sched_setscheduler(tid, policy, priority)`: true if the kernel agreed.
+/// `tid` is 0 (the calling thread) or a vCPU thread of this process (a
+/// vCPU thread lives until joined, after its last kick or resume).
+fn set_policy(tid: i32, policy: libc::c_int, priority: libc::c_int) -> bool {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: `tid` names the calling thread or a live thread of this
+    // process (the callers' contract above); `param` is a valid sched_param,
+    // read by the kernel during the call; a policy or priority it does not
+    // accept is refused with an error, never acted on.
+    unsafe { libc::sched_setscheduler(tid, policy, &param) == 0 }
+}
+
 /// Raises vCPU thread `tid`; false if it was not raised. (0, a thread not
 /// started yet, is never passed on: to `set_fifo` it names the caller.)
 fn boost(tid: i32) -> bool {
@@ -666,16 +676,12 @@ fn lift(tid: i32) -> bool {
     if tid == 0 || !LIFT_OK.load(Ordering::Relaxed) {
         return false;
     }
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `tid` is a live vCPU thread of this process (it lives until
-    // joined, after its last resume); `param` is a valid sched_param for
-    // SCHED_OTHER (priority 0), read by the kernel during the call.
-    let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
-    if r != 0 {
+    let ok = set_policy(tid, libc::SCHED_OTHER, 0);
+    if !ok {
         LIFT_OK.store(false, Ordering::Relaxed);
         tracing::debug!(error = %std::io::Error::last_os_error(), "no lift of resumed vCPU threads");
     }
-    r == 0
+    ok
 }
 
 /// The policy a parked vCPU thread does its requested work at: real-time
@@ -690,11 +696,7 @@ fn set_work_policy() {
 /// Best effort: a refusal only costs performance.
 fn set_idle_policy(idle: bool) {
     let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param
-    // for both policies (priority 0), read by the kernel during the call.
-    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if r != 0 {
+    if !set_policy(0, policy, 0) {
         tracing::debug!(error = %std::io::Error::last_os_error(), idle, "sched_setscheduler refused");
     }
 }
