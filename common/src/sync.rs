@@ -1,4 +1,5 @@
-//! The one poison-tolerant lock helper and the one percentile helper.
+//! The one poison-tolerant lock helper and the one percentile helper (with
+//! its form for a slice already sorted).
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -12,11 +13,17 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The `p`-th quantile (0..=1) of `v`, nearest rank on a sorted copy; 0 for
 /// an empty slice.
 pub fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
+    percentile_sorted(&s, p)
+}
+
+/// [`percentile`] of a slice already sorted ascending (several quantiles of
+/// one set without sorting it again).
+pub fn percentile_sorted(s: &[f64], p: f64) -> f64 {
+    if s.is_empty() {
+        return 0.0;
+    }
     s[((s.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize]
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use common::sync::{lock, percentile};
+use common::sync::{lock, percentile_sorted};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
@@ -129,18 +129,33 @@ pub struct PhasePercentiles {
 }
 
 impl PhasePercentiles {
-    fn of(phases: &[Phases], q: f64) -> Self {
-        let part = |f: fn(&Phases) -> f64| percentile(&phases.iter().map(f).collect::<Vec<_>>(), q);
-        PhasePercentiles {
-            pages: part(|p| p.pages as f64),
-            stop_us: part(|p| p.stop_us),
-            collect_us: part(|p| p.collect_us),
-            copy_us: part(|p| p.copy_us),
-            save_us: part(|p| p.save_us),
-            resume_us: part(|p| p.resume_us),
-            len_us: part(|p| p.len_us),
-        }
+    /// The median and the p99 of each part (each part sorted once).
+    fn p50_p99(phases: &[Phases]) -> (Self, Self) {
+        let part = |f: fn(&Phases) -> f64| p50_p99(phases.iter().map(f).collect());
+        let pages = part(|p| p.pages as f64);
+        let stop = part(|p| p.stop_us);
+        let collect = part(|p| p.collect_us);
+        let copy = part(|p| p.copy_us);
+        let save = part(|p| p.save_us);
+        let resume = part(|p| p.resume_us);
+        let len = part(|p| p.len_us);
+        let pick = |q: fn((f64, f64)) -> f64| PhasePercentiles {
+            pages: q(pages),
+            stop_us: q(stop),
+            collect_us: q(collect),
+            copy_us: q(copy),
+            save_us: q(save),
+            resume_us: q(resume),
+            len_us: q(len),
+        };
+        (pick(|x| x.0), pick(|x| x.1))
     }
+}
+
+/// The median and the p99 of `v` (sorted once).
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (percentile_sorted(&v, 0.5), percentile_sorted(&v, 0.99))
 }
 
 /// The witness as a node sees it.
@@ -249,6 +264,9 @@ pub struct StatusSnapshot {
     pub replica_unusable: Option<String>,
 }
 
+/// One latency histogram per part of the pause, by its `phase` label.
+type PhaseHistograms = Family<[(&'static str, &'static str); 1], Histogram, fn() -> Histogram>;
+
 /// Shared, updated by the node's tasks.
 #[derive(Debug)]
 pub struct NodeStatus {
@@ -261,7 +279,7 @@ pub struct NodeStatus {
     /// Every value since start, for the metrics.
     pause_hist: Histogram,
     /// The parts of every pause, by `phase` label.
-    phase_hist: Family<[(&'static str, &'static str); 1], Histogram, fn() -> Histogram>,
+    phase_hist: PhaseHistograms,
     ack_hist: Histogram,
     hold_hist: Histogram,
 }
@@ -341,18 +359,11 @@ impl NodeStatus {
     /// A consistent copy with percentiles filled in.
     pub fn snapshot(&self) -> StatusSnapshot {
         let mut s = self.lock().clone();
-        let a = lock(&self.ack_lat).clone();
+        (s.ack_latency_us_p50, s.ack_latency_us_p99) = p50_p99(lock(&self.ack_lat).clone());
         let e = lock(&self.epochs).clone();
-        let p: Vec<f64> = e.iter().map(|p| p.pause_us).collect();
-        s.ack_latency_us_p50 = percentile(&a, 0.5);
-        s.ack_latency_us_p99 = percentile(&a, 0.99);
-        s.pause_us_p50 = percentile(&p, 0.5);
-        s.pause_us_p99 = percentile(&p, 0.99);
-        s.pause_phases_p50 = PhasePercentiles::of(&e, 0.5);
-        s.pause_phases_p99 = PhasePercentiles::of(&e, 0.99);
-        let h = lock(&self.holds).clone();
-        s.output_hold_us_p50 = percentile(&h, 0.5);
-        s.output_hold_us_p99 = percentile(&h, 0.99);
+        (s.pause_us_p50, s.pause_us_p99) = p50_p99(e.iter().map(|p| p.pause_us).collect());
+        (s.pause_phases_p50, s.pause_phases_p99) = PhasePercentiles::p50_p99(&e);
+        (s.output_hold_us_p50, s.output_hold_us_p99) = p50_p99(lock(&self.holds).clone());
         s
     }
 
