@@ -431,9 +431,9 @@ fn phase_line(st: &serde_json::Value) -> String {
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let mut parts: Vec<String> = ["stop", "collect", "copy", "save", "resume"]
         .iter()
-        .map(|k| {
-            let k = format!("{k}_us");
-            format!("{} {:.0} / {:.0}", &k[..k.len() - 3], f(a, &k), f(b, &k))
+        .map(|name| {
+            let k = format!("{name}_us");
+            format!("{name} {:.0} / {:.0}", f(a, &k), f(b, &k))
         })
         .collect();
     parts.push(format!("pages {:.0} / {:.0}", f(a, "pages"), f(b, "pages")));
