@@ -7,16 +7,11 @@
 //! (This test binary holds this one test: the variable is set before any
 //! vCPU thread reads it.)
 
+mod sched_support;
+
 use std::time::Duration;
 
-use vmm::abi::Pattern;
-use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
-
-fn policy(tid: i32) -> i32 {
-    // SAFETY: sched_getscheduler only reads the policy of thread `tid` (0:
-    // the calling thread); an id that is gone gives -1, which fails the test.
-    unsafe { libc::sched_getscheduler(tid) }
-}
+use sched_support::{finish_pause, policy, running_writer};
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
@@ -26,14 +21,7 @@ fn is_root() -> bool {
 #[test]
 fn pauses_leave_no_thread_at_a_real_time_policy() {
     std::env::set_var("CASTOR_RT_PAUSE", "1");
-    let mut w = WorkloadConfig::dirty(512, Pattern::Random, 0);
-    w.report_ms = 0;
-    let cfg = MachineConfig::new(256 << 20, 2, TrackerKind::Ring { entries: 4096 }, w);
-    let mut m = Machine::new(cfg).expect("machine");
-    m.start().expect("start");
-    std::thread::sleep(Duration::from_millis(50));
-    let tids = m.vcpu_thread_ids();
-    assert_eq!(tids.len(), 2, "both vCPU threads run");
+    let (mut m, tids) = running_writer();
     for i in 0..300 {
         m.pause().expect("pause");
         // the parked threads save their state (at the work's policy)
@@ -47,12 +35,9 @@ fn pauses_leave_no_thread_at_a_real_time_policy() {
                 assert!(p >= 0, "thread {t} gone");
             }
         }
-        let d = m.collect().expect("collect");
         // the threads that saved did so at SCHED_FIFO (as root); none of
         // them is still there once the work is done
-        let _ = m.save().expect("save");
-        assert!(!d.tracking_lost || i == 0, "pause {i}: tracking lost");
-        m.resume().expect("resume");
+        finish_pause(&mut m, i);
         if i % 3 == 0 {
             // back to back: the next pause may come before a resumed thread
             // has left its park

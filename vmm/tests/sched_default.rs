@@ -4,28 +4,16 @@
 //! running vCPU thread is always at SCHED_OTHER. (This test binary holds
 //! this one test: the variable is cleared before any vCPU thread reads it.)
 
+mod sched_support;
+
 use std::time::Duration;
 
-use vmm::abi::Pattern;
-use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
-
-fn policy(tid: i32) -> i32 {
-    // SAFETY: sched_getscheduler only reads the policy of thread `tid`; an
-    // id that is gone gives -1, which fails the test.
-    unsafe { libc::sched_getscheduler(tid) }
-}
+use sched_support::{finish_pause, policy, running_writer};
 
 #[test]
 fn parked_threads_poll_at_idle_priority_and_run_at_the_normal_policy() {
     std::env::remove_var("CASTOR_RT_PAUSE");
-    let mut w = WorkloadConfig::dirty(512, Pattern::Random, 0);
-    w.report_ms = 0;
-    let cfg = MachineConfig::new(256 << 20, 2, TrackerKind::Ring { entries: 4096 }, w);
-    let mut m = Machine::new(cfg).expect("machine");
-    m.start().expect("start");
-    std::thread::sleep(Duration::from_millis(50));
-    let tids = m.vcpu_thread_ids();
-    assert_eq!(tids.len(), 2, "both vCPU threads run");
+    let (mut m, tids) = running_writer();
     let mut idle_seen = 0;
     for i in 0..200 {
         m.pause().expect("pause");
@@ -40,10 +28,7 @@ fn parked_threads_poll_at_idle_priority_and_run_at_the_normal_policy() {
             }
         }
         m.begin_save();
-        let d = m.collect().expect("collect");
-        let _ = m.save().expect("save");
-        assert!(!d.tracking_lost || i == 0, "pause {i}: tracking lost");
-        m.resume().expect("resume");
+        finish_pause(&mut m, i);
         if i % 3 == 0 {
             // back to back
             continue;
