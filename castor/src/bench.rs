@@ -465,7 +465,7 @@ where
     root.present().map_err(|e| BenchError::Io(e.to_string()))
 }
 
-fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> Result<(), BenchError> {
+fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow], host: &str) -> Result<(), BenchError> {
     use plotters::prelude::*;
     let font =
         ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"].iter().find_map(|p| std::fs::read(p).ok()).ok_or_else(
@@ -486,7 +486,7 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
             * 1.3;
     let xmax = phases.iter().map(|r| r.pages).max().unwrap_or(64) as f64 * 1.5;
     let mut ch = ChartBuilder::on(&root)
-        .caption("epoch pause vs dirty pages (ring, 256 MiB, KVM-PVM nested, 2 cores)", ("sans-serif", 20))
+        .caption(format!("epoch pause vs dirty pages (ring, 256 MiB; {host})"), ("sans-serif", 18))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -515,7 +515,7 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
     root.fill(&WHITE).map_err(|e| ioe(&e))?;
     let ymax = collect.iter().map(|r| r.collect_us_p50).fold(1.0, f64::max) * 2.0;
     let mut ch = ChartBuilder::on(&root)
-        .caption("collect + re-arm cost vs guest size (median; KVM-PVM nested, 2 cores)", ("sans-serif", 20))
+        .caption(format!("collect + re-arm cost vs guest size (median; {host})"), ("sans-serif", 18))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -549,11 +549,8 @@ fn plot(dir: &std::path::Path, collect: &[CollectRow], phases: &[PhaseRow]) -> R
 pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     let live = |s: String| println!("{s}");
     let started = Instant::now();
-    println!(
-        "castor bench ({}): host KVM-PVM (nested), {} cores",
-        if a.quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-    );
+    let host = runtime::host::Host::detect();
+    println!("castor bench ({}): host {}", if a.quick { "quick" } else { "full" }, host.describe());
     let collect = collection_cost(a.quick, &live)?;
     let phases = pause_phases(a.quick, &live)?;
     let e2e = if a.no_e2e { E2e::default() } else { end_to_end(a.quick, &live)? };
@@ -567,7 +564,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     let k1 = phases.iter().find(|r| r.pages == 1024);
     let k16 = phases.iter().find(|r| r.pages == 16384);
     let report = serde_json::json!({
-        "host": "KVM-PVM (nested), 2 cores, 24 GiB",
+        "host": host.describe(),
+        "host_detail": host.clone(),
         "quick": a.quick,
         "seconds": started.elapsed().as_secs_f64(),
         "ring_cost_ratio_16g_256m": ratio("ring"),
@@ -624,7 +622,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
             .map_err(|e| BenchError::Io(format!("{}: {e}", p.display())))?;
     }
     if let Some(d) = &a.plots {
-        plot(d, &collect, &phases)?;
+        plot(d, &collect, &phases, &host.describe())?;
         println!("plots written to {}", d.display());
     }
     Ok(())

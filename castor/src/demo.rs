@@ -441,7 +441,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         "survivor_generation": survivor["generation"],
         "witness": etcd.as_ref().map(|e| e.url.clone()),
         "witness_promote_txn_ms": survivor["witness"]["last_txn_ms"],
-        "host": "KVM-PVM nested, 2 cores (numbers are this machine's)",
+        "host": runtime::host::Host::detect().describe(),
     });
     live(format!(
         "summary: {}: {} serves; failover {} in {:.0} ms; {} acked ops, {} lost, {} duplicated ({} keys checked); {:.0} epochs/s protected, pause p50 {:.0}us p99 {:.0}us; client-observed output delay p99 {:.1} ms",

@@ -357,7 +357,7 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         "kv_verify_checked": vchecked,
         "kv_verify_mismatches": vmismatch,
         "snapshot_pages": snapshot_pages,
-        "host": "KVM (see docs: numbers from KVM-PVM nested hosts are not bare-metal figures)",
+        "host": runtime::host::Host::detect().describe(),
     });
     if a.json {
         println!("{report}");

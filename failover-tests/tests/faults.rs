@@ -905,7 +905,11 @@ fn failover_suite() {
     run("w-sigterm", &mut |r| witness::planned(r, "w-sigterm", true, witness::Planned::Sigterm));
     run("2n-switchover", &mut |r| witness::planned(r, "2n-switchover", false, witness::Planned::Command));
 
-    eprintln!("\nfailover suite summary (host: KVM-PVM nested, 2 cores; {:.0} s)", started.elapsed().as_secs_f64());
+    eprintln!(
+        "\nfailover suite summary (host: {}; {:.0} s)",
+        runtime::host::Host::detect().describe(),
+        started.elapsed().as_secs_f64()
+    );
     eprintln!(
         "{:<18} {:>6} {:>9} {:>5} {:>10} {:>11} {:>15} {:>11}",
         "scenario", "trials", "failovers", "lost", "duplicated", "split-brain", "max failover ms", "max gap ms"

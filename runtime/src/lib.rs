@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod harness;
+pub mod host;
 pub mod http;
 pub mod join;
 pub mod listen;
