@@ -110,6 +110,10 @@ struct PhaseRow {
     /// The same number of pages copied from an ordinary anonymous mapping
     /// of the guest's size, at the writer's stride (scattered, no guest).
     memcpy_scattered_anon_us: f64,
+    /// The host's contention while the pre-copy boundaries (the pause
+    /// figures above) were timed: the hypervisor's steal and the time some
+    /// thread of this machine waited for a CPU.
+    host_contention: runtime::host::Contention,
 }
 
 /// Runs the guest until every vCPU wrote `n` more pages.
@@ -381,7 +385,9 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
         // stop-and-copy first (every page copied in the pause), then what
         // the engine does by default (pre-copy rounds while the guest runs)
         let sc = boundaries(&mut m, n, samples, None)?;
+        let before = runtime::host::Contention::now();
         let b = boundaries(&mut m, n, samples, Some(PRECOPY_MIN_PAGES))?;
+        let host_contention = runtime::host::Contention::now().since(&before);
         let (ph, totals, dirty) = (&b.ph, &b.totals, &b.dirty);
         let mut warm = sc.warm.clone();
         warm.extend_from_slice(&b.warm);
@@ -408,6 +414,7 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             floor_copy_us_p99: p99(&warm),
             memcpy_contiguous_us: contiguous,
             memcpy_scattered_anon_us: scattered,
+            host_contention,
         };
         live(format!(
             "pause    {:>6} pages ({:.0} pre-copied): stop {:>6.0} harvest {:>6.0} reset {:>6.0} copy {:>6.0} save {:>6.0} resume {:>5.0} | total p50 {:>6.0} p99 {:>6.0} us (stop-and-copy p50 {:.0} p99 {:.0}) | floor {:>6.0} us (kick+resume {:.0}, copy of the same pages {:.0}; contiguous memcpy {:.0}, scattered anonymous {:.0}) | p50/floor {:.2} p99/floor {:.2}",
@@ -432,7 +439,7 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             row.pause_us_p99 / row.floor_us
         ));
         live(format!(
-            "         p99 by phase: stop {:.0} harvest {:.0} reset {:.0} copy {:.0} save {:.0} resume {:.0} | floor's own p99: kick+resume {:.0}, copy {:.0}",
+            "         p99 by phase: stop {:.0} harvest {:.0} reset {:.0} copy {:.0} save {:.0} resume {:.0} | floor's own p99: kick+resume {:.0}, copy {:.0} | host while timed: steal {:.0} ms, a thread waiting for a CPU {:.0} ms",
             p99(&ph[0]),
             p99(&ph[1]),
             p99(&ph[2]),
@@ -440,7 +447,9 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             p99(&ph[4]),
             p99(&ph[5]),
             row.floor_kick_us_p99,
-            row.floor_copy_us_p99
+            row.floor_copy_us_p99,
+            row.host_contention.steal_ms,
+            row.host_contention.cpu_wait_ms
         ));
         rows.push(row);
     }
@@ -573,6 +582,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "pause_us_p99_1k": k1.map(|r| r.pause_us_p99),
         "pause_us_p50_1k": k1.map(|r| r.pause_us_p50),
         "floor_us_1k": k1.map(|r| r.floor_us),
+        "host_contention_1k": k1.map(|r| r.host_contention),
         "pause_us_p99_16k": k16.map(|r| r.pause_us_p99),
         "floor_us_16k": k16.map(|r| r.floor_us),
         "stop_and_copy_pause_us_p99_1k": k1.map(|r| r.stop_and_copy_pause_us_p99),

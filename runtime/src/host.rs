@@ -89,6 +89,53 @@ impl Host {
     }
 }
 
+/// How much this machine's CPUs were wanted elsewhere, as running totals;
+/// [`Contention::since`] gives what happened between two readings. A
+/// latency figure's tail taken while these grew is the host's noise, which no
+/// code here can avoid: `steal_ms` is time the hypervisor below ran something
+/// else on this machine's vCPUs (`/proc/stat`), `cpu_wait_ms` time in which
+/// some thread here was runnable but had no CPU (`/proc/pressure/cpu`,
+/// "some"). A reading that could not be made is 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Contention {
+    pub steal_ms: f64,
+    pub cpu_wait_ms: f64,
+}
+
+impl Contention {
+    /// Reads the totals now.
+    pub fn now() -> Contention {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        Contention::from_parts(&read("/proc/stat"), &read("/proc/pressure/cpu"))
+    }
+
+    /// What grew from `earlier` to `self`.
+    pub fn since(&self, earlier: &Contention) -> Contention {
+        Contention {
+            steal_ms: (self.steal_ms - earlier.steal_ms).max(0.0),
+            cpu_wait_ms: (self.cpu_wait_ms - earlier.cpu_wait_ms).max(0.0),
+        }
+    }
+
+    fn from_parts(stat: &str, pressure: &str) -> Contention {
+        // the "cpu" line: user nice system idle iowait irq softirq steal ...,
+        // in USER_HZ ticks (100 a second: fixed by the kernel's ABI)
+        let steal_ticks: f64 = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .and_then(|l| l.split_whitespace().nth(8))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let wait_us: f64 = pressure
+            .lines()
+            .find(|l| l.starts_with("some "))
+            .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("total=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        Contention { steal_ms: steal_ticks * 10.0, cpu_wait_ms: wait_us / 1000.0 }
+    }
+}
+
 /// Which KVM pieces are present.
 #[derive(Debug, Clone, Copy, Default)]
 struct Modules {
@@ -129,6 +176,26 @@ mod tests {
         let h = Host::from_parts(&cpu("vmx"), MEM, intel, 16);
         assert!(!h.nested);
         assert_eq!(h.describe(), "KVM (VT-x), 16 cores, 23.5 GiB, AMD EPYC");
+    }
+
+    #[test]
+    fn contention_is_read_from_the_totals_and_differenced() {
+        let stat =
+            |steal: u64| format!("cpu  126346 0 53621 117954 473 0 8231 {steal} 6726 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n");
+        let psi = |us: u64| {
+            format!(
+                "some avg10=4.75 avg60=23.32 avg300=17.74 total={us}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+            )
+        };
+        let a = Contention::from_parts(&stat(1296), &psi(375_404_678));
+        assert_eq!(a, Contention { steal_ms: 12_960.0, cpu_wait_ms: 375_404.678 });
+        let b = Contention::from_parts(&stat(1300), &psi(375_504_678));
+        let d = b.since(&a);
+        assert_eq!(d.steal_ms, 40.0);
+        assert!((d.cpu_wait_ms - 100.0).abs() < 1e-6, "{d:?}");
+        // unreadable files read as zero, and never as a negative difference
+        assert_eq!(Contention::from_parts("", "garbage"), Contention::default());
+        assert_eq!(Contention::default().since(&a), Contention::default());
     }
 
     #[test]
