@@ -110,9 +110,11 @@ struct PhaseRow {
     /// The same number of pages copied from an ordinary anonymous mapping
     /// of the guest's size, at the writer's stride (scattered, no guest).
     memcpy_scattered_anon_us: f64,
-    /// The host's contention while the pre-copy boundaries (the pause
-    /// figures above) were timed: the hypervisor's steal and the time some
-    /// thread of this machine waited for a CPU.
+    /// The host's contention over the run of pre-copy boundaries whose
+    /// pauses are `pause_us_*` and the phase medians (the guest's running
+    /// between them included; the stop-and-copy and floor runs are not in
+    /// it): the hypervisor's steal and the time some thread of this machine
+    /// waited for a CPU, with the window's length.
     host_contention: runtime::host::Contention,
 }
 
@@ -439,7 +441,7 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             row.pause_us_p99 / row.floor_us
         ));
         live(format!(
-            "         p99 by phase: stop {:.0} harvest {:.0} reset {:.0} copy {:.0} save {:.0} resume {:.0} | floor's own p99: kick+resume {:.0}, copy {:.0} | host while timed: steal {:.0} ms, a thread waiting for a CPU {:.0} ms",
+            "         p99 by phase: stop {:.0} harvest {:.0} reset {:.0} copy {:.0} save {:.0} resume {:.0} | floor's own p99: kick+resume {:.0}, copy {:.0} | host over the pre-copy boundaries: {}",
             p99(&ph[0]),
             p99(&ph[1]),
             p99(&ph[2]),
@@ -448,8 +450,7 @@ fn pause_phases(quick: bool, live: &dyn Fn(String)) -> Result<Vec<PhaseRow>, Ben
             p99(&ph[5]),
             row.floor_kick_us_p99,
             row.floor_copy_us_p99,
-            row.host_contention.steal_ms,
-            row.host_contention.cpu_wait_ms
+            row.host_contention.describe()
         ));
         rows.push(row);
     }

@@ -261,6 +261,16 @@ fn start_pair(
     Ok((s, p, p_svc))
 }
 
+/// A baseline's rate, refused if nothing was served (its clients fail
+/// quietly: a rate of 0 would inflate every ratio taken against it).
+fn served(rate: f64, what: &str) -> Result<f64, BenchError> {
+    if rate > 0.0 {
+        Ok(rate)
+    } else {
+        Err(BenchError::E2e(format!("{what} served no request")))
+    }
+}
+
 /// Starts the unprotected baseline: the same guest, no epochs, no tracking.
 fn start_unprotected(
     secret: &std::path::Path,
@@ -305,6 +315,8 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     // waits for descheduled vCPU threads (see docs/benchmarks.md), so its
     // latency figures are reported apart.
     let moderate = 256;
+    // the saturated baseline's first half, once measured
+    let mut first: Option<f64> = None;
     for (label, extra, n) in [
         ("ring, moderate load", vec![], moderate),
         ("ring, moderate load, timer only", vec!["--min-epoch-us".to_string(), "0".into()], moderate),
@@ -316,12 +328,14 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
         ("ring, no retention", vec!["--hot-pages".to_string(), "false".into()], clients),
         ("bitmap", vec!["--tracker".to_string(), "bitmap".into()], clients),
     ] {
-        if n == clients && out.ops_per_s_unprotected_first == 0.0 {
+        if n == clients && first.is_none() {
             // the first half of the saturated baseline, next to the first
             // saturated protected row (the second half follows the last)
             let (u, u_svc) = start_unprotected(&secret, &dir, "u-first")?;
-            (out.ops_per_s_unprotected_first, _) = kv_load(&rt, u_svc, clients, secs);
+            let rate = served(kv_load(&rt, u_svc, clients, secs).0, "the unprotected baseline (before)")?;
             drop(u);
+            first = Some(rate);
+            out.ops_per_s_unprotected_first = rate;
             live(format!(
                 "e2e      unprotected (tracking off, {clients} clients, before the saturated rows): {:.0} kv ops/s",
                 out.ops_per_s_unprotected_first
@@ -397,9 +411,10 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
 
     // unprotected baseline: the same guest, no epochs, no tracking
     let (u, u_svc) = start_unprotected(&secret, &dir, "u")?;
-    let (last, _) = kv_load(&rt, u_svc, clients, secs);
+    let last = served(kv_load(&rt, u_svc, clients, secs).0, "the unprotected baseline (after)")?;
     out.ops_per_s_unprotected_last = last;
-    let urate = (out.ops_per_s_unprotected_first + last) / 2.0;
+    let first = first.ok_or_else(|| BenchError::E2e("no saturated row measured the baseline before it".into()))?;
+    let urate = (first + last) / 2.0;
     let (mrate, lat) = kv_load(&rt, u_svc, moderate, secs);
     out.ops_per_s_moderate_unprotected = mrate;
     out.output_delay_ms_p50_unprotected = med(&lat);

@@ -12,10 +12,12 @@ pub struct Host {
     /// see docs/machine.md), `KVM (VT-x)`, `KVM (AMD-V)`, `KVM` when the
     /// module does not say, or `no /dev/kvm`.
     pub kvm: String,
-    /// Runs under a hypervisor itself (the `hypervisor` CPU flag).
+    /// Runs in a virtual machine itself (the `hypervisor` CPU flag): with
+    /// `/dev/kvm`, its guests are nested.
     pub nested: bool,
     /// CPUs this process may use.
     pub cores: usize,
+    /// Memory of the machine (`MemTotal`), GiB.
     pub mem_gib: f64,
     /// The first CPU's model name.
     pub cpu: String,
@@ -40,12 +42,17 @@ impl Host {
         )
     }
 
-    /// One line: `KVM-PVM, nested, 2 cores, 23.5 GiB, AMD EPYC`.
+    /// One line: `KVM-PVM, nested, 2 cores, 23.5 GiB, AMD EPYC` (`in a VM`
+    /// instead of `nested` where there is no `/dev/kvm`).
     pub fn describe(&self) -> String {
+        let vm = match (self.nested, self.kvm == NO_KVM) {
+            (false, _) => "",
+            (true, false) => ", nested",
+            (true, true) => ", in a VM",
+        };
         format!(
-            "{}{}, {} cores, {:.1} GiB, {}",
+            "{}{vm}, {} cores, {:.1} GiB, {}",
             self.kvm,
-            if self.nested { ", nested" } else { "" },
             self.cores,
             self.mem_gib,
             if self.cpu.is_empty() { "unknown CPU" } else { &self.cpu }
@@ -60,16 +67,18 @@ impl Host {
             .map(|(_, f)| f.split_whitespace().collect())
             .unwrap_or_default();
         let has = |f: &str| flags.contains(&f);
-        // a hardware module only backs /dev/kvm where the CPU offers its
-        // extension; PVM needs none (it is what nested hosts without one use)
+        // one vendor module backs /dev/kvm; a loaded kvm_pvm module is one
+        // whose start succeeded (a built-in kvm_intel shows in /sys/module
+        // whether or not it took /dev/kvm), and a hardware module backs it
+        // only where the CPU offers its extension
         let kvm = if !m.dev_kvm {
-            "no /dev/kvm"
+            NO_KVM
+        } else if m.pvm {
+            "KVM-PVM"
         } else if m.intel && has("vmx") {
             "KVM (VT-x)"
         } else if m.amd && has("svm") {
             "KVM (AMD-V)"
-        } else if m.pvm {
-            "KVM-PVM"
         } else {
             "KVM"
         };
@@ -89,52 +98,86 @@ impl Host {
     }
 }
 
-/// How much this machine's CPUs were wanted elsewhere, as running totals;
-/// [`Contention::since`] gives what happened between two readings. A
-/// latency figure's tail taken while these grew is the host's noise, which no
-/// code here can avoid: `steal_ms` is time the hypervisor below ran something
-/// else on this machine's vCPUs (`/proc/stat`), `cpu_wait_ms` time in which
-/// some thread here was runnable but had no CPU (`/proc/pressure/cpu`,
-/// "some"). A reading that could not be made is 0.
+/// How much this machine's CPUs were wanted elsewhere while something was
+/// timed: take [`Contention::now`] before and after, and
+/// [`Contention::since`] gives what grew in between. A latency figure's tail
+/// taken while these grew is the host's noise, which no code here can avoid.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Contention {
-    pub steal_ms: f64,
-    pub cpu_wait_ms: f64,
+    /// CPU time the hypervisor below ran something else on this machine's
+    /// vCPUs, summed over the vCPUs (`/proc/stat`, 10 ms ticks); None where
+    /// it could not be read.
+    pub steal_ms: Option<f64>,
+    /// Wall-clock time in which at least one thread of this machine was
+    /// runnable but had no CPU (`/proc/pressure/cpu`, "some"); None where it
+    /// could not be read.
+    pub cpu_wait_ms: Option<f64>,
+    /// Wall-clock time between the two readings (0 in a reading).
+    pub window_ms: f64,
+    #[serde(skip)]
+    read_at: Option<std::time::Instant>,
 }
 
 impl Contention {
-    /// Reads the totals now.
+    /// Reads the running totals now.
     pub fn now() -> Contention {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-        Contention::from_parts(&read("/proc/stat"), &read("/proc/pressure/cpu"))
+        let mut c = Contention::from_parts(&read("/proc/stat"), &read("/proc/pressure/cpu"));
+        c.read_at = Some(std::time::Instant::now());
+        c
     }
 
-    /// What grew from `earlier` to `self`.
+    /// What grew from the reading `earlier` to the reading `self` (a part
+    /// missing from either reading is None).
     pub fn since(&self, earlier: &Contention) -> Contention {
+        let d = |a: Option<f64>, b: Option<f64>| Some((a? - b?).max(0.0));
+        let window_ms = match (self.read_at, earlier.read_at) {
+            (Some(a), Some(b)) => a.saturating_duration_since(b).as_secs_f64() * 1e3,
+            _ => 0.0,
+        };
         Contention {
-            steal_ms: (self.steal_ms - earlier.steal_ms).max(0.0),
-            cpu_wait_ms: (self.cpu_wait_ms - earlier.cpu_wait_ms).max(0.0),
+            steal_ms: d(self.steal_ms, earlier.steal_ms),
+            cpu_wait_ms: d(self.cpu_wait_ms, earlier.cpu_wait_ms),
+            window_ms,
+            read_at: None,
         }
+    }
+
+    /// One line for a live report: `steal 0 ms, a thread waiting for a CPU
+    /// 11 ms, over 2400 ms`.
+    pub fn describe(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or("unknown".to_string(), |v| format!("{v:.0} ms"));
+        format!(
+            "steal {} (CPU time, all vCPUs), a thread waiting for a CPU {}, over {:.0} ms",
+            ms(self.steal_ms),
+            ms(self.cpu_wait_ms),
+            self.window_ms
+        )
     }
 
     fn from_parts(stat: &str, pressure: &str) -> Contention {
         // the "cpu" line: user nice system idle iowait irq softirq steal ...,
         // in USER_HZ ticks (100 a second: fixed by the kernel's ABI)
-        let steal_ticks: f64 = stat
+        let steal_ticks: Option<f64> = stat
             .lines()
             .find(|l| l.starts_with("cpu "))
             .and_then(|l| l.split_whitespace().nth(8))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        let wait_us: f64 = pressure
+            .and_then(|v| v.parse().ok());
+        let wait_us: Option<f64> = pressure
             .lines()
             .find(|l| l.starts_with("some "))
             .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("total=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        Contention { steal_ms: steal_ticks * 10.0, cpu_wait_ms: wait_us / 1000.0 }
+            .and_then(|v| v.parse().ok());
+        Contention {
+            steal_ms: steal_ticks.map(|t| t * 10.0),
+            cpu_wait_ms: wait_us.map(|u| u / 1000.0),
+            window_ms: 0.0,
+            read_at: None,
+        }
     }
 }
+
+const NO_KVM: &str = "no /dev/kvm";
 
 /// Which KVM pieces are present.
 #[derive(Debug, Clone, Copy, Default)]
@@ -170,9 +213,16 @@ mod tests {
         assert_eq!(Host::from_parts(&cpu("vmx"), MEM, intel, 16).kvm, "KVM (VT-x)");
         // the module without the extension: not hardware KVM
         assert_eq!(Host::from_parts(&cpu("sse4_2"), MEM, intel, 16).kvm, "KVM");
-        let amd = Modules { dev_kvm: true, amd: true, pvm: true, ..Modules::default() };
+        let amd = Modules { dev_kvm: true, amd: true, ..Modules::default() };
         assert_eq!(Host::from_parts(&cpu("svm"), MEM, amd, 16).kvm, "KVM (AMD-V)");
-        assert_eq!(Host::from_parts(&cpu("lm"), MEM, amd, 16).kvm, "KVM-PVM");
+        assert_eq!(Host::from_parts(&cpu("lm"), MEM, amd, 16).kvm, "KVM");
+        // a loaded kvm_pvm started, so it is what backs /dev/kvm, beside a
+        // (possibly built-in) hardware module
+        let both = Modules { pvm: true, ..amd };
+        assert_eq!(Host::from_parts(&cpu("svm hypervisor"), MEM, both, 16).kvm, "KVM-PVM");
+        // the flags are words of the first "flags" line only
+        let tricky = "model name\t: X\nflags\t\t: fpu svmx\nvmx flags\t: vmx\n";
+        assert_eq!(Host::from_parts(tricky, MEM, intel, 16).kvm, "KVM");
         let h = Host::from_parts(&cpu("vmx"), MEM, intel, 16);
         assert!(!h.nested);
         assert_eq!(h.describe(), "KVM (VT-x), 16 cores, 23.5 GiB, AMD EPYC");
@@ -180,22 +230,42 @@ mod tests {
 
     #[test]
     fn contention_is_read_from_the_totals_and_differenced() {
+        // the whole "cpu" line: user nice system idle iowait irq softirq steal guest guest_nice
         let stat =
             |steal: u64| format!("cpu  126346 0 53621 117954 473 0 8231 {steal} 6726 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n");
         let psi = |us: u64| {
             format!(
-                "some avg10=4.75 avg60=23.32 avg300=17.74 total={us}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+                "some avg10=4.75 avg60=23.32 avg300=17.74 total={us}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n"
             )
         };
         let a = Contention::from_parts(&stat(1296), &psi(375_404_678));
-        assert_eq!(a, Contention { steal_ms: 12_960.0, cpu_wait_ms: 375_404.678 });
+        assert_eq!((a.steal_ms, a.cpu_wait_ms), (Some(12_960.0), Some(375_404.678)));
         let b = Contention::from_parts(&stat(1300), &psi(375_504_678));
         let d = b.since(&a);
-        assert_eq!(d.steal_ms, 40.0);
-        assert!((d.cpu_wait_ms - 100.0).abs() < 1e-6, "{d:?}");
-        // unreadable files read as zero, and never as a negative difference
-        assert_eq!(Contention::from_parts("", "garbage"), Contention::default());
-        assert_eq!(Contention::default().since(&a), Contention::default());
+        assert_eq!(d.steal_ms, Some(40.0));
+        assert!((d.cpu_wait_ms.unwrap() - 100.0).abs() < 1e-6, "{d:?}");
+        // a part unreadable in either reading is unknown, never a total since boot
+        let none = Contention::from_parts("", "garbage");
+        assert_eq!((none.steal_ms, none.cpu_wait_ms), (None, None));
+        assert_eq!(b.since(&none).steal_ms, None);
+        assert_eq!(none.since(&a).cpu_wait_ms, None);
+        // totals never run backwards into a negative difference
+        assert_eq!(a.since(&b).steal_ms, Some(0.0));
+        assert!(
+            d.describe().starts_with("steal 40 ms (CPU time, all vCPUs), a thread waiting for a CPU 100 ms"),
+            "{}",
+            d.describe()
+        );
+        assert!(none.since(&a).describe().contains("steal unknown"));
+    }
+
+    #[test]
+    fn the_window_is_the_time_between_two_readings() {
+        let a = Contention::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let d = Contention::now().since(&a);
+        assert!(d.window_ms >= 20.0, "{d:?}");
+        assert_eq!(a.window_ms, 0.0);
     }
 
     #[test]
@@ -203,5 +273,7 @@ mod tests {
         let h = Host::from_parts("", "", Modules::default(), 0);
         assert_eq!(h.kvm, "no /dev/kvm");
         assert_eq!(h.describe(), "no /dev/kvm, 0 cores, 0.0 GiB, unknown CPU");
+        let vm = Host::from_parts(&cpu("hypervisor"), MEM, Modules::default(), 4);
+        assert_eq!(vm.describe(), "no /dev/kvm, in a VM, 4 cores, 23.5 GiB, AMD EPYC");
     }
 }
