@@ -342,10 +342,20 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
             ));
         }
         let (s, p, p_svc) = start_pair(&secret, &dir, &label.replace([' ', ','], "-"), &extra)?;
-        let st0 = p.status().unwrap_or_default();
+        // a node that stopped answering is an error, not a row of zeros: the
+        // run stops here and keeps its directory (the nodes' logs)
+        let lost = |when: &str| {
+            BenchError::E2e(format!(
+                "row '{label}': the primary did not answer its status {when} (logs kept in {}):\n{}\n{}",
+                dir.display(),
+                p.log_tail(),
+                s.log_tail()
+            ))
+        };
+        let st0 = p.status().ok_or_else(|| lost("before the load"))?;
         let t0 = Instant::now();
         let (rate, lat) = kv_load(&rt, p_svc, n, secs);
-        let st1 = p.status().unwrap_or_default();
+        let st1 = p.status().ok_or_else(|| lost("after the load"))?;
         let el = t0.elapsed().as_secs_f64();
         let eps = (st1["epoch"].as_f64().unwrap_or(0.0) - st0["epoch"].as_f64().unwrap_or(0.0)) / el;
         if label == "ring, moderate load" {
