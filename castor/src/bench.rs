@@ -560,7 +560,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     let live = |s: String| println!("{s}");
     let started = Instant::now();
     let host = runtime::host::Host::detect();
-    println!("castor bench ({}): host {}", if a.quick { "quick" } else { "full" }, host.describe());
+    let host_line = host.describe();
+    println!("castor bench ({}): host {host_line}", if a.quick { "quick" } else { "full" });
     let collect = collection_cost(a.quick, &live)?;
     let phases = pause_phases(a.quick, &live)?;
     let e2e = if a.no_e2e { E2e::default() } else { end_to_end(a.quick, &live)? };
@@ -574,8 +575,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     let k1 = phases.iter().find(|r| r.pages == 1024);
     let k16 = phases.iter().find(|r| r.pages == 16384);
     let report = serde_json::json!({
-        "host": host.describe(),
-        "host_detail": host.clone(),
+        "host": host_line,
+        "host_detail": host,
         "quick": a.quick,
         "seconds": started.elapsed().as_secs_f64(),
         "ring_cost_ratio_16g_256m": ratio("ring"),
@@ -633,7 +634,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
             .map_err(|e| BenchError::Io(format!("{}: {e}", p.display())))?;
     }
     if let Some(d) = &a.plots {
-        plot(d, &collect, &phases, &host.describe())?;
+        plot(d, &collect, &phases, &host_line)?;
         println!("plots written to {}", d.display());
     }
     Ok(())

@@ -335,10 +335,8 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
             let rate = served(kv_load(&rt, u_svc, clients, secs).0, "the unprotected baseline (before)")?;
             drop(u);
             first = Some(rate);
-            out.ops_per_s_unprotected_first = rate;
             live(format!(
-                "e2e      unprotected (tracking off, {clients} clients, before the saturated rows): {:.0} kv ops/s",
-                out.ops_per_s_unprotected_first
+                "e2e      unprotected (tracking off, {clients} clients, before the saturated rows): {rate:.0} kv ops/s"
             ));
         }
         let (s, p, p_svc) = start_pair(&secret, &dir, &label.replace([' ', ','], "-"), &extra)?;
@@ -424,6 +422,7 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     let last = served(kv_load(&rt, u_svc, clients, secs).0, "the unprotected baseline (after)")?;
     out.ops_per_s_unprotected_last = last;
     let first = first.ok_or_else(|| BenchError::E2e("no saturated row measured the baseline before it".into()))?;
+    out.ops_per_s_unprotected_first = first;
     let urate = (first + last) / 2.0;
     let (mrate, lat) = kv_load(&rt, u_svc, moderate, secs);
     out.ops_per_s_moderate_unprotected = mrate;
@@ -445,8 +444,7 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     out.throughput_ratio_protected_no_precopy = out.ops_per_s_protected_no_precopy / urate.max(1e-9);
     drop(u);
     live(format!(
-        "e2e      unprotected (tracking off, {clients} clients): {urate:.0} kv ops/s (before the saturated rows {:.0}, after them {last:.0}); ratio protected/unprotected: ring {:.2}, ring without pre-copy {:.2}, ring without retention {:.2}, bitmap {:.2}",
-        out.ops_per_s_unprotected_first,
+        "e2e      unprotected (tracking off, {clients} clients): {urate:.0} kv ops/s (before the saturated rows {first:.0}, after them {last:.0}); ratio protected/unprotected: ring {:.2}, ring without pre-copy {:.2}, ring without retention {:.2}, bitmap {:.2}",
         out.throughput_ratio_protected, out.throughput_ratio_protected_no_precopy, out.throughput_ratio_protected_no_retention, out.throughput_ratio_protected_bitmap_hot
     ));
 

@@ -26,12 +26,11 @@ pub struct Host {
 impl Host {
     /// Reads this machine.
     pub fn detect() -> Host {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
         Host::from_parts(
-            &read("/proc/cpuinfo"),
-            &read("/proc/meminfo"),
+            &read_or_empty("/proc/cpuinfo"),
+            &read_or_empty("/proc/meminfo"),
             Modules {
                 dev_kvm: std::path::Path::new("/dev/kvm").exists(),
                 pvm: module("kvm_pvm"),
@@ -121,8 +120,7 @@ pub struct Contention {
 impl Contention {
     /// Reads the running totals now.
     pub fn now() -> Contention {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-        let mut c = Contention::from_parts(&read("/proc/stat"), &read("/proc/pressure/cpu"));
+        let mut c = Contention::from_parts(&read_or_empty("/proc/stat"), &read_or_empty("/proc/pressure/cpu"));
         c.read_at = Some(std::time::Instant::now());
         c
     }
@@ -178,6 +176,12 @@ impl Contention {
 }
 
 const NO_KVM: &str = "no /dev/kvm";
+
+/// A file's text, or nothing where it cannot be read (the parsers then
+/// report the part unknown).
+fn read_or_empty(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
 
 /// Which KVM pieces are present.
 #[derive(Debug, Clone, Copy, Default)]
