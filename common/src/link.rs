@@ -95,7 +95,7 @@ async fn read_msg<R: AsyncReadExt + Unpin>(r: &mut R) -> Result<Vec<u8>, LinkErr
 fn handshake_state(secret: &Secret, initiator: bool) -> Result<snow::HandshakeState, LinkError> {
     let psk = builder_psk(secret);
     let b = Builder::new(NOISE_PARAMS.parse().map_err(noise)?)
-        .psk(0, &*psk)
+        .psk(0, &psk)
         .map_err(noise)?
         .prologue(PROLOGUE)
         .map_err(noise)?;

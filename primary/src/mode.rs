@@ -343,6 +343,13 @@ pub struct Core {
     next_tag: u64,
 }
 
+impl Default for Core {
+    /// The two-node rule, as [`Core::new`].
+    fn default() -> Core {
+        Core::new()
+    }
+}
+
 impl Core {
     /// A core that decides by the two-node rule: a lost secondary means a
     /// hold that only that secondary (showing its generation) or the
