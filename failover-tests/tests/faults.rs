@@ -99,6 +99,75 @@ fn protected(p: &NodeProc) -> bool {
     p.wait_status(T, |v| v["protection"] == "protected").is_some()
 }
 
+/// Counts a trial and waits for `p` to be protected; if it is not, records
+/// that (led by `what`, when given) with the primary's log.
+fn trial_protected(row: &mut Row, p: &NodeProc, what: &str) -> bool {
+    row.trials += 1;
+    if protected(p) {
+        return true;
+    }
+    let lead = if what.is_empty() { String::new() } else { format!("{what}: ") };
+    row.fail(format!("{lead}never protected:\n{}", p.log_tail()));
+    false
+}
+
+/// A secondary and a primary joined to it directly, counted as a trial;
+/// None (the failure recorded) if the pair never reaches protection.
+fn pair(c: &Cluster, o: &NodeOpts, row: &mut Row) -> Option<(NodeProc, NodeProc)> {
+    let s = c.secondary("s", o, None);
+    let p = c.primary("p", o, s.listen.expect("listen"));
+    trial_protected(row, &p, "").then_some((s, p))
+}
+
+/// As [`pair`], with a fault-injecting proxy between the primary and the
+/// secondary's listen address, the secondary started with `so` and the
+/// primary with `po`.
+fn proxied_pair_with(
+    c: &Cluster,
+    so: &NodeOpts,
+    po: &NodeOpts,
+    rt: &tokio::runtime::Runtime,
+    row: &mut Row,
+    what: &str,
+) -> Option<(NodeProc, Proxy, NodeProc)> {
+    let s = c.secondary("s", so, None);
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let p = c.primary("p", po, proxy.addr);
+    trial_protected(row, &p, what).then_some((s, proxy, p))
+}
+
+/// [`proxied_pair_with`] with the same options for both nodes.
+fn proxied_pair(
+    c: &Cluster,
+    o: &NodeOpts,
+    rt: &tokio::runtime::Runtime,
+    row: &mut Row,
+    what: &str,
+) -> Option<(NodeProc, Proxy, NodeProc)> {
+    proxied_pair_with(c, o, o, rt, row, what)
+}
+
+/// The clients must get `acks` more writes acknowledged (a failure led by
+/// `what`, when given); then the load ends, read back from `survivor`, and
+/// its verdict is checked and returned.
+fn carry_on_and_check(
+    row: &mut Row,
+    load: Load,
+    acks: u64,
+    rt: &tokio::runtime::Runtime,
+    survivor: std::net::SocketAddr,
+    c: &Cluster,
+    what: &str,
+) -> Verdict {
+    if !load.wait_more(acks, T) {
+        let lead = if what.is_empty() { String::new() } else { format!("{what}: ") };
+        row.fail(format!("{lead}clients did not carry on"));
+    }
+    let v = load.finish(rt, survivor);
+    row.check(&v, c);
+    v
+}
+
 fn take_over(s: &NodeProc, gen: u64) -> Option<serde_json::Value> {
     s.wait_status(T, |v| v["role"] == "primary" && v["generation"].as_u64() == Some(gen))
 }
@@ -170,11 +239,7 @@ fn kill_trials(row: &mut Row, trials: u64, seed: u64) {
         if !expect_takeover(row, &s, 1, &format!("trial {t}: no takeover")) {
             continue;
         }
-        if !load.wait_more(30, T) {
-            row.fail(format!("trial {t}: clients did not carry on"));
-        }
-        let v = load.finish(&rt, s.service);
-        row.check(&v, &c);
+        carry_on_and_check(row, load, 30, &rt, s.service, &c, &format!("trial {t}"));
         if o.verify_digest {
             let st = s.status().expect("status");
             if st["protection"] == "diverged" {
@@ -207,11 +272,7 @@ fn primary_crash_points(row: &mut Row) {
         if !expect_takeover(row, &s, 1, &format!("{point}: no takeover")) {
             continue;
         }
-        if !load.wait_more(30, T) {
-            row.fail(format!("{point}: clients did not carry on"));
-        }
-        let v = load.finish(&rt, s.service);
-        row.check(&v, &c);
+        carry_on_and_check(row, load, 30, &rt, s.service, &c, point);
     }
 }
 
@@ -224,15 +285,10 @@ fn secondary_crash_points(row: &mut Row) {
         let c = Cluster::new(&format!("cs-{point}"));
         let plain = NodeOpts { state_dir: true, ..NodeOpts::default() };
         let so = NodeOpts { env: vec![("CASTOR_CRASH_AT".into(), format!("{point}:40"))], ..plain.clone() };
-        let mut s = c.secondary("s", &so, None);
         let rt = rt();
-        let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
-        let p = c.primary("p", &NodeOpts::default(), proxy.addr);
-        row.trials += 1;
-        if !protected(&p) {
-            row.fail(format!("{point}: never protected:\n{}", p.log_tail()));
+        let Some((mut s, proxy, p)) = proxied_pair_with(&c, &so, &NodeOpts::default(), &rt, row, point) else {
             continue;
-        }
+        };
         let load = Load::start(&rt, vec![p.service], 4, 16, 1);
         let code = s.wait_exit(T);
         eprintln!("{point}: the secondary aborted there (exit {code:?})");
@@ -297,11 +353,7 @@ fn secondary_killed_then_reprotected(row: &mut Row) {
     if !expect_takeover(row, &s2, 1, "no takeover by the new secondary") {
         return;
     }
-    if !load.wait_more(50, T) {
-        row.fail("clients did not carry on".into());
-    }
-    let v = load.finish(&rt, s2.service);
-    row.check(&v, &c);
+    carry_on_and_check(row, load, 50, &rt, s2.service, &c, "");
 }
 
 /// Without a witness, the double fault of issue 11: primary frozen, the
@@ -312,15 +364,10 @@ fn secondary_killed_then_reprotected(row: &mut Row) {
 fn two_node_double_fault(row: &mut Row) {
     let c = Cluster::new("2n-double-fault");
     let o = NodeOpts { state_dir: true, ..NodeOpts::default() };
-    let mut s = c.secondary("s", &o, None);
     let rt = rt();
-    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
-    let mut p = c.primary("p", &o, proxy.addr);
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
+    let Some((mut s, proxy, mut p)) = proxied_pair(&c, &o, &rt, row, "") else {
         return;
-    }
+    };
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     load.wait_more(50, T);
     let frozen_at = witness::freeze(&p);
@@ -373,15 +420,10 @@ fn network_with(
 ) {
     let o = NodeOpts { verify_digest: true, ..o };
     let gen = if o.witness.is_some() { 2 } else { 1 };
-    let mut s = c.secondary("s", &o, None);
     let rt = rt();
-    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
-    let mut p = c.primary("p", &o, proxy.addr);
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("{name}: never protected:\n{}", p.log_tail()));
+    let Some((mut s, proxy, mut p)) = proxied_pair(c, &o, &rt, row, name) else {
         return;
-    }
+    };
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     load.wait_more(50, T);
     let rss0 = rss_kib(&p);
@@ -428,11 +470,7 @@ fn network_with(
         }
         p.service
     };
-    if !load.wait_more(30, T) {
-        row.fail(format!("{name}: clients did not carry on"));
-    }
-    let v = load.finish(&rt, survivor);
-    row.check(&v, c);
+    carry_on_and_check(row, load, 30, &rt, survivor, c, name);
     let _ = &mut s;
 }
 
@@ -456,13 +494,9 @@ fn tiny_ring_and_tracking_lost(row: &mut Row) {
         env: vec![("CASTOR_FORCE_TRACKING_LOST_EVERY".into(), "7".into())],
         ..NodeOpts::default()
     };
-    let s = c.secondary("s", &o, None);
-    let mut p = c.primary("p", &o, s.listen.expect("listen"));
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
+    let Some((s, mut p)) = pair(&c, &o, row) else {
         return;
-    }
+    };
     let rt = rt();
     let load = Load::start(&rt, vec![p.service, s.service], 12, 256, 1);
     load.wait_more(800, T);
@@ -502,15 +536,10 @@ fn stretched_epochs(row: &mut Row) {
     const RATE: u64 = 128 << 10;
     let c = Cluster::new("stretched");
     let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
-    let s = c.secondary("s", &o, None);
     let rt = rt();
-    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
-    let mut p = c.primary("p", &o, proxy.addr);
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
+    let Some((s, proxy, mut p)) = proxied_pair(&c, &o, &rt, row, "") else {
         return;
-    }
+    };
     let load = Load::start(&rt, vec![p.service, s.service], 256, 4, 1);
     load.wait_more(2000, T);
     let st0 = p.status().expect("status");
@@ -583,15 +612,10 @@ fn stretched_epochs(row: &mut Row) {
 fn stalled_data_path(row: &mut Row) {
     let c = Cluster::new("stalled");
     let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
-    let mut s = c.secondary("s", &o, None);
     let rt = rt();
-    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
-    let mut p = c.primary("p", &o, proxy.addr);
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
+    let Some((mut s, proxy, mut p)) = proxied_pair(&c, &o, &rt, row, "") else {
         return;
-    }
+    };
     let load = Load::start(&rt, vec![p.service, s.service], 16, 16, 1);
     load.wait_more(200, T);
     proxy.set(Fault::StallBulk);
@@ -633,11 +657,7 @@ fn stalled_data_path(row: &mut Row) {
         eprintln!("  no takeover; the primary is protected again");
         p.service
     };
-    if !load.wait_more(30, T) {
-        row.fail("clients did not carry on".into());
-    }
-    let v = load.finish(&rt, survivor);
-    row.check(&v, &c);
+    carry_on_and_check(row, load, 30, &rt, survivor, &c, "");
     let _ = &mut s;
 }
 
@@ -727,13 +747,9 @@ fn torn_apply(row: &mut Row) {
 fn strangers(row: &mut Row) {
     let c = Cluster::new("strangers");
     let o = NodeOpts::default();
-    let s = c.secondary("s", &o, None);
-    let p = c.primary("p", &o, s.listen.expect("listen"));
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
+    let Some((s, p)) = pair(&c, &o, row) else {
         return;
-    }
+    };
     stranger_storm(row, &c, &p, s.listen.expect("listen"), vec![p.service, s.service]);
 }
 
@@ -743,13 +759,9 @@ fn strangers(row: &mut Row) {
 fn strangers_on_the_join_port(row: &mut Row) {
     let c = Cluster::new("strangers-join");
     let o = NodeOpts::default();
-    let mut s = c.secondary("s", &o, None);
-    let mut p = c.primary("p", &o, s.listen.expect("listen"));
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
+    let Some((mut s, mut p)) = pair(&c, &o, row) else {
         return;
-    }
+    };
     p.kill9();
     if !expect_takeover(row, &s, 1, "no takeover") {
         return;

@@ -9,7 +9,7 @@ use failover_tests::cluster::{Cluster, NodeOpts, NodeProc};
 use failover_tests::load::{split_brain, Load};
 use failover_tests::proxy::{Fault, Proxy};
 
-use super::{expect_takeover, protected, rt, Row, T};
+use super::{carry_on_and_check, expect_takeover, pair, protected, proxied_pair, rt, Row, T};
 
 fn opts(urls: &str) -> NodeOpts {
     NodeOpts { witness: Some(urls.into()), ..NodeOpts::default() }
@@ -99,17 +99,6 @@ pub(super) fn nothing_decided_after(
     } else {
         eprintln!("  {what}: it released nothing after waking");
     }
-}
-
-fn pair(c: &Cluster, o: &NodeOpts, row: &mut Row) -> Option<(NodeProc, NodeProc)> {
-    let s = c.secondary("s", o, None);
-    let p = c.primary("p", o, s.listen.expect("listen"));
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
-        return None;
-    }
-    Some((s, p))
 }
 
 /// The secondary freezes for good: the witness lets the primary run alone
@@ -211,15 +200,10 @@ pub fn restart_as_secondary(row: &mut Row) {
     let c = Cluster::new("w-restart");
     let etcd = c.etcd();
     let o = opts(&etcd.url);
-    let mut s = c.secondary("s", &o, None);
     let rt = rt();
-    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
-    let mut p = c.primary("p", &o, proxy.addr);
-    row.trials += 1;
-    if !protected(&p) {
-        row.fail(format!("never protected:\n{}", p.log_tail()));
+    let Some((mut s, proxy, mut p)) = proxied_pair(&c, &o, &rt, row, "") else {
         return;
-    }
+    };
     let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
     load.wait_more(50, T);
     let frozen_at = freeze(&p);
@@ -319,11 +303,7 @@ pub fn etcd_down(row: &mut Row) {
         return;
     }
     eprintln!("  etcd back: took over");
-    if !load.wait_more(30, T) {
-        row.fail("clients did not carry on".into());
-    }
-    let v = load.finish(&rt, s.service);
-    row.check(&v, &c);
+    carry_on_and_check(row, load, 30, &rt, s.service, &c, "");
 }
 
 /// One member of a 3-member etcd cluster killed: nothing changes; a later
@@ -346,11 +326,7 @@ pub fn etcd_member_killed(row: &mut Row) {
     if !expect_takeover(row, &s, 2, "no takeover with 2 of 3 members") {
         return;
     }
-    if !load.wait_more(30, T) {
-        row.fail("clients did not carry on".into());
-    }
-    let v = load.finish(&rt, s.service);
-    row.check(&v, &c);
+    carry_on_and_check(row, load, 30, &rt, s.service, &c, "");
 }
 
 /// A forced failover with the witness: the secondary is told to take over
@@ -376,11 +352,7 @@ pub fn forced_failover(row: &mut Row) {
         Some(7) => eprintln!("  the old primary was fenced (exit 7)"),
         other => row.fail(format!("old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
     }
-    if !load.wait_more(30, T) {
-        row.fail("clients did not carry on".into());
-    }
-    let v = load.finish(&rt, s.service);
-    row.check(&v, &c);
+    carry_on_and_check(row, load, 30, &rt, s.service, &c, "");
 }
 
 /// How a planned switchover is asked for.
@@ -438,11 +410,7 @@ pub fn planned(row: &mut Row, name: &str, witness: bool, how: Planned) {
     if !log.contains("the primary handed over") || log.contains("primary silent") {
         row.fail(format!("the secondary did not take over by the handover:\n{}", s.log_tail()));
     }
-    if !load.wait_more(30, T) {
-        row.fail("clients did not carry on".into());
-    }
-    let v = load.finish(&rt, s.service);
-    row.check(&v, &c);
+    let v = carry_on_and_check(row, load, 30, &rt, s.service, &c, "");
     eprintln!(
         "  switchover: longest client gap {:.0} ms (epoch {} ms, heartbeat timeout {} ms)",
         v.max_gap.as_secs_f64() * 1e3,
