@@ -310,11 +310,11 @@ fn boundaries(m: &mut Machine, n: u64, samples: usize, precopy: Option<u64>) -> 
             }
         };
         let t0 = Instant::now();
-        let stop = m.pause()?;
-        // as the epoch engine does: the vCPU threads save their state while
-        // this thread harvests and copies, and a large ring reset runs on a
-        // parked vCPU thread; "reset" below is the wait for that reset
-        m.begin_save();
+        // as the epoch engine does: the vCPU threads save their state as
+        // they park, while this thread harvests and copies, and a large ring
+        // reset runs on a parked vCPU thread; "reset" below is the wait for
+        // that reset
+        let stop = m.pause_and_save()?;
         let d = m.collect_overlapped()?;
         let t2 = Instant::now();
         pagebuf.resize(d.gfns.len() * PAGE_SIZE as usize, 0);

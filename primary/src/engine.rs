@@ -828,12 +828,12 @@ impl Engine {
         let epoch = self.shared.next_epoch.load(Ordering::SeqCst);
         common::crashpoint::hit("primary.before_pause");
         let t0 = Instant::now();
-        let stop = self.machine.pause()?;
+        // the vCPU threads save their state as they park, while this thread
+        // harvests and copies (the rings live apart from the vCPU cores the
+        // saves hold), and a large ring reset (re-arming) runs on a parked
+        // vCPU thread
+        let stop = self.machine.pause_and_save()?;
         let t1 = Instant::now();
-        // the vCPU threads save their state while this thread harvests and
-        // copies (the rings live apart from the vCPU cores the saves hold),
-        // and a large ring reset (re-arming) runs on a parked vCPU thread
-        self.machine.begin_save();
         let d = self.machine.collect_overlapped()?;
         self.shared.ring_full_exits.store(self.machine.ring_full_exits(), Ordering::Relaxed);
         common::crashpoint::hit("primary.after_collect");

@@ -441,13 +441,33 @@ impl Machine {
 
     /// Stops every vCPU at a point where its state can be saved.
     pub fn pause(&mut self) -> Result<PauseTiming, MachineError> {
+        self.pause_inner(false)
+    }
+
+    /// Pauses as [`Machine::pause`] and has every vCPU thread save its state
+    /// as it parks, in parallel, while the caller harvests and copies;
+    /// [`Machine::save`] picks the results up. What an epoch boundary does:
+    /// a save asked for after the pause ([`Machine::begin_save`]) starts
+    /// later, once the parked thread has noticed it.
+    pub fn pause_and_save(&mut self) -> Result<PauseTiming, MachineError> {
+        self.pause_inner(true)
+    }
+
+    fn pause_inner(&mut self, save: bool) -> Result<PauseTiming, MachineError> {
         let t = Instant::now();
         if !self.started || self.paused {
             self.paused = true;
+            if save {
+                self.begin_save();
+            }
             return Ok(PauseTiming { elapsed: t.elapsed() });
         }
         for v in &self.vcpus {
-            v.request_pause()?;
+            if save {
+                v.request_pause_saving()?;
+            } else {
+                v.request_pause()?;
+            }
         }
         for v in &self.vcpus {
             v.wait_parked(PAUSE_TIMEOUT)?;

@@ -26,6 +26,11 @@ struct Checker {
     /// Pages reported dirty whose write had not landed yet (see `round`).
     early: BTreeSet<u64>,
     vcpus: usize,
+    /// Pause as the epoch engine does: the vCPU threads save their state as
+    /// they park while the owner harvests, and the ring reset is handed to
+    /// a parked thread (`pause_and_save`, `collect_overlapped`,
+    /// `finish_reset`, `save`) instead of `pause` and `collect`.
+    boundary: bool,
 }
 
 impl Checker {
@@ -37,13 +42,22 @@ impl Checker {
             }
         }
         let ws = stamps.iter().map(|s| s.0 / PAGE_SIZE).collect();
-        Checker { stamps, ws, early: BTreeSet::new(), vcpus: m.config().vcpus as usize }
+        Checker { stamps, ws, early: BTreeSet::new(), vcpus: m.config().vcpus as usize, boundary: false }
     }
 
     /// Pauses, collects, and checks; returns (pages written, dirty set size).
     fn round(&mut self, m: &mut Machine) -> (usize, usize) {
-        m.pause().expect("pause");
-        let d = m.collect().expect("collect");
+        let d = if self.boundary {
+            m.pause_and_save().expect("pause");
+            let d = m.collect_overlapped().expect("collect");
+            assert!(m.finish_reset(), "ring reset failed");
+            let st = m.save().expect("save");
+            assert_eq!(st.vcpus.len(), self.vcpus);
+            d
+        } else {
+            m.pause().expect("pause");
+            m.collect().expect("collect")
+        };
         assert!(!d.tracking_lost, "tracking lost without overflow");
         let mut written = BTreeSet::new();
         for (gpa, last) in self.stamps.iter_mut() {
@@ -82,6 +96,18 @@ impl Checker {
 }
 
 fn check_exact(mem: u64, vcpus: u32, tracker: TrackerKind, pattern: Pattern, ws_pages: u64, spread: bool) -> u64 {
+    check_exact_with(mem, vcpus, tracker, pattern, ws_pages, spread, false)
+}
+
+fn check_exact_with(
+    mem: u64,
+    vcpus: u32,
+    tracker: TrackerKind,
+    pattern: Pattern,
+    ws_pages: u64,
+    spread: bool,
+    boundary: bool,
+) -> u64 {
     let mut w = WorkloadConfig::dirty(ws_pages, pattern, 20_000);
     w.report_ms = 0;
     if spread {
@@ -92,6 +118,7 @@ fn check_exact(mem: u64, vcpus: u32, tracker: TrackerKind, pattern: Pattern, ws_
     cfg.ring_verify = true;
     let mut m = Machine::new(cfg).expect("machine");
     let mut c = Checker::new(&m);
+    c.boundary = boundary;
     m.start().expect("start");
     let mut total = 0;
     for i in 0..25 {
@@ -128,6 +155,13 @@ fn ring_exact_1vcpu_256m() {
 #[test]
 fn ring_exact_2vcpu_256m() {
     check_exact(256 * MIB, 2, RING, Pattern::Random, 2048, false);
+}
+
+/// The epoch engine's pause: saves at park, the harvest overlapped with
+/// them and the ring reset handed to a parked vCPU thread.
+#[test]
+fn ring_exact_2vcpu_256m_at_epoch_boundaries() {
+    check_exact_with(256 * MIB, 2, RING, Pattern::Random, 2048, false, true);
 }
 
 #[test]

@@ -23,9 +23,14 @@ fn pauses_leave_no_thread_at_a_real_time_policy() {
     std::env::set_var("CASTOR_RT_PAUSE", "1");
     let (mut m, tids) = running_writer();
     for i in 0..300 {
-        m.pause().expect("pause");
-        // the parked threads save their state (at the work's policy)
-        m.begin_save();
+        if i % 2 == 0 {
+            // the epoch engine's pause: each thread saves as it parks
+            m.pause_and_save().expect("pause");
+        } else {
+            m.pause().expect("pause");
+            // the parked threads save their state (at the work's policy)
+            m.begin_save();
+        }
         if i % 10 == 0 {
             // parked (polling, or asleep): never at a real-time policy
             std::thread::sleep(Duration::from_millis(if i % 20 == 0 { 1 } else { 6 }));

@@ -16,7 +16,13 @@ fn parked_threads_poll_at_idle_priority_and_run_at_the_normal_policy() {
     let (mut m, tids) = running_writer();
     let mut idle_seen = 0;
     for i in 0..200 {
-        m.pause().expect("pause");
+        // the epoch engine's pause (each thread saves as it parks) on odd
+        // pauses, a save asked for once parked on even ones
+        if i % 2 == 1 {
+            m.pause_and_save().expect("pause");
+        } else {
+            m.pause().expect("pause");
+        }
         if i % 5 == 0 {
             // polling in the park (for up to 4 ms): at idle priority, never
             // at a real-time one; asleep after that: normal
@@ -27,7 +33,9 @@ fn parked_threads_poll_at_idle_priority_and_run_at_the_normal_policy() {
                 idle_seen += usize::from(p == libc::SCHED_IDLE);
             }
         }
-        m.begin_save();
+        if i % 2 == 0 {
+            m.begin_save();
+        }
         finish_pause(&mut m, i);
         if i % 3 == 0 {
             // back to back

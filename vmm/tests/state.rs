@@ -7,6 +7,10 @@ use vmm::abi::{Pattern, PC_TICKS, PC_WRITES};
 use vmm::snapshot::Snapshot;
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
 
+fn bytes<T: serde::Serialize>(x: &T) -> Vec<u8> {
+    common::codec::encode(x).expect("encode")
+}
+
 fn wait_until(mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f() {
@@ -84,4 +88,68 @@ fn snapshot_file_round_trip_and_refusals() {
     assert!(matches!(Snapshot::parse(good[..good.len() / 2].to_vec()), Err(vmm::snapshot::SnapshotError::Checksum)));
     assert!(matches!(Snapshot::parse(b"CASTSNP1".to_vec()), Err(vmm::snapshot::SnapshotError::Truncated)));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The epoch boundary's pause: each vCPU thread saves its state as it parks
+/// (`pause_and_save`), while the owner harvests and a large ring reset runs
+/// on a parked thread. What `save` then returns must be the parked vCPU's
+/// state: in every part that cannot change while it is parked, equal to a
+/// save the owner makes itself in the same pause (the LAPIC's timer count
+/// and the TSC run on, so they are left out). Saves asked for after the
+/// pause (`pause` + `begin_save`) and none at all (`pause` + `save`) are
+/// mixed in, back to back and spaced, and the guest must run on throughout.
+#[test]
+fn state_saved_as_the_vcpus_park_is_the_parked_state() {
+    const MSR_IA32_TSC: u32 = 0x10;
+    let mut w = WorkloadConfig::dirty(1024, Pattern::Random, 10_000);
+    w.report_ms = 0;
+    let mut m =
+        Machine::new(MachineConfig::new(128 << 20, 2, TrackerKind::Ring { entries: 4096 }, w)).expect("machine");
+    m.start().expect("start");
+    wait_until(|| (0..2).all(|c| m.percpu(c, PC_WRITES) > 100));
+    let first: Vec<u64> = (0..2).map(|c| m.percpu(c, PC_WRITES)).collect();
+    for i in 0..300 {
+        match i % 3 {
+            0 | 1 => {
+                m.pause_and_save().expect("pause and save");
+            }
+            _ => {
+                m.pause().expect("pause");
+                if i % 2 == 0 {
+                    m.begin_save();
+                }
+            }
+        }
+        let d = m.collect_overlapped().expect("collect");
+        assert!(!d.tracking_lost, "pause {i}: tracking lost");
+        assert!(m.finish_reset(), "pause {i}: ring reset failed");
+        let writes: Vec<u64> = (0..2).map(|c| m.percpu(c, PC_WRITES)).collect();
+        let a = m.save().expect("save");
+        // the second save finds no parked thread's save to pick up: the
+        // owner asks KVM itself
+        let b = m.save().expect("save again");
+        assert_eq!((0..2).map(|c| m.percpu(c, PC_WRITES)).collect::<Vec<_>>(), writes, "pause {i}: guest ran");
+        for (x, y) in a.vcpus.iter().zip(&b.vcpus) {
+            let v = x.id;
+            assert_eq!(x.id, y.id);
+            assert_eq!(bytes(&x.regs), bytes(&y.regs), "pause {i}, vCPU {v}: regs");
+            assert_eq!(bytes(&x.sregs), bytes(&y.sregs), "pause {i}, vCPU {v}: sregs");
+            assert_eq!(x.xsave, y.xsave, "pause {i}, vCPU {v}: xsave");
+            assert_eq!(bytes(&x.xcrs), bytes(&y.xcrs), "pause {i}, vCPU {v}: xcrs");
+            assert_eq!(bytes(&x.debugregs), bytes(&y.debugregs), "pause {i}, vCPU {v}: debug regs");
+            assert_eq!(bytes(&x.mp_state), bytes(&y.mp_state), "pause {i}, vCPU {v}: mp_state");
+            assert_eq!(bytes(&x.vcpu_events), bytes(&y.vcpu_events), "pause {i}, vCPU {v}: vcpu_events");
+            let msrs = |s: &vmm::state::VcpuState| -> Vec<(u32, u64)> {
+                s.msrs.iter().filter(|e| e.index != MSR_IA32_TSC).map(|e| (e.index, e.data)).collect()
+            };
+            assert_eq!(msrs(x), msrs(y), "pause {i}, vCPU {v}: MSRs");
+            assert_eq!(x.lapic.regs.len(), y.lapic.regs.len());
+        }
+        m.resume().expect("resume");
+        if i % 4 != 0 {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    assert!(m.faults().is_empty() && m.exited_vcpus().is_empty(), "{:?} {:?}", m.faults(), m.exited_vcpus());
+    wait_until(|| (0..2).all(|c| m.percpu(c, PC_WRITES) > first[c as usize] + 500));
 }
