@@ -326,9 +326,13 @@ impl Vcpu {
     /// [`Vcpu::take_state`].
     pub fn request_pause_saving(&self) -> Result<(), VcpuError> {
         let gen = self.pause_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        // the pause before the request: a thread still in its last park
+        // (resumed, not yet out) that takes this save must stay parked
+        // until the next resume, or it would hand back a state from before
+        // the guest ran on
+        self.pause.store(true, Ordering::SeqCst);
         self.save_req.store(gen, Ordering::SeqCst);
         self.has_work.store(true, Ordering::SeqCst);
-        self.pause.store(true, Ordering::SeqCst);
         self.kick()
     }
 
