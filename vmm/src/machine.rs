@@ -247,6 +247,8 @@ impl Machine {
             faults: Arc::new(Mutex::new(Vec::new())),
             ring_pending: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             save_ctx: Arc::clone(&save_ctx),
+            parked: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            vcpus: cfg.vcpus as usize,
         };
         let shape = VmShape {
             mem_bytes: cfg.mem_bytes,
@@ -639,6 +641,12 @@ impl Machine {
             vm,
             devices: self.devices.save(),
         })
+    }
+
+    /// How many vCPU threads are parked now (a save begun at a park waits
+    /// for all of them before it reads what other vCPUs can change).
+    pub fn parked_vcpu_threads(&self) -> usize {
+        self.ctx.parked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The kernel thread ids of the vCPU threads that run (for checks of

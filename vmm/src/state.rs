@@ -90,6 +90,36 @@ pub fn save_vcpu_cached(
     ctx: &SaveContext,
     fixed: Option<&VcpuState>,
 ) -> Result<VcpuState, StateError> {
+    save_vcpu_shared(fd, id, save_vcpu_own(fd, id, ctx, fixed)?)
+}
+
+/// The part of a parked vCPU's state that only the vCPU itself changes:
+/// everything but its LAPIC, mp_state and pending events, which other vCPUs
+/// (IPIs, INIT and SIPI, NMIs) and the in-kernel devices can change while
+/// it is parked. Save it as soon as the vCPU parks; save the rest
+/// ([`save_vcpu_shared`]) only once every vCPU is parked, or an IPI sent by
+/// a vCPU still running would be in its sender's saved state and missing
+/// from its target's.
+#[derive(Debug)]
+pub struct OwnState {
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    msrs: Vec<kvm_msr_entry>,
+    regs: kvm_bindings::kvm_regs,
+    sregs: kvm_bindings::kvm_sregs,
+    xsave: Vec<u32>,
+    xcrs: kvm_bindings::kvm_xcrs,
+    debugregs: kvm_bindings::kvm_debugregs,
+    tsc_khz: Option<u32>,
+}
+
+/// Saves a parked vCPU's [`OwnState`] (CPUID and TSC frequency from `fixed`
+/// where given, as [`save_vcpu_cached`]).
+pub fn save_vcpu_own(
+    fd: &VcpuFd,
+    id: u32,
+    ctx: &SaveContext,
+    fixed: Option<&VcpuState>,
+) -> Result<OwnState, StateError> {
     let (cpuid, tsc_khz) = match fixed {
         Some(f) => (f.cpuid.clone(), f.tsc_khz),
         None => (
@@ -125,9 +155,16 @@ pub fn save_vcpu_cached(
     };
     let xcrs = fd.get_xcrs().map_err(vcpu_err(id, "KVM_GET_XCRS"))?;
     let debugregs = fd.get_debug_regs().map_err(vcpu_err(id, "KVM_GET_DEBUGREGS"))?;
+    Ok(OwnState { cpuid, msrs, regs, sregs, xsave, xcrs, debugregs, tsc_khz })
+}
+
+/// Completes a vCPU's save begun by [`save_vcpu_own`]: its LAPIC, mp_state
+/// and pending events (in that order), read now. Every vCPU must be parked.
+pub fn save_vcpu_shared(fd: &VcpuFd, id: u32, own: OwnState) -> Result<VcpuState, StateError> {
     let lapic = fd.get_lapic().map_err(vcpu_err(id, "KVM_GET_LAPIC"))?;
     let mp_state = fd.get_mp_state().map_err(vcpu_err(id, "KVM_GET_MP_STATE"))?;
     let vcpu_events = fd.get_vcpu_events().map_err(vcpu_err(id, "KVM_GET_VCPU_EVENTS"))?;
+    let OwnState { cpuid, msrs, regs, sregs, xsave, xcrs, debugregs, tsc_khz } = own;
     Ok(VcpuState { id, cpuid, msrs, regs, sregs, xsave, xcrs, debugregs, lapic, mp_state, vcpu_events, tsc_khz })
 }
 

@@ -22,7 +22,7 @@ use crate::devices::{Devices, GuestFault, IoAction};
 pub use crate::dirty::RingLedger;
 use crate::memory::GuestMem;
 use crate::ring::DirtyRing;
-use crate::state::{self, SaveContext, StateError, VcpuState};
+use crate::state::{self, OwnState, SaveContext, StateError, VcpuState};
 
 /// Errors of vCPU management.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +135,10 @@ struct Status {
 struct ParkedWork {
     /// The save done by the vCPU thread, with its pause generation.
     done: Option<(u64, Result<VcpuState, StateError>)>,
+    /// The vCPU's own part of a save the thread began and could not finish
+    /// (not every vCPU was parked in time), with its pause generation: the
+    /// owner finishes it.
+    own: Option<(u64, OwnState)>,
     /// The first saved state: its never-changing parts (CPUID, TSC kHz) are
     /// reused instead of asked from KVM again.
     template: Option<VcpuState>,
@@ -208,6 +212,11 @@ pub struct VcpuContext {
     pub ring_pending: Arc<std::sync::atomic::AtomicU64>,
     /// What a state save needs (for saves done on the vCPU threads).
     pub save_ctx: Arc<SaveContext>,
+    /// How many of the machine's vCPU threads are parked now: a save begun
+    /// at a park reads the parts other vCPUs can change only once all are.
+    pub parked: Arc<std::sync::atomic::AtomicUsize>,
+    /// The machine's vCPU count.
+    pub vcpus: usize,
 }
 
 impl Vcpu {
@@ -364,9 +373,14 @@ impl Vcpu {
         let mut slot = self.parked_work();
         // (with the slot locked: a save the thread took is done by now)
         self.save_req.store(0, Ordering::SeqCst);
+        let own = slot.own.take();
         let st = match slot.done.take() {
             Some((g, r)) if g == gen => r?,
-            _ => state::save_vcpu_cached(&self.core().fd, self.id, ctx, slot.template.as_ref())?,
+            // (the owner calls this with every vCPU parked)
+            _ => match own {
+                Some((g, own)) if g == gen => state::save_vcpu_shared(&self.core().fd, self.id, own)?,
+                _ => state::save_vcpu_cached(&self.core().fd, self.id, ctx, slot.template.as_ref())?,
+            },
         };
         if slot.template.is_none() {
             slot.template = Some(st.clone());
@@ -393,6 +407,27 @@ impl Vcpu {
             _ if requested == gen => common::sync::lock(&ctx.reset_lock).reset(&ctx.vm),
             // nothing was requested in this pause
             _ => true,
+        }
+    }
+
+    /// On the vCPU thread, in a save of pause `gen`: polls (yielding) until
+    /// every vCPU thread of the machine is parked. False if that did not
+    /// happen within [`SPIN_PARK`] or the pause ended or moved on (the owner
+    /// then finishes the save).
+    fn await_all_parked(&self, ctx: &VcpuContext, gen: u64) -> bool {
+        let until = Instant::now() + SPIN_PARK;
+        loop {
+            if ctx.parked.load(Ordering::SeqCst) >= ctx.vcpus {
+                return true;
+            }
+            if !self.pause.load(Ordering::SeqCst)
+                || self.pause_gen.load(Ordering::SeqCst) != gen
+                || self.stop.load(Ordering::SeqCst)
+                || Instant::now() >= until
+            {
+                return false;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -448,8 +483,17 @@ impl Vcpu {
             let mut slot = self.parked_work();
             if gen != 0 && self.save_req.compare_exchange(gen, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 self.work_taken[SAVE].store(gen, Ordering::SeqCst);
-                let r = state::save_vcpu_cached(&self.core().fd, self.id, &ctx.save_ctx, slot.template.as_ref());
-                slot.done = Some((gen, r));
+                let core = self.core();
+                match state::save_vcpu_own(&core.fd, self.id, &ctx.save_ctx, slot.template.as_ref()) {
+                    Err(e) => slot.done = Some((gen, Err(e))),
+                    // the rest only once every vCPU is parked: a vCPU still
+                    // running may send this one an IPI or an NMI
+                    Ok(own) if self.await_all_parked(ctx, gen) => {
+                        slot.done = Some((gen, state::save_vcpu_shared(&core.fd, self.id, own)))
+                    }
+                    Ok(own) => slot.own = Some((gen, own)),
+                }
+                drop(core);
                 self.work_done[SAVE].store(gen, Ordering::SeqCst);
             }
         }
@@ -554,6 +598,7 @@ impl Vcpu {
         {
             let mut st = self.status();
             st.state = RunState::Parked;
+            ctx.parked.fetch_add(1, Ordering::SeqCst);
             self.cv.notify_all();
         }
         // a save asked for with the pause: now, at the policy the guest ran
@@ -588,6 +633,7 @@ impl Vcpu {
             }
         }
         st.state = RunState::Running;
+        ctx.parked.fetch_sub(1, Ordering::SeqCst);
         self.cv.notify_all();
         drop(st);
         // back to normal from the resume's real-time boost (only once a

@@ -91,8 +91,9 @@ fn snapshot_file_round_trip_and_refusals() {
 }
 
 /// The epoch boundary's pause: each vCPU thread saves its state as it parks
-/// (`pause_and_save`), while the owner harvests and a large ring reset runs
-/// on a parked thread. What `save` then returns must be the parked vCPU's
+/// (`pause_and_save`; what other vCPUs can change, the LAPIC, mp_state and
+/// pending events, once every vCPU is parked), while the owner harvests and
+/// a large ring reset runs on a parked thread. What `save` then returns must be the parked vCPU's
 /// state: in every part that cannot change while it is parked, equal to a
 /// save the owner makes itself in the same pause (the LAPIC's timer count
 /// and the TSC run on, so they are left out). Saves asked for after the
@@ -120,6 +121,9 @@ fn state_saved_as_the_vcpus_park_is_the_parked_state() {
                 }
             }
         }
+        // the LAPIC, mp_state and events of a save begun at a park are read
+        // only once this count says every vCPU is parked
+        assert_eq!(m.parked_vcpu_threads(), 2, "pause {i}: parked vCPU threads");
         let d = m.collect_overlapped().expect("collect");
         assert!(!d.tracking_lost, "pause {i}: tracking lost");
         assert!(m.finish_reset(), "pause {i}: ring reset failed");
@@ -146,6 +150,7 @@ fn state_saved_as_the_vcpus_park_is_the_parked_state() {
             assert_eq!(x.lapic.regs.len(), y.lapic.regs.len());
         }
         m.resume().expect("resume");
+        assert_eq!(m.parked_vcpu_threads(), 0, "resume {i}: parked vCPU threads");
         if i % 4 != 0 {
             std::thread::sleep(Duration::from_micros(500));
         }
