@@ -1,7 +1,10 @@
 //! Full machine state save and restore.
 //!
-//! Save order per vCPU (all vCPUs parked, pending I/O completed): CPUID, MSRs,
-//! regs, sregs, xsave, xcrs, debug regs, LAPIC, mp_state, vcpu_events, TSC kHz.
+//! Save order per vCPU (pending I/O completed): CPUID, MSRs, regs, sregs,
+//! xsave, xcrs, debug regs ([`save_vcpu_own`]: only the vCPU changes these,
+//! so they may be read as soon as it has parked), then LAPIC, mp_state,
+//! vcpu_events ([`save_vcpu_shared`]: other vCPUs and the in-kernel devices
+//! change these, so they are read only once every vCPU is parked), TSC kHz.
 //! VM: PIC master, PIC slave, IOAPIC, PIT, KVM clock.
 //!
 //! Restore order (modelled on Firecracker's x86_64 vCPU restore):
