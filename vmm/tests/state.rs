@@ -19,14 +19,21 @@ fn wait_until(mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn dirty_guest_continues_after_save_and_restore() {
+/// A started 2-vCPU, 128 MiB machine (ring tracking) whose guest writes
+/// random pages, once each vCPU has made more than `writes` page writes.
+fn writing_machine(writes: u64) -> Machine {
     let mut w = WorkloadConfig::dirty(1024, Pattern::Random, 10_000);
     w.report_ms = 0;
-    let mut a =
+    let mut m =
         Machine::new(MachineConfig::new(128 << 20, 2, TrackerKind::Ring { entries: 4096 }, w)).expect("machine");
-    a.start().expect("start");
-    wait_until(|| (0..2).all(|c| a.percpu(c, PC_WRITES) > 500));
+    m.start().expect("start");
+    wait_until(|| (0..2).all(|c| m.percpu(c, PC_WRITES) > writes));
+    m
+}
+
+#[test]
+fn dirty_guest_continues_after_save_and_restore() {
+    let mut a = writing_machine(500);
     a.pause().expect("pause");
     let saved: Vec<u64> = (0..2).map(|c| a.percpu(c, PC_WRITES)).collect();
     let ticks: Vec<u64> = (0..2).map(|c| a.percpu(c, PC_TICKS)).collect();
@@ -102,12 +109,7 @@ fn snapshot_file_round_trip_and_refusals() {
 #[test]
 fn state_saved_as_the_vcpus_park_is_the_parked_state() {
     const MSR_IA32_TSC: u32 = 0x10;
-    let mut w = WorkloadConfig::dirty(1024, Pattern::Random, 10_000);
-    w.report_ms = 0;
-    let mut m =
-        Machine::new(MachineConfig::new(128 << 20, 2, TrackerKind::Ring { entries: 4096 }, w)).expect("machine");
-    m.start().expect("start");
-    wait_until(|| (0..2).all(|c| m.percpu(c, PC_WRITES) > 100));
+    let mut m = writing_machine(100);
     let first: Vec<u64> = (0..2).map(|c| m.percpu(c, PC_WRITES)).collect();
     for i in 0..300 {
         match i % 3 {
