@@ -199,6 +199,8 @@ pub enum NodeCmdError {
     Witness(#[from] witness::WitnessError),
     #[error(transparent)]
     StateDir(#[from] runtime::state_dir::StateDirError),
+    #[error("bad settings: {0}")]
+    Settings(common::proto::PairMismatch),
 }
 
 impl NodeCmdError {
@@ -213,6 +215,7 @@ impl NodeCmdError {
             NodeCmdError::Fenced(_) => 7,
             NodeCmdError::Refused(_) => 8,
             NodeCmdError::Witness(_) => 9,
+            NodeCmdError::Settings(_) => 2,
         }
     }
 }
@@ -340,7 +343,21 @@ fn primary_config(c: &CommonArgs, node: &str, secret: Secret) -> Result<PrimaryC
         release_log: c.release_log.clone(),
         print_console: c.console,
         witness: None,
+        pair: pair_settings(c)?,
     })
+}
+
+/// What this node's peer must agree on: the witness (by vm id) and the
+/// heartbeat timing. A period of more than half the timeout is refused here
+/// already (exit code 2).
+fn pair_settings(c: &CommonArgs) -> Result<common::proto::PairSettings, NodeCmdError> {
+    let pair = common::proto::PairSettings {
+        witness_vm: c.witness.as_ref().and(c.vm_id.clone()),
+        heartbeat_timeout_ms: c.heartbeat_timeout_ms.max(10),
+        heartbeat_interval_ms: c.heartbeat_interval_ms.max(1),
+    };
+    pair.check_peer(&pair).map_err(NodeCmdError::Settings)?;
+    Ok(pair)
 }
 
 /// Connects to the witness the command line names (`name`: this node's
@@ -388,6 +405,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         witness: None,
         node_id: String::new(),
         state: None,
+        pair: promoted.pair.clone(),
     };
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {

@@ -43,6 +43,14 @@ fn page_strategy() -> impl Strategy<Value = Page> {
         .prop_map(|(gfn, fill)| Page { gfn, data: fill.map(|b| Bytes::from(vec![b; PAGE_SIZE])) })
 }
 
+fn pair(v: u32) -> PairSettings {
+    PairSettings {
+        witness_vm: (v % 3 != 0).then(|| format!("vm-{v}")),
+        heartbeat_timeout_ms: u64::from(v),
+        heartbeat_interval_ms: u64::from(v / 7),
+    }
+}
+
 fn message_strategy() -> impl Strategy<Value = Message> {
     let s = ".{0,40}";
     prop_oneof![
@@ -53,10 +61,17 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                 shape: state(u64::from(v)).shape,
                 generation: g,
                 channel: if v % 2 == 0 { Channel::Data } else { Channel::Heartbeat },
+                pair: pair(v),
             })
         }),
         (any::<u16>(), any::<Option<u64>>(), any::<u64>()).prop_map(|(version, committed_epoch, generation)| {
-            Message::HelloAck(HelloAck { version, committed_epoch, generation, node: format!("s{generation}") })
+            Message::HelloAck(HelloAck {
+                version,
+                committed_epoch,
+                generation,
+                node: format!("s{generation}"),
+                pair: pair(generation as u32),
+            })
         }),
         (any::<u64>(), proptest::collection::vec(page_strategy(), 0..20))
             .prop_map(|(epoch, pages)| Message::PageChunk(PageChunk { epoch, pages })),

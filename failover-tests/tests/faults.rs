@@ -909,6 +909,7 @@ fn failover_suite() {
     run("w-double-fault", &mut witness::double_fault);
     run("w-restart-as-sec", &mut witness::restart_as_secondary);
     run("w-partition", &mut witness::partition);
+    run("w-one-sided", &mut witness::one_sided);
     run("w-primary-isolated", &mut witness::primary_isolated);
     run("w-etcd-down", &mut witness::etcd_down);
     run("w-etcd-member-kill", &mut witness::etcd_member_killed);

@@ -67,6 +67,9 @@ pub struct PrimaryConfig {
     /// The witness that decides holds and promotions (our term is
     /// `generation`), if any.
     pub witness: Option<witness::Witness>,
+    /// What this node and its secondary must agree on (a secondary whose
+    /// settings differ is refused, and refuses us).
+    pub pair: common::proto::PairSettings,
 }
 
 /// What a primary serves on, already bound.
@@ -168,6 +171,7 @@ pub async fn run_primary(
         session_peer: String::new(),
         handover_due: None,
         switchover: None,
+        refusals: runtime::lograte::LogLimiter::new(Duration::from_secs(10)),
         cfg,
         shape,
         shared: shared.clone(),

@@ -245,6 +245,8 @@ pub(crate) struct Replicator {
     pub handover_due: Option<u64>,
     /// The operator's switchover, answered once it completes or fails.
     pub switchover: Option<ControlRequest>,
+    /// Dial failures and refusals, logged once per kind every 10 s.
+    pub refusals: runtime::lograte::LogLimiter,
 }
 
 /// The next item of an optional channel; a closed or absent channel never
@@ -372,6 +374,36 @@ impl Replicator {
         c.answer(r);
     }
 
+    /// Logs a secondary that could not be reached or refused us, at most
+    /// once per kind of failure every 10 s (the first dial failure at info,
+    /// later ones at debug); settings that do not fit the secondary's are
+    /// an error and go into the status (`pair_error`). Returns whether it
+    /// was a settings mismatch.
+    fn refused(&self, peer: Option<SocketAddr>, e: &SenderError) -> bool {
+        let pair = matches!(e, SenderError::PairMismatch(_) | SenderError::Refused { code: RefuseCode::Pair, .. });
+        if pair {
+            self.status.update(|s| s.pair_error = Some(e.to_string()));
+        }
+        let kind = match e {
+            _ if pair => "pair",
+            SenderError::Connect { .. } | SenderError::TimedOut(_) | SenderError::Closed(_) => "unreachable",
+            _ => "refused",
+        };
+        let peer = peer.map_or_else(|| "joiner".to_string(), |p| p.to_string());
+        let Some(skipped) = self.refusals.allow(kind) else {
+            tracing::debug!(%peer, error = %e, "secondary not reachable");
+            return pair;
+        };
+        match kind {
+            "pair" => {
+                tracing::error!(%peer, skipped, error = %e, "the secondary's settings do not fit ours: this pair does not protect until they agree")
+            }
+            "unreachable" => tracing::info!(%peer, skipped, error = %e, "secondary not reachable yet (dialing again)"),
+            _ => tracing::warn!(%peer, skipped, error = %e, "a secondary failed the handshake"),
+        }
+        pair
+    }
+
     fn fenced(&self) -> Option<u64> {
         match self.core.mode() {
             Mode::Fenced { by } => Some(*by),
@@ -388,10 +420,11 @@ impl Replicator {
             return;
         };
         let (secret, shape, gen) = (self.cfg.secret.clone(), self.shape.clone(), self.cfg.generation);
+        let pair = self.cfg.pair.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let v = common::frame::PROTOCOL_VERSION;
-            let hs = Session::handshake(stream, &secret, shape, gen, channel, v, v);
+            let hs = Session::handshake(stream, &secret, shape, gen, &pair, channel, v, v);
             let r = match tokio::time::timeout(JOIN_HANDSHAKE_TIMEOUT, hs).await {
                 Ok(Ok(s)) => Ok((s, channel)),
                 Ok(Err(e)) => Err(e),
@@ -405,10 +438,12 @@ impl Replicator {
     /// (a frozen host) cannot hold up this loop, nor the witness's answers.
     fn dial(&self, peer: SocketAddr) -> tokio::task::JoinHandle<Result<(Session, Session), SenderError>> {
         let (secret, shape, gen) = (self.cfg.secret.clone(), self.shape.clone(), self.cfg.generation);
+        let pair = self.cfg.pair.clone();
         tokio::spawn(async move {
             let t = Duration::from_secs(2);
+            let pair = &pair;
             let one = |ch| {
-                let c = Session::connect_channel(peer, &secret, shape.clone(), gen, ch);
+                let c = Session::connect_channel(peer, &secret, shape.clone(), gen, pair, ch);
                 async move { tokio::time::timeout(t, c).await.map_err(|_| SenderError::TimedOut("connect"))? }
             };
             Ok((one(Channel::Data).await?, one(Channel::Heartbeat).await?))
@@ -460,7 +495,9 @@ impl Replicator {
                     match h {
                         Some(Ok((s, Channel::Data))) => pending.0 = Some(s),
                         Some(Ok((s, Channel::Heartbeat))) => pending.1 = Some(s),
-                        Some(Err(e)) => tracing::warn!(error = %e, "a joining secondary failed the handshake"),
+                        Some(Err(e)) => {
+                            self.refused(None, &e);
+                        }
                         None => {}
                     }
                     if let (Some(_), Some(_)) = (&pending.0, &pending.1) {
@@ -486,8 +523,11 @@ impl Replicator {
                             }
                             // a refused port proves nothing (a promoted
                             // node that crashed refuses too): keep dialing
-                            tracing::debug!(%peer, error = %e, "secondary not reachable");
-                            next_dial = Instant::now() + Duration::from_millis(100);
+                            let pair = self.refused(Some(peer), &e);
+                            // a secondary that refused our settings refuses
+                            // them again until an operator changes them
+                            let wait = if pair { 1000 } else { 100 };
+                            next_dial = Instant::now() + Duration::from_millis(wait);
                         }
                     }
                 }
@@ -503,6 +543,7 @@ impl Replicator {
             // committed epoch until that one verifies)
             let resync = if data.ack.committed_epoch.is_some() { Resync::Full } else { Resync::Live };
             self.session_peer = data.ack.node.clone();
+            self.status.update(|s| s.pair_error = None);
             let next_epoch = self.shared.next_epoch.load(std::sync::atomic::Ordering::SeqCst);
             self.shared.acked.store(next_epoch, std::sync::atomic::Ordering::SeqCst);
             let peer = self.session_peer.clone();

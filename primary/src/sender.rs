@@ -6,7 +6,10 @@ use bytes::Bytes;
 use common::auth::Secret;
 use common::frame::{FrameCodec, FrameError, OutFrame, PROTOCOL_VERSION};
 use common::link::LinkError;
-use common::proto::{self, Channel, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, ProtoError, RefuseCode};
+use common::proto::{
+    self, Channel, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, PairMismatch, PairSettings, ProtoError,
+    RefuseCode,
+};
 use common::state::{MachineState, VmShape};
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -34,6 +37,8 @@ pub enum SenderError {
     Unexpected(proto::Kind),
     #[error("no randomness: {0}")]
     Random(String),
+    #[error("the secondary's settings do not fit ours, refused: {0}")]
+    PairMismatch(#[from] PairMismatch),
 }
 
 type Rx = FramedRead<OwnedReadHalf, FrameCodec>;
@@ -136,8 +141,9 @@ impl Session {
         secret: &Secret,
         shape: VmShape,
         generation: u64,
+        pair: &PairSettings,
     ) -> Result<Session, SenderError> {
-        Self::connect_channel(addr, secret, shape, generation, Channel::Data).await
+        Self::connect_channel(addr, secret, shape, generation, pair, Channel::Data).await
     }
 
     /// Connects a data or heartbeat channel.
@@ -146,21 +152,26 @@ impl Session {
         secret: &Secret,
         shape: VmShape,
         generation: u64,
+        pair: &PairSettings,
         channel: Channel,
     ) -> Result<Session, SenderError> {
         let stream = TcpStream::connect(addr).await.map_err(|err| SenderError::Connect { addr, err })?;
-        Self::handshake(stream, secret, shape, generation, channel, PROTOCOL_VERSION, PROTOCOL_VERSION).await
+        Self::handshake(stream, secret, shape, generation, pair, channel, PROTOCOL_VERSION, PROTOCOL_VERSION).await
     }
 
     /// The handshake on an open stream (whoever dialed), offering versions
     /// `min..=max`: the Noise handshake (`common::link`: both sides prove
     /// they hold the secret, and get their own keys), then the Hello and
-    /// its answer, encrypted.
+    /// its answer, encrypted. Settings that do not fit the secondary's
+    /// (`pair`, see [`PairSettings::check_peer`]) end it, whichever side
+    /// finds them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn handshake(
         mut stream: TcpStream,
         secret: &Secret,
         shape: VmShape,
         generation: u64,
+        pair: &PairSettings,
         channel: Channel,
         min: u16,
         max: u16,
@@ -170,12 +181,18 @@ impl Session {
         let (r, w) = stream.into_split();
         let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, link.clone()), 1 << 16);
         let mut tx = FramedWrite::new(w, FrameCodec::new(max, link));
-        let hello = Hello { min_version: min, max_version: max, shape, generation, channel };
+        let hello = Hello { min_version: min, max_version: max, shape, generation, channel, pair: pair.clone() };
         tx.send(Message::Hello(hello).to_frame()).await?;
         let ack = match recv(&mut rx).await?.ok_or(SenderError::Closed("during the handshake"))? {
             Message::HelloAck(a) => a,
             other => return Err(refused(other)),
         };
+        if let Err(e) = pair.check_peer(&ack.pair) {
+            // the secondary accepted, we do not: tell it why before closing
+            let reason = format!("the primary refused the pair: {e}");
+            let _ = tx.send(Message::Refused { code: RefuseCode::Pair, reason }.to_frame()).await;
+            return Err(e.into());
+        }
         Ok(Session { reader: SessionReader { rx }, writer: SessionWriter { tx }, ack })
     }
 

@@ -8,6 +8,7 @@ pub mod host;
 pub mod http;
 pub mod join;
 pub mod listen;
+pub mod lograte;
 pub mod metrics;
 pub mod service;
 pub mod state_dir;

@@ -234,6 +234,11 @@ pub struct StatusSnapshot {
     pub witness: Option<WitnessStatus>,
     /// While holding: why, and what ends the hold.
     pub hold: Option<String>,
+    /// The last peer refused because the pair's settings differ (a witness
+    /// on one node only, another vm id, other heartbeat timeouts): the
+    /// pair does not protect until they agree. Cleared by a session that
+    /// passes the check.
+    pub pair_error: Option<String>,
     /// Guest output dropped for backlog (counted, never silent): console
     /// lines, marker writes.
     pub console_dropped: u64,

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use vmm::{Machine, TrackerKind};
 
-use crate::mode::{SecondaryEvent, SecondaryMode};
+use crate::mode::{Ask, SecondaryEvent, SecondaryMode, WitnessAnswer};
 use crate::receiver::{serve_connection, ReceiverConfig, ReceiverEvent};
 use crate::replica::Replica;
 
@@ -43,6 +43,9 @@ pub struct SecondaryConfig {
     pub node_id: String,
     /// `--state-dir`: the generation, stored before it is acted on.
     pub state: Option<Arc<runtime::state_dir::StateDir>>,
+    /// What this node and its primary must agree on (the handshake
+    /// refuses a primary whose settings differ).
+    pub pair: common::proto::PairSettings,
 }
 
 /// Errors of the secondary runtime.
@@ -65,8 +68,9 @@ pub enum SecondaryError {
 /// How often an unanswered takeover claim is asked again.
 const CLAIM_RETRY: Duration = Duration::from_millis(200);
 
-/// A claim's answer: (granted lease | refusal reason | unreachable), ms.
-type ClaimResult = (Result<(witness::Decision, Option<i64>), witness::WitnessError>, f64);
+/// A claim's answer: the term claimed from, (granted lease | refusal
+/// reason | unreachable), ms.
+type ClaimResult = (u64, Result<(witness::Decision, Option<i64>), witness::WitnessError>, f64);
 
 /// A secondary that took over: everything the primary it becomes needs.
 #[derive(Debug)]
@@ -100,6 +104,29 @@ struct Liveness {
     heard: bool,
 }
 
+/// Logs a replication session that ended in an error, at most once per
+/// kind and peer every 10 s (a peer can repeat it at will); settings that
+/// do not fit the primary's also go into the status (`pair_error`), where
+/// an operator sees why the pair does not protect.
+fn log_refusal(
+    limiter: &runtime::lograte::LogLimiter,
+    status: &NodeStatus,
+    peer: SocketAddr,
+    e: &crate::receiver::ReceiverError,
+) {
+    let code = e.code();
+    if code == "pair-settings" {
+        status.update(|s| s.pair_error = Some(e.to_string()));
+    }
+    if let Some(skipped) = limiter.allow(&format!("{code} {}", peer.ip())) {
+        if code == "pair-settings" {
+            tracing::error!(%peer, skipped, error = %e, "a primary with settings that do not fit ours was refused: this pair does not protect until they agree");
+        } else {
+            tracing::warn!(%peer, code, skipped, error = %e, "replication session refused");
+        }
+    }
+}
+
 /// Runs until stopped or promoted.
 pub async fn run_secondary(
     cfg: SecondaryConfig,
@@ -118,7 +145,7 @@ pub async fn run_secondary(
         Some(sd) => sd.generation()?,
         None => 0,
     };
-    let mut rcfg = ReceiverConfig::new(cfg.secret.clone(), stored);
+    let mut rcfg = ReceiverConfig::new(cfg.secret.clone(), stored, cfg.pair.clone());
     status.update(|s| s.generation = stored);
     rcfg.node = cfg.node_id.clone();
     rcfg.state = cfg.state.clone();
@@ -139,13 +166,17 @@ pub async fn run_secondary(
             Err(e) => tracing::warn!(error = %e, "could not read the term from the witness at start"),
         }
     }
-    let has_witness = cfg.witness.is_some();
+    // the term a claim starts from, when a witness decides takeovers
+    let witness_term = || cfg.witness.as_ref().map(|_| rcfg.generation.load(std::sync::atomic::Ordering::SeqCst));
     let (claim_tx, mut claim_rx) = mpsc::unbounded_channel::<ClaimResult>();
-    let mut claim: Option<(u64, Option<Instant>)> = None; // (term claimed, retry at; None = in flight)
+    // the operator's failover, answered when the witness decides
     let mut claim_cmd: Option<ControlRequest> = None;
+    // when a claim the witness did not answer is asked again
+    let mut claim_retry: Option<Instant> = None;
     let mut lease: Option<i64> = None;
     let mut unreachable_said = false;
     let mut silent_said = false;
+    let mut granted_torn_said = false;
     let live = Arc::new(Mutex::new(Liveness { last_heard: Instant::now(), heard: false }));
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
@@ -170,7 +201,10 @@ pub async fn run_secondary(
             l.last_heard = Instant::now();
             l.heard = true;
             if let ReceiverEvent::Authenticated { generation, .. } = e {
-                status.update(|s| s.generation = s.generation.max(generation));
+                status.update(|s| {
+                    s.generation = s.generation.max(generation);
+                    s.pair_error = None;
+                });
             }
             if let ReceiverEvent::Committed { epoch } = e {
                 let diverged = lock(&replica).needs_resync();
@@ -192,6 +226,10 @@ pub async fn run_secondary(
     {
         let (replica, rcfg, promoted, on_event) = (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone());
         let preauth = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
+        // a refused peer may redial every 100 ms: one line per kind of
+        // refusal and peer address every 10 s
+        let refusals = Arc::new(runtime::lograte::LogLimiter::new(Duration::from_secs(10)));
+        let status = status.clone();
         tasks.spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -202,8 +240,14 @@ pub async fn run_secondary(
                     tracing::debug!(%peer, "too many unauthenticated connections: closed");
                     continue;
                 };
-                let (replica, rcfg, promoted, join_tx) =
-                    (replica.clone(), rcfg.clone(), promoted.clone(), join_tx.clone());
+                let (replica, rcfg, promoted, join_tx, refusals, status) = (
+                    replica.clone(),
+                    rcfg.clone(),
+                    promoted.clone(),
+                    join_tx.clone(),
+                    refusals.clone(),
+                    status.clone(),
+                );
                 let mut permit = Some(permit);
                 let inner = on_event.clone();
                 let on_event = move |e: ReceiverEvent| {
@@ -228,7 +272,7 @@ pub async fn run_secondary(
                     }
                     match serve_connection(stream, &rcfg, &replica, on_event).await {
                         Ok(end) => tracing::info!(%peer, ?end, "replication session ended"),
-                        Err(e) => tracing::warn!(%peer, code = e.code(), error = %e, "replication session refused"),
+                        Err(e) => log_refusal(&refusals, &status, peer, &e),
                     }
                 });
             }
@@ -238,6 +282,8 @@ pub async fn run_secondary(
     // Re-protection: dial the primary we protect.
     if let Some(primary_addr) = cfg.join {
         let (replica, rcfg, promoted, on_event) = (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone());
+        let refusals = runtime::lograte::LogLimiter::new(Duration::from_secs(10));
+        let status = status.clone();
         tasks.spawn(async move {
             while !promoted.load(std::sync::atomic::Ordering::SeqCst) {
                 let dial = |tag: u8| async move {
@@ -251,7 +297,10 @@ pub async fn run_secondary(
                         let hb = tokio::spawn(async move { serve_connection(h, &c2, &r2, e2).await });
                         let res = serve_connection(d, &rcfg, &replica, on_event.clone()).await;
                         hb.abort();
-                        tracing::warn!(?res, "joined replication session ended");
+                        match res {
+                            Ok(end) => tracing::warn!(?end, "joined replication session ended"),
+                            Err(e) => log_refusal(&refusals, &status, primary_addr, &e),
+                        }
                     }
                     _ => tracing::debug!(%primary_addr, "primary not reachable yet"),
                 }
@@ -275,24 +324,38 @@ pub async fn run_secondary(
         });
     };
     while !matches!(mode, SecondaryMode::Promoting { .. }) {
-        // a claim to start or to ask again
-        if let (SecondaryMode::Claiming { .. }, Some(w)) = (mode, &cfg.witness) {
-            let due = match claim {
-                None => true,
-                Some((_, Some(t))) => Instant::now() >= t,
-                Some((_, None)) => false,
-            };
-            if due {
-                let term = claim.map_or_else(|| rcfg.generation.load(std::sync::atomic::Ordering::SeqCst), |c| c.0);
-                claim = Some((term, None));
-                let (w, tx) = (w.clone(), claim_tx.clone());
-                tokio::spawn(async move {
-                    let _ = tx.send(witness::timed(w.promote(term)).await);
-                });
+        // a claim to send, or to ask again: its state is the mode's
+        if mode.claim().is_none_or(|c| c.ask != Ask::Backoff) {
+            claim_retry = None;
+        }
+        if let (Some(c), Some(w)) = (mode.claim(), &cfg.witness) {
+            match c.ask {
+                Ask::Due => {
+                    let term = c.term;
+                    let (w, tx) = (w.clone(), claim_tx.clone());
+                    tokio::spawn(async move {
+                        let (r, ms) = witness::timed(w.promote(term)).await;
+                        let _ = tx.send((term, r, ms));
+                    });
+                    let m = mode.step(SecondaryEvent::ClaimSent { term }, witness_term()).unwrap_or(mode);
+                    set(m, &mut mode);
+                }
+                Ask::Backoff if claim_retry.is_none_or(|t| Instant::now() >= t) => {
+                    if claim_retry.take().is_some() {
+                        let m = mode.step(SecondaryEvent::ClaimRetry, witness_term()).unwrap_or(mode);
+                        set(m, &mut mode);
+                        continue;
+                    }
+                    claim_retry = Some(Instant::now() + CLAIM_RETRY);
+                }
+                Ask::Granted if !std::mem::replace(&mut granted_torn_said, true) => {
+                    tracing::error!(term = c.term, "the witness granted the takeover while the replica is torn: this node takes over from the first epoch that repairs it (the primary, fenced at its next witness transaction, may still send it)");
+                }
+                _ => {}
             }
         }
         tokio::select! {
-            r = claim_rx.recv() => if let Some((r, ms)) = r {
+            r = claim_rx.recv() => if let Some((term, r, ms)) = r {
                 status.update(|s| if let Some(w) = &mut s.witness {
                     w.last_txn_ms = ms;
                     w.txns += 1;
@@ -301,36 +364,35 @@ pub async fn run_secondary(
                         Ok(_) => ("ok".into(), None),
                     };
                 });
-                match r {
+                let answer = match &r {
                     Ok((witness::Decision::Granted, l)) => {
                         unreachable_said = false;
-                        tracing::warn!(term = claim.map(|c| c.0), txn_ms = ms, "the witness granted the takeover");
-                        lease = l;
-                        let m = mode.step(SecondaryEvent::WitnessGranted, has_witness).unwrap_or(mode);
-                        set(m, &mut mode);
+                        tracing::warn!(term, txn_ms = ms, "the witness granted the takeover");
+                        lease = lease.or(*l);
                         if let Some(c) = claim_cmd.take() {
                             c.answer(Ok("failover started"));
                         }
+                        WitnessAnswer::Granted
                     }
                     Ok((witness::Decision::Refused { why, .. }, _)) => {
                         tracing::warn!(%why, "the witness refused the takeover: this node stays a secondary");
-                        claim = None;
                         // claim again only after hearing the primary again
                         lock(&live).heard = false;
-                        let m = mode.step(SecondaryEvent::WitnessRefused, has_witness).unwrap_or(mode);
-                        set(m, &mut mode);
                         if let Some(c) = claim_cmd.take() {
                             c.answer(Err(Refused(format!("the witness refused the takeover: {why}"))));
                         }
+                        WitnessAnswer::Refused
                     }
-                    Ok((witness::Decision::Superseded, _)) => claim = claim.map(|c| (c.0, Some(Instant::now()))),
+                    Ok((witness::Decision::Superseded, _)) => WitnessAnswer::Superseded,
                     Err(e) => {
                         if !std::mem::replace(&mut unreachable_said, true) {
                             tracing::warn!(error = %e, "the witness is unreachable: not taking over until it answers");
                         }
-                        claim = claim.map(|c| (c.0, Some(Instant::now() + CLAIM_RETRY)));
+                        WitnessAnswer::Unreachable
                     }
-                }
+                };
+                let m = mode.step(SecondaryEvent::Witness { term, answer }, witness_term()).unwrap_or(mode);
+                set(m, &mut mode);
             },
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
                 let (heard, since) = {
@@ -338,7 +400,7 @@ pub async fn run_secondary(
                     (l.heard, l.last_heard.elapsed())
                 };
                 if heard && since > cfg.heartbeat_timeout {
-                    if let Ok(m) = mode.step(SecondaryEvent::PrimarySilent, has_witness) {
+                    if let Ok(m) = mode.step(SecondaryEvent::PrimarySilent, witness_term()) {
                         if m != mode {
                             tracing::warn!(silent_ms = since.as_millis() as u64, "primary silent: failing over");
                         } else if matches!(mode, SecondaryMode::Unusable { .. }) && !std::mem::replace(&mut silent_said, true) {
@@ -351,7 +413,7 @@ pub async fn run_secondary(
                 }
             }
             e = commit_rx.recv() => if let Some(e) = e {
-                match mode.step(e, has_witness) {
+                match mode.step(e, witness_term()) {
                     Ok(m) => {
                         match e {
                             SecondaryEvent::Handover { epoch } => tracing::warn!(epoch, "planned switchover: taking over now"),
@@ -364,7 +426,7 @@ pub async fn run_secondary(
                 }
             },
             c = cmd_rx.recv() => if let Some(c) = c {
-                match mode.step(SecondaryEvent::Command(c.command), has_witness) {
+                match mode.step(SecondaryEvent::Command(c.command), witness_term()) {
                     Ok(m) => {
                         tracing::warn!("forced failover requested");
                         set(m, &mut mode);
@@ -386,16 +448,16 @@ pub async fn run_secondary(
     }
 
     // Failover.
-    let SecondaryMode::Promoting { forced, .. } = mode else { unreachable!("the loop ends promoting") };
+    let SecondaryMode::Promoting { forced, term, .. } = mode else { unreachable!("the loop ends promoting") };
     if let Some(why) = lock(&replica).unusable() {
         // the mode refuses this; a takeover that raced a failed apply stops
         // here, before anything changed: a torn replica is never run
         return Err(SecondaryError::Unusable(why));
     }
     let last_heard = lock(&live).last_heard;
-    let generation = match claim {
+    let generation = match term {
         // the witness moved the term to the one we claimed + 1
-        Some((term, _)) => {
+        Some(term) => {
             rcfg.generation.fetch_max(term + 1, std::sync::atomic::Ordering::SeqCst);
             term + 1
         }

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use common::auth::Secret;
 use common::frame::{FrameCodec, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use common::proto::{Channel, HelloAck, Kind, Message, ProtoError, RefuseCode, StateAssembler};
+use common::proto::{
+    Channel, HelloAck, Kind, Message, PairMismatch, PairSettings, ProtoError, RefuseCode, StateAssembler,
+};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -42,6 +44,10 @@ pub enum ReceiverError {
     Handover { asked: u64, why: String },
     #[error("a newer session from the primary took over this one")]
     Superseded,
+    #[error("the primary's settings do not fit ours, refused: {0}")]
+    PairMismatch(#[from] PairMismatch),
+    #[error("the primary refused us ({code:?}): {reason}")]
+    RefusedByPrimary { code: RefuseCode, reason: String },
 }
 
 /// How long a peer has to authenticate.
@@ -75,6 +81,9 @@ impl ReceiverError {
             ReceiverError::StateDir(_) => "state-dir",
             ReceiverError::Handover { .. } => "handover-refused",
             ReceiverError::Superseded => "superseded",
+            ReceiverError::PairMismatch(_) => "pair-settings",
+            ReceiverError::RefusedByPrimary { code: RefuseCode::Pair, .. } => "pair-settings",
+            ReceiverError::RefusedByPrimary { .. } => "refused",
         }
     }
 }
@@ -124,6 +133,8 @@ pub struct ReceiverConfig {
     pub secret: Secret,
     /// This node's name in the witness, sent in the HelloAck.
     pub node: String,
+    /// What the primary must agree on (refused otherwise).
+    pub pair: PairSettings,
     /// Where a raised generation is stored (`--state-dir`).
     pub state: Option<Arc<runtime::state_dir::StateDir>>,
     /// This node's generation: primaries with a lower one are refused.
@@ -135,10 +146,11 @@ pub struct ReceiverConfig {
 }
 
 impl ReceiverConfig {
-    pub fn new(secret: Secret, generation: u64) -> Self {
+    pub fn new(secret: Secret, generation: u64, pair: PairSettings) -> Self {
         ReceiverConfig {
             secret,
             node: String::new(),
+            pair,
             state: None,
             generation: Arc::new(AtomicU64::new(generation)),
             data_received: Arc::default(),
@@ -241,6 +253,10 @@ async fn serve_inner(
                 tx.send(refuse(RefuseCode::Version, format!("this secondary speaks version {PROTOCOL_VERSION}"))).await;
             return Err(ReceiverError::VersionRefused { min: hello.min_version, max: hello.max_version });
         }
+        if let Err(e) = cfg.pair.check_peer(&hello.pair) {
+            let _ = tx.send(refuse(RefuseCode::Pair, format!("the secondary refused the pair: {e}"))).await;
+            return Err(e.into());
+        }
         let ours = cfg.generation();
         if hello.generation < ours {
             let _ = tx
@@ -261,6 +277,7 @@ async fn serve_inner(
                 committed_epoch,
                 generation: ours,
                 node: cfg.node.clone(),
+                pair: cfg.pair.clone(),
             })
             .to_frame(),
         )
@@ -296,6 +313,7 @@ async fn serve_inner(
                     tx.send(reply.to_frame()).await.map_err(ReceiverError::Frame)?;
                 }
                 Message::Shutdown { .. } => return Ok(SessionEnd::Shutdown),
+                Message::Refused { code, reason } => return Err(ReceiverError::RefusedByPrimary { code, reason }),
                 other => return Err(ReceiverError::Unexpected(other.kind(), "on the heartbeat channel")),
             }
         }
@@ -383,6 +401,7 @@ async fn serve_inner(
                 tracing::info!(%reason, "primary shut the session down");
                 return Ok(SessionEnd::Shutdown);
             }
+            Message::Refused { code, reason } => return Err(ReceiverError::RefusedByPrimary { code, reason }),
             Message::Handover { epoch } => {
                 // accepted only from exactly the epoch committed here, on a
                 // replica that passed its checks

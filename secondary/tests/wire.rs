@@ -27,6 +27,11 @@ struct Fixture {
     shadow: GuestMem,
 }
 
+/// The settings both ends of these tests agree on.
+fn pair() -> proto::PairSettings {
+    proto::PairSettings { witness_vm: None, heartbeat_timeout_ms: 100, heartbeat_interval_ms: 20 }
+}
+
 fn secret() -> Secret {
     Secret::new(b"castor test secret 0123456789".to_vec()).expect("secret")
 }
@@ -43,7 +48,7 @@ impl Fixture {
         let replica = Arc::new(Mutex::new(Replica::new(shape.clone()).expect("replica")));
         Fixture {
             replica,
-            cfg: ReceiverConfig::new(secret(), 1),
+            cfg: ReceiverConfig::new(secret(), 1, pair()),
             secret: secret(),
             shape,
             state,
@@ -87,7 +92,7 @@ impl Fixture {
     }
 
     async fn session(&self, addr: SocketAddr) -> Session {
-        Session::connect(addr, &self.secret, self.shape.clone(), 1).await.expect("handshake")
+        Session::connect(addr, &self.secret, self.shape.clone(), 1, &pair()).await.expect("handshake")
     }
 
     /// A correct epoch over a fresh connection.
@@ -243,7 +248,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "version", |addr| async move {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let v = common::frame::PROTOCOL_VERSION + 1;
-        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, proto::Channel::Data, v, v).await;
+        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, &pair(), proto::Channel::Data, v, v).await;
         assert!(
             matches!(r, Err(SenderError::Refused { .. }) | Err(SenderError::Frame(_)) | Err(SenderError::Closed(_))),
             "{r:?}"
@@ -255,15 +260,37 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "shape", |addr| async move {
         let mut shape = f.shape.clone();
         shape.vcpus = 2;
-        let r = Session::connect(addr, &f.secret, shape, 1).await;
+        let r = Session::connect(addr, &f.secret, shape, 1, &pair()).await;
         assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::Shape, .. })), "{r:?}");
+    })
+    .await;
+
+    // a witness on one side only (issue 28, item 1): refused before
+    // anything reaches the replica, whichever side has it
+    expect_refusal(f, "pair-settings", |addr| async move {
+        let witnessed = proto::PairSettings { witness_vm: Some("vm-1".into()), ..pair() };
+        let r = Session::connect(addr, &f.secret, f.shape.clone(), 1, &witnessed).await;
+        match r {
+            Err(SenderError::Refused { code: proto::RefuseCode::Pair, reason }) => {
+                assert!(reason.contains("witness"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    })
+    .await;
+
+    // other heartbeat timeouts
+    expect_refusal(f, "pair-settings", |addr| async move {
+        let slower = proto::PairSettings { heartbeat_timeout_ms: 400, ..pair() };
+        let r = Session::connect(addr, &f.secret, f.shape.clone(), 1, &slower).await;
+        assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::Pair, .. })), "{r:?}");
     })
     .await;
 
     // unauthenticated: a peer without the shared secret
     expect_refusal(f, "unauthenticated", |addr| async move {
         let wrong = Secret::new(b"not the castor test secret!!".to_vec()).expect("secret");
-        let r = Session::connect(addr, &wrong, f.shape.clone(), 1).await;
+        let r = Session::connect(addr, &wrong, f.shape.clone(), 1, &pair()).await;
         assert!(r.is_err(), "a peer without the secret got a session");
     })
     .await;
@@ -364,10 +391,10 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
 #[tokio::test]
 async fn a_stale_generation_is_fenced() {
     let mut fx = Fixture::new();
-    fx.cfg = ReceiverConfig::new(secret(), 5);
+    fx.cfg = ReceiverConfig::new(secret(), 5, pair());
     let f = &fx;
     expect_refusal(f, "stale-generation", |addr| async move {
-        let r = Session::connect(addr, &f.secret, f.shape.clone(), 4).await;
+        let r = Session::connect(addr, &f.secret, f.shape.clone(), 4, &pair()).await;
         assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::StaleGeneration, .. })), "{r:?}");
     })
     .await;

@@ -425,3 +425,51 @@ pub fn partition(row: &mut Row) {
     let etcd = c.etcd();
     super::network_with(row, "w-partition", Fault::Drop, Duration::from_millis(1500), false, opts(&etcd.url), &c);
 }
+
+/// A witness on one node only (issue 28, item 1; a configuration slip):
+/// the handshake carries both nodes' settings and each side refuses the
+/// other, so the pair never protects, both say why in their status, and a
+/// link cut of 4 s (the issue's reproduction: before, both then served as
+/// primaries of generations 1 and 2) leaves exactly one primary. Both
+/// orientations, and different heartbeat timeouts with the witness on both.
+pub fn one_sided(row: &mut Row) {
+    let rt = rt();
+    for (case, on_primary, on_secondary, timeouts) in [
+        ("witness on the primary only", true, false, (250, 250)),
+        ("witness on the secondary only", false, true, (250, 250)),
+        ("different heartbeat timeouts", true, true, (250, 400)),
+    ] {
+        row.trials += 1;
+        let c = Cluster::new("w-one-sided");
+        let etcd = c.etcd();
+        let with = |w: bool, hb: u64| NodeOpts {
+            witness: w.then(|| etcd.url.clone()),
+            heartbeat_timeout_ms: hb,
+            ..NodeOpts::default()
+        };
+        let s = c.secondary("s", &with(on_secondary, timeouts.1), None);
+        let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+        let p = c.primary("p", &with(on_primary, timeouts.0), proxy.addr);
+        let want = if timeouts.0 == timeouts.1 { "witness" } else { "heartbeat timeout" };
+        for n in [&p, &s] {
+            let said = n.wait_status(T, |v| v["pair_error"].as_str().is_some_and(|e| e.contains(want)));
+            if said.is_none() {
+                row.fail(format!("{case}: {} does not say why the pair does not protect:\n{}", n.name, n.log_tail()));
+            }
+        }
+        if p.status().is_some_and(|v| v["protection"] == "protected") {
+            row.fail(format!("{case}: the primary is protected by a secondary whose settings differ"));
+        }
+        proxy.set(Fault::Drop);
+        std::thread::sleep(Duration::from_secs(4));
+        let roles: Vec<String> =
+            [&p, &s].iter().map(|n| n.status().map_or("gone".into(), |v| v["role"].to_string())).collect();
+        eprintln!("  {case}: refused on both sides; after a 4 s link cut the roles are {roles:?}");
+        if roles.iter().all(|r| r == "\"primary\"") {
+            row.split_brain += 1;
+            row.fail(format!("{case}: two primaries after the link cut:\n{}\n{}", p.log_tail(), s.log_tail()));
+        }
+        proxy.set(Fault::Pass);
+        drop(etcd);
+    }
+}
