@@ -60,6 +60,33 @@ fn target() -> Option<&'static Target> {
     .as_ref()
 }
 
+fn fail_target() -> Option<&'static Target> {
+    if !test_hooks_enabled() {
+        return None;
+    }
+    static T: OnceLock<Option<Target>> = OnceLock::new();
+    T.get_or_init(|| {
+        let v = std::env::var("CASTOR_FAIL_AT").ok()?;
+        Some(parse(&v))
+    })
+    .as_ref()
+}
+
+/// Points where a test can inject an error (`CASTOR_FAIL_AT=name[:N[+]]`,
+/// with `--test-hooks`): the code there fails as if the operation had.
+pub const FAIL_POINTS: &[&str] = &["secondary.restore"];
+
+/// Whether the operation at `name` is to fail now (an injected error, see
+/// [`FAIL_POINTS`]): its N-th time, or every time from the N-th on.
+pub fn fail_at(name: &str) -> bool {
+    let Some(t) = fail_target() else { return false };
+    if t.name != name {
+        return false;
+    }
+    let n = t.seen.fetch_add(1, Ordering::SeqCst) + 1;
+    n == t.nth || (t.onward && n > t.nth)
+}
+
 /// Every crash point castor has, in epoch-commit order.
 pub const POINTS: &[&str] = &[
     "primary.before_pause",

@@ -275,6 +275,10 @@ pub enum RefuseCode {
     Busy,
     /// The pair's settings differ ([`PairSettings::check_peer`]).
     Pair,
+    /// A handover the secondary cannot take (its machine does not build,
+    /// the witness refused, the replica is not at the last epoch): the
+    /// session goes on and the primary keeps the guest.
+    Takeover,
 }
 
 /// A replication message.

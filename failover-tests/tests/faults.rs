@@ -917,6 +917,8 @@ fn failover_suite() {
     run("w-switchover", &mut |r| witness::planned(r, "w-switchover", true, witness::Planned::Command));
     run("w-sigterm", &mut |r| witness::planned(r, "w-sigterm", true, witness::Planned::Sigterm));
     run("2n-switchover", &mut |r| witness::planned(r, "2n-switchover", false, witness::Planned::Command));
+    run("w-switchover-fails", &mut |r| witness::planned_refused(r, "w-switchover-fails", true));
+    run("2n-switchover-fails", &mut |r| witness::planned_refused(r, "2n-switchover-fails", false));
 
     eprintln!(
         "\nfailover suite summary (host: {}; {:.0} s)",

@@ -320,6 +320,9 @@ pub struct Engine {
     /// End the current epoch now and keep the guest paused after it
     /// ([`EngineCommand::Finish`]).
     finish: bool,
+    /// Resume the guest paused for a handover that was refused
+    /// ([`EngineCommand::Resume`]).
+    resume_guest: bool,
     held: Vec<Output>,
     /// When the oldest output in `held` was sent.
     held_since: Option<Instant>,
@@ -377,6 +380,7 @@ impl Engine {
             want_sync: false,
             want_full: false,
             finish: false,
+            resume_guest: false,
             held: Vec::new(),
             held_since: None,
             pool: BufPool::default(),
@@ -478,6 +482,11 @@ impl Engine {
                     self.finish = false;
                 }
                 EngineCommand::Finish => self.finish = self.directive == Directive::Protect,
+                EngineCommand::Resume => {
+                    self.directive = Directive::Protect;
+                    self.finish = false;
+                    self.resume_guest = true;
+                }
                 EngineCommand::FullEpoch => self.want_sync |= self.directive == Directive::Protect,
             }
         }
@@ -574,6 +583,14 @@ impl Engine {
             }
             self.check_guest()?;
             self.poll_commands();
+            if std::mem::take(&mut self.resume_guest)
+                && self.directive == Directive::Protect
+                && self.machine.is_paused()
+            {
+                // a refused handover: the guest runs on from its last epoch
+                self.machine.resume()?;
+                tracing::warn!("the handover was refused: the guest runs here again, protected");
+            }
             if self.directive != Directive::Protect {
                 if self.opts.tracking_off && self.directive == Directive::Alone {
                     if self.machine.is_paused() {

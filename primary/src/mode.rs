@@ -117,6 +117,9 @@ pub enum EngineCommand {
     /// End the current epoch now, ship it as the last one, and keep the
     /// guest paused (a planned switchover).
     Finish,
+    /// A switchover was refused after the last epoch: run the guest on,
+    /// protected (the secondary holds exactly the epoch it stopped at).
+    Resume,
 }
 
 /// Why a command or event was not applied.
@@ -243,6 +246,10 @@ pub enum Event {
     HandoverAccepted {
         epoch: u64,
     },
+    /// The secondary cannot take the handover (its machine does not build
+    /// there, the witness refused it): the session goes on and this node
+    /// resumes the guest, protected.
+    HandoverRefused,
 }
 
 impl Event {
@@ -261,6 +268,7 @@ impl Event {
             Event::Command(_) => "command",
             Event::LastEpoch { .. } => "last-epoch",
             Event::HandoverAccepted { .. } => "handover-accepted",
+            Event::HandoverRefused => "handover-refused",
         }
     }
 }
@@ -562,6 +570,14 @@ impl Core {
                     self.pending.clear();
                     self.asking = None;
                     step.engine = Some(EngineCommand::Hold);
+                }
+            }
+            Event::HandoverRefused => {
+                if let Mode::HandingOver { sent: true, .. } = self.mode {
+                    // the secondary holds every epoch up to the last one
+                    // (acknowledged): back to protected operation from there
+                    self.mode = Mode::Protected;
+                    step.engine = Some(EngineCommand::Resume);
                 }
             }
             Event::Witness { tag, answer } => self.on_witness(tag, answer, now, &mut step),

@@ -171,6 +171,33 @@ fn a_switchover_hands_over_only_once_the_last_epoch_is_acked_and_then_releases_n
     assert_eq!(c.held_count(), 0);
 }
 
+/// Issue 28, item 2: a secondary that cannot take the handover (its
+/// machine does not build, the witness refused) says so on the session;
+/// this node resumes the guest, protected, and hands over again later.
+#[test]
+fn a_refused_handover_resumes_the_guest_protected() {
+    let t = Instant::now();
+    let mut c = Core::new();
+    let sw = Event::Command(Command::Switchover);
+    up(&mut c, t);
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    c.on(Event::Ack { epoch: 1 }, t).unwrap();
+    // a refusal before the handover was sent changes nothing
+    c.on(sw.clone(), t).unwrap();
+    assert_eq!(c.on(Event::HandoverRefused, t).unwrap(), Step::default());
+    assert_eq!(c.mode().protection(), Protection::HandingOver);
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+    c.on(Event::LastEpoch { epoch: 2 }, t).unwrap();
+    assert_eq!(c.on(Event::Ack { epoch: 2 }, t).unwrap().handover, Some(2));
+    let s = c.on(Event::HandoverRefused, t).unwrap();
+    assert_eq!(s.engine, Some(EngineCommand::Resume));
+    assert_eq!(c.mode(), &Mode::Protected);
+    // protected as before: acks release, and a later switchover works
+    c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap();
+    assert_eq!(c.on(Event::Ack { epoch: 3 }, t).unwrap().release, vec![out(3)]);
+    assert_eq!(c.on(sw, t).unwrap().engine, Some(EngineCommand::Finish));
+}
+
 #[test]
 fn a_switchover_that_loses_its_secondary_holds_and_with_a_witness_waits_for_its_record() {
     let t = Instant::now();

@@ -95,6 +95,8 @@ enum SessionEnd {
 enum Heard {
     Ack(u64),
     ResyncRequest(String),
+    /// The secondary cannot take the handover (why).
+    HandoverRefused(String),
 }
 
 /// What the session's writer ships.
@@ -636,6 +638,9 @@ impl Replicator {
         loop {
             if let Some(epoch) = self.handover_due.take() {
                 tracing::info!(epoch, "the last epoch is acknowledged: handing over");
+                // counted like an epoch: the writer counts every ship it
+                // takes (a refused handover goes on with this session)
+                queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = ship_tx.send(Ship::Handover(epoch));
             }
             tokio::select! {
@@ -674,6 +679,17 @@ impl Replicator {
                     Some(Heard::ResyncRequest(reason)) => {
                         tracing::error!(%reason, "secondary asks for a full resync");
                         let _ = self.apply(Event::ResyncRequested);
+                    }
+                    Some(Heard::HandoverRefused(reason)) => {
+                        tracing::error!(%reason, "the secondary cannot take the handover: this node keeps the guest, protected");
+                        if let Some(c) = self.switchover.take() {
+                            c.answer(Err(Refused(format!("the switchover was abandoned, this node keeps the guest: {reason}"))));
+                        }
+                        let _ = self.apply(Event::HandoverRefused);
+                        if stopping.is_some() {
+                            tracing::error!("asked to stop, but the secondary cannot take the guest: stopping without a handover");
+                            return SessionEnd::Stopped;
+                        }
                     }
                     None => {}
                 },
@@ -824,6 +840,7 @@ async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<Heard>, g
             Ok(Some(Message::Handover { epoch })) => return SessionEnd::HandedOver(epoch),
             Ok(Some(Message::Fence { generation, .. })) => return SessionEnd::Fenced(generation),
             Ok(Some(Message::Refused { code: RefuseCode::StaleGeneration, .. })) => return SessionEnd::Fenced(gen + 1),
+            Ok(Some(Message::Refused { code: RefuseCode::Takeover, reason })) => Heard::HandoverRefused(reason),
             Ok(Some(Message::Refused { reason, .. })) => return SessionEnd::Lost(Loss::Refused(reason)),
             Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?}", other.kind()))),
             Ok(None) => return SessionEnd::Lost(Loss::Closed("data")),

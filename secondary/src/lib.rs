@@ -7,3 +7,4 @@ pub mod mode;
 pub mod node;
 pub mod receiver;
 pub mod replica;
+pub mod takeover;

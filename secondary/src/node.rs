@@ -17,12 +17,13 @@ use runtime::status::{NodeStatus, Role};
 use runtime::Tasks;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use vmm::{Machine, TrackerKind};
 
 use crate::mode::{Ask, SecondaryEvent, SecondaryMode, WitnessAnswer};
 use crate::receiver::{serve_connection, ReceiverConfig, ReceiverEvent};
 use crate::replica::Replica;
+use crate::takeover::TakeoverAsk;
 
 /// Secondary settings.
 #[derive(Debug, Clone)]
@@ -64,6 +65,10 @@ pub enum SecondaryError {
     #[error(transparent)]
     StateDir(#[from] runtime::state_dir::StateDirError),
 }
+
+/// How long a planned handover waits for the witness to decide before
+/// it is refused (the primary's guest is paused meanwhile).
+const HANDOVER_DECISION: Duration = Duration::from_secs(5);
 
 /// How often an unanswered takeover claim is asked again.
 const CLAIM_RETRY: Duration = Duration::from_millis(200);
@@ -149,6 +154,10 @@ pub async fn run_secondary(
     status.update(|s| s.generation = stored);
     rcfg.node = cfg.node_id.clone();
     rcfg.state = cfg.state.clone();
+    // planned handovers come to this loop, which answers once the guest
+    // runs here (or cannot)
+    let (takeover_tx, mut takeover_rx) = mpsc::unbounded_channel::<TakeoverAsk>();
+    rcfg.takeover = Some(takeover_tx);
     if let Some(w) = &cfg.witness {
         status.update(|s| {
             s.witness =
@@ -177,6 +186,10 @@ pub async fn run_secondary(
     let mut unreachable_said = false;
     let mut silent_said = false;
     let mut granted_torn_said = false;
+    // a planned handover: the machine built for it, and the answer owed to
+    // the primary (with the time by which the witness must have decided)
+    let mut prebuilt: Option<(u64, Machine)> = None;
+    let mut handover_reply: Option<(oneshot::Sender<Result<(), String>>, Instant)> = None;
     let live = Arc::new(Mutex::new(Liveness { last_heard: Instant::now(), heard: false }));
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
@@ -209,9 +222,6 @@ pub async fn run_secondary(
             if let ReceiverEvent::Committed { epoch } = e {
                 let diverged = lock(&replica).needs_resync();
                 let _ = commit_tx.send(SecondaryEvent::Committed { epoch, diverged });
-            }
-            if let ReceiverEvent::Handover { epoch } = e {
-                let _ = commit_tx.send(SecondaryEvent::Handover { epoch });
             }
             if let ReceiverEvent::ApplyFailed { .. } = e {
                 let _ = commit_tx.send(SecondaryEvent::ApplyFailed);
@@ -323,6 +333,16 @@ pub async fn run_secondary(
             }
         });
     };
+    let on_replica_event = |e: SecondaryEvent, mode: &mut SecondaryMode| match mode.step(e, witness_term()) {
+        Ok(m) => {
+            match e {
+                SecondaryEvent::ApplyFailed => status.update(|s| s.apply_failures += 1),
+                _ => status.update(|s| s.epochs += 1),
+            }
+            set(m, mode);
+        }
+        Err(e) => tracing::warn!(error = %e, "event refused"),
+    };
     while !matches!(mode, SecondaryMode::Promoting { .. }) {
         // a claim to send, or to ask again: its state is the mode's
         if mode.claim().is_none_or(|c| c.ask != Ask::Backoff) {
@@ -412,18 +432,38 @@ pub async fn run_secondary(
                     silent_said = false;
                 }
             }
-            e = commit_rx.recv() => if let Some(e) = e {
-                match mode.step(e, witness_term()) {
-                    Ok(m) => {
-                        match e {
-                            SecondaryEvent::Handover { epoch } => tracing::warn!(epoch, "planned switchover: taking over now"),
-                            SecondaryEvent::ApplyFailed => status.update(|s| s.apply_failures += 1),
-                            _ => status.update(|s| s.epochs += 1),
-                        }
-                        set(m, &mut mode);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "event refused"),
+            t = takeover_rx.recv() => if let Some(ask) = t {
+                // the commits the receiver reported before it asked come
+                // first (two channels: the ask can overtake them)
+                while let Ok(e) = commit_rx.try_recv() {
+                    on_replica_event(e, &mut mode);
                 }
+                let epoch = ask.epoch;
+                let answer = match mode.step(SecondaryEvent::Handover { epoch }, witness_term()) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(m) => match crate::takeover::build_paused(&replica, cfg.tracker) {
+                        Err(e) => Err(format!("this node cannot run the guest: {e}")),
+                        Ok((_, built)) if built != epoch => Err(format!("the replica moved to epoch {built}")),
+                        Ok((machine, _)) => {
+                            prebuilt = Some((epoch, machine));
+                            set(m, &mut mode);
+                            Ok(())
+                        }
+                    },
+                };
+                match answer {
+                    Ok(()) => {
+                        tracing::warn!(epoch, "planned switchover: the machine is built; taking over");
+                        handover_reply = Some((ask.reply, Instant::now() + HANDOVER_DECISION));
+                    }
+                    Err(why) => {
+                        tracing::warn!(epoch, %why, "planned switchover refused: the primary keeps the guest");
+                        let _ = ask.reply.send(Err(why));
+                    }
+                }
+            },
+            e = commit_rx.recv() => if let Some(e) = e {
+                on_replica_event(e, &mut mode);
             },
             c = cmd_rx.recv() => if let Some(c) = c {
                 match mode.step(SecondaryEvent::Command(c.command), witness_term()) {
@@ -444,6 +484,27 @@ pub async fn run_secondary(
                 }
             },
             _ = stop.changed() => return Ok(SecondaryExit::Shutdown),
+        }
+        // a handover whose claim the witness refused, or did not decide in
+        // time: the primary keeps the guest (a claim left unanswered goes
+        // on; a later grant fences that primary at its next transaction,
+        // and every output it released is in this replica)
+        if let Some((_, by)) = &handover_reply {
+            let why = match mode {
+                SecondaryMode::Promoting { .. } => None,
+                SecondaryMode::Claiming { .. } if Instant::now() < *by => None,
+                SecondaryMode::Claiming { .. } => {
+                    Some(format!("the witness did not decide within {HANDOVER_DECISION:?}"))
+                }
+                _ => Some("the witness refused the takeover".to_string()),
+            };
+            if let Some(why) = why {
+                tracing::warn!(%why, "planned switchover abandoned: the primary keeps the guest");
+                if let Some((reply, _)) = handover_reply.take() {
+                    let _ = reply.send(Err(why));
+                }
+                prebuilt = None;
+            }
         }
     }
 
@@ -487,9 +548,29 @@ pub async fn run_secondary(
         r.retire();
         (c.state, r.memory().clone(), c.epoch)
     };
-    let mut machine = Machine::restore_with_memory(cfg.tracker, &state, mem)?;
-    machine.set_hot_pages(cfg.hot_pages);
-    machine.start()?;
+    // a handover's machine was built before it was accepted; a failover's
+    // is built now
+    let built = match prebuilt.take() {
+        Some((e, m)) if e == epoch => Ok(m),
+        _ => Machine::restore_with_memory(cfg.tracker, &state, mem),
+    };
+    let started = built.and_then(|mut m| {
+        m.set_hot_pages(cfg.hot_pages);
+        m.start().map(|()| m)
+    });
+    let machine = match started {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some((reply, _)) = handover_reply.take() {
+                let _ = reply.send(Err(format!("the machine did not start here: {e}")));
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some((reply, _)) = handover_reply.take() {
+        // the guest runs here: the primary may stop
+        let _ = reply.send(Ok(()));
+    }
     let failover_ms = last_heard.elapsed().as_secs_f64() * 1e3;
     tracing::warn!(generation, epoch, failover_ms, forced, "failover complete: the guest runs here now");
     status.update(|s| {

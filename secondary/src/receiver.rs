@@ -40,8 +40,6 @@ pub enum ReceiverError {
     HandshakeTimeout(std::time::Duration),
     #[error("the new generation could not be stored: {0}")]
     StateDir(#[from] runtime::state_dir::StateDirError),
-    #[error("handover after epoch {asked} refused: {why}")]
-    Handover { asked: u64, why: String },
     #[error("a newer session from the primary took over this one")]
     Superseded,
     #[error("the primary's settings do not fit ours, refused: {0}")]
@@ -49,6 +47,10 @@ pub enum ReceiverError {
     #[error("the primary refused us ({code:?}): {reason}")]
     RefusedByPrimary { code: RefuseCode, reason: String },
 }
+
+/// How long the node may take to build the machine and win the term
+/// before a handover is refused (the primary's guest waits paused).
+pub const TAKEOVER_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a peer has to authenticate.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -79,7 +81,6 @@ impl ReceiverError {
             ReceiverError::StaleGeneration { .. } => "stale-generation",
             ReceiverError::HandshakeTimeout(_) => "handshake-timeout",
             ReceiverError::StateDir(_) => "state-dir",
-            ReceiverError::Handover { .. } => "handover-refused",
             ReceiverError::Superseded => "superseded",
             ReceiverError::PairMismatch(_) => "pair-settings",
             ReceiverError::RefusedByPrimary { code: RefuseCode::Pair, .. } => "pair-settings",
@@ -135,6 +136,10 @@ pub struct ReceiverConfig {
     pub node: String,
     /// What the primary must agree on (refused otherwise).
     pub pair: PairSettings,
+    /// Where a planned handover is put to the node, which answers once it
+    /// runs the guest or cannot. `None`: accepted at once (tests of the
+    /// wire alone).
+    pub takeover: Option<tokio::sync::mpsc::UnboundedSender<crate::takeover::TakeoverAsk>>,
     /// Where a raised generation is stored (`--state-dir`).
     pub state: Option<Arc<runtime::state_dir::StateDir>>,
     /// This node's generation: primaries with a lower one are refused.
@@ -151,6 +156,7 @@ impl ReceiverConfig {
             secret,
             node: String::new(),
             pair,
+            takeover: None,
             state: None,
             generation: Arc::new(AtomicU64::new(generation)),
             data_received: Arc::default(),
@@ -409,15 +415,32 @@ async fn serve_inner(
                     let r = common::sync::lock(replica);
                     (r.committed_epoch(), r.needs_resync())
                 };
-                let why = match committed {
+                let mut why = match committed {
                     _ if diverged => Some("the replica failed its last check".to_string()),
                     Some(c) if c == epoch => None,
                     c => Some(format!("the committed epoch here is {c:?}")),
                 };
+                // the node builds the machine (and, with a witness, wins the
+                // term) before we accept: a takeover that cannot run is
+                // refused here, and the primary carries on
+                if let (None, Some(takeover)) = (&why, &cfg.takeover) {
+                    let (reply, verdict) = tokio::sync::oneshot::channel();
+                    let _ = takeover.send(crate::takeover::TakeoverAsk { epoch, reply });
+                    why = match tokio::time::timeout(TAKEOVER_ANSWER, verdict).await {
+                        Ok(Ok(Ok(()))) => None,
+                        Ok(Ok(Err(why))) => Some(why),
+                        Ok(Err(_)) => Some("this node stopped before it could take over".into()),
+                        Err(_) => Some(format!("this node did not take over within {TAKEOVER_ANSWER:?}")),
+                    };
+                }
                 if let Some(why) = why {
+                    // the session goes on: the primary resumes the guest
+                    tracing::warn!(epoch, %why, "handover refused: the primary keeps the guest");
                     let reason = format!("handover refused: {why}");
-                    let _ = tx.send(Message::Refused { code: RefuseCode::Protocol, reason }.to_frame()).await;
-                    return Err(ReceiverError::Handover { asked: epoch, why });
+                    tx.send(Message::Refused { code: RefuseCode::Takeover, reason }.to_frame())
+                        .await
+                        .map_err(ReceiverError::Frame)?;
+                    continue;
                 }
                 tx.send(Message::Handover { epoch }.to_frame()).await.map_err(ReceiverError::Frame)?;
                 on_event(ReceiverEvent::Handover { epoch });

@@ -473,3 +473,65 @@ pub fn one_sided(row: &mut Row) {
         drop(etcd);
     }
 }
+
+/// A planned switchover whose takeover fails (issue 28, item 2): the
+/// secondary's machine does not build (an injected restore failure, the
+/// first time only). Before, the secondary had accepted before it built
+/// the machine and the primary had shut its own down: both stopped, the
+/// guest was lost. Now the secondary builds first and refuses, the
+/// primary resumes the guest, protected, nothing acknowledged is lost, and
+/// the next switchover goes through.
+pub fn planned_refused(row: &mut Row, name: &str, witness: bool) {
+    let c = Cluster::new(name);
+    let etcd = witness.then(|| c.etcd());
+    let po = match &etcd {
+        Some(e) => opts(&e.url),
+        None => NodeOpts::default(),
+    };
+    let so = NodeOpts { env: vec![("CASTOR_FAIL_AT".into(), "secondary.restore".into())], ..po.clone() };
+    row.trials += 1;
+    let s = c.secondary("s", &so, None);
+    let mut p = c.primary("p", &po, s.listen.expect("listen"));
+    if !protected(&p) {
+        row.fail(format!("never protected:\n{}", p.log_tail()));
+        return;
+    }
+    let rt = rt();
+    let load = Load::start(&rt, vec![p.service, s.service], 4, 16, 1);
+    load.wait_more(50, T);
+    if witness && p.wait_status(T, |v| v["witness"]["sync_recorded"] == true).is_none() {
+        row.fail(format!("the witness never recorded the secondary:\n{}", p.log_tail()));
+        return;
+    }
+    let reply = p.command("switchover").unwrap_or_default();
+    eprintln!("  switchover with the restore failing on the secondary: {}", reply.trim());
+    if !reply.contains("\"ok\":false") || !reply.contains("cannot run the guest") {
+        row.fail(format!("the failed switchover was not refused with its reason: {reply}"));
+    }
+    if p.wait_status(T, |v| v["role"] == "primary" && v["protection"] == "protected").is_none() {
+        row.fail(format!("the primary did not carry on protected:\n{}", p.log_tail()));
+        return;
+    }
+    if s.status().is_none_or(|v| v["role"] != "secondary") {
+        row.fail(format!("the secondary did not stay a secondary:\n{}", s.log_tail()));
+        return;
+    }
+    if !load.wait_more(50, T) {
+        row.fail(format!("clients did not carry on after the refused switchover:\n{}\n{}", p.log_tail(), s.log_tail()));
+    }
+    eprintln!("  the primary resumed the guest, protected; switching over again");
+    let reply = p.command("switchover").unwrap_or_default();
+    if !reply.contains("\"ok\":true") {
+        row.fail(format!("the second switchover was refused: {reply}\n{}", p.log_tail()));
+        return;
+    }
+    let gen = if witness { 2 } else { 1 };
+    if !expect_takeover(row, &s, gen, "no takeover on the second switchover") {
+        return;
+    }
+    match p.wait_exit(T) {
+        Some(0) => eprintln!("  the old primary handed over and exited 0"),
+        other => row.fail(format!("the old primary did not exit 0 (exit {other:?}):\n{}", p.log_tail())),
+    }
+    carry_on_and_check(row, load, 30, &rt, s.service, &c, "");
+}
