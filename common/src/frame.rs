@@ -313,8 +313,7 @@ mod tests {
     use crate::auth::Secret;
 
     fn pair() -> (FrameCodec, FrameCodec) {
-        let (i, r) =
-            crate::link::pair(&Secret::new(b"frame-test-secret-0123".to_vec()).expect("secret")).expect("link");
+        let (i, r) = crate::link::pair(&Secret::generate().expect("secret")).expect("link");
         (FrameCodec::new(PROTOCOL_VERSION, i), FrameCodec::new(PROTOCOL_VERSION, r))
     }
 

@@ -152,14 +152,14 @@ pub fn pair(secret: &Secret) -> Result<(Transport, Transport), LinkError> {
 mod tests {
     use super::*;
 
-    fn secret(s: &str) -> Secret {
-        Secret::new(s.as_bytes().to_vec()).expect("secret")
+    fn secret() -> Secret {
+        Secret::generate().expect("secret")
     }
 
     #[tokio::test]
     async fn both_sides_agree_only_with_the_same_secret() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let s = secret("link-test-secret-0123456789");
+        let s = secret();
         let (i, r) = tokio::join!(initiate(&mut a, &s), respond(&mut b, &s));
         let (i, r) = (i.expect("initiator"), r.expect("responder"));
         let mut c = [0u8; 64];
@@ -173,7 +173,7 @@ mod tests {
         assert!(r.read_message(1, &c[..n], &mut p).is_err());
 
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let other = secret("not-the-link-test-secret!!");
+        let other = secret();
         // the responder hangs up on failure, as the receiver does
         let responder = async move {
             let r = respond(&mut b, &s).await;
@@ -188,7 +188,7 @@ mod tests {
     #[tokio::test]
     async fn garbage_before_the_handshake_is_refused_without_buffering_it() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let s = secret("link-test-secret-0123456789");
+        let s = secret();
         a.write_all(b"CSTR\x01\x00\x01\x00garbage").await.expect("write");
         let r = respond(&mut b, &s).await;
         assert!(matches!(r, Err(LinkError::NotAHandshake(n)) if n > MAX_HANDSHAKE_MESSAGE), "{r:?}");

@@ -95,7 +95,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
 }
 
 fn link() -> (common::link::Transport, common::link::Transport) {
-    common::link::pair(&common::auth::Secret::new(b"proto-props-secret-0123".to_vec()).expect("secret")).expect("link")
+    common::link::pair(&common::auth::Secret::generate().expect("secret")).expect("link")
 }
 
 /// Messages have no PartialEq (machine state holds KVM structs): compare encodings.

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 
 fuzz_target!(|data: &[u8]| {
-    let secret = common::auth::Secret::new(b"fuzz-frame-secret-0123".to_vec()).expect("secret");
+    let secret = common::auth::Secret::generate().expect("secret");
     let (_, r) = common::link::pair(&secret).expect("link");
     let mut codec = FrameCodec::new(PROTOCOL_VERSION, r);
     let mut buf = BytesMut::from(data);

@@ -96,7 +96,7 @@ fn mac_only_v1(frames: Vec<common::frame::OutFrame>, replica: &mut Replica) {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("epoch");
     g.sample_size(20);
-    let secret = common::auth::Secret::new(b"apply-bench-secret-0123".to_vec()).expect("secret");
+    let secret = common::auth::Secret::generate().expect("secret");
     for n in [1024usize, 16384] {
         let src = pages(n);
         g.throughput(Throughput::Bytes((n * PAGE_SIZE) as u64));

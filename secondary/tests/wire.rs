@@ -28,7 +28,7 @@ struct Fixture {
 }
 
 fn secret() -> Secret {
-    Secret::new(b"castor test secret 0123456789".to_vec()).expect("secret")
+    Secret::generate().expect("secret")
 }
 
 impl Fixture {
@@ -41,10 +41,11 @@ impl Fixture {
         let state = m.save().expect("save");
         let shape = m.shape().clone();
         let replica = Arc::new(Mutex::new(Replica::new(shape.clone()).expect("replica")));
+        let secret = secret();
         Fixture {
             replica,
-            cfg: ReceiverConfig::new(secret(), 1),
-            secret: secret(),
+            cfg: ReceiverConfig::new(secret.clone(), 1),
+            secret,
             shape,
             state,
             shadow: GuestMem::new(64 << 20).expect("shadow"),
@@ -262,7 +263,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
 
     // unauthenticated: a peer without the shared secret
     expect_refusal(f, "unauthenticated", |addr| async move {
-        let wrong = Secret::new(b"not the castor test secret!!".to_vec()).expect("secret");
+        let wrong = secret();
         let r = Session::connect(addr, &wrong, f.shape.clone(), 1).await;
         assert!(r.is_err(), "a peer without the secret got a session");
     })
@@ -364,7 +365,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
 #[tokio::test]
 async fn a_stale_generation_is_fenced() {
     let mut fx = Fixture::new();
-    fx.cfg = ReceiverConfig::new(secret(), 5);
+    fx.cfg = ReceiverConfig::new(fx.secret.clone(), 5);
     let f = &fx;
     expect_refusal(f, "stale-generation", |addr| async move {
         let r = Session::connect(addr, &f.secret, f.shape.clone(), 4).await;
