@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::auth::Secret;
-use common::frame::{FrameCodec, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use common::frame::{FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use common::proto::{Channel, HelloAck, Kind, Message, ProtoError, RefuseCode, StateAssembler};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -218,8 +218,9 @@ async fn serve_inner(
         })?;
         let (r, w) = stream.into_split();
         let r = CountingRead { inner: r, count: cfg.data_received.clone(), armed: false };
-        let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, link.clone()), PRE_AUTH_BUFFER);
-        let mut tx = FramedWrite::new(w, FrameCodec::new(PROTOCOL_VERSION, link));
+        let (sealer, opener) = common::frame::codecs(PROTOCOL_VERSION, PROTOCOL_VERSION, link);
+        let mut rx = FramedRead::with_capacity(r, opener, PRE_AUTH_BUFFER);
+        let mut tx = FramedWrite::new(w, sealer);
         // the first frame proves the peer holds this session's keys (a
         // replayed handshake message does not)
         let hs_err = |e: FrameError| match e {

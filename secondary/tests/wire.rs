@@ -10,7 +10,7 @@ use common::auth::Secret;
 use common::frame::{MAX_PAYLOAD, PROTOCOL_VERSION};
 use common::proto::{self, Kind, Message, Page, PageChunk, PAGE_SIZE};
 use common::state::{MachineState, VmShape};
-use primary::sender::{SenderError, Session};
+use primary::sender::{RawSession, SenderError, Session};
 use secondary::receiver::{serve_connection, ReceiverConfig, ReceiverError, SessionEnd};
 use secondary::replica::{data_page, Replica};
 use tokio::net::TcpListener;
@@ -110,22 +110,15 @@ impl Fixture {
     }
 }
 
-/// Builds frames by hand, sealed as the session would seal its next ones
-/// (consecutive sequence numbers and record nonces), each in its own buffer
-/// so a test can send them out of order, twice, or damaged.
-fn frames(s: &Session, ms: &[&Message]) -> Vec<BytesMut> {
-    let mut c = s.raw_codec();
-    ms.iter()
-        .map(|m| {
-            let mut b = BytesMut::new();
-            let seq = c.next_seq();
-            c.encode_raw(m.kind() as u16, seq, &m.payload(), &mut b).expect("seal");
-            b
-        })
-        .collect()
+/// Builds frames by hand with the session's one sealer, as the session
+/// would have sealed its next ones (consecutive sequence numbers and record
+/// nonces), each in its own buffer so a test can send them out of order,
+/// twice, or damaged.
+fn frames(s: &mut RawSession, ms: &[&Message]) -> Vec<BytesMut> {
+    ms.iter().map(|m| s.seal(m).expect("seal")).collect()
 }
 
-fn frame(s: &Session, m: &Message) -> BytesMut {
+fn frame(s: &mut RawSession, m: &Message) -> BytesMut {
     frames(s, &[m]).remove(0)
 }
 
@@ -177,7 +170,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "truncated", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let b = frame(&s, &chunk(f));
+        let mut s = s.into_raw().await.expect("raw");
+        let b = frame(&mut s, &chunk(f));
         s.send_raw(&b[..b.len() / 2]).await.expect("half");
         s.shutdown_write().await.expect("shutdown");
     })
@@ -187,7 +181,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "corrupt", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let mut b = frame(&s, &chunk(f));
+        let mut s = s.into_raw().await.expect("raw");
+        let mut b = frame(&mut s, &chunk(f));
         let i = b.len() / 2;
         b[i] ^= 0x20;
         s.send_raw(&b).await.expect("send");
@@ -201,7 +196,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         s.send(begin).await.expect("begin");
         let c1 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
         let c2 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[20..].to_vec() });
-        let mut ab = frames(&s, &[&c1, &c2]);
+        let mut s = s.into_raw().await.expect("raw");
+        let mut ab = frames(&mut s, &[&c1, &c2]);
         let (b, a) = (ab.pop().expect("b"), ab.pop().expect("a"));
         s.send_raw(&b).await.expect("b");
         s.send_raw(&a).await.expect("a");
@@ -214,7 +210,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
         let c = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
-        let a = frame(&s, &c);
+        let mut s = s.into_raw().await.expect("raw");
+        let a = frame(&mut s, &c);
         s.send_raw(&a).await.expect("a");
         s.send_raw(&a).await.expect("a again");
         let _ = s.recv().await;
@@ -226,7 +223,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "oversize", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let mut c = s.raw_codec();
+        let mut s = s.into_raw().await.expect("raw");
+        let c = &mut s.sealer;
         let mut h = [0u8; 20];
         h[..4].copy_from_slice(&common::frame::MAGIC);
         h[4..6].copy_from_slice(&common::frame::PROTOCOL_VERSION.to_le_bytes());
