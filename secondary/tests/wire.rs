@@ -388,13 +388,13 @@ async fn divergence_is_detected_and_a_full_epoch_resyncs() {
         other => panic!("expected a resync request, got {other:?}"),
     }
     assert!(f.replica.lock().expect("lock").needs_resync());
-    // deltas are refused until a full epoch arrives
-    s.send_epoch(3, false, f.pages(3, 5), f.state.clone(), None).await.expect("send");
-    let err = server.await.expect("join").expect_err("delta after divergence");
-    assert!(matches!(err, ReceiverError::Replica(secondary::replica::ReplicaError::NeedsResync)), "{err}");
-    // full epoch: every non-zero page of the primary
-    let (addr, server) = f.serve_one().await;
-    let mut s = f.session(addr).await;
+    // the primary keeps sending deltas until it reads the request: those in
+    // flight are skipped (read, not applied, not acknowledged) and the
+    // session goes on; the full epoch that follows on the same session
+    // commits, and its ack is the next message the primary reads
+    s.send_epoch(3, false, f.pages(3, 5), f.state.clone(), None).await.expect("send delta 3");
+    s.send_epoch(4, false, f.pages(4, 5), f.state.clone(), None).await.expect("send delta 4");
+    assert_eq!(f.replica.lock().expect("lock").committed_epoch(), Some(2), "a skipped delta was applied");
     let mut all = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE];
     for gfn in f.shadow.all_gfns() {
@@ -403,15 +403,56 @@ async fn divergence_is_detected_and_a_full_epoch_resyncs() {
             all.push(primary::sender::page_from(gfn, &buf));
         }
     }
-    s.send_epoch(3, true, all, f.state.clone(), Some(f.shadow.digest())).await.expect("full");
-    s.wait_ack(3).await.expect("ack");
+    s.send_epoch(5, true, all, f.state.clone(), Some(f.shadow.digest())).await.expect("full");
+    s.wait_ack(5).await.expect("ack of the full epoch, and none of the skipped deltas");
     drop(s);
-    server.await.expect("join").expect("server");
+    assert_eq!(server.await.expect("join").expect("the session survives the skipped deltas"), SessionEnd::Closed);
     let r = f.replica.lock().expect("lock");
     assert!(!r.needs_resync());
-    assert_eq!((r.committed_epoch(), r.digest()), (Some(3), f.shadow.digest()));
+    assert_eq!((r.committed_epoch(), r.digest()), (Some(5), f.shadow.digest()));
     let _ = Kind::Invalid;
     let _ = PROTOCOL_VERSION;
+}
+
+/// Sends epoch 2 with a digest the replica cannot reach: the receiver
+/// answers with a resync request. Returns the session and its server.
+async fn diverge_at_2(f: &Fixture) -> (Session, tokio::task::JoinHandle<Result<SessionEnd, ReceiverError>>) {
+    let (addr, server) = f.serve_one().await;
+    let mut s = f.session(addr).await;
+    f.shadow.write(0x9100 * 4, &[0x55; 64]).expect("unsent change");
+    let pages = f.pages(2, 10);
+    f.mirror(&pages);
+    s.send_epoch(2, false, pages, f.state.clone(), Some(f.shadow.digest())).await.expect("send");
+    assert!(matches!(s.recv().await.expect("recv"), Some(Message::ResyncRequest { .. })));
+    (s, server)
+}
+
+/// The skip after a resync request is bounded and checked: past
+/// MAX_SKIPPED_EPOCHS deltas with no resync the session ends with its own
+/// error; a chunk of another epoch inside a skipped one is a protocol error.
+/// Neither changes the replica.
+#[tokio::test]
+async fn skipped_deltas_are_bounded_and_must_be_whole() {
+    let f = bootstrap().await;
+    let (mut s, server) = diverge_at_2(&f).await;
+    let committed = f.snapshot();
+    let n = secondary::receiver::MAX_SKIPPED_EPOCHS;
+    for e in 3..3 + n {
+        s.send_epoch(e, false, f.pages(e, 2), f.state.clone(), None).await.expect("send");
+    }
+    // one more than the bound (the server may close as this one arrives)
+    let _ = s.send_epoch(3 + n, false, f.pages(3 + n, 2), f.state.clone(), None).await;
+    let err = server.await.expect("join").expect_err("a primary that never resyncs");
+    assert_eq!(err.code(), "resync-not-started", "{err}");
+    assert_eq!(f.snapshot(), committed);
+
+    let f = bootstrap().await;
+    let (mut s, server) = diverge_at_2(&f).await;
+    s.send(&Message::EpochBegin { epoch: 3, page_count: 4, full: false }).await.expect("begin");
+    s.send(&Message::PageChunk(PageChunk { epoch: 4, pages: f.pages(4, 4) })).await.expect("chunk");
+    let err = server.await.expect("join").expect_err("a chunk of another epoch");
+    assert_eq!(err.code(), "protocol-order", "{err}");
+    assert!(matches!(err, ReceiverError::SkippedEpoch { got: 4, skipping: 3, .. }), "{err}");
 }
 
 /// An epoch whose machine state is several frames long (a long epoch's
