@@ -289,8 +289,7 @@ pub(crate) fn end_to_end(quick: bool, live: &dyn Fn(String)) -> Result<E2e, Benc
     let dir = std::env::temp_dir().join(format!("castor-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(e.to_string()))?;
     let secret = dir.join("secret");
-    common::auth::write_secret_file(&secret, b"castor-bench-secret-0123456789")
-        .map_err(|e| BenchError::Io(e.to_string()))?;
+    common::auth::generate_secret_file(&secret, true).map_err(|e| BenchError::Io(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

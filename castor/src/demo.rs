@@ -166,9 +166,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         }
     };
     let secret = dir.join("secret");
-    let key = common::auth::nonce().map_err(|e| DemoError::Setup(e.to_string()))?;
-    common::auth::write_secret_file(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>().as_bytes())
-        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    common::auth::generate_secret_file(&secret, true).map_err(|e| DemoError::Setup(e.to_string()))?;
     let etcd = if a.no_witness {
         None
     } else {

@@ -5,7 +5,8 @@
 //! * 2: bad command line (clap)
 //! * 3: the machine could not be built (KVM, memory, snapshot that does not fit)
 //! * 4: the guest failed while running (exception, vCPU stopped, pause timeout)
-//! * 5: file I/O (snapshots, expectation files)
+//! * 5: file I/O (snapshots, expectation files, secret files: a weak link
+//!   key, or `castor keygen` refusing to overwrite a file without `--force`)
 //! * 6: a verification the user asked for failed (e.g. `--kv-verify`)
 
 mod bench;
@@ -61,6 +62,16 @@ enum Command {
     Unprotect {
         #[command(flatten)]
         control: node_cmd::ControlArgs,
+    },
+    /// Make a link key file for `--secret-file`: 32 random bytes, mode 0600.
+    /// Copy the same file to both nodes. An existing file is not overwritten
+    /// unless --force (exit 5).
+    Keygen {
+        /// The key file to create.
+        file: std::path::PathBuf,
+        /// Replace an existing file (both nodes then need the new key).
+        #[arg(long)]
+        force: bool,
     },
     /// Planned switchover: the primary at this control address finishes its
     /// epoch, waits for the ack and hands over; its secondary takes over at
@@ -136,6 +147,13 @@ fn main() {
             println!("{report}");
             0
         }
+        Command::Keygen { file, force } => match common::auth::generate_secret_file(&file, force) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("castor keygen: {e}");
+                5
+            }
+        },
         Command::Primary(a) => node("primary", node_cmd::primary(a)),
         Command::Secondary(a) => node("secondary", node_cmd::secondary(a)),
         Command::Status { control } => node("status", node_cmd::control(&control, "status").map(|j| println!("{j}"))),

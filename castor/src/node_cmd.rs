@@ -20,7 +20,9 @@ use crate::run::{parse_size, GuestArg, TrackerArg};
 /// Settings shared by both roles.
 #[derive(Debug, Args, Clone)]
 pub struct CommonArgs {
-    /// File holding the shared secret (at least 16 bytes).
+    /// File holding the link key, the same on both nodes: 32 random bytes
+    /// made by `castor keygen FILE` (or 64+ hex digits); a passphrase is
+    /// refused.
     #[arg(long)]
     secret_file: PathBuf,
     /// Where clients of the kv service connect (the primary serves; a

@@ -115,6 +115,43 @@ fn corrupt_or_truncated_snapshot_is_refused() {
     }
 }
 
+/// `castor keygen FILE`: 32 random bytes in a new mode-0600 file, which a
+/// node accepts as its link key; an existing file is refused (exit 5, the
+/// file unchanged) unless `--force`; a passphrase file is refused by a node
+/// with a pointer to keygen (exit 5).
+#[test]
+fn keygen_makes_a_private_key_and_never_overwrites_unforced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("key");
+    let out = castor().arg("keygen").arg(&key).output().expect("spawn");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta = std::fs::metadata(&key).expect("key file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let first = std::fs::read(&key).expect("read");
+    assert_eq!(first.len(), 32);
+    common::auth::Secret::from_file(&key).expect("keygen output is a link key");
+    let out = castor().arg("keygen").arg(&key).output().expect("spawn");
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&key).expect("read"), first, "an unforced keygen changed the key");
+    let out = castor().args(["keygen", "--force"]).arg(&key).output().expect("spawn");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(std::fs::read(&key).expect("read"), first);
+    // a node given a passphrase refuses it and says what to run
+    let pass = dir.path().join("pass");
+    common::auth::write_secret_file(&pass, b"a-passphrase-of-enough-bytes\n").expect("pass");
+    let out = castor()
+        .args(["secondary", "--listen", "127.0.0.1:0", "--service-listen", "127.0.0.1:0", "--secret-file"])
+        .arg(&pass)
+        .args(["--control", &dir.path().join("s.ctl").display().to_string()])
+        .output()
+        .expect("spawn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("castor keygen"), "{err}");
+}
+
 #[test]
 fn impossible_machines_are_refused_with_exit_3() {
     for args in [&["--vcpus", "9"][..], &["--mem", "1M"][..], &["--tracker", "ring", "--ring-entries", "1000"][..]] {
@@ -130,7 +167,7 @@ fn impossible_machines_are_refused_with_exit_3() {
 fn control_commands_report_refusals_and_listeners_report_their_ports() {
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("secret");
-    common::auth::write_secret_file(&secret, b"cli-test-secret-0123456789").expect("secret");
+    common::auth::generate_secret_file(&secret, false).expect("secret");
     let secret = secret.display().to_string();
     let spec = runtime::harness::Spec {
         exe: env!("CARGO_BIN_EXE_castor").into(),
@@ -197,7 +234,7 @@ fn witness_claims_are_refused_with_exit_9_unless_they_are_safe() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = witness::server::Etcd::start(&dir.path().join("etcd")).expect("etcd (scripts/deps.sh installs it)");
     let secret = dir.path().join("secret");
-    common::auth::write_secret_file(&secret, b"cli-test-secret-0123456789").expect("secret");
+    common::auth::generate_secret_file(&secret, false).expect("secret");
     let secret = secret.display().to_string();
     let n = std::cell::Cell::new(0);
     let args = |vm: &str, url: &str, extra: &[&str]| -> Vec<String> {
@@ -270,7 +307,7 @@ fn the_control_socket_refuses_other_uids_and_tcp_needs_the_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let secret = dir.path().join("secret");
-    common::auth::write_secret_file(&secret, b"cli-test-secret-0123456789").expect("secret");
+    common::auth::generate_secret_file(&secret, false).expect("secret");
     let token = dir.path().join("token");
     common::auth::write_secret_file(&token, b"control-token-0123456789").expect("token");
     let (secret, token_s) = (secret.display().to_string(), token.display().to_string());

@@ -34,7 +34,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::link::Transport;
+use crate::link::{OpenKey, SealKey, Transport};
 
 /// "CSTR".
 pub const MAGIC: [u8; 4] = *b"CSTR";
@@ -100,24 +100,47 @@ pub struct OutFrame {
     pub payload: Bytes,
 }
 
-/// Stateful codec for one direction of a connection.
-#[derive(Clone)]
-pub struct FrameCodec {
+/// The sending direction of a connection: seals frames with this side's
+/// key, record nonces from 0, +1 per record. There is one per connection
+/// and side, made from the link's [`Transport`] (consumed), and it is not
+/// `Clone`: two sealers would use the same nonce twice under one key
+/// (AES-GCM's keystream reused, its authentication key given away).
+///
+/// ```compile_fail
+/// fn copies<T: Clone>() {}
+/// copies::<common::frame::FrameSealer>();
+/// ```
+pub struct FrameSealer {
     version: u16,
-    link: Transport,
+    key: SealKey,
     next_seq: u64,
     nonce: u64,
-    /// Decoder: plaintext of the frame being received, and its total size
-    /// once its header is in.
-    partial: BytesMut,
-    want: Option<usize>,
-    /// Encoder: one piece's plaintext.
+    /// One piece's plaintext.
     scratch: Vec<u8>,
 }
 
-impl std::fmt::Debug for FrameCodec {
+/// The receiving direction of a connection: opens the peer's records and
+/// reassembles its frames. Cloning it is harmless (it seals nothing).
+///
+/// ```
+/// fn copies<T: Clone>() {}
+/// copies::<common::frame::FrameOpener>();
+/// ```
+#[derive(Clone)]
+pub struct FrameOpener {
+    version: u16,
+    key: OpenKey,
+    next_seq: u64,
+    nonce: u64,
+    /// Plaintext of the frame being received, and its total size once its
+    /// header is in.
+    partial: BytesMut,
+    want: Option<usize>,
+}
+
+impl std::fmt::Debug for FrameSealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameCodec")
+        f.debug_struct("FrameSealer")
             .field("version", &self.version)
             .field("next_seq", &self.next_seq)
             .field("nonce", &self.nonce)
@@ -125,12 +148,33 @@ impl std::fmt::Debug for FrameCodec {
     }
 }
 
-impl FrameCodec {
-    /// A codec speaking `version` over the link's keys (its direction is
-    /// the link's: an initiator's codecs seal with the initiator's key and
-    /// open with the responder's).
+impl std::fmt::Debug for FrameOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameOpener")
+            .field("version", &self.version)
+            .field("next_seq", &self.next_seq)
+            .field("nonce", &self.nonce)
+            .finish()
+    }
+}
+
+/// Both directions of one side of a connection: `(sealer, opener)`, the
+/// sealer speaking `send_version`, the opener expecting `recv_version`.
+pub fn codecs(send_version: u16, recv_version: u16, link: Transport) -> (FrameSealer, FrameOpener) {
+    let (seal, open) = link.split();
+    (FrameSealer::with_key(send_version, seal), FrameOpener::with_key(recv_version, open))
+}
+
+impl FrameSealer {
+    /// The sending direction only, over the link's keys (an initiator's
+    /// sealer seals with the initiator's key): tests and benches that make
+    /// both ends of a link in memory. A session uses [`codecs`].
     pub fn new(version: u16, link: Transport) -> Self {
-        FrameCodec { version, link, next_seq: 0, nonce: 0, partial: BytesMut::new(), want: None, scratch: Vec::new() }
+        Self::with_key(version, link.split().0)
+    }
+
+    fn with_key(version: u16, key: SealKey) -> Self {
+        FrameSealer { version, key, next_seq: 0, nonce: 0, scratch: Vec::new() }
     }
 
     /// Switches the spoken version (after negotiation).
@@ -154,7 +198,7 @@ impl FrameCodec {
         dst.put_u16_le(sealed as u16);
         let start = dst.len();
         dst.resize(start + sealed, 0);
-        let n = self.link.write_message(self.nonce, plain, &mut dst[start..]).map_err(|_| FrameError::Corrupt)?;
+        let n = self.key.seal(self.nonce, plain, &mut dst[start..]).map_err(|_| FrameError::Corrupt)?;
         debug_assert_eq!(n, sealed);
         self.nonce += 1;
         Ok(())
@@ -194,7 +238,7 @@ impl FrameCodec {
     }
 }
 
-impl Encoder<OutFrame> for FrameCodec {
+impl Encoder<OutFrame> for FrameSealer {
     type Error = FrameError;
 
     fn encode(&mut self, item: OutFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
@@ -208,7 +252,18 @@ impl Encoder<OutFrame> for FrameCodec {
     }
 }
 
-impl FrameCodec {
+impl FrameOpener {
+    /// The receiving direction only, over the link's keys (an initiator's
+    /// opener opens what the responder sealed): tests, benches and fuzzing
+    /// that make both ends of a link in memory. A session uses [`codecs`].
+    pub fn new(version: u16, link: Transport) -> Self {
+        Self::with_key(version, link.split().1)
+    }
+
+    fn with_key(version: u16, key: OpenKey) -> Self {
+        FrameOpener { version, key, next_seq: 0, nonce: 0, partial: BytesMut::new(), want: None }
+    }
+
     /// Checks a frame header (the first 20 plaintext bytes); returns the
     /// frame's total plaintext size.
     fn header(&self, h: &[u8]) -> Result<usize, FrameError> {
@@ -232,7 +287,7 @@ impl FrameCodec {
     }
 }
 
-impl Decoder for FrameCodec {
+impl Decoder for FrameOpener {
     type Item = Frame;
     type Error = FrameError;
 
@@ -258,8 +313,7 @@ impl Decoder for FrameCodec {
             }
             let start = self.partial.len();
             self.partial.resize(start + sealed - TAG_LEN, 0);
-            let opened =
-                self.link.read_message(nonce, &src[RECORD_HEADER..RECORD_HEADER + sealed], &mut self.partial[start..]);
+            let opened = self.key.open(nonce, &src[RECORD_HEADER..RECORD_HEADER + sealed], &mut self.partial[start..]);
             if opened.is_err() {
                 return Err(FrameError::Corrupt);
             }
@@ -312,15 +366,17 @@ mod tests {
     use super::*;
     use crate::auth::Secret;
 
-    fn pair() -> (FrameCodec, FrameCodec) {
-        let (i, r) =
-            crate::link::pair(&Secret::new(b"frame-test-secret-0123".to_vec()).expect("secret")).expect("link");
-        (FrameCodec::new(PROTOCOL_VERSION, i), FrameCodec::new(PROTOCOL_VERSION, r))
+    /// The initiator's sealer and the responder's opener, and the
+    /// initiator's own opener (to try a frame reflected back to it).
+    fn pair() -> (FrameSealer, FrameOpener, FrameOpener) {
+        let (i, r) = crate::link::pair(&Secret::generate().expect("secret")).expect("link");
+        let (tx, own) = codecs(PROTOCOL_VERSION, PROTOCOL_VERSION, i);
+        (tx, FrameOpener::new(PROTOCOL_VERSION, r), own)
     }
 
     #[test]
     fn round_trip_and_each_check() {
-        let (mut tx, rx) = pair();
+        let (mut tx, rx, own) = pair();
         let mut buf = BytesMut::new();
         tx.encode(OutFrame { kind: 3, payload: Bytes::from_static(b"hello") }, &mut buf).expect("encode");
         assert!(!buf.windows(5).any(|w| w == b"hello"), "the payload is not on the wire");
@@ -336,12 +392,10 @@ mod tests {
         c[RECORD_HEADER + 3] ^= 1;
         assert_eq!(rx.clone().decode(&mut c), Err(FrameError::Corrupt));
         // other keys (another session)
-        let (_, other) = pair();
+        let (_, other, _) = pair();
         assert_eq!(other.clone().decode(&mut good.clone()), Err(FrameError::Corrupt));
         // reflected to its sender
-        let mut own = tx.clone();
-        own.nonce = 0;
-        assert_eq!(own.decode(&mut good.clone()), Err(FrameError::Corrupt));
+        assert_eq!(own.clone().decode(&mut good.clone()), Err(FrameError::Corrupt));
         // truncated at EOF
         let mut t = good.clone();
         t.truncate(good.len() - 1);
@@ -353,7 +407,7 @@ mod tests {
         h[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         h[6..8].copy_from_slice(&3u16.to_le_bytes());
         h[16..20].copy_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
-        let (mut tx2, mut rx2) = pair();
+        let (mut tx2, mut rx2, _) = pair();
         let mut o = BytesMut::new();
         tx2.seal_record(&h, &mut o).expect("seal");
         assert_eq!(rx2.decode(&mut o), Err(FrameError::Oversize(MAX_PAYLOAD + 1)));
@@ -361,7 +415,7 @@ mod tests {
 
     #[test]
     fn a_megabyte_frame_crosses_records_and_arrives_whole() {
-        let (mut tx, mut rx) = pair();
+        let (mut tx, mut rx, _) = pair();
         let payload: Vec<u8> = (0..MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
         let mut buf = BytesMut::new();
         tx.encode(OutFrame { kind: 7, payload: Bytes::from(payload.clone()) }, &mut buf).expect("encode");

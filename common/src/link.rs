@@ -57,9 +57,55 @@ impl From<std::io::Error> for LinkError {
     }
 }
 
-/// The transport keys of one connection, shared by its two directions
-/// (each uses its own key and its own nonce counter).
-pub type Transport = Arc<StatelessTransportState>;
+/// The transport keys of one connection, both directions. Not `Clone`:
+/// [`Transport::split`] makes the one [`SealKey`] of this side's sending
+/// direction, so two sealers can never use one nonce twice under one key.
+#[derive(Debug)]
+pub struct Transport(StatelessTransportState);
+
+/// This side's sending key: the only thing that seals with it. Not `Clone`
+/// (a second sealer would reuse its nonces: AES-GCM's keystream twice and
+/// its authentication key given away).
+///
+/// ```compile_fail
+/// fn copies<T: Clone>() {}
+/// copies::<common::link::SealKey>();
+/// ```
+#[derive(Debug)]
+pub struct SealKey(Arc<StatelessTransportState>);
+
+/// This side's receiving key: opening twice is harmless, so it may be cloned.
+///
+/// ```
+/// fn copies<T: Clone>() {}
+/// copies::<common::link::OpenKey>();
+/// ```
+#[derive(Debug, Clone)]
+pub struct OpenKey(Arc<StatelessTransportState>);
+
+impl Transport {
+    /// The sending and receiving halves (each uses its own key and nonces).
+    pub fn split(self) -> (SealKey, OpenKey) {
+        let t = Arc::new(self.0);
+        (SealKey(t.clone()), OpenKey(t))
+    }
+}
+
+impl SealKey {
+    /// Seals `plain` under record nonce `nonce` into `out` (its length
+    /// plus the 16-byte tag); the caller never repeats a nonce.
+    pub fn seal(&self, nonce: u64, plain: &[u8], out: &mut [u8]) -> Result<usize, LinkError> {
+        self.0.write_message(nonce, plain, out).map_err(noise)
+    }
+}
+
+impl OpenKey {
+    /// Opens a record sealed by the peer under `nonce`; an error when it
+    /// does not authenticate.
+    pub fn open(&self, nonce: u64, sealed: &[u8], out: &mut [u8]) -> Result<usize, LinkError> {
+        self.0.read_message(nonce, sealed, out).map_err(|_| LinkError::Unauthenticated)
+    }
+}
 
 fn builder_psk(secret: &Secret) -> zeroize::Zeroizing<[u8; 32]> {
     zeroize::Zeroizing::new(secret.mac(&[b"castor link psk v2"]))
@@ -103,7 +149,7 @@ fn handshake_state(secret: &Secret, initiator: bool) -> Result<snow::HandshakeSt
 }
 
 fn transport(hs: snow::HandshakeState) -> Result<Transport, LinkError> {
-    Ok(Arc::new(hs.into_stateless_transport_mode().map_err(noise)?))
+    Ok(Transport(hs.into_stateless_transport_mode().map_err(noise)?))
 }
 
 /// The primary's side: it dialed, it starts.
@@ -152,28 +198,28 @@ pub fn pair(secret: &Secret) -> Result<(Transport, Transport), LinkError> {
 mod tests {
     use super::*;
 
-    fn secret(s: &str) -> Secret {
-        Secret::new(s.as_bytes().to_vec()).expect("secret")
+    fn secret() -> Secret {
+        Secret::generate().expect("secret")
     }
 
     #[tokio::test]
     async fn both_sides_agree_only_with_the_same_secret() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let s = secret("link-test-secret-0123456789");
+        let s = secret();
         let (i, r) = tokio::join!(initiate(&mut a, &s), respond(&mut b, &s));
-        let (i, r) = (i.expect("initiator"), r.expect("responder"));
+        let ((i, i_open), (_, r)) = (i.expect("initiator").split(), r.expect("responder").split());
         let mut c = [0u8; 64];
-        let n = i.write_message(0, b"hello", &mut c).expect("seal");
+        let n = i.seal(0, b"hello", &mut c).expect("seal");
         let mut p = [0u8; 64];
-        let m = r.read_message(0, &c[..n], &mut p).expect("open");
+        let m = r.open(0, &c[..n], &mut p).expect("open");
         assert_eq!(&p[..m], b"hello");
         // a frame reflected back to its sender does not open
-        assert!(i.read_message(0, &c[..n], &mut p).is_err());
+        assert!(i_open.open(0, &c[..n], &mut p).is_err());
         // nor under another nonce
-        assert!(r.read_message(1, &c[..n], &mut p).is_err());
+        assert!(r.open(1, &c[..n], &mut p).is_err());
 
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let other = secret("not-the-link-test-secret!!");
+        let other = secret();
         // the responder hangs up on failure, as the receiver does
         let responder = async move {
             let r = respond(&mut b, &s).await;
@@ -188,7 +234,7 @@ mod tests {
     #[tokio::test]
     async fn garbage_before_the_handshake_is_refused_without_buffering_it() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let s = secret("link-test-secret-0123456789");
+        let s = secret();
         a.write_all(b"CSTR\x01\x00\x01\x00garbage").await.expect("write");
         let r = respond(&mut b, &s).await;
         assert!(matches!(r, Err(LinkError::NotAHandshake(n)) if n > MAX_HANDSHAKE_MESSAGE), "{r:?}");

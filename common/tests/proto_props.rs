@@ -3,7 +3,7 @@
 //! limit for any epoch size.
 
 use bytes::{Bytes, BytesMut};
-use common::frame::{FrameCodec, MAX_FRAME, MAX_PAYLOAD, PROTOCOL_VERSION};
+use common::frame::{FrameOpener, FrameSealer, MAX_FRAME, MAX_PAYLOAD, PROTOCOL_VERSION};
 use common::proto::*;
 use common::state::*;
 use proptest::prelude::*;
@@ -110,7 +110,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
 }
 
 fn link() -> (common::link::Transport, common::link::Transport) {
-    common::link::pair(&common::auth::Secret::new(b"proto-props-secret-0123".to_vec()).expect("secret")).expect("link")
+    common::link::pair(&common::auth::Secret::generate().expect("secret")).expect("link")
 }
 
 /// Messages have no PartialEq (machine state holds KVM structs): compare encodings.
@@ -124,8 +124,8 @@ proptest! {
     #[test]
     fn every_message_round_trips_through_a_frame(m in message_strategy()) {
         let (i, r) = link();
-        let mut tx = FrameCodec::new(PROTOCOL_VERSION, i);
-        let mut rx = FrameCodec::new(PROTOCOL_VERSION, r);
+        let mut tx = FrameSealer::new(PROTOCOL_VERSION, i);
+        let mut rx = FrameOpener::new(PROTOCOL_VERSION, r);
         let mut buf = BytesMut::new();
         tx.encode(m.to_frame(), &mut buf).expect("encode");
         prop_assert!(buf.len() <= MAX_FRAME);
@@ -137,7 +137,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic_the_frame_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
-        let mut rx = FrameCodec::new(PROTOCOL_VERSION, link().1);
+        let mut rx = FrameOpener::new(PROTOCOL_VERSION, link().1);
         let mut buf = BytesMut::from(&bytes[..]);
         // random bytes are never a valid frame (they do not open); at EOF
         // they must be an error or nothing
@@ -206,7 +206,7 @@ fn a_large_state_travels_in_chunks_and_is_put_back_together() {
     assert!(chunks >= 4, "{chunks} chunks");
     assert_eq!(msgs.last().map(Message::kind), Some(Kind::EpochEnd));
     let (i, r) = link();
-    let (mut tx, mut rx) = (FrameCodec::new(PROTOCOL_VERSION, i), FrameCodec::new(PROTOCOL_VERSION, r));
+    let (mut tx, mut rx) = (FrameSealer::new(PROTOCOL_VERSION, i), FrameOpener::new(PROTOCOL_VERSION, r));
     let mut asm = StateAssembler::default();
     let mut done = None;
     for m in msgs {

@@ -67,11 +67,7 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
         let secret = dir.join("secret");
-        common::auth::write_secret_file(
-            &secret,
-            format!("failover-test-secret-{}-{test}", std::process::id()).as_bytes(),
-        )
-        .expect("secret");
+        common::auth::generate_secret_file(&secret, true).expect("secret");
         Cluster { dir, secret }
     }
 

@@ -3,14 +3,14 @@
 //! sealed records that do not open).
 #![no_main]
 use bytes::BytesMut;
-use common::frame::{FrameCodec, PROTOCOL_VERSION};
+use common::frame::{FrameOpener, PROTOCOL_VERSION};
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 
 fuzz_target!(|data: &[u8]| {
-    let secret = common::auth::Secret::new(b"fuzz-frame-secret-0123".to_vec()).expect("secret");
+    let secret = common::auth::Secret::generate().expect("secret");
     let (_, r) = common::link::pair(&secret).expect("link");
-    let mut codec = FrameCodec::new(PROTOCOL_VERSION, r);
+    let mut codec = FrameOpener::new(PROTOCOL_VERSION, r);
     let mut buf = BytesMut::from(data);
     while let Ok(Some(_)) = codec.decode(&mut buf) {}
     let _ = codec.decode_eof(&mut buf);

@@ -7,7 +7,7 @@ use tokio::io::AsyncWriteExt;
 fuzz_target!(|data: &[u8]| {
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     rt.block_on(async {
-        let secret = common::auth::Secret::new(b"fuzz-link-secret-0123".to_vec()).expect("secret");
+        let secret = common::auth::Secret::generate().expect("secret");
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let _ = a.write_all(data).await;
         drop(a);

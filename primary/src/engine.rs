@@ -173,8 +173,12 @@ impl EngineShared {
         self.acked.load(Ordering::SeqCst).checked_sub(1)
     }
 
+    /// Records that `epoch` (and every one before it) was acknowledged.
+    /// Saturating: an ack of epoch u64::MAX (never reached: 2^64 epochs of
+    /// a millisecond are 5e8 years, and the core refuses acks of epochs it
+    /// did not send) must not wrap to "none acknowledged".
     pub fn record_ack(&self, epoch: u64) {
-        self.acked.fetch_max(epoch + 1, Ordering::SeqCst);
+        self.acked.fetch_max(epoch.saturating_add(1), Ordering::SeqCst);
     }
 }
 

@@ -42,6 +42,8 @@ pub enum Loss {
     HeartbeatTimeout(Duration),
     #[error("no ack for {waited:?}, and no byte of the data connection read for {no_progress:?}")]
     AckTimeout { waited: Duration, no_progress: Duration },
+    #[error("the secondary acknowledged epoch {epoch}, which this session never sent (last sent: {last_sent:?})")]
+    AckBeyondSent { epoch: u64, last_sent: Option<u64> },
 }
 
 /// The protection mode of a primary.
@@ -298,7 +300,11 @@ impl HeldOutputs {
 
     /// Removes and returns everything of epochs `<= epoch`, oldest first.
     pub fn take_through(&mut self, epoch: u64) -> Vec<Output> {
-        let later = self.by_epoch.split_off(&(epoch + 1));
+        let Some(after) = epoch.checked_add(1) else {
+            // every key is <= u64::MAX
+            return self.take_all();
+        };
+        let later = self.by_epoch.split_off(&after);
         let ready = std::mem::replace(&mut self.by_epoch, later);
         ready.into_values().flat_map(|v| v.0).collect()
     }
@@ -416,7 +422,7 @@ impl Core {
     /// after the first lost session died within a millisecond.)
     pub fn oldest_unacked(&self) -> Option<Instant> {
         let hi = self.last_sent.filter(|_| self.mode.in_session())?;
-        let lo = (self.session_base + 1).max(self.acked_unrecorded.map_or(0, |e| e + 1));
+        let lo = self.session_base.saturating_add(1).max(self.acked_unrecorded.map_or(0, |e| e.saturating_add(1)));
         self.held.oldest_in(lo, hi)
     }
 
@@ -462,6 +468,29 @@ impl Core {
                 self.asking = Some(Pending { retry_at: Some(now + WITNESS_RETRY), ..p });
             }
             Answer::Refused { .. } => unreachable!("handled above"),
+        }
+    }
+
+    /// Why an ack of `epoch` ends the session, if it does: in a session,
+    /// the secondary can only acknowledge an epoch this session sent (it
+    /// acks an epoch once it committed it), so an ack beyond the last one
+    /// sent, or before any was sent, is a protocol error. (The replicator
+    /// asks this before it records the ack anywhere else.)
+    pub fn ack_violation(&self, epoch: u64) -> Option<Loss> {
+        let sent = self.last_sent.is_some_and(|last| epoch <= last);
+        (self.mode.in_session() && !sent).then_some(Loss::AckBeyondSent { epoch, last_sent: self.last_sent })
+    }
+
+    /// The session ended (`why`): hold; with a witness, ask to run alone.
+    fn lose_session(&mut self, why: Loss, now: Instant, step: &mut Step) {
+        if self.mode.in_session() {
+            self.mode = Mode::Holding { since: now, why, peer: self.peer.clone() };
+            step.engine = Some(EngineCommand::Hold);
+            self.acked_unrecorded = None;
+            if self.witness {
+                self.sync_recorded = false;
+                self.ask(Want::Alone, step);
+            }
         }
     }
 
@@ -525,7 +554,7 @@ impl Core {
                 // a secondary exists now, so it waits for an ack of an epoch
                 // after it
                 Mode::Syncing | Mode::Protected | Mode::HandingOver { .. } => {
-                    let key = self.last_sent.map_or(self.session_base, |e| e + 1);
+                    let key = self.last_sent.map_or(self.session_base, |e| e.saturating_add(1));
                     self.held.insert(key, outputs, now);
                 }
                 Mode::Holding { .. } => self.pending.extend(outputs),
@@ -533,7 +562,10 @@ impl Core {
                 Mode::Fenced { .. } | Mode::HandedOver { .. } => {}
             },
             Event::Ack { epoch } => {
-                if self.mode.in_session() {
+                if let Some(why) = self.ack_violation(epoch) {
+                    // releases nothing: ends the session as a loss does
+                    self.lose_session(why, now, &mut step);
+                } else if self.mode.in_session() {
                     if self.witness && !self.sync_recorded {
                         // acked, but released only once the witness knows
                         // this secondary may take over
@@ -586,17 +618,7 @@ impl Core {
                     step.engine = Some(EngineCommand::FullEpoch);
                 }
             }
-            Event::SessionLost(why) => {
-                if self.mode.in_session() {
-                    self.mode = Mode::Holding { since: now, why, peer: self.peer.clone() };
-                    step.engine = Some(EngineCommand::Hold);
-                    self.acked_unrecorded = None;
-                    if self.witness {
-                        self.sync_recorded = false;
-                        self.ask(Want::Alone, &mut step);
-                    }
-                }
-            }
+            Event::SessionLost(why) => self.lose_session(why, now, &mut step),
             Event::Fenced { by } => step = self.fence(by),
             Event::Tick => {
                 if let Some(p) = self.asking {

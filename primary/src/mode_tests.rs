@@ -242,6 +242,50 @@ fn held_outputs_release_in_epoch_order_up_to_the_ack() {
     assert_eq!(h.take_all().iter().map(id).collect::<Vec<_>>(), vec![3]);
 }
 
+/// An ack of an epoch this session never sent (beyond the last one sent, or
+/// before any was sent) is a protocol error: it releases nothing and ends
+/// the session as a loss does (hold), with or without a witness; before,
+/// it released everything held up to that epoch.
+#[test]
+fn an_ack_beyond_the_last_sent_epoch_releases_nothing_and_ends_the_session() {
+    let t = Instant::now();
+    // (witness, ack): beyond epochs 1..=2, and far beyond (u64::MAX)
+    for (witness, ack) in [(false, 3), (false, u64::MAX), (true, 3), (true, u64::MAX)] {
+        let mut c = if witness { Core::with_witness() } else { Core::new() };
+        c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+        c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+        c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+        let s = c.on(Event::Ack { epoch: ack }, t).unwrap();
+        assert!(s.release.is_empty(), "witness {witness}, ack {ack}: released {:?}", s.release);
+        assert_eq!(s.engine, Some(EngineCommand::Hold), "witness {witness}, ack {ack}");
+        assert_eq!(c.mode().protection(), Protection::Holding, "witness {witness}, ack {ack}");
+        assert_eq!(c.held_count(), 2);
+        assert!(
+            matches!(c.mode(), Mode::Holding { why: Loss::AckBeyondSent { epoch, last_sent: Some(2) }, .. } if *epoch == ack),
+            "{:?}",
+            c.mode()
+        );
+        if witness {
+            // the witness decides the hold; and a grant of a record asked
+            // meanwhile releases nothing either
+            assert!(matches!(s.ask, Some(Ask::RunAlone { .. })), "{s:?}");
+        }
+        // a late, valid ack of the ended session releases nothing
+        assert!(c.on(Event::Ack { epoch: 2 }, t).unwrap().release.is_empty());
+    }
+    // nothing sent yet in this session, output waiting from before it
+    let mut c = Core::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
+    c.on(lost(), t).unwrap();
+    c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
+    c.on(Event::SessionUp { next_epoch: 3, resync: Resync::Full, peer: "s".into() }, t).unwrap();
+    let s = c.on(Event::Ack { epoch: 3 }, t).unwrap();
+    assert!(s.release.is_empty(), "released {:?} on an ack before any epoch was sent", s.release);
+    assert_eq!(c.mode().protection(), Protection::Holding);
+    assert_eq!(c.held_count(), 2);
+}
+
 /// A generated event; the model fills in epoch numbers as the engine would.
 #[derive(Debug, Clone)]
 enum Gen {
@@ -251,6 +295,8 @@ enum Gen {
     Released,
     /// Ack one of the epochs sent in this session (index modulo their count).
     Ack(usize),
+    /// Ack an epoch this session has not sent (this many past the last).
+    AckBeyond(u8),
     Resync,
     Lost,
     Fenced,
@@ -273,6 +319,7 @@ fn gen() -> impl Strategy<Value = Gen> {
         6 => Just(Gen::Epoch),
         2 => Just(Gen::Released),
         4 => any::<usize>().prop_map(Gen::Ack),
+        1 => any::<u8>().prop_map(Gen::AckBeyond),
         1 => Just(Gen::Resync),
         2 => Just(Gen::Lost),
         1 => Just(Gen::Fenced),
@@ -314,6 +361,7 @@ proptest! {
         let mut handover_sent: Option<u64> = None;
         let mut acked_max = 0u64;
         for g in events {
+            let g_seen = g.clone();
             let before = c.mode().clone();
             let mut fresh = |engine_epoch: u64| {
                 next_id += 1;
@@ -338,6 +386,10 @@ proptest! {
                     Event::Ack { epoch: sent_in_session[i % sent_in_session.len()] }
                 }
                 Gen::Ack(_) => Event::Tick,
+                Gen::AckBeyond(k) => {
+                    let last = sent_in_session.iter().copied().max().unwrap_or(engine_epoch);
+                    Event::Ack { epoch: last + 1 + u64::from(k) }
+                }
                 Gen::Resync => Event::ResyncRequested,
                 Gen::Lost => lost(),
                 Gen::Fenced => Event::Fenced { by: 9 },
@@ -389,6 +441,16 @@ proptest! {
             };
             if matches!(ev, Event::Fenced { .. } | Event::Witness { answer: Answer::Refused { .. }, .. }) {
                 discarded = true;
+            }
+            if let (Gen::AckBeyond(_), Event::Ack { epoch }) = (&g_seen, &ev) {
+                // a protocol error: nothing leaves, and a session ends
+                prop_assert!(step.release.is_empty(), "ack {} of an epoch never sent released {:?}", epoch, step.release);
+                if before.in_session() {
+                    prop_assert_eq!(c.mode().protection(), Protection::Holding, "ack {} beyond the last sent", epoch);
+                } else {
+                    prop_assert_eq!(c.mode(), &before);
+                }
+                continue;
             }
             if let Event::Ack { epoch } = ev {
                 acked_max = acked_max.max(epoch);

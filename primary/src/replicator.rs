@@ -655,6 +655,14 @@ impl Replicator {
                 }
                 h = heard_rx.recv() => match h {
                     Some(Heard::Ack(epoch)) => {
+                        if let Some(why) = self.core.ack_violation(epoch) {
+                            // an ack of an epoch never sent: recorded
+                            // nowhere; the core ends the session, releasing
+                            // nothing
+                            tracing::error!(epoch, error = %why, "protocol error from the secondary: ending the session");
+                            let _ = self.apply(Event::Ack { epoch });
+                            return SessionEnd::Lost(why);
+                        }
                         let silent = common::sync::lock(&last_reply).elapsed();
                         if silent > self.cfg.peer_timeout {
                             return SessionEnd::Lost(Loss::HeartbeatTimeout(silent));
@@ -668,7 +676,7 @@ impl Replicator {
                             self.status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
                         }
                         if self.apply(Event::Ack { epoch }).is_ok() {
-                            let later = output_since.split_off(&(epoch + 1));
+                            let later = output_since.split_off(&epoch.saturating_add(1));
                             for since in std::mem::replace(&mut output_since, later).into_values() {
                                 self.status.record_output_hold(since.elapsed().as_secs_f64() * 1e6);
                             }
@@ -839,7 +847,9 @@ async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<Heard>, g
             // I/O carries it (ahead of the close that follows)
             Ok(Some(Message::Handover { epoch })) => return SessionEnd::HandedOver(epoch),
             Ok(Some(Message::Fence { generation, .. })) => return SessionEnd::Fenced(generation),
-            Ok(Some(Message::Refused { code: RefuseCode::StaleGeneration, .. })) => return SessionEnd::Fenced(gen + 1),
+            Ok(Some(Message::Refused { code: RefuseCode::StaleGeneration, .. })) => {
+                return SessionEnd::Fenced(gen.saturating_add(1))
+            }
             Ok(Some(Message::Refused { code: RefuseCode::Takeover, reason })) => Heard::HandoverRefused(reason),
             Ok(Some(Message::Refused { reason, .. })) => return SessionEnd::Lost(Loss::Refused(reason)),
             Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?}", other.kind()))),

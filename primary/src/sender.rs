@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use common::auth::Secret;
-use common::frame::{FrameCodec, FrameError, OutFrame, PROTOCOL_VERSION};
+use common::frame::{FrameError, FrameOpener, FrameSealer, OutFrame, PROTOCOL_VERSION};
 use common::link::LinkError;
 use common::proto::{
     self, Channel, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, PairMismatch, PairSettings, ProtoError,
@@ -41,8 +41,8 @@ pub enum SenderError {
     PairMismatch(#[from] PairMismatch),
 }
 
-type Rx = FramedRead<OwnedReadHalf, FrameCodec>;
-type Tx = FramedWrite<OwnedWriteHalf, FrameCodec>;
+type Rx = FramedRead<OwnedReadHalf, FrameOpener>;
+type Tx = FramedWrite<OwnedWriteHalf, FrameSealer>;
 
 /// An authenticated replication session. Sending goes through its
 /// [`SessionWriter`] (the session dereferences to it).
@@ -179,8 +179,9 @@ impl Session {
         let _ = stream.set_nodelay(true);
         let link = common::link::initiate(&mut stream, secret).await?;
         let (r, w) = stream.into_split();
-        let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, link.clone()), 1 << 16);
-        let mut tx = FramedWrite::new(w, FrameCodec::new(max, link));
+        let (sealer, opener) = common::frame::codecs(max, PROTOCOL_VERSION, link);
+        let mut rx = FramedRead::with_capacity(r, opener, 1 << 16);
+        let mut tx = FramedWrite::new(w, sealer);
         let hello = Hello { min_version: min, max_version: max, shape, generation, channel, pair: pair.clone() };
         tx.send(Message::Hello(hello).to_frame()).await?;
         let ack = match recv(&mut rx).await?.ok_or(SenderError::Closed("during the handshake"))? {
@@ -210,31 +211,19 @@ impl Session {
         }
     }
 
-    /// For fault-injection tests: a copy of the sending direction's codec
-    /// (its keys, next sequence number and record nonce), to build frames
-    /// and records by hand. Frames built with it use up the nonces the
-    /// session would use next, so send them instead of the session's own.
-    pub fn raw_codec(&self) -> FrameCodec {
-        self.writer.tx.encoder().clone()
-    }
-
-    /// Writes raw bytes to the connection (tests), after anything buffered.
-    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), SenderError> {
-        use tokio::io::AsyncWriteExt;
-        let tx = &mut self.writer.tx;
+    /// For fault-injection tests: takes the session apart (after sending
+    /// whatever it buffered) into its sending direction's sealer, the one
+    /// that seals with this connection's key and the record nonces the
+    /// session would use next, and the raw connection. The session is gone,
+    /// so nothing else can seal with those nonces: frames built with the
+    /// sealer may be sent damaged, twice or out of order, never sealed twice.
+    pub async fn into_raw(self) -> Result<RawSession, SenderError> {
+        let Session { reader, writer, .. } = self;
+        let mut tx = writer.tx;
         tx.flush().await?;
-        tx.get_mut().write_all(bytes).await.map_err(FrameError::from)?;
-        tx.get_mut().flush().await.map_err(FrameError::from)?;
-        Ok(())
-    }
-
-    /// Half-closes the connection (tests: a stream that ends here).
-    pub async fn shutdown_write(&mut self) -> Result<(), SenderError> {
-        use tokio::io::AsyncWriteExt;
-        let tx = &mut self.writer.tx;
-        tx.flush().await?;
-        tx.get_mut().shutdown().await.map_err(FrameError::from)?;
-        Ok(())
+        let parts = tx.into_parts();
+        debug_assert!(parts.write_buf.is_empty(), "flushed above");
+        Ok(RawSession { sealer: parts.codec, stream: parts.io, reader })
     }
 
     /// Sends a pre-built frame (tests).
@@ -259,6 +248,48 @@ impl std::ops::Deref for Session {
 impl std::ops::DerefMut for Session {
     fn deref_mut(&mut self) -> &mut SessionWriter {
         &mut self.writer
+    }
+}
+
+/// A session taken apart by [`Session::into_raw`] (fault-injection tests):
+/// frames are sealed by hand with its one sealer and written as raw bytes.
+#[derive(Debug)]
+pub struct RawSession {
+    /// The session's sealer (not `Clone`: the only one of this direction).
+    pub sealer: FrameSealer,
+    stream: OwnedWriteHalf,
+    reader: SessionReader,
+}
+
+impl RawSession {
+    /// Seals `m` as the next frame (next sequence number, next record
+    /// nonces) into a buffer of its own, to be sent (or not) as the test
+    /// chooses.
+    pub fn seal(&mut self, m: &Message) -> Result<bytes::BytesMut, SenderError> {
+        use tokio_util::codec::Encoder;
+        let mut b = bytes::BytesMut::new();
+        self.sealer.encode(m.to_frame(), &mut b)?;
+        Ok(b)
+    }
+
+    /// Writes raw bytes to the connection.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), SenderError> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.map_err(FrameError::from)?;
+        self.stream.flush().await.map_err(FrameError::from)?;
+        Ok(())
+    }
+
+    /// Half-closes the connection (a stream that ends here).
+    pub async fn shutdown_write(&mut self) -> Result<(), SenderError> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.shutdown().await.map_err(FrameError::from)?;
+        Ok(())
+    }
+
+    /// Receives one message (`None` when the peer closed cleanly).
+    pub async fn recv(&mut self) -> Result<Option<Message>, SenderError> {
+        self.reader.recv().await
     }
 }
 

@@ -64,7 +64,7 @@ pub async fn bind_control(addr: &ControlAddr, token: Option<&Path>) -> Result<Co
             Ok(ControlListener::Tcp { listener: bind(*a).await?, token })
         }
         ControlAddr::Unix(path) => {
-            use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
             if token.is_some() {
                 return Err(ListenError::TokenWithoutTcp);
             }
@@ -82,11 +82,20 @@ pub async fn bind_control(addr: &ControlAddr, token: Option<&Path>) -> Result<Co
             let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
             let socket = SocketFile(path.clone());
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-            // the socket is ours: its owner is this process's uid
-            let uid = std::fs::metadata(path).map_err(err)?.uid();
+            // the uid peers must have: this process's own, not the owner
+            // read back from the path (someone could swap the path between
+            // the bind and that read)
+            let uid = effective_uid();
             Ok(ControlListener::Unix { listener, socket, uid })
         }
     }
+}
+
+/// This process's effective uid (the owner of what it creates).
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory of ours and
+    // cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Every listener a node has, bound.
@@ -215,6 +224,24 @@ mod tests {
         assert!(bind_control(&tcp, Some(&token)).await.is_ok());
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(bind_control(&tcp, Some(&token)).await, Err(ListenError::Token(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Peers of the control socket are checked against this process's
+    /// effective uid, not against the owner of whatever the path names
+    /// after the bind.
+    #[tokio::test]
+    async fn the_control_socket_admits_this_process_s_effective_uid() {
+        let dir = std::env::temp_dir().join(format!("castor-ctl-uid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let l = bind_control(&ControlAddr::Unix(dir.join("u.ctl")), None).await.unwrap();
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        match &l {
+            ControlListener::Unix { uid, .. } => assert_eq!(*uid, euid),
+            other => panic!("not a Unix listener: {other:?}"),
+        }
+        drop(l);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,7 +24,11 @@ pub enum StateDirError {
 #[derive(Debug)]
 pub struct StateDir {
     dir: PathBuf,
-    /// Serialises writers (the receiver and the promotion).
+    /// Serialises every read-compare-write of the directory (the receiver
+    /// and the promotion both raise the generation): held across the read,
+    /// the comparison and the write, so two raisers cannot both read the
+    /// old value and the lower one land last. One process owns a state
+    /// directory, so an in-process lock is enough.
     lock: std::sync::Mutex<()>,
 }
 
@@ -49,9 +53,9 @@ impl StateDir {
     }
 
     /// Writes `file` atomically and durably: temp file, fsync, rename,
-    /// fsync of the directory.
-    fn write(&self, file: &str, value: &str) -> Result<(), StateDirError> {
-        let _g = common::sync::lock(&self.lock);
+    /// fsync of the directory. The caller holds `self.lock` (the guard
+    /// proves it) across whatever it read to decide this write.
+    fn write(&self, _locked: &std::sync::MutexGuard<'_, ()>, file: &str, value: &str) -> Result<(), StateDirError> {
         let p = self.dir.join(file);
         let tmp = self.dir.join(format!(".{file}.tmp"));
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
@@ -64,6 +68,7 @@ impl StateDir {
 
     /// The durable node id, made from `name` and a random suffix on first use.
     pub fn node_id(&self, name: &str) -> Result<String, StateDirError> {
+        let locked = common::sync::lock(&self.lock);
         if let Some(id) = self.read("node-id")? {
             if !id.is_empty() {
                 return Ok(id);
@@ -72,12 +77,17 @@ impl StateDir {
         let nonce = common::auth::nonce()
             .map_err(|e| StateDirError::Io { path: self.dir.clone(), err: std::io::Error::other(e.to_string()) })?;
         let id = format!("{name}@{}", nonce[..6].iter().map(|b| format!("{b:02x}")).collect::<String>());
-        self.write("node-id", &id)?;
+        self.write(&locked, "node-id", &id)?;
         Ok(id)
     }
 
     /// The stored generation (0 if none).
     pub fn generation(&self) -> Result<u64, StateDirError> {
+        let _locked = common::sync::lock(&self.lock);
+        self.read_generation()
+    }
+
+    fn read_generation(&self) -> Result<u64, StateDirError> {
         match self.read("generation")? {
             None => Ok(0),
             Some(v) => v.parse().map_err(|_| StateDirError::Corrupt {
@@ -88,11 +98,14 @@ impl StateDir {
         }
     }
 
-    /// Stores `g` if it is higher than the stored one; returns the stored value.
+    /// Stores `g` if it is higher than the stored one; returns the stored
+    /// value. The read, the comparison and the write are one critical
+    /// section: concurrent raises leave the highest of them stored.
     pub fn raise_generation(&self, g: u64) -> Result<u64, StateDirError> {
-        let now = self.generation()?;
+        let locked = common::sync::lock(&self.lock);
+        let now = self.read_generation()?;
         if g > now {
-            self.write("generation", &g.to_string())?;
+            self.write(&locked, "generation", &g.to_string())?;
             return Ok(g);
         }
         Ok(now)
@@ -119,6 +132,38 @@ mod tests {
         assert_eq!(s.node_id("other").unwrap(), id);
         std::fs::write(d.join("generation"), "x").unwrap();
         assert!(matches!(s.generation(), Err(StateDirError::Corrupt { .. })));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Many threads raise the generation to different values at once, round
+    /// after round: what a fresh open reads back is always the highest (a
+    /// promotion raising to 7 racing a receiver raising to 6 never ends at 6).
+    #[test]
+    fn concurrent_raises_keep_the_maximum() {
+        let d = std::env::temp_dir().join(format!("castor-statedir-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        const THREADS: u64 = 8;
+        const ROUNDS: u64 = 40;
+        let s = StateDir::open(&d).unwrap();
+        for round in 0..ROUNDS {
+            let base = round * THREADS;
+            let barrier = std::sync::Barrier::new(THREADS as usize);
+            std::thread::scope(|sc| {
+                for t in 0..THREADS {
+                    let (s, barrier) = (&s, &barrier);
+                    sc.spawn(move || {
+                        barrier.wait();
+                        s.raise_generation(base + t + 1).unwrap();
+                    });
+                }
+            });
+            let want = base + THREADS;
+            assert_eq!(
+                StateDir::open(&d).unwrap().generation().unwrap(),
+                want,
+                "round {round}: the generation went down"
+            );
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 }

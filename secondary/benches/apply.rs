@@ -5,7 +5,7 @@
 //! Run: `cargo bench -p castor-secondary --bench apply`.
 
 use bytes::{Bytes, BytesMut};
-use common::frame::{FrameCodec, PROTOCOL_VERSION};
+use common::frame::{FrameOpener, FrameSealer, PROTOCOL_VERSION};
 use common::proto::{chunk_pages, EpochChecksum, EpochEnd, Message, Page, StateAssembler, PAGE_SIZE};
 use common::state::{DeviceState, MachineState, VmShape, VmState};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -96,7 +96,7 @@ fn mac_only_v1(frames: Vec<common::frame::OutFrame>, replica: &mut Replica) {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("epoch");
     g.sample_size(20);
-    let secret = common::auth::Secret::new(b"apply-bench-secret-0123".to_vec()).expect("secret");
+    let secret = common::auth::Secret::generate().expect("secret");
     for n in [1024usize, 16384] {
         let src = pages(n);
         g.throughput(Throughput::Bytes((n * PAGE_SIZE) as u64));
@@ -104,8 +104,8 @@ fn bench(c: &mut Criterion) {
         replica.full_sync_chunk(&common::proto::PageChunk { epoch: 0, pages: pages(1) }).expect("sync");
         let mut epoch = 0u64;
         let (i, r) = common::link::pair(&secret).expect("link");
-        let mut tx = FrameCodec::new(PROTOCOL_VERSION, i);
-        let mut rx = FrameCodec::new(PROTOCOL_VERSION, r);
+        let mut tx = FrameSealer::new(PROTOCOL_VERSION, i);
+        let mut rx = FrameOpener::new(PROTOCOL_VERSION, r);
         g.bench_with_input(BenchmarkId::new("encrypted_encode_decode_apply", n), &n, |b, _| {
             let mut asm = StateAssembler::default();
             b.iter(|| {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::auth::Secret;
-use common::frame::{FrameCodec, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use common::frame::{FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use common::proto::{
     Channel, HelloAck, Kind, Message, PairMismatch, PairSettings, ProtoError, RefuseCode, StateAssembler,
 };
@@ -46,6 +46,10 @@ pub enum ReceiverError {
     PairMismatch(#[from] PairMismatch),
     #[error("the primary refused us ({code:?}): {reason}")]
     RefusedByPrimary { code: RefuseCode, reason: String },
+    #[error("{skipped} delta epochs skipped since the resync request, and no resync began")]
+    ResyncNotStarted { skipped: u64 },
+    #[error("{kind:?} of epoch {got} inside skipped epoch {skipping}")]
+    SkippedEpoch { kind: Kind, got: u64, skipping: u64 },
 }
 
 /// How long the node may take to build the machine and win the term
@@ -56,6 +60,34 @@ pub const TAKEOVER_ANSWER: std::time::Duration = std::time::Duration::from_secs(
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Read buffer of a connection before it authenticated (grown after).
 const PRE_AUTH_BUFFER: usize = 8 << 10;
+/// Delta epochs a session skips after it asked for a resync before it
+/// gives up on the primary (`ResyncNotStarted`). The primary sends until it
+/// reads the request; it stretches its epochs once `--max-in-flight`
+/// (default 4) are unacknowledged, so far fewer arrive in practice.
+pub const MAX_SKIPPED_EPOCHS: u64 = 64;
+
+/// A session that asked for a resync: the delta epochs the primary sent
+/// before it read the request are skipped (read, checked to be whole,
+/// neither applied nor acknowledged) until the resync (a live sync or a
+/// full epoch) begins.
+#[derive(Debug, Default)]
+struct Resyncing {
+    /// The delta epoch being skipped, between its begin and its end.
+    skipping: Option<u64>,
+    /// Delta epochs skipped so far.
+    skipped: u64,
+}
+
+impl Resyncing {
+    /// Checks that a message of epoch `got` belongs to the epoch skipped.
+    fn inside(&self, kind: Kind, got: u64) -> Result<(), ReceiverError> {
+        match self.skipping {
+            Some(s) if s == got => Ok(()),
+            Some(s) => Err(ReceiverError::SkippedEpoch { kind, got, skipping: s }),
+            None => Err(ReceiverError::Unexpected(kind, "outside an epoch")),
+        }
+    }
+}
 
 impl ReceiverError {
     /// A short stable name of the error class (logs, tests, metrics).
@@ -85,6 +117,8 @@ impl ReceiverError {
             ReceiverError::PairMismatch(_) => "pair-settings",
             ReceiverError::RefusedByPrimary { code: RefuseCode::Pair, .. } => "pair-settings",
             ReceiverError::RefusedByPrimary { .. } => "refused",
+            ReceiverError::ResyncNotStarted { .. } => "resync-not-started",
+            ReceiverError::SkippedEpoch { .. } => "protocol-order",
         }
     }
 }
@@ -236,8 +270,9 @@ async fn serve_inner(
         })?;
         let (r, w) = stream.into_split();
         let r = CountingRead { inner: r, count: cfg.data_received.clone(), armed: false };
-        let mut rx = FramedRead::with_capacity(r, FrameCodec::new(PROTOCOL_VERSION, link.clone()), PRE_AUTH_BUFFER);
-        let mut tx = FramedWrite::new(w, FrameCodec::new(PROTOCOL_VERSION, link));
+        let (sealer, opener) = common::frame::codecs(PROTOCOL_VERSION, PROTOCOL_VERSION, link);
+        let mut rx = FramedRead::with_capacity(r, opener, PRE_AUTH_BUFFER);
+        let mut tx = FramedWrite::new(w, sealer);
         // the first frame proves the peer holds this session's keys (a
         // replayed handshake message does not)
         let hs_err = |e: FrameError| match e {
@@ -332,6 +367,8 @@ async fn serve_inner(
     let mine = common::sync::lock(replica).open_data_session();
     *session = Some(mine);
     let mut state = StateAssembler::default();
+    // set once this session asked for a resync (see `Resyncing`)
+    let mut resyncing: Option<Resyncing> = None;
     loop {
         // between two frames the runtime polls its timers and sockets: a
         // sync's frames arrive faster than they are opened and stored, and
@@ -354,14 +391,58 @@ async fn serve_inner(
         if common::sync::lock(replica).data_session() != mine {
             return Err(ReceiverError::Superseded);
         }
+        // after our resync request: the deltas already in flight are
+        // skipped, whole, until the resync begins
+        if let Some(r) = &mut resyncing {
+            match &msg {
+                Message::EpochBegin { epoch, full: false, .. } if r.skipping.is_none() => {
+                    let skip = {
+                        let rep = common::sync::lock(replica);
+                        rep.needs_resync() && !rep.sync_open()
+                    };
+                    if skip {
+                        r.skipped += 1;
+                        if r.skipped > MAX_SKIPPED_EPOCHS {
+                            return Err(ReceiverError::ResyncNotStarted { skipped: r.skipped - 1 });
+                        }
+                        tracing::info!(epoch, "a delta epoch sent before the primary read our resync request: skipped");
+                        r.skipping = Some(*epoch);
+                        continue;
+                    }
+                }
+                Message::PageChunk(c) if r.skipping.is_some() => {
+                    r.inside(Kind::PageChunk, c.epoch)?;
+                    continue;
+                }
+                Message::StateChunk(c) if r.skipping.is_some() => {
+                    r.inside(Kind::StateChunk, c.epoch)?;
+                    continue;
+                }
+                Message::EpochEnd(t) if r.skipping.is_some() => {
+                    r.inside(Kind::EpochEnd, t.epoch)?;
+                    r.skipping = None;
+                    continue;
+                }
+                Message::Heartbeat { .. } | Message::Shutdown { .. } => {}
+                other if r.skipping.is_some() => {
+                    return Err(ReceiverError::Unexpected(other.kind(), "inside a skipped epoch"));
+                }
+                _ => {}
+            }
+        }
         match msg {
             Message::SyncBegin => {
+                resyncing = None;
                 common::sync::lock(replica).begin_sync()?;
                 tracing::info!("live sync begun: pages go to a staging area until its final epoch commits");
             }
             Message::FullSyncChunk(c) => common::sync::lock(replica).full_sync_chunk(&c)?,
             Message::EpochBegin { epoch, page_count, full } => {
                 common::sync::lock(replica).begin_epoch(epoch, page_count, full)?;
+                if full {
+                    // the resync began
+                    resyncing = None;
+                }
                 state.reset();
                 common::crashpoint::hit("secondary.after_begin");
             }
@@ -391,6 +472,7 @@ async fn serve_inner(
                     Err(ReplicaError::Diverged { epoch, expected, got }) => {
                         let reason = format!("replica digest {got:#x} != primary {expected:#x} after epoch {epoch}");
                         tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
+                        resyncing = Some(Resyncing::default());
                     }
                     Err(ReplicaError::Torn { epoch, why }) => {
                         // not acknowledged: the primary holds its output and
@@ -398,6 +480,7 @@ async fn serve_inner(
                         on_event(ReceiverEvent::ApplyFailed { epoch });
                         let reason = format!("applying epoch {epoch} failed halfway ({why}): the replica is torn");
                         tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
+                        resyncing = Some(Resyncing::default());
                     }
                     Err(e) => return Err(e.into()),
                 }

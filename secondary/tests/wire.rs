@@ -10,7 +10,7 @@ use common::auth::Secret;
 use common::frame::{MAX_PAYLOAD, PROTOCOL_VERSION};
 use common::proto::{self, Kind, Message, Page, PageChunk, PAGE_SIZE};
 use common::state::{MachineState, VmShape};
-use primary::sender::{SenderError, Session};
+use primary::sender::{RawSession, SenderError, Session};
 use secondary::receiver::{serve_connection, ReceiverConfig, ReceiverError, SessionEnd};
 use secondary::replica::{data_page, Replica};
 use tokio::net::TcpListener;
@@ -33,7 +33,7 @@ fn pair() -> proto::PairSettings {
 }
 
 fn secret() -> Secret {
-    Secret::new(b"castor test secret 0123456789".to_vec()).expect("secret")
+    Secret::generate().expect("secret")
 }
 
 impl Fixture {
@@ -46,10 +46,11 @@ impl Fixture {
         let state = m.save().expect("save");
         let shape = m.shape().clone();
         let replica = Arc::new(Mutex::new(Replica::new(shape.clone()).expect("replica")));
+        let secret = secret();
         Fixture {
             replica,
-            cfg: ReceiverConfig::new(secret(), 1, pair()),
-            secret: secret(),
+            cfg: ReceiverConfig::new(secret.clone(), 1, pair()),
+            secret,
             shape,
             state,
             shadow: GuestMem::new(64 << 20).expect("shadow"),
@@ -114,22 +115,15 @@ impl Fixture {
     }
 }
 
-/// Builds frames by hand, sealed as the session would seal its next ones
-/// (consecutive sequence numbers and record nonces), each in its own buffer
-/// so a test can send them out of order, twice, or damaged.
-fn frames(s: &Session, ms: &[&Message]) -> Vec<BytesMut> {
-    let mut c = s.raw_codec();
-    ms.iter()
-        .map(|m| {
-            let mut b = BytesMut::new();
-            let seq = c.next_seq();
-            c.encode_raw(m.kind() as u16, seq, &m.payload(), &mut b).expect("seal");
-            b
-        })
-        .collect()
+/// Builds frames by hand with the session's one sealer, as the session
+/// would have sealed its next ones (consecutive sequence numbers and record
+/// nonces), each in its own buffer so a test can send them out of order,
+/// twice, or damaged.
+fn frames(s: &mut RawSession, ms: &[&Message]) -> Vec<BytesMut> {
+    ms.iter().map(|m| s.seal(m).expect("seal")).collect()
 }
 
-fn frame(s: &Session, m: &Message) -> BytesMut {
+fn frame(s: &mut RawSession, m: &Message) -> BytesMut {
     frames(s, &[m]).remove(0)
 }
 
@@ -181,7 +175,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "truncated", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let b = frame(&s, &chunk(f));
+        let mut s = s.into_raw().await.expect("raw");
+        let b = frame(&mut s, &chunk(f));
         s.send_raw(&b[..b.len() / 2]).await.expect("half");
         s.shutdown_write().await.expect("shutdown");
     })
@@ -191,7 +186,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "corrupt", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let mut b = frame(&s, &chunk(f));
+        let mut s = s.into_raw().await.expect("raw");
+        let mut b = frame(&mut s, &chunk(f));
         let i = b.len() / 2;
         b[i] ^= 0x20;
         s.send_raw(&b).await.expect("send");
@@ -205,7 +201,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         s.send(begin).await.expect("begin");
         let c1 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
         let c2 = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[20..].to_vec() });
-        let mut ab = frames(&s, &[&c1, &c2]);
+        let mut s = s.into_raw().await.expect("raw");
+        let mut ab = frames(&mut s, &[&c1, &c2]);
         let (b, a) = (ab.pop().expect("b"), ab.pop().expect("a"));
         s.send_raw(&b).await.expect("b");
         s.send_raw(&a).await.expect("a");
@@ -218,7 +215,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
         let c = Message::PageChunk(PageChunk { epoch: 2, pages: f.pages(2, 40)[..20].to_vec() });
-        let a = frame(&s, &c);
+        let mut s = s.into_raw().await.expect("raw");
+        let a = frame(&mut s, &c);
         s.send_raw(&a).await.expect("a");
         s.send_raw(&a).await.expect("a again");
         let _ = s.recv().await;
@@ -230,7 +228,8 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "oversize", |addr| async move {
         let mut s = f.session(addr).await;
         s.send(begin).await.expect("begin");
-        let mut c = s.raw_codec();
+        let mut s = s.into_raw().await.expect("raw");
+        let c = &mut s.sealer;
         let mut h = [0u8; 20];
         h[..4].copy_from_slice(&common::frame::MAGIC);
         h[4..6].copy_from_slice(&common::frame::PROTOCOL_VERSION.to_le_bytes());
@@ -289,7 +288,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
 
     // unauthenticated: a peer without the shared secret
     expect_refusal(f, "unauthenticated", |addr| async move {
-        let wrong = Secret::new(b"not the castor test secret!!".to_vec()).expect("secret");
+        let wrong = secret();
         let r = Session::connect(addr, &wrong, f.shape.clone(), 1, &pair()).await;
         assert!(r.is_err(), "a peer without the secret got a session");
     })
@@ -391,7 +390,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
 #[tokio::test]
 async fn a_stale_generation_is_fenced() {
     let mut fx = Fixture::new();
-    fx.cfg = ReceiverConfig::new(secret(), 5, pair());
+    fx.cfg = ReceiverConfig::new(fx.secret.clone(), 5, pair());
     let f = &fx;
     expect_refusal(f, "stale-generation", |addr| async move {
         let r = Session::connect(addr, &f.secret, f.shape.clone(), 4, &pair()).await;
@@ -416,13 +415,13 @@ async fn divergence_is_detected_and_a_full_epoch_resyncs() {
         other => panic!("expected a resync request, got {other:?}"),
     }
     assert!(f.replica.lock().expect("lock").needs_resync());
-    // deltas are refused until a full epoch arrives
-    s.send_epoch(3, false, f.pages(3, 5), f.state.clone(), None).await.expect("send");
-    let err = server.await.expect("join").expect_err("delta after divergence");
-    assert!(matches!(err, ReceiverError::Replica(secondary::replica::ReplicaError::NeedsResync)), "{err}");
-    // full epoch: every non-zero page of the primary
-    let (addr, server) = f.serve_one().await;
-    let mut s = f.session(addr).await;
+    // the primary keeps sending deltas until it reads the request: those in
+    // flight are skipped (read, not applied, not acknowledged) and the
+    // session goes on; the full epoch that follows on the same session
+    // commits, and its ack is the next message the primary reads
+    s.send_epoch(3, false, f.pages(3, 5), f.state.clone(), None).await.expect("send delta 3");
+    s.send_epoch(4, false, f.pages(4, 5), f.state.clone(), None).await.expect("send delta 4");
+    assert_eq!(f.replica.lock().expect("lock").committed_epoch(), Some(2), "a skipped delta was applied");
     let mut all = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE];
     for gfn in f.shadow.all_gfns() {
@@ -431,15 +430,56 @@ async fn divergence_is_detected_and_a_full_epoch_resyncs() {
             all.push(primary::sender::page_from(gfn, &buf));
         }
     }
-    s.send_epoch(3, true, all, f.state.clone(), Some(f.shadow.digest())).await.expect("full");
-    s.wait_ack(3).await.expect("ack");
+    s.send_epoch(5, true, all, f.state.clone(), Some(f.shadow.digest())).await.expect("full");
+    s.wait_ack(5).await.expect("ack of the full epoch, and none of the skipped deltas");
     drop(s);
-    server.await.expect("join").expect("server");
+    assert_eq!(server.await.expect("join").expect("the session survives the skipped deltas"), SessionEnd::Closed);
     let r = f.replica.lock().expect("lock");
     assert!(!r.needs_resync());
-    assert_eq!((r.committed_epoch(), r.digest()), (Some(3), f.shadow.digest()));
+    assert_eq!((r.committed_epoch(), r.digest()), (Some(5), f.shadow.digest()));
     let _ = Kind::Invalid;
     let _ = PROTOCOL_VERSION;
+}
+
+/// Sends epoch 2 with a digest the replica cannot reach: the receiver
+/// answers with a resync request. Returns the session and its server.
+async fn diverge_at_2(f: &Fixture) -> (Session, tokio::task::JoinHandle<Result<SessionEnd, ReceiverError>>) {
+    let (addr, server) = f.serve_one().await;
+    let mut s = f.session(addr).await;
+    f.shadow.write(0x9100 * 4, &[0x55; 64]).expect("unsent change");
+    let pages = f.pages(2, 10);
+    f.mirror(&pages);
+    s.send_epoch(2, false, pages, f.state.clone(), Some(f.shadow.digest())).await.expect("send");
+    assert!(matches!(s.recv().await.expect("recv"), Some(Message::ResyncRequest { .. })));
+    (s, server)
+}
+
+/// The skip after a resync request is bounded and checked: past
+/// MAX_SKIPPED_EPOCHS deltas with no resync the session ends with its own
+/// error; a chunk of another epoch inside a skipped one is a protocol error.
+/// Neither changes the replica.
+#[tokio::test]
+async fn skipped_deltas_are_bounded_and_must_be_whole() {
+    let f = bootstrap().await;
+    let (mut s, server) = diverge_at_2(&f).await;
+    let committed = f.snapshot();
+    let n = secondary::receiver::MAX_SKIPPED_EPOCHS;
+    for e in 3..3 + n {
+        s.send_epoch(e, false, f.pages(e, 2), f.state.clone(), None).await.expect("send");
+    }
+    // one more than the bound (the server may close as this one arrives)
+    let _ = s.send_epoch(3 + n, false, f.pages(3 + n, 2), f.state.clone(), None).await;
+    let err = server.await.expect("join").expect_err("a primary that never resyncs");
+    assert_eq!(err.code(), "resync-not-started", "{err}");
+    assert_eq!(f.snapshot(), committed);
+
+    let f = bootstrap().await;
+    let (mut s, server) = diverge_at_2(&f).await;
+    s.send(&Message::EpochBegin { epoch: 3, page_count: 4, full: false }).await.expect("begin");
+    s.send(&Message::PageChunk(PageChunk { epoch: 4, pages: f.pages(4, 4) })).await.expect("chunk");
+    let err = server.await.expect("join").expect_err("a chunk of another epoch");
+    assert_eq!(err.code(), "protocol-order", "{err}");
+    assert!(matches!(err, ReceiverError::SkippedEpoch { got: 4, skipping: 3, .. }), "{err}");
 }
 
 /// An epoch whose machine state is several frames long (a long epoch's
