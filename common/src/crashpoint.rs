@@ -74,7 +74,7 @@ fn fail_target() -> Option<&'static Target> {
 
 /// Points where a test can inject an error (`CASTOR_FAIL_AT=name[:N[+]]`,
 /// with `--test-hooks`): the code there fails as if the operation had.
-pub const FAIL_POINTS: &[&str] = &["secondary.restore"];
+pub const FAIL_POINTS: &[&str] = &["secondary.restore", "secondary.trial_restore"];
 
 /// Whether the operation at `name` is to fail now (an injected error, see
 /// [`FAIL_POINTS`]): its N-th time, or every time from the N-th on.

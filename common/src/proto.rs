@@ -108,6 +108,9 @@ pub struct Hello {
     pub channel: Channel,
     /// The settings both nodes must agree on (since version 5).
     pub pair: PairSettings,
+    /// The CPU the guest was given: a secondary whose host cannot run it
+    /// refuses (since version 5).
+    pub cpu: crate::state::CpuModel,
 }
 
 /// What the two nodes of a pair must agree on, or the pair is not safe:
@@ -279,6 +282,10 @@ pub enum RefuseCode {
     /// the witness refused, the replica is not at the last epoch): the
     /// session goes on and the primary keeps the guest.
     Takeover,
+    /// The secondary's host cannot run the guest's CPU
+    /// ([`crate::state::CpuModel::fits`]), or a trial restore of its
+    /// replica failed there.
+    Cpu,
 }
 
 /// A replication message.

@@ -120,6 +120,60 @@ pub struct MachineState {
     pub devices: DeviceState,
 }
 
+/// What a guest's CPU asks of the host that runs it: the CPUID vendor, the
+/// feature leaves the guest was given (the primary host's KVM-supported
+/// set, kept across failovers), the XSAVE components, and the TSC
+/// frequency. A host whose KVM lacks any of it cannot restore the guest
+/// (MSRs refused, XSAVE state refused, a TSC frequency it cannot set) or
+/// would hand it instructions that fault.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuModel {
+    /// CPUID leaf 0's vendor string ("GenuineIntel", "AuthenticAMD").
+    pub vendor: String,
+    /// Feature words: (leaf, subleaf, register name, bits).
+    pub features: Vec<(u32, u32, char, u32)>,
+    /// The guest's TSC frequency (kHz); 0: unknown.
+    pub tsc_khz: u32,
+    /// Whether this host's KVM can run a guest at another TSC frequency
+    /// (KVM_CAP_TSC_CONTROL). Meaningful for a host, not a guest.
+    pub tsc_scaling: bool,
+}
+
+/// How far a guest's TSC frequency may be from the host's without scaling
+/// (KVM's own tolerance, `tsc_tolerance_ppm`).
+pub const TSC_TOLERANCE_PPM: u64 = 250;
+
+/// Why a host cannot run a guest's CPU (each line one reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this host cannot run the guest's CPU: {}", .0.join("; "))]
+pub struct CpuMismatch(pub Vec<String>);
+
+impl CpuModel {
+    /// Whether `host` (a host's model) can run a guest of this model.
+    pub fn fits(&self, host: &CpuModel) -> Result<(), CpuMismatch> {
+        let mut why = Vec::new();
+        if self.vendor != host.vendor {
+            why.push(format!("the guest's CPU is {}, this host's {}", self.vendor, host.vendor));
+        }
+        for &(leaf, sub, reg, bits) in &self.features {
+            let have = host.features.iter().find(|f| f.0 == leaf && f.1 == sub && f.2 == reg).map_or(0, |f| f.3);
+            let missing = bits & !have;
+            if missing != 0 {
+                why.push(format!("CPUID {leaf:#x}.{sub} {reg}: features {missing:#010x} are missing here"));
+            }
+        }
+        let (g, h) = (u64::from(self.tsc_khz), u64::from(host.tsc_khz));
+        if g != 0 && h != 0 && g.abs_diff(h) * 1_000_000 > g * TSC_TOLERANCE_PPM && !host.tsc_scaling {
+            why.push(format!("the guest's TSC runs at {g} kHz, this host's at {h} kHz, and its KVM cannot scale it"));
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(CpuMismatch(why))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +190,36 @@ mod tests {
         let b = codec::encode(&st).expect("encode");
         assert_eq!(codec::decode::<DeviceState>(&b).expect("decode"), st);
         assert!(codec::decode::<DeviceState>(&b[..b.len() - 1]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    fn model(feat: u32, khz: u32, scaling: bool) -> CpuModel {
+        CpuModel {
+            vendor: "GenuineIntel".into(),
+            features: vec![(1, 0, 'c', feat), (7, 0, 'b', 0x10)],
+            tsc_khz: khz,
+            tsc_scaling: scaling,
+        }
+    }
+
+    #[test]
+    fn a_host_fits_a_guest_that_asks_no_more_than_it_has() {
+        let guest = model(0b0110, 2_000_000, false);
+        assert_eq!(guest.fits(&model(0b1110, 2_000_000, false)), Ok(()));
+        // a few ppm of calibration noise is no difference
+        assert_eq!(guest.fits(&model(0b0110, 2_000_100, false)), Ok(()));
+        let e = guest.fits(&model(0b0010, 2_000_000, false)).unwrap_err();
+        assert!(e.0[0].contains("0x00000004"), "{e}");
+        let e = guest.fits(&model(0b0110, 2_600_000, false)).unwrap_err();
+        assert!(e.to_string().contains("cannot scale"), "{e}");
+        assert_eq!(guest.fits(&model(0b0110, 2_600_000, true)), Ok(()), "a host that scales the TSC");
+        let amd = CpuModel { vendor: "AuthenticAMD".into(), ..model(0b1111, 2_000_000, true) };
+        assert!(guest.fits(&amd).unwrap_err().to_string().contains("AuthenticAMD"));
+        let bare = CpuModel { features: vec![(1, 0, 'c', 0b0110)], ..model(0, 2_000_000, false) };
+        assert!(guest.fits(&bare).unwrap_err().to_string().contains("0x7.0 b"), "a leaf the host lacks");
     }
 }

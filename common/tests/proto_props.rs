@@ -62,6 +62,12 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                 generation: g,
                 channel: if v % 2 == 0 { Channel::Data } else { Channel::Heartbeat },
                 pair: pair(v),
+                cpu: CpuModel {
+                    vendor: format!("v{v}"),
+                    features: vec![(1, 0, 'c', v), (7, 0, 'b', !v)],
+                    tsc_khz: v,
+                    tsc_scaling: v % 2 == 0,
+                },
             })
         }),
         (any::<u16>(), any::<Option<u64>>(), any::<u64>()).prop_map(|(version, committed_epoch, generation)| {

@@ -917,6 +917,7 @@ fn failover_suite() {
     run("w-switchover", &mut |r| witness::planned(r, "w-switchover", true, witness::Planned::Command));
     run("w-sigterm", &mut |r| witness::planned(r, "w-sigterm", true, witness::Planned::Sigterm));
     run("2n-switchover", &mut |r| witness::planned(r, "2n-switchover", false, witness::Planned::Command));
+    run("trial-restore", &mut witness::trial_restore_fails);
     run("w-switchover-fails", &mut |r| witness::planned_refused(r, "w-switchover-fails", true));
     run("2n-switchover-fails", &mut |r| witness::planned_refused(r, "2n-switchover-fails", false));
 

@@ -125,6 +125,7 @@ pub async fn run_primary(
         Arc::new(Router::new(&cfg.node, cfg.generation, cfg.release_log.as_deref(), cfg.print_console, status.clone()));
     tasks.spawn(serve_clients(io.service, machine.devices().clone(), router.clone()));
     let shape = machine.shape().clone();
+    let cpu = machine.cpu_model().clone();
     let shared = Arc::new(EngineShared::default());
     shared.next_epoch.store(cfg.first_epoch.max(1), Ordering::SeqCst);
     let (ptx, prx) = mpsc::channel(cfg.engine.max_in_flight as usize + 8);
@@ -174,6 +175,7 @@ pub async fn run_primary(
         refusals: runtime::lograte::LogLimiter::new(Duration::from_secs(10)),
         cfg,
         shape,
+        cpu,
         shared: shared.clone(),
         engine: ctx,
         router: router.clone(),

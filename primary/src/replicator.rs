@@ -20,7 +20,7 @@ use crate::engine::{EngineError, EngineShared, EpochPacket, Packet};
 use crate::mode::{Answer, Ask, Command, Core, EngineCommand, Event, Loss, Mode, Refusal, Resync, WitnessView};
 use crate::node::{PrimaryConfig, PrimaryExit};
 use crate::router::Router;
-use crate::sender::{SenderError, Session, SessionReader, SessionWriter};
+use crate::sender::{Offer, SenderError, Session, SessionReader, SessionWriter};
 
 /// How long a joining secondary has for its handshake.
 const JOIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -231,6 +231,8 @@ pub enum ReplicatorError {
 pub(crate) struct Replicator {
     pub cfg: PrimaryConfig,
     pub shape: VmShape,
+    /// The CPU the guest was given.
+    pub cpu: common::state::CpuModel,
     pub shared: Arc<EngineShared>,
     pub engine: std::sync::mpsc::Sender<EngineCommand>,
     pub router: Arc<Router>,
@@ -382,7 +384,10 @@ impl Replicator {
     /// an error and go into the status (`pair_error`). Returns whether it
     /// was a settings mismatch.
     fn refused(&self, peer: Option<SocketAddr>, e: &SenderError) -> bool {
-        let pair = matches!(e, SenderError::PairMismatch(_) | SenderError::Refused { code: RefuseCode::Pair, .. });
+        let pair = matches!(
+            e,
+            SenderError::PairMismatch(_) | SenderError::Refused { code: RefuseCode::Pair | RefuseCode::Cpu, .. }
+        );
         if pair {
             self.status.update(|s| s.pair_error = Some(e.to_string()));
         }
@@ -398,7 +403,7 @@ impl Replicator {
         };
         match kind {
             "pair" => {
-                tracing::error!(%peer, skipped, error = %e, "the secondary's settings do not fit ours: this pair does not protect until they agree")
+                tracing::error!(%peer, skipped, error = %e, "the secondary cannot protect this guest (settings that differ, or a host that cannot run its CPU): this pair does not protect until that is fixed")
             }
             "unreachable" => tracing::info!(%peer, skipped, error = %e, "secondary not reachable yet (dialing again)"),
             _ => tracing::warn!(%peer, skipped, error = %e, "a secondary failed the handshake"),
@@ -421,12 +426,11 @@ impl Replicator {
             tracing::debug!("too many joiners handshaking: closed one");
             return;
         };
-        let (secret, shape, gen) = (self.cfg.secret.clone(), self.shape.clone(), self.cfg.generation);
-        let pair = self.cfg.pair.clone();
+        let (secret, offer) = (self.cfg.secret.clone(), self.offer());
         tokio::spawn(async move {
             let _slot = slot;
             let v = common::frame::PROTOCOL_VERSION;
-            let hs = Session::handshake(stream, &secret, shape, gen, &pair, channel, v, v);
+            let hs = Session::handshake(stream, &secret, &offer, channel, v, v);
             let r = match tokio::time::timeout(JOIN_HANDSHAKE_TIMEOUT, hs).await {
                 Ok(Ok(s)) => Ok((s, channel)),
                 Ok(Err(e)) => Err(e),
@@ -436,16 +440,25 @@ impl Replicator {
         });
     }
 
+    /// What this primary's Hello offers.
+    fn offer(&self) -> Offer {
+        Offer {
+            shape: self.shape.clone(),
+            cpu: self.cpu.clone(),
+            generation: self.cfg.generation,
+            pair: self.cfg.pair.clone(),
+        }
+    }
+
     /// Dials the peer on its own task: a peer that accepts and then stalls
     /// (a frozen host) cannot hold up this loop, nor the witness's answers.
     fn dial(&self, peer: SocketAddr) -> tokio::task::JoinHandle<Result<(Session, Session), SenderError>> {
-        let (secret, shape, gen) = (self.cfg.secret.clone(), self.shape.clone(), self.cfg.generation);
-        let pair = self.cfg.pair.clone();
+        let (secret, offer) = (self.cfg.secret.clone(), self.offer());
         tokio::spawn(async move {
             let t = Duration::from_secs(2);
-            let pair = &pair;
+            let offer = &offer;
             let one = |ch| {
-                let c = Session::connect_channel(peer, &secret, shape.clone(), gen, pair, ch);
+                let c = Session::connect_channel(peer, &secret, offer, ch);
                 async move { tokio::time::timeout(t, c).await.map_err(|_| SenderError::TimedOut("connect"))? }
             };
             Ok((one(Channel::Data).await?, one(Channel::Heartbeat).await?))

@@ -10,7 +10,7 @@ use common::proto::{
     self, Channel, EpochChecksum, EpochEnd, Hello, HelloAck, Message, Page, PairMismatch, PairSettings, ProtoError,
     RefuseCode,
 };
-use common::state::{MachineState, VmShape};
+use common::state::{CpuModel, MachineState, VmShape};
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -134,29 +134,33 @@ async fn send_epoch(
     Ok(())
 }
 
+/// What a primary offers in its Hello: the VM's shape and CPU, its
+/// generation, and the settings its secondary must share.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub shape: VmShape,
+    /// The CPU the guest was given (the secondary checks that its host can
+    /// run it).
+    pub cpu: CpuModel,
+    pub generation: u64,
+    pub pair: PairSettings,
+}
+
 impl Session {
     /// Connects a data channel and authenticates (both ways) with the shared secret.
-    pub async fn connect(
-        addr: SocketAddr,
-        secret: &Secret,
-        shape: VmShape,
-        generation: u64,
-        pair: &PairSettings,
-    ) -> Result<Session, SenderError> {
-        Self::connect_channel(addr, secret, shape, generation, pair, Channel::Data).await
+    pub async fn connect(addr: SocketAddr, secret: &Secret, offer: &Offer) -> Result<Session, SenderError> {
+        Self::connect_channel(addr, secret, offer, Channel::Data).await
     }
 
     /// Connects a data or heartbeat channel.
     pub async fn connect_channel(
         addr: SocketAddr,
         secret: &Secret,
-        shape: VmShape,
-        generation: u64,
-        pair: &PairSettings,
+        offer: &Offer,
         channel: Channel,
     ) -> Result<Session, SenderError> {
         let stream = TcpStream::connect(addr).await.map_err(|err| SenderError::Connect { addr, err })?;
-        Self::handshake(stream, secret, shape, generation, pair, channel, PROTOCOL_VERSION, PROTOCOL_VERSION).await
+        Self::handshake(stream, secret, offer, channel, PROTOCOL_VERSION, PROTOCOL_VERSION).await
     }
 
     /// The handshake on an open stream (whoever dialed), offering versions
@@ -165,13 +169,10 @@ impl Session {
     /// its answer, encrypted. Settings that do not fit the secondary's
     /// (`pair`, see [`PairSettings::check_peer`]) end it, whichever side
     /// finds them.
-    #[allow(clippy::too_many_arguments)]
     pub async fn handshake(
         mut stream: TcpStream,
         secret: &Secret,
-        shape: VmShape,
-        generation: u64,
-        pair: &PairSettings,
+        offer: &Offer,
         channel: Channel,
         min: u16,
         max: u16,
@@ -182,13 +183,21 @@ impl Session {
         let (sealer, opener) = common::frame::codecs(max, PROTOCOL_VERSION, link);
         let mut rx = FramedRead::with_capacity(r, opener, 1 << 16);
         let mut tx = FramedWrite::new(w, sealer);
-        let hello = Hello { min_version: min, max_version: max, shape, generation, channel, pair: pair.clone() };
+        let hello = Hello {
+            min_version: min,
+            max_version: max,
+            shape: offer.shape.clone(),
+            generation: offer.generation,
+            channel,
+            pair: offer.pair.clone(),
+            cpu: offer.cpu.clone(),
+        };
         tx.send(Message::Hello(hello).to_frame()).await?;
         let ack = match recv(&mut rx).await?.ok_or(SenderError::Closed("during the handshake"))? {
             Message::HelloAck(a) => a,
             other => return Err(refused(other)),
         };
-        if let Err(e) = pair.check_peer(&ack.pair) {
+        if let Err(e) = offer.pair.check_peer(&ack.pair) {
             // the secondary accepted, we do not: tell it why before closing
             let reason = format!("the primary refused the pair: {e}");
             let _ = tx.send(Message::Refused { code: RefuseCode::Pair, reason }.to_frame()).await;

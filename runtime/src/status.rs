@@ -239,6 +239,10 @@ pub struct StatusSnapshot {
     /// pair does not protect until they agree. Cleared by a session that
     /// passes the check.
     pub pair_error: Option<String>,
+    /// A secondary's last trial restore of its replica (the machine built,
+    /// never run, before a session's first ack): `ok at epoch N (ms)` or
+    /// `failed: why`. `None` before the first.
+    pub restore_check: Option<String>,
     /// Guest output dropped for backlog (counted, never silent): console
     /// lines, marker writes.
     pub console_dropped: u64,

@@ -56,6 +56,8 @@ pub enum SecondaryError {
     NoListener,
     #[error("failover: {0}")]
     Failover(#[from] vmm::MachineError),
+    #[error("this host's KVM: {0}")]
+    Host(vmm::MachineError),
     #[error("failover: no committed epoch")]
     NothingCommitted,
     #[error("failover refused: {0}")]
@@ -158,6 +160,12 @@ pub async fn run_secondary(
     // runs here (or cannot)
     let (takeover_tx, mut takeover_rx) = mpsc::unbounded_channel::<TakeoverAsk>();
     rcfg.takeover = Some(takeover_tx);
+    // a primary whose guest this host cannot run is refused when the pair
+    // forms, and the replica is built into a machine (not run) before the
+    // first ack of every session: a failover that could not run is found
+    // before it is needed
+    rcfg.host_cpu = Some(vmm::cpu::host_model().map_err(SecondaryError::Host)?);
+    rcfg.trial = Some(crate::receiver::TrialRestore::new(cfg.tracker, status.clone()));
     if let Some(w) = &cfg.witness {
         status.update(|s| {
             s.witness =
@@ -441,7 +449,7 @@ pub async fn run_secondary(
                 let epoch = ask.epoch;
                 let answer = match mode.step(SecondaryEvent::Handover { epoch }, witness_term()) {
                     Err(e) => Err(e.to_string()),
-                    Ok(m) => match crate::takeover::build_paused(&replica, cfg.tracker) {
+                    Ok(m) => match crate::takeover::build_paused(&replica, cfg.tracker, "secondary.restore") {
                         Err(e) => Err(format!("this node cannot run the guest: {e}")),
                         Ok((_, built)) if built != epoch => Err(format!("the replica moved to epoch {built}")),
                         Ok((machine, _)) => {

@@ -46,6 +46,10 @@ pub enum ReceiverError {
     PairMismatch(#[from] PairMismatch),
     #[error("the primary refused us ({code:?}): {reason}")]
     RefusedByPrimary { code: RefuseCode, reason: String },
+    #[error(transparent)]
+    Cpu(#[from] common::state::CpuMismatch),
+    #[error("the replica does not restore on this host: {0}")]
+    TrialRestore(String),
     #[error("{skipped} delta epochs skipped since the resync request, and no resync began")]
     ResyncNotStarted { skipped: u64 },
     #[error("{kind:?} of epoch {got} inside skipped epoch {skipping}")]
@@ -117,6 +121,7 @@ impl ReceiverError {
             ReceiverError::PairMismatch(_) => "pair-settings",
             ReceiverError::RefusedByPrimary { code: RefuseCode::Pair, .. } => "pair-settings",
             ReceiverError::RefusedByPrimary { .. } => "refused",
+            ReceiverError::Cpu(_) | ReceiverError::TrialRestore(_) => "cannot-restore",
             ReceiverError::ResyncNotStarted { .. } => "resync-not-started",
             ReceiverError::SkippedEpoch { .. } => "protocol-order",
         }
@@ -170,6 +175,12 @@ pub struct ReceiverConfig {
     pub node: String,
     /// What the primary must agree on (refused otherwise).
     pub pair: PairSettings,
+    /// The CPU this host can give a guest: a primary whose guest needs
+    /// more is refused in the handshake. `None`: not checked.
+    pub host_cpu: Option<common::state::CpuModel>,
+    /// A trial restore of the first epoch each session commits, before it
+    /// is acknowledged (see [`TrialRestore`]). `None`: none.
+    pub trial: Option<TrialRestore>,
     /// Where a planned handover is put to the node, which answers once it
     /// runs the guest or cannot. `None`: accepted at once (tests of the
     /// wire alone).
@@ -184,6 +195,61 @@ pub struct ReceiverConfig {
     pub data_received: Arc<AtomicU64>,
 }
 
+/// A trial restore: the machine of the replica's committed epoch is built
+/// (vCPUs created and set, never run) and dropped, before the first epoch
+/// of a session is acknowledged, so a replica that could not be taken over
+/// is found when the pair forms. After a failure primaries are refused for
+/// [`TRIAL_RETRY`] (they would sync again only to fail again).
+#[derive(Debug, Clone)]
+pub struct TrialRestore {
+    pub tracker: vmm::TrackerKind,
+    /// Where the result is shown (`restore_check`).
+    pub status: Arc<runtime::status::NodeStatus>,
+    /// The last failure and when.
+    pub failed: Arc<Mutex<Option<(Instant, String)>>>,
+}
+
+/// How long a failed trial restore keeps primaries away.
+pub const TRIAL_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl TrialRestore {
+    pub fn new(tracker: vmm::TrackerKind, status: Arc<runtime::status::NodeStatus>) -> Self {
+        TrialRestore { tracker, status, failed: Arc::default() }
+    }
+
+    /// Why primaries are refused now, if they are.
+    fn refusal(&self) -> Option<String> {
+        let f = common::sync::lock(&self.failed);
+        f.as_ref().filter(|(at, _)| at.elapsed() < TRIAL_RETRY).map(|(_, why)| why.clone())
+    }
+
+    /// Builds and drops the machine of the committed epoch.
+    async fn run(&self, replica: &Arc<Mutex<Replica>>) -> Result<(), String> {
+        let (replica, tracker) = (replica.clone(), self.tracker);
+        let t = Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
+            crate::takeover::build_paused(&replica, tracker, "secondary.trial_restore").map(|(_, e)| e)
+        })
+        .await
+        .map_err(|e| format!("the trial restore did not finish: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        match &r {
+            Ok(epoch) => {
+                tracing::info!(epoch, ms, "trial restore: the replica builds into a machine on this host");
+                *common::sync::lock(&self.failed) = None;
+                self.status.update(|s| s.restore_check = Some(format!("ok at epoch {epoch} ({ms:.0} ms)")));
+            }
+            Err(why) => {
+                tracing::error!(%why, "trial restore failed: this node could not take over; refusing primaries for {TRIAL_RETRY:?}");
+                *common::sync::lock(&self.failed) = Some((Instant::now(), why.clone()));
+                self.status.update(|s| s.restore_check = Some(format!("failed: {why}")));
+            }
+        }
+        r.map(|_| ())
+    }
+}
+
 impl ReceiverConfig {
     pub fn new(secret: Secret, generation: u64, pair: PairSettings) -> Self {
         ReceiverConfig {
@@ -191,6 +257,8 @@ impl ReceiverConfig {
             node: String::new(),
             pair,
             takeover: None,
+            host_cpu: None,
+            trial: None,
             state: None,
             generation: Arc::new(AtomicU64::new(generation)),
             data_received: Arc::default(),
@@ -298,6 +366,17 @@ async fn serve_inner(
             let _ = tx.send(refuse(RefuseCode::Pair, format!("the secondary refused the pair: {e}"))).await;
             return Err(e.into());
         }
+        if let Some(host) = &cfg.host_cpu {
+            if let Err(e) = hello.cpu.fits(host) {
+                let _ = tx.send(refuse(RefuseCode::Cpu, format!("the secondary refused: {e}"))).await;
+                return Err(e.into());
+            }
+        }
+        if let Some(why) = cfg.trial.as_ref().and_then(TrialRestore::refusal) {
+            let reason = format!("the secondary's last trial restore failed: {why}");
+            let _ = tx.send(refuse(RefuseCode::Cpu, reason)).await;
+            return Err(ReceiverError::TrialRestore(why));
+        }
         let ours = cfg.generation();
         if hello.generation < ours {
             let _ = tx
@@ -369,6 +448,8 @@ async fn serve_inner(
     let mut state = StateAssembler::default();
     // set once this session asked for a resync (see `Resyncing`)
     let mut resyncing: Option<Resyncing> = None;
+    // whether this session's trial restore ran
+    let mut tried = false;
     loop {
         // between two frames the runtime polls its timers and sockets: a
         // sync's frames arrive faster than they are opened and stored, and
@@ -465,6 +546,15 @@ async fn serve_inner(
                     Ok(epoch) => {
                         tracing::debug!(epoch, apply_us = t.elapsed().as_micros() as u64, "epoch committed");
                         common::crashpoint::hit("secondary.after_apply");
+                        if let Some(trial) = cfg.trial.as_ref().filter(|_| !std::mem::replace(&mut tried, true)) {
+                            // before the first ack of this session: the
+                            // primary counts on us only once we could run it
+                            if let Err(why) = trial.run(replica).await {
+                                let reason = format!("the replica does not restore on the secondary's host: {why}");
+                                let _ = tx.send(Message::Refused { code: RefuseCode::Cpu, reason }.to_frame()).await;
+                                return Err(ReceiverError::TrialRestore(why));
+                            }
+                        }
                         tx.send(Message::EpochAck { epoch }.to_frame()).await.map_err(ReceiverError::Frame)?;
                         common::crashpoint::hit("secondary.after_ack");
                         on_event(ReceiverEvent::Committed { epoch });

@@ -19,14 +19,20 @@ pub enum TakeoverError {
     Unusable(String),
     #[error("the committed state does not restore on this host: {0}")]
     Restore(#[from] vmm::MachineError),
-    #[error("the restore failed (injected by a test hook at secondary.restore)")]
+    #[error("the restore failed (injected by a test hook)")]
     Injected,
 }
 
 /// Builds the machine of the replica's committed epoch, paused (its vCPUs
 /// are created and set, never run), around the replica's memory (no copy):
 /// the replica is not changed. Returns it with the epoch it is at.
-pub fn build_paused(replica: &Mutex<Replica>, tracker: TrackerKind) -> Result<(Machine, u64), TakeoverError> {
+/// `hook`: the test hook's fail point (`secondary.restore` for a takeover,
+/// `secondary.trial_restore` for a trial).
+pub fn build_paused(
+    replica: &Mutex<Replica>,
+    tracker: TrackerKind,
+    hook: &str,
+) -> Result<(Machine, u64), TakeoverError> {
     let (state, mem, epoch) = {
         let r = common::sync::lock(replica);
         let c = r.committed().ok_or(TakeoverError::NothingCommitted)?;
@@ -35,7 +41,7 @@ pub fn build_paused(replica: &Mutex<Replica>, tracker: TrackerKind) -> Result<(M
         }
         (c.state.clone(), r.memory().clone(), c.epoch)
     };
-    if common::crashpoint::fail_at("secondary.restore") {
+    if common::crashpoint::fail_at(hook) {
         return Err(TakeoverError::Injected);
     }
     let machine = Machine::restore_with_memory(tracker, &state, mem)?;

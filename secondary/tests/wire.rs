@@ -10,7 +10,7 @@ use common::auth::Secret;
 use common::frame::{MAX_PAYLOAD, PROTOCOL_VERSION};
 use common::proto::{self, Kind, Message, Page, PageChunk, PAGE_SIZE};
 use common::state::{MachineState, VmShape};
-use primary::sender::{RawSession, SenderError, Session};
+use primary::sender::{Offer, RawSession, SenderError, Session};
 use secondary::receiver::{serve_connection, ReceiverConfig, ReceiverError, SessionEnd};
 use secondary::replica::{data_page, Replica};
 use tokio::net::TcpListener;
@@ -25,6 +25,12 @@ struct Fixture {
     state: MachineState,
     /// The primary's memory as the test sends it (for digests).
     shadow: GuestMem,
+}
+
+/// A Hello's offer of `shape` at `generation` with `pair` (no CPU check:
+/// these receivers have no host CPU to check against).
+fn offer(shape: &VmShape, generation: u64, pair: &proto::PairSettings) -> Offer {
+    Offer { shape: shape.clone(), cpu: Default::default(), generation, pair: pair.clone() }
 }
 
 /// The settings both ends of these tests agree on.
@@ -93,7 +99,7 @@ impl Fixture {
     }
 
     async fn session(&self, addr: SocketAddr) -> Session {
-        Session::connect(addr, &self.secret, self.shape.clone(), 1, &pair()).await.expect("handshake")
+        Session::connect(addr, &self.secret, &offer(&self.shape, 1, &pair())).await.expect("handshake")
     }
 
     /// A correct epoch over a fresh connection.
@@ -247,7 +253,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "version", |addr| async move {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let v = common::frame::PROTOCOL_VERSION + 1;
-        let r = Session::handshake(stream, &f.secret, f.shape.clone(), 1, &pair(), proto::Channel::Data, v, v).await;
+        let r = Session::handshake(stream, &f.secret, &offer(&f.shape, 1, &pair()), proto::Channel::Data, v, v).await;
         assert!(
             matches!(r, Err(SenderError::Refused { .. }) | Err(SenderError::Frame(_)) | Err(SenderError::Closed(_))),
             "{r:?}"
@@ -259,7 +265,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     expect_refusal(f, "shape", |addr| async move {
         let mut shape = f.shape.clone();
         shape.vcpus = 2;
-        let r = Session::connect(addr, &f.secret, shape, 1, &pair()).await;
+        let r = Session::connect(addr, &f.secret, &offer(&shape, 1, &pair())).await;
         assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::Shape, .. })), "{r:?}");
     })
     .await;
@@ -268,7 +274,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     // anything reaches the replica, whichever side has it
     expect_refusal(f, "pair-settings", |addr| async move {
         let witnessed = proto::PairSettings { witness_vm: Some("vm-1".into()), ..pair() };
-        let r = Session::connect(addr, &f.secret, f.shape.clone(), 1, &witnessed).await;
+        let r = Session::connect(addr, &f.secret, &offer(&f.shape, 1, &witnessed)).await;
         match r {
             Err(SenderError::Refused { code: proto::RefuseCode::Pair, reason }) => {
                 assert!(reason.contains("witness"), "{reason}")
@@ -281,7 +287,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     // other heartbeat timeouts
     expect_refusal(f, "pair-settings", |addr| async move {
         let slower = proto::PairSettings { heartbeat_timeout_ms: 400, ..pair() };
-        let r = Session::connect(addr, &f.secret, f.shape.clone(), 1, &slower).await;
+        let r = Session::connect(addr, &f.secret, &offer(&f.shape, 1, &slower)).await;
         assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::Pair, .. })), "{r:?}");
     })
     .await;
@@ -289,7 +295,7 @@ async fn bad_streams_are_refused_distinctly_and_change_nothing() {
     // unauthenticated: a peer without the shared secret
     expect_refusal(f, "unauthenticated", |addr| async move {
         let wrong = secret();
-        let r = Session::connect(addr, &wrong, f.shape.clone(), 1, &pair()).await;
+        let r = Session::connect(addr, &wrong, &offer(&f.shape, 1, &pair())).await;
         assert!(r.is_err(), "a peer without the secret got a session");
     })
     .await;
@@ -393,7 +399,7 @@ async fn a_stale_generation_is_fenced() {
     fx.cfg = ReceiverConfig::new(fx.secret.clone(), 5, pair());
     let f = &fx;
     expect_refusal(f, "stale-generation", |addr| async move {
-        let r = Session::connect(addr, &f.secret, f.shape.clone(), 4, &pair()).await;
+        let r = Session::connect(addr, &f.secret, &offer(&f.shape, 4, &pair())).await;
         assert!(matches!(r, Err(SenderError::Refused { code: proto::RefuseCode::StaleGeneration, .. })), "{r:?}");
     })
     .await;
@@ -568,4 +574,39 @@ fn an_empty_live_sync_commits_and_a_refused_begin_keeps_the_sync() {
     r.begin_epoch(9, 0, false).expect("the resync's final epoch");
     let end = proto::EpochEnd { epoch: 9, page_count: 0, checksum: sum, digest: None, state: f.state.clone() };
     assert_eq!(r.end_epoch(end).expect("commit"), 9);
+}
+
+/// Issue 28, item 3: a primary whose guest was given CPU features this
+/// host's KVM lacks is refused when the pair forms (before, the pair was
+/// protected and the takeover died at failover), and nothing reaches the
+/// replica.
+#[tokio::test]
+async fn a_guest_cpu_this_host_cannot_run_is_refused_in_the_handshake() {
+    let mut fx = Fixture::new();
+    let guest = vmm::cpu::host_model().expect("host model");
+    let mut poorer = guest.clone();
+    for f in &mut poorer.features {
+        if f.0 == 1 && f.2 == 'd' {
+            f.3 &= !(1 << 26); // no SSE2
+        }
+    }
+    fx.cfg.host_cpu = Some(poorer);
+    let f = &fx;
+    expect_refusal(f, "cannot-restore", |addr| async move {
+        let o = Offer { cpu: guest.clone(), ..offer(&f.shape, 1, &pair()) };
+        match Session::connect(addr, &f.secret, &o).await {
+            Err(SenderError::Refused { code: proto::RefuseCode::Cpu, reason }) => {
+                assert!(reason.contains("CPUID 0x1.0 d") && reason.contains("0x04000000"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    })
+    .await;
+    // the same guest on a host that has it all
+    fx.cfg.host_cpu = Some(vmm::cpu::host_model().expect("host model"));
+    let (addr, server) = fx.serve_one().await;
+    let o = Offer { cpu: vmm::cpu::host_model().expect("host model"), ..offer(&fx.shape, 1, &pair()) };
+    let s = Session::connect(addr, &fx.secret, &o).await.expect("a host that has every feature accepts");
+    drop(s);
+    let _ = server.await;
 }

@@ -13,6 +13,7 @@
 
 pub mod abi;
 pub mod boot;
+pub mod cpu;
 pub mod devices;
 mod dirty;
 pub mod machine;

@@ -176,6 +176,8 @@ pub struct Machine {
     ctx: VcpuContext,
     save_ctx: Arc<SaveContext>,
     shape: VmShape,
+    /// The CPU the guest was given (kept across a restore).
+    cpu: common::state::CpuModel,
     ring_flavour: Option<RingFlavour>,
     started: bool,
     paused: bool,
@@ -250,6 +252,11 @@ impl Machine {
             parked: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             vcpus: cfg.vcpus as usize,
         };
+        let cpu = crate::cpu::model_of(
+            supported.as_slice(),
+            fds[0].get_tsc_khz().unwrap_or(0),
+            crate::cpu::tsc_scaling(&kvm),
+        );
         let shape = VmShape {
             mem_bytes: cfg.mem_bytes,
             ram_ranges: memory::ram_ranges(cfg.mem_bytes),
@@ -267,6 +274,7 @@ impl Machine {
             ctx,
             save_ctx,
             shape,
+            cpu,
             ring_flavour,
             started: false,
             paused: true,
@@ -417,6 +425,9 @@ impl Machine {
         }
         let (mut m, fds) = Self::build(&cfg, mem)?;
         m.shape.image_id = st.shape.image_id;
+        // the guest keeps the CPU it was given where it started
+        let v0 = &st.vcpus[0];
+        m.cpu = crate::cpu::model_of(&v0.cpuid, v0.tsc_khz.unwrap_or(m.cpu.tsc_khz), m.cpu.tsc_scaling);
         load(&m.mem)?;
         m.mem.take_vmm_dirty();
         state::restore_vm(&m.vm, &st.vm)?;
@@ -665,6 +676,11 @@ impl Machine {
 
     pub fn config(&self) -> &MachineConfig {
         &self.cfg
+    }
+
+    /// The CPU the guest was given (checked against a secondary's host).
+    pub fn cpu_model(&self) -> &common::state::CpuModel {
+        &self.cpu
     }
 
     pub fn shape(&self) -> &VmShape {

@@ -535,3 +535,44 @@ pub fn planned_refused(row: &mut Row, name: &str, witness: bool) {
     }
     carry_on_and_check(row, load, 30, &rt, s.service, &c, "");
 }
+
+/// A secondary whose replica does not build into a machine on its host
+/// (issue 28, item 3; injected: every trial restore fails). Before, such a
+/// pair was `protected` until the takeover died at failover. Now the
+/// secondary tries a restore before the first ack of each session and
+/// refuses the primary: the pair never protects, both say why (status
+/// `restore_check` and `pair_error`), and the primary runs on unprotected.
+/// The healthy pairs of every other scenario pass the same trial (their
+/// status says `ok at epoch N`).
+pub fn trial_restore_fails(row: &mut Row) {
+    let c = Cluster::new("trial-restore");
+    let po = NodeOpts::default();
+    let so = NodeOpts { env: vec![("CASTOR_FAIL_AT".into(), "secondary.trial_restore:1+".into())], ..po.clone() };
+    row.trials += 1;
+    let s = c.secondary("s", &so, None);
+    let p = c.primary("p", &po, s.listen.expect("listen"));
+    let failed = s.wait_status(T, |v| v["restore_check"].as_str().is_some_and(|r| r.starts_with("failed")));
+    let said = p.wait_status(T, |v| v["pair_error"].as_str().is_some_and(|r| r.contains("restore")));
+    match (failed, said) {
+        (Some(sv), Some(pv)) => {
+            eprintln!("  secondary: {}; primary: {}", sv["restore_check"], pv["pair_error"]);
+        }
+        (f, p_) => row.fail(format!(
+            "the failed trial restore was not shown (secondary {:?}, primary {:?}):\n{}",
+            f.map(|v| v["restore_check"].clone()),
+            p_.map(|v| v["pair_error"].clone()),
+            s.log_tail()
+        )),
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    if p.status().is_some_and(|v| v["protection"] == "protected") {
+        row.fail("the primary counts as protected by a secondary that cannot restore its guest".into());
+    }
+    // a healthy pair passes the trial
+    let c2 = Cluster::new("trial-restore-ok");
+    let Some((s2, _p2)) = pair(&c2, &po, row) else { return };
+    match s2.wait_status(T, |v| v["restore_check"].as_str().is_some_and(|r| r.starts_with("ok"))) {
+        Some(v) => eprintln!("  a healthy secondary: restore_check {}", v["restore_check"]),
+        None => row.fail(format!("a healthy secondary shows no passed trial restore:\n{}", s2.log_tail())),
+    }
+}
