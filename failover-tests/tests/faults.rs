@@ -903,7 +903,7 @@ impl IdleStorm {
                 tick.tick().await;
                 n += 1;
                 let (st, op) = (st.clone(), op.clone());
-                let byte = preamble.filter(|_| n % 2 == 0);
+                let byte = preamble.filter(|_| n.is_multiple_of(2));
                 // each on its own task: a connect the listener's backlog
                 // holds up does not slow the storm
                 tokio::spawn(async move {
