@@ -45,7 +45,7 @@ fn page_strategy() -> impl Strategy<Value = Page> {
 
 fn pair(v: u32) -> PairSettings {
     PairSettings {
-        witness_vm: (v % 3 != 0).then(|| format!("vm-{v}")),
+        witness_vm: (!v.is_multiple_of(3)).then(|| format!("vm-{v}")),
         heartbeat_timeout_ms: u64::from(v),
         heartbeat_interval_ms: u64::from(v / 7),
     }
@@ -66,7 +66,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     vendor: format!("v{v}"),
                     features: vec![(1, 0, 'c', v), (7, 0, 'b', !v)],
                     tsc_khz: v,
-                    tsc_scaling: v % 2 == 0,
+                    tsc_scaling: v.is_multiple_of(2),
                 },
             })
         }),

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::proto::{Channel, Message, RefuseCode};
 use common::state::VmShape;
+use runtime::admission::Admitted;
 use runtime::control::{ControlRequest, Refused};
 use runtime::join::Joiner;
 use runtime::status::NodeStatus;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 
 use crate::engine::{EngineError, EngineShared, EpochPacket, Packet};
 use crate::mode::{Answer, Ask, Command, Core, EngineCommand, Event, Loss, Mode, Refusal, Resync, WitnessView};
@@ -25,7 +26,8 @@ use crate::sender::{Offer, SenderError, Session, SessionReader, SessionWriter};
 /// How long a joining secondary has for its handshake.
 const JOIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Joiner handshakes that may run at once.
+/// Joiner handshakes that may run at once; more wait their turn, fairly
+/// across their sources (`runtime::admission`).
 const MAX_JOIN_HANDSHAKES: usize = 16;
 
 /// A joiner's finished handshake.
@@ -419,13 +421,10 @@ impl Replicator {
     }
 
     /// Runs a joiner's handshake on its own task (a joiner that stalls
-    /// cannot hold up this loop); the result comes back on `done`.
-    /// At most [`MAX_JOIN_HANDSHAKES`] run at once; more joiners are closed.
-    fn handshake_joiner(&self, (stream, channel): Joiner, done: mpsc::Sender<Handshaken>, slots: &Arc<Semaphore>) {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("too many joiners handshaking: closed one");
-            return;
-        };
+    /// cannot hold up this loop); the result comes back on `done`. The
+    /// joiner holds its admission slot until the handshake ends.
+    fn handshake_joiner(&self, joiner: Admitted<Joiner>, done: mpsc::Sender<Handshaken>) {
+        let Admitted { conn: (stream, channel), permit: slot, .. } = joiner;
         let (secret, offer) = (self.cfg.secret.clone(), self.offer());
         tokio::spawn(async move {
             let _slot = slot;
@@ -481,7 +480,8 @@ impl Replicator {
         let mut dialing: Option<tokio::task::JoinHandle<Result<(Session, Session), SenderError>>> = None;
         let mut pending: (Option<Session>, Option<Session>) = (None, None);
         let (hs_tx, mut hs_rx) = mpsc::channel::<Handshaken>(8);
-        let hs_slots = Arc::new(Semaphore::new(MAX_JOIN_HANDSHAKES));
+        let mut joiners =
+            self.joiners.take().map(|rx| runtime::join::admit_joiners(rx, "join handshake", MAX_JOIN_HANDSHAKES));
         let _ = self.engine.send(EngineCommand::Alone);
         if let Some(w) = self.cfg.witness.clone() {
             self.witness = Some(WitnessLink::spawn(w, self.cfg.generation));
@@ -505,7 +505,7 @@ impl Replicator {
                     Some(Packet::Failed(e)) => return Err(e.into()),
                     None => return Ok(PrimaryExit::Shutdown),
                 },
-                j = next_of(&mut self.joiners) => if let Some(j) = j { self.handshake_joiner(j, hs_tx.clone(), &hs_slots) },
+                j = next_of(&mut joiners) => if let Some(j) = j { self.handshake_joiner(j, hs_tx.clone()) },
                 h = hs_rx.recv() => {
                     match h {
                         Some(Ok((s, Channel::Data))) => pending.0 = Some(s),

@@ -9,6 +9,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::admission::{self, Admitted, Limits};
+
 /// Preamble byte a joining secondary sends before the handshake.
 pub const JOIN_DATA: u8 = b'D';
 /// Preamble byte of a joining secondary's heartbeat connection.
@@ -33,24 +35,24 @@ pub async fn read_preamble(mut s: TcpStream) -> Option<Joiner> {
     Some((s, channel_of(b[0])?))
 }
 
-/// Connections whose preamble may be awaited at once; more are closed.
+/// Connections whose preamble may be awaited at once; more wait their
+/// turn, fairly across their sources ([`crate::admission`]).
 pub const MAX_PREAMBLES: usize = 16;
 
 /// Accepts joining secondaries on `listener` and hands them on.
 pub fn accept_joiners(listener: TcpListener) -> mpsc::Receiver<Joiner> {
     let (tx, rx) = mpsc::channel(8);
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PREAMBLES));
+    let limits = Limits { total: MAX_PREAMBLES, ..Limits::DEFAULT };
+    let mut admitted = admission::admit(admission::accepted(listener), "join preamble", limits);
     tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        while let Some(a) = admitted.recv().await {
+            if tx.is_closed() {
+                return;
+            }
             let tx = tx.clone();
             tokio::spawn(async move {
-                let j = read_preamble(s).await;
-                drop(slot);
+                let j = read_preamble(a.conn).await;
+                drop(a.permit);
                 if let Some(j) = j {
                     let _ = tx.send(j).await;
                 }
@@ -58,4 +60,19 @@ pub fn accept_joiners(listener: TcpListener) -> mpsc::Receiver<Joiner> {
         }
     });
     rx
+}
+
+/// Admits the joiners `rx` yields (to their handshake) fairly across their
+/// sources, at most `total` at once: each comes out with its slot.
+pub fn admit_joiners(rx: mpsc::Receiver<Joiner>, what: &'static str, total: usize) -> mpsc::Receiver<Admitted<Joiner>> {
+    let arrivals = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            let (stream, channel) = rx.recv().await?;
+            // one whose peer is gone already is dropped here
+            if let Ok(peer) = stream.peer_addr() {
+                return Some((((stream, channel), peer), rx));
+            }
+        }
+    });
+    admission::admit(Box::pin(arrivals), what, Limits { total, ..Limits::DEFAULT })
 }

@@ -2,6 +2,7 @@
 //! the primary and the secondary: status and metrics, the control API, the
 //! listeners and ready file, and the join preamble.
 
+pub mod admission;
 pub mod control;
 pub mod harness;
 pub mod host;

@@ -103,7 +103,8 @@ pub enum SecondaryExit {
     Promoted(Box<Promotion>),
 }
 
-/// Connections that may be on their way to authenticating at once.
+/// Connections that may be on their way to authenticating at once; more
+/// wait their turn, fairly across their sources (`runtime::admission`).
 pub const MAX_UNAUTHENTICATED: usize = 16;
 
 struct Liveness {
@@ -239,25 +240,20 @@ pub async fn run_secondary(
 
     // Replication listener: as secondary, serve primaries; once promoted,
     // hand joining secondaries to the primary runtime, refuse old primaries.
-    // At most MAX_UNAUTHENTICATED connections at a time may be on their way
-    // to authenticating; more are closed at once.
+    // Connections on their way to authenticating are admitted fairly across
+    // their sources (runtime::admission): at most MAX_UNAUTHENTICATED at a
+    // time, Limits::DEFAULT.per_source of one source; the rest wait their
+    // turn (bounded per source, in sources, and to the handshake deadline).
     {
         let (replica, rcfg, promoted, on_event) = (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone());
-        let preauth = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
+        let limits = runtime::admission::Limits { total: MAX_UNAUTHENTICATED, ..runtime::admission::Limits::DEFAULT };
+        let mut admitted = runtime::admission::admit(runtime::admission::accepted(listener), "replication", limits);
         // a refused peer may redial every 100 ms: one line per kind of
         // refusal and peer address every 10 s
         let refusals = Arc::new(runtime::lograte::LogLimiter::new(Duration::from_secs(10)));
         let status = status.clone();
         tasks.spawn(async move {
-            loop {
-                let Ok((stream, peer)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let Ok(permit) = preauth.clone().try_acquire_owned() else {
-                    tracing::debug!(%peer, "too many unauthenticated connections: closed");
-                    continue;
-                };
+            while let Some(runtime::admission::Admitted { conn: stream, peer, permit }) = admitted.recv().await {
                 let (replica, rcfg, promoted, join_tx, refusals, status) = (
                     replica.clone(),
                     rcfg.clone(),
