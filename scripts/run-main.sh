@@ -3,7 +3,13 @@
 # secondary and a primary on loopback with the kv guest and a client load,
 # kills the primary halfway, shows the failover and the clients carrying on,
 # and ends with a summary (add --json for a machine-readable last line).
+#
+# The build is the one scripts/test.sh makes (same command, so the test
+# suite afterwards reuses it); its progress shows (about 5 minutes on 2 cores
+# the first time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-exec cargo run --release -q -p castor -- demo "$@"
+echo "castor: building (release; progress below)" >&2
+cargo build --release --workspace --all-targets
+exec target/release/castor demo "$@"

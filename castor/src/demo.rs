@@ -65,12 +65,17 @@ pub struct DemoArgs {
     /// Keys per client.
     #[arg(long, default_value_t = 64)]
     keys: u64,
+    /// Guest memory (K, M or G suffix).
     #[arg(long, default_value = "256M", value_parser = crate::run::parse_size)]
     mem: u64,
+    /// Guest vCPUs.
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
+    /// Epoch length (ms): how often the primary checkpoints.
     #[arg(long, default_value_t = 10)]
     epoch_ms: u64,
+    /// Silence after which a node counts its peer as gone (ms); the same
+    /// for both nodes.
     #[arg(long, default_value_t = 100)]
     heartbeat_timeout_ms: u64,
     /// Dirty tracker of both nodes.
@@ -95,6 +100,8 @@ pub enum DemoError {
     Setup(String),
     #[error("a node failed: {0}")]
     Node(String),
+    #[error("{0}")]
+    Args(String),
 }
 
 impl DemoError {
@@ -102,6 +109,7 @@ impl DemoError {
         match self {
             DemoError::Setup(_) => 5,
             DemoError::Node(_) => 4,
+            DemoError::Args(_) => 2,
         }
     }
 }
@@ -146,6 +154,9 @@ struct Load {
 }
 
 pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
+    if !(a.seconds > 0.0 && a.seconds.is_finite()) {
+        return Err(DemoError::Args(format!("--seconds must be more than 0 (got {})", a.seconds)));
+    }
     let tmp;
     let dir = match &a.dir {
         Some(d) => {
@@ -226,8 +237,9 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let (svc_p, svc_s) = (primary_node.service, secondary.service);
     let mut primary = Some(primary_node);
     live(format!(
-        "castor demo: primary node-a (service {svc_p}), secondary node-b (service {svc_s}), logs in {}",
-        dir.display()
+        "castor demo: primary node-a (service {svc_p}), secondary node-b (service {svc_s}), logs in {}{}",
+        dir.display(),
+        if a.dir.is_none() { " (removed at the end unless the demo fails)" } else { "" }
     ));
 
     // wait for protection
@@ -245,7 +257,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
             )));
         }
         if t.elapsed() > Duration::from_secs(60) {
-            return Err(DemoError::Node("the primary never became protected".into()));
+            return Err(DemoError::Node(format!("the primary never became protected; logs in {}", dir.display())));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -417,36 +429,51 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         protected_epochs_rate.iter().sum::<f64>() / protected_epochs_rate.len() as f64
     };
     let acked = load.acked.load(Ordering::SeqCst);
-    let epochs = f(&pk, "epochs") + f(&survivor, "epoch") - f(&survivor, "committed_epoch").min(f(&survivor, "epoch"));
+    // epochs of the whole run: the old primary's until the fault, then the
+    // new one's since the epoch it took over from; a surviving old primary
+    // counted them all itself
+    let epochs = if failover {
+        f(&pk, "epochs") + f(&survivor, "epoch") - f(&survivor, "committed_epoch").min(f(&survivor, "epoch"))
+    } else {
+        f(&survivor, "epochs")
+    }
+    .round() as u64;
+    let r1 = |x: f64| (x * 10.0).round() / 10.0;
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
     let report = serde_json::json!({
         "scenario": a.scenario.name(),
         "serving": survivor["node"],
         "failover": failover,
-        "failover_ms": failover_ms,
+        "failover_ms": failover_ms.map(r1),
         "acked_ops": acked,
         "lost_acked_ops": lost,
         "duplicate_ops": dup,
         "keys_checked": checked,
         "uncertain_keys": uncertain.len(),
         "epochs": epochs,
-        "epochs_per_s": epochs_per_s,
-        "pause_us_p50": f(&pk, "pause_us_p50"),
-        "pause_us_p99": f(&pk, "pause_us_p99"),
-        "ack_latency_us_p50": f(&pk, "ack_latency_us_p50"),
-        "output_delay_ms_p50": common::sync::percentile(&lat, 0.5) / 1e3,
-        "output_delay_ms_p99": common::sync::percentile(&lat, 0.99) / 1e3,
+        "epochs_per_s": r1(epochs_per_s),
+        "pause_us_p50": r1(f(&pk, "pause_us_p50")),
+        "pause_us_p99": r1(f(&pk, "pause_us_p99")),
+        "ack_latency_us_p50": r1(f(&pk, "ack_latency_us_p50")),
+        "output_delay_ms_p50": r2(common::sync::percentile(&lat, 0.5) / 1e3),
+        "output_delay_ms_p99": r2(common::sync::percentile(&lat, 0.99) / 1e3),
         "survivor": survivor["node"],
         "survivor_generation": survivor["generation"],
         "witness": etcd.as_ref().map(|e| e.url.clone()),
-        "witness_promote_txn_ms": survivor["witness"]["last_txn_ms"],
+        // the promotion's transaction, when there was one
+        "witness_promote_txn_ms": if failover && etcd.is_some() { survivor["witness"]["last_txn_ms"].as_f64().map(r2) } else { None },
         "host": runtime::host::Host::detect().describe(),
     });
+    let failover_text = match (failover, failover_ms) {
+        (true, Some(ms)) => format!("failover in {ms:.0} ms"),
+        (true, None) => "failover".to_string(),
+        (false, _) => "no failover".to_string(),
+    };
     live(format!(
-        "summary: {}: {} serves; failover {} in {:.0} ms; {} acked ops, {} lost, {} duplicated ({} keys checked); {:.0} epochs/s protected, pause p50 {:.0}us p99 {:.0}us; client-observed output delay p99 {:.1} ms",
+        "summary: {}: {} serves; {}; {} acked ops, {} lost, {} duplicated ({} keys checked); {:.0} epochs/s protected, pause p50 {:.0}us p99 {:.0}us; client-observed output delay p99 {:.1} ms",
         a.scenario.name(),
         survivor["node"].as_str().unwrap_or("?"),
-        failover,
-        failover_ms.unwrap_or(0.0),
+        failover_text,
         acked,
         lost,
         dup,
@@ -464,6 +491,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     drop(relay);
     drop(etcd);
     if a.dir.is_none() {
+        // nothing went wrong: the logs go (a failing demo keeps them and
+        // names the directory in its error)
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())

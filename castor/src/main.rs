@@ -38,7 +38,8 @@ enum Command {
         #[command(flatten)]
         control: node_cmd::ControlArgs,
     },
-    /// Secondary + primary on loopback with the kv guest and clients; kills the primary halfway.
+    /// Secondary + primary on loopback with the kv guest and clients; injects a
+    /// fault halfway (--scenario: kill-primary, standby-dies, partition, switchover).
     Demo(demo::DemoArgs),
     /// Measure epoch latency, ring vs bitmap, the physical floor, and the service end to end.
     Bench(bench::BenchArgs),
@@ -47,8 +48,10 @@ enum Command {
         /// The node's service address.
         #[arg(long)]
         service: std::net::SocketAddr,
+        /// Concurrent clients (each with one request outstanding).
         #[arg(long, default_value_t = 256)]
         clients: u32,
+        /// How long the load runs (more than 0).
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
@@ -134,18 +137,30 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::Load { seconds, .. } if !(seconds > 0.0 && seconds.is_finite()) => {
+            eprintln!("castor load: --seconds must be more than 0 (got {seconds})");
+            2
+        }
         Command::Load { service, clients, seconds } => {
             let rt =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
             let (rate, lat) = bench_e2e::kv_load(&rt, service, clients, seconds);
-            let round2 = |x: f64| (x * 100.0).round() / 100.0;
-            let report = serde_json::json!({
-                "ops_per_s": rate.round(),
-                "latency_ms_p50": round2(common::sync::percentile(&lat, 0.5)),
-                "latency_ms_p99": round2(common::sync::percentile(&lat, 0.99)),
-            });
-            println!("{report}");
-            0
+            if lat.is_empty() {
+                // a load that reached nothing is no measurement
+                eprintln!(
+                    "castor load: no request to {service} was answered in {seconds} s (is a node serving there?)"
+                );
+                4
+            } else {
+                let round2 = |x: f64| (x * 100.0).round() / 100.0;
+                let report = serde_json::json!({
+                    "ops_per_s": rate.round() as u64,
+                    "latency_ms_p50": round2(common::sync::percentile(&lat, 0.5)),
+                    "latency_ms_p99": round2(common::sync::percentile(&lat, 0.99)),
+                });
+                println!("{report}");
+                0
+            }
         }
         Command::Keygen { file, force } => match common::auth::generate_secret_file(&file, force) {
             Ok(()) => 0,

@@ -72,6 +72,11 @@ pub struct CommonArgs {
     /// Epochs sent but not acknowledged before epochs are stretched.
     #[arg(long, default_value_t = 4)]
     max_in_flight: u64,
+    /// Page copies the primary may hold for a slow link (MiB); past it the
+    /// guest is paused until the link drains. 0: the guest's memory size,
+    /// at least 64 MiB and at most 1024 MiB.
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    max_queued_mib: u64,
     /// Heartbeat period.
     #[arg(long, default_value_t = 20)]
     heartbeat_interval_ms: u64,
@@ -144,10 +149,13 @@ pub struct PrimaryArgs {
     /// Also accept secondaries that join (`castor secondary --join`).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// The built-in guest to run.
     #[arg(long, value_enum, default_value = "kv")]
     guest: GuestArg,
+    /// Guest memory (K, M or G suffix).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     mem: u64,
+    /// Guest vCPUs.
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
     #[command(flatten)]
@@ -222,7 +230,16 @@ impl NodeCmdError {
     }
 }
 
-fn engine_opts(c: &CommonArgs) -> Result<EngineOptions, NodeCmdError> {
+/// `--max-queued-mib` in bytes; 0: sized to the guest's memory (64 MiB to
+/// 1 GiB).
+fn queued_budget(c: &CommonArgs, guest_mem: u64) -> u64 {
+    match c.max_queued_mib {
+        0 => guest_mem.clamp(64 << 20, 1 << 30),
+        mib => mib << 20,
+    }
+}
+
+fn engine_opts(c: &CommonArgs, guest_mem: u64) -> Result<EngineOptions, NodeCmdError> {
     let unprotected = match c.unprotected {
         UnprotectedArg::Continue => UnprotectedPolicy::Continue,
         UnprotectedArg::Pause => UnprotectedPolicy::Pause,
@@ -236,6 +253,7 @@ fn engine_opts(c: &CommonArgs) -> Result<EngineOptions, NodeCmdError> {
         tracking_off: c.no_epochs,
         min_epoch: (c.min_epoch_us > 0).then(|| Duration::from_micros(c.min_epoch_us)),
         precopy_min_pages: (c.precopy_min_pages > 0).then_some(c.precopy_min_pages),
+        max_queued_bytes: queued_budget(c, guest_mem),
     })
 }
 
@@ -297,7 +315,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
         Some(sd) => sd.raise_generation(a.generation)?,
         None => a.generation,
     };
-    let mut cfg = PrimaryConfig { generation, peer: a.peer, ..primary_config(c, &name, secret)? };
+    let mut cfg = PrimaryConfig { generation, peer: a.peer, ..primary_config(c, &name, secret, a.mem)? };
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
@@ -332,7 +350,9 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
 
 /// The primary settings the command line gives (generation 0, no peer,
 /// first epoch 1): a primary's, or the one a promoted secondary becomes.
-fn primary_config(c: &CommonArgs, node: &str, secret: Secret) -> Result<PrimaryConfig, NodeCmdError> {
+/// `guest_mem`: the guest's memory size where it is known (a secondary
+/// learns it from its primary: its promoted config is sized at promotion).
+fn primary_config(c: &CommonArgs, node: &str, secret: Secret, guest_mem: u64) -> Result<PrimaryConfig, NodeCmdError> {
     Ok(PrimaryConfig {
         node: node.to_string(),
         secret,
@@ -340,7 +360,7 @@ fn primary_config(c: &CommonArgs, node: &str, secret: Secret) -> Result<PrimaryC
         peer: None,
         heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms.max(1)),
         peer_timeout: Duration::from_millis(c.heartbeat_timeout_ms.max(10)),
-        engine: engine_opts(c)?,
+        engine: engine_opts(c, guest_mem)?,
         first_epoch: 1,
         release_log: c.release_log.clone(),
         print_console: c.console,
@@ -396,7 +416,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
     hooks(c);
     let secret = Secret::from_file(&c.secret_file)?;
     let name = c.name.clone().unwrap_or_else(|| format!("secondary-{}", std::process::id()));
-    let promoted = primary_config(c, &name, secret.clone())?;
+    let promoted = primary_config(c, &name, secret.clone(), 0)?;
     let mut cfg = SecondaryConfig {
         node: name,
         secret,
@@ -429,7 +449,8 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         };
         // the promoted node runs as a primary, unprotected until a new
         // secondary joins it on its replication address
-        let pcfg = PrimaryConfig { generation: p.generation, first_epoch: p.first_epoch, ..promoted };
+        let mut pcfg = PrimaryConfig { generation: p.generation, first_epoch: p.first_epoch, ..promoted };
+        pcfg.engine.max_queued_bytes = queued_budget(&c, p.machine.shape().mem_bytes);
         let io = PrimaryIo {
             service: p.service,
             control: None,

@@ -118,6 +118,10 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub devices: DeviceState,
+    /// The CPU the guest was given when it was built (kept as it is across
+    /// restores: a restored vCPU's CPUID read back from KVM may differ from
+    /// what the guest was given).
+    pub cpu: CpuModel,
 }
 
 /// What a guest's CPU asks of the host that runs it: the CPUID vendor, the

@@ -35,6 +35,12 @@ fn state(n: u64) -> MachineState {
             clock: Default::default(),
         },
         devices: DeviceState { console_lines: n, ..Default::default() },
+        cpu: CpuModel {
+            vendor: "GenuineIntel".into(),
+            features: vec![(1, 0, 'd', n as u32)],
+            tsc_khz: 1000,
+            tsc_scaling: false,
+        },
     }
 }
 

@@ -1096,6 +1096,7 @@ fn failover_suite() {
     run("slow-secondary", &mut |r| {
         network(r, "slow-secondary", Fault::Throttle(2 << 20), Duration::from_millis(2000), false)
     });
+    run("slow-budget", &mut slow_link_budget);
     run("stretched", &mut stretched_epochs);
     run("stalled-data", &mut stalled_data_path);
     run("corrupt-frames", &mut |r| network(r, "corrupt-frames", Fault::Corrupt, Duration::from_millis(400), false));
@@ -1141,4 +1142,59 @@ fn failover_suite() {
         failures.extend(r.failures.iter().map(|f| format!("{}: {f}", r.scenario)));
     }
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// A write-heavy guest behind a slow but moving link (issue 28, item 4):
+/// the proxy passes 2 MiB/s while the guest rewrites 64 MiB flat out. The
+/// primary may hold `--max-queued-mib 32` of page copies for the link; past
+/// that the guest pauses. Its RSS must stay under its start + the budget +
+/// one epoch (the 64 MiB working set, `--max-epoch-pages` 16384) + 64 MiB;
+/// before, every stretched epoch (one each 5 s) queued another full copy
+/// (up to ~26 of them), and ring-full exits grew without bound. The replica
+/// is checked against the primary's memory digest every epoch; healed, the
+/// pair is protected again.
+fn slow_link_budget(row: &mut Row) {
+    const BUDGET_MIB: u64 = 32;
+    const EPOCH_MIB: u64 = 64;
+    let c = Cluster::new("slow-budget");
+    let so = NodeOpts {
+        mem: "256M",
+        verify_digest: true,
+        heartbeat_timeout_ms: 1000,
+        extra: vec!["--max-queued-mib".into(), BUDGET_MIB.to_string()],
+        ..NodeOpts::default()
+    };
+    let mut po = NodeOpts { guest: "dirty", ..so.clone() };
+    po.extra.extend(["--ws-pages", "16384", "--rate", "0"].map(String::from));
+    let rt = rt();
+    let Some((s, proxy, p)) = proxied_pair_with(&c, &so, &po, &rt, row, "slow-budget") else { return };
+    std::thread::sleep(Duration::from_millis(500));
+    let rss0 = rss_kib(&p);
+    proxy.set(Fault::Throttle(2 << 20));
+    let t = Instant::now();
+    let mut rss_max = rss0;
+    while t.elapsed() < Duration::from_secs(12) {
+        std::thread::sleep(Duration::from_millis(100));
+        rss_max = rss_max.max(rss_kib(&p));
+    }
+    proxy.set(Fault::Pass);
+    let st = p.status().unwrap_or_default();
+    let limit = rss0 + ((BUDGET_MIB + EPOCH_MIB + 64) << 10);
+    eprintln!(
+        "  12 s at 2 MiB/s: primary RSS {} MiB -> max {} MiB (limit {} MiB); queued max {} MiB, budget pauses {}",
+        rss0 >> 10,
+        rss_max >> 10,
+        limit >> 10,
+        st["queued_bytes_max"].as_u64().unwrap_or(0) >> 20,
+        st["budget_pauses"]
+    );
+    if rss_max > limit {
+        row.fail(format!("the primary grew from {} to {} MiB (limit {} MiB)", rss0 >> 10, rss_max >> 10, limit >> 10));
+    }
+    if !protected(&p) {
+        row.fail(format!("not protected again after the link healed:\n{}", p.log_tail()));
+    }
+    if s.status().is_none_or(|v| v["protection"] == "diverged" || v["role"] != "secondary") {
+        row.fail(format!("the secondary diverged or took over:\n{}", s.log_tail()));
+    }
 }

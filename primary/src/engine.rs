@@ -49,6 +49,36 @@ pub struct EngineOptions {
     /// the boundary's pause copies only what was written since (plus
     /// hot pages kept writable). `None`: every page is copied in the pause.
     pub precopy_min_pages: Option<u64>,
+    /// Bytes of page copies the engine may hold on their way to the
+    /// secondary (epochs and sync batches made and not yet written to the
+    /// link). Past it the guest is paused until the link drains (epochs are
+    /// not stretched past it): a slow but moving link cannot drive the
+    /// primary out of memory.
+    pub max_queued_bytes: u64,
+}
+
+/// A share of [`EngineShared::queued_bytes`]: page copies on their way to
+/// the secondary, given back when the packet that holds them is dropped
+/// (written to the link, or discarded with its session).
+#[derive(Debug)]
+pub struct Queued {
+    bytes: u64,
+    shared: Arc<EngineShared>,
+}
+
+impl Queued {
+    fn new(shared: &Arc<EngineShared>, pages: &[Page]) -> Queued {
+        let bytes = pages.iter().filter(|p| p.data.is_some()).count() as u64 * PAGE_SIZE;
+        let now = shared.queued_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        shared.queued_bytes_max.fetch_max(now, Ordering::Relaxed);
+        Queued { bytes, shared: Arc::clone(shared) }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.shared.queued_bytes.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// How often the engine skims the dirty rings for a pre-copy round.
@@ -138,6 +168,13 @@ pub struct EngineShared {
     pub precopy_rounds: AtomicU64,
     /// Pages copied by pre-copy rounds and shipped (not copied in a pause).
     pub precopied_pages: AtomicU64,
+    /// Bytes of page copies on their way to the secondary ([`Queued`]).
+    pub queued_bytes: AtomicU64,
+    /// The most [`EngineShared::queued_bytes`] ever held.
+    pub queued_bytes_max: AtomicU64,
+    /// Times the guest was paused because the queued bytes passed
+    /// [`EngineOptions::max_queued_bytes`].
+    pub budget_pauses: AtomicU64,
 }
 
 /// What the engine does now: a function of the last command it applied.
@@ -197,6 +234,8 @@ pub struct EpochPacket {
     pub phases: Phases,
     /// The last epoch before a handover: the guest stays paused after it.
     pub last: bool,
+    /// Its pages' share of the queued bytes (given back when dropped).
+    pub queued: Queued,
 }
 
 /// What the engine hands to the network side.
@@ -208,6 +247,7 @@ pub enum Packet {
         round: u32,
         first: bool,
         pages: Vec<Page>,
+        queued: Queued,
     },
     Epoch(Box<EpochPacket>),
     /// Output of an unprotected epoch: release at once.
@@ -231,10 +271,16 @@ impl AsRef<[u8]> for PooledBuf {
     }
 }
 
+/// Bytes of buffers the pool keeps for reuse at most (it saves the page
+/// faults of fresh buffers for the usual small epochs; a large epoch's
+/// buffer is given back to the system, not kept).
+const POOL_BYTES: usize = 64 << 20;
+
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         let mut p = common::sync::lock(&self.1 .0);
-        if p.len() < 32 {
+        let kept: usize = p.iter().map(Vec::capacity).sum();
+        if p.len() < 32 && kept + self.0.capacity() <= POOL_BYTES {
             p.push(std::mem::take(&mut self.0));
         }
     }
@@ -327,6 +373,8 @@ pub struct Engine {
     /// Resume the guest paused for a handover that was refused
     /// ([`EngineCommand::Resume`]).
     resume_guest: bool,
+    /// When a budget pause was last logged (once per 10 s).
+    budget_said: Option<Instant>,
     held: Vec<Output>,
     /// When the oldest output in `held` was sent.
     held_since: Option<Instant>,
@@ -385,6 +433,7 @@ impl Engine {
             want_full: false,
             finish: false,
             resume_guest: false,
+            budget_said: None,
             held: Vec::new(),
             held_since: None,
             pool: BufPool::default(),
@@ -534,6 +583,7 @@ impl Engine {
                 }
                 if self.machine.ring_pending() + self.pre.pages() >= self.opts.max_epoch_pages
                     || self.machine.devices().outbox_len() >= MAX_EPOCH_OUTPUTS
+                    || (self.directive == Directive::Protect && self.over_budget())
                 {
                     next = now;
                     break;
@@ -617,19 +667,10 @@ impl Engine {
                 continue;
             }
             // Bound epochs in flight: while the secondary is behind, the
-            // guest runs on (a longer epoch) instead of queueing more copies.
-            let waited = Instant::now();
-            while self.in_flight() >= self.opts.max_in_flight
-                && self.directive == Directive::Protect
-                && !self.shared.stop.load(Ordering::SeqCst)
-            {
-                std::thread::sleep(Duration::from_micros(500));
-                self.poll_commands();
-                if waited.elapsed() > Duration::from_secs(5) {
-                    tracing::warn!(in_flight = self.in_flight(), "secondary not acknowledging; epochs stretched");
-                    break;
-                }
-            }
+            // guest runs on (a longer epoch) instead of queueing more copies,
+            // for 5 s at most; and past the byte budget it is paused until
+            // the link has drained below it (no epoch is taken then).
+            self.wait_for_the_link()?;
             if self.directive != Directive::Protect {
                 continue;
             }
@@ -674,6 +715,69 @@ impl Engine {
         self.machine.copy_pages_running(&gfns, &mut buf.0)?;
         self.pre.rounds.push((gfns, buf));
         self.shared.precopy_rounds.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Page copies held for the link plus the pages waiting in the dirty
+    /// rings and pre-copy rounds (copies the next boundary makes), bytes:
+    /// what the budget bounds.
+    fn held_bytes(&self) -> (u64, u64) {
+        let queued = self.shared.queued_bytes.load(Ordering::SeqCst);
+        // hot pages are copied at every boundary (shipped only if changed)
+        let pages = self.machine.ring_pending() + self.pre.pages() + self.machine.hot_page_count() as u64;
+        let pending = pages * PAGE_SIZE;
+        (queued, pending)
+    }
+
+    /// Whether the held bytes passed the budget.
+    fn over_budget(&self) -> bool {
+        let (queued, pending) = self.held_bytes();
+        queued + pending > self.opts.max_queued_bytes
+    }
+
+    /// Waits while epochs in flight are at their bound (5 s at most: then
+    /// the epoch is stretched), or while copies are queued for the link and
+    /// they and the pages the boundary would copy pass the byte budget (as
+    /// long as that lasts, with the guest paused: it then writes nothing
+    /// more to copy). Once nothing is queued the boundary is taken whatever
+    /// its size (an epoch ends early once it passes the budget, so that is
+    /// about the budget).
+    fn wait_for_the_link(&mut self) -> Result<(), vmm::MachineError> {
+        let waited = Instant::now();
+        let mut paused_here = false;
+        loop {
+            let (queued, pending) = self.held_bytes();
+            let over = queued > 0 && queued + pending > self.opts.max_queued_bytes;
+            if !(self.in_flight() >= self.opts.max_in_flight || over)
+                || self.directive != Directive::Protect
+                || self.shared.stop.load(Ordering::SeqCst)
+            {
+                break;
+            }
+            if over && !self.machine.is_paused() {
+                self.machine.pause()?;
+                paused_here = true;
+                self.shared.budget_pauses.fetch_add(1, Ordering::Relaxed);
+                if self.budget_said.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    self.budget_said = Some(Instant::now());
+                    tracing::warn!(
+                        queued_mib = queued >> 20,
+                        pending_mib = pending >> 20,
+                        budget_mib = self.opts.max_queued_bytes >> 20,
+                        "the link is behind by more than the byte budget: guest paused until it drains"
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_micros(500));
+            self.poll_commands();
+            if !over && waited.elapsed() > Duration::from_secs(5) {
+                tracing::warn!(in_flight = self.in_flight(), "secondary not acknowledging; epochs stretched");
+                break;
+            }
+        }
+        if paused_here && self.machine.is_paused() && self.directive == Directive::Protect {
+            self.machine.resume()?;
+        }
         Ok(())
     }
 
@@ -791,7 +895,8 @@ impl Engine {
                 sent += batch.len() as u64;
                 bytes += batch.len() as u64 * PAGE_SIZE;
                 let pages = std::mem::replace(&mut batch, Vec::with_capacity(SYNC_BATCH_PAGES));
-                if !self.send(Packet::Sync { round: 0, first: std::mem::take(&mut first), pages }) {
+                let queued = Queued::new(&self.shared, &pages);
+                if !self.send(Packet::Sync { round: 0, first: std::mem::take(&mut first), pages, queued }) {
                     return Ok(SyncEnd::Abandoned);
                 }
                 // a lost session or a new one ends this sync
@@ -805,7 +910,8 @@ impl Engine {
         }
         if first {
             // an all-zero guest: still open the staging area
-            if !self.send(Packet::Sync { round: 0, first: true, pages: Vec::new() }) {
+            let queued = Queued::new(&self.shared, &[]);
+            if !self.send(Packet::Sync { round: 0, first: true, pages: Vec::new(), queued }) {
                 return Ok(SyncEnd::Abandoned);
             }
         }
@@ -821,7 +927,8 @@ impl Engine {
             sent += n as u64;
             bytes += pages.iter().filter(|p| p.data.is_some()).count() as u64 * PAGE_SIZE;
             tracing::info!(round, pages = n, "live sync: round");
-            if !self.send(Packet::Sync { round, first: false, pages }) {
+            let queued = Queued::new(&self.shared, &pages);
+            if !self.send(Packet::Sync { round, first: false, pages, queued }) {
                 return Ok(SyncEnd::Abandoned);
             }
             if n < 256 {
@@ -968,7 +1075,19 @@ impl Engine {
                 self.shared.sync_max_pause_us.fetch_max(phases.pause_us as u64, Ordering::Relaxed);
             }
         }
-        Ok(Some(EpochPacket { epoch, full, pages, state, outputs, outputs_since, digest, phases, last: !resume }))
+        let queued = Queued::new(&self.shared, &pages);
+        Ok(Some(EpochPacket {
+            epoch,
+            full,
+            pages,
+            state,
+            outputs,
+            outputs_since,
+            digest,
+            phases,
+            last: !resume,
+            queued,
+        }))
     }
 
     /// A boundary whose collection was incomplete: nothing of it is sent

@@ -7,6 +7,7 @@
 //! output to its client). [`node`] wires them; docs/epoch-path.md maps it.
 
 pub mod engine;
+pub mod joiners;
 pub mod mode;
 pub mod node;
 pub mod replicator;

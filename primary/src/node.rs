@@ -150,7 +150,16 @@ pub async fn run_primary(
                 let acked = shared.acked_epoch();
                 status.update(|s| {
                     s.epoch = next.saturating_sub(1);
-                    s.epochs_in_flight = next.saturating_sub(shared.acked.load(Ordering::SeqCst));
+                    // epochs in flight only mean something while a secondary
+                    // takes them (no secondary: nothing is in flight)
+                    let in_session = matches!(
+                        s.protection,
+                        runtime::status::Protection::Syncing
+                            | runtime::status::Protection::Protected
+                            | runtime::status::Protection::HandingOver
+                    );
+                    s.epochs_in_flight =
+                        if in_session { next.saturating_sub(shared.acked.load(Ordering::SeqCst)) } else { 0 };
                     s.lag_epochs = s.epochs_in_flight;
                     s.acked_epoch = acked;
                     s.tracking_lost = shared.tracking_lost.load(Ordering::Relaxed);
@@ -159,6 +168,9 @@ pub async fn run_primary(
                     s.sync_max_pause_us = shared.sync_max_pause_us.load(Ordering::Relaxed) as f64;
                     s.last_sync_gib_per_s = f64::from_bits(shared.last_sync_gib_per_s.load(Ordering::Relaxed));
                     s.live_syncs = shared.live_syncs.load(Ordering::Relaxed);
+                    s.queued_bytes = shared.queued_bytes.load(Ordering::Relaxed);
+                    s.queued_bytes_max = shared.queued_bytes_max.load(Ordering::Relaxed);
+                    s.budget_pauses = shared.budget_pauses.load(Ordering::Relaxed);
                     s.precopy_rounds = shared.precopy_rounds.load(Ordering::Relaxed);
                     s.precopied_pages = shared.precopied_pages.load(Ordering::Relaxed);
                     (s.console_dropped, s.marks_dropped) = devices.dropped_counts();

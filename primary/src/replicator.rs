@@ -107,6 +107,8 @@ enum Ship {
     Sync {
         first: bool,
         pages: Vec<common::proto::Page>,
+        /// Their share of the engine's byte budget, given back once written.
+        _queued: crate::engine::Queued,
     },
     Epoch(Box<EpochPacket>),
     /// The handover after this (acknowledged) epoch.
@@ -478,7 +480,7 @@ impl Replicator {
         let mut next_dial = Instant::now();
         let mut refused_said = false;
         let mut dialing: Option<tokio::task::JoinHandle<Result<(Session, Session), SenderError>>> = None;
-        let mut pending: (Option<Session>, Option<Session>) = (None, None);
+        let mut pending = crate::joiners::Pairs::<Session>::default();
         let (hs_tx, mut hs_rx) = mpsc::channel::<Handshaken>(8);
         let mut joiners =
             self.joiners.take().map(|rx| runtime::join::admit_joiners(rx, "join handshake", MAX_JOIN_HANDSHAKES));
@@ -508,15 +510,14 @@ impl Replicator {
                 j = next_of(&mut joiners) => if let Some(j) = j { self.handshake_joiner(j, hs_tx.clone()) },
                 h = hs_rx.recv() => {
                     match h {
-                        Some(Ok((s, Channel::Data))) => pending.0 = Some(s),
-                        Some(Ok((s, Channel::Heartbeat))) => pending.1 = Some(s),
+                        Some(Ok((s, channel))) => {
+                            let node = s.ack.node.clone();
+                            session = pending.add(&node, channel, s);
+                        }
                         Some(Err(e)) => {
                             self.refused(None, &e);
                         }
                         None => {}
-                    }
-                    if let (Some(_), Some(_)) = (&pending.0, &pending.1) {
-                        session = pending.0.take().zip(pending.1.take());
                     }
                 },
                 c = next_of(&mut self.commands) => if let Some(c) = c { self.answer(c) },
@@ -620,6 +621,7 @@ impl Replicator {
         // missing ack only once these bytes have stopped growing too
         let data_progress = Arc::new(std::sync::Mutex::new(Instant::now()));
         let data_progress_hb = data_progress.clone();
+        let handing_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // each on its own task: a writer busy sealing megabytes of a sync
         // must not delay a heartbeat (the secondary counts a primary that
         // sends none for its timeout as dead), nor the reading of replies.
@@ -632,7 +634,7 @@ impl Replicator {
             gen,
             interval,
             timeout,
-            Liveness { heard: last_reply_hb, data_progress: data_progress_hb },
+            Liveness { heard: last_reply_hb, data_progress: data_progress_hb, handing_over: handing_over.clone() },
         )));
         let io = async move {
             let (w, a, b) = (writer, acks, beats);
@@ -654,6 +656,7 @@ impl Replicator {
                 // counted like an epoch: the writer counts every ship it
                 // takes (a refused handover goes on with this session)
                 queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = ship_tx.send(Ship::Handover(epoch));
             }
             tokio::select! {
@@ -702,6 +705,7 @@ impl Replicator {
                         let _ = self.apply(Event::ResyncRequested);
                     }
                     Some(Heard::HandoverRefused(reason)) => {
+                        handing_over.store(false, std::sync::atomic::Ordering::SeqCst);
                         tracing::error!(%reason, "the secondary cannot take the handover: this node keeps the guest, protected");
                         if let Some(c) = self.switchover.take() {
                             c.answer(Err(Refused(format!("the switchover was abandoned, this node keeps the guest: {reason}"))));
@@ -722,11 +726,11 @@ impl Replicator {
                     // arrive here without their SyncBegin (the engine starts
                     // the sync again for this session)
                     Some(Packet::Sync { first: false, .. }) if !sync_begun => {}
-                    Some(Packet::Sync { first, pages, .. }) => {
+                    Some(Packet::Sync { first, pages, queued: q, .. }) => {
                         sync_begun |= first;
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         meter.queued.fetch_add(page_bytes(&pages), std::sync::atomic::Ordering::Relaxed);
-                        let _ = ship_tx.send(Ship::Sync { first, pages });
+                        let _ = ship_tx.send(Ship::Sync { first, pages, _queued: q });
                     }
                     Some(Packet::Epoch(mut e)) => {
                         self.record_epoch(&e);
@@ -827,7 +831,7 @@ async fn write_loop(
 ) -> SessionEnd {
     while let Some(s) = ship.recv().await {
         let res = match s {
-            Ship::Sync { first, pages } => {
+            Ship::Sync { first, pages, .. } => {
                 let bytes = page_bytes(&pages);
                 let r = dw.send_sync(first, pages).await;
                 meter.sent(bytes);
@@ -882,6 +886,11 @@ struct Liveness {
     /// When the last heartbeat was sent whose reply counted more bytes read
     /// from the data connection than the one before.
     data_progress: Arc<std::sync::Mutex<Instant>>,
+    /// Set while a handover is out: the secondary raises its generation as
+    /// it takes over, and its heartbeat replies may show it before the data
+    /// connection brings its acceptance; the data connection decides then
+    /// (acceptance, refusal, or its loss).
+    handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn heartbeats(
@@ -912,7 +921,7 @@ async fn heartbeats(
             }
             m = hr.recv() => match m {
                 Ok(Some(Message::Heartbeat { generation, time_us, received, .. })) => {
-                    if generation > gen {
+                    if generation > gen && !live.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
                         return SessionEnd::Fenced(generation);
                     }
                     // liveness is when the answered heartbeat was *sent*

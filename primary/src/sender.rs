@@ -25,7 +25,7 @@ pub enum SenderError {
     Frame(#[from] FrameError),
     #[error("message: {0}")]
     Proto(#[from] ProtoError),
-    #[error("secondary refused us ({code:?}): {reason}")]
+    #[error("the secondary refused us: {reason}")]
     Refused { code: RefuseCode, reason: String },
     #[error("the link handshake failed: {0}")]
     Link(#[from] LinkError),

@@ -16,12 +16,20 @@ use serde_json::Value;
 use crate::control::ask;
 use crate::listen::Ready;
 
+/// An exit status as a person reads it.
+pub fn exit_text(code: Option<i32>) -> String {
+    match code {
+        Some(c) => format!("exit code {c}"),
+        None => "killed by a signal".into(),
+    }
+}
+
 /// Errors of starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
     #[error("cannot start {name}: {err}")]
     Spawn { name: String, err: std::io::Error },
-    #[error("{name} exited ({code:?}) before it was ready; its log ends:\n{tail}")]
+    #[error("{name} exited ({}) before it was ready; its log ends:\n{tail}", exit_text(*.code))]
     Exited { name: String, code: Option<i32>, tail: String },
     #[error("{name} was not ready within {secs} s; its log ends:\n{tail}")]
     NotReady { name: String, secs: u64, tail: String },

@@ -243,6 +243,12 @@ pub struct StatusSnapshot {
     /// never run, before a session's first ack): `ok at epoch N (ms)` or
     /// `failed: why`. `None` before the first.
     pub restore_check: Option<String>,
+    /// A primary's page copies on their way to its secondary (bytes), the
+    /// most ever, and how often the guest was paused because they passed
+    /// the budget (`--max-queued-mib`).
+    pub queued_bytes: u64,
+    pub queued_bytes_max: u64,
+    pub budget_pauses: u64,
     /// Guest output dropped for backlog (counted, never silent): console
     /// lines, marker writes.
     pub console_dropped: u64,

@@ -31,6 +31,7 @@ fn state() -> MachineState {
             clock: Default::default(),
         },
         devices: DeviceState::default(),
+        cpu: Default::default(),
     }
 }
 

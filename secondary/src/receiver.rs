@@ -44,7 +44,7 @@ pub enum ReceiverError {
     Superseded,
     #[error("the primary's settings do not fit ours, refused: {0}")]
     PairMismatch(#[from] PairMismatch),
-    #[error("the primary refused us ({code:?}): {reason}")]
+    #[error("the primary refused us: {reason}")]
     RefusedByPrimary { code: RefuseCode, reason: String },
     #[error(transparent)]
     Cpu(#[from] common::state::CpuMismatch),

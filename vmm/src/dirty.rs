@@ -152,6 +152,7 @@ impl DirtyTracker {
                 lost: false,
                 full_exits: 0,
                 stalls: 0,
+                pending_overflows: 0,
                 verify,
             })),
             TrackerKind::Bitmap => Ok(None),

@@ -425,9 +425,9 @@ impl Machine {
         }
         let (mut m, fds) = Self::build(&cfg, mem)?;
         m.shape.image_id = st.shape.image_id;
-        // the guest keeps the CPU it was given where it started
-        let v0 = &st.vcpus[0];
-        m.cpu = crate::cpu::model_of(&v0.cpuid, v0.tsc_khz.unwrap_or(m.cpu.tsc_khz), m.cpu.tsc_scaling);
+        // the guest keeps the CPU it was given where it started (the TSC
+        // scaling flag is this host's)
+        m.cpu = common::state::CpuModel { tsc_scaling: m.cpu.tsc_scaling, ..st.cpu.clone() };
         load(&m.mem)?;
         m.mem.take_vmm_dirty();
         state::restore_vm(&m.vm, &st.vm)?;
@@ -651,6 +651,7 @@ impl Machine {
             vcpus,
             vm,
             devices: self.devices.save(),
+            cpu: self.cpu.clone(),
         })
     }
 

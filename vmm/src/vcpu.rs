@@ -107,6 +107,17 @@ pub struct RingState {
     pub verify: bool,
     /// Ring-full exits that found nothing to harvest (desynchronised ring).
     pub stalls: u64,
+    /// Times `pending` passed [`pending_cap`] and was dropped (tracking
+    /// marked lost).
+    pub pending_overflows: u64,
+}
+
+/// Most entries a vCPU's pending set may hold: one per guest page (at
+/// least 65536). Past it the entries are dropped and tracking is marked
+/// lost (a resync follows), so the set stays bounded however long an
+/// epoch runs.
+pub fn pending_cap(mem_bytes: u64) -> usize {
+    usize::try_from(mem_bytes / 4096).unwrap_or(usize::MAX).max(65536)
 }
 
 /// What the vCPU thread owns while it runs, and the owner while it is parked.
@@ -864,6 +875,17 @@ fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
     let mut expected = h.expected_reset();
     if h.overflow || h.stray {
         rs.lost = true;
+    }
+    // Entries are not deduplicated: a guest that keeps writing while its
+    // epoch is stretched (a slow link) would grow this without bound. Past
+    // one entry per guest page, the set is dropped and tracking marked
+    // lost: the boundary then resyncs (bounded by the guest's size).
+    let cap = pending_cap(ctx.mem.size());
+    if rs.pending.len() > cap {
+        ctx.ring_pending.fetch_sub(rs.pending.len() as u64, Ordering::Relaxed);
+        rs.pending = Vec::new();
+        rs.lost = true;
+        rs.pending_overflows += 1;
     }
     if expected == 0 && ledger.unreset == 0 && emptied_meanwhile {
         // a pre-copy round harvested and reset this ring between the exit
