@@ -1189,7 +1189,13 @@ fn slow_link_budget(row: &mut Row) {
         st["budget_pauses"]
     );
     if rss_max > limit {
-        row.fail(format!("the primary grew from {} to {} MiB (limit {} MiB)", rss0 >> 10, rss_max >> 10, limit >> 10));
+        row.fail(format!(
+            "the primary grew from {} to {} MiB (limit {} MiB):\n{}",
+            rss0 >> 10,
+            rss_max >> 10,
+            limit >> 10,
+            p.log_tail()
+        ));
     }
     if !protected(&p) {
         row.fail(format!("not protected again after the link healed:\n{}", p.log_tail()));

@@ -721,16 +721,22 @@ impl Engine {
     /// Page copies held for the link plus the pages waiting in the dirty
     /// rings and pre-copy rounds (copies the next boundary makes), bytes:
     /// what the budget bounds.
-    fn held_bytes(&self) -> (u64, u64) {
+    ///
+    /// While the guest runs the rings are skimmed (entries not yet
+    /// harvested count too; the boundary then has less to harvest). With the
+    /// bitmap tracker only queued copies and hot pages count: it has no
+    /// cheap count of the pages written.
+    fn held_bytes(&mut self) -> (u64, u64) {
         let queued = self.shared.queued_bytes.load(Ordering::SeqCst);
+        let in_rings = if self.machine.is_paused() { self.machine.ring_pending() } else { self.machine.skim() };
         // hot pages are copied at every boundary (shipped only if changed)
-        let pages = self.machine.ring_pending() + self.pre.pages() + self.machine.hot_page_count() as u64;
+        let pages = in_rings + self.pre.pages() + self.machine.hot_page_count() as u64;
         let pending = pages * PAGE_SIZE;
         (queued, pending)
     }
 
     /// Whether the held bytes passed the budget.
-    fn over_budget(&self) -> bool {
+    fn over_budget(&mut self) -> bool {
         let (queued, pending) = self.held_bytes();
         queued + pending > self.opts.max_queued_bytes
     }
@@ -876,6 +882,22 @@ impl Engine {
         Ok(d)
     }
 
+    /// Waits until `bytes` more fit the byte budget beside what is queued
+    /// (at once when nothing is); false if the session changed meanwhile.
+    fn room_for(&mut self, bytes: u64) -> bool {
+        loop {
+            let queued = self.shared.queued_bytes.load(Ordering::SeqCst);
+            if queued == 0 || queued + bytes <= self.opts.max_queued_bytes {
+                return true;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+            self.poll_commands();
+            if self.directive != Directive::Protect || self.want_sync || self.shared.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+        }
+    }
+
     fn sync_attempt(&mut self, attempt: u32) -> Result<SyncEnd, vmm::MachineError> {
         let t = Instant::now();
         self.sync_pause()?; // baseline: track from here
@@ -895,6 +917,12 @@ impl Engine {
                 sent += batch.len() as u64;
                 bytes += batch.len() as u64 * PAGE_SIZE;
                 let pages = std::mem::replace(&mut batch, Vec::with_capacity(SYNC_BATCH_PAGES));
+                // the byte budget holds for a sync's batches too: read on
+                // once the link has taken enough of the earlier ones
+                if !self.room_for(pages.len() as u64 * PAGE_SIZE) {
+                    tracing::info!("live sync abandoned: the session changed");
+                    return Ok(SyncEnd::Abandoned);
+                }
                 let queued = Queued::new(&self.shared, &pages);
                 if !self.send(Packet::Sync { round: 0, first: std::mem::take(&mut first), pages, queued }) {
                     return Ok(SyncEnd::Abandoned);
