@@ -362,6 +362,14 @@ async fn serve_inner(
                 tx.send(refuse(RefuseCode::Version, format!("this secondary speaks version {PROTOCOL_VERSION}"))).await;
             return Err(ReceiverError::VersionRefused { min: hello.min_version, max: hello.max_version });
         }
+        // a stale primary learns it is fenced whatever else differs
+        let ours = cfg.generation();
+        if hello.generation < ours {
+            let _ = tx
+                .send(refuse(RefuseCode::StaleGeneration, format!("generation {} is fenced", hello.generation)))
+                .await;
+            return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
+        }
         if let Err(e) = cfg.pair.check_peer(&hello.pair) {
             let _ = tx.send(refuse(RefuseCode::Pair, format!("the secondary refused the pair: {e}"))).await;
             return Err(e.into());
@@ -376,13 +384,6 @@ async fn serve_inner(
             let reason = format!("the secondary's last trial restore failed: {why}");
             let _ = tx.send(refuse(RefuseCode::Cpu, reason)).await;
             return Err(ReceiverError::TrialRestore(why));
-        }
-        let ours = cfg.generation();
-        if hello.generation < ours {
-            let _ = tx
-                .send(refuse(RefuseCode::StaleGeneration, format!("generation {} is fenced", hello.generation)))
-                .await;
-            return Err(ReceiverError::StaleGeneration { peer: hello.generation, ours });
         }
         // authenticated: only now may the peer shape the replica
         let shape_ok = common::sync::lock(replica).check_shape(&hello.shape);
