@@ -726,9 +726,13 @@ impl Engine {
     /// harvested count too; the boundary then has less to harvest). With the
     /// bitmap tracker only queued copies and hot pages count: it has no
     /// cheap count of the pages written.
-    fn held_bytes(&mut self) -> (u64, u64) {
+    /// `skim`: harvest the rings for an exact count (while waiting for the
+    /// link); without it, the entries harvested so far (the epoch loop's
+    /// check every millisecond, where a skim each time slowed the guest).
+    fn held_bytes(&mut self, skim: bool) -> (u64, u64) {
         let queued = self.shared.queued_bytes.load(Ordering::SeqCst);
-        let in_rings = if self.machine.is_paused() { self.machine.ring_pending() } else { self.machine.skim() };
+        let in_rings =
+            if skim && !self.machine.is_paused() { self.machine.skim() } else { self.machine.ring_pending() };
         // hot pages are copied at every boundary (shipped only if changed)
         let pages = in_rings + self.pre.pages() + self.machine.hot_page_count() as u64;
         let pending = pages * PAGE_SIZE;
@@ -737,7 +741,7 @@ impl Engine {
 
     /// Whether the held bytes passed the budget.
     fn over_budget(&mut self) -> bool {
-        let (queued, pending) = self.held_bytes();
+        let (queued, pending) = self.held_bytes(false);
         queued + pending > self.opts.max_queued_bytes
     }
 
@@ -752,7 +756,7 @@ impl Engine {
         let waited = Instant::now();
         let mut paused_here = false;
         loop {
-            let (queued, pending) = self.held_bytes();
+            let (queued, pending) = self.held_bytes(true);
             let over = queued > 0 && queued + pending > self.opts.max_queued_bytes;
             if !(self.in_flight() >= self.opts.max_in_flight || over)
                 || self.directive != Directive::Protect
