@@ -1,0 +1,369 @@
+//! The epoch engine: runs on its own thread and owns the machine. At each
+//! epoch boundary it stops the vCPUs, collects the dirty set, copies the pages,
+//! (tracking was re-armed by the collection), saves the machine state, drains
+//! device output, and resumes the guest; the packet goes to the network side,
+//! so shipping epoch N overlaps with running N+1.
+
+mod boundary;
+mod live_sync;
+mod options;
+mod packet;
+mod pool;
+mod precopy;
+mod schedule;
+mod shared;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::proto::Page;
+use common::state::Output;
+use tokio::sync::mpsc;
+use vmm::Machine;
+
+use crate::mode::EngineCommand;
+use pool::BufPool;
+use precopy::PreCopy;
+
+pub use options::{EngineOptions, UnprotectedPolicy, MAX_EPOCH_OUTPUTS};
+pub use packet::{EngineError, EpochPacket, Packet};
+pub use runtime::status::Phases;
+pub use shared::{EngineShared, Queued};
+
+/// How often the engine skims the dirty rings for a pre-copy round.
+const PRECOPY_POLL: Duration = Duration::from_micros(500);
+
+/// How often the engine looks for output while an output-driven epoch runs.
+const OUTPUT_POLL: Duration = Duration::from_micros(100);
+
+/// What the engine does now: a function of the last command it applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Directive {
+    /// Ship epochs.
+    Protect,
+    /// Keep the guest paused.
+    Hold,
+    /// Run by the unprotected policy.
+    Alone,
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct Engine {
+    machine: Machine,
+    opts: EngineOptions,
+    shared: Arc<EngineShared>,
+    tx: mpsc::Sender<Packet>,
+    commands: std::sync::mpsc::Receiver<EngineCommand>,
+    directive: Directive,
+    /// A live sync starts at the next boundary: the initial sync, and every
+    /// resync (a new session with a replica that has a committed epoch, a
+    /// lost collection, a resync the secondary asked for). It copies memory
+    /// while the guest runs into a staging area on the secondary.
+    want_sync: bool,
+    /// The next epoch is a full-memory epoch, copied in the pause: only
+    /// when live syncs keep losing their dirty tracking.
+    want_full: bool,
+    /// End the current epoch now and keep the guest paused after it
+    /// ([`EngineCommand::Finish`]).
+    finish: bool,
+    /// Resume the guest paused for a handover that was refused
+    /// ([`EngineCommand::Resume`]).
+    resume_guest: bool,
+    /// When a budget pause was last logged (once per 10 s).
+    budget_said: Option<Instant>,
+    held: Vec<Output>,
+    /// When the oldest output in `held` was sent.
+    held_since: Option<Instant>,
+    pool: BufPool,
+    /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`, with `--test-hooks`): treat every N-th
+    /// epoch as if dirty tracking had been lost.
+    force_lost_every: Option<u64>,
+    /// The epoch the test hook last forced lost.
+    last_forced: Option<u64>,
+    /// The next epoch ends a live sync.
+    sync_final: bool,
+    /// The epoch that ended the last live sync, until it is acknowledged.
+    sync_until: Option<u64>,
+    /// The sync about to run was started by a lost collection (its pause
+    /// already counts for the sync's longest pause).
+    sync_started_by_loss: bool,
+    /// The previous delta epoch's pages as copied (sorted by gfn). A page
+    /// reported dirty again (hot-page retention reports retained pages every
+    /// epoch) whose content equals its copy in the previous epoch is not
+    /// shipped again: the secondary applies epochs in order, so it holds that
+    /// content already. Emptied by anything that is not a delta epoch.
+    last_copied: Vec<Page>,
+    /// When the guest last resumed after a boundary (the epoch's start).
+    epoch_started: Instant,
+    /// This epoch's pre-copy rounds.
+    pre: PreCopy,
+    /// When the rings were last skimmed for a pre-copy round.
+    last_skim: Instant,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl Engine {
+    pub fn new(
+        machine: Machine,
+        opts: EngineOptions,
+        shared: Arc<EngineShared>,
+        tx: mpsc::Sender<Packet>,
+        commands: std::sync::mpsc::Receiver<EngineCommand>,
+    ) -> Self {
+        let force_lost_every = std::env::var("CASTOR_FORCE_TRACKING_LOST_EVERY")
+            .ok()
+            .filter(|_| common::crashpoint::test_hooks_enabled())
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n > 0);
+        Engine {
+            machine,
+            opts,
+            shared,
+            tx,
+            commands,
+            directive: Directive::Alone,
+            want_sync: false,
+            want_full: false,
+            finish: false,
+            resume_guest: false,
+            budget_said: None,
+            held: Vec::new(),
+            held_since: None,
+            pool: BufPool::default(),
+            force_lost_every,
+            last_forced: None,
+            sync_final: false,
+            sync_until: None,
+            sync_started_by_loss: false,
+            last_copied: Vec::new(),
+            epoch_started: Instant::now(),
+            pre: PreCopy::default(),
+            last_skim: Instant::now(),
+        }
+    }
+
+    fn send(&self, p: Packet) -> bool {
+        self.tx.blocking_send(p).is_ok()
+    }
+
+    fn check_guest(&self) -> Result<(), EngineError> {
+        if let Some(f) = self.machine.faults().first() {
+            return Err(EngineError::GuestFault { vector: f.vector, rip: f.rip, cpu: f.cpu });
+        }
+        if let Some((id, why)) = self.machine.exited_vcpus().first() {
+            return Err(EngineError::VcpuExited { cpu: *id, why: why.clone() });
+        }
+        Ok(())
+    }
+
+    /// Applies the commands that arrived, in order.
+    fn poll_commands(&mut self) {
+        while let Ok(c) = self.commands.try_recv() {
+            match c {
+                EngineCommand::Protect(_) => {
+                    // a replica with a committed epoch (Resync::Full) keeps
+                    // it usable for failover until the sync's final epoch
+                    // commits: the secondary stages the sync either way
+                    self.directive = Directive::Protect;
+                    self.want_sync = true;
+                    self.want_full = false;
+                }
+                EngineCommand::Hold => {
+                    self.directive = Directive::Hold;
+                    self.want_sync = false;
+                    self.want_full = false;
+                    self.finish = false;
+                }
+                EngineCommand::Alone => {
+                    self.directive = Directive::Alone;
+                    self.want_sync = false;
+                    self.want_full = false;
+                    self.finish = false;
+                }
+                EngineCommand::Finish => self.finish = self.directive == Directive::Protect,
+                EngineCommand::Resume => {
+                    self.directive = Directive::Protect;
+                    self.finish = false;
+                    self.resume_guest = true;
+                }
+                EngineCommand::FullEpoch => self.want_sync |= self.directive == Directive::Protect,
+            }
+        }
+    }
+
+    /// Runs until `shared.stop`; returns the machine (paused).
+    pub fn run(mut self) -> Machine {
+        if let Err(e) = self.run_loop() {
+            tracing::error!(error = %e, "epoch engine stopped");
+            let _ = self.send(Packet::Failed(e));
+        }
+        let _ = self.machine.pause();
+        self.machine
+    }
+
+    fn run_loop(&mut self) -> Result<(), EngineError> {
+        // a running machine handed over (a promoted secondary's) stops at
+        // once under the pause policy: no output before a secondary syncs
+        if self.opts.unprotected == UnprotectedPolicy::Pause {
+            self.machine.pause()?;
+        }
+        let mut next = Instant::now();
+        loop {
+            self.poll_commands();
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            next += self.opts.epoch;
+            // sleep to the epoch's end, or end it early once the rings have
+            // filled with more than max_epoch_pages entries (ring-full exits
+            // make this cheap to notice; the bitmap tracker has no such signal)
+            loop {
+                let now = Instant::now();
+                if next <= now {
+                    // a boundary that overran is absorbed by the next epochs
+                    // (the grid holds); only a stall of a whole epoch resets it
+                    if now - next > self.opts.epoch {
+                        next = now;
+                    }
+                    break;
+                }
+                if self.machine.ring_pending() + self.pre.pages() >= self.opts.max_epoch_pages
+                    || self.machine.devices().outbox_len() >= MAX_EPOCH_OUTPUTS
+                    || (self.directive == Directive::Protect && self.over_budget())
+                {
+                    next = now;
+                    break;
+                }
+                // a switchover ends the epoch at once
+                self.poll_commands();
+                if self.finish {
+                    next = now;
+                    break;
+                }
+                // output-driven: held output waits for this epoch's ack, so
+                // end the epoch once it is min_epoch old (the epochs in
+                // flight bound the rate to what the link acknowledges)
+                let output_driven = self.opts.min_epoch.filter(|_| self.directive == Directive::Protect);
+                if let Some(min) = output_driven {
+                    if now >= self.epoch_started + min && self.machine.devices().has_output() {
+                        next = now;
+                        break;
+                    }
+                }
+                // unprotected and running: output leaves at once (no
+                // secondary to wait for; the epoch only bounds tracking)
+                let alone = self.directive == Directive::Alone && self.opts.unprotected == UnprotectedPolicy::Continue;
+                if alone {
+                    let out = self.machine.devices().drain();
+                    if !out.is_empty() {
+                        self.send(Packet::Release(out));
+                    }
+                }
+                // (a guest paused until a secondary syncs has nothing to pre-copy)
+                let precopy = self
+                    .opts
+                    .precopy_min_pages
+                    .filter(|_| self.directive == Directive::Protect && !self.machine.is_paused());
+                if let Some(min) = precopy {
+                    if now >= self.last_skim + PRECOPY_POLL {
+                        self.last_skim = now;
+                        if self.machine.precopy_due(min, !self.pre.rounds.is_empty()) {
+                            self.precopy_round()?;
+                        }
+                    }
+                }
+                let step = if output_driven.is_some() || alone {
+                    OUTPUT_POLL
+                } else if precopy.is_some() {
+                    PRECOPY_POLL
+                } else {
+                    Duration::from_millis(1)
+                };
+                std::thread::sleep((next - now).min(step));
+            }
+            self.check_guest()?;
+            self.poll_commands();
+            if std::mem::take(&mut self.resume_guest)
+                && self.directive == Directive::Protect
+                && self.machine.is_paused()
+            {
+                // a refused handover: the guest runs on from its last epoch
+                self.machine.resume()?;
+                tracing::warn!("the handover was refused: the guest runs here again, protected");
+            }
+            if self.directive != Directive::Protect {
+                if self.opts.tracking_off && self.directive == Directive::Alone {
+                    if self.machine.is_paused() {
+                        self.machine.resume()?;
+                    }
+                    let out = self.machine.devices().drain();
+                    if !out.is_empty() {
+                        self.send(Packet::Release(out));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    next = Instant::now();
+                    continue;
+                }
+                self.unprotected_epoch()?;
+                continue;
+            }
+            if std::mem::take(&mut self.want_sync) {
+                self.live_sync()?;
+                next = Instant::now();
+                continue;
+            }
+            // Bound epochs in flight: while the secondary is behind, the
+            // guest runs on (a longer epoch) instead of queueing more copies,
+            // for 5 s at most; and past the byte budget it is paused until
+            // the link has drained below it (no epoch is taken then).
+            self.wait_for_the_link()?;
+            if self.directive != Directive::Protect {
+                continue;
+            }
+            // a last round just before the boundary, once a quarter of the
+            // round minimum waits: the pause then copies only what the guest
+            // wrote during this round's copy
+            if let Some(min) = self.opts.precopy_min_pages {
+                if !self.finish
+                    && !self.machine.is_paused()
+                    && self.machine.precopy_due(min / 4, !self.pre.rounds.is_empty())
+                {
+                    self.precopy_round()?;
+                }
+            }
+            let last = std::mem::take(&mut self.finish);
+            let Some(packet) = self.boundary(!last)? else {
+                // the collection was incomplete: a live resync follows
+                continue;
+            };
+            if last {
+                // the guest stays paused: the secondary runs it from here
+                self.directive = Directive::Hold;
+                tracing::info!(epoch = packet.epoch, "last epoch before the handover: the guest stays paused");
+            }
+            if !self.send(Packet::Epoch(Box::new(packet))) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Moves the devices' output into `held` (the guest is paused).
+    fn hold_output(&mut self) {
+        let (out, since) = self.machine.devices().drain_timed();
+        self.held.extend(out);
+        self.held_since = match (self.held_since, since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Every pause counts for the longest one (status `pause_us_max`).
+    fn note_pause(&self, us: f64) {
+        self.shared.pause_us_max.fetch_max(us as u64, Ordering::Relaxed);
+    }
+}

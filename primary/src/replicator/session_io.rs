@@ -1,0 +1,159 @@
+//! A session's I/O tasks: the writer, the ack reader and the heartbeats,
+//! and what they ship ([`Ship`]) and report ([`Heard`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::proto::{Message, RefuseCode};
+use tokio::sync::mpsc;
+
+use super::pace::{epoch_bytes, page_bytes, LinkMeter};
+use super::session::SessionEnd;
+use crate::engine::EpochPacket;
+use crate::mode::Loss;
+use crate::sender::{SessionReader, SessionWriter};
+
+/// What the session's reader tasks report.
+pub(super) enum Heard {
+    Ack(u64),
+    ResyncRequest(String),
+    /// The secondary cannot take the handover (why).
+    HandoverRefused(String),
+}
+
+/// What the session's writer ships.
+pub(super) enum Ship {
+    /// Live-sync pages; `first`: the first batch of a sync.
+    Sync {
+        first: bool,
+        pages: Vec<common::proto::Page>,
+        /// Their share of the engine's byte budget, given back once written.
+        _queued: crate::engine::Queued,
+    },
+    Epoch(Box<EpochPacket>),
+    /// The handover after this (acknowledged) epoch.
+    Handover(u64),
+}
+
+pub(super) async fn write_loop(
+    mut dw: SessionWriter,
+    mut ship: mpsc::UnboundedReceiver<Ship>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    meter: Arc<LinkMeter>,
+) -> SessionEnd {
+    while let Some(s) = ship.recv().await {
+        let res = match s {
+            Ship::Sync { first, pages, .. } => {
+                let bytes = page_bytes(&pages);
+                let r = dw.send_sync(first, pages).await;
+                meter.sent(bytes);
+                r
+            }
+            Ship::Epoch(e) => {
+                let e = *e;
+                let (epoch, bytes) = (e.epoch, epoch_bytes(&e));
+                let r = dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await;
+                meter.sent(bytes);
+                common::sync::lock(&meter.written).push((epoch, bytes));
+                r
+            }
+            Ship::Handover(epoch) => dw.send(&Message::Handover { epoch }).await,
+        };
+        queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = res {
+            return SessionEnd::Lost(Loss::Send(e.to_string()));
+        }
+    }
+    std::future::pending().await
+}
+
+pub(super) async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<Heard>, gen: u64) -> SessionEnd {
+    loop {
+        let h = match dr.recv().await {
+            Ok(Some(Message::EpochAck { epoch })) => Heard::Ack(epoch),
+            Ok(Some(Message::ResyncRequest { reason })) => Heard::ResyncRequest(reason),
+            // the secondary accepted and closes the session: the end of the
+            // I/O carries it (ahead of the close that follows)
+            Ok(Some(Message::Handover { epoch })) => return SessionEnd::HandedOver(epoch),
+            Ok(Some(Message::Fence { generation, .. })) => return SessionEnd::Fenced(generation),
+            Ok(Some(Message::Refused { code: RefuseCode::StaleGeneration, .. })) => {
+                return SessionEnd::Fenced(gen.saturating_add(1))
+            }
+            Ok(Some(Message::Refused { code: RefuseCode::Takeover, reason })) => Heard::HandoverRefused(reason),
+            Ok(Some(Message::Refused { reason, .. })) => return SessionEnd::Lost(Loss::Refused(reason)),
+            Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?}", other.kind()))),
+            Ok(None) => return SessionEnd::Lost(Loss::Closed("data")),
+            Err(e) => return SessionEnd::Lost(Loss::Channel { channel: "data", err: e.to_string() }),
+        };
+        if heard.send(h).is_err() {
+            return SessionEnd::Stopped;
+        }
+    }
+}
+
+/// What the heartbeat task learns from the secondary's replies.
+pub(super) struct Liveness {
+    /// When the last heartbeat the secondary answered was sent.
+    pub(super) heard: Arc<std::sync::Mutex<Instant>>,
+    /// When the last heartbeat was sent whose reply counted more bytes read
+    /// from the data connection than the one before.
+    pub(super) data_progress: Arc<std::sync::Mutex<Instant>>,
+    /// Set while a handover is out: the secondary raises its generation as
+    /// it takes over, and its heartbeat replies may show it before the data
+    /// connection brings its acceptance; the data connection decides then
+    /// (acceptance, refusal, or its loss).
+    pub(super) handing_over: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub(super) async fn heartbeats(
+    mut hr: SessionReader,
+    mut hw: SessionWriter,
+    gen: u64,
+    interval: Duration,
+    timeout: Duration,
+    live: Liveness,
+) -> SessionEnd {
+    let mut received_max = 0u64;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut last_reply = Instant::now();
+    let start = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let time_us = start.elapsed().as_micros() as u64;
+                if hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
+                    return SessionEnd::Lost(Loss::Closed("heartbeat"));
+                }
+                seq += 1;
+                if last_reply.elapsed() > timeout {
+                    return SessionEnd::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
+                }
+            }
+            m = hr.recv() => match m {
+                Ok(Some(Message::Heartbeat { generation, time_us, received, .. })) => {
+                    if generation > gen && !live.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+                        return SessionEnd::Fenced(generation);
+                    }
+                    // liveness is when the answered heartbeat was *sent*
+                    // (its echoed time): replies that waited in our socket
+                    // while this process was frozen say the secondary was
+                    // alive back then, not now
+                    let sent = start + Duration::from_micros(time_us);
+                    if sent > last_reply && sent <= Instant::now() {
+                        last_reply = sent;
+                        *common::sync::lock(&live.heard) = sent;
+                        if received > received_max {
+                            received_max = received;
+                            *common::sync::lock(&live.data_progress) = sent;
+                        }
+                    }
+                }
+                Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
+                Ok(None) => return SessionEnd::Lost(Loss::Closed("heartbeat")),
+                Err(e) => return SessionEnd::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
+            }
+        }
+    }
+}
