@@ -1,60 +1,30 @@
 //! The secondary's side of a replication connection: handshake, then epochs
 //! into the replica, acknowledging each commit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod config;
+mod counting;
+mod error;
+mod resync;
+mod trial;
+
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use common::auth::Secret;
 use common::frame::{FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use common::proto::{
-    Channel, HelloAck, Kind, Message, PairMismatch, PairSettings, ProtoError, RefuseCode, StateAssembler,
-};
+use common::proto::{Channel, HelloAck, Kind, Message, RefuseCode, StateAssembler};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::replica::{Replica, ReplicaError};
+use counting::CountingRead;
+use resync::Resyncing;
 
-/// Why a connection ended with an error. Every variant leaves the replica at
-/// its committed epoch (a partly staged epoch is dropped).
-#[derive(Debug, thiserror::Error)]
-pub enum ReceiverError {
-    #[error("peer is not authenticated: {0}")]
-    Unauthenticated(String),
-    #[error("peer offered protocol versions {min}..={max}; this build speaks {PROTOCOL_VERSION}")]
-    VersionRefused { min: u16, max: u16 },
-    #[error("frame: {0}")]
-    Frame(FrameError),
-    #[error("message: {0}")]
-    Proto(#[from] ProtoError),
-    #[error("replica refused: {0}")]
-    Replica(#[from] ReplicaError),
-    #[error("stale primary: generation {peer} < ours {ours}")]
-    StaleGeneration { peer: u64, ours: u64 },
-    #[error("unexpected {0:?} message {1}")]
-    Unexpected(Kind, &'static str),
-    #[error("connection closed {0}")]
-    Closed(&'static str),
-    #[error("no authenticated handshake within {0:?}")]
-    HandshakeTimeout(std::time::Duration),
-    #[error("the new generation could not be stored: {0}")]
-    StateDir(#[from] runtime::state_dir::StateDirError),
-    #[error("a newer session from the primary took over this one")]
-    Superseded,
-    #[error("the primary's settings do not fit ours, refused: {0}")]
-    PairMismatch(#[from] PairMismatch),
-    #[error("the primary refused us: {reason}")]
-    RefusedByPrimary { code: RefuseCode, reason: String },
-    #[error(transparent)]
-    Cpu(#[from] common::state::CpuMismatch),
-    #[error("the replica does not restore on this host: {0}")]
-    TrialRestore(String),
-    #[error("{skipped} delta epochs skipped since the resync request, and no resync began")]
-    ResyncNotStarted { skipped: u64 },
-    #[error("{kind:?} of epoch {got} inside skipped epoch {skipping}")]
-    SkippedEpoch { kind: Kind, got: u64, skipping: u64 },
-}
+pub use config::ReceiverConfig;
+pub use error::ReceiverError;
+pub use resync::MAX_SKIPPED_EPOCHS;
+pub use trial::{TrialRestore, TRIAL_RETRY};
 
 /// How long the node may take to build the machine and win the term
 /// before a handover is refused (the primary's guest waits paused).
@@ -64,69 +34,6 @@ pub const TAKEOVER_ANSWER: std::time::Duration = std::time::Duration::from_secs(
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Read buffer of a connection before it authenticated (grown after).
 const PRE_AUTH_BUFFER: usize = 8 << 10;
-/// Delta epochs a session skips after it asked for a resync before it
-/// gives up on the primary (`ResyncNotStarted`). The primary sends until it
-/// reads the request; it stretches its epochs once `--max-in-flight`
-/// (default 4) are unacknowledged, so far fewer arrive in practice.
-pub const MAX_SKIPPED_EPOCHS: u64 = 64;
-
-/// A session that asked for a resync: the delta epochs the primary sent
-/// before it read the request are skipped (read, checked to be whole,
-/// neither applied nor acknowledged) until the resync (a live sync or a
-/// full epoch) begins.
-#[derive(Debug, Default)]
-struct Resyncing {
-    /// The delta epoch being skipped, between its begin and its end.
-    skipping: Option<u64>,
-    /// Delta epochs skipped so far.
-    skipped: u64,
-}
-
-impl Resyncing {
-    /// Checks that a message of epoch `got` belongs to the epoch skipped.
-    fn inside(&self, kind: Kind, got: u64) -> Result<(), ReceiverError> {
-        match self.skipping {
-            Some(s) if s == got => Ok(()),
-            Some(s) => Err(ReceiverError::SkippedEpoch { kind, got, skipping: s }),
-            None => Err(ReceiverError::Unexpected(kind, "outside an epoch")),
-        }
-    }
-}
-
-impl ReceiverError {
-    /// A short stable name of the error class (logs, tests, metrics).
-    pub fn code(&self) -> &'static str {
-        match self {
-            ReceiverError::Unauthenticated(_) => "unauthenticated",
-            ReceiverError::VersionRefused { .. } | ReceiverError::Frame(FrameError::WrongVersion { .. }) => "version",
-            ReceiverError::Frame(FrameError::Truncated(_)) | ReceiverError::Closed(_) => "truncated",
-            ReceiverError::Frame(FrameError::Corrupt) => "corrupt",
-            ReceiverError::Frame(FrameError::Duplicate { .. }) => "duplicate",
-            ReceiverError::Frame(FrameError::OutOfOrder { .. }) => "reordered",
-            ReceiverError::Frame(FrameError::Oversize(_)) => "oversize",
-            ReceiverError::Frame(FrameError::BadMagic(_)) => "bad-magic",
-            ReceiverError::Frame(FrameError::InvalidKind(_)) | ReceiverError::Proto(_) => "malformed",
-            ReceiverError::Frame(FrameError::Io(_)) => "io",
-            ReceiverError::Replica(ReplicaError::ShapeMismatch { .. }) => "shape",
-            ReceiverError::Replica(ReplicaError::EpochOrder { .. })
-            | ReceiverError::Replica(ReplicaError::ChunkEpoch { .. })
-            | ReceiverError::Replica(ReplicaError::StagingInProgress { .. })
-            | ReceiverError::Replica(ReplicaError::NotStaging(_))
-            | ReceiverError::Unexpected(..) => "protocol-order",
-            ReceiverError::Replica(_) => "replica",
-            ReceiverError::StaleGeneration { .. } => "stale-generation",
-            ReceiverError::HandshakeTimeout(_) => "handshake-timeout",
-            ReceiverError::StateDir(_) => "state-dir",
-            ReceiverError::Superseded => "superseded",
-            ReceiverError::PairMismatch(_) => "pair-settings",
-            ReceiverError::RefusedByPrimary { code: RefuseCode::Pair, .. } => "pair-settings",
-            ReceiverError::RefusedByPrimary { .. } => "refused",
-            ReceiverError::Cpu(_) | ReceiverError::TrialRestore(_) => "cannot-restore",
-            ReceiverError::ResyncNotStarted { .. } => "resync-not-started",
-            ReceiverError::SkippedEpoch { .. } => "protocol-order",
-        }
-    }
-}
 
 /// How a connection ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,133 +72,6 @@ pub enum ReceiverEvent {
     ApplyFailed {
         epoch: u64,
     },
-}
-
-/// Receiver settings.
-#[derive(Debug, Clone)]
-pub struct ReceiverConfig {
-    pub secret: Secret,
-    /// This node's name in the witness, sent in the HelloAck.
-    pub node: String,
-    /// What the primary must agree on (refused otherwise).
-    pub pair: PairSettings,
-    /// The CPU this host can give a guest: a primary whose guest needs
-    /// more is refused in the handshake. `None`: not checked.
-    pub host_cpu: Option<common::state::CpuModel>,
-    /// A trial restore of the first epoch each session commits, before it
-    /// is acknowledged (see [`TrialRestore`]). `None`: none.
-    pub trial: Option<TrialRestore>,
-    /// Where a planned handover is put to the node, which answers once it
-    /// runs the guest or cannot. `None`: accepted at once (tests of the
-    /// wire alone).
-    pub takeover: Option<tokio::sync::mpsc::UnboundedSender<crate::takeover::TakeoverAsk>>,
-    /// Where a raised generation is stored (`--state-dir`).
-    pub state: Option<Arc<runtime::state_dir::StateDir>>,
-    /// This node's generation: primaries with a lower one are refused.
-    pub generation: Arc<AtomicU64>,
-    /// Bytes read from authenticated data connections so far, sent in every
-    /// heartbeat reply: the primary's sign that a slow link still moves
-    /// (an epoch's ack can take seconds on it).
-    pub data_received: Arc<AtomicU64>,
-}
-
-/// A trial restore: the machine of the replica's committed epoch is built
-/// (vCPUs created and set, never run) and dropped, before the first epoch
-/// of a session is acknowledged, so a replica that could not be taken over
-/// is found when the pair forms. After a failure primaries are refused for
-/// [`TRIAL_RETRY`] (they would sync again only to fail again).
-#[derive(Debug, Clone)]
-pub struct TrialRestore {
-    pub tracker: vmm::TrackerKind,
-    /// Where the result is shown (`restore_check`).
-    pub status: Arc<runtime::status::NodeStatus>,
-    /// The last failure and when.
-    pub failed: Arc<Mutex<Option<(Instant, String)>>>,
-}
-
-/// How long a failed trial restore keeps primaries away.
-pub const TRIAL_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl TrialRestore {
-    pub fn new(tracker: vmm::TrackerKind, status: Arc<runtime::status::NodeStatus>) -> Self {
-        TrialRestore { tracker, status, failed: Arc::default() }
-    }
-
-    /// Why primaries are refused now, if they are.
-    fn refusal(&self) -> Option<String> {
-        let f = common::sync::lock(&self.failed);
-        f.as_ref().filter(|(at, _)| at.elapsed() < TRIAL_RETRY).map(|(_, why)| why.clone())
-    }
-
-    /// Builds and drops the machine of the committed epoch.
-    async fn run(&self, replica: &Arc<Mutex<Replica>>) -> Result<(), String> {
-        let (replica, tracker) = (replica.clone(), self.tracker);
-        let t = Instant::now();
-        let r = tokio::task::spawn_blocking(move || {
-            crate::takeover::build_paused(&replica, tracker, "secondary.trial_restore").map(|(_, e)| e)
-        })
-        .await
-        .map_err(|e| format!("the trial restore did not finish: {e}"))
-        .and_then(|r| r.map_err(|e| e.to_string()));
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        match &r {
-            Ok(epoch) => {
-                tracing::info!(epoch, ms, "trial restore: the replica builds into a machine on this host");
-                *common::sync::lock(&self.failed) = None;
-                self.status.update(|s| s.restore_check = Some(format!("ok at epoch {epoch} ({ms:.0} ms)")));
-            }
-            Err(why) => {
-                tracing::error!(%why, "trial restore failed: this node could not take over; refusing primaries for {TRIAL_RETRY:?}");
-                *common::sync::lock(&self.failed) = Some((Instant::now(), why.clone()));
-                self.status.update(|s| s.restore_check = Some(format!("failed: {why}")));
-            }
-        }
-        r.map(|_| ())
-    }
-}
-
-impl ReceiverConfig {
-    pub fn new(secret: Secret, generation: u64, pair: PairSettings) -> Self {
-        ReceiverConfig {
-            secret,
-            node: String::new(),
-            pair,
-            takeover: None,
-            host_cpu: None,
-            trial: None,
-            state: None,
-            generation: Arc::new(AtomicU64::new(generation)),
-            data_received: Arc::default(),
-        }
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
-    }
-}
-
-/// A connection's read half that, once armed (the peer authenticated on a
-/// data channel), counts every byte read into the node's counter: bytes,
-/// not frames, since one frame can take seconds on a slow link.
-struct CountingRead<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-    armed: bool,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingRead<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.armed {
-            self.count.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
-        }
-        r
-    }
 }
 
 /// Serves one replication connection until it ends. The replica is left at
