@@ -2,7 +2,7 @@
 //! per-vCPU dirty rings (with the ledger of entries awaiting a reset) or the
 //! per-slot bitmap, plus hot-page retention and the rule that a collection
 //! whose re-arm failed is reported as lost. The machine calls it; the vCPU
-//! threads only touch the rings on ring-full exits (vcpu.rs).
+//! threads only touch the rings on ring-full exits (vcpu/ring_full.rs).
 
 use std::sync::Arc;
 

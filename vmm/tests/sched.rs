@@ -1,4 +1,4 @@
-//! Real-time pauses (vmm/src/vcpu.rs, `CASTOR_RT_PAUSE=1`): the vCPU threads a
+//! Real-time pauses (vmm/src/vcpu/sched.rs, `CASTOR_RT_PAUSE=1`): the vCPU threads a
 //! pause waits for run at SCHED_FIFO only while they do what it waits for. A
 //! thread left at a real-time policy while the guest runs (or while it polls
 //! in its park) would starve everything else on its core, so every pause and
