@@ -90,7 +90,8 @@ async fn send_full_sync(tx: &mut Tx, first: bool, pages: Vec<Page>) -> Result<()
 /// Lets the runtime poll its timers and sockets between two frames of a
 /// long send. A task that never has to wait runs until the runtime's
 /// cooperative budget stops it (128 socket writes, here 128 sealed MiB):
-/// on this 2-core host that kept timers unpolled for 100-160 ms, the
+/// on this 2-core host that kept timers unpolled for a tenth of a second
+/// and more (docs/benchmarks.md, "Figures once kept in comments"), the
 /// heartbeat task fired that late and the session ended as if the
 /// secondary were gone. `yield_now` wakes this task again only after the
 /// runtime has polled its driver.

@@ -13,7 +13,7 @@ use crate::engine::EpochPacket;
 /// large live sync, and a flooding guest's epochs on a link that was merely
 /// slow. The rate the acks measure (ack-clocked, [`LinkPace::rate`]) is not
 /// used to shorten it: a link can slow down at once (the console-flood test
-/// throttles it to 2 MiB/s), and a dead secondary is found by the heartbeats,
+/// throttles it), and a dead secondary is found by the heartbeats,
 /// not by this deadline. Past the deadline the session is lost only if the
 /// link has stopped moving too: no heartbeat reply for [`DATA_STALL`] (or
 /// the base, if longer) counted more bytes read by the secondary (a link slower than the assumed

@@ -68,7 +68,7 @@ impl Machine {
     /// and each costs the guest a write fault when written again (tens of
     /// microseconds on this host); rounds taking a hot set apart kept
     /// retention from holding it and cut the kv guest's protected throughput
-    /// (0.76-0.79 of unprotected against 0.84-0.85 without pre-copy).
+    /// (measured: docs/benchmarks.md, "Figures once kept in comments").
     ///
     /// `again`: a round already ran in this epoch (the hot pages it took are
     /// write-protected already); then only `min` applies.

@@ -64,9 +64,9 @@ impl Vcpu {
         // its signal was pending took the core from the kicker, which then
         // could not send it, and ran guest code at a real-time policy until
         // the guest exited on its own (a guest writing memory with no I/O:
-        // stops of 50-500 ms, seen in the pre-copy service test). Only a
-        // running thread is raised: one still in its park (resumed, not yet
-        // out) must not poll at a real-time policy.
+        // stops of tens to hundreds of ms, seen in the pre-copy service
+        // test). Only a running thread is raised: one still in its park
+        // (resumed, not yet out) must not poll at a real-time policy.
         // (the status lock only when a raise may follow: the default path
         // stays as it was)
         let st = rt_pause_on().then(|| self.status());
