@@ -48,28 +48,30 @@ fn parse(v: &str) -> Target {
     Target { name, nth: nth.max(1), onward, panic, seen: AtomicU64::new(0) }
 }
 
-fn target() -> Option<&'static Target> {
+/// The target named by the environment variable `var`, read once into
+/// `cell`; none unless the test hooks are on.
+fn env_target(var: &str, cell: &'static OnceLock<Option<Target>>) -> Option<&'static Target> {
     if !test_hooks_enabled() {
         return None;
     }
+    cell.get_or_init(|| std::env::var(var).ok().map(|v| parse(&v))).as_ref()
+}
+
+fn target() -> Option<&'static Target> {
     static T: OnceLock<Option<Target>> = OnceLock::new();
-    T.get_or_init(|| {
-        let v = std::env::var("CASTOR_CRASH_AT").ok()?;
-        Some(parse(&v))
-    })
-    .as_ref()
+    env_target("CASTOR_CRASH_AT", &T)
 }
 
 fn fail_target() -> Option<&'static Target> {
-    if !test_hooks_enabled() {
-        return None;
-    }
     static T: OnceLock<Option<Target>> = OnceLock::new();
-    T.get_or_init(|| {
-        let v = std::env::var("CASTOR_FAIL_AT").ok()?;
-        Some(parse(&v))
-    })
-    .as_ref()
+    env_target("CASTOR_FAIL_AT", &T)
+}
+
+/// Whether the N-th hit of `t` (counted here) is one it acts on: the N-th,
+/// or any from the N-th on.
+fn due(t: &Target) -> Option<u64> {
+    let n = t.seen.fetch_add(1, Ordering::SeqCst) + 1;
+    (n == t.nth || (t.onward && n > t.nth)).then_some(n)
 }
 
 /// Points where a test can inject an error (`CASTOR_FAIL_AT=name[:N[+]]`,
@@ -79,12 +81,7 @@ pub const FAIL_POINTS: &[&str] = &["secondary.restore", "secondary.trial_restore
 /// Whether the operation at `name` is to fail now (an injected error, see
 /// [`FAIL_POINTS`]): its N-th time, or every time from the N-th on.
 pub fn fail_at(name: &str) -> bool {
-    let Some(t) = fail_target() else { return false };
-    if t.name != name {
-        return false;
-    }
-    let n = t.seen.fetch_add(1, Ordering::SeqCst) + 1;
-    n == t.nth || (t.onward && n > t.nth)
+    fail_target().is_some_and(|t| t.name == name && due(t).is_some())
 }
 
 /// Every crash point castor has, in epoch-commit order.
@@ -112,8 +109,7 @@ pub const POINTS: &[&str] = &[
 pub fn hit(name: &str) {
     if let Some(t) = target() {
         if t.name == name {
-            let n = t.seen.fetch_add(1, Ordering::SeqCst) + 1;
-            if n == t.nth || (t.onward && n > t.nth) {
+            if let Some(n) = due(t) {
                 if t.panic {
                     panic!("castor: injected panic at crash point {name} (hit {n})");
                 }
