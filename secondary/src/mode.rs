@@ -1,5 +1,6 @@
 //! The secondary's mode, without I/O: one value, changed only by
-//! [`SecondaryMode::on`] with the event that caused it.
+//! [`SecondaryMode::step`] (or [`SecondaryMode::on`], without a witness)
+//! with the event that caused it.
 
 use runtime::control::Command;
 use runtime::status::Protection;

@@ -9,7 +9,8 @@
 //! corrupt frame, killed primary) leaves the replica exactly at N-1. Anything
 //! that goes wrong while the pages are written (an error, a panic) leaves it
 //! *torn*: neither N-1 nor N. A torn replica is unusable: no failover runs
-//! from it and only a full epoch (which rewrites every page) repairs it.
+//! from it, and only a full epoch (which rewrites every page) or the final
+//! epoch of a live resync (a staged copy that replaces it) repairs it.
 
 use std::sync::Arc;
 

@@ -83,7 +83,9 @@ impl Mode {
 pub enum Resync {
     /// Its replica is empty: copy memory while the guest runs.
     Live,
-    /// It holds an older epoch of ours: one full-memory epoch.
+    /// It holds an older epoch of ours: a live sync too (the engine starts
+    /// one for both), staged beside that epoch so it stays usable for
+    /// failover until the sync's final epoch commits.
     Full,
 }
 
@@ -97,7 +99,8 @@ pub enum EngineCommand {
     Hold,
     /// No secondary: run by the unprotected policy, output released at once.
     Alone,
-    /// Send the next epoch as a full-memory epoch (the secondary asked).
+    /// Resync the secondary (it asked: its replica diverged or is torn):
+    /// a live sync, whose final epoch replaces the replica.
     FullEpoch,
     /// End the current epoch now, ship it as the last one, and keep the
     /// guest paused (a planned switchover).

@@ -347,7 +347,7 @@ async fn serve_inner(
                     }
                     Err(ReplicaError::Torn { epoch, why }) => {
                         // not acknowledged: the primary holds its output and
-                        // sends a full epoch, which repairs the replica
+                        // resyncs it live: the sync's final epoch repairs it
                         on_event(ReceiverEvent::ApplyFailed { epoch });
                         let reason = format!("applying epoch {epoch} failed halfway ({why}): the replica is torn");
                         tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
