@@ -221,7 +221,9 @@ impl Secret {
     /// Whether `presented` equals this secret (in time that does not depend
     /// on where they differ).
     pub fn matches(&self, presented: &[u8]) -> bool {
-        presented.len() == self.0.len() && self.0.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        // `subtle`: the comparison takes the same time wherever the bytes
+        // differ (only a length difference returns early)
+        bool::from(subtle::ConstantTimeEq::ct_eq(self.0.as_slice(), presented))
     }
 
     /// The bytes as text (a bearer token, checked printable when read).
@@ -246,7 +248,7 @@ pub fn mac(key: &[u8], parts: &[&[u8]]) -> Key {
 
 /// Constant-time comparison of two MACs.
 pub fn verify(expected: &Key, got: &[u8]) -> bool {
-    got.len() == MAC_LEN && expected.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    got.len() == MAC_LEN && bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_slice(), got))
 }
 
 /// A fresh random nonce.
