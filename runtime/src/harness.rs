@@ -24,6 +24,15 @@ pub fn exit_text(code: Option<i32>) -> String {
     }
 }
 
+/// What [`NodeProc::wait_exit`] found, as a person reads it.
+pub fn waited_text(w: Option<i32>) -> String {
+    match w {
+        None => "still running".into(),
+        Some(-1) => "killed by a signal".into(),
+        Some(c) => format!("exit code {c}"),
+    }
+}
+
 /// Errors of starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {

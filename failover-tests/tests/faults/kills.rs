@@ -40,9 +40,12 @@ pub(super) fn kill_trials(row: &mut Row, trials: u64, seed: u64) {
                 continue;
             }
             std::thread::sleep(Duration::from_millis(delay));
-            let was = p.status().map(|v| v["protection"].clone());
+            let was = p.status().and_then(|v| v["protection"].as_str().map(str::to_string));
             p.kill9();
-            eprintln!("trial {t}: killed the primary {delay} ms into the sync (it was {was:?})");
+            eprintln!(
+                "trial {t}: killed the primary {delay} ms into the sync (it was {})",
+                was.as_deref().unwrap_or("unknown")
+            );
             std::thread::sleep(Duration::from_millis(600));
             let st = s.status().expect("secondary alive");
             if st["role"] == "primary" {
@@ -223,7 +226,9 @@ pub(super) fn two_node_double_fault(row: &mut Row) {
     eprintln!("  restarted the promoted node as a secondary with its state dir");
     match p.wait_exit(T) {
         Some(7) => eprintln!("  it refused the old primary as stale; the old primary exited fenced (7)"),
-        other => row.fail(format!("old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+        other => {
+            row.fail(format!("old primary not fenced ({}):\n{}", runtime::harness::waited_text(other), p.log_tail()))
+        }
     }
     witness::nothing_decided_after(row, &c, &p, frozen_at, frozen, "2n-double-fault");
     match s2.status() {

@@ -54,9 +54,11 @@ pub(super) fn network_with(
         }
         match p.wait_exit(T) {
             Some(7) => eprintln!("  the old primary learned of the new generation and exited fenced"),
-            other => {
-                row.fail(format!("{name}: old primary not fenced after healing (exit {other:?}):\n{}", p.log_tail()))
-            }
+            other => row.fail(format!(
+                "{name}: old primary not fenced after healing ({}):\n{}",
+                runtime::harness::waited_text(other),
+                p.log_tail()
+            )),
         }
         s.service
     } else {
@@ -215,7 +217,11 @@ pub(super) fn stalled_data_path(row: &mut Row) {
         }
         match p.wait_exit(T) {
             Some(7) => eprintln!("  the secondary took over; the old primary exited fenced"),
-            other => row.fail(format!("old primary not fenced after healing (exit {other:?}):\n{}", p.log_tail())),
+            other => row.fail(format!(
+                "old primary not fenced after healing ({}):\n{}",
+                runtime::harness::waited_text(other),
+                p.log_tail()
+            )),
         }
         s.service
     } else {

@@ -58,7 +58,11 @@ fn old_primary_fenced(row: &mut Row, c: &Cluster, p: &mut NodeProc, frozen_at: u
     p.thaw();
     match p.wait_exit(T) {
         Some(7) => eprintln!("  {what}: the old primary woke, the witness refused it, it exited fenced (7)"),
-        other => row.fail(format!("{what}: old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+        other => row.fail(format!(
+            "{what}: old primary not fenced ({}):\n{}",
+            runtime::harness::waited_text(other),
+            p.log_tail()
+        )),
     }
     nothing_decided_after(row, c, p, frozen_at, written_frozen, what);
 }
@@ -270,7 +274,9 @@ pub fn primary_isolated(row: &mut Row) {
     to_s.set(Fault::Pass);
     match p.wait_exit(T) {
         Some(7) => eprintln!("  healed: the old primary learned the new term and exited fenced"),
-        other => row.fail(format!("old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+        other => {
+            row.fail(format!("old primary not fenced ({}):\n{}", runtime::harness::waited_text(other), p.log_tail()))
+        }
     }
     if released_by(&c, "p") != before {
         row.fail("the isolated primary released output".into());
@@ -355,7 +361,9 @@ pub fn forced_failover(row: &mut Row) {
     }
     match p.wait_exit(T) {
         Some(7) => eprintln!("  the old primary was fenced (exit 7)"),
-        other => row.fail(format!("old primary not fenced (exit {other:?}):\n{}", p.log_tail())),
+        other => {
+            row.fail(format!("old primary not fenced ({}):\n{}", runtime::harness::waited_text(other), p.log_tail()))
+        }
     }
     carry_on_and_check(row, load, 30, &rt, s.service, &c, "");
 }
@@ -367,6 +375,25 @@ pub enum Planned {
     Command,
     /// SIGTERM to the primary.
     Sigterm,
+}
+
+/// The secondary `s` took over by a handover (to generation 2 with a
+/// witness, 1 without; `what` leads the failure otherwise) and the old
+/// primary `p` exited 0; false if there was no takeover.
+pub(super) fn handed_over(row: &mut Row, s: &NodeProc, p: &mut NodeProc, witness: bool, what: &str) -> bool {
+    let gen = if witness { 2 } else { 1 };
+    if !expect_takeover(row, s, gen, what) {
+        return false;
+    }
+    match p.wait_exit(T) {
+        Some(0) => eprintln!("  the old primary handed over and exited 0"),
+        other => row.fail(format!(
+            "the old primary did not exit 0 ({}):\n{}",
+            runtime::harness::waited_text(other),
+            p.log_tail()
+        )),
+    }
+    true
 }
 
 /// A planned switchover (issue 11): the primary ends its epoch, waits for
@@ -402,13 +429,8 @@ pub fn planned(row: &mut Row, name: &str, witness: bool, how: Planned) {
             eprintln!("sent SIGTERM to the primary");
         }
     }
-    let gen = if witness { 2 } else { 1 };
-    if !expect_takeover(row, &s, gen, "no takeover") {
+    if !handed_over(row, &s, &mut p, witness, "no takeover") {
         return;
-    }
-    match p.wait_exit(T) {
-        Some(0) => eprintln!("  the old primary handed over and exited 0"),
-        other => row.fail(format!("the old primary did not exit 0 (exit {other:?}):\n{}", p.log_tail())),
     }
     // a handover, not a heartbeat timeout
     let log = std::fs::read_to_string(&s.log).unwrap_or_default();

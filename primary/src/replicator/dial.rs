@@ -31,8 +31,7 @@ pub(super) fn fenced_by(e: &SenderError) -> Option<u64> {
 
 impl Replicator {
     /// Logs a secondary that could not be reached or refused us, at most
-    /// once per kind of failure every 10 s (the first dial failure at info,
-    /// later ones at debug); settings that do not fit the secondary's are
+    /// once per kind of failure every 10 s (the others at debug); settings that do not fit the secondary's are
     /// an error and go into the status (`pair_error`). Returns whether it
     /// was a settings mismatch.
     pub(super) fn refused(&self, peer: Option<SocketAddr>, e: &SenderError) -> bool {
@@ -57,7 +56,9 @@ impl Replicator {
             "pair" => {
                 tracing::error!(%peer, skipped, error = %e, "the secondary cannot protect this guest (settings that differ, or a host that cannot run its CPU): this pair does not protect until that is fixed")
             }
-            "unreachable" => tracing::info!(%peer, skipped, error = %e, "secondary not reachable yet (dialing again)"),
+            // a warning (the default log level shows it): this node is not
+            // protected while it lasts
+            "unreachable" => tracing::warn!(%peer, skipped, error = %e, "secondary not reachable yet (dialing again)"),
             _ => tracing::warn!(%peer, skipped, error = %e, "a secondary failed the handshake"),
         }
         pair
