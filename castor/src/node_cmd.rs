@@ -175,6 +175,10 @@ pub struct PrimaryArgs {
 
 /// `castor secondary`.
 #[derive(Debug, Args)]
+#[command(after_help = "The guest's shape (memory, vCPUs, guest) comes from the primary. The options that run \
+a guest (--epoch-ms, --min-epoch-us, --max-epoch-pages, --precopy-min-pages, --max-in-flight, \
+--max-queued-mib, --unprotected, --tracker, --ring-entries, --hot-pages, --verify-digest, --console, \
+--release-log) apply once this node takes over and runs it as a primary.")]
 pub struct SecondaryArgs {
     /// Replication address: primaries dial it; after a failover new secondaries join it.
     #[arg(long)]
