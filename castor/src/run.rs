@@ -266,6 +266,8 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
                 }
                 Output::Done { cpu, code } => live(format!("guest[{cpu}]: workload done, code {code}")),
                 Output::Mark { .. } => {}
+                // `castor run` has no network card option
+                Output::Frame(_) => {}
             }
         }
         let faults = machine.faults();

@@ -39,9 +39,9 @@ use crate::link::{OpenKey, SealKey, Transport};
 /// "CSTR".
 pub const MAGIC: [u8; 4] = *b"CSTR";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Oldest version this build accepts in a Hello.
-pub const MIN_PROTOCOL_VERSION: u16 = 5;
+pub const MIN_PROTOCOL_VERSION: u16 = 6;
 /// Header bytes.
 pub const HEADER_LEN: usize = 20;
 /// Largest payload of one frame.

@@ -94,6 +94,8 @@ pub enum Output {
     Done { cpu: u32, code: u32 },
     /// A workload phase marker (tests).
     Mark { cpu: u32, value: u32 },
+    /// An Ethernet frame the guest transmitted (without its virtio-net header).
+    Frame(Vec<u8>),
 }
 
 /// The saveable state of the VMM's own devices.
@@ -107,6 +109,38 @@ pub struct DeviceState {
     pub outbox: Vec<Output>,
     /// Console lines produced so far.
     pub console_lines: u64,
+    /// The network card, if the machine has one.
+    pub net: Option<NetState>,
+}
+
+/// One virtqueue's state (virtio-queue's `QueueState`, less event index).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// The saveable state of the network card (virtio-net over virtio-mmio).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    /// Receive queue, then transmit queue.
+    pub queues: Vec<QueueSnapshot>,
+    /// Frames received and not yet delivered into the guest.
+    pub rx_backlog: Vec<Vec<u8>>,
 }
 
 /// The complete non-memory state of a machine.
@@ -190,6 +224,11 @@ mod tests {
             kv_in_flight: vec![vec![], vec![KvRequest::default()]],
             outbox: vec![Output::Console { cpu: 0, line: "hi".into() }, Output::Kv(KvResponse::default())],
             console_lines: 9,
+            net: Some(NetState {
+                mac: [2, 0, 0, 0, 0, 1],
+                queues: vec![QueueSnapshot::default(); 2],
+                ..Default::default()
+            }),
         };
         let b = codec::encode(&st).expect("encode");
         assert_eq!(codec::decode::<DeviceState>(&b).expect("decode"), st);

@@ -46,6 +46,8 @@ pub struct Router {
     /// Set once this node stops serving (handed over, fenced, stopped):
     /// client connections close so clients move on at once.
     closed: tokio::sync::watch::Sender<bool>,
+    /// Where released frames of the guest's network card go.
+    tap: std::sync::OnceLock<Arc<vmm::net::tap::Tap>>,
 }
 
 impl Router {
@@ -75,7 +77,14 @@ impl Router {
             print_console,
             status,
             closed: tokio::sync::watch::channel(false).0,
+            tap: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Released frames go to `tap` from now on (set once; frames released
+    /// before have nowhere to go and are counted as released).
+    pub fn attach_tap(&self, tap: Arc<vmm::net::tap::Tap>) {
+        let _ = self.tap.set(tap);
     }
 
     /// Stops serving: every client connection closes (its clients retry
@@ -131,6 +140,7 @@ impl Router {
         let mut waiting = lock(&self.waiting);
         let mut log_lines = String::new();
         let n = outputs.len() as u64;
+        let mut frames = 0u64;
         for o in outputs {
             match o {
                 Output::Kv(resp) => {
@@ -155,13 +165,22 @@ impl Router {
                 }
                 Output::Done { cpu, code } => tracing::info!(cpu, code, "guest workload done"),
                 Output::Mark { .. } => {}
+                Output::Frame(f) => {
+                    frames += 1;
+                    if let Some(t) = self.tap.get() {
+                        t.send(&f);
+                    }
+                }
             }
         }
         if let Some(f) = &self.log {
             use std::io::Write;
             let _ = lock(f).write_all(log_lines.as_bytes());
         }
-        self.status.update(|s| s.released_outputs += n);
+        self.status.update(|s| {
+            s.released_outputs += n;
+            s.released_frames += frames;
+        });
     }
 }
 

@@ -39,6 +39,8 @@ pub const PORT_KV_RESP: u16 = 0x511;
 pub const PORT_MARK: u16 = 0x520;
 
 pub const VEC_WAKE: u32 = 0x40;
+/// The network card's interrupt (an MSI to vCPU 0).
+pub const VEC_NET: u32 = 0x41;
 
 pub const PC_TICKS: u64 = 0x00;
 pub const PC_WRITES: u64 = 0x08;

@@ -1,8 +1,30 @@
-//! Devices: the console (guest lines out) and the `kv` service mailbox.
+//! Devices: the console (guest lines out), the `kv` service mailbox and,
+//! when configured, the network card ([`crate::net`]).
 //!
 //! Everything a device sends out of the VM goes to the *outbox*; the machine's
 //! owner drains it at epoch boundaries, which is where output commit hooks in.
 //! Device state (queued and in-flight requests, undrained output) is saveable.
+//!
+//! # The device contract ([`Device`])
+//!
+//! Every device keeps the same five rules, so that an epoch's memory, its
+//! vCPU state and its device state are one consistent point:
+//! 1. it writes guest memory only through [`GuestMem`] (so the pages it
+//!    touches are VMM-dirty pages of the running epoch);
+//! 2. [`Device::quiesce`]: from its return until [`Device::unquiesce`] it
+//!    neither writes guest memory nor raises an interrupt (the machine
+//!    quiesces its devices after the vCPUs park and before the harvest);
+//! 3. [`Device::take_output`]: at the boundary, output the guest produced
+//!    in the epoch and the device still holds (frames in a transmit ring)
+//!    moves to the outbox, so it is saved with the epoch and released only
+//!    once the epoch is acknowledged;
+//! 4. [`Device::save`] / [`Device::restore`]: its state, saved with the
+//!    vCPUs parked and it quiesced; a restore refuses state it cannot take;
+//! 5. bad input from the guest is counted and logged at a bounded rate,
+//!    never a panic.
+//!
+//! The console and the kv mailbox act only inside their vCPU's I/O exits
+//! (never while the vCPUs are parked), so their quiesce is empty.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +36,42 @@ use kvm_ioctls::VmFd;
 
 use crate::abi::*;
 use crate::memory::GuestMem;
+use crate::net::{NetConfig, NetDevice};
+
+/// What every device of a machine does for a checkpoint (module docs).
+pub trait Device {
+    /// What [`Device::save`] returns.
+    type State;
+    /// Stops writing guest memory and raising interrupts.
+    fn quiesce(&self);
+    /// Lets the device act again.
+    fn unquiesce(&self);
+    /// Moves output the device holds for the guest into `out`.
+    fn take_output(&self, out: &mut Vec<Output>);
+    /// Its state (quiesced, vCPUs parked).
+    fn save(&self) -> Self::State;
+    /// Takes saved state back.
+    fn restore(&self, st: &Self::State) -> Result<(), DeviceError>;
+}
+
+impl Device for NetDevice {
+    type State = common::state::NetState;
+    fn quiesce(&self) {
+        NetDevice::quiesce(self);
+    }
+    fn unquiesce(&self) {
+        NetDevice::unquiesce(self);
+    }
+    fn take_output(&self, out: &mut Vec<Output>) {
+        out.extend(self.take_transmitted().into_iter().map(Output::Frame));
+    }
+    fn save(&self) -> Self::State {
+        NetDevice::save(self)
+    }
+    fn restore(&self, st: &Self::State) -> Result<(), DeviceError> {
+        Ok(NetDevice::restore(self, st)?)
+    }
+}
 
 /// Errors of the devices.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +80,10 @@ pub enum DeviceError {
     QueueFull(u32, usize),
     #[error("guest memory: {0}")]
     Memory(#[from] crate::memory::MemoryError),
+    #[error("network card: {0}")]
+    Net(#[from] crate::net::NetError),
+    #[error("the saved state has a network card and this machine has none, or the reverse")]
+    NetMismatch,
 }
 
 /// Bound on queued kv requests per cpu (back-pressure for clients).
@@ -82,6 +144,7 @@ pub struct Devices {
     dropped_lines: AtomicU64,
     dropped_marks: AtomicU64,
     bad_io: LogLimiter,
+    net: Option<Arc<NetDevice>>,
 }
 
 /// What the vCPU loop must do after an I/O exit.
@@ -93,8 +156,10 @@ pub enum IoAction {
 }
 
 impl Devices {
-    pub fn new(mem: Arc<GuestMem>, vm: Arc<VmFd>, ncpus: u32) -> Self {
+    pub fn new(mem: Arc<GuestMem>, vm: Arc<VmFd>, ncpus: u32, net: Option<NetConfig>) -> Self {
+        let net = net.map(|cfg| Arc::new(NetDevice::new(Arc::clone(&mem), Arc::clone(&vm), cfg)));
         Devices {
+            net,
             mem,
             vm,
             ncpus,
@@ -168,9 +233,70 @@ impl Devices {
         self.outbox_len.load(Ordering::Relaxed)
     }
 
-    /// The guest has sent output since the last [`Devices::drain`].
+    /// The guest has sent output since the last [`Devices::drain`] (or
+    /// queued frames its network card has not taken yet).
     pub fn has_output(&self) -> bool {
-        self.has_output.load(Ordering::Relaxed)
+        self.has_output.load(Ordering::Relaxed) || self.net.as_ref().is_some_and(|n| n.has_transmit())
+    }
+
+    /// The network card, if the machine has one.
+    pub fn net(&self) -> Option<&Arc<NetDevice>> {
+        self.net.as_ref()
+    }
+
+    /// The machine is pausing (its vCPUs are parked): every device stops
+    /// acting, and the output the network card holds moves to the outbox
+    /// (the contract's rules 2 and 3).
+    pub fn quiesce(&self) {
+        if let Some(n) = &self.net {
+            Device::quiesce(n.as_ref());
+        }
+        self.take_device_output();
+    }
+
+    /// The machine resumes: the devices act again.
+    pub fn unquiesce(&self) {
+        if let Some(n) = &self.net {
+            Device::unquiesce(n.as_ref());
+        }
+    }
+
+    /// Moves output the devices hold into the outbox. Also safe while the
+    /// guest runs (an unprotected node releases at once): the card's ring
+    /// writes go through the tracked path, under the card's lock.
+    pub fn take_device_output(&self) {
+        let Some(n) = &self.net else { return };
+        let mut frames = Vec::new();
+        n.take_output(&mut frames);
+        if frames.is_empty() {
+            return;
+        }
+        let mut g = self.lock();
+        g.outbox.extend(frames);
+        g.first_output_at.get_or_insert_with(std::time::Instant::now);
+        self.has_output.store(true, Ordering::Relaxed);
+        self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
+    }
+
+    /// An MMIO read by the guest (the network card's registers; elsewhere
+    /// nothing answers: all ones).
+    pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) {
+        match &self.net {
+            Some(n) if NetDevice::claims(gpa) => n.mmio_read(gpa, data),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// An MMIO write by the guest.
+    pub fn mmio_write(&self, gpa: u64, data: &[u8]) {
+        match &self.net {
+            Some(n) if NetDevice::claims(gpa) => n.mmio_write(gpa, data),
+            _ => {
+                if let Some(c) = self.bad_io.allow() {
+                    tracing::debug!(gpa, occurrences = c, "MMIO write where no device is");
+                }
+            }
+        }
     }
 
     /// Console lines produced so far (and lines dropped for backlog).
@@ -332,11 +458,18 @@ impl Devices {
             kv_in_flight: g.in_flight.clone(),
             outbox: g.outbox.clone(),
             console_lines: self.console_lines.load(Ordering::Relaxed),
+            net: self.net.as_ref().map(|n| Device::save(n.as_ref())),
         }
     }
 
     /// Restores device state saved by [`Devices::save`] (same cpu count).
-    pub fn restore(&self, st: &DeviceState) {
+    /// A network card stays quiesced until the machine resumes.
+    pub fn restore(&self, st: &DeviceState) -> Result<(), DeviceError> {
+        match (&self.net, &st.net) {
+            (Some(n), Some(s)) => Device::restore(n.as_ref(), s)?,
+            (None, None) => {}
+            _ => return Err(DeviceError::NetMismatch),
+        }
         let mut g = self.lock();
         let n = self.ncpus as usize;
         g.queues = (0..n).map(|i| st.kv_queues.get(i).cloned().unwrap_or_default().into()).collect();
@@ -346,6 +479,7 @@ impl Devices {
         self.outbox_len.store(g.outbox.len(), Ordering::Relaxed);
         self.has_output.store(!g.outbox.is_empty(), Ordering::Relaxed);
         self.console_lines.store(st.console_lines, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -358,7 +492,7 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
         let vm = Arc::new(kvm.create_vm().expect("vm"));
         let mem = Arc::new(GuestMem::new(64 << 20).expect("guest memory"));
-        let d = Devices::new(mem, vm, 1);
+        let d = Devices::new(mem, vm, 1, None);
         assert!(!d.has_output());
         for i in 0..MARK_BACKLOG as u32 + 100 {
             d.io_out(0, PORT_MARK, &i.to_le_bytes());

@@ -5,7 +5,8 @@
 //! * [`tracker`]: ring and bitmap pieces behind one [`tracker::DirtySet`]; the
 //!   machine's one `DirtyTracker` (dirty.rs) uses them.
 //! * [`vcpu`]: vCPU threads with kick/park/resume.
-//! * [`devices`]: console and the `kv` mailbox.
+//! * [`devices`]: console and the `kv` mailbox, and the device contract.
+//! * [`net`]: the network card (virtio-net over virtio-mmio) and its TAP backend.
 //! * [`state`]: full vCPU and VM state save/restore.
 //! * [`snapshot`]: memory + state to a file and back.
 //! * [`machine`]: all of it together.
@@ -18,6 +19,7 @@ pub mod devices;
 mod dirty;
 pub mod machine;
 pub mod memory;
+pub mod net;
 pub mod ring;
 pub mod snapshot;
 pub mod state;

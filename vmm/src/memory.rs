@@ -135,6 +135,13 @@ impl GuestMem {
         self.size
     }
 
+    /// The tracked mapping itself, for device models that address guest
+    /// memory through vm-memory (virtio queues): their writes are recorded
+    /// as the VMM's, like [`GuestMem::write`]'s.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap<PageLog> {
+        &self.mem
+    }
+
     /// (guest address, size, host address) of each RAM region, in slot order.
     pub fn regions(&self) -> Vec<(u64, u64, u64)> {
         self.mem.iter().map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64)).collect()

@@ -75,6 +75,11 @@ impl NodeStatus {
             ConstCounter::new(s.tracking_lost),
         );
         r.register("released_outputs", "Outputs released by output commit", ConstCounter::new(s.released_outputs));
+        r.register(
+            "released_frames",
+            "Network frames of the guest released by output commit",
+            ConstCounter::new(s.released_frames),
+        );
         r.register("syncs", "Secondary sessions started (initial syncs and resyncs)", ConstCounter::new(s.syncs));
         r.register("console_dropped", "Guest console lines dropped for backlog", ConstCounter::new(s.console_dropped));
         r.register("marks_dropped", "Guest marker writes dropped for backlog", ConstCounter::new(s.marks_dropped));

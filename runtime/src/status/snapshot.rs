@@ -225,6 +225,8 @@ pub struct StatusSnapshot {
     pub failovers: u64,
     pub last_failover_ms: Option<f64>,
     pub released_outputs: u64,
+    /// Of the released outputs: the guest's network frames.
+    pub released_frames: u64,
     pub held_outputs: u64,
     pub syncs: u64,
     /// `None` without `--witness`.

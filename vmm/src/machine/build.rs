@@ -75,7 +75,7 @@ impl Machine {
         }
         let save_ctx = Arc::new(SaveContext::probe(&kvm, &vm, &fds[0])?);
         let vm = Arc::new(vm);
-        let devices = Arc::new(Devices::new(Arc::clone(&mem), Arc::clone(&vm), cfg.vcpus));
+        let devices = Arc::new(Devices::new(Arc::clone(&mem), Arc::clone(&vm), cfg.vcpus, cfg.net));
         let ctx = VcpuContext {
             vm: Arc::clone(&vm),
             mem: Arc::clone(&mem),
@@ -251,7 +251,8 @@ impl Machine {
     ) -> Result<Machine, MachineError> {
         let workload: WorkloadConfig = common::codec::decode(&st.boot)
             .map_err(|e| MachineError::ShapeMismatch(format!("boot parameters: {e}")))?;
-        let cfg = MachineConfig::new(st.shape.mem_bytes, st.shape.vcpus, tracker, workload);
+        let mut cfg = MachineConfig::new(st.shape.mem_bytes, st.shape.vcpus, tracker, workload);
+        cfg.net = st.devices.net.as_ref().map(|n| crate::net::NetConfig { mac: n.mac });
         if st.shape.ram_ranges != memory::ram_ranges(st.shape.mem_bytes) {
             return Err(MachineError::ShapeMismatch("RAM layout differs from this VMM's".into()));
         }
@@ -269,7 +270,7 @@ impl Machine {
         for (fd, vs) in fds.iter().zip(&st.vcpus) {
             state::restore_vcpu(fd, vs, &m.save_ctx)?;
         }
-        m.devices.restore(&st.devices);
+        m.devices.restore(&st.devices)?;
         m.attach_vcpus(fds)?;
         Ok(m)
     }

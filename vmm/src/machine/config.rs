@@ -82,6 +82,8 @@ pub struct MachineConfig {
     /// for tests and benchmarks of real-size guests. The guest never reads
     /// or writes them.
     pub fill_bytes: u64,
+    /// The network card, if the guest has one.
+    pub net: Option<crate::net::NetConfig>,
 }
 
 impl MachineConfig {
@@ -95,6 +97,7 @@ impl MachineConfig {
             hot_pages: false,
             workload,
             fill_bytes: 0,
+            net: None,
         }
     }
 }

@@ -61,6 +61,8 @@ pub enum MachineError {
     NotRunning(&'static str),
     #[error("saved state does not fit: {0}")]
     ShapeMismatch(String),
+    #[error("devices: {0}")]
+    Device(#[from] crate::devices::DeviceError),
 }
 
 /// See [`Machine::precopy_due`].

@@ -16,6 +16,7 @@ impl Machine {
         }
         self.started = true;
         self.paused = false;
+        self.devices.unquiesce();
         Ok(())
     }
 
@@ -52,6 +53,9 @@ impl Machine {
         for v in &self.vcpus {
             v.wait_parked(PAUSE_TIMEOUT)?;
         }
+        // the device contract: no device acts while the machine is paused,
+        // and output they hold joins this epoch's outbox
+        self.devices.quiesce();
         self.paused = true;
         Ok(PauseTiming { elapsed: t.elapsed() })
     }
@@ -70,6 +74,7 @@ impl Machine {
         for v in &self.vcpus {
             v.wait_running(lift_at, PAUSE_TIMEOUT);
         }
+        self.devices.unquiesce();
         self.paused = false;
         Ok(PauseTiming { elapsed: t.elapsed() })
     }

@@ -52,11 +52,14 @@ impl Vcpu {
                     io_pending = true;
                     ctx.devices.io_in(self.id, port, data);
                 }
-                Ok(VcpuExit::MmioRead(_, data)) => {
+                Ok(VcpuExit::MmioRead(gpa, data)) => {
                     io_pending = true;
-                    data.fill(0xff);
+                    ctx.devices.mmio_read(gpa, data);
                 }
-                Ok(VcpuExit::MmioWrite(..)) => io_pending = true,
+                Ok(VcpuExit::MmioWrite(gpa, data)) => {
+                    io_pending = true;
+                    ctx.devices.mmio_write(gpa, data);
+                }
                 Ok(VcpuExit::Unsupported(r)) if r == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL => {
                     io_pending = false;
                     ring_full(self, ctx, harvests_seen);
