@@ -13,6 +13,7 @@ mod bench;
 mod bench_e2e;
 mod demo;
 mod kvload;
+mod net_arg;
 mod node_cmd;
 mod run;
 

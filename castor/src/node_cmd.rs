@@ -42,6 +42,15 @@ pub struct CommonArgs {
     /// Prometheus metrics over HTTP. Port 0 allowed.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// The guest's network card and the host TAP device behind it:
+    /// `tap=NAME,mac=MAC[,ip=A.B.C.D/P][,gw=A.B.C.D][,bridge=BR]`. Both nodes
+    /// of a pair give the guest's MAC (checked when they meet); `ip` is the
+    /// address of the guest a primary boots; `bridge` puts the TAP on an
+    /// existing bridge. The guest's frames leave on the TAP only once their
+    /// epoch is acknowledged; a secondary drains its TAP and sends nothing
+    /// until it takes over (docs/operations.md).
+    #[arg(long, value_name = "tap=NAME,mac=MAC[,...]")]
+    pub net: Option<crate::net_arg::NetArg>,
     /// Once every listener is bound, write their addresses here as one JSON
     /// object (`{"pid","service","replication","control","metrics"}`),
     /// atomically: start nodes on port 0 and read the ports from this file.
@@ -215,6 +224,8 @@ pub enum NodeCmdError {
     StateDir(#[from] runtime::state_dir::StateDirError),
     #[error("bad settings: {0}")]
     Settings(common::proto::PairMismatch),
+    #[error(transparent)]
+    Net(#[from] crate::net_arg::NetArgError),
 }
 
 impl NodeCmdError {
@@ -224,7 +235,8 @@ impl NodeCmdError {
             NodeCmdError::Listen(_)
             | NodeCmdError::Primary(_)
             | NodeCmdError::Secondary(_)
-            | NodeCmdError::StateDir(_) => 4,
+            | NodeCmdError::StateDir(_)
+            | NodeCmdError::Net(_) => 4,
             NodeCmdError::Secret(_) | NodeCmdError::Control { .. } => 5,
             NodeCmdError::Fenced(_) => 7,
             NodeCmdError::Refused(_) => 8,
@@ -310,7 +322,9 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let c = &a.common;
     hooks(c);
     let secret = Secret::from_file(&c.secret_file)?;
-    let mut machine = Machine::new(a.workload.machine_config(a.guest, a.mem, a.vcpus, tracker(c)))?;
+    let mut mcfg = a.workload.machine_config(a.guest, a.mem, a.vcpus, tracker(c));
+    mcfg.net = c.net.as_ref().map(|n| vmm::net::NetConfig { mac: n.mac });
+    let mut machine = Machine::new(mcfg)?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));
     let state = c.state_dir.as_deref().map(runtime::state_dir::StateDir::open).transpose()?;
@@ -320,6 +334,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
         None => a.generation,
     };
     let mut cfg = PrimaryConfig { generation, peer: a.peer, ..primary_config(c, &name, secret, a.mem)? };
+    cfg.net = c.net.as_ref().map(|n| n.open()).transpose()?;
     let (listen, c) = (a.listen, a.common.clone());
     runtime().block_on(async move {
         let stop = stop_signal();
@@ -370,6 +385,8 @@ fn primary_config(c: &CommonArgs, node: &str, secret: Secret, guest_mem: u64) ->
         print_console: c.console,
         witness: None,
         pair: pair_settings(c)?,
+        net: None,
+        announce: false,
     })
 }
 
@@ -381,6 +398,7 @@ fn pair_settings(c: &CommonArgs) -> Result<common::proto::PairSettings, NodeCmdE
         witness_vm: c.witness.as_ref().and(c.vm_id.clone()),
         heartbeat_timeout_ms: c.heartbeat_timeout_ms.max(10),
         heartbeat_interval_ms: c.heartbeat_interval_ms.max(1),
+        net_mac: c.net.as_ref().map(|n| n.mac),
     };
     pair.check_peer(&pair).map_err(NodeCmdError::Settings)?;
     Ok(pair)
@@ -444,6 +462,14 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         cfg.state = state.map(Arc::new);
         cfg.witness = witness_of(&c, &cfg.node_id).await?;
         let promoted = PrimaryConfig { witness: cfg.witness.clone(), ..promoted };
+        // a secondary drains its TAP (the bridge floods it the guest's
+        // frames) and sends nothing until it takes the guest over
+        let tap = c.net.as_ref().map(|n| n.open()).transpose()?;
+        let drain = tap
+            .as_ref()
+            .map(|t| vmm::net::tap::RxPump::start(Arc::clone(t), vmm::net::tap::RxSink::Drop))
+            .transpose()
+            .map_err(crate::net_arg::NetArgError::from)?;
         let status = Arc::new(NodeStatus::new(&cfg.node, Role::Secondary, 0));
         let l = bind_all(&c, Some(listen)).await?;
         let p = match run_secondary(cfg, l, status.clone(), stop.clone()).await {
@@ -453,7 +479,9 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         };
         // the promoted node runs as a primary, unprotected until a new
         // secondary joins it on its replication address
+        drop(drain);
         let mut pcfg = PrimaryConfig { generation: p.generation, first_epoch: p.first_epoch, ..promoted };
+        (pcfg.net, pcfg.announce) = (tap, true);
         pcfg.engine.max_queued_bytes = queued_budget(&c, p.machine.shape().mem_bytes);
         let io = PrimaryIo {
             service: p.service,

@@ -113,6 +113,11 @@ pub struct DeviceState {
     pub net: Option<NetState>,
 }
 
+/// A MAC address as people write it (`52:54:00:12:34:56`).
+pub fn mac_text(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 /// One virtqueue's state (virtio-queue's `QueueState`, less event index).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSnapshot {

@@ -33,6 +33,8 @@ pub enum NodeError {
     Machine(#[from] vmm::MachineError),
     #[error("cannot start the epoch engine: {0}")]
     Thread(std::io::Error),
+    #[error("network card: {0}")]
+    Net(#[from] vmm::net::NetError),
 }
 
 /// How a primary's run ended.
@@ -70,6 +72,12 @@ pub struct PrimaryConfig {
     /// What this node and its secondary must agree on (a secondary whose
     /// settings differ is refused, and refuses us).
     pub pair: common::proto::PairSettings,
+    /// The TAP device of the guest's network card (`--net`): released
+    /// frames go out on it, received frames go into the card.
+    pub net: Option<Arc<vmm::net::tap::Tap>>,
+    /// Announce the guest's MAC when this node starts serving (a node that
+    /// took the guest over: the bridge learns its new port).
+    pub announce: bool,
 }
 
 /// What a primary serves on, already bound.
@@ -124,6 +132,7 @@ pub async fn run_primary(
     let router =
         Arc::new(Router::new(&cfg.node, cfg.generation, cfg.release_log.as_deref(), cfg.print_console, status.clone()));
     tasks.spawn(serve_clients(io.service, machine.devices().clone(), router.clone()));
+    let _net_pump = attach_net(&cfg, machine.devices(), &router, &mut tasks)?;
     let shape = machine.shape().clone();
     let cpu = machine.cpu_model().clone();
     let shared = Arc::new(EngineShared::default());
@@ -214,4 +223,44 @@ pub async fn run_primary(
         }
     });
     Ok(exit?)
+}
+
+/// Connects the guest's network card to the node's TAP: received frames go
+/// into the card, released frames out on the TAP, and a node that took the
+/// guest over announces its MAC (RARP, QEMU's rounds). Returns the receive
+/// pump (it stops when dropped, with the node).
+fn attach_net(
+    cfg: &PrimaryConfig,
+    devices: &Arc<vmm::devices::Devices>,
+    router: &Arc<Router>,
+    tasks: &mut Tasks,
+) -> Result<Option<vmm::net::tap::RxPump>, NodeError> {
+    use vmm::net::tap::{RxPump, RxSink};
+    match (&cfg.net, devices.net()) {
+        (Some(tap), Some(card)) => {
+            router.attach_tap(Arc::clone(tap));
+            let pump = RxPump::start(Arc::clone(tap), RxSink::Card(Arc::clone(card)))?;
+            if cfg.announce {
+                let (tap, frame) = (Arc::clone(tap), vmm::net::rarp_announce(card.config().mac));
+                tasks.spawn(async move {
+                    let start = tokio::time::Instant::now();
+                    for ms in vmm::net::ANNOUNCE_ROUNDS_MS {
+                        tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
+                        tap.send(&frame);
+                    }
+                    tracing::info!(tap = tap.name(), "announced the guest's MAC");
+                });
+            }
+            Ok(Some(pump))
+        }
+        (Some(tap), None) => {
+            tracing::warn!(tap = tap.name(), "--net is given but the guest has no network card: the TAP stays unused");
+            Ok(None)
+        }
+        (None, Some(_)) => {
+            tracing::warn!("the guest has a network card and this node has no --net: its frames go nowhere");
+            Ok(None)
+        }
+        (None, None) => Ok(None),
+    }
 }

@@ -167,7 +167,9 @@ impl Router {
                 Output::Mark { .. } => {}
                 Output::Frame(f) => {
                     frames += 1;
-                    if let Some(t) = self.tap.get() {
+                    // a node that stopped serving (handed over, fenced)
+                    // emits no frame
+                    if let Some(t) = self.tap.get().filter(|_| !*self.closed.borrow()) {
                         t.send(&f);
                     }
                 }

@@ -39,7 +39,7 @@ fn offer(shape: &VmShape, generation: u64, pair: &proto::PairSettings) -> Offer 
 
 /// The settings both ends of these tests agree on.
 fn pair() -> proto::PairSettings {
-    proto::PairSettings { witness_vm: None, heartbeat_timeout_ms: 100, heartbeat_interval_ms: 20 }
+    proto::PairSettings { witness_vm: None, heartbeat_timeout_ms: 100, heartbeat_interval_ms: 20, net_mac: None }
 }
 
 fn secret() -> Secret {

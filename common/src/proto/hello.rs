@@ -36,6 +36,10 @@ pub struct PairSettings {
     pub heartbeat_timeout_ms: u64,
     /// The heartbeat period (ms).
     pub heartbeat_interval_ms: u64,
+    /// The guest's network card MAC when the node has `--net`: a node
+    /// without the card (or with another MAC) could not take the guest's
+    /// network over.
+    pub net_mac: Option<[u8; 6]>,
 }
 
 /// How two nodes' [`PairSettings`] differ (each line names a setting, ours
@@ -66,6 +70,17 @@ impl PairSettings {
             why.push(format!(
                 "heartbeat timeout: this node {} ms, the peer {} ms (give both the same --heartbeat-timeout-ms)",
                 self.heartbeat_timeout_ms, peer.heartbeat_timeout_ms
+            ));
+        }
+        if self.net_mac != peer.net_mac {
+            let text = |m: &Option<[u8; 6]>| match m {
+                Some(m) => format!("--net with mac {}", crate::state::mac_text(m)),
+                None => "no --net".into(),
+            };
+            why.push(format!(
+                "network card: this node {}, the peer {} (both nodes of a pair give --net with the guest's MAC, or neither)",
+                text(&self.net_mac),
+                text(&peer.net_mac)
             ));
         }
         for (who, s) in [("this node", self), ("the peer", peer)] {
@@ -122,7 +137,12 @@ mod pair_tests {
     use super::*;
 
     fn base() -> PairSettings {
-        PairSettings { witness_vm: Some("vm-1".into()), heartbeat_timeout_ms: 100, heartbeat_interval_ms: 20 }
+        PairSettings {
+            witness_vm: Some("vm-1".into()),
+            heartbeat_timeout_ms: 100,
+            heartbeat_interval_ms: 20,
+            net_mac: None,
+        }
     }
 
     #[test]
@@ -145,7 +165,17 @@ mod pair_tests {
         assert!(lazy.check_peer(&lazy).is_err());
         assert!(base().check_peer(&lazy).unwrap_err().to_string().contains("the peer's heartbeat period"));
         // every difference is named at once
-        let all = PairSettings { witness_vm: None, heartbeat_timeout_ms: 30, heartbeat_interval_ms: 20 };
+        let all = PairSettings { witness_vm: None, heartbeat_timeout_ms: 30, heartbeat_interval_ms: 20, net_mac: None };
         assert_eq!(base().check_peer(&all).unwrap_err().0.len(), 3);
+    }
+
+    #[test]
+    fn a_pair_agrees_on_the_guests_network_card() {
+        let card = PairSettings { net_mac: Some([0x52, 0x54, 0, 0, 0, 1]), ..base() };
+        assert_eq!(card.check_peer(&card), Ok(()));
+        let e = card.check_peer(&base()).unwrap_err().to_string();
+        assert!(e.contains("52:54:00:00:00:01") && e.contains("no --net"), "{e}");
+        let other = PairSettings { net_mac: Some([0x52, 0x54, 0, 0, 0, 2]), ..base() };
+        assert!(card.check_peer(&other).is_err());
     }
 }

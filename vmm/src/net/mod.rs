@@ -305,3 +305,44 @@ impl NetDevice {
         Ok(())
     }
 }
+
+/// When a node that starts serving the guest announces its MAC (ms after
+/// it starts): QEMU's announce rounds (net/announce.c), so a switch or
+/// bridge moves the guest's MAC to this node's port at once.
+pub const ANNOUNCE_ROUNDS_MS: [u64; 5] = [0, 50, 200, 450, 800];
+
+/// A 60-byte broadcast RARP request for `mac` (ethertype 0x8035, opcode 3,
+/// sender and target hardware address `mac`, addresses 0), the frame QEMU
+/// sends after a migration or a failover.
+pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(&mac);
+    f[32..38].copy_from_slice(&mac);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_announce_is_qemus_rarp_frame() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let f = super::rarp_announce(mac);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[20..22], &[0, 3]);
+        assert_eq!(
+            (&f[22..28], &f[28..32], &f[32..38], &f[38..42]),
+            (&mac[..], &[0u8; 4][..], &mac[..], &[0u8; 4][..])
+        );
+    }
+}
