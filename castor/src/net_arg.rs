@@ -8,7 +8,11 @@
 //! * `ip`: the guest's static IPv4 address and prefix (the primary that
 //!   boots the guest; a secondary takes the guest's from its state);
 //! * `gw`: the guest's default gateway, if any;
-//! * `bridge`: put the TAP on this existing bridge (`ip link set TAP master BR`).
+//! * `bridge`: put the TAP on this existing bridge (`ip link set TAP master BR`);
+//! * `netns`: first move the TAP into this existing network namespace (the
+//!   bridge is then that namespace's): the guest's network lives there
+//!   while the node's own sockets (replication, control, witness) stay in
+//!   the node's namespace. The tests and the demo use it.
 
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -24,17 +28,20 @@ pub struct NetArg {
     pub ip: Option<(Ipv4Addr, u8)>,
     pub gateway: Option<Ipv4Addr>,
     pub bridge: Option<String>,
+    pub netns: Option<String>,
 }
 
 /// Errors of `--net` and of setting the network up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetArgError {
-    #[error("--net: {0} (the form is tap=NAME,mac=52:54:00:12:34:56[,ip=10.0.0.2/24][,gw=10.0.0.1][,bridge=BR])")]
+    #[error(
+        "--net: {0} (the form is tap=NAME,mac=52:54:00:12:34:56[,ip=10.0.0.2/24][,gw=10.0.0.1][,bridge=BR][,netns=NS])"
+    )]
     Syntax(String),
     #[error(transparent)]
     Tap(#[from] vmm::net::NetError),
-    #[error("cannot put TAP {tap} on bridge {bridge}: {why}")]
-    Bridge { tap: String, bridge: String, why: String },
+    #[error("cannot set TAP {tap} up ({step}): {why}")]
+    Setup { tap: String, step: String, why: String },
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -61,7 +68,7 @@ impl FromStr for NetArg {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |m: String| NetArgError::Syntax(m);
-        let (mut tap, mut mac, mut ip, mut gateway, mut bridge) = (None, None, None, None, None);
+        let (mut tap, mut mac, mut ip, mut gateway, mut bridge, mut netns) = (None, None, None, None, None, None);
         for item in s.split(',') {
             let (k, v) = item.split_once('=').ok_or_else(|| bad(format!("{item:?} is not key=value")))?;
             match k {
@@ -88,6 +95,8 @@ impl FromStr for NetArg {
                 "gw" => gateway = Some(v.parse().map_err(|_| bad(format!("gw {v:?} is not an IPv4 address")))?),
                 "bridge" if valid_ifname(v) => bridge = Some(v.to_string()),
                 "bridge" => return Err(bad(format!("{v:?} is not an interface name"))),
+                "netns" if valid_ifname(v) => netns = Some(v.to_string()),
+                "netns" => return Err(bad(format!("{v:?} is not a namespace name"))),
                 _ => return Err(bad(format!("unknown key {k:?}"))),
             }
         }
@@ -97,25 +106,39 @@ impl FromStr for NetArg {
             ip,
             gateway,
             bridge,
+            netns,
         })
     }
 }
 
 impl NetArg {
-    /// Opens the TAP (created if missing, brought up) and puts it on the
-    /// bridge, if one is named.
+    /// Opens the TAP (created if missing, brought up), moves it into the
+    /// namespace and puts it on the bridge, if they are named.
     pub fn open(&self) -> Result<Arc<Tap>, NetArgError> {
         let tap = Tap::open(&self.tap)?;
-        if let Some(br) = &self.bridge {
-            let err = |why: String| NetArgError::Bridge { tap: self.tap.clone(), bridge: br.clone(), why };
-            let out = std::process::Command::new("ip")
-                .args(["link", "set", "dev", &self.tap, "master", br, "up"])
-                .output()
-                .map_err(|e| err(format!("cannot run ip: {e}")))?;
+        let ip = |args: &[&str]| -> Result<(), NetArgError> {
+            let err =
+                |why: String| NetArgError::Setup { tap: self.tap.clone(), step: format!("ip {}", args.join(" ")), why };
+            let out =
+                std::process::Command::new("ip").args(args).output().map_err(|e| err(format!("cannot run ip: {e}")))?;
             if !out.status.success() {
                 return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
             }
+            Ok(())
+        };
+        let mut ns = Vec::new();
+        if let Some(n) = &self.netns {
+            // the open file stays the TAP's wherever the interface lives
+            ip(&["link", "set", "dev", &self.tap, "netns", n])?;
+            ns = vec!["-n", n.as_str()];
         }
+        let mut up = ns.clone();
+        up.extend(["link", "set", "dev", &self.tap]);
+        if let Some(br) = &self.bridge {
+            up.extend(["master", br.as_str()]);
+        }
+        up.push("up");
+        ip(&up)?;
         Ok(tap)
     }
 }
@@ -126,7 +149,9 @@ mod tests {
 
     #[test]
     fn the_net_option_parses_and_names_what_is_wrong() {
-        let n: NetArg = "tap=ct0,mac=52:54:00:12:34:56,ip=10.0.0.2/24,gw=10.0.0.1,bridge=br-c".parse().expect("parse");
+        let n: NetArg =
+            "tap=ct0,mac=52:54:00:12:34:56,ip=10.0.0.2/24,gw=10.0.0.1,bridge=br-c,netns=ns1".parse().expect("parse");
+        assert_eq!(n.netns.as_deref(), Some("ns1"));
         assert_eq!(n.tap, "ct0");
         assert_eq!(n.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert_eq!(n.ip, Some((Ipv4Addr::new(10, 0, 0, 2), 24)));
