@@ -11,3 +11,15 @@ extern crate alloc;
 
 pub mod cmd;
 pub mod resp;
+
+#[cfg(not(test))]
+pub mod abi;
+#[cfg(not(test))]
+pub mod netdev;
+#[cfg(not(test))]
+#[macro_use]
+pub mod rt;
+#[cfg(not(test))]
+pub mod server;
+#[cfg(not(test))]
+mod entry;
