@@ -54,17 +54,17 @@ pub extern "C" fn user_main(cpu: u64, boot_info: *const BootInfo) -> ! {
 extern "C" fn net_main(boot_info: *const BootInfo) -> ! {
     // SAFETY: as in user_main.
     let bi = unsafe { &*boot_info };
-    let cfg = match NetConfig::from_boot(bi) {
-        Ok(c) => c,
-        Err(e) => {
-            con!("net: {}; waiting", e);
-            idle();
-        }
-    };
     let mut dev = match NetDev::probe() {
         Ok(d) => d,
         Err(e) => {
             con!("net: no usable virtio-net device at {:#x} ({:?}); waiting", NET_MMIO_GPA, e);
+            idle();
+        }
+    };
+    let cfg = match NetConfig::from_boot(bi) {
+        Ok(c) => c,
+        Err(e) => {
+            con!("net: {}; waiting", e);
             idle();
         }
     };
