@@ -109,7 +109,7 @@ pub fn execute(args: &ArgList<'_>, store: &mut Store, r: &mut Reply<'_>) -> bool
             }
         }
     } else if is(name, "MSET") {
-        if argc < 3 || argc % 2 == 0 {
+        if argc < 3 || argc.is_multiple_of(2) {
             wrong_args(r, name);
         } else {
             let mut ok = true;

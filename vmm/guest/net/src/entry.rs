@@ -4,8 +4,11 @@ use core::arch::asm;
 
 use crate::abi::{BootInfo, BOOT_MAGIC, NET_MMIO_GPA, NET_WORKLOAD_BYTES, WL_NET};
 use crate::netdev::NetDev;
+use smoltcp::time::Duration;
+
+use crate::clock::{rdtsc, Clock};
 use crate::rt::{heap_init, wait_irq};
-use crate::server::{Clock, NetConfig, Server, SOCKETS};
+use crate::server::{NetConfig, Server, SOCKETS};
 
 /// The stack the workload switches to (boot.S's per-cpu user stack is 32 KiB;
 /// smoltcp and the server get more), carved from the bottom of the heap region.
@@ -69,13 +72,55 @@ extern "C" fn net_main(boot_info: *const BootInfo) -> ! {
         }
     };
     let clock = Clock::new(bi.tsc_khz);
-    let mut server = Server::new(&mut dev, &cfg, clock);
-    let [a, b, c, d] = cfg.ip;
     let m = dev.mac();
+    let mut server = Server::new(&mut dev, m, &cfg, rdtsc(), clock.now());
+    let [a, b, c, d] = cfg.ip;
     let gw = cfg.gateway.unwrap_or([0; 4]);
     con!(
         "net: {}.{}.{}.{}/{} port {} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} gw {}.{}.{}.{} sockets {}",
         a, b, c, d, cfg.prefix, cfg.port, m[0], m[1], m[2], m[3], m[4], m[5], gw[0], gw[1], gw[2], gw[3], SOCKETS
     );
-    server.run(&mut dev, bi.report_ms)
+    serve(&mut server, &mut dev, &clock, bi.report_ms)
+}
+
+/// Iterations with nothing done but smoltcp asking to be polled again at once
+/// before the loop sleeps anyway (guards against a busy loop).
+const IDLE_SPINS: u32 = 64;
+
+/// The main loop. Busy: polls the rings in memory, no exits. Idle: asks for
+/// an interrupt and sleeps (HC_WAIT) until a frame, a returned TX buffer (only
+/// when all are out) or the timer tick; smoltcp's own timers are no shorter
+/// than the tick (delayed ACK off, RTO >= 1 s). With `report_ms` > 0, a
+/// counter line at most every max(report_ms, 10 s) while traffic moves.
+fn serve(server: &mut Server, dev: &mut NetDev, clock: &Clock, report_ms: u64) -> ! {
+    let mut spins = 0;
+    let every = Duration::from_millis(report_ms.max(10_000));
+    let mut next_report = clock.now() + every;
+    let mut reported = (0, 0);
+    loop {
+        let now = clock.now();
+        if report_ms > 0 && now >= next_report {
+            next_report = now + every;
+            let st = dev.stats;
+            if reported != (st.rx_frames, st.tx_frames) {
+                reported = (st.rx_frames, st.tx_frames);
+                con!(
+                    "net: keys={} rx={} tx={} tx_full={} rx_err={} tx_err={}",
+                    server.keys(), st.rx_frames, st.tx_frames, st.tx_full, st.rx_errors, st.tx_errors
+                );
+            }
+        }
+        dev.service();
+        if server.poll(now, dev) || (dev.rx_ready() && !dev.tx_blocked()) {
+            spins = 0;
+            continue;
+        }
+        let due = server.poll_delay(clock.now());
+        if due == Some(Duration::ZERO) && !dev.tx_blocked() && spins < IDLE_SPINS {
+            spins += 1;
+            continue;
+        }
+        spins = 0;
+        dev.sleep(dev.tx_blocked());
+    }
 }

@@ -9,17 +9,18 @@
 
 extern crate alloc;
 
-pub mod cmd;
-pub mod resp;
-
-#[cfg(not(test))]
-pub mod abi;
-#[cfg(not(test))]
-pub mod netdev;
+// first: its `con!` macro is used by the modules below
 #[cfg(not(test))]
 #[macro_use]
 pub mod rt;
-#[cfg(not(test))]
+
+pub mod abi;
+pub mod clock;
+pub mod cmd;
+pub mod resp;
 pub mod server;
+
 #[cfg(not(test))]
 mod entry;
+#[cfg(not(test))]
+pub mod netdev;

@@ -70,6 +70,8 @@ unsafe impl Hal for IdentityHal {
 }
 
 type Net = VirtIONetRaw<IdentityHal, MmioTransport<'static>, QUEUE_SIZE>;
+/// Transmit buffers the device holds, by token, with the length posted.
+type InFlight = Vec<Option<(Box<[u8]>, usize)>>;
 
 /// Counters kept by the device wrapper (reported on the console rarely).
 #[derive(Debug, Default, Clone, Copy)]
@@ -90,7 +92,7 @@ pub struct NetDev {
     /// Receive buffers smoltcp is done with, to post again.
     rx_spare: Vec<Box<[u8]>>,
     /// Transmit buffers the device holds, by token, with the length posted.
-    tx_inflight: Vec<Option<(Box<[u8]>, usize)>>,
+    tx_inflight: InFlight,
     tx_free: Vec<Box<[u8]>>,
     pub stats: Stats,
 }
@@ -205,7 +207,8 @@ impl NetDev {
         // The flag store must be visible before the used index is read again,
         // or a frame placed in between would raise no MSI.
         fence(Ordering::SeqCst);
-        if !self.rx_ready() && !(for_tx && self.net.poll_transmit().is_some()) {
+        let work = self.rx_ready() || (for_tx && self.net.poll_transmit().is_some());
+        if !work {
             crate::rt::wait_irq();
         }
         self.net.disable_interrupts();
@@ -222,7 +225,7 @@ pub struct RxToken<'a> {
 /// The right to send one frame (a free transmit buffer exists).
 pub struct TxToken<'a> {
     net: &'a mut Net,
-    inflight: &'a mut Vec<Option<(Box<[u8]>, usize)>>,
+    inflight: &'a mut InFlight,
     free: &'a mut Vec<Box<[u8]>>,
     stats: &'a mut Stats,
 }

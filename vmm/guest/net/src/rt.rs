@@ -133,14 +133,6 @@ pub fn wait_irq() {
     hcall(HC_WAIT, 0, 0);
 }
 
-/// The time stamp counter (runs natively at CPL3).
-pub fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: rdtsc reads the TSC into edx:eax and touches nothing else.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
 // ---- console ----------------------------------------------------------------
 
 /// `struct con_buf` of user.c: the VMM reads `len` bytes of `text`.

@@ -6,14 +6,14 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
+
 use crate::abi::BootInfo;
-use crate::netdev::NetDev;
 use crate::resp::{Conn, Limits, Store};
-use crate::rt::rdtsc;
 
 /// Connections served at once (one smoltcp socket each).
 pub const SOCKETS: usize = 80;
@@ -21,26 +21,6 @@ const SOCK_RX: usize = 16 << 10;
 const SOCK_TX: usize = 16 << 10;
 /// Bytes of keys and values the store may hold.
 pub const STORE_BYTES: usize = 8 << 20;
-/// Iterations with nothing done but smoltcp asking to be polled again at once,
-/// before the loop sleeps anyway (guards against a busy loop).
-const IDLE_SPINS: u32 = 64;
-
-/// Microseconds since boot from the TSC.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    t0: u64,
-    per_us: u64,
-}
-
-impl Clock {
-    pub fn new(tsc_khz: u64) -> Clock {
-        let khz = if tsc_khz == 0 { 1_000_000 } else { tsc_khz };
-        Clock { t0: rdtsc(), per_us: (khz / 1000).max(1) }
-    }
-    pub fn now(&self) -> Instant {
-        Instant::from_micros(((rdtsc() - self.t0) / self.per_us) as i64)
-    }
-}
 
 /// Network settings from the boot info.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +56,6 @@ pub struct Server {
     conns: Vec<Conn>,
     store: Store,
     port: u16,
-    clock: Clock,
 }
 
 impl core::fmt::Debug for Server {
@@ -94,10 +73,12 @@ fn configure(s: &mut tcp::Socket<'_>) {
 }
 
 impl Server {
-    pub fn new(dev: &mut NetDev, cfg: &NetConfig, clock: Clock) -> Server {
-        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(dev.mac())));
-        config.random_seed = rdtsc();
-        let mut iface = Interface::new(config, dev, clock.now());
+    /// An interface with `mac` and `cfg`'s address over `dev`, and
+    /// [`SOCKETS`] sockets listening on `cfg.port`.
+    pub fn new<D: Device>(dev: &mut D, mac: [u8; 6], cfg: &NetConfig, seed: u64, now: Instant) -> Server {
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        config.random_seed = seed;
+        let mut iface = Interface::new(config, dev, now);
         let [a, b, c, d] = cfg.ip;
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::v4(a, b, c, d), cfg.prefix));
@@ -118,7 +99,7 @@ impl Server {
             handles.push(sockets.add(s));
             conns.push(Conn::new(Limits::DEFAULT));
         }
-        Server { iface, sockets, handles, conns, store: Store::new(STORE_BYTES), port: cfg.port, clock }
+        Server { iface, sockets, handles, conns, store: Store::new(STORE_BYTES), port: cfg.port }
     }
 
     /// Moves bytes between sockets and connections, runs commands, closes
@@ -145,16 +126,22 @@ impl Server {
                 });
                 busy |= matches!(n, Ok(n) if n > 0);
             }
-            if c.process(&mut self.store) > 0 {
-                busy = true;
-            }
-            while !c.pending_out().is_empty() && s.can_send() {
-                match s.send_slice(c.pending_out()) {
-                    Ok(n) if n > 0 => {
-                        c.consumed_out(n);
-                        busy = true;
+            // run commands and hand replies to the socket until one of
+            // them stops (a pipeline may need several rounds of out_soft)
+            loop {
+                let ran = c.process(&mut self.store);
+                busy |= ran > 0;
+                while !c.pending_out().is_empty() && s.can_send() {
+                    match s.send_slice(c.pending_out()) {
+                        Ok(n) if n > 0 => {
+                            c.consumed_out(n);
+                            busy = true;
+                        }
+                        _ => break,
                     }
-                    _ => break,
+                }
+                if ran == 0 || !c.pending_out().is_empty() {
+                    break;
                 }
             }
             let peer_done = !s.may_recv();
@@ -166,59 +153,29 @@ impl Server {
         busy
     }
 
-    /// Serves for ever.
-    /// Serves for ever; with `report_ms` > 0 a counter line at most every
-    /// max(report_ms, 10 s) while the counters move.
-    pub fn run(&mut self, dev: &mut NetDev, report_ms: u64) -> ! {
-        let mut spins = 0;
-        let every = Duration::from_millis(report_ms.max(10_000));
-        let mut next_report = self.clock.now() + every;
-        let mut reported = (0, 0);
-        loop {
-            let now = self.clock.now();
-            if report_ms > 0 && now >= next_report {
-                next_report = now + every;
-                if reported != (dev.stats.rx_frames, dev.stats.tx_frames) {
-                    reported = (dev.stats.rx_frames, dev.stats.tx_frames);
-                    self.report(dev);
-                }
-            }
-            dev.service();
-            let changed = self.iface.poll(now, dev, &mut self.sockets) == PollResult::SocketStateChanged;
-            let busy = self.serve_sockets();
-            if busy {
-                // push the replies out now, before waiting for more
-                self.iface.poll(self.clock.now(), dev, &mut self.sockets);
-            }
-            if busy || changed || (dev.rx_ready() && !dev.tx_blocked()) {
-                spins = 0;
-                continue;
-            }
-            let now = self.clock.now();
-            let due = self.iface.poll_delay(now, &self.sockets);
-            if due == Some(Duration::ZERO) && !dev.tx_blocked() && spins < IDLE_SPINS {
-                spins += 1;
-                continue;
-            }
-            spins = 0;
-            // Nothing to do until a frame arrives, a transmit buffer comes
-            // back (when all are out) or the timer ticks (smoltcp's own
-            // timers are >= the tick: delayed ACKs are off, RTO >= 1 s).
-            dev.sleep(dev.tx_blocked());
+    /// One round: frames in, commands run, replies out. True if anything
+    /// happened (call again before sleeping).
+    pub fn poll<D: Device>(&mut self, now: Instant, dev: &mut D) -> bool {
+        let changed = self.iface.poll(now, dev, &mut self.sockets) == PollResult::SocketStateChanged;
+        let busy = self.serve_sockets();
+        if busy {
+            // push the replies out now, before waiting for more
+            self.iface.poll(now, dev, &mut self.sockets);
         }
+        busy || changed
     }
 
-    /// A one-line summary for the console.
-    pub fn report(&self, dev: &NetDev) {
-        let st = dev.stats;
-        con!(
-            "net: keys={} rx={} tx={} tx_full={} rx_err={} tx_err={}",
-            self.store.len(),
-            st.rx_frames,
-            st.tx_frames,
-            st.tx_full,
-            st.rx_errors,
-            st.tx_errors
-        );
+    /// When smoltcp next wants to be polled (None: only when a frame comes).
+    pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        self.iface.poll_delay(now, &self.sockets)
+    }
+
+    /// Keys in the store.
+    pub fn keys(&self) -> usize {
+        self.store.len()
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
