@@ -121,6 +121,7 @@ fn serve(server: &mut Server, dev: &mut NetDev, clock: &Clock, report_ms: u64) -
             continue;
         }
         spins = 0;
-        dev.sleep(dev.tx_blocked());
+        let for_tx = dev.tx_blocked();
+        dev.sleep(for_tx, wait_irq);
     }
 }

@@ -18,9 +18,12 @@ pub mod abi;
 pub mod clock;
 pub mod cmd;
 pub mod resp;
+pub mod netdev;
 pub mod server;
 
 #[cfg(not(test))]
 mod entry;
-#[cfg(not(test))]
-pub mod netdev;
+#[cfg(test)]
+mod test_wire;
+#[cfg(test)]
+mod virtio_model;

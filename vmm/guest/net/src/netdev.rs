@@ -69,7 +69,7 @@ unsafe impl Hal for IdentityHal {
     unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
 }
 
-type Net = VirtIONetRaw<IdentityHal, MmioTransport<'static>, QUEUE_SIZE>;
+type Net<T> = VirtIONetRaw<IdentityHal, T, QUEUE_SIZE>;
 /// Transmit buffers the device holds, by token, with the length posted.
 type InFlight = Vec<Option<(Box<[u8]>, usize)>>;
 
@@ -84,9 +84,10 @@ pub struct Stats {
     pub tx_errors: u64,
 }
 
-/// The card and its buffers.
-pub struct NetDev {
-    net: Net,
+/// The card and its buffers (`T`: the MMIO transport in the guest, a
+/// device model in host tests).
+pub struct NetDev<T: Transport = MmioTransport<'static>> {
+    net: Net<T>,
     /// Receive buffers the device holds, by token (descriptor index).
     rx_posted: Vec<Option<Box<[u8]>>>,
     /// Receive buffers smoltcp is done with, to post again.
@@ -97,7 +98,7 @@ pub struct NetDev {
     pub stats: Stats,
 }
 
-impl core::fmt::Debug for NetDev {
+impl<T: Transport> core::fmt::Debug for NetDev<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("NetDev").field("stats", &self.stats).finish_non_exhaustive()
     }
@@ -118,9 +119,9 @@ fn buffer() -> Box<[u8]> {
     vec![0u8; BUF_SIZE].into_boxed_slice()
 }
 
-impl NetDev {
+impl NetDev<MmioTransport<'static>> {
     /// Finds and initialises the card at NET_MMIO_GPA and posts every receive buffer.
-    pub fn probe() -> Result<NetDev, ProbeError> {
+    pub fn probe() -> Result<Self, ProbeError> {
         let header = NonNull::new(NET_MMIO_GPA as usize as *mut VirtIOHeader).expect("non-null");
         // SAFETY: NET_MMIO_GPA..+NET_MMIO_SIZE is the card's register window
         // (identity-mapped, uncached emulated MMIO); nothing else in the guest
@@ -130,7 +131,14 @@ impl NetDev {
         if transport.device_type() != DeviceType::Network {
             return Err(ProbeError::NotNet(transport.device_type()));
         }
-        let mut net = Net::new(transport).map_err(ProbeError::Init)?;
+        NetDev::new(transport).map_err(ProbeError::Init)
+    }
+}
+
+impl<T: Transport> NetDev<T> {
+    /// Initialises the card behind `transport` and posts every receive buffer.
+    pub fn new(transport: T) -> Result<Self, virtio_drivers::Error> {
+        let mut net = Net::new(transport)?;
         // Busy by default: the driver polls the used rings and asks for an
         // interrupt only right before it sleeps.
         net.disable_interrupts();
@@ -202,14 +210,15 @@ impl NetDev {
 
     /// Sleeps until the card or the timer interrupts, unless work arrived.
     /// `for_tx`: also wake when the device returns transmit buffers.
-    pub fn sleep(&mut self, for_tx: bool) {
+    /// `wait`: sleep until an interrupt (HC_WAIT in the guest).
+    pub fn sleep(&mut self, for_tx: bool, wait: impl FnOnce()) {
         self.net.enable_interrupts();
         // The flag store must be visible before the used index is read again,
         // or a frame placed in between would raise no MSI.
         fence(Ordering::SeqCst);
         let work = self.rx_ready() || (for_tx && self.net.poll_transmit().is_some());
         if !work {
-            crate::rt::wait_irq();
+            wait();
         }
         self.net.disable_interrupts();
     }
@@ -223,8 +232,8 @@ pub struct RxToken<'a> {
 }
 
 /// The right to send one frame (a free transmit buffer exists).
-pub struct TxToken<'a> {
-    net: &'a mut Net,
+pub struct TxToken<'a, T: Transport> {
+    net: &'a mut Net<T>,
     inflight: &'a mut InFlight,
     free: &'a mut Vec<Box<[u8]>>,
     stats: &'a mut Stats,
@@ -238,7 +247,7 @@ impl phy::RxToken for RxToken<'_> {
     }
 }
 
-impl phy::TxToken for TxToken<'_> {
+impl<T: Transport> phy::TxToken for TxToken<'_, T> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buf = self.free.pop().expect("a TxToken exists only while a buffer is free");
         let len = len.min(BUF_SIZE - NET_HDR);
@@ -261,11 +270,17 @@ impl phy::TxToken for TxToken<'_> {
     }
 }
 
-impl phy::Device for NetDev {
-    type RxToken<'a> = RxToken<'a>;
-    type TxToken<'a> = TxToken<'a>;
+impl<T: Transport> phy::Device for NetDev<T> {
+    type RxToken<'a>
+        = RxToken<'a>
+    where
+        T: 'a;
+    type TxToken<'a>
+        = TxToken<'a, T>
+    where
+        T: 'a;
 
-    fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+    fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_, T>)> {
         self.service();
         if self.tx_free.is_empty() {
             // no buffer for a reply: leave the frame in the ring for now
@@ -295,7 +310,7 @@ impl phy::Device for NetDev {
         }
     }
 
-    fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
+    fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_, T>> {
         self.reclaim_tx();
         if self.tx_free.is_empty() {
             self.stats.tx_full += 1;
@@ -313,3 +328,7 @@ impl phy::Device for NetDev {
         caps
     }
 }
+
+#[cfg(test)]
+#[path = "netdev_tests.rs"]
+mod tests;
