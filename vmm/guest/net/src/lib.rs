@@ -18,6 +18,7 @@ pub mod abi;
 pub mod clock;
 pub mod cmd;
 pub mod resp;
+pub mod rings;
 pub mod netdev;
 pub mod server;
 

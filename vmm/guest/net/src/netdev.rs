@@ -24,6 +24,7 @@ use virtio_drivers::transport::{DeviceType, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
 use crate::abi::{NET_MMIO_GPA, NET_MMIO_SIZE};
+use crate::rings::{set_no_interrupt, AvailRings, Recording};
 
 /// Descriptors per queue (the device's maximum).
 pub const QUEUE_SIZE: usize = 256;
@@ -69,7 +70,7 @@ unsafe impl Hal for IdentityHal {
     unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
 }
 
-type Net<T> = VirtIONetRaw<IdentityHal, T, QUEUE_SIZE>;
+type Net<T> = VirtIONetRaw<IdentityHal, Recording<T>, QUEUE_SIZE>;
 /// Transmit buffers the device holds, by token, with the length posted.
 type InFlight = Vec<Option<(Box<[u8]>, usize)>>;
 
@@ -95,6 +96,8 @@ pub struct NetDev<T: Transport = MmioTransport<'static>> {
     /// Transmit buffers the device holds, by token, with the length posted.
     tx_inflight: InFlight,
     tx_free: Vec<Box<[u8]>>,
+    /// Where the avail rings are (for NO_INTERRUPT per queue).
+    rings: AvailRings,
     pub stats: Stats,
 }
 
@@ -138,16 +141,19 @@ impl NetDev<MmioTransport<'static>> {
 impl<T: Transport> NetDev<T> {
     /// Initialises the card behind `transport` and posts every receive buffer.
     pub fn new(transport: T) -> Result<Self, virtio_drivers::Error> {
-        let mut net = Net::new(transport)?;
+        let rings = AvailRings::default();
+        let net = Net::new(Recording { inner: transport, rings: rings.clone() })?;
         // Busy by default: the driver polls the used rings and asks for an
         // interrupt only right before it sleeps.
-        net.disable_interrupts();
+        set_no_interrupt(&rings, 0, true);
+        set_no_interrupt(&rings, 1, true);
         let mut dev = NetDev {
             net,
             rx_posted: (0..QUEUE_SIZE).map(|_| None).collect(),
             rx_spare: (0..QUEUE_SIZE).map(|_| buffer()).collect(),
             tx_inflight: (0..QUEUE_SIZE).map(|_| None).collect(),
             tx_free: (0..QUEUE_SIZE).map(|_| buffer()).collect(),
+            rings,
             stats: Stats::default(),
         };
         dev.repost_rx();
@@ -209,10 +215,14 @@ impl<T: Transport> NetDev<T> {
     }
 
     /// Sleeps until the card or the timer interrupts, unless work arrived.
-    /// `for_tx`: also wake when the device returns transmit buffers.
+    /// RX interrupts are on while asleep; `for_tx` (every TX buffer is out):
+    /// TX interrupts too, to wake when the device returns them.
     /// `wait`: sleep until an interrupt (HC_WAIT in the guest).
     pub fn sleep(&mut self, for_tx: bool, wait: impl FnOnce()) {
-        self.net.enable_interrupts();
+        set_no_interrupt(&self.rings, 0, false);
+        if for_tx {
+            set_no_interrupt(&self.rings, 1, false);
+        }
         // The flag store must be visible before the used index is read again,
         // or a frame placed in between would raise no MSI.
         fence(Ordering::SeqCst);
@@ -220,7 +230,8 @@ impl<T: Transport> NetDev<T> {
         if !work {
             wait();
         }
-        self.net.disable_interrupts();
+        set_no_interrupt(&self.rings, 0, true);
+        set_no_interrupt(&self.rings, 1, true);
     }
 }
 

@@ -45,10 +45,19 @@ fn sleep_asks_for_an_interrupt_only_while_it_waits() {
     dev.sleep(false, || {
         let s = st.borrow();
         assert!(!s.no_interrupt(0), "RX interrupts must be on while asleep");
+        assert!(s.no_interrupt(1), "TX interrupts stay off while TX buffers are free");
         waited = true;
     });
     assert!(waited);
     assert!(st.borrow().no_interrupt(0), "and off again once awake");
+    waited = false;
+    dev.sleep(true, || {
+        let s = st.borrow();
+        assert!(!s.no_interrupt(0) && !s.no_interrupt(1), "both on when waiting for TX buffers");
+        waited = true;
+    });
+    assert!(waited);
+    assert!(st.borrow().no_interrupt(0) && st.borrow().no_interrupt(1));
     // a frame already in the used ring: no sleep at all
     assert!(st.borrow_mut().deliver(&[0xff; 60]));
     dev.sleep(false, || panic!("slept with a frame waiting"));
