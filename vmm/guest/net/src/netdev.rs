@@ -215,23 +215,21 @@ impl<T: Transport> NetDev<T> {
     }
 
     /// Sleeps until the card or the timer interrupts, unless work arrived.
-    /// RX interrupts are on while asleep; `for_tx` (every TX buffer is out):
-    /// TX interrupts too, to wake when the device returns them.
-    /// `wait`: sleep until an interrupt (HC_WAIT in the guest).
+    /// `for_tx` false: wakes for a received frame (RX interrupts on).
+    /// `for_tx` true (every TX buffer is out, so received frames cannot be
+    /// answered yet): wakes when the device returns TX buffers (TX interrupts
+    /// on, RX off). `wait`: sleep until an interrupt (HC_WAIT in the guest).
     pub fn sleep(&mut self, for_tx: bool, wait: impl FnOnce()) {
-        set_no_interrupt(&self.rings, 0, false);
-        if for_tx {
-            set_no_interrupt(&self.rings, 1, false);
-        }
+        let queue = usize::from(for_tx);
+        set_no_interrupt(&self.rings, queue, false);
         // The flag store must be visible before the used index is read again,
-        // or a frame placed in between would raise no MSI.
+        // or a buffer placed in between would raise no MSI.
         fence(Ordering::SeqCst);
-        let work = self.rx_ready() || (for_tx && self.net.poll_transmit().is_some());
+        let work = if for_tx { self.net.poll_transmit().is_some() } else { self.rx_ready() };
         if !work {
             wait();
         }
-        set_no_interrupt(&self.rings, 0, true);
-        set_no_interrupt(&self.rings, 1, true);
+        set_no_interrupt(&self.rings, queue, true);
     }
 }
 
