@@ -104,6 +104,20 @@ impl TestNet {
         c
     }
 
+    /// Moves the calling thread (only it) into the namespace: sockets it
+    /// opens afterwards live there. For a client thread of a test.
+    pub fn enter_this_thread(&self) -> Result<(), NetNsError> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/run/netns/{}", self.name)).map_err(NetNsError::Spawn)?;
+        // SAFETY: setns takes a file descriptor we own (open for the call)
+        // and a flag; it changes only this thread's network namespace.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(NetNsError::Spawn(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// The `--net` value for a node's TAP `tap` in this namespace.
     pub fn net_arg(&self, tap: &str, mac: [u8; 6], guest_ip: Option<Ipv4Addr>) -> String {
         let mac = common::state::mac_text(&mac);

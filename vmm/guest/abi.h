@@ -43,6 +43,7 @@
 
 #define VEC_TIMER 0x20
 #define VEC_WAKE  0x40
+#define VEC_NET   0x41  /* MSI of the virtio-net card (vCPU 0) */
 #define VEC_SPURIOUS 0xff
 
 /* workloads */
@@ -50,6 +51,13 @@
 #define WL_DIRTY  1
 #define WL_KV     2
 #define WL_KWRITE 3
+#define WL_NET    4  /* the networked guest (guest-net.bin, vmm/guest/net) */
+
+/* virtio-net over virtio-mmio (virtio 1.x, version register 2), device id 1 */
+#define NET_MMIO_GPA       0xC0000000  /* start of the 3 GiB hole */
+#define NET_MMIO_SIZE      0x1000
+#define NET_WORKLOAD_BYTES (32 << 20)  /* RAM above heap_offset for WL_NET */
+#define NET_DEFAULT_PORT   6379
 
 #define PAT_SEQ     0
 #define PAT_RANDOM  1

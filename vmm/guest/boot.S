@@ -25,7 +25,8 @@ vector_table:
     .quad isr_timer                 /* 0x20 */
     .fill 31, 8, 0
     .quad isr_eoi                   /* 0x40: wake-up (MSI from the VMM) */
-    .fill 190, 8, 0
+    .quad isr_eoi                   /* 0x41: virtio-net (MSI from the VMM) */
+    .fill 189, 8, 0
     .quad isr_spurious              /* 0xff */
 
     .text

@@ -31,8 +31,13 @@ struct boot_info {
     /* dirty: 1 = write a console line after every page write (a guest that
      * floods its console, for tests) */
     u64 console_flood;
+    /* net (WL_NET, the Rust workload in net/ reads these) */
+    u32 net_ipv4;         /* octets a.b.c.d in memory order */
+    u32 net_prefix;
+    u32 net_gateway;      /* same encoding, 0 = none */
+    u32 net_port;         /* TCP port to serve */
 };
-_Static_assert(sizeof(struct boot_info) == 144, "boot_info layout");
+_Static_assert(sizeof(struct boot_info) == 160, "boot_info layout");
 
 struct kv_req { u32 client; u32 seq; u32 op; u32 pad; u64 key; u64 value; };
 struct kv_resp { u32 client; u32 seq; u32 status; u32 pad; u64 value; u64 ops; };

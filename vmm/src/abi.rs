@@ -4,6 +4,18 @@
 /// The built-in guest image (kernel + workloads), built from `vmm/guest` by build.rs.
 pub static GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
 
+/// The networked guest (kernel + the Rust workload of `vmm/guest/net`: virtio-net,
+/// smoltcp, a RESP2 server), built by build.rs. Runs [`WorkloadKind::Net`].
+pub static GUEST_NET_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-net.bin"));
+
+/// The built-in image that runs `kind`.
+pub fn guest_image(kind: WorkloadKind) -> &'static [u8] {
+    match kind {
+        WorkloadKind::Net => GUEST_NET_IMAGE,
+        _ => GUEST_IMAGE,
+    }
+}
+
 pub const PAGE_SIZE: u64 = 0x1000;
 pub const BOOT_INFO_GPA: u64 = 0x1000;
 pub const GDT_GPA: u64 = 0x2000;
@@ -39,8 +51,17 @@ pub const PORT_KV_RESP: u16 = 0x511;
 pub const PORT_MARK: u16 = 0x520;
 
 pub const VEC_WAKE: u32 = 0x40;
-/// The network card's interrupt (an MSI to vCPU 0).
+/// MSI vector of the virtio-net card (sent to vCPU 0).
 pub const VEC_NET: u32 = 0x41;
+
+/// The virtio-mmio window of the network card (virtio 1.x, version 2, device
+/// id 1): the start of the 3 GiB hole.
+pub const NET_MMIO_GPA: u64 = 0xC000_0000;
+pub const NET_MMIO_SIZE: u64 = 0x1000;
+/// RAM the networked workload uses above `heap_offset` (stack, heap, rings).
+pub const NET_WORKLOAD_BYTES: u64 = 32 << 20;
+/// The TCP port the networked guest serves when none is given.
+pub const NET_DEFAULT_PORT: u16 = 6379;
 
 pub const PC_TICKS: u64 = 0x00;
 pub const PC_WRITES: u64 = 0x08;
@@ -68,6 +89,9 @@ pub enum WorkloadKind {
     Kv = 2,
     /// CPL0 (emulated) page writes: used to provoke ring overflow.
     KernelWrite = 3,
+    /// The networked guest ([`GUEST_NET_IMAGE`]): a RESP2 server behind the
+    /// virtio-net card, on vCPU 0 (other vCPUs idle).
+    Net = 4,
 }
 
 /// Page selection pattern of the `dirty` workload.
@@ -104,13 +128,27 @@ pub struct BootInfo {
     pub kv_clients: u64,
     /// dirty: 1 = a console line after every page write.
     pub console_flood: u64,
+    /// net: IPv4 address, the four octets in memory order a,b,c,d
+    /// (`u32::from_le_bytes(addr.octets())`, see [`ipv4_word`]).
+    pub net_ipv4: u32,
+    /// net: prefix length (e.g. 24).
+    pub net_prefix: u32,
+    /// net: default gateway, same encoding as `net_ipv4`; 0 = none.
+    pub net_gateway: u32,
+    /// net: TCP port to serve.
+    pub net_port: u32,
 }
-const _: () = assert!(std::mem::size_of::<BootInfo>() == 144);
+const _: () = assert!(std::mem::size_of::<BootInfo>() == 160);
+
+/// The boot-info encoding of an IPv4 address (octets in memory order).
+pub fn ipv4_word(addr: std::net::Ipv4Addr) -> u32 {
+    u32::from_le_bytes(addr.octets())
+}
 
 impl BootInfo {
     /// The little-endian bytes the guest reads.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(144);
+        let mut v = Vec::with_capacity(160);
         v.extend_from_slice(&self.magic.to_le_bytes());
         v.extend_from_slice(&self.ncpus.to_le_bytes());
         v.extend_from_slice(&self.workload.to_le_bytes());
@@ -131,6 +169,9 @@ impl BootInfo {
         for x in
             [self.rate, self.seed, self.report_ms, self.max_writes, self.kv_slots, self.kv_clients, self.console_flood]
         {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        for x in [self.net_ipv4, self.net_prefix, self.net_gateway, self.net_port] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v
@@ -233,6 +274,20 @@ mod tests {
         let v = h.vectors(GUEST_IMAGE);
         assert!(v[3] != 0 && v[13] != 0 && v[14] != 0 && v[0x20] != 0 && v[0x40] != 0 && v[0xff] != 0);
         assert_eq!(v[0x21], 0);
+        assert_eq!(v[VEC_NET as usize], v[VEC_WAKE as usize], "0x41 shares the EOI-only handler of 0x40");
+    }
+
+    #[test]
+    fn net_image_header_is_sane_and_fits() {
+        assert!(GUEST_NET_IMAGE.len() as u64 <= IMAGE_MAX);
+        let h = ImageHeader::parse(GUEST_NET_IMAGE).expect("header");
+        assert!(h.image_end as usize - IMAGE_GPA as usize >= GUEST_NET_IMAGE.len());
+        assert!(h.bss_start <= h.image_end);
+        let v = h.vectors(GUEST_NET_IMAGE);
+        assert!(v[3] != 0 && v[13] != 0 && v[14] != 0 && v[0x20] != 0 && v[0x40] != 0 && v[0x41] != 0);
+        assert_ne!(image_id(GUEST_NET_IMAGE), image_id(GUEST_IMAGE));
+        assert!(std::ptr::eq(guest_image(WorkloadKind::Net), GUEST_NET_IMAGE));
+        assert!(std::ptr::eq(guest_image(WorkloadKind::Kv), GUEST_IMAGE));
     }
 
     #[test]
@@ -245,9 +300,23 @@ mod tests {
 
     #[test]
     fn boot_info_bytes_match_layout() {
-        let b = BootInfo { magic: BOOT_MAGIC, timer_count: 7, kv_clients: 9, console_flood: 1, ..Default::default() };
+        let b = BootInfo {
+            magic: BOOT_MAGIC,
+            timer_count: 7,
+            kv_clients: 9,
+            console_flood: 1,
+            net_ipv4: ipv4_word(std::net::Ipv4Addr::new(10, 0, 0, 2)),
+            net_prefix: 24,
+            net_gateway: 0,
+            net_port: 6379,
+            ..Default::default()
+        };
         let v = b.to_bytes();
-        assert_eq!(v.len(), 144);
+        assert_eq!(v.len(), 160);
+        assert_eq!(&v[144..148], &[10, 0, 0, 2]);
+        assert_eq!(&v[148..152], &24u32.to_le_bytes());
+        assert_eq!(&v[152..156], &[0; 4]);
+        assert_eq!(&v[156..160], &6379u32.to_le_bytes());
         assert_eq!(&v[24..32], &7u64.to_le_bytes());
         assert_eq!(&v[128..136], &9u64.to_le_bytes());
         assert_eq!(&v[136..144], &1u64.to_le_bytes());

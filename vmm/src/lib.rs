@@ -27,5 +27,5 @@ pub mod tracker;
 pub mod vcpu;
 
 pub use dirty::Trust;
-pub use machine::{Machine, MachineConfig, MachineError, WorkloadConfig};
+pub use machine::{Machine, MachineConfig, MachineError, NetAddr, WorkloadConfig};
 pub use tracker::{DirtySet, TrackerKind};

@@ -279,3 +279,19 @@ fn saved_mid_traffic_a_new_card_carries_on() {
     let other = NetDevice::new(Arc::clone(&d.mem), Arc::new(kvm.create_vm().expect("vm")), NetConfig { mac: [2; 6] });
     assert!(other.restore(&st).is_err());
 }
+
+#[test]
+fn the_driver_kicks_for_receive_buffers_only_when_the_card_ran_out() {
+    let mut d = Driver::new();
+    d.init();
+    let flags = |d: &Driver| d.mem.read_u32(used(0)).expect("used flags") & 1;
+    assert_eq!(flags(&d), 1, "no kicks wanted while buffers are to spare");
+    d.post(0, 0, BUF_LEN);
+    d.card.receive(frame(1, 60));
+    d.card.receive(frame(2, 60)); // no buffer left for it
+    assert_eq!(flags(&d), 0, "out of buffers: the card asks for a kick");
+    d.post(0, 1, BUF_LEN);
+    d.card.mmio_write(NET_MMIO_GPA + 0x050, &0u32.to_le_bytes());
+    assert_eq!(d.reap(0).len(), 2);
+    assert_eq!(flags(&d), 1, "the backlog drained: no kicks wanted again");
+}

@@ -96,7 +96,7 @@ impl Machine {
             mem_bytes: cfg.mem_bytes,
             ram_ranges: memory::ram_ranges(cfg.mem_bytes),
             vcpus: cfg.vcpus,
-            image_id: abi::image_id(abi::GUEST_IMAGE),
+            image_id: abi::image_id(abi::guest_image(cfg.workload.kind)),
         };
         let m = Machine {
             _kvm: kvm,
@@ -163,6 +163,10 @@ impl Machine {
             kv_slots: w.kv_slots,
             kv_clients: w.kv_clients,
             console_flood: u64::from(w.console_flood),
+            net_ipv4: abi::ipv4_word(w.net.ipv4),
+            net_prefix: u32::from(w.net.prefix),
+            net_gateway: w.net.gateway.map_or(0, abi::ipv4_word),
+            net_port: u32::from(w.net.port),
         })
     }
 
@@ -173,6 +177,7 @@ impl Machine {
             WorkloadKind::Dirty => w.ws_pages * w.ws_stride.max(1) * u64::from(self.cfg.vcpus) * PAGE_SIZE,
             WorkloadKind::KernelWrite => w.ws_pages * u64::from(self.cfg.vcpus) * PAGE_SIZE,
             WorkloadKind::Kv => w.kv_slots * 32 + w.kv_clients * 48,
+            WorkloadKind::Net => abi::NET_WORKLOAD_BYTES,
             WorkloadKind::Idle => 0,
         }
     }
@@ -205,7 +210,7 @@ impl Machine {
         let (mut m, fds) = Self::build(&cfg, None)?;
         let tsc_khz = u64::from(fds[0].get_tsc_khz().unwrap_or(0));
         let info = m.boot_info(tsc_khz)?;
-        let header = boot::setup(&m.mem, abi::GUEST_IMAGE, cfg.vcpus, &info)?;
+        let header = boot::setup(&m.mem, abi::guest_image(cfg.workload.kind), cfg.vcpus, &info)?;
         if cfg.fill_bytes > 0 {
             m.fill()?;
         }

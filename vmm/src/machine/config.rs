@@ -30,12 +30,35 @@ pub struct WorkloadConfig {
     /// dirty: a console line after every page write (a guest flooding its
     /// console; the VMM bounds and counts what it keeps).
     pub console_flood: bool,
+    /// net: the guest's address and the port it serves.
+    #[serde(default)]
+    pub net: NetAddr,
+}
+
+/// The networked guest's static IPv4 settings (boot info `net_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAddr {
+    pub ipv4: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub port: u16,
+}
+
+impl Default for NetAddr {
+    /// Unset: the guest reports that it has no address and waits.
+    fn default() -> Self {
+        NetAddr { ipv4: std::net::Ipv4Addr::UNSPECIFIED, prefix: 24, gateway: None, port: crate::abi::NET_DEFAULT_PORT }
+    }
 }
 
 impl WorkloadConfig {
     /// A `dirty` writer.
     pub fn dirty(ws_pages: u64, pattern: Pattern, rate: u64) -> Self {
         WorkloadConfig { kind: WorkloadKind::Dirty, ws_pages, pattern, rate, ..Self::idle() }
+    }
+    /// The networked guest (a RESP2 server behind the virtio-net card).
+    pub fn net(net: NetAddr) -> Self {
+        WorkloadConfig { kind: WorkloadKind::Net, net, ..Self::idle() }
     }
     /// The `kv` service.
     pub fn kv() -> Self {
@@ -56,6 +79,7 @@ impl WorkloadConfig {
             kv_slots: 1 << 16,
             kv_clients: 1 << 12,
             console_flood: false,
+            net: NetAddr::default(),
         }
     }
 }

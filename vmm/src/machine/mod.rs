@@ -22,7 +22,7 @@ use crate::state::{SaveContext, StateError, VmShape};
 use crate::tracker::TrackerError;
 use crate::vcpu::{RunState, Vcpu, VcpuContext, VcpuError};
 
-pub use config::{MachineConfig, WorkloadConfig};
+pub use config::{MachineConfig, NetAddr, WorkloadConfig};
 
 /// How long a pause may take before the machine reports the vCPU stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -23,7 +23,14 @@ impl NetDevice {
         let mem = self.mem.guest_memory();
         let mut delivered = 0u32;
         while !g.rx_backlog.is_empty() {
-            let Some(chain) = g.queues[RX].pop_descriptor_chain(mem) else { break };
+            let Some(chain) = g.queues[RX].pop_descriptor_chain(mem) else {
+                // out of receive buffers: ask the driver to kick when it
+                // posts more (and look once more: it may just have)
+                match g.queues[RX].enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
             let head = chain.head_index();
             let frame = g.rx_backlog.pop_front().expect("backlog not empty");
             let mut hdr = [0u8; NET_HDR_LEN];
@@ -52,6 +59,10 @@ impl NetDevice {
                 break;
             }
             delivered += 1;
+        }
+        if g.rx_backlog.is_empty() {
+            // buffers to spare again: no kicks wanted
+            let _ = g.queues[RX].disable_notification(mem);
         }
         if delivered > 0 && !self.interrupt_suppressed(g, RX) {
             self.interrupt(g);
