@@ -226,6 +226,8 @@ pub enum NodeCmdError {
     Settings(common::proto::PairMismatch),
     #[error(transparent)]
     Net(#[from] crate::net_arg::NetArgError),
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl NodeCmdError {
@@ -241,7 +243,7 @@ impl NodeCmdError {
             NodeCmdError::Fenced(_) => 7,
             NodeCmdError::Refused(_) => 8,
             NodeCmdError::Witness(_) => 9,
-            NodeCmdError::Settings(_) => 2,
+            NodeCmdError::Settings(_) | NodeCmdError::Usage(_) => 2,
         }
     }
 }
@@ -324,6 +326,19 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let secret = Secret::from_file(&c.secret_file)?;
     let mut mcfg = a.workload.machine_config(a.guest, a.mem, a.vcpus, tracker(c));
     mcfg.net = c.net.as_ref().map(|n| vmm::net::NetConfig { mac: n.mac });
+    if matches!(a.guest, GuestArg::Redis) {
+        let Some((ipv4, prefix)) = c.net.as_ref().and_then(|n| n.ip) else {
+            return Err(NodeCmdError::Usage(
+                "--guest redis needs --net tap=NAME,mac=MAC,ip=A.B.C.D/P (the guest's card and address)".into(),
+            ));
+        };
+        mcfg.workload.net = vmm::machine::NetAddr {
+            ipv4,
+            prefix,
+            gateway: c.net.as_ref().and_then(|n| n.gateway),
+            port: vmm::abi::NET_DEFAULT_PORT,
+        };
+    }
     let mut machine = Machine::new(mcfg)?;
     machine.set_hot_pages(c.hot_pages);
     let name = c.name.clone().unwrap_or_else(|| format!("primary-{}", std::process::id()));

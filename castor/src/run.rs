@@ -18,6 +18,9 @@ pub enum GuestArg {
     Dirty,
     Kv,
     Idle,
+    /// The networked guest: a Redis-protocol server behind a virtio-net
+    /// card (needs `--net ...,ip=A.B.C.D/P` on `castor primary`).
+    Redis,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -124,11 +127,14 @@ pub enum RunError {
     File { path: String, err: String },
     #[error("verification failed: {0}")]
     Verify(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
+            RunError::Usage(_) => 2,
             RunError::Build(_) => 3,
             RunError::Guest(_) => 4,
             RunError::Snapshot(SnapshotError::Io { .. }) | RunError::File { .. } => 5,
@@ -172,6 +178,11 @@ pub fn run(a: RunArgs) -> Result<(), RunError> {
         let snap = Snapshot::read(path).map_err(RunError::Snapshot)?;
         snap.restore(tracker).map_err(RunError::Snapshot)?
     } else {
+        if matches!(a.guest, GuestArg::Redis) {
+            return Err(RunError::Usage(
+                "the redis guest needs a network card: run it with `castor primary --guest redis --net tap=...,mac=...,ip=...` (or `castor demo`)".into(),
+            ));
+        }
         Machine::new(a.workload.machine_config(a.guest, a.mem, a.vcpus, tracker)).map_err(RunError::Build)?
     };
     let is_kv = machine.config().workload.kind == WorkloadKind::Kv;
@@ -422,6 +433,8 @@ impl WorkloadArgs {
             }
             GuestArg::Kv => WorkloadConfig::kv(),
             GuestArg::Idle => WorkloadConfig::idle(),
+            // the address comes from --net (castor primary sets it)
+            GuestArg::Redis => WorkloadConfig::net(vmm::machine::NetAddr::default()),
         };
         MachineConfig { fill_bytes: self.fill, ..MachineConfig::new(mem, vcpus, tracker, workload) }
     }
