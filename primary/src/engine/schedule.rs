@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use vmm::abi::PAGE_SIZE;
 
-use super::{Directive, Engine, Packet, UnprotectedPolicy};
+use super::{Engine, Packet, UnprotectedPolicy};
 
 impl Engine {
     /// Page copies held for the link plus the pages waiting in the dirty
@@ -50,7 +50,7 @@ impl Engine {
             let (queued, pending) = self.held_bytes(true);
             let over = queued > 0 && queued + pending > self.opts.max_queued_bytes;
             if !(self.in_flight() >= self.opts.max_in_flight || over)
-                || self.directive != Directive::Protect
+                || !self.state.protecting()
                 || self.shared.stop.load(Ordering::SeqCst)
             {
                 break;
@@ -76,7 +76,7 @@ impl Engine {
                 break;
             }
         }
-        if paused_here && self.machine.is_paused() && self.directive == Directive::Protect {
+        if paused_here && self.machine.is_paused() && self.state.protecting() {
             self.machine.resume()?;
         }
         Ok(())
@@ -89,7 +89,7 @@ impl Engine {
     pub(super) fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
         self.pre.clear();
-        let policy = if self.directive == Directive::Hold { UnprotectedPolicy::Pause } else { self.opts.unprotected };
+        let policy = if self.state.keeps_guest_paused() { UnprotectedPolicy::Pause } else { self.opts.unprotected };
         match policy {
             UnprotectedPolicy::Pause => {
                 if !self.machine.is_paused() {
