@@ -11,6 +11,7 @@ pub mod join;
 pub mod listen;
 pub mod lograte;
 pub mod metrics;
+pub mod proxy;
 pub mod service;
 pub mod state_dir;
 pub mod status;
