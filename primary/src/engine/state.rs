@@ -255,7 +255,7 @@ impl EngineState {
     fn command(self, c: EngineCommand) -> EngineState {
         match (self, c) {
             (EngineState::Protecting(mut p) | EngineState::HandingOver(mut p), EngineCommand::Protect(_)) => {
-                // a replica with a committed epoch (Resync::Full) keeps it
+                // a replica with a committed epoch (Resync::BesideCommitted) keeps it
                 // usable for failover until the sync's final epoch commits:
                 // the secondary stages the sync either way
                 let by_loss = matches!(p.sync, LiveSync::Due { by_loss: true, .. });
@@ -278,7 +278,7 @@ impl EngineState {
             (_, EngineCommand::Resume) => {
                 EngineState::Protecting(Protecting { sync: LiveSync::Idle, resuming: true, ..Protecting::new() })
             }
-            (EngineState::Protecting(mut p), EngineCommand::FullEpoch) => {
+            (EngineState::Protecting(mut p), EngineCommand::LiveResync) => {
                 p.sync = match p.sync {
                     due @ LiveSync::Due { .. } => due,
                     LiveSync::Idle => LiveSync::Due { by_loss: false, full: false },
@@ -287,7 +287,7 @@ impl EngineState {
                 };
                 EngineState::Protecting(p)
             }
-            (s, EngineCommand::FullEpoch) => s,
+            (s, EngineCommand::LiveResync) => s,
         }
     }
 }

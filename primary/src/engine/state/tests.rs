@@ -45,8 +45,8 @@ fn transitions() {
     let resuming = EngineState::Protecting(Protecting { sync: LiveSync::Idle, resuming: true, ..Protecting::new() });
     let rows: Vec<(EngineState, EngineEvent, EngineState, Effects)> = vec![
         // a session starts with a live sync, whatever the replica holds
-        (EngineState::Alone, E::Command(C::Protect(Resync::Live)), due, fx),
-        (EngineState::Holding, E::Command(C::Protect(Resync::Full)), due, fx),
+        (EngineState::Alone, E::Command(C::Protect(Resync::IntoEmpty)), due, fx),
+        (EngineState::Holding, E::Command(C::Protect(Resync::BesideCommitted)), due, fx),
         (due, E::Command(C::Hold), EngineState::Holding, fx),
         (running, E::Command(C::Alone), EngineState::Alone, fx),
         // the sync: started, copied, ended by the next boundary
@@ -63,17 +63,17 @@ fn transitions() {
         (protecting(LiveSync::Running { full: true }), E::SyncAbandoned, full_due, fx),
         (full_due, boundary(4, false, None), idle, fx),
         // a resync the secondary asks for, while syncing or not
-        (idle, E::Command(C::FullEpoch), due, fx),
-        (running, E::Command(C::FullEpoch), due, fx),
-        (full_due, E::Command(C::FullEpoch), protecting(LiveSync::Due { by_loss: false, full: true }), fx),
-        (EngineState::Holding, E::Command(C::FullEpoch), EngineState::Holding, fx),
+        (idle, E::Command(C::LiveResync), due, fx),
+        (running, E::Command(C::LiveResync), due, fx),
+        (full_due, E::Command(C::LiveResync), protecting(LiveSync::Due { by_loss: false, full: true }), fx),
+        (EngineState::Holding, E::Command(C::LiveResync), EngineState::Holding, fx),
         // a lost collection: not shipped, a live resync follows
         (idle, E::CollectionLost, due_loss, fx),
         // a switchover: the last boundary hands over; refused, it resumes
         (idle, E::Command(C::Finish), finishing, fx),
         (EngineState::Alone, E::Command(C::Finish), EngineState::Alone, fx),
         (finishing, boundary(5, true, Some(4)), handing_over, fx),
-        (handing_over, E::Command(C::FullEpoch), handing_over, fx),
+        (handing_over, E::Command(C::LiveResync), handing_over, fx),
         (handing_over, E::Command(C::Resume), resuming, fx),
         (handing_over, E::Command(C::Hold), EngineState::Holding, fx),
         (resuming, E::WaitEnded, idle, resume),
@@ -154,7 +154,7 @@ impl Flags {
                 self.finish = false;
                 self.resume_guest = true;
             }
-            C::FullEpoch => {
+            C::LiveResync => {
                 if self.protect {
                     self.want_sync = true;
                     self.sync_final = false; // dropped (see above)
@@ -182,13 +182,13 @@ enum Gen {
 
 fn command(i: u8) -> EngineCommand {
     match i % 7 {
-        0 => C::Protect(Resync::Live),
-        1 => C::Protect(Resync::Full),
+        0 => C::Protect(Resync::IntoEmpty),
+        1 => C::Protect(Resync::BesideCommitted),
         2 => C::Hold,
         3 => C::Alone,
         4 => C::Finish,
         5 => C::Resume,
-        _ => C::FullEpoch,
+        _ => C::LiveResync,
     }
 }
 
