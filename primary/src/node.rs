@@ -184,7 +184,6 @@ pub async fn run_primary(
         state: if cfg.witness.is_some() { PrimaryState::with_witness() } else { PrimaryState::new() },
         witness: None,
         session_peer: String::new(),
-        handover_due: None,
         switchover: None,
         refusals: runtime::lograte::LogLimiter::new(Duration::from_secs(10)),
         cfg,

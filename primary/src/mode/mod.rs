@@ -15,8 +15,9 @@
 //! a hold ends in running alone only when the witness grants it
 //! ([`Ask::RunAlone`]); a refused port or the fence grace decide nothing.
 //!
-//! The engine learns what it must do from the [`EngineCommand`] a actions
-//! returns (one value, applied in order), never by reading flags.
+//! The engine learns what it must do from the [`EngineCommand`] in the
+//! [`Actions`] of each event (one value, applied in order), never by
+//! reading flags.
 
 mod held;
 mod types;

@@ -53,9 +53,9 @@ pub(crate) struct Replicator {
     pub witness: Option<WitnessLink>,
     /// The witness name of the session's secondary.
     pub session_peer: String,
-    /// A actions asked to send the handover after this epoch.
-    pub handover_due: Option<u64>,
-    /// The operator's switchover, answered once it completes or fails.
+    /// The operator's switchover, answered once it completes or fails (a
+    /// reply owed while the core is handing over; not a decision: the
+    /// core's `Mode::HandingOver` is).
     pub switchover: Option<ControlRequest>,
     /// Dial failures and refusals, logged once per kind every 10 s.
     pub refusals: runtime::lograte::LogLimiter,
@@ -74,8 +74,10 @@ async fn next_of<T>(c: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 }
 
 impl Replicator {
-    /// Feeds one event to the core and carries out its actions.
-    fn apply(&mut self, event: Event) -> Result<(), Refusal> {
+    /// Feeds one event to the core and carries out its actions; returns the
+    /// epoch after which the handover is to be sent, if this event made it
+    /// due (only an ack in a session does: the session sends it).
+    fn apply(&mut self, event: Event) -> Result<Option<u64>, Refusal> {
         let before = self.state.mode().protection();
         let session_up = matches!(event, Event::SessionUp { .. });
         let name = event.name();
@@ -95,9 +97,6 @@ impl Replicator {
             let _ = w.asks.send((ask, self.session_peer.clone()));
         }
         self.router.release(actions.release, decided_us);
-        if actions.handover.is_some() {
-            self.handover_due = actions.handover;
-        }
         let (mode, held) = (self.state.mode().protection(), self.state.held_count());
         let (view, recorded) = (self.state.witness().clone(), self.state.sync_recorded());
         let hold = match self.state.mode() {
@@ -147,7 +146,7 @@ impl Replicator {
                 m => tracing::info!(mode = ?m.protection(), "protection changed"),
             }
         }
-        Ok(())
+        Ok(actions.handover)
     }
 
     fn witness_answered(&mut self, (tag, answer, ms): (u64, Answer, f64)) {
@@ -166,7 +165,7 @@ impl Replicator {
     }
 
     fn answer(&mut self, c: ControlRequest) {
-        let r = self.apply(Event::Command(c.command)).map(|()| "done").map_err(|e| Refused(e.to_string()));
+        let r = self.apply(Event::Command(c.command)).map(|_| "done").map_err(|e| Refused(e.to_string()));
         if r.is_ok() {
             tracing::warn!(command = c.command.name(), "operator command applied");
             if c.command == Command::Switchover {

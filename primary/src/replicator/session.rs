@@ -96,14 +96,6 @@ impl Replicator {
         // SIGTERM with a caught-up secondary: hand over, then stop
         let mut stopping: Option<Instant> = None;
         loop {
-            if let Some(epoch) = self.handover_due.take() {
-                tracing::info!(epoch, "the last epoch is acknowledged: handing over");
-                // counted like an epoch: the writer counts every ship it
-                // takes (a refused handover goes on with this session)
-                queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
-                let _ = ship_tx.send(ToSecondary::Handover(epoch));
-            }
             tokio::select! {
                 end = &mut io => {
                     let SessionExit::HandedOver(epoch) = end else { return end };
@@ -136,7 +128,9 @@ impl Replicator {
                         if let Some(sent) = self.state.sent_at(epoch) {
                             self.status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
                         }
-                        if self.apply(Event::Ack { epoch }).is_ok() {
+                        let mut handover = None;
+                        if let Ok(due) = self.apply(Event::Ack { epoch }) {
+                            handover = due;
                             let later = output_since.split_off(&epoch.saturating_add(1));
                             for since in std::mem::replace(&mut output_since, later).into_values() {
                                 self.status.record_output_hold(since.elapsed().as_secs_f64() * 1e6);
@@ -144,6 +138,15 @@ impl Replicator {
                         }
                         common::crashpoint::hit("primary.after_release");
                         self.status.update(|s| s.acked_epoch = Some(epoch));
+                        if let Some(epoch) = handover {
+                            tracing::info!(epoch, "the last epoch is acknowledged: handing over");
+                            // counted like an epoch: the writer counts every
+                            // ship it takes (a refused handover goes on with
+                            // this session)
+                            queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let _ = ship_tx.send(ToSecondary::Handover(epoch));
+                        }
                     }
                     Some(FromSecondary::ResyncRequest(reason)) => {
                         tracing::error!(%reason, "secondary asks for a full resync");
@@ -221,7 +224,7 @@ impl Replicator {
                         continue;
                     }
                     match self.apply(Event::Command(Command::Switchover)) {
-                        Ok(()) => {
+                        Ok(_) => {
                             tracing::warn!("asked to stop: handing over to the secondary first");
                             stopping = Some(Instant::now());
                         }
