@@ -202,10 +202,8 @@ impl Engine {
                     }
                 }
                 // (a guest paused until a secondary syncs has nothing to pre-copy)
-                let precopy = self
-                    .opts
-                    .precopy_min_pages
-                    .filter(|_| self.state.protecting() && !self.machine.is_paused());
+                let precopy =
+                    self.opts.precopy_min_pages.filter(|_| self.state.protecting() && !self.machine.is_paused());
                 if let Some(min) = precopy {
                     if now >= self.last_skim + PRECOPY_POLL {
                         self.last_skim = now;

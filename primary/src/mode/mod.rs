@@ -29,7 +29,7 @@ use common::state::Output;
 pub use runtime::control::Command;
 
 pub use held::HeldOutputs;
-pub use types::{EngineCommand, Event, Loss, Mode, Refusal, Resync, Actions};
+pub use types::{Actions, EngineCommand, Event, Loss, Mode, Refusal, Resync};
 pub use witness::{Answer, Ask, WitnessView, WITNESS_RETRY};
 use witness::{OpenQuestion, Question};
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{PrimaryState, Mode, Actions};
+use super::{Actions, Mode, PrimaryState};
 
 /// A question for the witness; its answer comes back as [`Event::Witness`]
 /// with the same tag.

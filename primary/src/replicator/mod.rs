@@ -21,7 +21,7 @@ use runtime::status::NodeStatus;
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::{EngineError, EngineShared, Packet};
-use crate::mode::{Answer, Command, PrimaryState, EngineCommand, Event, Mode, Refusal, Resync, WitnessView};
+use crate::mode::{Answer, Command, EngineCommand, Event, Mode, PrimaryState, Refusal, Resync, WitnessView};
 use crate::node::{PrimaryConfig, PrimaryExit};
 use crate::router::Router;
 use crate::sender::{SenderError, Session};

@@ -79,7 +79,11 @@ impl Replicator {
             gen,
             interval,
             timeout,
-            HeartbeatShared { heard: last_reply_hb, data_progress: data_progress_hb, handing_over: handing_over.clone() },
+            HeartbeatShared {
+                heard: last_reply_hb,
+                data_progress: data_progress_hb,
+                handing_over: handing_over.clone(),
+            },
         )));
         let io = async move {
             let (w, a, b) = (writer, acks, beats);

@@ -67,7 +67,11 @@ pub(super) async fn write_loop(
     std::future::pending().await
 }
 
-pub(super) async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<FromSecondary>, gen: u64) -> SessionExit {
+pub(super) async fn read_acks(
+    mut dr: SessionReader,
+    heard: mpsc::UnboundedSender<FromSecondary>,
+    gen: u64,
+) -> SessionExit {
     loop {
         let h = match dr.recv().await {
             Ok(Some(Message::EpochAck { epoch })) => FromSecondary::Ack(epoch),
