@@ -6,12 +6,13 @@
 //! [`Effects`] a step returns.
 //!
 //! ```text
-//!             Protect                 Finish, then the last boundary
-//!   Alone ─────────────► Protecting ───────────────────────────► HandingOver
-//!   Holding ───────────►  (sync:    ◄─────────────────────────── (guest paused)
-//!     ▲  Hold/Alone       Idle, Due,        Resume (refused)          │
-//!     └────────────────── Running,  ◄──────────── Hold (accepted) ────┘
-//!                         Copied, FullDue)
+//!              Protect                 Finish, then the last boundary
+//!   Alone   ────────────►  Protecting  ───────────────────────────►  HandingOver
+//!   Holding ────────────►  (its live   ◄───────────────────────────  (guest paused)
+//!     ▲                     sync's        Resume (handover refused)       │
+//!     │      Hold / Alone   stage)                                        │
+//!     ├──────────────────────┘                                            │
+//!     └────────────── Hold (handover accepted, session lost, fenced) ─────┘
 //! ```
 //!
 //! Inside [`Protecting`] a live sync goes `Due` (starts at the next
