@@ -16,6 +16,7 @@ use clap::Args;
 use client::KvClient;
 use common::state::KvOp;
 use runtime::harness::{NodeProc, Spec};
+use runtime::proxy::{Fault, Proxy};
 use serde_json::Value;
 
 /// What happens halfway through the demo.
@@ -212,10 +213,12 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         .enable_all()
         .build()
         .map_err(|e| DemoError::Setup(e.to_string()))?;
-    // partition: the primary reaches its secondary through a relay that can
-    // cut the link
+    // partition: the primary reaches its secondary through the fault proxy
+    // (the one the failover tests use), whose blackhole cuts the link both
+    // ways with the connections left open (a partition neither answers nor
+    // refuses)
     let relay = match a.scenario {
-        Scenario::Partition => Some(rt.block_on(Relay::start(repl_s)).map_err(|e| DemoError::Setup(e.to_string()))?),
+        Scenario::Partition => Some(rt.block_on(Proxy::start(repl_s)).map_err(|e| DemoError::Setup(e.to_string()))?),
         _ => None,
     };
     let peer = relay.as_ref().map_or(repl_s, |r| r.addr);
@@ -339,7 +342,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
                 }
                 Scenario::Partition => {
                     if let Some(r) = &relay {
-                        r.cut.store(true, Ordering::SeqCst);
+                        r.set(Fault::Blackhole);
                     }
                     live(format!("t={at:.1}s: cut the link between the nodes both ways (both still reach etcd)"));
                 }
@@ -511,66 +514,4 @@ fn serving(primary: Option<&NodeProc>, secondary: Option<&NodeProc>) -> Option<V
         s["role"] == "primary" && !matches!(s["protection"].as_str(), Some("fenced" | "holding" | "handed-over"))
     };
     primary.and_then(NodeProc::status).filter(serves).or_else(|| secondary.and_then(NodeProc::status).filter(serves))
-}
-
-/// A relay on loopback between the primary and its secondary's replication
-/// port that can cut the link both ways: once `cut`, bytes are dropped in
-/// both directions and connections stay open (a partition neither answers
-/// nor refuses).
-struct Relay {
-    addr: std::net::SocketAddr,
-    cut: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(upstream: std::net::SocketAddr) -> std::io::Result<Relay> {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = l.local_addr()?;
-        let cut = Arc::new(AtomicBool::new(false));
-        let c = cut.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((down, _)) = l.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let cut = c.clone();
-                tokio::spawn(async move {
-                    let Ok(up) = tokio::net::TcpStream::connect(upstream).await else { return };
-                    let _ = (down.set_nodelay(true), up.set_nodelay(true));
-                    let (dr, dw) = down.into_split();
-                    let (ur, uw) = up.into_split();
-                    tokio::select! {
-                        _ = pipe(dr, uw, cut.clone()) => {}
-                        _ = pipe(ur, dw, cut) => {}
-                    }
-                });
-            }
-        });
-        Ok(Relay { addr, cut, task })
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Copies `r` to `w` until either ends; while `cut`, what is read is dropped.
-async fn pipe(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) if !cut.load(Ordering::SeqCst) => {
-                if w.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-        }
-    }
 }

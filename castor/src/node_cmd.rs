@@ -212,7 +212,8 @@ pub enum NodeCmdError {
     Primary(#[from] primary::node::NodeError),
     #[error(transparent)]
     Secondary(#[from] secondary::node::SecondaryError),
-    #[error("fenced: a node of a newer generation ({}) replaced this one", if *.0 == u64::MAX { "unknown".to_string() } else { .0.to_string() })]
+    /// The generation that fenced this node (at least: see `PrimaryExit::Fenced`).
+    #[error("fenced: a node of a newer generation (at least {0}) replaced this one")]
     Fenced(u64),
     #[error("control {addr}: {err}")]
     Control { addr: runtime::control::ControlAddr, err: String },

@@ -7,7 +7,9 @@
 
 pub mod cluster;
 pub mod load;
-pub mod proxy;
+/// The fault proxy lives in the runtime crate (the demo cuts its partition
+/// with it too).
+pub use runtime::proxy;
 
 /// Path of the castor binary under test.
 pub fn castor_bin() -> std::path::PathBuf {

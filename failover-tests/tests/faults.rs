@@ -133,7 +133,7 @@ fn proxied_pair_with(
     what: &str,
 ) -> Option<(NodeProc, Proxy, NodeProc)> {
     let s = c.secondary("s", so, None);
-    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
     let p = c.primary("p", po, proxy.addr);
     trial_protected(row, &p, what).then_some((s, proxy, p))
 }

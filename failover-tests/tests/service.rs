@@ -58,7 +58,7 @@ fn responses_are_held_until_their_epoch_is_acknowledged() {
     let o = NodeOpts { heartbeat_timeout_ms: 8000, ..NodeOpts::default() };
     let s = c.secondary("s", &o, None);
     let rt = rt();
-    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let proxy = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
     let p = c.primary("p", &o, proxy.addr);
     p.wait_status(T, |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));

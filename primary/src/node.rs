@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use vmm::Machine;
 
 use crate::engine::{Engine, EngineOptions, EngineShared};
-use crate::mode::Core;
+use crate::mode::PrimaryState;
 use crate::replicator::{Replicator, ReplicatorError};
 use crate::router::{serve_clients, Router};
 
@@ -42,7 +42,9 @@ pub enum NodeError {
 pub enum PrimaryExit {
     /// Asked to stop.
     Shutdown,
-    /// A node of a higher generation exists: this one must not release output.
+    /// A node of a higher generation exists: this one must not release
+    /// output. `by` as in [`Mode::Fenced`](crate::mode::Mode::Fenced): that
+    /// generation, or at least this one's + 1 when the peer did not name it.
     Fenced { by: u64 },
     /// A planned switchover completed: the secondary took over after `epoch`.
     HandedOver { epoch: u64 },
@@ -168,7 +170,7 @@ pub async fn run_primary(
                             | runtime::status::Protection::HandingOver
                     );
                     s.epochs_in_flight =
-                        if in_session { next.saturating_sub(shared.acked.load(Ordering::SeqCst)) } else { 0 };
+                        if in_session { next.saturating_sub(shared.next_unacked.load(Ordering::SeqCst)) } else { 0 };
                     s.lag_epochs = s.epochs_in_flight;
                     s.acked_epoch = acked;
                     s.tracking_lost = shared.tracking_lost.load(Ordering::Relaxed);
@@ -188,10 +190,9 @@ pub async fn run_primary(
         });
     }
     let rep = Replicator {
-        core: if cfg.witness.is_some() { Core::with_witness() } else { Core::new() },
+        state: if cfg.witness.is_some() { PrimaryState::with_witness() } else { PrimaryState::new() },
         witness: None,
         session_peer: String::new(),
-        handover_due: None,
         switchover: None,
         refusals: runtime::lograte::LogLimiter::new(Duration::from_secs(10)),
         cfg,

@@ -12,6 +12,7 @@ pub mod listen;
 pub mod lograte;
 pub mod metrics;
 pub mod netns;
+pub mod proxy;
 pub mod service;
 pub mod state_dir;
 pub mod status;

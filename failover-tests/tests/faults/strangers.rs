@@ -318,7 +318,7 @@ pub(super) fn strangers_join_cut(row: &mut Row) {
     }
     let rt = rt();
     let join = s.listen.expect("listen");
-    let proxy = rt.block_on(Proxy::start(join));
+    let proxy = rt.block_on(Proxy::start(join)).expect("start the proxy");
     let s2 = c.secondary("s2", &o, Some(proxy.addr));
     if !protected(&s) {
         row.fail(format!("the promoted node was never protected by the joiner:\n{}", s.log_tail()));

@@ -241,11 +241,11 @@ pub fn primary_isolated(row: &mut Row) {
     let c = Cluster::new("w-isolated");
     let etcd = c.etcd();
     let rt = rt();
-    let to_etcd = rt.block_on(Proxy::start(addr_of(&etcd.url)));
+    let to_etcd = rt.block_on(Proxy::start(addr_of(&etcd.url))).expect("start the proxy");
     let o = opts(&etcd.url);
     let po = opts(&format!("http://{}", to_etcd.addr));
     let s = c.secondary("s", &o, None);
-    let to_s = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let to_s = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
     let mut p = c.primary("p", &po, to_s.addr);
     row.trials += 1;
     if !protected(&p) {

@@ -31,7 +31,7 @@ pub fn one_sided(row: &mut Row) {
             ..NodeOpts::default()
         };
         let s = c.secondary("s", &with(on_secondary, timeouts.1), None);
-        let proxy = rt.block_on(Proxy::start(s.listen.expect("listen")));
+        let proxy = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
         let p = c.primary("p", &with(on_primary, timeouts.0), proxy.addr);
         let want = if timeouts.0 == timeouts.1 { "witness" } else { "heartbeat timeout" };
         for n in [&p, &s] {

@@ -129,12 +129,12 @@ fn the_replication_link_carries_no_guest_data_in_clear() {
     let o = NodeOpts::default();
     let s = c.secondary("s", &o, None);
     let rt = rt();
-    let link = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let link = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
     link.record();
     let mut p = c.primary("p", &o, link.addr);
     p.wait_status(T, |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
-    let front = rt.block_on(Proxy::start(p.service));
+    let front = rt.block_on(Proxy::start(p.service)).expect("start the proxy");
     front.record();
     const MARKER: u64 = 0x5eb1_7a5c_a570_4c1e;
     let svc = front.addr;

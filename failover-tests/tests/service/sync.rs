@@ -40,7 +40,7 @@ fn a_full_guest_syncs_page_exact_resyncs_live_and_fails_over() {
         ..o.clone()
     };
     let rt = rt();
-    let link = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let link = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
     let mut p = c.primary("p", &po, link.addr);
     p.wait_status(Duration::from_secs(if soak { 900 } else { 90 }), |v| v["protection"] == "protected")
         .unwrap_or_else(|| panic!("never protected:\n{}", p.log_tail()));
@@ -169,7 +169,7 @@ fn a_guest_flooding_its_console_keeps_its_session() {
     let o = NodeOpts::default();
     let s = c.secondary("s", &o, None);
     let rt = rt();
-    let link = rt.block_on(Proxy::start(s.listen.expect("listen")));
+    let link = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
     let po = NodeOpts {
         guest: "dirty",
         extra: vec!["--console-flood".into(), "--rate".into(), "0".into(), "--ws-pages".into(), "256".into()],

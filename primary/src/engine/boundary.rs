@@ -9,7 +9,7 @@ use vmm::abi::PAGE_SIZE;
 
 use super::live_sync::ScanProgress;
 use super::precopy::merge_pages;
-use super::{us, Engine, EpochPacket, Phases, Queued};
+use super::{us, Engine, EngineEvent, EpochPacket, Phases, Queued};
 use crate::sender::page_from;
 
 impl Engine {
@@ -36,11 +36,12 @@ impl Engine {
         if lost {
             self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
         }
-        if lost && resume && !self.want_full {
+        let full_due = self.state.full_due();
+        if lost && resume && !full_due {
             tracing::warn!(epoch, "dirty tracking lost: this epoch is not sent; a live resync follows");
             return self.resync_instead(t0).map(|()| None);
         }
-        let mut full = lost || std::mem::take(&mut self.want_full);
+        let mut full = lost || full_due;
         if lost {
             tracing::warn!(epoch, "dirty tracking lost: this epoch is sent as a full-memory epoch");
         }
@@ -125,18 +126,12 @@ impl Engine {
         if phases.pause_us > 20_000.0 {
             tracing::debug!(?phases, "long epoch pause");
         }
-        if std::mem::take(&mut self.sync_final) {
-            // the epoch that ends a live sync: the sync lasts until its ack
-            self.sync_until = Some(epoch);
-        }
-        if let Some(e) = self.sync_until {
+        // (an epoch that ends a live sync: the sync lasts until its ack)
+        let acked = self.shared.acked_epoch();
+        if self.state.step(EngineEvent::Boundary { epoch, last: !resume, acked }).sync_pause {
             // epochs until the sync's final epoch is acknowledged count for
             // the sync's pauses (the secondary is still applying it)
-            if self.shared.acked.load(Ordering::SeqCst) > e && epoch > e {
-                self.sync_until = None;
-            } else {
-                self.shared.sync_max_pause_us.fetch_max(phases.pause_us as u64, Ordering::Relaxed);
-            }
+            self.shared.sync_max_pause_us.fetch_max(phases.pause_us as u64, Ordering::Relaxed);
         }
         let queued = Queued::new(&self.shared, &pages);
         Ok(Some(EpochPacket {
@@ -165,8 +160,7 @@ impl Engine {
         self.note_pause(us);
         self.shared.sync_max_pause_us.store(us as u64, Ordering::Relaxed);
         tracing::debug!(pause_us = us as u64, "pause of the boundary that lost tracking");
-        self.sync_started_by_loss = true;
-        self.want_sync = true;
+        self.state.step(EngineEvent::CollectionLost);
         self.epoch_started = Instant::now();
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::proto::Page;
 use vmm::abi::PAGE_SIZE;
 
-use super::{Directive, Engine, Packet, Queued};
+use super::{Engine, EngineEvent, Packet, Queued};
 use crate::sender::page_from;
 
 /// Live sync attempts (each restarted by a lost round) before a full epoch.
@@ -73,17 +73,20 @@ impl Engine {
     pub(super) fn live_sync(&mut self) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
         self.pre.clear();
-        if !std::mem::take(&mut self.sync_started_by_loss) {
+        if self.state.step(EngineEvent::SyncStarted).reset_sync_pauses {
             self.shared.sync_max_pause_us.store(0, Ordering::Relaxed);
         }
         for attempt in 1..=SYNC_ATTEMPTS {
             match self.sync_attempt(attempt)? {
                 SyncEnd::Copied => {
-                    self.sync_final = true;
+                    self.state.step(EngineEvent::SyncCopied);
                     self.shared.live_syncs.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                SyncEnd::Abandoned => return Ok(()),
+                SyncEnd::Abandoned => {
+                    self.state.step(EngineEvent::SyncAbandoned);
+                    return Ok(());
+                }
                 SyncEnd::TrackingLost(round) => {
                     tracing::warn!(attempt, round, "dirty tracking lost during a live sync: starting it again");
                     self.shared.tracking_lost.fetch_add(1, Ordering::Relaxed);
@@ -91,7 +94,7 @@ impl Engine {
             }
         }
         tracing::warn!("every live sync attempt lost dirty tracking: the final epoch is a full one");
-        self.want_full = true;
+        self.state.step(EngineEvent::SyncLostEveryAttempt);
         Ok(())
     }
 
@@ -127,7 +130,7 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_micros(500));
             self.poll_commands();
-            if self.directive != Directive::Protect || self.want_sync || self.shared.stop.load(Ordering::SeqCst) {
+            if self.state.sync_interrupted() || self.shared.stop.load(Ordering::SeqCst) {
                 return false;
             }
         }
@@ -164,7 +167,7 @@ impl Engine {
                 }
                 // a lost session or a new one ends this sync
                 self.poll_commands();
-                if self.directive != Directive::Protect || self.want_sync {
+                if self.state.sync_interrupted() {
                     tracing::info!("live sync abandoned: the session changed");
                     return Ok(SyncEnd::Abandoned);
                 }

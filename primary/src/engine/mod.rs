@@ -12,6 +12,7 @@ mod pool;
 mod precopy;
 mod schedule;
 mod shared;
+mod state;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use vmm::Machine;
 use crate::mode::EngineCommand;
 use pool::BufPool;
 use precopy::PreCopy;
+use state::{EngineEvent, EngineState};
 
 pub use options::{EngineOptions, UnprotectedPolicy, MAX_EPOCH_OUTPUTS};
 pub use packet::{EngineError, EpochPacket, Packet};
@@ -37,17 +39,6 @@ const PRECOPY_POLL: Duration = Duration::from_micros(500);
 /// How often the engine looks for output while an output-driven epoch runs.
 const OUTPUT_POLL: Duration = Duration::from_micros(100);
 
-/// What the engine does now: a function of the last command it applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Directive {
-    /// Ship epochs.
-    Protect,
-    /// Keep the guest paused.
-    Hold,
-    /// Run by the unprotected policy.
-    Alone,
-}
-
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
@@ -56,21 +47,8 @@ pub struct Engine {
     shared: Arc<EngineShared>,
     tx: mpsc::Sender<Packet>,
     commands: std::sync::mpsc::Receiver<EngineCommand>,
-    directive: Directive,
-    /// A live sync starts at the next boundary: the initial sync, and every
-    /// resync (a new session with a replica that has a committed epoch, a
-    /// lost collection, a resync the secondary asked for). It copies memory
-    /// while the guest runs into a staging area on the secondary.
-    want_sync: bool,
-    /// The next epoch is a full-memory epoch, copied in the pause: only
-    /// when live syncs keep losing their dirty tracking.
-    want_full: bool,
-    /// End the current epoch now and keep the guest paused after it
-    /// ([`EngineCommand::Finish`]).
-    finish: bool,
-    /// Resume the guest paused for a handover that was refused
-    /// ([`EngineCommand::Resume`]).
-    resume_guest: bool,
+    /// What the engine is doing: changed only by [`EngineState::step`].
+    state: EngineState,
     /// When a budget pause was last logged (once per 10 s).
     budget_said: Option<Instant>,
     held: Vec<Output>,
@@ -82,13 +60,6 @@ pub struct Engine {
     force_lost_every: Option<u64>,
     /// The epoch the test hook last forced lost.
     last_forced: Option<u64>,
-    /// The next epoch ends a live sync.
-    sync_final: bool,
-    /// The epoch that ended the last live sync, until it is acknowledged.
-    sync_until: Option<u64>,
-    /// The sync about to run was started by a lost collection (its pause
-    /// already counts for the sync's longest pause).
-    sync_started_by_loss: bool,
     /// The previous delta epoch's pages as copied (sorted by gfn). A page
     /// reported dirty again (hot-page retention reports retained pages every
     /// epoch) whose content equals its copy in the previous epoch is not
@@ -126,20 +97,13 @@ impl Engine {
             shared,
             tx,
             commands,
-            directive: Directive::Alone,
-            want_sync: false,
-            want_full: false,
-            finish: false,
-            resume_guest: false,
+            state: EngineState::Alone,
             budget_said: None,
             held: Vec::new(),
             held_since: None,
             pool: BufPool::default(),
             force_lost_every,
             last_forced: None,
-            sync_final: false,
-            sync_until: None,
-            sync_started_by_loss: false,
             last_copied: Vec::new(),
             epoch_started: Instant::now(),
             pre: PreCopy::default(),
@@ -164,35 +128,8 @@ impl Engine {
     /// Applies the commands that arrived, in order.
     fn poll_commands(&mut self) {
         while let Ok(c) = self.commands.try_recv() {
-            match c {
-                EngineCommand::Protect(_) => {
-                    // a replica with a committed epoch (Resync::Full) keeps
-                    // it usable for failover until the sync's final epoch
-                    // commits: the secondary stages the sync either way
-                    self.directive = Directive::Protect;
-                    self.want_sync = true;
-                    self.want_full = false;
-                }
-                EngineCommand::Hold => {
-                    self.directive = Directive::Hold;
-                    self.want_sync = false;
-                    self.want_full = false;
-                    self.finish = false;
-                }
-                EngineCommand::Alone => {
-                    self.directive = Directive::Alone;
-                    self.want_sync = false;
-                    self.want_full = false;
-                    self.finish = false;
-                }
-                EngineCommand::Finish => self.finish = self.directive == Directive::Protect,
-                EngineCommand::Resume => {
-                    self.directive = Directive::Protect;
-                    self.finish = false;
-                    self.resume_guest = true;
-                }
-                EngineCommand::FullEpoch => self.want_sync |= self.directive == Directive::Protect,
-            }
+            // a command's only effect is the state it leaves
+            self.state.step(EngineEvent::Command(c));
         }
     }
 
@@ -234,21 +171,21 @@ impl Engine {
                 }
                 if self.machine.ring_pending() + self.pre.pages() >= self.opts.max_epoch_pages
                     || self.machine.devices().outbox_len() >= MAX_EPOCH_OUTPUTS
-                    || (self.directive == Directive::Protect && self.over_budget())
+                    || (self.state.protecting() && self.over_budget())
                 {
                     next = now;
                     break;
                 }
                 // a switchover ends the epoch at once
                 self.poll_commands();
-                if self.finish {
+                if self.state.finishing() {
                     next = now;
                     break;
                 }
                 // output-driven: held output waits for this epoch's ack, so
                 // end the epoch once it is min_epoch old (the epochs in
                 // flight bound the rate to what the link acknowledges)
-                let output_driven = self.opts.min_epoch.filter(|_| self.directive == Directive::Protect);
+                let output_driven = self.opts.min_epoch.filter(|_| self.state.protecting());
                 if let Some(min) = output_driven {
                     if now >= self.epoch_started + min && self.machine.devices().has_output() {
                         next = now;
@@ -257,7 +194,7 @@ impl Engine {
                 }
                 // unprotected and running: output leaves at once (no
                 // secondary to wait for; the epoch only bounds tracking)
-                let alone = self.directive == Directive::Alone && self.opts.unprotected == UnprotectedPolicy::Continue;
+                let alone = self.state.alone() && self.opts.unprotected == UnprotectedPolicy::Continue;
                 if alone {
                     let out = self.machine.devices().drain();
                     if !out.is_empty() {
@@ -265,10 +202,8 @@ impl Engine {
                     }
                 }
                 // (a guest paused until a secondary syncs has nothing to pre-copy)
-                let precopy = self
-                    .opts
-                    .precopy_min_pages
-                    .filter(|_| self.directive == Directive::Protect && !self.machine.is_paused());
+                let precopy =
+                    self.opts.precopy_min_pages.filter(|_| self.state.protecting() && !self.machine.is_paused());
                 if let Some(min) = precopy {
                     if now >= self.last_skim + PRECOPY_POLL {
                         self.last_skim = now;
@@ -288,16 +223,13 @@ impl Engine {
             }
             self.check_guest()?;
             self.poll_commands();
-            if std::mem::take(&mut self.resume_guest)
-                && self.directive == Directive::Protect
-                && self.machine.is_paused()
-            {
+            if self.state.step(EngineEvent::WaitEnded).resume_guest && self.machine.is_paused() {
                 // a refused handover: the guest runs on from its last epoch
                 self.machine.resume()?;
                 tracing::warn!("the handover was refused: the guest runs here again, protected");
             }
-            if self.directive != Directive::Protect {
-                if self.opts.tracking_off && self.directive == Directive::Alone {
+            if !self.state.protecting() {
+                if self.opts.tracking_off && self.state.alone() {
                     if self.machine.is_paused() {
                         self.machine.resume()?;
                     }
@@ -312,7 +244,7 @@ impl Engine {
                 self.unprotected_epoch()?;
                 continue;
             }
-            if std::mem::take(&mut self.want_sync) {
+            if self.state.sync_due() {
                 self.live_sync()?;
                 next = Instant::now();
                 continue;
@@ -322,28 +254,28 @@ impl Engine {
             // for 5 s at most; and past the byte budget it is paused until
             // the link has drained below it (no epoch is taken then).
             self.wait_for_the_link()?;
-            if self.directive != Directive::Protect {
+            if !self.state.protecting() {
                 continue;
             }
             // a last round just before the boundary, once a quarter of the
             // round minimum waits: the pause then copies only what the guest
             // wrote during this round's copy
             if let Some(min) = self.opts.precopy_min_pages {
-                if !self.finish
+                if !self.state.finishing()
                     && !self.machine.is_paused()
                     && self.machine.precopy_due(min / 4, !self.pre.rounds.is_empty())
                 {
                     self.precopy_round()?;
                 }
             }
-            let last = std::mem::take(&mut self.finish);
+            let last = self.state.finishing();
             let Some(packet) = self.boundary(!last)? else {
                 // the collection was incomplete: a live resync follows
                 continue;
             };
             if last {
-                // the guest stays paused: the secondary runs it from here
-                self.directive = Directive::Hold;
+                // the guest stays paused (the state is handing over): the
+                // secondary runs it from here
                 tracing::info!(epoch = packet.epoch, "last epoch before the handover: the guest stays paused");
             }
             if !self.send(Packet::Epoch(Box::new(packet))) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use vmm::abi::PAGE_SIZE;
 
-use super::{Directive, Engine, Packet, UnprotectedPolicy};
+use super::{Engine, Packet, UnprotectedPolicy};
 
 impl Engine {
     /// Page copies held for the link plus the pages waiting in the dirty
@@ -26,14 +26,14 @@ impl Engine {
             if skim && !self.machine.is_paused() { self.machine.skim() } else { self.machine.ring_pending() };
         // hot pages are copied at every boundary (shipped only if changed)
         let pages = in_rings + self.pre.pages() + self.machine.hot_page_count() as u64;
-        let pending = pages * PAGE_SIZE;
-        (queued, pending)
+        let to_copy = pages * PAGE_SIZE;
+        (queued, to_copy)
     }
 
     /// Whether the held bytes passed the budget.
     pub(super) fn over_budget(&mut self) -> bool {
-        let (queued, pending) = self.held_bytes(false);
-        queued + pending > self.opts.max_queued_bytes
+        let (queued, to_copy) = self.held_bytes(false);
+        queued + to_copy > self.opts.max_queued_bytes
     }
 
     /// Waits while epochs in flight are at their bound (5 s at most: then
@@ -47,10 +47,10 @@ impl Engine {
         let waited = Instant::now();
         let mut paused_here = false;
         loop {
-            let (queued, pending) = self.held_bytes(true);
-            let over = queued > 0 && queued + pending > self.opts.max_queued_bytes;
+            let (queued, to_copy) = self.held_bytes(true);
+            let over = queued > 0 && queued + to_copy > self.opts.max_queued_bytes;
             if !(self.in_flight() >= self.opts.max_in_flight || over)
-                || self.directive != Directive::Protect
+                || !self.state.protecting()
                 || self.shared.stop.load(Ordering::SeqCst)
             {
                 break;
@@ -63,7 +63,7 @@ impl Engine {
                     self.budget_said = Some(Instant::now());
                     tracing::warn!(
                         queued_mib = queued >> 20,
-                        pending_mib = pending >> 20,
+                        to_copy_mib = to_copy >> 20,
                         budget_mib = self.opts.max_queued_bytes >> 20,
                         "the link is behind by more than the byte budget: guest paused until it drains"
                     );
@@ -76,20 +76,20 @@ impl Engine {
                 break;
             }
         }
-        if paused_here && self.machine.is_paused() && self.directive == Directive::Protect {
+        if paused_here && self.machine.is_paused() && self.state.protecting() {
             self.machine.resume()?;
         }
         Ok(())
     }
 
     fn in_flight(&self) -> u64 {
-        self.shared.next_epoch.load(Ordering::SeqCst).saturating_sub(self.shared.acked.load(Ordering::SeqCst))
+        self.shared.in_flight()
     }
 
     pub(super) fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
         self.last_copied.clear();
         self.pre.clear();
-        let policy = if self.directive == Directive::Hold { UnprotectedPolicy::Pause } else { self.opts.unprotected };
+        let policy = if self.state.keeps_guest_paused() { UnprotectedPolicy::Pause } else { self.opts.unprotected };
         match policy {
             UnprotectedPolicy::Pause => {
                 if !self.machine.is_paused() {

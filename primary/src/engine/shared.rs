@@ -37,8 +37,10 @@ impl Drop for Queued {
 /// [`EngineCommand`]: crate::mode::EngineCommand
 #[derive(Debug, Default)]
 pub struct EngineShared {
-    /// Highest acknowledged epoch + 1 (0 = none).
-    pub acked: AtomicU64,
+    /// The first epoch not yet acknowledged: every epoch below it was
+    /// (0: none was). A session's start sets it to the engine's next epoch
+    /// (the new secondary has nothing of ours to acknowledge before it).
+    pub next_unacked: AtomicU64,
     pub stop: AtomicBool,
     /// Next epoch number.
     pub next_epoch: AtomicU64,
@@ -70,8 +72,14 @@ pub struct EngineShared {
 }
 
 impl EngineShared {
+    /// The highest acknowledged epoch.
     pub fn acked_epoch(&self) -> Option<u64> {
-        self.acked.load(Ordering::SeqCst).checked_sub(1)
+        self.next_unacked.load(Ordering::SeqCst).checked_sub(1)
+    }
+
+    /// Epochs made and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.next_epoch.load(Ordering::SeqCst).saturating_sub(self.next_unacked.load(Ordering::SeqCst))
     }
 
     /// Records that `epoch` (and every one before it) was acknowledged.
@@ -79,6 +87,6 @@ impl EngineShared {
     /// a millisecond are 5e8 years, and the core refuses acks of epochs it
     /// did not send) must not wrap to "none acknowledged".
     pub fn record_ack(&self, epoch: u64) {
-        self.acked.fetch_max(epoch.saturating_add(1), Ordering::SeqCst);
+        self.next_unacked.fetch_max(epoch.saturating_add(1), Ordering::SeqCst);
     }
 }

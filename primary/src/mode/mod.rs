@@ -1,6 +1,6 @@
 //! The primary's protection state machine, without I/O.
 //!
-//! One [`Mode`], changed only by [`Core::on`] with the [`Event`] that caused
+//! One [`Mode`], changed only by [`PrimaryState::on`] with the [`Event`] that caused
 //! the change; the held output lives here too, so the two rules the product
 //! rests on are decided in one place and tested as such:
 //!
@@ -8,15 +8,16 @@
 //!    over), output is released only for acknowledged epochs;
 //! 2. nothing is released while holding or fenced.
 //!
-//! With a witness ([`Core::with_witness`]) two more: a session releases
+//! With a witness ([`PrimaryState::with_witness`]) two more: a session releases
 //! nothing until the witness has recorded its secondary as caught up
 //! ([`Ask::RecordSync`], asked at the session's first ack; it also proves
 //! our term is still in force), and
 //! a hold ends in running alone only when the witness grants it
 //! ([`Ask::RunAlone`]); a refused port or the fence grace decide nothing.
 //!
-//! The engine learns what it must do from the [`EngineCommand`] a step
-//! returns (one value, applied in order), never by reading flags.
+//! The engine learns what it must do from the [`EngineCommand`] in the
+//! [`Actions`] of each event (one value, applied in order), never by
+//! reading flags.
 
 mod held;
 mod types;
@@ -28,19 +29,20 @@ use common::state::Output;
 pub use runtime::control::Command;
 
 pub use held::HeldOutputs;
-pub use types::{EngineCommand, Event, Loss, Mode, Refusal, Resync, Step};
+pub use types::{Actions, EngineCommand, Event, Loss, Mode, Refusal, Resync};
 pub use witness::{Answer, Ask, WitnessView, WITNESS_RETRY};
-use witness::{Pending, Want};
+use witness::{OpenQuestion, Question};
 
 /// The primary's decisions: mode plus held output.
 #[derive(Debug)]
-pub struct Core {
+pub struct PrimaryState {
     mode: Mode,
     held: HeldOutputs,
-    /// Output produced while holding or before the session's first epoch:
-    /// it goes out with the first ack of the next session.
-    pending: Vec<Output>,
-    /// The epoch key under which `pending` is held once a session is up.
+    /// Output produced while holding: it goes out with the first ack of the
+    /// next session.
+    for_next_session: Vec<Output>,
+    /// The epoch key under which `for_next_session` is held once a session
+    /// is up.
     session_base: u64,
     /// The last epoch of this session handed to the secondary.
     last_sent: Option<u64>,
@@ -53,26 +55,26 @@ pub struct Core {
     sync_recorded: bool,
     /// Acked in this session while the sync record was not yet granted.
     acked_unrecorded: Option<u64>,
-    asking: Option<Pending>,
+    asking: Option<OpenQuestion>,
     next_tag: u64,
 }
 
-impl Default for Core {
-    /// The two-node rule, as [`Core::new`].
-    fn default() -> Core {
-        Core::new()
+impl Default for PrimaryState {
+    /// The two-node rule, as [`PrimaryState::new`].
+    fn default() -> PrimaryState {
+        PrimaryState::new()
     }
 }
 
-impl Core {
+impl PrimaryState {
     /// A core that decides by the two-node rule: a lost secondary means a
     /// hold that only that secondary (showing its generation) or the
     /// operator ends; a refused port or silence proves nothing.
-    pub fn new() -> Core {
-        Core {
+    pub fn new() -> PrimaryState {
+        PrimaryState {
             mode: Mode::Unprotected,
             held: HeldOutputs::default(),
-            pending: Vec::new(),
+            for_next_session: Vec::new(),
             session_base: 0,
             last_sent: None,
             peer: String::new(),
@@ -86,8 +88,8 @@ impl Core {
     }
 
     /// A core whose holds and sessions are decided with a witness.
-    pub fn with_witness() -> Core {
-        Core { witness: true, witness_view: WitnessView::Ok, ..Core::new() }
+    pub fn with_witness() -> PrimaryState {
+        PrimaryState { witness: true, witness_view: WitnessView::Ok, ..PrimaryState::new() }
     }
 
     pub fn witness(&self) -> &WitnessView {
@@ -105,7 +107,7 @@ impl Core {
 
     /// Outputs not yet released.
     pub fn held_count(&self) -> u64 {
-        self.held.count() + self.pending.len() as u64
+        self.held.count() + self.for_next_session.len() as u64
     }
 
     /// When `epoch` of this session was sent, while it waits for its ack.
@@ -137,34 +139,34 @@ impl Core {
     }
 
     /// The session ended (`why`): hold; with a witness, ask to run alone.
-    fn lose_session(&mut self, why: Loss, now: Instant, step: &mut Step) {
+    fn lose_session(&mut self, why: Loss, now: Instant, actions: &mut Actions) {
         if self.mode.in_session() {
             self.mode = Mode::Holding { since: now, why, peer: self.peer.clone() };
-            step.engine = Some(EngineCommand::Hold);
+            actions.engine = Some(EngineCommand::Hold);
             self.acked_unrecorded = None;
             if self.witness {
                 self.sync_recorded = false;
-                self.ask(Want::Alone, step);
+                self.ask(Question::RunAlone, actions);
             }
         }
     }
 
-    fn fence(&mut self, by: u64) -> Step {
-        let mut step = Step::default();
+    fn fence(&mut self, by: u64) -> Actions {
+        let mut actions = Actions::default();
         if !matches!(self.mode, Mode::Fenced { .. }) {
             self.held.take_all();
-            self.pending.clear();
+            self.for_next_session.clear();
             self.asking = None;
             self.sync_recorded = false;
             self.mode = Mode::Fenced { by };
-            step.engine = Some(EngineCommand::Hold);
+            actions.engine = Some(EngineCommand::Hold);
         }
-        step
+        actions
     }
 
     /// Applies one event at time `now`. A refused event changes nothing.
-    pub fn on(&mut self, event: Event, now: Instant) -> Result<Step, Refusal> {
-        let mut step = Step::default();
+    pub fn on(&mut self, event: Event, now: Instant) -> Result<Actions, Refusal> {
+        let mut actions = Actions::default();
         match event {
             Event::SessionUp { next_epoch, resync, peer } => {
                 match &self.mode {
@@ -182,10 +184,10 @@ impl Core {
                 // first epoch is next_epoch or later
                 self.session_base = next_epoch.saturating_sub(1);
                 self.last_sent = None;
-                let pending = std::mem::take(&mut self.pending);
-                self.held.insert(self.session_base, pending, now);
+                let waited = std::mem::take(&mut self.for_next_session);
+                self.held.insert(self.session_base, waited, now);
                 self.mode = Mode::Syncing;
-                step.engine = Some(EngineCommand::Protect(resync));
+                actions.engine = Some(EngineCommand::Protect(resync));
                 if self.witness {
                     // the secondary is recorded once it has committed an
                     // epoch of this session (its first ack); a run-alone
@@ -200,8 +202,8 @@ impl Core {
                     self.last_sent = Some(epoch);
                     self.held.insert(epoch, outputs, now);
                 }
-                Mode::Holding { .. } => self.pending.extend(outputs),
-                Mode::Unprotected => step.release = outputs,
+                Mode::Holding { .. } => self.for_next_session.extend(outputs),
+                Mode::Unprotected => actions.release = outputs,
                 Mode::Fenced { .. } | Mode::HandedOver { .. } => {}
             },
             Event::Released(outputs) => match &self.mode {
@@ -212,30 +214,30 @@ impl Core {
                     let key = self.last_sent.map_or(self.session_base, |e| e.saturating_add(1));
                     self.held.insert(key, outputs, now);
                 }
-                Mode::Holding { .. } => self.pending.extend(outputs),
-                Mode::Unprotected => step.release = outputs,
+                Mode::Holding { .. } => self.for_next_session.extend(outputs),
+                Mode::Unprotected => actions.release = outputs,
                 Mode::Fenced { .. } | Mode::HandedOver { .. } => {}
             },
             Event::Ack { epoch } => {
                 if let Some(why) = self.ack_violation(epoch) {
                     // releases nothing: ends the session as a loss does
-                    self.lose_session(why, now, &mut step);
+                    self.lose_session(why, now, &mut actions);
                 } else if self.mode.in_session() {
                     if self.witness && !self.sync_recorded {
                         // acked, but released only once the witness knows
                         // this secondary may take over
                         self.acked_unrecorded = self.acked_unrecorded.max(Some(epoch));
-                        if !self.asking.is_some_and(|p| p.want == Want::Sync) {
-                            self.ask(Want::Sync, &mut step);
+                        if !self.asking.is_some_and(|p| p.question == Question::RecordSync) {
+                            self.ask(Question::RecordSync, &mut actions);
                         }
                     } else {
-                        step.release = self.held.take_through(epoch);
+                        actions.release = self.held.take_through(epoch);
                         match self.mode {
                             Mode::HandingOver { last: Some(last), sent: false } if epoch >= last => {
                                 // everything up to the last epoch is in the
                                 // secondary's replica and released: hand over
                                 self.mode = Mode::HandingOver { last: Some(last), sent: true };
-                                step.handover = Some(last);
+                                actions.handover = Some(last);
                             }
                             Mode::HandingOver { .. } => {}
                             _ => self.mode = Mode::Protected,
@@ -254,9 +256,9 @@ impl Core {
                     // nothing can be left (the guest stopped at the last
                     // boundary); whatever is, the secondary's state has
                     self.held.take_all();
-                    self.pending.clear();
+                    self.for_next_session.clear();
                     self.asking = None;
-                    step.engine = Some(EngineCommand::Hold);
+                    actions.engine = Some(EngineCommand::Hold);
                 }
             }
             Event::HandoverRefused => {
@@ -264,21 +266,21 @@ impl Core {
                     // the secondary holds every epoch up to the last one
                     // (acknowledged): back to protected operation from there
                     self.mode = Mode::Protected;
-                    step.engine = Some(EngineCommand::Resume);
+                    actions.engine = Some(EngineCommand::Resume);
                 }
             }
-            Event::Witness { tag, answer } => self.on_witness(tag, answer, now, &mut step),
+            Event::Witness { tag, answer } => self.on_witness(tag, answer, now, &mut actions),
             Event::ResyncRequested => {
                 if self.mode.in_session() {
-                    step.engine = Some(EngineCommand::FullEpoch);
+                    actions.engine = Some(EngineCommand::LiveResync);
                 }
             }
-            Event::SessionLost(why) => self.lose_session(why, now, &mut step),
-            Event::Fenced { by } => step = self.fence(by),
+            Event::SessionLost(why) => self.lose_session(why, now, &mut actions),
+            Event::Fenced { by } => actions = self.fence(by),
             Event::Tick => {
                 if let Some(p) = self.asking {
                     if p.retry_at.is_some_and(|t| now >= t) {
-                        self.ask(p.want, &mut step);
+                        self.ask(p.question, &mut actions);
                     }
                 }
             }
@@ -286,7 +288,7 @@ impl Core {
             Event::Command(Command::Switchover) => match &self.mode {
                 Mode::Protected if !self.witness || self.sync_recorded => {
                     self.mode = Mode::HandingOver { last: None, sent: false };
-                    step.engine = Some(EngineCommand::Finish);
+                    actions.engine = Some(EngineCommand::Finish);
                 }
                 Mode::Protected => return Err(Refusal::NotRecorded),
                 Mode::Syncing if self.acked_unrecorded.is_some() => return Err(Refusal::NotRecorded),
@@ -297,20 +299,20 @@ impl Core {
             },
             Event::Command(Command::Unprotect) => match &self.mode {
                 Mode::Holding { .. } if self.witness => return Err(Refusal::WitnessDecides),
-                Mode::Holding { .. } => step = self.go_unprotected(),
+                Mode::Holding { .. } => actions = self.go_unprotected(),
                 Mode::Fenced { by } => return Err(Refusal::Fenced(*by)),
                 Mode::HandedOver { .. } => return Err(Refusal::HandedOver),
                 other => return Err(Refusal::NotHolding(other.protection())),
             },
         }
-        Ok(step)
+        Ok(actions)
     }
 
-    fn go_unprotected(&mut self) -> Step {
+    fn go_unprotected(&mut self) -> Actions {
         self.mode = Mode::Unprotected;
         let mut release = self.held.take_all();
-        release.append(&mut self.pending);
-        Step { engine: Some(EngineCommand::Alone), release, ..Step::default() }
+        release.append(&mut self.for_next_session);
+        Actions { engine: Some(EngineCommand::Alone), release, ..Actions::default() }
     }
 }
 

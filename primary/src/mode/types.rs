@@ -1,4 +1,4 @@
-//! The core's vocabulary: its [`Mode`], the [`Event`]s it takes, the [`Step`]
+//! The core's vocabulary: its [`Mode`], the [`Event`]s it takes, the [`Actions`]
 //! it returns, and why a session ends or an event is refused.
 
 use std::time::{Duration, Instant};
@@ -49,6 +49,9 @@ pub enum Mode {
         peer: String,
     },
     /// A newer generation exists: this node must never release output again.
+    /// `by`: that generation when the fencer named it (a fence message, the
+    /// witness's term), else ours + 1, the least it can be (a peer that
+    /// only refused ours as stale).
     Fenced { by: u64 },
     /// A planned switchover: the engine ends its last epoch (`last`, once
     /// known) and keeps the guest paused; acked output is released as when
@@ -78,15 +81,17 @@ impl Mode {
     }
 }
 
-/// How a new secondary is brought up to date.
+/// What a new secondary's replica holds as its session starts. Either way
+/// the engine brings it up to date with a live sync (memory copied while
+/// the guest runs, ended by a delta epoch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resync {
-    /// Its replica is empty: copy memory while the guest runs.
-    Live,
-    /// It holds an older epoch of ours: a live sync too (the engine starts
-    /// one for both), staged beside that epoch so it stays usable for
-    /// failover until the sync's final epoch commits.
-    Full,
+    /// Its replica is empty.
+    IntoEmpty,
+    /// It holds an older epoch of ours: the sync is staged beside that
+    /// epoch, which stays usable for failover until the sync's final epoch
+    /// commits.
+    BesideCommitted,
 }
 
 /// What the epoch engine is told to do. The engine applies them in order;
@@ -101,7 +106,7 @@ pub enum EngineCommand {
     Alone,
     /// Resync the secondary (it asked: its replica diverged or is torn):
     /// a live sync, whose final epoch replaces the replica.
-    FullEpoch,
+    LiveResync,
     /// End the current epoch now, ship it as the last one, and keep the
     /// guest paused (a planned switchover).
     Finish,
@@ -167,7 +172,8 @@ pub enum Event {
         answer: Answer,
     },
     SessionLost(Loss),
-    /// A node of generation `by` exists.
+    /// A node of generation `by` exists (or of a later one: `by` is ours +
+    /// 1 when the peer only refused ours as stale; see [`Mode::Fenced`]).
     Fenced {
         by: u64,
     },
@@ -212,7 +218,7 @@ impl Event {
 
 /// The effect of one event.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Step {
+pub struct Actions {
     pub engine: Option<EngineCommand>,
     /// Output that leaves castor now.
     pub release: Vec<Output>,

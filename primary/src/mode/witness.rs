@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Core, Mode, Step};
+use super::{Actions, Mode, PrimaryState};
 
 /// A question for the witness; its answer comes back as [`Event::Witness`]
 /// with the same tag.
@@ -43,37 +43,38 @@ pub enum WitnessView {
 /// How often an unanswered question is asked again.
 pub const WITNESS_RETRY: Duration = Duration::from_millis(200);
 
+/// What the core asks the witness ([`Ask`] without its tag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Want {
-    Sync,
-    Alone,
+pub(super) enum Question {
+    RecordSync,
+    RunAlone,
 }
 
-/// The question the core waits on.
+/// The question the core waits on: asked, or to be asked again.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Pending {
-    pub(super) want: Want,
+pub(super) struct OpenQuestion {
+    pub(super) question: Question,
     pub(super) tag: u64,
     /// `None` while in flight; else when to ask again.
     pub(super) retry_at: Option<Instant>,
 }
 
-impl Core {
-    pub(super) fn ask(&mut self, want: Want, step: &mut Step) {
+impl PrimaryState {
+    pub(super) fn ask(&mut self, question: Question, actions: &mut Actions) {
         self.next_tag += 1;
         let tag = self.next_tag;
-        self.asking = Some(Pending { want, tag, retry_at: None });
-        step.ask = Some(match want {
-            Want::Sync => Ask::RecordSync { tag },
-            Want::Alone => Ask::RunAlone { tag },
+        self.asking = Some(OpenQuestion { question, tag, retry_at: None });
+        actions.ask = Some(match question {
+            Question::RecordSync => Ask::RecordSync { tag },
+            Question::RunAlone => Ask::RunAlone { tag },
         });
     }
 
-    pub(super) fn on_witness(&mut self, tag: u64, answer: Answer, now: Instant, step: &mut Step) {
+    pub(super) fn on_witness(&mut self, tag: u64, answer: Answer, now: Instant, actions: &mut Actions) {
         if let Answer::Refused { term } = answer {
             // definite, whichever question it answers
             self.witness_view = WitnessView::Ok;
-            *step = self.fence(term);
+            *actions = self.fence(term);
             return;
         }
         let Some(p) = self.asking.filter(|p| p.tag == tag) else { return };
@@ -81,24 +82,24 @@ impl Core {
             Answer::Granted => {
                 self.witness_view = WitnessView::Ok;
                 self.asking = None;
-                match p.want {
-                    Want::Sync if self.mode.in_session() => {
+                match p.question {
+                    Question::RecordSync if self.mode.in_session() => {
                         self.sync_recorded = true;
                         if let Some(e) = self.acked_unrecorded.take() {
                             if matches!(self.mode, Mode::Syncing | Mode::Protected) {
                                 self.mode = Mode::Protected;
                             }
-                            step.release = self.held.take_through(e);
+                            actions.release = self.held.take_through(e);
                         }
                     }
-                    Want::Alone if matches!(self.mode, Mode::Holding { .. }) => *step = self.go_unprotected(),
+                    Question::RunAlone if matches!(self.mode, Mode::Holding { .. }) => *actions = self.go_unprotected(),
                     _ => {}
                 }
             }
-            Answer::Superseded => self.asking = Some(Pending { retry_at: Some(now), ..p }),
+            Answer::Superseded => self.asking = Some(OpenQuestion { retry_at: Some(now), ..p }),
             Answer::Unreachable(why) => {
                 self.witness_view = WitnessView::Unreachable(why);
-                self.asking = Some(Pending { retry_at: Some(now + WITNESS_RETRY), ..p });
+                self.asking = Some(OpenQuestion { retry_at: Some(now + WITNESS_RETRY), ..p });
             }
             Answer::Refused { .. } => unreachable!("handled above"),
         }

@@ -22,9 +22,15 @@ pub(super) const MAX_JOIN_HANDSHAKES: usize = 16;
 /// A joiner's finished handshake.
 pub(super) type Handshaken = Result<(Session, Channel), SenderError>;
 
-pub(super) fn fenced_by(e: &SenderError) -> Option<u64> {
+/// The generation that fenced this primary (of generation `gen`), if `e`
+/// says one did: the peer refused ours as stale without naming its own, so
+/// ours + 1, the least it can be (as when the session's reader hears the
+/// same refusal; see [`Mode::Fenced`]).
+///
+/// [`Mode::Fenced`]: crate::mode::Mode::Fenced
+pub(super) fn fenced_by(e: &SenderError, gen: u64) -> Option<u64> {
     match e {
-        SenderError::Refused { code: RefuseCode::StaleGeneration, .. } => Some(u64::MAX),
+        SenderError::Refused { code: RefuseCode::StaleGeneration, .. } => Some(gen.saturating_add(1)),
         _ => None,
     }
 }

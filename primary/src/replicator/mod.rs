@@ -1,4 +1,4 @@
-//! The replicator: the one task that owns the primary's mode ([`Core`]).
+//! The replicator: the one task that owns the primary's mode ([`PrimaryState`]).
 //!
 //! It finds a secondary (dials `--peer`, or takes a joiner), runs the
 //! session (epochs out, acks and heartbeats in), and feeds every event to
@@ -21,12 +21,12 @@ use runtime::status::NodeStatus;
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::{EngineError, EngineShared, Packet};
-use crate::mode::{Answer, Command, Core, EngineCommand, Event, Mode, Refusal, Resync, WitnessView};
+use crate::mode::{Answer, Command, EngineCommand, Event, Mode, PrimaryState, Refusal, Resync, WitnessView};
 use crate::node::{PrimaryConfig, PrimaryExit};
 use crate::router::Router;
 use crate::sender::{SenderError, Session};
 use dial::{fenced_by, Handshaken, MAX_JOIN_HANDSHAKES};
-use session::SessionEnd;
+use session::SessionExit;
 use witness_link::{next_answer, WitnessLink};
 
 /// Why a run ended in error.
@@ -49,13 +49,13 @@ pub(crate) struct Replicator {
     pub joiners: Option<mpsc::Receiver<Joiner>>,
     pub commands: Option<mpsc::Receiver<ControlRequest>>,
     pub stop: watch::Receiver<bool>,
-    pub core: Core,
+    pub state: PrimaryState,
     pub witness: Option<WitnessLink>,
     /// The witness name of the session's secondary.
     pub session_peer: String,
-    /// A step asked to send the handover after this epoch.
-    pub handover_due: Option<u64>,
-    /// The operator's switchover, answered once it completes or fails.
+    /// The operator's switchover, answered once it completes or fails (a
+    /// reply owed while the core is handing over; not a decision: the
+    /// core's `Mode::HandingOver` is).
     pub switchover: Option<ControlRequest>,
     /// Dial failures and refusals, logged once per kind every 10 s.
     pub refusals: runtime::lograte::LogLimiter,
@@ -74,33 +74,32 @@ async fn next_of<T>(c: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 }
 
 impl Replicator {
-    /// Feeds one event to the core and carries out its step.
-    fn apply(&mut self, event: Event) -> Result<(), Refusal> {
-        let before = self.core.mode().protection();
+    /// Feeds one event to the core and carries out its actions; returns the
+    /// epoch after which the handover is to be sent, if this event made it
+    /// due (only an ack in a session does: the session sends it).
+    fn apply(&mut self, event: Event) -> Result<Option<u64>, Refusal> {
+        let before = self.state.mode().protection();
         let session_up = matches!(event, Event::SessionUp { .. });
         let name = event.name();
-        let step = self.core.on(event, Instant::now())?;
+        let actions = self.state.on(event, Instant::now())?;
         // read at once after the decision (before any syscall below): the
         // release log shows when each release was decided
         let decided_us = crate::router::wall_us();
-        if !step.release.is_empty() {
-            tracing::trace!(event = name, outputs = step.release.len(), mode = ?self.core.mode().protection(), "released");
+        if !actions.release.is_empty() {
+            tracing::trace!(event = name, outputs = actions.release.len(), mode = ?self.state.mode().protection(), "released");
         }
-        if let Some(c) = step.engine {
+        if let Some(c) = actions.engine {
             // the engine thread ends only after this task: a send cannot fail
             // while it matters
             let _ = self.engine.send(c);
         }
-        if let (Some(ask), Some(w)) = (step.ask, &self.witness) {
+        if let (Some(ask), Some(w)) = (actions.ask, &self.witness) {
             let _ = w.asks.send((ask, self.session_peer.clone()));
         }
-        self.router.release(step.release, decided_us);
-        if step.handover.is_some() {
-            self.handover_due = step.handover;
-        }
-        let (mode, held) = (self.core.mode().protection(), self.core.held_count());
-        let (view, recorded) = (self.core.witness().clone(), self.core.sync_recorded());
-        let hold = match self.core.mode() {
+        self.router.release(actions.release, decided_us);
+        let (mode, held) = (self.state.mode().protection(), self.state.held_count());
+        let (view, recorded) = (self.state.witness().clone(), self.state.sync_recorded());
+        let hold = match self.state.mode() {
             Mode::Holding { why, .. } if self.witness.is_some() => {
                 Some(format!("lost the secondary ({why}); the witness decides whether this node runs alone"))
             }
@@ -124,7 +123,7 @@ impl Replicator {
             }
         });
         if let Some(c) = self.switchover.take() {
-            match self.core.mode() {
+            match self.state.mode() {
                 Mode::HandingOver { .. } => self.switchover = Some(c),
                 Mode::HandedOver { .. } => c.answer(Ok("handed over: the secondary runs the guest now")),
                 m => {
@@ -133,7 +132,7 @@ impl Replicator {
             }
         }
         if mode != before {
-            match self.core.mode() {
+            match self.state.mode() {
                 Mode::Holding { why, .. } if self.witness.is_some() => {
                     tracing::warn!(%why, "lost the secondary: holding output (guest paused) until the witness decides")
                 }
@@ -147,12 +146,12 @@ impl Replicator {
                 m => tracing::info!(mode = ?m.protection(), "protection changed"),
             }
         }
-        Ok(())
+        Ok(actions.handover)
     }
 
     fn witness_answered(&mut self, (tag, answer, ms): (u64, Answer, f64)) {
         if let Answer::Unreachable(why) = &answer {
-            if !matches!(self.core.witness(), WitnessView::Unreachable(_)) {
+            if !matches!(self.state.witness(), WitnessView::Unreachable(_)) {
                 tracing::warn!(%why, "the witness is unreachable: holding what it must decide");
             }
         }
@@ -166,7 +165,7 @@ impl Replicator {
     }
 
     fn answer(&mut self, c: ControlRequest) {
-        let r = self.apply(Event::Command(c.command)).map(|()| "done").map_err(|e| Refused(e.to_string()));
+        let r = self.apply(Event::Command(c.command)).map(|_| "done").map_err(|e| Refused(e.to_string()));
         if r.is_ok() {
             tracing::warn!(command = c.command.name(), "operator command applied");
             if c.command == Command::Switchover {
@@ -180,13 +179,13 @@ impl Replicator {
     }
 
     fn fenced(&self) -> Option<u64> {
-        match self.core.mode() {
+        match self.state.mode() {
             Mode::Fenced { by } => Some(*by),
             _ => None,
         }
     }
 
-    /// Finds a secondary, protects, and survives its loss (see [`Core`]).
+    /// Finds a secondary, protects, and survives its loss (see [`PrimaryState`]).
     ///
     /// Losing the secondary cannot tell a dead secondary from a partitioned
     /// one that is taking over. So the primary *holds*. With a witness, the
@@ -200,7 +199,8 @@ impl Replicator {
         let mut next_dial = Instant::now();
         let mut refused_said = false;
         let mut dialing: Option<tokio::task::JoinHandle<Result<(Session, Session), SenderError>>> = None;
-        let mut pending = crate::joiners::Pairs::<Session>::default();
+        // a joiner's data or heartbeat channel, waiting for its other one
+        let mut half_paired = crate::joiners::Pairs::<Session>::default();
         let (hs_tx, mut hs_rx) = mpsc::channel::<Handshaken>(8);
         let mut joiners =
             self.joiners.take().map(|rx| runtime::join::admit_joiners(rx, "join handshake", MAX_JOIN_HANDSHAKES));
@@ -217,7 +217,7 @@ impl Replicator {
                 return Ok(PrimaryExit::Fenced { by });
             }
             let dial_at = tokio::time::Instant::from_std(next_dial);
-            let holding = matches!(self.core.mode(), Mode::Holding { .. });
+            let holding = matches!(self.state.mode(), Mode::Holding { .. });
             let mut session: Option<(Session, Session)> = None;
             tokio::select! {
                 p = self.packets.recv() => match p {
@@ -232,7 +232,7 @@ impl Replicator {
                     match h {
                         Some(Ok((s, channel))) => {
                             let node = s.ack.node.clone();
-                            session = pending.add(&node, channel, s);
+                            session = half_paired.add(&node, channel, s);
                         }
                         Some(Err(e)) => {
                             self.refused(None, &e);
@@ -252,7 +252,7 @@ impl Replicator {
                     match r {
                         Ok(pair) => session = Some(pair),
                         Err(e) => {
-                            if let Some(by) = fenced_by(&e) {
+                            if let Some(by) = fenced_by(&e, self.cfg.generation) {
                                 tracing::error!(%peer, "the peer has a higher generation: this primary is fenced");
                                 let _ = self.apply(Event::Fenced { by });
                                 continue;
@@ -274,14 +274,14 @@ impl Replicator {
             if let Some(d) = dialing.take() {
                 d.abort();
             }
-            // an empty replica gets a live sync; one that holds an older
-            // epoch of ours gets a full-memory epoch (it stays at its
-            // committed epoch until that one verifies)
-            let resync = if data.ack.committed_epoch.is_some() { Resync::Full } else { Resync::Live };
+            // a live sync either way: into an empty replica, or staged
+            // beside the older epoch of ours it holds (it stays at that
+            // committed epoch until the sync's final epoch verifies)
+            let resync = if data.ack.committed_epoch.is_some() { Resync::BesideCommitted } else { Resync::IntoEmpty };
             self.session_peer = data.ack.node.clone();
             self.status.update(|s| s.pair_error = None);
             let next_epoch = self.shared.next_epoch.load(std::sync::atomic::Ordering::SeqCst);
-            self.shared.acked.store(next_epoch, std::sync::atomic::Ordering::SeqCst);
+            self.shared.next_unacked.store(next_epoch, std::sync::atomic::Ordering::SeqCst);
             let peer = self.session_peer.clone();
             if let Err(e) = self.apply(Event::SessionUp { next_epoch, resync, peer }) {
                 if !matches!(e, Refusal::HoldingFor(_)) || !std::mem::replace(&mut refused_said, true) {
@@ -292,13 +292,13 @@ impl Replicator {
             refused_said = false;
             tracing::info!(?resync, "secondary connected: sync starts");
             match self.run_session(data, hb).await {
-                SessionEnd::Stopped => return Ok(PrimaryExit::Shutdown),
-                SessionEnd::HandedOver(epoch) => return Ok(PrimaryExit::HandedOver { epoch }),
-                SessionEnd::GuestFailed(e) => return Err(e.into()),
-                SessionEnd::Fenced(by) => {
+                SessionExit::Stopped => return Ok(PrimaryExit::Shutdown),
+                SessionExit::HandedOver(epoch) => return Ok(PrimaryExit::HandedOver { epoch }),
+                SessionExit::GuestFailed(e) => return Err(e.into()),
+                SessionExit::Fenced(by) => {
                     let _ = self.apply(Event::Fenced { by });
                 }
-                SessionEnd::Lost(why) => {
+                SessionExit::Lost(why) => {
                     let _ = self.apply(Event::SessionLost(why));
                     next_dial = Instant::now();
                 }

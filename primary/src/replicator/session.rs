@@ -1,5 +1,5 @@
 //! One session with the secondary: the loop that applies what its I/O
-//! tasks report, and how it ends ([`SessionEnd`]).
+//! tasks report, and how it ends ([`SessionExit`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use runtime::control::Refused;
 use tokio::sync::mpsc;
 
 use super::pace::{epoch_bytes, page_bytes, LinkMeter, LinkPace};
-use super::session_io::{heartbeats, read_acks, write_loop, Heard, Liveness, Ship};
+use super::session_io::{heartbeats, read_acks, write_loop, FromSecondary, HeartbeatShared, ToSecondary};
 use super::witness_link::next_answer;
 use super::{next_of, Replicator};
 use crate::engine::{EngineError, EpochPacket, Packet};
@@ -16,7 +16,7 @@ use crate::mode::{Command, Event, Loss, Mode};
 use crate::sender::Session;
 
 /// How a session ended.
-pub(super) enum SessionEnd {
+pub(super) enum SessionExit {
     Lost(Loss),
     Fenced(u64),
     Stopped,
@@ -33,16 +33,16 @@ const STOP_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(5);
 impl Replicator {
     /// One session: this task applies every event; the link's I/O runs
     /// beside it (writer, ack reader, heartbeats) and reports here.
-    pub(super) async fn run_session(&mut self, data: Session, hb: Session) -> SessionEnd {
+    pub(super) async fn run_session(&mut self, data: Session, hb: Session) -> SessionExit {
         let (dr, dw) = data.into_halves();
         let (hr, hw) = hb.into_halves();
-        let (ship_tx, ship_rx) = mpsc::unbounded_channel::<Ship>();
+        let (ship_tx, ship_rx) = mpsc::unbounded_channel::<ToSecondary>();
         // packets handed to the writer and not yet sent: past the bound this
         // task stops taking packets, so a slow link holds the engine back
         // (its packet channel fills) as it did when the writer read them
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ship_max = self.cfg.engine.max_in_flight as usize + 8;
-        let (heard_tx, mut heard_rx) = mpsc::unbounded_channel::<Heard>();
+        let (heard_tx, mut heard_rx) = mpsc::unbounded_channel::<FromSecondary>();
         let (gen, interval, timeout) = (self.cfg.generation, self.cfg.heartbeat_interval, self.cfg.peer_timeout);
         let queued_w = queued.clone();
         let meter = Arc::new(LinkMeter::default());
@@ -79,7 +79,11 @@ impl Replicator {
             gen,
             interval,
             timeout,
-            Liveness { heard: last_reply_hb, data_progress: data_progress_hb, handing_over: handing_over.clone() },
+            HeartbeatShared {
+                heard: last_reply_hb,
+                data_progress: data_progress_hb,
+                handing_over: handing_over.clone(),
+            },
         )));
         let io = async move {
             let (w, a, b) = (writer, acks, beats);
@@ -96,47 +100,41 @@ impl Replicator {
         // SIGTERM with a caught-up secondary: hand over, then stop
         let mut stopping: Option<Instant> = None;
         loop {
-            if let Some(epoch) = self.handover_due.take() {
-                tracing::info!(epoch, "the last epoch is acknowledged: handing over");
-                // counted like an epoch: the writer counts every ship it
-                // takes (a refused handover goes on with this session)
-                queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
-                let _ = ship_tx.send(Ship::Handover(epoch));
-            }
             tokio::select! {
                 end = &mut io => {
-                    let SessionEnd::HandedOver(epoch) = end else { return end };
+                    let SessionExit::HandedOver(epoch) = end else { return end };
                     let _ = self.apply(Event::HandoverAccepted { epoch });
-                    if let Mode::HandedOver { epoch } = self.core.mode() {
+                    if let Mode::HandedOver { epoch } = self.state.mode() {
                         tracing::warn!(epoch = *epoch, peer = %self.session_peer, "handed over: the secondary runs the guest now");
-                        return SessionEnd::HandedOver(*epoch);
+                        return SessionExit::HandedOver(*epoch);
                     }
-                    return SessionEnd::Lost(Loss::Unexpected(format!("a handover acceptance for epoch {epoch}")));
+                    return SessionExit::Lost(Loss::Unexpected(format!("a handover acceptance for epoch {epoch}")));
                 }
                 h = heard_rx.recv() => match h {
-                    Some(Heard::Ack(epoch)) => {
-                        if let Some(why) = self.core.ack_violation(epoch) {
+                    Some(FromSecondary::Ack(epoch)) => {
+                        if let Some(why) = self.state.ack_violation(epoch) {
                             // an ack of an epoch never sent: recorded
                             // nowhere; the core ends the session, releasing
                             // nothing
                             tracing::error!(epoch, error = %why, "protocol error from the secondary: ending the session");
                             let _ = self.apply(Event::Ack { epoch });
-                            return SessionEnd::Lost(why);
+                            return SessionExit::Lost(why);
                         }
                         let silent = common::sync::lock(&last_reply).elapsed();
                         if silent > self.cfg.peer_timeout {
-                            return SessionEnd::Lost(Loss::HeartbeatTimeout(silent));
+                            return SessionExit::Lost(Loss::HeartbeatTimeout(silent));
                         }
                         self.shared.record_ack(epoch);
                         pace.acked(epoch, Instant::now());
                         let mib_s = pace.rate() / 1048576.0;
                         self.status.update(|s| s.link_mib_s = mib_s);
                         common::crashpoint::hit("primary.after_ack");
-                        if let Some(sent) = self.core.sent_at(epoch) {
+                        if let Some(sent) = self.state.sent_at(epoch) {
                             self.status.record_ack_latency(sent.elapsed().as_secs_f64() * 1e6);
                         }
-                        if self.apply(Event::Ack { epoch }).is_ok() {
+                        let mut handover = None;
+                        if let Ok(due) = self.apply(Event::Ack { epoch }) {
+                            handover = due;
                             let later = output_since.split_off(&epoch.saturating_add(1));
                             for since in std::mem::replace(&mut output_since, later).into_values() {
                                 self.status.record_output_hold(since.elapsed().as_secs_f64() * 1e6);
@@ -144,12 +142,21 @@ impl Replicator {
                         }
                         common::crashpoint::hit("primary.after_release");
                         self.status.update(|s| s.acked_epoch = Some(epoch));
+                        if let Some(epoch) = handover {
+                            tracing::info!(epoch, "the last epoch is acknowledged: handing over");
+                            // counted like an epoch: the writer counts every
+                            // ship it takes (a refused handover goes on with
+                            // this session)
+                            queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let _ = ship_tx.send(ToSecondary::Handover(epoch));
+                        }
                     }
-                    Some(Heard::ResyncRequest(reason)) => {
+                    Some(FromSecondary::ResyncRequest(reason)) => {
                         tracing::error!(%reason, "secondary asks for a full resync");
                         let _ = self.apply(Event::ResyncRequested);
                     }
-                    Some(Heard::HandoverRefused(reason)) => {
+                    Some(FromSecondary::HandoverRefused(reason)) => {
                         handing_over.store(false, std::sync::atomic::Ordering::SeqCst);
                         tracing::error!(%reason, "the secondary cannot take the handover: this node keeps the guest, protected");
                         if let Some(c) = self.switchover.take() {
@@ -158,14 +165,14 @@ impl Replicator {
                         let _ = self.apply(Event::HandoverRefused);
                         if stopping.is_some() {
                             tracing::error!("asked to stop, but the secondary cannot take the guest: stopping without a handover");
-                            return SessionEnd::Stopped;
+                            return SessionExit::Stopped;
                         }
                     }
                     None => {}
                 },
                 p = self.packets.recv(), if queued.load(std::sync::atomic::Ordering::SeqCst) < ship_max => match p {
-                    None => return SessionEnd::Stopped,
-                    Some(Packet::Failed(e)) => return SessionEnd::GuestFailed(e),
+                    None => return SessionExit::Stopped,
+                    Some(Packet::Failed(e)) => return SessionExit::GuestFailed(e),
                     Some(Packet::Release(o)) => { let _ = self.apply(Event::Released(o)); }
                     // a sync begun in an earlier session: its pages would
                     // arrive here without their SyncBegin (the engine starts
@@ -175,7 +182,7 @@ impl Replicator {
                         sync_begun |= first;
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         meter.queued.fetch_add(page_bytes(&pages), std::sync::atomic::Ordering::Relaxed);
-                        let _ = ship_tx.send(Ship::Sync { first, pages, _queued: q });
+                        let _ = ship_tx.send(ToSecondary::Sync { first, pages, _queued: q });
                     }
                     Some(Packet::Epoch(mut e)) => {
                         self.record_epoch(&e);
@@ -189,30 +196,30 @@ impl Replicator {
                         }
                         queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         meter.queued.fetch_add(epoch_bytes(&e), std::sync::atomic::Ordering::Relaxed);
-                        let _ = ship_tx.send(Ship::Epoch(e));
+                        let _ = ship_tx.send(ToSecondary::Epoch(e));
                     }
                 },
                 c = next_of(&mut self.commands) => if let Some(c) = c { self.answer(c) },
                 a = next_answer(&mut self.witness) => {
                     self.witness_answered(a);
                     if let Some(by) = self.fenced() {
-                        return SessionEnd::Fenced(by);
+                        return SessionExit::Fenced(by);
                     }
                 }
                 _ = tick.tick() => {
                     if stopping.is_some_and(|t| t.elapsed() > STOP_SWITCHOVER_TIMEOUT) {
                         tracing::warn!("the switchover did not complete in time: stopping");
-                        return SessionEnd::Stopped;
+                        return SessionExit::Stopped;
                     }
                     let _ = self.apply(Event::Tick);
                     for (epoch, bytes) in std::mem::take(&mut *common::sync::lock(&meter.written)) {
                         pace.written(epoch, bytes);
                     }
-                    if let Some(t) = self.core.oldest_unacked() {
+                    if let Some(t) = self.state.oldest_unacked() {
                         let queued_bytes = meter.queued.load(std::sync::atomic::Ordering::Relaxed);
                         let still = common::sync::lock(&data_progress).elapsed();
                         if pace.overdue(ack_timeout, queued_bytes, t.elapsed(), still) {
-                            return SessionEnd::Lost(Loss::AckTimeout { waited: t.elapsed(), no_progress: still });
+                            return SessionExit::Lost(Loss::AckTimeout { waited: t.elapsed(), no_progress: still });
                         }
                     }
                 }
@@ -221,13 +228,13 @@ impl Replicator {
                         continue;
                     }
                     match self.apply(Event::Command(Command::Switchover)) {
-                        Ok(()) => {
+                        Ok(_) => {
                             tracing::warn!("asked to stop: handing over to the secondary first");
                             stopping = Some(Instant::now());
                         }
                         Err(e) => {
                             tracing::info!(reason = %e, "asked to stop: no switchover");
-                            return SessionEnd::Stopped;
+                            return SessionExit::Stopped;
                         }
                     }
                 }
@@ -251,13 +258,13 @@ impl Replicator {
 }
 
 /// A session I/O task, aborted when its guard drops (the session ended).
-struct AbortOnDrop(tokio::task::JoinHandle<SessionEnd>);
+struct AbortOnDrop(tokio::task::JoinHandle<SessionExit>);
 
 impl AbortOnDrop {
-    async fn join(mut self) -> SessionEnd {
+    async fn join(mut self) -> SessionExit {
         match (&mut self.0).await {
             Ok(end) => end,
-            Err(e) => SessionEnd::Lost(Loss::Unexpected(format!("a session task ended: {e}"))),
+            Err(e) => SessionExit::Lost(Loss::Unexpected(format!("a session task ended: {e}"))),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! A session's I/O tasks: the writer, the ack reader and the heartbeats,
-//! and what they ship ([`Ship`]) and report ([`Heard`]).
+//! and what they ship ([`ToSecondary`]) and report ([`FromSecondary`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,13 +8,13 @@ use common::proto::{Message, RefuseCode};
 use tokio::sync::mpsc;
 
 use super::pace::{epoch_bytes, page_bytes, LinkMeter};
-use super::session::SessionEnd;
+use super::session::SessionExit;
 use crate::engine::EpochPacket;
 use crate::mode::Loss;
 use crate::sender::{SessionReader, SessionWriter};
 
 /// What the session's reader tasks report.
-pub(super) enum Heard {
+pub(super) enum FromSecondary {
     Ack(u64),
     ResyncRequest(String),
     /// The secondary cannot take the handover (why).
@@ -22,7 +22,7 @@ pub(super) enum Heard {
 }
 
 /// What the session's writer ships.
-pub(super) enum Ship {
+pub(super) enum ToSecondary {
     /// Live-sync pages; `first`: the first batch of a sync.
     Sync {
         first: bool,
@@ -37,19 +37,19 @@ pub(super) enum Ship {
 
 pub(super) async fn write_loop(
     mut dw: SessionWriter,
-    mut ship: mpsc::UnboundedReceiver<Ship>,
+    mut ship: mpsc::UnboundedReceiver<ToSecondary>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
     meter: Arc<LinkMeter>,
-) -> SessionEnd {
+) -> SessionExit {
     while let Some(s) = ship.recv().await {
         let res = match s {
-            Ship::Sync { first, pages, .. } => {
+            ToSecondary::Sync { first, pages, .. } => {
                 let bytes = page_bytes(&pages);
                 let r = dw.send_sync(first, pages).await;
                 meter.sent(bytes);
                 r
             }
-            Ship::Epoch(e) => {
+            ToSecondary::Epoch(e) => {
                 let e = *e;
                 let (epoch, bytes) = (e.epoch, epoch_bytes(&e));
                 let r = dw.send_epoch(e.epoch, e.full, e.pages, e.state, e.digest).await;
@@ -57,42 +57,46 @@ pub(super) async fn write_loop(
                 common::sync::lock(&meter.written).push((epoch, bytes));
                 r
             }
-            Ship::Handover(epoch) => dw.send(&Message::Handover { epoch }).await,
+            ToSecondary::Handover(epoch) => dw.send(&Message::Handover { epoch }).await,
         };
         queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = res {
-            return SessionEnd::Lost(Loss::Send(e.to_string()));
+            return SessionExit::Lost(Loss::Send(e.to_string()));
         }
     }
     std::future::pending().await
 }
 
-pub(super) async fn read_acks(mut dr: SessionReader, heard: mpsc::UnboundedSender<Heard>, gen: u64) -> SessionEnd {
+pub(super) async fn read_acks(
+    mut dr: SessionReader,
+    heard: mpsc::UnboundedSender<FromSecondary>,
+    gen: u64,
+) -> SessionExit {
     loop {
         let h = match dr.recv().await {
-            Ok(Some(Message::EpochAck { epoch })) => Heard::Ack(epoch),
-            Ok(Some(Message::ResyncRequest { reason })) => Heard::ResyncRequest(reason),
+            Ok(Some(Message::EpochAck { epoch })) => FromSecondary::Ack(epoch),
+            Ok(Some(Message::ResyncRequest { reason })) => FromSecondary::ResyncRequest(reason),
             // the secondary accepted and closes the session: the end of the
             // I/O carries it (ahead of the close that follows)
-            Ok(Some(Message::Handover { epoch })) => return SessionEnd::HandedOver(epoch),
-            Ok(Some(Message::Fence { generation, .. })) => return SessionEnd::Fenced(generation),
+            Ok(Some(Message::Handover { epoch })) => return SessionExit::HandedOver(epoch),
+            Ok(Some(Message::Fence { generation, .. })) => return SessionExit::Fenced(generation),
             Ok(Some(Message::Refused { code: RefuseCode::StaleGeneration, .. })) => {
-                return SessionEnd::Fenced(gen.saturating_add(1))
+                return SessionExit::Fenced(gen.saturating_add(1))
             }
-            Ok(Some(Message::Refused { code: RefuseCode::Takeover, reason })) => Heard::HandoverRefused(reason),
-            Ok(Some(Message::Refused { reason, .. })) => return SessionEnd::Lost(Loss::Refused(reason)),
-            Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?}", other.kind()))),
-            Ok(None) => return SessionEnd::Lost(Loss::Closed("data")),
-            Err(e) => return SessionEnd::Lost(Loss::Channel { channel: "data", err: e.to_string() }),
+            Ok(Some(Message::Refused { code: RefuseCode::Takeover, reason })) => FromSecondary::HandoverRefused(reason),
+            Ok(Some(Message::Refused { reason, .. })) => return SessionExit::Lost(Loss::Refused(reason)),
+            Ok(Some(other)) => return SessionExit::Lost(Loss::Unexpected(format!("{:?}", other.kind()))),
+            Ok(None) => return SessionExit::Lost(Loss::Closed("data")),
+            Err(e) => return SessionExit::Lost(Loss::Channel { channel: "data", err: e.to_string() }),
         };
         if heard.send(h).is_err() {
-            return SessionEnd::Stopped;
+            return SessionExit::Stopped;
         }
     }
 }
 
 /// What the heartbeat task learns from the secondary's replies.
-pub(super) struct Liveness {
+pub(super) struct HeartbeatShared {
     /// When the last heartbeat the secondary answered was sent.
     pub(super) heard: Arc<std::sync::Mutex<Instant>>,
     /// When the last heartbeat was sent whose reply counted more bytes read
@@ -111,8 +115,8 @@ pub(super) async fn heartbeats(
     gen: u64,
     interval: Duration,
     timeout: Duration,
-    live: Liveness,
-) -> SessionEnd {
+    live: HeartbeatShared,
+) -> SessionExit {
     let mut received_max = 0u64;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -124,17 +128,17 @@ pub(super) async fn heartbeats(
             _ = tick.tick() => {
                 let time_us = start.elapsed().as_micros() as u64;
                 if hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
-                    return SessionEnd::Lost(Loss::Closed("heartbeat"));
+                    return SessionExit::Lost(Loss::Closed("heartbeat"));
                 }
                 seq += 1;
                 if last_reply.elapsed() > timeout {
-                    return SessionEnd::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
+                    return SessionExit::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
                 }
             }
             m = hr.recv() => match m {
                 Ok(Some(Message::Heartbeat { generation, time_us, received, .. })) => {
                     if generation > gen && !live.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
-                        return SessionEnd::Fenced(generation);
+                        return SessionExit::Fenced(generation);
                     }
                     // liveness is when the answered heartbeat was *sent*
                     // (its echoed time): replies that waited in our socket
@@ -150,9 +154,9 @@ pub(super) async fn heartbeats(
                         }
                     }
                 }
-                Ok(Some(other)) => return SessionEnd::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
-                Ok(None) => return SessionEnd::Lost(Loss::Closed("heartbeat")),
-                Err(e) => return SessionEnd::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
+                Ok(Some(other)) => return SessionExit::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
+                Ok(None) => return SessionExit::Lost(Loss::Closed("heartbeat")),
+                Err(e) => return SessionExit::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
             }
         }
     }

@@ -67,7 +67,7 @@ proptest! {
     ) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut c = if witness { Core::with_witness() } else { Core::new() };
+        let mut c = if witness { PrimaryState::with_witness() } else { PrimaryState::new() };
         // the witness's questions in flight, oldest first (it answers in order)
         let mut asked: std::collections::VecDeque<Ask> = Default::default();
         // a sync record was granted in this session
@@ -92,7 +92,7 @@ proptest! {
             let ev = match g {
                 Gen::SessionUp(full, other) => Event::SessionUp {
                     next_epoch: engine_epoch + 1,
-                    resync: if full { Resync::Full } else { Resync::Live },
+                    resync: if full { Resync::BesideCommitted } else { Resync::IntoEmpty },
                     peer: if other { "t" } else { "s" }.into(),
                 },
                 Gen::Epoch => {
@@ -155,7 +155,7 @@ proptest! {
             };
             let held_before = c.held_count();
             let res = c.on(ev.clone(), now);
-            let Ok(step) = res else {
+            let Ok(actions) = res else {
                 prop_assert_eq!(c.mode(), &before, "a refused event changed the mode");
                 prop_assert_eq!(c.held_count(), held_before);
                 continue;
@@ -165,7 +165,7 @@ proptest! {
             }
             if let (Gen::AckBeyond(_), Event::Ack { epoch }) = (&g_seen, &ev) {
                 // a protocol error: nothing leaves, and a session ends
-                prop_assert!(step.release.is_empty(), "ack {} of an epoch never sent released {:?}", epoch, step.release);
+                prop_assert!(actions.release.is_empty(), "ack {} of an epoch never sent released {:?}", epoch, actions.release);
                 if before.in_session() {
                     prop_assert_eq!(c.mode().protection(), Protection::Holding, "ack {} beyond the last sent", epoch);
                 } else {
@@ -176,7 +176,7 @@ proptest! {
             if let Event::Ack { epoch } = ev {
                 acked_max = acked_max.max(epoch);
             }
-            if let Some(h) = step.handover {
+            if let Some(h) = actions.handover {
                 // the handover goes only once the last epoch is acked, and
                 // nothing of it or before it is still held
                 let on_ack = matches!(ev, Event::Ack { epoch } if epoch >= h);
@@ -195,8 +195,8 @@ proptest! {
             if matches!(ev, Event::SessionUp { .. }) || !c.mode().in_session() {
                 recorded = false;
             }
-            prop_assert!(witness || step.ask.is_none(), "asked a witness that is not there");
-            asked.extend(step.ask);
+            prop_assert!(witness || actions.ask.is_none(), "asked a witness that is not there");
+            asked.extend(actions.ask);
             match (&ev, c.mode()) {
                 (Event::SessionUp { .. }, _) => sent_in_session.clear(),
                 (Event::Epoch { epoch, .. }, m) if m.in_session() => sent_in_session.push(*epoch),
@@ -205,10 +205,10 @@ proptest! {
             if !c.mode().in_session() {
                 sent_in_session.clear();
             }
-            for o in &step.release {
+            for o in &actions.release {
                 prop_assert!(released.insert(id(o)), "output {} released twice", id(o));
             }
-            if step.release.is_empty() {
+            if actions.release.is_empty() {
                 continue;
             }
             match (&before, c.mode(), &ev) {
@@ -223,14 +223,14 @@ proptest! {
                 // rule 1: with a secondary, only what an ack covers
                 (Mode::Syncing | Mode::Protected | Mode::HandingOver { .. }, _, Event::Ack { epoch }) => {
                     prop_assert!(!witness || recorded, "released before the witness recorded the secondary");
-                    for o in &step.release {
+                    for o in &actions.release {
                         prop_assert!(produced_at[&id(o)] <= *epoch, "output of a later epoch released by ack {}", epoch);
                     }
                 }
                 // the sync record releases what was acked meanwhile
                 (Mode::Syncing, Mode::Protected, Event::Witness { answer: Answer::Granted, .. }) if witness => {
                     let acked = sent_in_session.iter().copied().max().unwrap_or(0);
-                    for o in &step.release {
+                    for o in &actions.release {
                         prop_assert!(produced_at[&id(o)] <= acked, "released output of an epoch never sent");
                     }
                 }
@@ -247,8 +247,8 @@ proptest! {
             prop_assert_eq!(released.len() as u64 + c.held_count(), produced_at.len() as u64);
         }
         if let (Mode::Holding { .. }, false) = (c.mode(), witness) {
-            let step = c.on(Event::Command(Command::Unprotect), now).unwrap();
-            for o in &step.release {
+            let actions = c.on(Event::Command(Command::Unprotect), now).unwrap();
+            for o in &actions.release {
                 prop_assert!(released.insert(id(o)));
             }
             if !discarded {

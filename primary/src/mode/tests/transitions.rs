@@ -11,8 +11,8 @@ fn unprotect_while_protected_is_refused_and_not_kept_for_later() {
     // read-through defect: an `unprotect` sent while the pair was healthy was
     // answered ok, queued, and fired at the next hold
     let t = Instant::now();
-    let mut c = Core::new();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::NotHolding(Protection::Syncing)));
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(Event::Ack { epoch: 1 }, t).unwrap();
@@ -34,15 +34,15 @@ fn reprotection_after_a_hold_is_one_command_and_releases_only_with_an_ack() {
     // `protected`, and an engine reading between the two ran an unprotected
     // epoch that released output. Now the engine gets one command.
     let t = Instant::now();
-    let mut c = Core::new();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(lost(), t).unwrap();
     // an unprotected epoch the engine ran before it saw Hold, then one of hold
     assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
     assert!(c.on(Event::Epoch { epoch: 3, outputs: vec![out(3)] }, t).unwrap().release.is_empty());
-    let s = c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Full, peer: "s".into() }, t).unwrap();
-    assert_eq!(s, Step { engine: Some(EngineCommand::Protect(Resync::Full)), ..Step::default() });
+    let s = c.on(Event::SessionUp { next_epoch: 4, resync: Resync::BesideCommitted, peer: "s".into() }, t).unwrap();
+    assert_eq!(s, Actions { engine: Some(EngineCommand::Protect(Resync::BesideCommitted)), ..Actions::default() });
     // an unprotected epoch racing the Protect command waits for an ack too
     assert!(c.on(Event::Released(vec![out(4)]), t).unwrap().release.is_empty());
     c.on(Event::Epoch { epoch: 5, outputs: vec![out(5)] }, t).unwrap();
@@ -57,18 +57,18 @@ fn without_a_witness_only_the_same_secondary_or_the_operator_ends_a_hold() {
     // read-through defect (issue 11): a refused port for the fence grace
     // ended a hold, but a promoted node that crashed refuses too
     let t = Instant::now();
-    let mut c = Core::new();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(lost(), t).unwrap();
     assert!(c.on(Event::Tick, t + GRACE * 100).unwrap().release.is_empty());
     assert_eq!(c.mode().protection(), Protection::Holding);
     // another secondary proves nothing about the one we lost
-    let other = Event::SessionUp { next_epoch: 2, resync: Resync::Live, peer: "t".into() };
+    let other = Event::SessionUp { next_epoch: 2, resync: Resync::IntoEmpty, peer: "t".into() };
     assert_eq!(c.on(other, t), Err(Refusal::HoldingFor("s".into())));
     assert_eq!(c.mode().protection(), Protection::Holding);
     // the same one back (its generation showed it did not take over)
-    c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Full, peer: "s".into() }, t).unwrap();
+    c.on(Event::SessionUp { next_epoch: 2, resync: Resync::BesideCommitted, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
     let ids: Vec<u32> = c.on(Event::Ack { epoch: 2 }, t).unwrap().release.iter().map(id).collect();
     assert_eq!(ids, vec![1, 2]);
@@ -79,21 +79,21 @@ fn without_a_witness_only_the_same_secondary_or_the_operator_ends_a_hold() {
     assert_eq!(s.engine, Some(EngineCommand::Alone));
     assert_eq!(s.release, vec![out(3)]);
     // once unprotected, any secondary may protect it
-    c.on(Event::SessionUp { next_epoch: 4, resync: Resync::Live, peer: "t".into() }, t).unwrap();
+    c.on(Event::SessionUp { next_epoch: 4, resync: Resync::IntoEmpty, peer: "t".into() }, t).unwrap();
 }
 
 #[test]
 fn fenced_discards_and_refuses_everything() {
     let t = Instant::now();
-    let mut c = Core::new();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     assert_eq!(c.on(Event::Fenced { by: 2 }, t).unwrap().engine, Some(EngineCommand::Hold));
     assert_eq!(c.held_count(), 0);
     assert!(c.on(Event::Ack { epoch: 1 }, t).unwrap().release.is_empty());
     assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::Fenced(2)));
     assert_eq!(
-        c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Live, peer: "s".into() }, t),
+        c.on(Event::SessionUp { next_epoch: 2, resync: Resync::IntoEmpty, peer: "s".into() }, t),
         Err(Refusal::Fenced(2))
     );
     assert!(c.on(Event::Released(vec![out(2)]), t).unwrap().release.is_empty());
@@ -102,19 +102,19 @@ fn fenced_discards_and_refuses_everything() {
 
 #[test]
 fn the_primary_refuses_a_forced_failover() {
-    let mut c = Core::new();
+    let mut c = PrimaryState::new();
     assert_eq!(c.on(Event::Command(Command::Failover), Instant::now()), Err(Refusal::IsPrimary));
     assert_eq!(c.mode(), &Mode::Unprotected);
 }
 
-fn up(c: &mut Core, t: Instant) {
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+fn up(c: &mut PrimaryState, t: Instant) {
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
 }
 
 #[test]
 fn a_switchover_hands_over_only_once_the_last_epoch_is_acked_and_then_releases_nothing() {
     let t = Instant::now();
-    let mut c = Core::new();
+    let mut c = PrimaryState::new();
     let sw = Event::Command(Command::Switchover);
     assert_eq!(c.on(sw.clone(), t), Err(Refusal::NotProtected(Protection::Unprotected)));
     up(&mut c, t);
@@ -145,7 +145,7 @@ fn a_switchover_hands_over_only_once_the_last_epoch_is_acked_and_then_releases_n
     assert!(c.on(Event::Ack { epoch: 4 }, t).unwrap().release.is_empty());
     assert_eq!(c.on(Event::Command(Command::Unprotect), t), Err(Refusal::HandedOver));
     assert_eq!(
-        c.on(Event::SessionUp { next_epoch: 5, resync: Resync::Live, peer: "s".into() }, t),
+        c.on(Event::SessionUp { next_epoch: 5, resync: Resync::IntoEmpty, peer: "s".into() }, t),
         Err(Refusal::HandedOver)
     );
     assert_eq!(c.held_count(), 0);
@@ -157,14 +157,14 @@ fn a_switchover_hands_over_only_once_the_last_epoch_is_acked_and_then_releases_n
 #[test]
 fn a_refused_handover_resumes_the_guest_protected() {
     let t = Instant::now();
-    let mut c = Core::new();
+    let mut c = PrimaryState::new();
     let sw = Event::Command(Command::Switchover);
     up(&mut c, t);
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(Event::Ack { epoch: 1 }, t).unwrap();
     // a refusal before the handover was sent changes nothing
     c.on(sw.clone(), t).unwrap();
-    assert_eq!(c.on(Event::HandoverRefused, t).unwrap(), Step::default());
+    assert_eq!(c.on(Event::HandoverRefused, t).unwrap(), Actions::default());
     assert_eq!(c.mode().protection(), Protection::HandingOver);
     c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
     c.on(Event::LastEpoch { epoch: 2 }, t).unwrap();
@@ -181,7 +181,7 @@ fn a_refused_handover_resumes_the_guest_protected() {
 #[test]
 fn a_switchover_that_loses_its_secondary_holds_and_with_a_witness_waits_for_its_record() {
     let t = Instant::now();
-    let mut c = Core::with_witness();
+    let mut c = PrimaryState::with_witness();
     up(&mut c, t);
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let s = c.on(Event::Ack { epoch: 1 }, t).unwrap();
@@ -231,8 +231,8 @@ fn an_ack_beyond_the_last_sent_epoch_releases_nothing_and_ends_the_session() {
     let t = Instant::now();
     // (witness, ack): beyond epochs 1..=2, and far beyond (u64::MAX)
     for (witness, ack) in [(false, 3), (false, u64::MAX), (true, 3), (true, u64::MAX)] {
-        let mut c = if witness { Core::with_witness() } else { Core::new() };
-        c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+        let mut c = if witness { PrimaryState::with_witness() } else { PrimaryState::new() };
+        c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
         c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
         c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
         let s = c.on(Event::Ack { epoch: ack }, t).unwrap();
@@ -254,12 +254,12 @@ fn an_ack_beyond_the_last_sent_epoch_releases_nothing_and_ends_the_session() {
         assert!(c.on(Event::Ack { epoch: 2 }, t).unwrap().release.is_empty());
     }
     // nothing sent yet in this session, output waiting from before it
-    let mut c = Core::new();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     c.on(lost(), t).unwrap();
     c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, t).unwrap();
-    c.on(Event::SessionUp { next_epoch: 3, resync: Resync::Full, peer: "s".into() }, t).unwrap();
+    c.on(Event::SessionUp { next_epoch: 3, resync: Resync::BesideCommitted, peer: "s".into() }, t).unwrap();
     let s = c.on(Event::Ack { epoch: 3 }, t).unwrap();
     assert!(s.release.is_empty(), "released {:?} on an ack before any epoch was sent", s.release);
     assert_eq!(c.mode().protection(), Protection::Holding);
@@ -271,14 +271,14 @@ fn a_new_session_is_not_timed_out_by_output_that_waited_before_it() {
     // seen with a full guest: after a long hold, each new session found the
     // held output's old send time and timed out within a millisecond
     let t = Instant::now();
-    let mut c = Core::new();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::new();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     assert_eq!(c.oldest_unacked(), None, "a live sync has no ack deadline");
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     assert_eq!(c.oldest_unacked(), Some(t));
     c.on(lost(), t).unwrap();
     let later = t + Duration::from_secs(90);
-    c.on(Event::SessionUp { next_epoch: 2, resync: Resync::Full, peer: "s".into() }, later).unwrap();
+    c.on(Event::SessionUp { next_epoch: 2, resync: Resync::BesideCommitted, peer: "s".into() }, later).unwrap();
     assert_eq!(c.oldest_unacked(), None, "nothing of this session was sent yet");
     c.on(Event::Epoch { epoch: 2, outputs: vec![out(2)] }, later).unwrap();
     assert_eq!(c.oldest_unacked(), Some(later), "the deadline is this session's first epoch's");

@@ -7,8 +7,8 @@ use super::*;
 #[test]
 fn with_a_witness_a_session_releases_only_after_the_sync_record() {
     let t = Instant::now();
-    let mut c = Core::with_witness();
-    let s = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::with_witness();
+    let s = c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     assert_eq!(s.ask, None, "recorded only once the secondary committed an epoch");
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let s = c.on(Event::Ack { epoch: 1 }, t).unwrap();
@@ -37,8 +37,8 @@ fn with_a_witness_a_session_releases_only_after_the_sync_record() {
 #[test]
 fn with_a_witness_only_its_grant_ends_a_hold() {
     let t = Instant::now();
-    let mut c = Core::with_witness();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::with_witness();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let tag = match c.on(Event::Ack { epoch: 1 }, t).unwrap().ask {
         Some(Ask::RecordSync { tag }) => tag,
@@ -65,8 +65,8 @@ fn with_a_witness_only_its_grant_ends_a_hold() {
 #[test]
 fn with_a_witness_a_refusal_fences_and_discards() {
     let t = Instant::now();
-    let mut c = Core::with_witness();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::with_witness();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let Some(Ask::RunAlone { tag }) = c.on(lost(), t).unwrap().ask else { panic!() };
     let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 3 } }, t).unwrap();
@@ -74,8 +74,8 @@ fn with_a_witness_a_refusal_fences_and_discards() {
     assert_eq!(c.mode(), &Mode::Fenced { by: 3 });
     assert_eq!(c.held_count(), 0);
     // a stale primary's new session is refused by the witness too
-    let mut c = Core::with_witness();
-    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::Live, peer: "s".into() }, t).unwrap();
+    let mut c = PrimaryState::with_witness();
+    c.on(Event::SessionUp { next_epoch: 1, resync: Resync::IntoEmpty, peer: "s".into() }, t).unwrap();
     c.on(Event::Epoch { epoch: 1, outputs: vec![out(1)] }, t).unwrap();
     let Some(Ask::RecordSync { tag }) = c.on(Event::Ack { epoch: 1 }, t).unwrap().ask else { panic!() };
     let s = c.on(Event::Witness { tag, answer: Answer::Refused { term: 2 } }, t).unwrap();

@@ -1,6 +1,8 @@
 //! A fault-injecting TCP proxy: pass, drop (reset every connection),
 //! blackhole (accept, swallow, never answer), delay, throttle, and holding
-//! one direction.
+//! one direction. The failover tests put it between nodes, and `castor demo`
+//! cuts its partition with it ([`Fault::Blackhole`]): one implementation of
+//! every fault for both.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -48,11 +50,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts a proxy on a free loopback port in the current tokio runtime.
-    pub async fn start(upstream: SocketAddr) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    /// Starts a proxy on a free loopback port in the current tokio runtime
+    /// (it runs as long as the runtime does).
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<Proxy> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
         let p = Proxy {
-            addr: l.local_addr().expect("addr"),
+            addr: l.local_addr()?,
             fault: Arc::new(Mutex::new(Fault::Pass)),
             epoch: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             upstream: Arc::new(Mutex::new(upstream)),
@@ -61,13 +64,17 @@ impl Proxy {
         let me = p.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((down, _)) = l.accept().await else { continue };
+                let Ok((down, _)) = l.accept().await else {
+                    // (out of descriptors: wait instead of spinning)
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let me = me.clone();
                 let upstream = *common::sync::lock(&me.upstream);
                 tokio::spawn(async move { me.handle(down, upstream).await });
             }
         });
-        p
+        Ok(p)
     }
 
     /// Sets the fault; `Drop` also cuts existing connections.
