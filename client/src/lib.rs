@@ -6,6 +6,8 @@
 //! nodes in turn, and sends the unanswered request again with the same
 //! sequence number: the guest answers a retry again but applies it once.
 
+pub mod resp;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

@@ -196,6 +196,9 @@ impl Engine {
                 // secondary to wait for; the epoch only bounds tracking)
                 let alone = self.state.alone() && self.opts.unprotected == UnprotectedPolicy::Continue;
                 if alone {
+                    // (the card's transmit ring too: taken while the guest
+                    // runs, its ring writes tracked)
+                    self.machine.devices().take_device_output();
                     let out = self.machine.devices().drain();
                     if !out.is_empty() {
                         self.send(Packet::Release(out));
@@ -233,6 +236,7 @@ impl Engine {
                     if self.machine.is_paused() {
                         self.machine.resume()?;
                     }
+                    self.machine.devices().take_device_output();
                     let out = self.machine.devices().drain();
                     if !out.is_empty() {
                         self.send(Packet::Release(out));
