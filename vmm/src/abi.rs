@@ -77,41 +77,88 @@ pub enum Pattern {
     HotCold = 2,
 }
 
-/// `struct boot_info` of abi.h / user.c, written by the VMM at [`BOOT_INFO_GPA`].
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Workload parameters handed to the guest in its boot info: the one list
+/// of them (`struct boot_info` of user.c from `ws_pages` on, with the kind
+/// at `workload`); [`BootInfo::to_bytes`] lays them out for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadConfig {
+    pub kind: WorkloadKind,
+    /// dirty: pages in each vCPU's working set; kwrite: pages per round.
+    pub ws_pages: u64,
+    /// dirty: distance between working-set pages, in pages (spreads the set over RAM).
+    pub ws_stride: u64,
+    pub pattern: Pattern,
+    /// hot/cold: percentage of writes that go to the hot tenth of the set.
+    pub hot_percent: u32,
+    /// Page writes per second per vCPU, 0 = as fast as possible.
+    pub rate: u64,
+    pub seed: u64,
+    /// Progress line period in ms, 0 = none.
+    pub report_ms: u64,
+    /// dirty: writes per vCPU before reporting done; kwrite: rounds. 0 = forever.
+    pub max_writes: u64,
+    /// kv: table slots (power of two).
+    pub kv_slots: u64,
+    /// kv: client dedup slots (power of two).
+    pub kv_clients: u64,
+    /// dirty: a console line after every page write (a guest flooding its
+    /// console; the VMM bounds and counts what it keeps).
+    pub console_flood: bool,
+}
+
+impl WorkloadConfig {
+    /// A `dirty` writer.
+    pub fn dirty(ws_pages: u64, pattern: Pattern, rate: u64) -> Self {
+        WorkloadConfig { kind: WorkloadKind::Dirty, ws_pages, pattern, rate, ..Self::idle() }
+    }
+    /// The `kv` service.
+    pub fn kv() -> Self {
+        WorkloadConfig { kind: WorkloadKind::Kv, ..Self::idle() }
+    }
+    /// A guest that only takes timer interrupts.
+    pub fn idle() -> Self {
+        WorkloadConfig {
+            kind: WorkloadKind::Idle,
+            ws_pages: 0,
+            ws_stride: 1,
+            pattern: Pattern::Sequential,
+            hot_percent: 90,
+            rate: 0,
+            seed: 1,
+            report_ms: 1000,
+            max_writes: 0,
+            kv_slots: 1 << 16,
+            kv_clients: 1 << 12,
+            console_flood: false,
+        }
+    }
+}
+
+/// Size of `struct boot_info` (user.c asserts the same).
+pub const BOOT_INFO_SIZE: usize = 144;
+
+/// `struct boot_info` of user.c, written by the VMM at [`BOOT_INFO_GPA`]
+/// (after [`BOOT_MAGIC`]): the machine's part, and its workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootInfo {
-    pub magic: u64,
     pub ncpus: u32,
-    pub workload: u32,
     pub tsc_khz: u64,
     pub timer_count: u64,
     pub ram_size: u64,
     pub hole_start: u64,
     pub hole_size: u64,
     pub heap_offset: u64,
-    pub ws_pages: u64,
-    pub ws_stride: u64,
-    pub pattern: u32,
-    pub hot_percent: u32,
-    pub rate: u64,
-    pub seed: u64,
-    pub report_ms: u64,
-    pub max_writes: u64,
-    pub kv_slots: u64,
-    pub kv_clients: u64,
-    /// dirty: 1 = a console line after every page write.
-    pub console_flood: u64,
+    pub workload: WorkloadConfig,
 }
-const _: () = assert!(std::mem::size_of::<BootInfo>() == 144);
 
 impl BootInfo {
-    /// The little-endian bytes the guest reads.
+    /// The little-endian bytes the guest reads, in `struct boot_info`'s order.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(144);
-        v.extend_from_slice(&self.magic.to_le_bytes());
+        let w = &self.workload;
+        let mut v = Vec::with_capacity(BOOT_INFO_SIZE);
+        v.extend_from_slice(&BOOT_MAGIC.to_le_bytes());
         v.extend_from_slice(&self.ncpus.to_le_bytes());
-        v.extend_from_slice(&self.workload.to_le_bytes());
+        v.extend_from_slice(&(w.kind as u32).to_le_bytes());
         for x in [
             self.tsc_khz,
             self.timer_count,
@@ -119,16 +166,14 @@ impl BootInfo {
             self.hole_start,
             self.hole_size,
             self.heap_offset,
-            self.ws_pages,
-            self.ws_stride,
+            w.ws_pages,
+            w.ws_stride,
         ] {
             v.extend_from_slice(&x.to_le_bytes());
         }
-        v.extend_from_slice(&self.pattern.to_le_bytes());
-        v.extend_from_slice(&self.hot_percent.to_le_bytes());
-        for x in
-            [self.rate, self.seed, self.report_ms, self.max_writes, self.kv_slots, self.kv_clients, self.console_flood]
-        {
+        v.extend_from_slice(&(w.pattern as u32).to_le_bytes());
+        v.extend_from_slice(&w.hot_percent.to_le_bytes());
+        for x in [w.rate, w.seed, w.report_ms, w.max_writes, w.kv_slots, w.kv_clients, u64::from(w.console_flood)] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v
@@ -243,11 +288,44 @@ mod tests {
 
     #[test]
     fn boot_info_bytes_match_layout() {
-        let b = BootInfo { magic: BOOT_MAGIC, timer_count: 7, kv_clients: 9, console_flood: 1, ..Default::default() };
+        // every field a distinct value, at its offset in user.c's struct
+        let workload = WorkloadConfig {
+            kind: WorkloadKind::Kv,
+            ws_pages: 11,
+            ws_stride: 12,
+            pattern: Pattern::HotCold,
+            hot_percent: 13,
+            rate: 14,
+            seed: 15,
+            report_ms: 16,
+            max_writes: 17,
+            kv_slots: 18,
+            kv_clients: 19,
+            console_flood: true,
+        };
+        let b = BootInfo {
+            ncpus: 3,
+            tsc_khz: 4,
+            timer_count: 5,
+            ram_size: 6,
+            hole_start: 7,
+            hole_size: 8,
+            heap_offset: 9,
+            workload,
+        };
         let v = b.to_bytes();
-        assert_eq!(v.len(), 144);
-        assert_eq!(&v[24..32], &7u64.to_le_bytes());
-        assert_eq!(&v[128..136], &9u64.to_le_bytes());
-        assert_eq!(&v[136..144], &1u64.to_le_bytes());
+        assert_eq!(v.len(), BOOT_INFO_SIZE);
+        let u64_at = |o: usize| u64::from_le_bytes(v[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(v[o..o + 4].try_into().unwrap());
+        assert_eq!(u64_at(0), BOOT_MAGIC);
+        assert_eq!((u32_at(8), u32_at(12)), (3, WorkloadKind::Kv as u32));
+        let u64s = [(16, 4), (24, 5), (32, 6), (40, 7), (48, 8), (56, 9), (64, 11), (72, 12)];
+        for (o, x) in u64s {
+            assert_eq!(u64_at(o), x, "offset {o}");
+        }
+        assert_eq!((u32_at(80), u32_at(84)), (Pattern::HotCold as u32, 13));
+        for (o, x) in [(88, 14), (96, 15), (104, 16), (112, 17), (120, 18), (128, 19), (136, 1)] {
+            assert_eq!(u64_at(o), x, "offset {o}");
+        }
     }
 }
