@@ -335,9 +335,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
                     sd.raise_generation(term)?;
                 }
                 cfg.witness = Some(w.clone());
-                let mut t = runtime::Tasks::default();
-                t.spawn(w.keep_alive(lease));
-                Some(t)
+                Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(w.keep_alive(lease))))
             }
             None => None,
         };

@@ -14,7 +14,6 @@ use runtime::join::{read_preamble, Joiner, JOIN_DATA, JOIN_HEARTBEAT};
 use runtime::listen::Listeners;
 use runtime::metrics::serve_metrics;
 use runtime::status::{NodeStatus, Role};
-use runtime::Tasks;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -93,7 +92,7 @@ pub struct Promotion {
     /// Commands from the control API, which keeps being served.
     pub commands: mpsc::Receiver<ControlRequest>,
     /// The listener and control tasks: keep them while the primary runs.
-    pub tasks: Tasks,
+    pub tasks: tokio::task::JoinSet<()>,
 }
 
 /// How a secondary's run ended.
@@ -205,7 +204,8 @@ pub async fn run_secondary(
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<ControlRequest>(4);
     let (commit_tx, mut commit_rx) = mpsc::unbounded_channel::<SecondaryEvent>();
     let service = Arc::new(listeners.service);
-    let mut tasks = Tasks::default();
+    // background tasks, aborted when the set drops
+    let mut tasks = tokio::task::JoinSet::new();
     if let Some(l) = listeners.control {
         tasks.spawn(serve_control(l, status.clone(), Some(cmd_tx.clone())));
     }
@@ -213,7 +213,7 @@ pub async fn run_secondary(
         tasks.spawn(serve_metrics(l, status.clone()));
     }
     // until it takes over, the service port sends clients to the primary
-    let mut standby = Tasks::default();
+    let mut standby = tokio::task::JoinSet::new();
     standby.spawn(runtime::service::serve_unavailable(service.clone(), "standby secondary"));
 
     let on_event = {
