@@ -278,11 +278,7 @@ pub async fn serve_control(
         ControlListener::Unix { listener, socket, uid } => {
             let _socket = socket; // removed when this task ends
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    // out of descriptors or similar: do not spin
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
+                let (stream, _) = common::retry::accept(|| listener.accept()).await;
                 let peer = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
                 let (status, commands) = (status.clone(), commands.clone());
                 tokio::spawn(async move {
@@ -299,10 +295,7 @@ pub async fn serve_control(
             }
         }
         ControlListener::Tcp { listener, token } => loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
+            let (stream, _) = common::retry::accept(|| listener.accept()).await;
             let (status, commands, token) = (status.clone(), commands.clone(), token.clone());
             tokio::spawn(serve_one(stream, Some(token), status, commands));
         },

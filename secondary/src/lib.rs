@@ -7,4 +7,5 @@ pub mod mode;
 pub mod node;
 pub mod receiver;
 pub mod replica;
+mod rejoin;
 pub mod takeover;
