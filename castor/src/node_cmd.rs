@@ -485,8 +485,11 @@ pub fn control(a: &ControlArgs, cmd: &str) -> Result<String, NodeCmdError> {
     let answer = runtime::control::ask(&addr, cmd, token.as_ref())
         .map_err(|err| NodeCmdError::Control { addr: addr.clone(), err })?;
     let line = answer.body.trim().to_string();
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .map_err(|err| NodeCmdError::ControlReply { addr: addr.clone(), err, body: line.clone() })?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|err| NodeCmdError::ControlReply {
+        addr: addr.clone(),
+        err,
+        body: line.clone(),
+    })?;
     // a command the node refused (or a request it did not take: another
     // uid, no token; every such answer is a 4xx or 5xx) is an error (exit
     // code 8), with its reason

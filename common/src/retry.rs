@@ -31,8 +31,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::io::Result<T>>,
 {
-    let builder =
-        ExponentialBuilder::default().with_min_delay(ACCEPT_MIN).with_max_delay(ACCEPT_MAX).with_jitter().without_max_times();
+    let builder = ExponentialBuilder::default()
+        .with_min_delay(ACCEPT_MIN)
+        .with_max_delay(ACCEPT_MAX)
+        .with_jitter()
+        .without_max_times();
     loop {
         // retried without a limit: only a success comes back
         if let Ok(conn) = (&mut accept).retry(builder).await {

@@ -67,7 +67,8 @@ pub fn ask(control: &ControlAddr, request: &str, token: Option<&Secret>) -> Resu
 pub async fn ask_async(control: &ControlAddr, request: &str, token: Option<&Secret>) -> Result<Answer, AskError> {
     let wait = ANSWER_TIMEOUT + Duration::from_secs(1);
     let method = if request == "status" { Method::GET } else { Method::POST };
-    let mut req = hyper::Request::builder().method(method).uri(format!("/{request}")).header(hyper::header::HOST, "castor");
+    let mut req =
+        hyper::Request::builder().method(method).uri(format!("/{request}")).header(hyper::header::HOST, "castor");
     if let Some(t) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {}", t.as_text()));
     }
