@@ -216,7 +216,9 @@ pub enum NodeCmdError {
     #[error("fenced: a node of a newer generation (at least {0}) replaced this one")]
     Fenced(u64),
     #[error("control {addr}: {err}")]
-    Control { addr: runtime::control::ControlAddr, err: String },
+    Control { addr: runtime::control::ControlAddr, err: runtime::control::AskError },
+    #[error("control {addr}: not a JSON reply ({err}): {body}")]
+    ControlReply { addr: runtime::control::ControlAddr, err: serde_json::Error, body: String },
     #[error("the node refused: {0}")]
     Refused(String),
     #[error("witness: {0}")]
@@ -240,7 +242,7 @@ impl NodeCmdError {
             | NodeCmdError::Secondary(_)
             | NodeCmdError::StateDir(_)
             | NodeCmdError::Net(_) => 4,
-            NodeCmdError::Secret(_) | NodeCmdError::Control { .. } => 5,
+            NodeCmdError::Secret(_) | NodeCmdError::Control { .. } | NodeCmdError::ControlReply { .. } => 5,
             NodeCmdError::Fenced(_) => 7,
             NodeCmdError::Refused(_) => 8,
             NodeCmdError::Witness(_) => 9,
@@ -364,9 +366,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
                     sd.raise_generation(term)?;
                 }
                 cfg.witness = Some(w.clone());
-                let mut t = runtime::Tasks::default();
-                t.spawn(w.keep_alive(lease));
-                Some(t)
+                Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(w.keep_alive(lease))))
             }
             None => None,
         };
@@ -522,19 +522,22 @@ pub struct ControlArgs {
     control_token: Option<PathBuf>,
 }
 
-/// Sends one control command and returns the JSON line.
+/// Sends one control command and returns the JSON reply.
 pub fn control(a: &ControlArgs, cmd: &str) -> Result<String, NodeCmdError> {
     let addr = a.control.clone();
     let token = a.control_token.as_deref().map(Secret::token_from_file).transpose()?;
-    let line = runtime::control::ask(&addr, cmd, token.as_ref())
-        .map_err(|e| NodeCmdError::Control { addr: addr.clone(), err: e.to_string() })?
-        .trim()
-        .to_string();
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .map_err(|e| NodeCmdError::Control { addr: addr.clone(), err: format!("not a JSON reply ({e}): {line}") })?;
+    let answer = runtime::control::ask(&addr, cmd, token.as_ref())
+        .map_err(|err| NodeCmdError::Control { addr: addr.clone(), err })?;
+    let line = answer.body.trim().to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|err| NodeCmdError::ControlReply {
+        addr: addr.clone(),
+        err,
+        body: line.clone(),
+    })?;
     // a command the node refused (or a request it did not take: another
-    // uid, no token) is an error (exit code 8), with its reason
-    if v["ok"] == false || (cmd != "status" && v["ok"] != true) {
+    // uid, no token; every such answer is a 4xx or 5xx) is an error (exit
+    // code 8), with its reason
+    if !answer.status.is_success() || v["ok"] == false || (cmd != "status" && v["ok"] != true) {
         return Err(NodeCmdError::Refused(v["error"].as_str().unwrap_or("no reason given").to_string()));
     }
     Ok(line)

@@ -18,6 +18,11 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+/// First pause between two tries of a call (jittered: up to twice as long).
+const RETRY_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between two tries (jittered: up to twice as long).
+const RETRY_MAX: Duration = Duration::from_millis(50);
+
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -116,6 +121,8 @@ impl KvClient {
         let req = KvRequest { client: self.id, seq: self.seq, op, key, value };
         let start = Instant::now();
         let mut retries = 0;
+        // between tries: a short pause, growing while no node answers
+        let mut pause = common::retry::backoff(RETRY_MIN, RETRY_MAX);
         let payload = Bytes::from(
             common::codec::encode(&ClientMsg::Request(req)).map_err(|e| ClientError::Malformed(e.to_string()))?,
         );
@@ -125,7 +132,7 @@ impl KvClient {
             }
             if self.conn.is_none() && !self.connect().await {
                 retries += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(common::retry::next_pause(&mut pause)).await;
                 continue;
             }
             let conn = self.conn.as_mut().expect("connected");
@@ -153,7 +160,7 @@ impl KvClient {
             }
             retries += 1;
             self.fail_over();
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(common::retry::next_pause(&mut pause)).await;
         }
     }
 }

@@ -33,6 +33,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::link::{OpenKey, SealKey, Transport};
 
@@ -44,6 +46,19 @@ pub const PROTOCOL_VERSION: u16 = 6;
 pub const MIN_PROTOCOL_VERSION: u16 = 6;
 /// Header bytes.
 pub const HEADER_LEN: usize = 20;
+/// A frame's header, as it is on the wire (little-endian, no padding).
+#[derive(Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct FrameHeader {
+    magic: [u8; 4],
+    version: U16,
+    kind: U16,
+    seq: U64,
+    /// Payload bytes after the header.
+    len: U32,
+}
+const _: () = assert!(std::mem::size_of::<FrameHeader>() == HEADER_LEN);
+
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Record header bytes (nonce, sealed length).
@@ -207,12 +222,14 @@ impl FrameSealer {
     /// Encodes one frame with an explicit sequence number (tests use this
     /// to build bad streams; normal senders use the `Encoder` impl).
     pub fn encode_raw(&mut self, kind: u16, seq: u64, payload: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
-        let mut header = [0u8; HEADER_LEN];
-        header[..4].copy_from_slice(&MAGIC);
-        header[4..6].copy_from_slice(&self.version.to_le_bytes());
-        header[6..8].copy_from_slice(&kind.to_le_bytes());
-        header[8..16].copy_from_slice(&seq.to_le_bytes());
-        header[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let header = FrameHeader {
+            magic: MAGIC,
+            version: self.version.into(),
+            kind: kind.into(),
+            seq: seq.into(),
+            len: (payload.len() as u32).into(),
+        };
+        let header = header.as_bytes();
         let total = HEADER_LEN + payload.len();
         dst.reserve(total + total.div_ceil(PIECE) * (RECORD_HEADER + TAG_LEN));
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -267,19 +284,19 @@ impl FrameOpener {
     /// Checks a frame header (the first 20 plaintext bytes); returns the
     /// frame's total plaintext size.
     fn header(&self, h: &[u8]) -> Result<usize, FrameError> {
-        let magic: [u8; 4] = h[..4].try_into().expect("4 bytes");
-        if magic != MAGIC {
-            return Err(FrameError::BadMagic(magic));
+        let h = FrameHeader::ref_from_bytes(h).map_err(|_| FrameError::Corrupt)?;
+        if h.magic != MAGIC {
+            return Err(FrameError::BadMagic(h.magic));
         }
-        let version = u16::from_le_bytes([h[4], h[5]]);
+        let version = h.version.get();
         if version != self.version {
             return Err(FrameError::WrongVersion { got: version, expected: self.version });
         }
-        let kind = u16::from_le_bytes([h[6], h[7]]);
+        let kind = h.kind.get();
         if kind == 0 {
             return Err(FrameError::InvalidKind(kind));
         }
-        let len = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize;
+        let len = h.len.get() as usize;
         if len > MAX_PAYLOAD {
             return Err(FrameError::Oversize(len));
         }
@@ -336,8 +353,8 @@ impl Decoder for FrameOpener {
             if self.partial.len() < want {
                 continue;
             }
-            let kind = u16::from_le_bytes([self.partial[6], self.partial[7]]);
-            let seq = u64::from_le_bytes(self.partial[8..16].try_into().expect("8 bytes"));
+            let (h, _) = FrameHeader::ref_from_prefix(&self.partial).map_err(|_| FrameError::Corrupt)?;
+            let (kind, seq) = (h.kind.get(), h.seq.get());
             if seq < self.next_seq {
                 return Err(FrameError::Duplicate { got: seq, expected: self.next_seq });
             }

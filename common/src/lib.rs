@@ -12,6 +12,7 @@ pub mod crashpoint;
 pub mod frame;
 pub mod link;
 pub mod proto;
+pub mod retry;
 pub mod service;
 pub mod state;
 pub mod sync;

@@ -210,7 +210,7 @@ fn forced_failover_fences_a_live_primary_and_metrics_are_served() {
     }
     assert!(st["pause_phases_p99"]["stop_us"].as_f64() >= st["pause_phases_p50"]["stop_us"].as_f64(), "{st}");
 
-    // the control socket also speaks HTTP
+    // the control socket speaks HTTP (raw requests: a GET of a command too)
     let http = |req: &str, addr: &runtime::control::ControlAddr| {
         use std::io::{Read, Write};
         let runtime::control::ControlAddr::Unix(path) = addr else { panic!("not a socket: {addr}") };

@@ -12,7 +12,6 @@ use runtime::control::{serve_control, ControlRequest};
 use runtime::join::Joiner;
 use runtime::metrics::serve_metrics;
 use runtime::status::{NodeStatus, Protection, Role};
-use runtime::Tasks;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use vmm::Machine;
@@ -118,7 +117,8 @@ pub async fn run_primary(
         s.protection = Protection::Unprotected;
         s.peer = cfg.peer.map(|p| p.to_string());
     });
-    let mut tasks = Tasks::default();
+    // background tasks, aborted when the set drops
+    let mut tasks = tokio::task::JoinSet::new();
     let commands = match (io.commands, io.control) {
         (Some(rx), _) => Some(rx),
         (None, Some(l)) => {
@@ -234,7 +234,7 @@ fn attach_net(
     cfg: &PrimaryConfig,
     devices: &Arc<vmm::devices::Devices>,
     router: &Arc<Router>,
-    tasks: &mut Tasks,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<Option<vmm::net::tap::RxPump>, NodeError> {
     use vmm::net::tap::{RxPump, RxSink};
     match (&cfg.net, devices.net()) {

@@ -249,13 +249,9 @@ pub async fn serve_clients(listener: Arc<TcpListener>, devices: Arc<Devices>, ro
     let mut closed = router.closed.subscribe();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_CONNECTIONS));
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (s, _) = tokio::select! {
+            a = common::retry::accept(|| listener.accept()) => a,
             _ = closed.wait_for(|c| *c) => return,
-        };
-        let Ok((s, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("too many client connections: closed one");

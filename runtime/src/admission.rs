@@ -288,13 +288,8 @@ pub struct Admitted<T> {
 /// The connections `listener` accepts, with their peers.
 pub fn accepted(listener: TcpListener) -> impl Stream<Item = (TcpStream, SocketAddr)> + Send + Unpin + 'static {
     Box::pin(futures::stream::unfold(listener, |l| async move {
-        loop {
-            match l.accept().await {
-                Ok(c) => return Some((c, l)),
-                // out of descriptors, or a connection reset before accept
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        let c = common::retry::accept(|| l.accept()).await;
+        Some((c, l))
     }))
 }
 

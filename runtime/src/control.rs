@@ -4,15 +4,14 @@
 //! Where: a Unix socket by default (`--control PATH`), created with mode
 //! 0600, and every connection's peer uid checked (SO_PEERCRED): only this
 //! node's uid (and root) may use it. TCP only when asked for explicitly
-//! (`--control tcp:ADDR`), and then HTTP with a bearer token read from a
-//! file (`--control-token FILE`) on every request.
+//! (`--control tcp:ADDR`), and then with a bearer token read from a file
+//! (`--control-token FILE`) on every request.
 //!
-//! Two forms on the socket. One request per line (`status`, `failover`,
-//! `unprotect`, `switchover`), one JSON object per line back; or HTTP
-//! (hyper): `GET /status`, `POST /failover`, `POST /unprotect`,
-//! `POST /switchover`, one JSON object back. A command goes
-//! to the task that owns the node's mode and is answered by it at once:
-//! applied, or refused with the reason (never queued for later).
+//! HTTP/1.1 on both (hyper at both ends; the client is [`ask`]):
+//! `GET /status`, `POST /failover`, `POST /unprotect`, `POST /switchover`,
+//! one JSON object back. A command goes to the task that owns the node's
+//! mode and is answered by it at once: applied, or refused with the reason
+//! (never queued for later).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,11 +22,14 @@ use std::time::Duration;
 use common::auth::Secret;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::status::NodeStatus;
+
+mod client;
+pub use client::{ask, ask_async, Answer, AskError};
 
 /// Where a node's control API is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,8 +154,6 @@ pub enum ControlError {
     Uid(u32),
     #[error("missing or wrong bearer token")]
     Token,
-    #[error("the TCP control API speaks HTTP with a bearer token (Authorization: Bearer ...)")]
-    TcpNeedsHttp,
 }
 
 impl FromStr for Request {
@@ -212,54 +212,7 @@ impl Reply {
 }
 
 /// How long a node may take to answer a command.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Sends one request (`status`, `failover`, ...) to a node's control API
-/// and returns its JSON reply (blocking: for command-line tools and test
-/// harnesses). A Unix socket gets the line form; TCP gets HTTP with the
-/// bearer `token`. Waits longer than a node may take to answer.
-pub fn ask(control: &ControlAddr, line: &str, token: Option<&Secret>) -> std::io::Result<String> {
-    use std::io::{BufRead, Read, Write};
-    let wait = Some(ANSWER_TIMEOUT + Duration::from_secs(1));
-    match control {
-        ControlAddr::Unix(path) => {
-            let mut s = std::os::unix::net::UnixStream::connect(path)?;
-            s.set_read_timeout(wait)?;
-            s.set_write_timeout(wait)?;
-            // a node that refuses us answers why and closes: read its
-            // reply even when our write found the pipe closed
-            let sent = s.write_all(format!("{line}\n").as_bytes());
-            let mut reply = String::new();
-            match std::io::BufReader::new(s).read_line(&mut reply) {
-                Ok(n) if n > 0 => Ok(reply),
-                other => {
-                    sent?;
-                    other.map(|_| reply)
-                }
-            }
-        }
-        ControlAddr::Tcp(addr) => {
-            let mut s = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))?;
-            s.set_read_timeout(wait)?;
-            let method = if line == "status" { "GET" } else { "POST" };
-            let auth = token.map(|t| format!("Authorization: Bearer {}\r\n", t.as_text())).unwrap_or_default();
-            let req = format!(
-                "{method} /{line} HTTP/1.1\r\nHost: castor\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            s.write_all(req.as_bytes())?;
-            let mut resp = String::new();
-            s.take(1 << 20).read_to_string(&mut resp)?;
-            let body = resp
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b)
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))?;
-            Ok(body.to_string())
-        }
-    }
-}
-
-/// Longest request line or header line read.
-const MAX_LINE: usize = 4096;
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Answers one request: (HTTP status, JSON body).
 async fn answer(req: Request, status: &NodeStatus, commands: &Option<mpsc::Sender<ControlRequest>>) -> (u16, String) {
@@ -315,17 +268,6 @@ async fn http_answer(
     (code, "application/json", body)
 }
 
-/// Reads one line of at most [`MAX_LINE`] bytes; `None` at the end or past the limit.
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut String) -> Option<()> {
-    buf.clear();
-    let mut limited = (&mut *r).take(MAX_LINE as u64);
-    match tokio::io::AsyncBufReadExt::read_line(&mut limited, buf).await {
-        Ok(0) | Err(_) => None,
-        Ok(_) if !buf.ends_with('\n') => None,
-        Ok(_) => Some(()),
-    }
-}
-
 /// Serves the control API until the task is dropped.
 pub async fn serve_control(
     listener: ControlListener,
@@ -336,28 +278,16 @@ pub async fn serve_control(
         ControlListener::Unix { listener, socket, uid } => {
             let _socket = socket; // removed when this task ends
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    // out of descriptors or similar: do not spin
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
+                let (stream, _) = common::retry::accept(|| listener.accept()).await;
                 let peer = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
                 let (status, commands) = (status.clone(), commands.clone());
                 tokio::spawn(async move {
                     if peer != uid && peer != 0 {
-                        // a stranger on the host: told why, nothing done
+                        // a stranger on the host: told why (403), nothing done
                         tracing::debug!(peer, "control connection from another uid: refused");
-                        let mut stream = stream;
-                        // take (and ignore) what it sent first, so the
-                        // reason reaches it rather than a broken pipe
-                        let mut skip = [0u8; 512];
-                        let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut skip)).await;
                         let body = Reply::refused_json(ControlError::Uid(peer));
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            stream.write_all(format!("{body}\n").as_bytes()),
-                        )
-                        .await;
+                        let refuse = move |_| std::future::ready((403, "application/json", body.clone()));
+                        crate::http::serve_http(stream, refuse).await;
                         return;
                     }
                     serve_one(stream, None, status, commands).await;
@@ -365,19 +295,14 @@ pub async fn serve_control(
             }
         }
         ControlListener::Tcp { listener, token } => loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
+            let (stream, _) = common::retry::accept(|| listener.accept()).await;
             let (status, commands, token) = (status.clone(), commands.clone(), token.clone());
             tokio::spawn(serve_one(stream, Some(token), status, commands));
         },
     }
 }
 
-/// One control connection: HTTP (it starts with an upper-case method) or
-/// the line form (lower case; not on TCP, where every request needs the
-/// token).
+/// One control connection (HTTP; with a token on TCP).
 async fn serve_one<S>(
     stream: S,
     token: Option<Arc<Secret>>,
@@ -386,39 +311,8 @@ async fn serve_one<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut stream = BufReader::new(stream);
-    let first = match tokio::time::timeout(Duration::from_secs(5), stream.fill_buf()).await {
-        Ok(Ok(b)) if !b.is_empty() => b[0],
-        _ => return,
-    };
-    if first.is_ascii_uppercase() {
-        let handle = move |req| http_answer(req, token.clone(), status.clone(), commands.clone());
-        crate::http::serve_http(stream, handle).await;
-    } else if token.is_some() {
-        let body = Reply::refused_json(ControlError::TcpNeedsHttp);
-        let _ = stream.write_all(format!("{body}\n").as_bytes()).await;
-    } else {
-        serve_lines(stream, &status, &commands).await;
-    }
-}
-
-/// The line form: one request per line, one JSON line back.
-async fn serve_lines<S>(stream: BufReader<S>, status: &NodeStatus, commands: &Option<mpsc::Sender<ControlRequest>>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (r, mut w) = tokio::io::split(stream);
-    let mut r = BufReader::new(r);
-    let mut line = String::new();
-    while read_line(&mut r, &mut line).await.is_some() {
-        let body = match line.trim().parse::<Request>() {
-            Ok(req) => answer(req, status, commands).await.1,
-            Err(e) => Reply::refused_json(e),
-        };
-        if w.write_all(format!("{body}\n").as_bytes()).await.is_err() {
-            break;
-        }
-    }
+    let handle = move |req| http_answer(req, token.clone(), status.clone(), commands.clone());
+    crate::http::serve_http(stream, handle).await;
 }
 
 #[cfg(test)]
@@ -458,6 +352,7 @@ mod tests {
     }
 
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: S, req: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
         let (r, mut w) = tokio::io::split(s);
         w.write_all(req.as_bytes()).await.unwrap();
         w.shutdown().await.unwrap();
@@ -480,10 +375,18 @@ mod tests {
             let path = path.clone();
             async move { exchange(tokio::net::UnixStream::connect(&path).await.unwrap(), req).await }
         };
+        // the client the CLI uses: the status and the body, whatever the status
+        let a = ask_async(&addr, "failover", None).await.unwrap();
+        assert_eq!(a.status, hyper::StatusCode::OK);
+        assert!(a.body.contains("\"ok\":true") && a.body.contains("failover started"), "{a:?}");
+        let a = ask_async(&addr, "unprotect", None).await.unwrap();
+        assert_eq!(a.status, hyper::StatusCode::CONFLICT);
+        assert!(a.body.contains("\"ok\":false") && a.body.contains("not holding"), "{a:?}");
+        let a = ask_async(&addr, "reboot", None).await.unwrap();
+        assert_eq!(a.status, hyper::StatusCode::NOT_FOUND, "{a:?}");
+        // the line form is gone: not HTTP, so no JSON answer
         let a = ask("failover\n").await;
-        assert!(a.contains("\"ok\":true") && a.contains("failover started"), "{a}");
-        let a = ask("unprotect\n").await;
-        assert!(a.contains("\"ok\":false") && a.contains("not holding"), "{a}");
+        assert!(a.is_empty() || a.starts_with("HTTP/1.1 400"), "{a}");
         let a = ask("GET /unprotect HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(a.starts_with("HTTP/1.1 405"), "{a}");
         let a = ask("POST /unprotect HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -492,9 +395,17 @@ mod tests {
         assert!(a.starts_with("HTTP/1.1 200") && a.contains("\"role\":\"secondary\""), "{a}");
         let a = ask("GET /reboot HTTP/1.1\r\n\r\n").await;
         assert!(a.starts_with("HTTP/1.1 404"), "{a}");
-        // the blocking client the CLI uses
-        let st = tokio::task::spawn_blocking(move || super::ask(&addr, "status", None)).await.unwrap().unwrap();
-        assert!(st.contains("\"role\""), "{st}");
+        // the blocking client, from a thread without a runtime and from
+        // inside another runtime
+        let a2 = addr.clone();
+        let st = tokio::task::spawn_blocking(move || super::ask(&a2, "status", None)).await.unwrap().unwrap();
+        assert!(st.status.is_success() && st.body.contains("\"role\""), "{st:?}");
+        let inside = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async { super::ask(&addr, "status", None) })
+        });
+        let st = tokio::task::spawn_blocking(move || inside.join().unwrap()).await.unwrap().unwrap();
+        assert!(st.body.contains("\"role\""), "{st:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -520,16 +431,19 @@ mod tests {
         assert!(a.starts_with("HTTP/1.1 401"), "even status needs the token: {a}");
         let a = ask(post("Authorization: Bearer 0123456789abcdef-token\r\n")).await;
         assert!(a.starts_with("HTTP/1.1 200") && a.contains("failover started"), "{a}");
-        // the line form carries no token: refused on TCP
+        // not HTTP: nothing done, no JSON answer
         let a = ask("failover\n".into()).await;
-        assert!(a.contains("\"ok\":false") && a.contains("bearer token"), "{a}");
+        assert!(a.is_empty() || a.starts_with("HTTP/1.1 400"), "{a}");
+        let a = ask_async(&ControlAddr::Tcp(addr), "failover", None).await.unwrap();
+        assert_eq!(a.status, hyper::StatusCode::UNAUTHORIZED);
+        assert!(a.body.contains("bearer token"), "{a:?}");
         // the blocking client with the token
         let secret = Secret::token_from_file(&token).unwrap();
         let a = tokio::task::spawn_blocking(move || super::ask(&ControlAddr::Tcp(addr), "status", Some(&secret)))
             .await
             .unwrap()
             .unwrap();
-        assert!(a.contains("\"role\""), "{a}");
+        assert!(a.status.is_success() && a.body.contains("\"role\""), "{a:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

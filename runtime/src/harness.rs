@@ -144,12 +144,12 @@ pub struct NodeProc {
 impl NodeProc {
     /// The node's status JSON, if it answers.
     pub fn status(&self) -> Option<Value> {
-        serde_json::from_str(&ask(&self.control, "status", None).ok()?).ok()
+        serde_json::from_str(&ask(&self.control, "status", None).ok()?.body).ok()
     }
 
-    /// Sends a control command; the reply line.
+    /// Sends a control command; the JSON reply, applied or refused.
     pub fn command(&self, cmd: &str) -> Option<String> {
-        ask(&self.control, cmd, None).ok()
+        ask(&self.control, cmd, None).ok().map(|a| a.body)
     }
 
     /// kill -9, and reap.

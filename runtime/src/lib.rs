@@ -16,21 +16,3 @@ pub mod proxy;
 pub mod service;
 pub mod state_dir;
 pub mod status;
-
-/// Background tasks of a node, aborted when this is dropped.
-#[derive(Debug, Default)]
-pub struct Tasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Tasks {
-    pub fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.0.push(tokio::spawn(f));
-    }
-}
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}

@@ -155,10 +155,8 @@ impl Ready {
     /// Writes the ready file atomically (temporary file, then rename).
     pub fn write(&self, path: &Path) -> Result<(), ListenError> {
         let err = |err| ListenError::Ready { path: path.to_path_buf(), err };
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         let body = serde_json::to_vec(self).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, body).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        crate::state_dir::write_atomic(path, &body, false).map_err(err)
     }
 
     /// Reads a ready file; `None` while it is not there (or not whole).

@@ -2,7 +2,6 @@
 //! served by hyper).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -13,10 +12,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// Serves the node's metrics (any GET gets them) until dropped.
 pub async fn serve_metrics(listener: TcpListener, status: Arc<NodeStatus>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let (stream, _) = common::retry::accept(|| listener.accept()).await;
         let status = status.clone();
         tokio::spawn(crate::http::serve_http(stream, move |req: crate::http::HttpRequest| {
             let status = status.clone();

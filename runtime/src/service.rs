@@ -21,10 +21,7 @@ pub fn service_codec() -> LengthDelimitedCodec {
 /// closes, until the task is aborted.
 pub async fn serve_unavailable(listener: Arc<TcpListener>, reason: &'static str) {
     loop {
-        let Ok((s, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let (s, _) = common::retry::accept(|| listener.accept()).await;
         tokio::spawn(async move {
             let mut f = Framed::new(s, service_codec());
             if let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), f.next()).await {

@@ -32,6 +32,28 @@ pub struct StateDir {
     lock: std::sync::Mutex<()>,
 }
 
+/// Writes `bytes` to `path` atomically: a temporary file beside it (made
+/// by `tempfile`, mode 0666 less the umask as `File::create` would), then a
+/// rename over `path`. `durable`: the file is synced before the rename and
+/// the directory after it.
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut f = tempfile::Builder::new()
+        .prefix(".castor-")
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)?;
+    f.write_all(bytes)?;
+    if durable {
+        f.as_file().sync_all()?;
+    }
+    f.persist(path).map_err(|e| e.error)?;
+    if durable {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
     move |err| StateDirError::Io { path: path.to_path_buf(), err }
 }
@@ -57,13 +79,7 @@ impl StateDir {
     /// proves it) across whatever it read to decide this write.
     fn write(&self, _locked: &std::sync::MutexGuard<'_, ()>, file: &str, value: &str) -> Result<(), StateDirError> {
         let p = self.dir.join(file);
-        let tmp = self.dir.join(format!(".{file}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(value.as_bytes()).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &p).map_err(io(&p))?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
-        Ok(())
+        write_atomic(&p, value.as_bytes(), true).map_err(io(&p))
     }
 
     /// The durable node id, made from `name` and a random suffix on first use.
@@ -115,6 +131,23 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn atomic_writes_replace_the_file_and_leave_nothing_beside_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("castor-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join("value");
+        write_atomic(&f, b"one", true).unwrap();
+        write_atomic(&f, b"two", false).unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+        // as File::create would make it: 0666 less the umask, never more
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert!(mode & 0o600 == 0o600 && mode & !0o666 == 0, "{mode:o}");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1, "a temporary file was left");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn generation_and_node_id_survive_a_reopen_and_never_go_down() {

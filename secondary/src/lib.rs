@@ -6,5 +6,6 @@ pub mod apply;
 pub mod mode;
 pub mod node;
 pub mod receiver;
+mod rejoin;
 pub mod replica;
 pub mod takeover;

@@ -14,9 +14,7 @@ use runtime::join::{read_preamble, Joiner, JOIN_DATA, JOIN_HEARTBEAT};
 use runtime::listen::Listeners;
 use runtime::metrics::serve_metrics;
 use runtime::status::{NodeStatus, Role};
-use runtime::Tasks;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use vmm::{Machine, TrackerKind};
 
@@ -93,7 +91,7 @@ pub struct Promotion {
     /// Commands from the control API, which keeps being served.
     pub commands: mpsc::Receiver<ControlRequest>,
     /// The listener and control tasks: keep them while the primary runs.
-    pub tasks: Tasks,
+    pub tasks: tokio::task::JoinSet<()>,
 }
 
 /// How a secondary's run ended.
@@ -116,7 +114,7 @@ struct Liveness {
 /// kind and peer every 10 s (a peer can repeat it at will); settings that
 /// do not fit the primary's also go into the status (`pair_error`), where
 /// an operator sees why the pair does not protect.
-fn log_refusal(
+pub(crate) fn log_refusal(
     limiter: &runtime::lograte::LogLimiter,
     status: &NodeStatus,
     peer: SocketAddr,
@@ -205,7 +203,8 @@ pub async fn run_secondary(
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<ControlRequest>(4);
     let (commit_tx, mut commit_rx) = mpsc::unbounded_channel::<SecondaryEvent>();
     let service = Arc::new(listeners.service);
-    let mut tasks = Tasks::default();
+    // background tasks, aborted when the set drops
+    let mut tasks = tokio::task::JoinSet::new();
     if let Some(l) = listeners.control {
         tasks.spawn(serve_control(l, status.clone(), Some(cmd_tx.clone())));
     }
@@ -213,7 +212,7 @@ pub async fn run_secondary(
         tasks.spawn(serve_metrics(l, status.clone()));
     }
     // until it takes over, the service port sends clients to the primary
-    let mut standby = Tasks::default();
+    let mut standby = tokio::task::JoinSet::new();
     standby.spawn(runtime::service::serve_unavailable(service.clone(), "standby secondary"));
 
     let on_event = {
@@ -296,31 +295,7 @@ pub async fn run_secondary(
     // Re-protection: dial the primary we protect.
     if let Some(primary_addr) = cfg.join {
         let (replica, rcfg, promoted, on_event) = (replica.clone(), rcfg.clone(), promoted.clone(), on_event.clone());
-        let refusals = runtime::lograte::LogLimiter::new(Duration::from_secs(10));
-        let status = status.clone();
-        tasks.spawn(async move {
-            while !promoted.load(std::sync::atomic::Ordering::SeqCst) {
-                let dial = |tag: u8| async move {
-                    let mut s = TcpStream::connect(primary_addr).await?;
-                    s.write_all(&[tag]).await?;
-                    Ok::<TcpStream, std::io::Error>(s)
-                };
-                match (dial(JOIN_DATA).await, dial(JOIN_HEARTBEAT).await) {
-                    (Ok(d), Ok(h)) => {
-                        let (r2, c2, e2) = (replica.clone(), rcfg.clone(), on_event.clone());
-                        let hb = tokio::spawn(async move { serve_connection(h, &c2, &r2, e2).await });
-                        let res = serve_connection(d, &rcfg, &replica, on_event.clone()).await;
-                        hb.abort();
-                        match res {
-                            Ok(end) => tracing::warn!(?end, "joined replication session ended"),
-                            Err(e) => log_refusal(&refusals, &status, primary_addr, &e),
-                        }
-                    }
-                    _ => tracing::debug!(%primary_addr, "primary not reachable yet"),
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        });
+        tasks.spawn(crate::rejoin::redial(primary_addr, rcfg, replica, promoted, on_event, status.clone()));
     }
 
     // Heartbeat monitor and commands: every change of mode goes through

@@ -103,55 +103,117 @@ pub enum Pattern {
     HotCold = 2,
 }
 
-/// `struct boot_info` of abi.h / user.c, written by the VMM at [`BOOT_INFO_GPA`].
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BootInfo {
-    pub magic: u64,
-    pub ncpus: u32,
-    pub workload: u32,
-    pub tsc_khz: u64,
-    pub timer_count: u64,
-    pub ram_size: u64,
-    pub hole_start: u64,
-    pub hole_size: u64,
-    pub heap_offset: u64,
+/// Workload parameters handed to the guest in its boot info: the one list
+/// of them (`struct boot_info` of user.c from `ws_pages` on, with the kind
+/// at `workload`); [`BootInfo::to_bytes`] lays them out for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadConfig {
+    pub kind: WorkloadKind,
+    /// dirty: pages in each vCPU's working set; kwrite: pages per round.
     pub ws_pages: u64,
+    /// dirty: distance between working-set pages, in pages (spreads the set over RAM).
     pub ws_stride: u64,
-    pub pattern: u32,
+    pub pattern: Pattern,
+    /// hot/cold: percentage of writes that go to the hot tenth of the set.
     pub hot_percent: u32,
+    /// Page writes per second per vCPU, 0 = as fast as possible.
     pub rate: u64,
     pub seed: u64,
+    /// Progress line period in ms, 0 = none.
     pub report_ms: u64,
+    /// dirty: writes per vCPU before reporting done; kwrite: rounds. 0 = forever.
     pub max_writes: u64,
+    /// kv: table slots (power of two).
     pub kv_slots: u64,
+    /// kv: client dedup slots (power of two).
     pub kv_clients: u64,
-    /// dirty: 1 = a console line after every page write.
-    pub console_flood: u64,
-    /// net: IPv4 address, the four octets in memory order a,b,c,d
-    /// (`u32::from_le_bytes(addr.octets())`, see [`ipv4_word`]).
-    pub net_ipv4: u32,
-    /// net: prefix length (e.g. 24).
-    pub net_prefix: u32,
-    /// net: default gateway, same encoding as `net_ipv4`; 0 = none.
-    pub net_gateway: u32,
-    /// net: TCP port to serve.
-    pub net_port: u32,
+    /// dirty: a console line after every page write (a guest flooding its
+    /// console; the VMM bounds and counts what it keeps).
+    pub console_flood: bool,
+    /// net: the guest's address and the port it serves.
+    #[serde(default)]
+    pub net: NetAddr,
 }
-const _: () = assert!(std::mem::size_of::<BootInfo>() == 160);
+
+/// The networked guest's static IPv4 settings (boot info `net_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetAddr {
+    pub ipv4: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub port: u16,
+}
+
+impl Default for NetAddr {
+    /// Unset: the guest reports that it has no address and waits.
+    fn default() -> Self {
+        NetAddr { ipv4: std::net::Ipv4Addr::UNSPECIFIED, prefix: 24, gateway: None, port: NET_DEFAULT_PORT }
+    }
+}
 
 /// The boot-info encoding of an IPv4 address (octets in memory order).
 pub fn ipv4_word(addr: std::net::Ipv4Addr) -> u32 {
     u32::from_le_bytes(addr.octets())
 }
 
+impl WorkloadConfig {
+    /// A `dirty` writer.
+    pub fn dirty(ws_pages: u64, pattern: Pattern, rate: u64) -> Self {
+        WorkloadConfig { kind: WorkloadKind::Dirty, ws_pages, pattern, rate, ..Self::idle() }
+    }
+    /// The networked guest (a RESP2 server behind the virtio-net card).
+    pub fn net(net: NetAddr) -> Self {
+        WorkloadConfig { kind: WorkloadKind::Net, net, ..Self::idle() }
+    }
+    /// The `kv` service.
+    pub fn kv() -> Self {
+        WorkloadConfig { kind: WorkloadKind::Kv, ..Self::idle() }
+    }
+    /// A guest that only takes timer interrupts.
+    pub fn idle() -> Self {
+        WorkloadConfig {
+            kind: WorkloadKind::Idle,
+            ws_pages: 0,
+            ws_stride: 1,
+            pattern: Pattern::Sequential,
+            hot_percent: 90,
+            rate: 0,
+            seed: 1,
+            report_ms: 1000,
+            max_writes: 0,
+            kv_slots: 1 << 16,
+            kv_clients: 1 << 12,
+            console_flood: false,
+            net: NetAddr::default(),
+        }
+    }
+}
+
+/// Size of `struct boot_info` (user.c asserts the same).
+pub const BOOT_INFO_SIZE: usize = 160;
+
+/// `struct boot_info` of user.c, written by the VMM at [`BOOT_INFO_GPA`]
+/// (after [`BOOT_MAGIC`]): the machine's part, and its workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootInfo {
+    pub ncpus: u32,
+    pub tsc_khz: u64,
+    pub timer_count: u64,
+    pub ram_size: u64,
+    pub hole_start: u64,
+    pub hole_size: u64,
+    pub heap_offset: u64,
+    pub workload: WorkloadConfig,
+}
+
 impl BootInfo {
-    /// The little-endian bytes the guest reads.
+    /// The little-endian bytes the guest reads, in `struct boot_info`'s order.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(160);
-        v.extend_from_slice(&self.magic.to_le_bytes());
+        let w = &self.workload;
+        let mut v = Vec::with_capacity(BOOT_INFO_SIZE);
+        v.extend_from_slice(&BOOT_MAGIC.to_le_bytes());
         v.extend_from_slice(&self.ncpus.to_le_bytes());
-        v.extend_from_slice(&self.workload.to_le_bytes());
+        v.extend_from_slice(&(w.kind as u32).to_le_bytes());
         for x in [
             self.tsc_khz,
             self.timer_count,
@@ -159,19 +221,19 @@ impl BootInfo {
             self.hole_start,
             self.hole_size,
             self.heap_offset,
-            self.ws_pages,
-            self.ws_stride,
+            w.ws_pages,
+            w.ws_stride,
         ] {
             v.extend_from_slice(&x.to_le_bytes());
         }
-        v.extend_from_slice(&self.pattern.to_le_bytes());
-        v.extend_from_slice(&self.hot_percent.to_le_bytes());
-        for x in
-            [self.rate, self.seed, self.report_ms, self.max_writes, self.kv_slots, self.kv_clients, self.console_flood]
-        {
+        v.extend_from_slice(&(w.pattern as u32).to_le_bytes());
+        v.extend_from_slice(&w.hot_percent.to_le_bytes());
+        for x in [w.rate, w.seed, w.report_ms, w.max_writes, w.kv_slots, w.kv_clients, u64::from(w.console_flood)] {
             v.extend_from_slice(&x.to_le_bytes());
         }
-        for x in [self.net_ipv4, self.net_prefix, self.net_gateway, self.net_port] {
+        let n = &w.net;
+        let net = [ipv4_word(n.ipv4), u32::from(n.prefix), n.gateway.map_or(0, ipv4_word), u32::from(n.port)];
+        for x in net {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v
@@ -300,25 +362,53 @@ mod tests {
 
     #[test]
     fn boot_info_bytes_match_layout() {
+        // every field a distinct value, at its offset in user.c's struct
+        let workload = WorkloadConfig {
+            kind: WorkloadKind::Kv,
+            ws_pages: 11,
+            ws_stride: 12,
+            pattern: Pattern::HotCold,
+            hot_percent: 13,
+            rate: 14,
+            seed: 15,
+            report_ms: 16,
+            max_writes: 17,
+            kv_slots: 18,
+            kv_clients: 19,
+            console_flood: true,
+            net: NetAddr {
+                ipv4: std::net::Ipv4Addr::new(10, 0, 0, 2),
+                prefix: 24,
+                gateway: Some(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+                port: 6379,
+            },
+        };
         let b = BootInfo {
-            magic: BOOT_MAGIC,
-            timer_count: 7,
-            kv_clients: 9,
-            console_flood: 1,
-            net_ipv4: ipv4_word(std::net::Ipv4Addr::new(10, 0, 0, 2)),
-            net_prefix: 24,
-            net_gateway: 0,
-            net_port: 6379,
-            ..Default::default()
+            ncpus: 3,
+            tsc_khz: 4,
+            timer_count: 5,
+            ram_size: 6,
+            hole_start: 7,
+            hole_size: 8,
+            heap_offset: 9,
+            workload,
         };
         let v = b.to_bytes();
-        assert_eq!(v.len(), 160);
+        assert_eq!(v.len(), BOOT_INFO_SIZE);
+        let u64_at = |o: usize| u64::from_le_bytes(v[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(v[o..o + 4].try_into().unwrap());
+        assert_eq!(u64_at(0), BOOT_MAGIC);
+        assert_eq!((u32_at(8), u32_at(12)), (3, WorkloadKind::Kv as u32));
+        let u64s = [(16, 4), (24, 5), (32, 6), (40, 7), (48, 8), (56, 9), (64, 11), (72, 12)];
+        for (o, x) in u64s {
+            assert_eq!(u64_at(o), x, "offset {o}");
+        }
+        assert_eq!((u32_at(80), u32_at(84)), (Pattern::HotCold as u32, 13));
+        for (o, x) in [(88, 14), (96, 15), (104, 16), (112, 17), (120, 18), (128, 19), (136, 1)] {
+            assert_eq!(u64_at(o), x, "offset {o}");
+        }
         assert_eq!(&v[144..148], &[10, 0, 0, 2]);
-        assert_eq!(&v[148..152], &24u32.to_le_bytes());
-        assert_eq!(&v[152..156], &[0; 4]);
-        assert_eq!(&v[156..160], &6379u32.to_le_bytes());
-        assert_eq!(&v[24..32], &7u64.to_le_bytes());
-        assert_eq!(&v[128..136], &9u64.to_le_bytes());
-        assert_eq!(&v[136..144], &1u64.to_le_bytes());
+        assert_eq!((u32_at(148), u32_at(156)), (24, 6379));
+        assert_eq!(&v[152..156], &[10, 0, 0, 1]);
     }
 }

@@ -364,6 +364,14 @@ impl Witness {
     /// logged (the `primary` key is for tools, decisions never read it).
     pub async fn keep_alive(self, lease: i64) {
         let every = (self.cfg.lease_ttl / 3).max(Duration::from_millis(200));
+        // a lapsed keep-alive is tried again within `every`, jittered
+        let mut again = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(every / 4)
+                .with_max_delay(every / 2)
+                .with_jitter()
+                .without_max_times(),
+        );
         let mut warned = false;
         loop {
             let mut c = self.client.clone();
@@ -383,7 +391,7 @@ impl Witness {
                 tracing::warn!(lease, error = ?r.err(), "the witness lease of the primary key lapsed");
                 warned = true;
             }
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(again.next().unwrap_or(every)).await;
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use runtime::control::Refused;
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::pace::{epoch_bytes, page_bytes, LinkMeter, LinkPace};
 use super::session_io::{heartbeats, read_acks, write_loop, FromSecondary, HeartbeatShared, ToSecondary};
@@ -71,9 +72,9 @@ impl Replicator {
         // must not delay a heartbeat (the secondary counts a primary that
         // sends none for its timeout as dead), nor the reading of replies.
         // Aborted when the session ends (the guards drop with `io`).
-        let writer = AbortOnDrop(tokio::spawn(write_loop(dw, ship_rx, queued_w, meter_w)));
-        let acks = AbortOnDrop(tokio::spawn(read_acks(dr, heard_tx, gen)));
-        let beats = AbortOnDrop(tokio::spawn(heartbeats(
+        let writer = AbortOnDropHandle::new(tokio::spawn(write_loop(dw, ship_rx, queued_w, meter_w)));
+        let acks = AbortOnDropHandle::new(tokio::spawn(read_acks(dr, heard_tx, gen)));
+        let beats = AbortOnDropHandle::new(tokio::spawn(heartbeats(
             hr,
             hw,
             gen,
@@ -86,12 +87,13 @@ impl Replicator {
             },
         )));
         let io = async move {
-            let (w, a, b) = (writer, acks, beats);
-            tokio::select! {
-                e = w.join() => e,
-                e = a.join() => e,
-                e = b.join() => e,
-            }
+            // the first to end decides; the others are aborted as they drop
+            let ended = tokio::select! {
+                e = writer => e,
+                e = acks => e,
+                e = beats => e,
+            };
+            ended.unwrap_or_else(|e| SessionExit::Lost(Loss::Unexpected(format!("a session task ended: {e}"))))
         };
         let mut io = std::pin::pin!(io);
         let ack_timeout = self.cfg.peer_timeout * 4;
@@ -254,23 +256,5 @@ impl Replicator {
             s.epochs += 1;
         });
         self.status.record_boundary(&e.phases);
-    }
-}
-
-/// A session I/O task, aborted when its guard drops (the session ended).
-struct AbortOnDrop(tokio::task::JoinHandle<SessionExit>);
-
-impl AbortOnDrop {
-    async fn join(mut self) -> SessionExit {
-        match (&mut self.0).await {
-            Ok(end) => end,
-            Err(e) => SessionExit::Lost(Loss::Unexpected(format!("a session task ended: {e}"))),
-        }
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

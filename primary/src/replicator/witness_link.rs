@@ -9,7 +9,7 @@ use crate::mode::{Answer, Ask};
 pub(crate) struct WitnessLink {
     pub(super) asks: mpsc::UnboundedSender<(Ask, String)>,
     answers: mpsc::UnboundedReceiver<(u64, Answer, f64)>,
-    _task: runtime::Tasks,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 impl WitnessLink {
@@ -19,8 +19,7 @@ impl WitnessLink {
     pub(super) fn spawn(w: witness::Witness, term: u64) -> WitnessLink {
         let (asks, mut rx) = mpsc::unbounded_channel::<(Ask, String)>();
         let (tx, answers) = mpsc::unbounded_channel();
-        let mut task = runtime::Tasks::default();
-        task.spawn(async move {
+        let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             while let Some((ask, peer)) = rx.recv().await {
                 let (tag, (r, ms)) = match ask {
                     Ask::RecordSync { tag } => (tag, witness::timed(w.record_sync(term, &peer)).await),
@@ -39,7 +38,7 @@ impl WitnessLink {
                     return;
                 }
             }
-        });
+        }));
         WitnessLink { asks, answers, _task: task }
     }
 }

@@ -9,7 +9,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::{Machine, MachineConfig, MachineError, WorkloadConfig};
-use crate::abi::{self, BootInfo, WorkloadKind, BOOT_MAGIC, KERNEL_END, PAGE_SIZE};
+use crate::abi::{self, BootInfo, WorkloadKind, KERNEL_END, PAGE_SIZE};
 use crate::boot;
 use crate::devices::Devices;
 use crate::dirty::DirtyTracker;
@@ -143,30 +143,14 @@ impl Machine {
             return Err(MachineError::BadWorkload("hot percent above 100".into()));
         }
         Ok(BootInfo {
-            magic: BOOT_MAGIC,
             ncpus: self.cfg.vcpus,
-            workload: w.kind as u32,
             tsc_khz,
             timer_count: 1_000_000_000 / u64::from(self.cfg.timer_hz.clamp(10, 10_000)),
             ram_size: ram,
             hole_start: memory::HOLE_START,
             hole_size: memory::HOLE_SIZE,
             heap_offset: heap,
-            ws_pages: w.ws_pages,
-            ws_stride: w.ws_stride.max(1),
-            pattern: w.pattern as u32,
-            hot_percent: w.hot_percent,
-            rate: w.rate,
-            seed: w.seed,
-            report_ms: w.report_ms,
-            max_writes: w.max_writes,
-            kv_slots: w.kv_slots,
-            kv_clients: w.kv_clients,
-            console_flood: u64::from(w.console_flood),
-            net_ipv4: abi::ipv4_word(w.net.ipv4),
-            net_prefix: u32::from(w.net.prefix),
-            net_gateway: w.net.gateway.map_or(0, abi::ipv4_word),
-            net_port: u32::from(w.net.port),
+            workload: WorkloadConfig { ws_stride: w.ws_stride.max(1), ..*w },
         })
     }
 
