@@ -63,6 +63,13 @@ fn valid_ifname(s: &str) -> bool {
     !s.is_empty() && s.len() < 16 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
+fn valid_nsname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 impl FromStr for NetArg {
     type Err = NetArgError;
 
@@ -95,7 +102,7 @@ impl FromStr for NetArg {
                 "gw" => gateway = Some(v.parse().map_err(|_| bad(format!("gw {v:?} is not an IPv4 address")))?),
                 "bridge" if valid_ifname(v) => bridge = Some(v.to_string()),
                 "bridge" => return Err(bad(format!("{v:?} is not an interface name"))),
-                "netns" if valid_ifname(v) => netns = Some(v.to_string()),
+                "netns" if valid_nsname(v) => netns = Some(v.to_string()),
                 "netns" => return Err(bad(format!("{v:?} is not a namespace name"))),
                 _ => return Err(bad(format!("unknown key {k:?}"))),
             }
@@ -171,6 +178,7 @@ mod tests {
             ("tap=t;rm,mac=52:54:00:12:34:56", "interface name"),
             ("tap=t,mac=52:54:00:12:34:56,colour=red", "unknown key"),
             ("tap", "key=value"),
+            ("tap=t,mac=52:54:00:12:34:56,netns=../x", "namespace name"),
         ] {
             let e = bad.parse::<NetArg>().expect_err(bad).to_string();
             assert!(e.contains(says), "{bad}: {e}");

@@ -21,6 +21,8 @@ use failover_tests::serial;
 
 #[path = "faults/kills.rs"]
 mod kills;
+#[path = "faults/net.rs"]
+mod net;
 #[path = "faults/network.rs"]
 mod network;
 #[path = "faults/replica.rs"]
@@ -248,6 +250,8 @@ fn failover_suite() {
     run("trial-restore", &mut witness::trial_restore_fails);
     run("w-switchover-fails", &mut |r| witness::planned_refused(r, "w-switchover-fails", true));
     run("2n-switchover-fails", &mut |r| witness::planned_refused(r, "2n-switchover-fails", false));
+    run("net-kill9", &mut net::net_kill9);
+    run("net-partition", &mut net::net_partition);
 
     eprintln!(
         "\nfailover suite summary (host: {}; {:.0} s)",

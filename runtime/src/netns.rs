@@ -56,6 +56,19 @@ pub fn remove_stale() -> usize {
     n
 }
 
+/// Moves the calling thread (only it) into the namespace `name`.
+pub fn enter(name: &str) -> Result<(), NetNsError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{name}")).map_err(NetNsError::Spawn)?;
+    // SAFETY: setns takes a file descriptor we own (open for the call) and
+    // a flag; it changes only this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(NetNsError::Spawn(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// A namespace with a bridge ([`BRIDGE`], address [`HOST_IP`]/24) and its
 /// loopback up.
 #[derive(Debug)]
@@ -107,15 +120,7 @@ impl TestNet {
     /// Moves the calling thread (only it) into the namespace: sockets it
     /// opens afterwards live there. For a client thread of a test.
     pub fn enter_this_thread(&self) -> Result<(), NetNsError> {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(format!("/run/netns/{}", self.name)).map_err(NetNsError::Spawn)?;
-        // SAFETY: setns takes a file descriptor we own (open for the call)
-        // and a flag; it changes only this thread's network namespace.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(NetNsError::Spawn(std::io::Error::last_os_error()));
-        }
-        Ok(())
+        enter(&self.name)
     }
 
     /// The `--net` value for a node's TAP `tap` in this namespace.

@@ -1,0 +1,201 @@
+//! The networked guest (issue 30): an unmodified-client shaped TCP load
+//! (client::resp: one connection per client for the whole run, INCR on a
+//! counter of its own) against the guest's Redis-protocol server, through
+//! real TAP devices on a bridge in a network namespace of the test's own;
+//! the nodes' own sockets stay on loopback. Each scenario checks: no
+//! connection reset, no acknowledged INCR lost or applied twice (every
+//! reply checked, counters read back), and reports the longest stall a
+//! client saw.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use client::resp::{RespLoad, RespReport};
+use failover_tests::cluster::{Cluster, NodeOpts, NodeProc};
+use failover_tests::proxy::{Fault, Proxy};
+use runtime::netns::TestNet;
+
+use super::{protected, rt, take_over, Row, T};
+
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
+/// Client connections (the issue's 64).
+pub(super) const CLIENTS: usize = 64;
+
+struct NetPair {
+    net: TestNet,
+    s: NodeProc,
+    p: NodeProc,
+    proxy: Option<Proxy>,
+}
+
+/// Options for the node whose TAP is `tap` (the primary's with the guest's address).
+fn opts(net: &TestNet, tap: &str, primary: bool) -> NodeOpts {
+    NodeOpts {
+        guest: "redis",
+        vcpus: 1,
+        extra: vec!["--net".into(), net.net_arg(tap, MAC, primary.then_some(GUEST_IP))],
+        ..NodeOpts::default()
+    }
+}
+
+/// A namespace, a secondary and a networked primary (through a proxy when
+/// `proxied`), protected; None when the namespace cannot be made (not
+/// root: the failure is recorded) or the pair never protects.
+fn net_pair(c: &Cluster, row: &mut Row, name: &str, proxied: bool, rt: &tokio::runtime::Runtime) -> Option<NetPair> {
+    let net = match TestNet::create("ft") {
+        Ok(n) => n,
+        Err(e) => {
+            row.fail(format!("{name}: {e}"));
+            return None;
+        }
+    };
+    let tag = std::process::id() % 10_000;
+    let s = c.secondary("s", &opts(&net, &format!("cs{tag}"), false), None);
+    let (proxy, to) = if proxied {
+        let proxy = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
+        let a = proxy.addr;
+        (Some(proxy), a)
+    } else {
+        (None, s.listen.expect("listen"))
+    };
+    let p = c.primary("p", &opts(&net, &format!("cp{tag}"), true), to);
+    row.trials += 1;
+    if !protected(&p) {
+        row.fail(format!("{name}: never protected:\n{}", p.log_tail()));
+        return None;
+    }
+    Some(NetPair { net, s, p, proxy })
+}
+
+fn load(net: &TestNet, tag: &str) -> RespLoad {
+    let ns = net.name.clone();
+    RespLoad::start(SocketAddr::from((GUEST_IP, 6379)), CLIENTS, tag, move || {
+        runtime::netns::enter(&ns).map_err(|e| e.to_string())
+    })
+}
+
+/// Waits until the load has `more` acknowledged INCRs beyond now.
+fn wait_more(l: &RespLoad, more: u64) -> bool {
+    let (start, end) = (l.acked(), Instant::now() + T);
+    while Instant::now() < end {
+        if l.acked() >= start + more {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn finish(row: &mut Row, name: &str, net: &TestNet, l: RespLoad) -> Option<RespReport> {
+    let ns = net.name.clone();
+    let rep = match l.finish(move || runtime::netns::enter(&ns).map_err(|e| e.to_string())) {
+        Ok(r) => r,
+        Err(e) => {
+            row.fail(format!("{name}: the load could not be read back: {e}"));
+            return None;
+        }
+    };
+    let pct = |q: f64| rep.stalls_ms.get(((rep.stalls_ms.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0.0);
+    eprintln!(
+        "  {} connections: {} reset, {} reconnects; {} INCRs acknowledged, {} lost, {} applied twice; \
+         longest stall per client p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+        rep.connections,
+        rep.connections_reset,
+        rep.reconnects,
+        rep.acked_ops,
+        rep.lost_acked_ops,
+        rep.duplicate_ops,
+        pct(0.5),
+        pct(0.9),
+        rep.longest_stall_ms
+    );
+    row.lost += rep.lost_acked_ops;
+    row.duplicated += rep.duplicate_ops;
+    row.max_gap_ms = row.max_gap_ms.max(rep.longest_stall_ms);
+    if rep.connections_reset > 0 {
+        row.fail(format!("{name}: {} connections reset: {:?}", rep.connections_reset, rep.resets));
+    }
+    if rep.lost_acked_ops > 0 || rep.duplicate_ops > 0 {
+        row.fail(format!(
+            "{name}: {} acknowledged INCRs lost, {} applied twice",
+            rep.lost_acked_ops, rep.duplicate_ops
+        ));
+    }
+    if rep.acked_ops == 0 {
+        row.fail(format!("{name}: no INCR was acknowledged"));
+    }
+    Some(rep)
+}
+
+fn released_frames(p: &NodeProc) -> Option<u64> {
+    p.status().and_then(|v| v["released_frames"].as_u64())
+}
+
+/// kill -9 of the primary under 64 persistent connections.
+pub(super) fn net_kill9(row: &mut Row) {
+    let name = "net-kill9";
+    let c = Cluster::new(name);
+    let rt = rt();
+    let Some(NetPair { net, mut s, mut p, .. }) = net_pair(&c, row, name, false, &rt) else { return };
+    let l = load(&net, "k9");
+    if !wait_more(&l, 300) {
+        row.fail(format!("{name}: the clients got no answers before the fault:\n{}", p.log_tail()));
+    }
+    eprintln!("{name}: kill -9 of the primary under {CLIENTS} connections ({} INCRs acknowledged)", l.acked());
+    p.kill9();
+    match take_over(&s, 1) {
+        Some(st) => row.failover(&st),
+        None => row.fail(format!("{name}: no takeover:\n{}", s.log_tail())),
+    }
+    if !wait_more(&l, 300) {
+        row.fail(format!("{name}: the clients did not carry on after the takeover:\n{}", s.log_tail()));
+    }
+    finish(row, name, &net, l);
+    s.terminate();
+    let _ = s.wait_exit(T);
+}
+
+/// A partition between the nodes: the secondary takes over, the held
+/// primary releases no frame from the moment its acks stop (output
+/// commit), and is fenced once the link heals; the clients keep their
+/// connections across it.
+pub(super) fn net_partition(row: &mut Row) {
+    let name = "net-partition";
+    let c = Cluster::new(name);
+    let rt = rt();
+    let Some(NetPair { net, mut s, mut p, proxy }) = net_pair(&c, row, name, true, &rt) else { return };
+    let proxy = proxy.expect("proxied");
+    let l = load(&net, "pt");
+    if !wait_more(&l, 300) {
+        row.fail(format!("{name}: the clients got no answers before the fault:\n{}", p.log_tail()));
+    }
+    proxy.set(Fault::Drop);
+    // what was acknowledged before the cut may still be released: read after a beat
+    std::thread::sleep(Duration::from_millis(50));
+    let before = released_frames(&p);
+    eprintln!("{name}: link cut; the primary had released {before:?} frames");
+    match take_over(&s, 1) {
+        Some(st) => row.failover(&st),
+        None => row.fail(format!("{name}: no takeover:\n{}", s.log_tail())),
+    }
+    let during = released_frames(&p);
+    if during != before {
+        row.fail(format!("{name}: the cut-off primary released frames without acks: {before:?} -> {during:?}"));
+    }
+    if !wait_more(&l, 300) {
+        row.fail(format!("{name}: the clients did not carry on after the takeover:\n{}", s.log_tail()));
+    }
+    proxy.set(Fault::Pass);
+    match p.wait_exit(T) {
+        Some(7) => eprintln!("  the old primary was fenced once the link healed; it released no frame after the cut"),
+        other => row.fail(format!(
+            "{name}: old primary not fenced after healing ({}):\n{}",
+            runtime::harness::waited_text(other),
+            p.log_tail()
+        )),
+    }
+    finish(row, name, &net, l);
+    s.terminate();
+    let _ = s.wait_exit(T);
+}
