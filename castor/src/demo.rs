@@ -19,6 +19,20 @@ use runtime::harness::{NodeProc, Spec};
 use runtime::proxy::{Fault, Proxy};
 use serde_json::Value;
 
+#[path = "demo_net.rs"]
+mod net;
+
+/// The demo's guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoGuest {
+    /// The networked guest: a Redis-protocol server behind a virtio-net
+    /// card, driven by redis-benchmark and a checking TCP load in a network
+    /// namespace of the demo's own (needs root).
+    Redis,
+    /// The kv guest and castor's own retrying kv clients.
+    Kv,
+}
+
 /// What happens halfway through the demo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -50,6 +64,12 @@ impl Scenario {
 /// `castor demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
+    /// The guest: the networked redis guest, or the kv guest.
+    #[arg(long, value_enum, default_value = "redis")]
+    guest: DemoGuest,
+    /// redis guest: persistent client connections of the checking load.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
     /// The fault injected halfway (at --kill-primary-at).
     #[arg(long, value_enum, default_value = "kill-primary")]
     scenario: Scenario,
@@ -60,7 +80,7 @@ pub struct DemoArgs {
     /// the name is kept from when the only fault was kill -9.
     #[arg(long)]
     kill_primary_at: Option<f64>,
-    /// Concurrent kv clients.
+    /// kv guest: concurrent kv clients.
     #[arg(long, default_value_t = 16)]
     clients: u32,
     /// Keys per client.
@@ -177,6 +197,16 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
             println!("{s}");
         }
     };
+    if a.guest == DemoGuest::Redis {
+        let report = net::demo(&a, &dir, &live)?;
+        if a.json {
+            println!("{report}");
+        }
+        if a.dir.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    }
     let secret = dir.join("secret");
     common::auth::generate_secret_file(&secret, true).map_err(|e| DemoError::Setup(e.to_string()))?;
     let etcd = if a.no_witness {
