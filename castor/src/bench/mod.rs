@@ -6,9 +6,12 @@
 //! 2. The epoch pause, phase by phase, vs dirty pages per epoch (ring).
 //! 3. The floor: a bare kick + resume, plus a memcpy of the same pages.
 //! 4. End to end: a primary/secondary pair on loopback with the kv guest.
+//! 5. The network row: redis-benchmark against the networked guest,
+//!    protected and unprotected.
 
 mod collect;
 mod floor;
+mod net;
 mod phases;
 mod plot;
 
@@ -161,6 +164,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     let collect = collection_cost(a.quick, &live)?;
     let phases = pause_phases(a.quick, &live)?;
     let e2e = if a.no_e2e { E2e::default() } else { end_to_end(a.quick, &live)? };
+    let network = if a.no_e2e { net::NetBench::default() } else { net::network(a.quick, &live)? };
     let c = |t: &str, mib: u64| {
         collect.iter().find(|r| r.tracker == t && r.mem_mib == mib && r.pages == 64).map(|r| r.collect_us_p50)
     };
@@ -213,6 +217,8 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
         "pause_phases": phases,
         "end_to_end": e2e,
     });
+    let mut report = report;
+    report["network"] = serde_json::to_value(&network).unwrap_or_default();
     println!(
         "summary: ring cost 16G/256M = {:.2}, bitmap cost 16G/256M = {:.2}; pause p99 at 1024 pages = {:.0} us vs floor {:.0} us ({:.2}x); epochs/s {:.0} at 256 clients ({:.0} saturated); throughput protected/unprotected {:.2}; failover p50 {:.0} ms",
         ratio("ring"),

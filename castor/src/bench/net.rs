@@ -1,0 +1,152 @@
+//! 5. The network row: Debian's redis-benchmark against the networked guest
+//! (redis), unprotected (a primary alone) and protected (a pair), in the
+//! same run and namespace: requests/s and latency p50/p99 at 1, 16 and 64
+//! connections, and the output hold inside castor (from the protected
+//! primary's status). Skipped, with a note, where no namespace can be made.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use runtime::harness::NodeProc;
+use runtime::netns::TestNet;
+use serde::Serialize;
+
+use super::BenchError;
+use crate::demo::{node_args, start_node};
+
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xbe, 0x4c, 0x01];
+
+/// One redis-benchmark run.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetRow {
+    pub protected: bool,
+    pub connections: u32,
+    pub requests_per_s: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+}
+
+/// The network row's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NetBench {
+    pub rows: Vec<NetRow>,
+    /// protected / unprotected requests/s at 64 connections.
+    pub throughput_ratio_64: f64,
+    /// protected minus unprotected p50 latency at 16 connections (ms).
+    pub added_latency_ms_p50_16: f64,
+    pub added_latency_ms_p99_16: f64,
+    /// How long released output waited inside castor for its ack (protected).
+    pub output_hold_us_p50: f64,
+    pub output_hold_us_p99: f64,
+    pub note: Option<String>,
+}
+
+fn bench_one(net: &TestNet, c: u32, n: u32) -> Result<(f64, f64, f64), BenchError> {
+    let out = net
+        .command("redis-benchmark")
+        .args([
+            "-h",
+            &GUEST_IP.to_string(),
+            "-c",
+            &c.to_string(),
+            "-n",
+            &n.to_string(),
+            "-t",
+            "incr",
+            "-r",
+            "1000",
+            "--csv",
+        ])
+        .output()
+        .map_err(|e| BenchError::E2e(format!("redis-benchmark (scripts/deps.sh installs redis-tools): {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let row = text.lines().find(|l| l.starts_with("\"INCR\"")).ok_or_else(|| {
+        BenchError::E2e(format!("redis-benchmark printed no INCR row: {text} {}", String::from_utf8_lossy(&out.stderr)))
+    })?;
+    let v: Vec<f64> = row.split(',').skip(1).filter_map(|x| x.trim_matches('"').parse().ok()).collect();
+    if v.len() < 6 {
+        return Err(BenchError::E2e(format!("unexpected redis-benchmark row {row}")));
+    }
+    Ok((v[0], v[3], v[5]))
+}
+
+fn nodes(net: &TestNet, dir: &Path, protected: bool) -> Result<Vec<NodeProc>, BenchError> {
+    let secret = dir.join("secret");
+    common::auth::generate_secret_file(&secret, true).map_err(|e| BenchError::Io(e.to_string()))?;
+    let tag = std::process::id() % 10_000;
+    let err = |e: crate::demo::DemoError| BenchError::E2e(e.to_string());
+    let mut v = Vec::new();
+    let mut pargs = node_args(Some("primary"), &secret);
+    pargs.extend(["--guest".into(), "redis".into(), "--vcpus".into(), "1".into()]);
+    pargs.extend(["--net".into(), net.net_arg(&format!("cba{tag}"), MAC, Some(GUEST_IP))]);
+    if protected {
+        let mut sargs = node_args(Some("secondary"), &secret);
+        sargs.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        sargs.extend(["--net".into(), net.net_arg(&format!("cbb{tag}"), MAC, None)]);
+        let s = start_node("bench-net-s", &sargs, dir).map_err(err)?;
+        pargs.extend(["--peer".into(), s.listen.map(|a| a.to_string()).unwrap_or_default()]);
+        v.push(s);
+    }
+    let p = start_node("bench-net-p", &pargs, dir).map_err(err)?;
+    let want = if protected { "protected" } else { "unprotected" };
+    if p.wait_status(std::time::Duration::from_secs(60), |s| s["protection"] == want).is_none() {
+        return Err(BenchError::E2e(format!("the networked primary never became {want}:\n{}", p.log_tail())));
+    }
+    v.push(p);
+    Ok(v)
+}
+
+pub(super) fn network(quick: bool, live: &dyn Fn(String)) -> Result<NetBench, BenchError> {
+    let net = match TestNet::create("bench") {
+        Ok(n) => n,
+        Err(e) => {
+            let note = format!("network row skipped: {e}");
+            live(note.clone());
+            return Ok(NetBench { note: Some(note), ..Default::default() });
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("castor-bench-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(e.to_string()))?;
+    let mut b = NetBench::default();
+    for protected in [false, true] {
+        let ns = nodes(&net, &dir, protected)?;
+        for c in [1u32, 16, 64] {
+            let n = if quick { 1000 } else { 5000 } * if c == 1 { 1 } else { 2 };
+            let (rps, p50, p99) = bench_one(&net, c, n)?;
+            live(format!(
+                "network: {} {c:>2} connections: {rps:>8.0} INCR/s, latency p50 {p50:.2} ms p99 {p99:.2} ms",
+                if protected { "protected  " } else { "unprotected" }
+            ));
+            b.rows.push(NetRow {
+                protected,
+                connections: c,
+                requests_per_s: rps,
+                latency_ms_p50: p50,
+                latency_ms_p99: p99,
+            });
+        }
+        if protected {
+            if let Some(s) = ns.last().and_then(NodeProc::status) {
+                b.output_hold_us_p50 = s["output_hold_us_p50"].as_f64().unwrap_or(0.0);
+                b.output_hold_us_p99 = s["output_hold_us_p99"].as_f64().unwrap_or(0.0);
+            }
+        }
+        drop(ns);
+    }
+    let get = |p: bool, c: u32| b.rows.iter().find(|r| r.protected == p && r.connections == c).cloned();
+    if let (Some(u), Some(p)) = (get(false, 64), get(true, 64)) {
+        b.throughput_ratio_64 = p.requests_per_s / u.requests_per_s.max(1e-9);
+    }
+    if let (Some(u), Some(p)) = (get(false, 16), get(true, 16)) {
+        b.added_latency_ms_p50_16 = p.latency_ms_p50 - u.latency_ms_p50;
+        b.added_latency_ms_p99_16 = p.latency_ms_p99 - u.latency_ms_p99;
+    }
+    live(format!(
+        "network: protected/unprotected INCR/s at 64 connections {:.2}; added latency at 16 connections p50 {:.2} ms, p99 {:.2} ms; output hold inside castor p50 {:.0} us, p99 {:.0} us",
+        b.throughput_ratio_64, b.added_latency_ms_p50_16, b.added_latency_ms_p99_16, b.output_hold_us_p50, b.output_hold_us_p99
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(b)
+}
