@@ -207,50 +207,15 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         }
         return Ok(());
     }
-    let secret = dir.join("secret");
-    common::auth::generate_secret_file(&secret, true).map_err(|e| DemoError::Setup(e.to_string()))?;
-    let etcd = if a.no_witness {
-        None
-    } else {
-        let e = witness::server::Etcd::start(&dir.join("etcd"))
-            .map_err(|e| DemoError::Setup(format!("{e} (or run the demo with --no-witness)")))?;
-        live(format!("witness: etcd {} (pid {}) on loopback", e.url, e.pid()));
-        Some(e)
-    };
-    let common = || -> Vec<String> {
-        let mut v = node_args(None, &secret);
-        if let Some(e) = &etcd {
-            v.extend(["--witness".into(), e.url.clone(), "--vm-id".into(), "demo".into()]);
-        }
-        v.extend([
-            "--epoch-ms".into(),
-            a.epoch_ms.to_string(),
-            "--heartbeat-timeout-ms".into(),
-            a.heartbeat_timeout_ms.to_string(),
-            "--tracker".into(),
-            a.tracker.name().into(),
-        ]);
-        v
-    };
-    let mut sargs: Vec<String> =
-        vec!["secondary".into(), "--listen".into(), "127.0.0.1:0".into(), "--name".into(), "node-b".into()];
-    sargs.extend(common());
-    let secondary = start_node("secondary", &sargs, &dir)?;
-    let repl_s =
-        secondary.listen.ok_or_else(|| DemoError::Node("the secondary reported no replication address".into()))?;
+    let (setup, secondary, repl_s) = Setup::start(&a, &dir, &live, Vec::new())?;
+    let etcd = &setup.etcd;
+    let common = || setup.common(&a);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| DemoError::Setup(e.to_string()))?;
-    // partition: the primary reaches its secondary through the fault proxy
-    // (the one the failover tests use), whose blackhole cuts the link both
-    // ways with the connections left open (a partition neither answers nor
-    // refuses)
-    let relay = match a.scenario {
-        Scenario::Partition => Some(rt.block_on(Proxy::start(repl_s)).map_err(|e| DemoError::Setup(e.to_string()))?),
-        _ => None,
-    };
+    let relay = relay_for(&a, &rt, repl_s)?;
     let peer = relay.as_ref().map_or(repl_s, |r| r.addr);
     let mut pargs: Vec<String> = vec![
         "primary".into(),
@@ -275,41 +240,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         if a.dir.is_none() { " (removed at the end unless the demo fails)" } else { "" }
     ));
 
-    // wait for protection
-    let t = Instant::now();
-    loop {
-        if let Some(s) = primary.as_ref().and_then(NodeProc::status) {
-            if s["protection"] == "protected" {
-                break;
-            }
-        }
-        if let Some(Ok(Some(st))) = primary.as_mut().map(|p| p.child.try_wait()) {
-            return Err(DemoError::Node(format!(
-                "the primary exited ({st}); see {}",
-                dir.join("primary.log").display()
-            )));
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            return Err(DemoError::Node(format!("the primary never became protected; logs in {}", dir.display())));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    live(format!(
-        "protected after {:.1}s (initial sync done); scenario {} at t={:.1}s",
-        t.elapsed().as_secs_f64(),
-        a.scenario.name(),
-        a.kill_primary_at.unwrap_or(a.seconds / 2.0)
-    ));
-    if etcd.is_some() && a.scenario == Scenario::Switchover {
-        // the switchover goes to a secondary the witness holds as caught up
-        let t = Instant::now();
-        while primary.as_ref().and_then(NodeProc::status).is_none_or(|s| s["witness"]["sync_recorded"] != true) {
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err(DemoError::Node("the witness never recorded the secondary as caught up".into()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    await_protection(primary.as_mut(), &a, etcd.is_some(), &dir, &live)?;
 
     let load = Arc::new(Load::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -357,40 +288,10 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
             pre_kill = primary.as_ref().and_then(NodeProc::status).or(last_status.clone());
             killed_at = Some(Instant::now());
             let at = start.elapsed().as_secs_f64();
-            match a.scenario {
-                Scenario::KillPrimary => {
-                    drop(primary.take()); // kill -9 and reap
-                    live(format!("t={at:.1}s: killed the primary (kill -9)"));
-                }
-                Scenario::StandbyDies => {
-                    secondary.freeze();
-                    frozen = true;
-                    live(format!("t={at:.1}s: froze the secondary for good (SIGSTOP: a host that dies silently)"));
-                    if etcd.is_none() {
-                        unprotect_at = Some(Instant::now() + Duration::from_secs(2));
-                    }
-                }
-                Scenario::Partition => {
-                    if let Some(r) = &relay {
-                        r.set(Fault::Blackhole);
-                    }
-                    live(format!("t={at:.1}s: cut the link between the nodes both ways (both still reach etcd)"));
-                }
-                Scenario::Switchover => {
-                    let reply = primary.as_ref().and_then(|p| p.command("switchover")).unwrap_or_default();
-                    live(format!("t={at:.1}s: castor switchover -> {}", reply.trim()));
-                }
-            }
+            let f = inject(a.scenario, at, &mut primary, &secondary, relay.as_ref(), etcd.is_none(), &live);
+            (frozen, unprotect_at) = (f.frozen, f.unprotect_at);
         }
-        if unprotect_at.is_some_and(|t| Instant::now() >= t) {
-            unprotect_at = None;
-            let reply = primary.as_ref().and_then(|p| p.command("unprotect")).unwrap_or_default();
-            live(format!(
-                "t={:.1}s: without a witness the primary holds; as the operator who knows the standby is dead: castor unprotect -> {}",
-                start.elapsed().as_secs_f64(),
-                reply.trim()
-            ));
-        }
+        unprotect_when_due(&mut unprotect_at, primary.as_ref(), start, &live);
         if start.elapsed() >= next_tick {
             next_tick += Duration::from_secs(1);
             let Some(st) = serving(primary.as_ref(), Some(&secondary).filter(|_| !frozen)) else { continue };
@@ -527,13 +428,183 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     drop(secondary);
     drop(primary);
     drop(relay);
-    drop(etcd);
+    drop(setup);
     if a.dir.is_none() {
         // nothing went wrong: the logs go (a failing demo keeps them and
         // names the directory in its error)
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// What both demos set up first: the link key, the witness (unless
+/// `--no-witness`), and the secondary.
+struct Setup {
+    secret: PathBuf,
+    etcd: Option<witness::server::Etcd>,
+}
+
+impl Setup {
+    /// Makes the key and the witness and starts the secondary (with
+    /// `extra` arguments); returns it and its replication address.
+    fn start(
+        a: &DemoArgs,
+        dir: &Path,
+        live: &dyn Fn(String),
+        extra: Vec<String>,
+    ) -> Result<(Setup, NodeProc, std::net::SocketAddr), DemoError> {
+        let secret = dir.join("secret");
+        common::auth::generate_secret_file(&secret, true).map_err(|e| DemoError::Setup(e.to_string()))?;
+        let etcd = if a.no_witness {
+            None
+        } else {
+            let e = witness::server::Etcd::start(&dir.join("etcd"))
+                .map_err(|e| DemoError::Setup(format!("{e} (or run the demo with --no-witness)")))?;
+            live(format!("witness: etcd {} (pid {}) on loopback", e.url, e.pid()));
+            Some(e)
+        };
+        let setup = Setup { secret, etcd };
+        let mut sargs: Vec<String> =
+            vec!["secondary".into(), "--listen".into(), "127.0.0.1:0".into(), "--name".into(), "node-b".into()];
+        sargs.extend(setup.common(a));
+        sargs.extend(extra);
+        let secondary = start_node("secondary", &sargs, dir)?;
+        let repl =
+            secondary.listen.ok_or_else(|| DemoError::Node("the secondary reported no replication address".into()))?;
+        Ok((setup, secondary, repl))
+    }
+
+    /// The arguments both nodes take.
+    fn common(&self, a: &DemoArgs) -> Vec<String> {
+        let mut v = node_args(None, &self.secret);
+        if let Some(e) = &self.etcd {
+            v.extend(["--witness".into(), e.url.clone(), "--vm-id".into(), "demo".into()]);
+        }
+        v.extend([
+            "--epoch-ms".into(),
+            a.epoch_ms.to_string(),
+            "--heartbeat-timeout-ms".into(),
+            a.heartbeat_timeout_ms.to_string(),
+            "--tracker".into(),
+            a.tracker.name().into(),
+        ]);
+        v
+    }
+}
+
+/// For a partition the primary reaches its secondary through the fault
+/// proxy (the one the failover tests use), whose blackhole cuts the link
+/// both ways with the connections left open (a partition neither answers
+/// nor refuses).
+fn relay_for(
+    a: &DemoArgs,
+    rt: &tokio::runtime::Runtime,
+    repl: std::net::SocketAddr,
+) -> Result<Option<Proxy>, DemoError> {
+    match a.scenario {
+        Scenario::Partition => Ok(Some(rt.block_on(Proxy::start(repl)).map_err(|e| DemoError::Setup(e.to_string()))?)),
+        _ => Ok(None),
+    }
+}
+
+/// Waits until the primary is protected (and, for a switchover with a
+/// witness, until the witness records the secondary as caught up: the
+/// switchover goes to such a secondary), then says so.
+fn await_protection(
+    mut primary: Option<&mut NodeProc>,
+    a: &DemoArgs,
+    witness: bool,
+    dir: &Path,
+    live: &dyn Fn(String),
+) -> Result<(), DemoError> {
+    let t = Instant::now();
+    let status = |p: &Option<&mut NodeProc>| p.as_ref().and_then(|p| p.status());
+    while status(&primary).is_none_or(|s| s["protection"] != "protected") {
+        if let Some(Ok(Some(st))) = primary.as_mut().map(|p| p.child.try_wait()) {
+            return Err(DemoError::Node(format!(
+                "the primary exited ({st}); see {}",
+                dir.join("primary.log").display()
+            )));
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(DemoError::Node(format!("the primary never became protected; logs in {}", dir.display())));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    live(format!(
+        "protected after {:.1}s (initial sync done); scenario {} at t={:.1}s",
+        t.elapsed().as_secs_f64(),
+        a.scenario.name(),
+        a.kill_primary_at.unwrap_or(a.seconds / 2.0)
+    ));
+    if witness && a.scenario == Scenario::Switchover {
+        let t = Instant::now();
+        while status(&primary).is_none_or(|s| s["witness"]["sync_recorded"] != true) {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(DemoError::Node("the witness never recorded the secondary as caught up".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// What [`inject`] left to follow.
+struct Injected {
+    frozen: bool,
+    unprotect_at: Option<Instant>,
+}
+
+/// The scenario's fault, now (`at`: seconds into the load).
+fn inject(
+    scenario: Scenario,
+    at: f64,
+    primary: &mut Option<NodeProc>,
+    secondary: &NodeProc,
+    relay: Option<&Proxy>,
+    no_witness: bool,
+    live: &dyn Fn(String),
+) -> Injected {
+    let mut f = Injected { frozen: false, unprotect_at: None };
+    match scenario {
+        Scenario::KillPrimary => {
+            drop(primary.take()); // kill -9 and reap
+            live(format!("t={at:.1}s: killed the primary (kill -9)"));
+        }
+        Scenario::StandbyDies => {
+            secondary.freeze();
+            f.frozen = true;
+            live(format!("t={at:.1}s: froze the secondary for good (SIGSTOP: a host that dies silently)"));
+            if no_witness {
+                f.unprotect_at = Some(Instant::now() + Duration::from_secs(2));
+            }
+        }
+        Scenario::Partition => {
+            if let Some(r) = relay {
+                r.set(Fault::Blackhole);
+            }
+            live(format!("t={at:.1}s: cut the link between the nodes both ways (both still reach etcd)"));
+        }
+        Scenario::Switchover => {
+            let reply = primary.as_ref().and_then(|p| p.command("switchover")).unwrap_or_default();
+            live(format!("t={at:.1}s: castor switchover -> {}", reply.trim()));
+        }
+    }
+    f
+}
+
+/// Without a witness a primary whose standby died holds: the demo types
+/// `castor unprotect` for the operator once `at` has come.
+fn unprotect_when_due(at: &mut Option<Instant>, primary: Option<&NodeProc>, start: Instant, live: &dyn Fn(String)) {
+    if at.is_some_and(|t| Instant::now() >= t) {
+        *at = None;
+        let reply = primary.and_then(|p| p.command("unprotect")).unwrap_or_default();
+        live(format!(
+            "t={:.1}s: without a witness the primary holds; as the operator who knows the standby is dead: castor unprotect -> {}",
+            start.elapsed().as_secs_f64(),
+            reply.trim()
+        ));
+    }
 }
 
 /// The status of the node that serves now: a primary (or promoted node)

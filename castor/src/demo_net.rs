@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use runtime::netns::TestNet;
 use serde_json::Value;
 
-use super::{f, serving, start_node, DemoArgs, DemoError, Scenario};
+use super::{f, serving, start_node, DemoArgs, DemoError};
 
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xca, 0x57, 0x01];
@@ -37,51 +37,16 @@ pub(super) fn demo(a: &DemoArgs, dir: &std::path::Path, live: &dyn Fn(String)) -
     let net = TestNet::create("demo").map_err(|e| {
         DemoError::Setup(format!("{e}; the networked demo makes a network namespace of its own: run it as root, or run `castor demo --guest kv`"))
     })?;
-    let secret = dir.join("secret");
-    common::auth::generate_secret_file(&secret, true).map_err(|e| DemoError::Setup(e.to_string()))?;
-    let etcd = if a.no_witness {
-        None
-    } else {
-        let e = witness::server::Etcd::start(&dir.join("etcd"))
-            .map_err(|e| DemoError::Setup(format!("{e} (or run the demo with --no-witness)")))?;
-        live(format!("witness: etcd {} (pid {}) on loopback", e.url, e.pid()));
-        Some(e)
-    };
     let tag = std::process::id() % 10_000;
-    let common = |tap: String, ip: Option<Ipv4Addr>| -> Vec<String> {
-        let mut v = super::node_args(None, &secret);
-        if let Some(e) = &etcd {
-            v.extend(["--witness".into(), e.url.clone(), "--vm-id".into(), "demo".into()]);
-        }
-        v.extend([
-            "--epoch-ms".into(),
-            a.epoch_ms.to_string(),
-            "--heartbeat-timeout-ms".into(),
-            a.heartbeat_timeout_ms.to_string(),
-            "--tracker".into(),
-            a.tracker.name().into(),
-            "--net".into(),
-            net.net_arg(&tap, MAC, ip),
-        ]);
-        v
-    };
-    let mut sargs: Vec<String> =
-        vec!["secondary".into(), "--listen".into(), "127.0.0.1:0".into(), "--name".into(), "node-b".into()];
-    sargs.extend(common(format!("cdb{tag}"), None));
-    let secondary = start_node("secondary", &sargs, dir)?;
-    let repl =
-        secondary.listen.ok_or_else(|| DemoError::Node("the secondary reported no replication address".into()))?;
+    let net_arg = |tap: String, ip: Option<Ipv4Addr>| vec!["--net".to_string(), net.net_arg(&tap, MAC, ip)];
+    let (setup, secondary, repl) = super::Setup::start(a, dir, live, net_arg(format!("cdb{tag}"), None))?;
+    let etcd = &setup.etcd;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| DemoError::Setup(e.to_string()))?;
-    let relay = match a.scenario {
-        Scenario::Partition => {
-            Some(rt.block_on(runtime::proxy::Proxy::start(repl)).map_err(|e| DemoError::Setup(e.to_string()))?)
-        }
-        _ => None,
-    };
+    let relay = super::relay_for(a, &rt, repl)?;
     let peer = relay.as_ref().map_or(repl, |r| r.addr);
     let mut pargs: Vec<String> = vec![
         "primary".into(),
@@ -96,35 +61,15 @@ pub(super) fn demo(a: &DemoArgs, dir: &std::path::Path, live: &dyn Fn(String)) -
         "--name".into(),
         "node-a".into(),
     ];
-    pargs.extend(common(format!("cda{tag}"), Some(GUEST_IP)));
+    pargs.extend(setup.common(a));
+    pargs.extend(net_arg(format!("cda{tag}"), Some(GUEST_IP)));
     let mut primary = Some(start_node("primary", &pargs, dir)?);
     live(format!(
         "castor demo (guest redis): primary node-a, secondary node-b; the guest is {GUEST_IP}:6379 on a bridge in network namespace {}; logs in {}",
         net.name,
         dir.display()
     ));
-    let t = Instant::now();
-    while primary.as_ref().and_then(|p| p.status()).is_none_or(|s| s["protection"] != "protected") {
-        if t.elapsed() > Duration::from_secs(60) {
-            return Err(DemoError::Node(format!("the primary never became protected; logs in {}", dir.display())));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    live(format!(
-        "protected after {:.1}s; scenario {} at t={:.1}s",
-        t.elapsed().as_secs_f64(),
-        a.scenario.name(),
-        a.kill_primary_at.unwrap_or(a.seconds / 2.0)
-    ));
-    if etcd.is_some() && a.scenario == Scenario::Switchover {
-        let t = Instant::now();
-        while primary.as_ref().and_then(|p| p.status()).is_none_or(|s| s["witness"]["sync_recorded"] != true) {
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err(DemoError::Node("the witness never recorded the secondary as caught up".into()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    super::await_protection(primary.as_mut(), a, etcd.is_some(), dir, live)?;
     let ns = net.name.clone();
     let load = client::resp::RespLoad::start(SocketAddr::from((GUEST_IP, 6379)), a.connections, "demo", move || {
         runtime::netns::enter(&ns).map_err(|e| e.to_string())
@@ -141,36 +86,10 @@ pub(super) fn demo(a: &DemoArgs, dir: &std::path::Path, live: &dyn Fn(String)) -
         if !faulted && start.elapsed() >= fault_at {
             faulted = true;
             let at = start.elapsed().as_secs_f64();
-            match a.scenario {
-                Scenario::KillPrimary => {
-                    drop(primary.take());
-                    live(format!("t={at:.1}s: killed the primary (kill -9)"));
-                }
-                Scenario::StandbyDies => {
-                    secondary.freeze();
-                    frozen = true;
-                    live(format!("t={at:.1}s: froze the secondary for good (SIGSTOP)"));
-                    if etcd.is_none() {
-                        unprotect_at = Some(Instant::now() + Duration::from_secs(2));
-                    }
-                }
-                Scenario::Partition => {
-                    if let Some(r) = &relay {
-                        r.set(runtime::proxy::Fault::Blackhole);
-                    }
-                    live(format!("t={at:.1}s: cut the link between the nodes both ways"));
-                }
-                Scenario::Switchover => {
-                    let reply = primary.as_ref().and_then(|p| p.command("switchover")).unwrap_or_default();
-                    live(format!("t={at:.1}s: castor switchover -> {}", reply.trim()));
-                }
-            }
+            let f = super::inject(a.scenario, at, &mut primary, &secondary, relay.as_ref(), etcd.is_none(), live);
+            (frozen, unprotect_at) = (f.frozen, f.unprotect_at);
         }
-        if unprotect_at.is_some_and(|t| Instant::now() >= t) {
-            unprotect_at = None;
-            let reply = primary.as_ref().and_then(|p| p.command("unprotect")).unwrap_or_default();
-            live(format!("without a witness the primary holds; as the operator: castor unprotect -> {}", reply.trim()));
-        }
+        super::unprotect_when_due(&mut unprotect_at, primary.as_ref(), start, live);
         if bench_ended.is_none() {
             if let Ok(Some(st)) = bench.try_wait() {
                 bench_ended = Some(format!(
@@ -229,7 +148,7 @@ pub(super) fn demo(a: &DemoArgs, dir: &std::path::Path, live: &dyn Fn(String)) -
     drop(secondary);
     drop(primary);
     drop(relay);
-    drop(etcd);
+    drop(setup);
     Ok(serde_json::json!({
         "guest": "redis",
         "scenario": a.scenario.name(),

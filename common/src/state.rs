@@ -131,10 +131,9 @@ pub struct QueueSnapshot {
     pub used_ring: u64,
 }
 
-/// The saveable state of the network card (virtio-net over virtio-mmio).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetState {
-    pub mac: [u8; 6],
+/// A virtio-mmio transport's own registers (the queues' are apart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioRegs {
     pub status: u32,
     pub driver_features: u64,
     pub device_features_sel: u32,
@@ -142,6 +141,13 @@ pub struct NetState {
     pub queue_sel: u32,
     pub interrupt_status: u32,
     pub config_generation: u32,
+}
+
+/// The saveable state of the network card (virtio-net over virtio-mmio).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+    pub regs: MmioRegs,
     /// Receive queue, then transmit queue.
     pub queues: Vec<QueueSnapshot>,
     /// Frames received and not yet delivered into the guest.

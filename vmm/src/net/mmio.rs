@@ -30,21 +30,11 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
 
 /// The transport's registers (the queues' own are in [`virtio_queue::Queue`]).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Transport {
-    pub status: u32,
-    pub driver_features: u64,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub queue_sel: u32,
-    pub interrupt_status: u32,
-    pub config_generation: u32,
-}
+pub(super) type Transport = common::state::MmioRegs;
 
-impl Transport {
-    pub fn driver_ok(&self) -> bool {
-        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0
-    }
+/// Whether the driver has set the card up and it works.
+pub(super) fn driver_ok(t: &Transport) -> bool {
+    t.status & STATUS_DRIVER_OK != 0 && t.status & STATUS_NEEDS_RESET == 0
 }
 
 fn half(v: u64, high: bool) -> u32 {
@@ -208,7 +198,7 @@ impl NetDevice {
             }
         }
         g.transport.status = v;
-        if g.transport.driver_ok() && !g.quiesced {
+        if driver_ok(&g.transport) && !g.quiesced {
             self.deliver(g);
         }
     }

@@ -198,7 +198,7 @@ impl NetDevice {
     pub fn has_transmit(&self) -> bool {
         let g = self.lock();
         let q = &g.queues[TX];
-        if !q.ready() || !g.transport.driver_ok() {
+        if !q.ready() || !mmio::driver_ok(&g.transport) {
             return false;
         }
         q.avail_idx(self.mem.guest_memory(), Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
@@ -245,13 +245,7 @@ impl NetDevice {
         };
         NetState {
             mac: self.cfg.mac,
-            status: g.transport.status,
-            driver_features: g.transport.driver_features,
-            device_features_sel: g.transport.device_features_sel,
-            driver_features_sel: g.transport.driver_features_sel,
-            queue_sel: g.transport.queue_sel,
-            interrupt_status: g.transport.interrupt_status,
-            config_generation: g.transport.config_generation,
+            regs: g.transport,
             queues: vec![snap(&g.queues[RX]), snap(&g.queues[TX])],
             rx_backlog: g.rx_backlog.iter().cloned().collect(),
         }
@@ -288,20 +282,12 @@ impl NetDevice {
             })?;
         }
         let mut g = self.lock();
-        g.transport = mmio::Transport {
-            status: st.status,
-            driver_features: st.driver_features,
-            device_features_sel: st.device_features_sel,
-            driver_features_sel: st.driver_features_sel,
-            queue_sel: st.queue_sel,
-            interrupt_status: st.interrupt_status,
-            config_generation: st.config_generation,
-        };
+        g.transport = st.regs;
         g.queues = queues;
         g.rx_backlog = st.rx_backlog.iter().filter(|f| f.len() <= MAX_FRAME).cloned().collect();
         g.quiesced = true;
         // the interrupt status says whether one was raised and not taken
-        g.irq_due = st.interrupt_status != 0;
+        g.irq_due = st.regs.interrupt_status != 0;
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ impl NetDevice {
     /// Delivers waiting frames while the guest has receive buffers; raises
     /// one interrupt for the batch unless the driver suppressed it.
     pub(super) fn deliver(&self, g: &mut Inner) {
-        if g.rx_backlog.is_empty() || !g.transport.driver_ok() || !g.queues[RX].ready() {
+        if g.rx_backlog.is_empty() || !super::mmio::driver_ok(&g.transport) || !g.queues[RX].ready() {
             return;
         }
         let mem = self.mem.guest_memory();
@@ -77,7 +77,7 @@ impl NetDevice {
 
     pub(super) fn take_tx(&self, g: &mut Inner) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        if !g.transport.driver_ok() || !g.queues[TX].ready() {
+        if !super::mmio::driver_ok(&g.transport) || !g.queues[TX].ready() {
             return out;
         }
         let mem = self.mem.guest_memory();
