@@ -182,7 +182,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        // FAILOVER_KEEP=1 keeps every test's logs (to read a failure that
+        // did not panic)
+        if !std::thread::panicking() && std::env::var_os("FAILOVER_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

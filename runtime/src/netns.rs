@@ -25,6 +25,8 @@ pub enum NetNsError {
 const PREFIX: &str = "castor-";
 /// The bridge inside the namespace.
 pub const BRIDGE: &str = "br0";
+/// The bridge's own (locally administered) MAC address.
+pub const BRIDGE_MAC: &str = "02:ca:57:0e:00:01";
 /// The namespace's own address on the bridge (the clients' end).
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// The guests' subnet prefix.
@@ -103,7 +105,11 @@ impl TestNet {
         if !out.status.success() {
             tracing::debug!(netns = n, "cannot turn IPv6 off: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        ip(&["-n", n, "link", "add", BRIDGE, "type", "bridge"])?;
+        // a fixed address: a bridge whose address is not set takes its
+        // ports' lowest, and changes it when a port goes (a node's TAP at its
+        // exit), and the guest's neighbour entry for the clients would then
+        // name an address no one answers to
+        ip(&["-n", n, "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge"])?;
         ip(&["-n", n, "addr", "add", &format!("{HOST_IP}/{PREFIX_LEN}"), "dev", BRIDGE])?;
         ip(&["-n", n, "link", "set", BRIDGE, "up"])?;
         Ok(net)
@@ -153,6 +159,8 @@ mod tests {
         let name = net.name.clone();
         let links = ip(&["-n", &name, "-o", "addr", "show", "dev", BRIDGE]).expect("bridge");
         assert!(links.contains("10.77.0.1/24"), "{links}");
+        let link = ip(&["-n", &name, "-o", "link", "show", "dev", BRIDGE]).expect("bridge");
+        assert!(link.contains(BRIDGE_MAC), "a fixed bridge address: {link}");
         let out = net.command("ip").args(["-o", "link", "show", "lo"]).output().expect("ip netns exec");
         assert!(String::from_utf8_lossy(&out.stdout).contains("UP"), "loopback up inside");
         drop(net);
