@@ -1,8 +1,9 @@
-//! 5. The network row: Debian's redis-benchmark against the networked guest
-//! (redis), unprotected (a primary alone) and protected (a pair), in the
-//! same run and namespace: requests/s and latency p50/p99 at 1, 16 and 64
-//! connections, and the output hold inside castor (from the protected
-//! primary's status). Skipped, with a note, where no namespace can be made.
+//! The network row (part 5 of the bench): Debian's redis-benchmark against
+//! the networked guest (redis), unprotected (a primary alone) and protected
+//! (a pair), in the same run and namespace: requests/s and latency p50/p99
+//! at 1, 16 and 64 connections, and the output hold inside castor (from the
+//! protected primary's status). Skipped, with a note, where no namespace
+//! can be made.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
