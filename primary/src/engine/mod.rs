@@ -267,6 +267,7 @@ impl Engine {
             if let Some(min) = self.opts.precopy_min_pages {
                 if !self.state.finishing()
                     && !self.machine.is_paused()
+                    && !self.over_budget()
                     && self.machine.precopy_due(min / 4, !self.pre.rounds.is_empty())
                 {
                     self.precopy_round()?;
