@@ -49,13 +49,16 @@ impl Engine {
         loop {
             let (queued, to_copy) = self.held_bytes(true);
             let at_bound = self.in_flight() >= self.opts.max_in_flight;
-            // while waiting for acks the guest would write on: past the
-            // budget it is paused here too, even with nothing left in the
-            // send queue (what it writes meanwhile is the next boundary's
-            // copy: found by the suite's slow-budget, a 4 s wait that let
-            // the guest dirty 128 MiB over a 32 MiB budget)
-            let over = (queued > 0 || at_bound) && queued + to_copy > self.opts.max_queued_bytes;
-            if !(at_bound || over) || !self.state.protecting() || self.shared.stop.load(Ordering::SeqCst) {
+            // past the budget with copies queued: no epoch until the link
+            // drains it
+            let over_queue = queued > 0 && queued + to_copy > self.opts.max_queued_bytes;
+            // waiting for acks with nothing left to send: the guest would
+            // write on, so past the budget it is paused here too (found by
+            // the suite's slow-budget: a 4 s wait let the guest dirty 128
+            // MiB over a 32 MiB budget); the 5 s stretch below still ends
+            // this wait
+            let over = over_queue || (at_bound && queued + to_copy > self.opts.max_queued_bytes);
+            if !(at_bound || over_queue) || !self.state.protecting() || self.shared.stop.load(Ordering::SeqCst) {
                 break;
             }
             if over && !self.machine.is_paused() {
@@ -74,7 +77,7 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_micros(500));
             self.poll_commands();
-            if !over && waited.elapsed() > Duration::from_secs(5) {
+            if !over_queue && waited.elapsed() > Duration::from_secs(5) {
                 tracing::warn!(in_flight = self.in_flight(), "secondary not acknowledging; epochs stretched");
                 break;
             }
