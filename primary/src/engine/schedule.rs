@@ -57,7 +57,10 @@ impl Engine {
             // the suite's slow-budget: a 4 s wait let the guest dirty 128
             // MiB over a 32 MiB budget); the 5 s stretch below still ends
             // this wait
-            let over = over_queue || (at_bound && queued + to_copy > self.opts.max_queued_bytes);
+            // (not when the next boundary copies all memory anyway: a lost
+            // collection; pausing would only stall the guest)
+            let copies_all = to_copy >= self.machine.memory().size();
+            let over = over_queue || (at_bound && !copies_all && queued + to_copy > self.opts.max_queued_bytes);
             if !(at_bound || over_queue) || !self.state.protecting() || self.shared.stop.load(Ordering::SeqCst) {
                 break;
             }
