@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tun_rs::{DeviceBuilder, InterruptEvent, Layer, SyncDevice};
 
-use super::{NetDevice, NetError, MAX_FRAME};
+use super::{NetDevice, NetError};
 use crate::devices::LogLimiter;
 
 /// An open TAP device.
@@ -120,12 +120,9 @@ impl RxPump {
                     match tap.dev.recv_intr_timeout(&mut buf, &ev, Some(Duration::from_millis(200))) {
                         Ok(n) => {
                             rc.fetch_add(1, Ordering::Relaxed);
+                            // (the card drops and counts what no frame can be)
                             if let RxSink::Card(card) = &sink {
-                                if n <= MAX_FRAME {
-                                    card.receive(buf[..n].to_vec());
-                                } else {
-                                    card.receive(Vec::new()); // counted as dropped
-                                }
+                                card.receive(buf[..n].to_vec());
                             }
                         }
                         Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {}
