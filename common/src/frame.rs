@@ -41,9 +41,9 @@ use crate::link::{OpenKey, SealKey, Transport};
 /// "CSTR".
 pub const MAGIC: [u8; 4] = *b"CSTR";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Oldest version this build accepts in a Hello.
-pub const MIN_PROTOCOL_VERSION: u16 = 6;
+pub const MIN_PROTOCOL_VERSION: u16 = 7;
 /// Header bytes.
 pub const HEADER_LEN: usize = 20;
 /// A frame's header, as it is on the wire (little-endian, no padding).

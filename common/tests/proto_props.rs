@@ -45,8 +45,10 @@ fn state(n: u64) -> MachineState {
 }
 
 fn page_strategy() -> impl Strategy<Value = Page> {
-    (0u64..(1 << 40), proptest::option::of(any::<u8>()))
-        .prop_map(|(gfn, fill)| Page { gfn, data: fill.map(|b| Bytes::from(vec![b; PAGE_SIZE])) })
+    (0u64..(1 << 40), proptest::option::of(any::<u8>())).prop_map(|(gfn, fill)| Page {
+        gfn,
+        data: fill.map_or(PageData::Zero, |b| PageData::Full(Bytes::from(vec![b; PAGE_SIZE]))),
+    })
 }
 
 fn pair(v: u32) -> PairSettings {
@@ -177,9 +179,22 @@ proptest! {
 
     #[test]
     fn chunking_respects_the_frame_limit(n in 0usize..2000, zero_every in 1usize..5, epoch in any::<u64>()) {
+        // zero pages, whole pages and deltas of every size up to the limit
         let pages: Vec<Page> = (0..n).map(|i| Page {
             gfn: i as u64 * 3,
-            data: (i % zero_every != 0).then(|| Bytes::from(vec![i as u8; PAGE_SIZE])),
+            data: if i % zero_every == 0 {
+                PageData::Zero
+            } else if i % 2 == 0 {
+                let base = vec![0u8; PAGE_SIZE];
+                let mut new = base.clone();
+                for k in 0..(i * 7) % 1000 {
+                    new[k * 4] = 1;
+                }
+                let mut d = BytesMut::new();
+                if delta::encode(&base, &new, &mut d) { PageData::Delta(d.freeze()) } else { PageData::Full(Bytes::from(new)) }
+            } else {
+                PageData::Full(Bytes::from(vec![i as u8; PAGE_SIZE]))
+            },
         }).collect();
         let chunks = chunk_pages(epoch, pages.clone());
         let mut back = Vec::new();
@@ -196,9 +211,8 @@ proptest! {
 
 #[test]
 fn a_full_chunk_is_exactly_at_the_limit() {
-    let pages: Vec<Page> = (0..PAGES_PER_CHUNK as u64 + 1)
-        .map(|g| Page { gfn: g, data: Some(Bytes::from(vec![1u8; PAGE_SIZE])) })
-        .collect();
+    let pages: Vec<Page> =
+        (0..PAGES_PER_CHUNK as u64 + 1).map(|g| Page::full(g, Bytes::from(vec![1u8; PAGE_SIZE]))).collect();
     let chunks = chunk_pages(1, pages);
     assert_eq!(chunks.len(), 2);
     assert_eq!(chunks[0].pages.len(), PAGES_PER_CHUNK);

@@ -350,8 +350,8 @@ impl SessionWriter {
 /// Makes a page from a 4096-byte buffer (all-zero pages travel without data).
 pub fn page_from(gfn: u64, data: &[u8]) -> Page {
     if data.iter().all(|&b| b == 0) {
-        Page { gfn, data: None }
+        Page::zero(gfn)
     } else {
-        Page { gfn, data: Some(Bytes::copy_from_slice(data)) }
+        Page::full(gfn, Bytes::copy_from_slice(data))
     }
 }

@@ -36,9 +36,7 @@ fn state() -> MachineState {
 }
 
 fn pages(n: usize) -> Vec<Page> {
-    (0..n as u64)
-        .map(|i| Page { gfn: 0x1000 + i * 3, data: Some(Bytes::from(vec![(i % 251) as u8 + 1; PAGE_SIZE])) })
-        .collect()
+    (0..n as u64).map(|i| Page::full(0x1000 + i * 3, Bytes::from(vec![(i % 251) as u8 + 1; PAGE_SIZE]))).collect()
 }
 
 /// One epoch's messages (begin, chunks, end) as frames.
@@ -126,7 +124,7 @@ fn bench(c: &mut Criterion) {
                 epoch += 1;
             })
         });
-        let flat: Vec<u8> = src.iter().flat_map(|p| p.data.as_ref().expect("data").to_vec()).collect();
+        let flat: Vec<u8> = src.iter().flat_map(|p| p.full_data().expect("data").to_vec()).collect();
         let mut dst = vec![0u8; flat.len()];
         g.bench_with_input(BenchmarkId::new("memcpy_floor", n), &n, |b, _| {
             b.iter(|| {

@@ -522,7 +522,7 @@ pub async fn run_secondary(
         }
 
         if r.needs_resync() {
-            tracing::error!("the replica diverged from its primary at its last check; failing over to it anyway, it is the only copy");
+            tracing::error!("the replica failed its last check (a digest or a delta's base); failing over to it anyway, it is the only copy");
         }
         r.retire();
         (c.state, r.memory().clone(), c.epoch)

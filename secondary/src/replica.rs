@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::proto::{EpochChecksum, EpochEnd, Page, PageChunk, PAGE_SIZE};
+use common::proto::{delta, EpochChecksum, EpochEnd, Page, PageChunk, PageData, PAGE_SIZE};
 use common::state::{MachineState, VmShape};
 use vmm::memory::{ram_ranges, GuestMem, MemoryError};
 
@@ -46,6 +46,10 @@ pub enum ReplicaError {
         "replica diverged from the primary after epoch {epoch}: digest {got:#x} != {expected:#x}; full resync required"
     )]
     Diverged { epoch: u64, expected: u64, got: u64 },
+    #[error("epoch {epoch}, page {gfn:#x}: {source}")]
+    Delta { epoch: u64, gfn: u64, source: common::proto::delta::DeltaError },
+    #[error("page {gfn:#x}: a delta where the page has no base here ({what})")]
+    DeltaWithoutBase { gfn: u64, what: &'static str },
     #[error("full-sync pages after an epoch was committed")]
     SyncAfterCommit,
     #[error("the replica needs a full resync; delta epochs are refused")]
@@ -223,11 +227,36 @@ impl Replica {
         Ok(())
     }
 
+    /// Writes one page; a delta's base was checked by [`Self::check_bases`].
     fn write_page(mem: &GuestMem, p: &Page) -> Result<(), ReplicaError> {
         let gpa = p.gfn * PAGE_SIZE as u64;
         match &p.data {
-            Some(d) => mem.write(gpa, d)?,
-            None => mem.write(gpa, &[0u8; PAGE_SIZE])?,
+            PageData::Full(d) => mem.write(gpa, d)?,
+            PageData::Zero => mem.write(gpa, &[0u8; PAGE_SIZE])?,
+            PageData::Delta(d) => {
+                let (_, runs) =
+                    delta::parse(d).map_err(|source| ReplicaError::Delta { epoch: 0, gfn: p.gfn, source })?;
+                for (off, bytes) in runs {
+                    mem.write(gpa + off as u64, bytes)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every delta of an epoch applies to the page `mem` holds
+    /// (before anything is written: a mismatch leaves the replica committed).
+    fn check_bases(mem: &GuestMem, s: &Staging) -> Result<(), ReplicaError> {
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in &s.pages {
+            if let PageData::Delta(d) = &p.data {
+                mem.read_page(p.gfn, &mut page)?;
+                delta::check_base(&page, d).map_err(|source| ReplicaError::Delta {
+                    epoch: s.epoch,
+                    gfn: p.gfn,
+                    source,
+                })?;
+            }
         }
         Ok(())
     }
@@ -240,7 +269,7 @@ impl Replica {
             if i == s.pages.len() / 2 {
                 common::crashpoint::hit("secondary.mid_apply");
             }
-            if s.full && p.data.is_none() {
+            if s.full && p.is_zero() {
                 continue; // already zero
             }
             Self::write_page(mem, p)?;
@@ -313,6 +342,9 @@ impl Replica {
         }
         for p in &c.pages {
             self.check_page(p)?;
+            if matches!(p.data, PageData::Delta(_)) {
+                return Err(ReplicaError::DeltaWithoutBase { gfn: p.gfn, what: "a live sync's page" });
+            }
         }
         let mem = self.sync.as_ref().map_or_else(|| self.mem.clone(), |s| s.mem.clone());
         for p in &c.pages {
@@ -377,6 +409,9 @@ impl Replica {
         }
         for p in &c.pages {
             self.check_page(p)?;
+            if s.full && matches!(p.data, PageData::Delta(_)) {
+                return Err(ReplicaError::DeltaWithoutBase { gfn: p.gfn, what: "a full epoch's page" });
+            }
         }
         let s = self.staging.as_mut().expect("checked above");
         for p in c.pages {
@@ -418,6 +453,20 @@ impl Replica {
         }
         // verified: apply. From the first write until the last the replica
         // is torn; an error (or a panic, see `mark_torn`) leaves it so.
+        // every delta against the page it will be written onto: a page that
+        // is not its base (an epoch missed, another sync's copy) refuses the
+        // epoch before anything is written
+        let target = match (&s.onto_sync, &self.sync) {
+            (true, Some(stage)) => stage.mem.clone(),
+            _ => self.mem.clone(),
+        };
+        if let Err(e) = Self::check_bases(&target, s) {
+            // the replica is still its committed epoch (and usable for a
+            // failover), but no later delta can apply: a resync is needed
+            self.staging = None;
+            self.needs_resync = true;
+            return Err(e);
+        }
         common::crashpoint::hit("secondary.before_apply");
         let s = self.staging.take().expect("checked above");
         if s.onto_sync {
@@ -475,5 +524,5 @@ impl Replica {
 
 /// Helper for tests and benches: a data page.
 pub fn data_page(gfn: u64, fill: u8) -> Page {
-    Page { gfn, data: Some(Bytes::from(vec![fill; PAGE_SIZE])) }
+    Page::full(gfn, Bytes::from(vec![fill; PAGE_SIZE]))
 }

@@ -84,7 +84,7 @@ impl Fixture {
             .map(|i| {
                 let gfn = 0x400 + (epoch * 97 + i * 13) % 10_000;
                 if i % 7 == 0 {
-                    Page { gfn, data: None }
+                    Page::zero(gfn)
                 } else {
                     data_page(gfn, (epoch as u8).wrapping_mul(31).wrapping_add(i as u8) | 1)
                 }
@@ -97,7 +97,7 @@ impl Fixture {
 
     fn mirror(&self, pages: &[Page]) {
         for p in pages {
-            let data = p.data.clone().unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
+            let data = p.full_data().cloned().unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
             self.shadow.write(p.gfn * PAGE_SIZE as u64, &data).expect("shadow write");
         }
     }

@@ -10,14 +10,63 @@ use crate::frame::MAX_PAYLOAD;
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 const ZERO_FLAG: u64 = 1 << 63;
+/// The entry's data is a sub-page delta ([`super::delta`]), u16 length first.
+const DELTA_FLAG: u64 = 1 << 62;
 /// Pages that fit one chunk (all non-zero, the worst case).
 pub const PAGES_PER_CHUNK: usize = (MAX_PAYLOAD - 12) / (8 + PAGE_SIZE);
 
-/// One page of a chunk: `None` data means all zero.
+/// What one page of a chunk carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageData {
+    /// All zero (no data on the wire).
+    Zero,
+    /// The whole page.
+    Full(Bytes),
+    /// The runs that changed since the copy the receiver holds (protocol v7).
+    Delta(Bytes),
+}
+
+/// One page of a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
     pub gfn: u64,
-    pub data: Option<Bytes>,
+    pub data: PageData,
+}
+
+impl Page {
+    pub fn zero(gfn: u64) -> Page {
+        Page { gfn, data: PageData::Zero }
+    }
+
+    pub fn full(gfn: u64, data: Bytes) -> Page {
+        Page { gfn, data: PageData::Full(data) }
+    }
+
+    /// The whole content, where the page carries it.
+    pub fn full_data(&self) -> Option<&Bytes> {
+        match &self.data {
+            PageData::Full(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.data == PageData::Zero
+    }
+
+    /// Bytes of data this page puts on the wire (beside its gfn).
+    pub fn data_bytes(&self) -> usize {
+        match &self.data {
+            PageData::Zero => 0,
+            PageData::Full(_) => PAGE_SIZE,
+            PageData::Delta(d) => 2 + d.len(),
+        }
+    }
+}
+
+/// Data bytes of `pages` on the wire.
+pub fn pages_bytes(pages: &[Page]) -> u64 {
+    pages.iter().map(|p| p.data_bytes() as u64).sum()
 }
 
 /// Pages of an epoch (or of the initial sync).
@@ -46,17 +95,28 @@ pub struct StateChunk {
 
 /// Raw encoding of a chunk.
 pub fn encode_chunk(c: &PageChunk) -> Bytes {
-    let data_pages = c.pages.iter().filter(|p| p.data.is_some()).count();
-    let mut b = BytesMut::with_capacity(12 + c.pages.len() * 8 + data_pages * PAGE_SIZE);
+    let mut b = BytesMut::with_capacity(12 + c.pages.len() * 8 + pages_bytes(&c.pages) as usize);
     b.put_u64_le(c.epoch);
     b.put_u32_le(c.pages.len() as u32);
     for p in &c.pages {
-        b.put_u64_le(if p.data.is_some() { p.gfn } else { p.gfn | ZERO_FLAG });
+        b.put_u64_le(match p.data {
+            PageData::Zero => p.gfn | ZERO_FLAG,
+            PageData::Full(_) => p.gfn,
+            PageData::Delta(_) => p.gfn | DELTA_FLAG,
+        });
     }
     for p in &c.pages {
-        if let Some(d) = &p.data {
-            debug_assert_eq!(d.len(), PAGE_SIZE);
-            b.put_slice(d);
+        match &p.data {
+            PageData::Zero => {}
+            PageData::Full(d) => {
+                debug_assert_eq!(d.len(), PAGE_SIZE);
+                b.put_slice(d);
+            }
+            PageData::Delta(d) => {
+                debug_assert!(d.len() <= super::delta::MAX_DELTA);
+                b.put_u16_le(d.len() as u16);
+                b.put_slice(d);
+            }
         }
     }
     b.freeze()
@@ -77,19 +137,37 @@ pub fn decode_chunk(kind: Kind, payload: Bytes) -> Result<PageChunk, ProtoError>
     let mut at = gfns_end;
     for i in 0..count {
         let raw = u64::from_le_bytes(payload[12 + i * 8..20 + i * 8].try_into().expect("8"));
-        let gfn = raw & !ZERO_FLAG;
+        let gfn = raw & !(ZERO_FLAG | DELTA_FLAG);
         if gfn >= 1 << 52 {
             return Err(malformed(kind, format!("gfn {gfn:#x} beyond any guest")));
         }
-        let data = if raw & ZERO_FLAG != 0 {
-            None
-        } else {
-            if at + PAGE_SIZE > payload.len() {
-                return Err(malformed(kind, "page data shorter than announced"));
+        let data = match (raw & ZERO_FLAG != 0, raw & DELTA_FLAG != 0) {
+            (true, true) => return Err(malformed(kind, format!("page {gfn:#x} both zero and a delta"))),
+            (true, false) => PageData::Zero,
+            (false, false) => {
+                if at + PAGE_SIZE > payload.len() {
+                    return Err(malformed(kind, "page data shorter than announced"));
+                }
+                let d = payload.slice(at..at + PAGE_SIZE);
+                at += PAGE_SIZE;
+                PageData::Full(d)
             }
-            let d = payload.slice(at..at + PAGE_SIZE);
-            at += PAGE_SIZE;
-            Some(d)
+            (false, true) => {
+                let Some(len) = payload.get(at..at + 2) else {
+                    return Err(malformed(kind, "a delta's length cut short"));
+                };
+                let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+                at += 2;
+                if at + len > payload.len() {
+                    return Err(malformed(kind, "a delta shorter than announced"));
+                }
+                let d = payload.slice(at..at + len);
+                at += len;
+                if let Err(e) = super::delta::check(&d) {
+                    return Err(malformed(kind, format!("page {gfn:#x}: {e}")));
+                }
+                PageData::Delta(d)
+            }
         };
         pages.push(Page { gfn, data });
     }
@@ -105,7 +183,7 @@ pub fn chunk_pages(epoch: u64, pages: Vec<Page>) -> Vec<PageChunk> {
     let mut cur = Vec::new();
     let mut size = 12;
     for p in pages {
-        let need = 8 + if p.data.is_some() { PAGE_SIZE } else { 0 };
+        let need = 8 + p.data_bytes();
         if size + need > MAX_PAYLOAD {
             out.push(PageChunk { epoch, pages: std::mem::take(&mut cur) });
             size = 12;

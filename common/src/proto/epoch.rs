@@ -80,8 +80,12 @@ impl EpochChecksum {
     pub fn add(&mut self, p: &Page) {
         self.h.update(&p.gfn.to_le_bytes());
         match &p.data {
-            Some(d) => self.h.update(d),
-            None => self.h.update(b"Z"),
+            super::PageData::Full(d) => self.h.update(d),
+            super::PageData::Zero => self.h.update(b"Z"),
+            super::PageData::Delta(d) => {
+                self.h.update(b"D");
+                self.h.update(d);
+            }
         }
         self.pages += 1;
     }

@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! PageChunk / FullSyncChunk payload:
-//!   u64 epoch | u32 count | count x u64 gfn (bit 63 set = zero page, no data)
-//!   | data pages (4096 bytes each, for the non-zero entries, in order)
+//!   u64 epoch | u32 count | count x u64 gfn (bit 63 set = zero page, no data;
+//!   bit 62 set = a sub-page delta, protocol v7)
+//!   | data, in order: 4096 bytes for a whole page, u16 length + the delta
+//!     ([`delta`]) for a delta, nothing for a zero page
 //! StateChunk payload (protocol v3):
 //!   u64 epoch | u64 offset | u64 total | bytes of the encoded machine state
 //! ```
@@ -18,6 +20,7 @@
 //! back together with a [`StateAssembler`] (at most [`MAX_STATE_BYTES`]).
 
 mod chunk;
+pub mod delta;
 mod epoch;
 mod hello;
 
@@ -28,8 +31,8 @@ use crate::codec::{self, CodecError};
 use crate::frame::OutFrame;
 
 pub use chunk::{
-    chunk_pages, decode_chunk, encode_chunk, Page, PageChunk, StateAssembler, StateChunk, MAX_STATE_BYTES,
-    PAGES_PER_CHUNK, PAGE_SIZE, STATE_CHUNK_BYTES,
+    chunk_pages, decode_chunk, encode_chunk, pages_bytes, Page, PageChunk, PageData, StateAssembler, StateChunk,
+    MAX_STATE_BYTES, PAGES_PER_CHUNK, PAGE_SIZE, STATE_CHUNK_BYTES,
 };
 pub use epoch::{EpochChecksum, EpochEnd, EpochTail};
 pub use hello::{Channel, Hello, HelloAck, PairMismatch, PairSettings, MAX_NODE_NAME};

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use common::proto::Page;
+use common::proto::{delta, Page, PageData};
 use vmm::abi::PAGE_SIZE;
 
 use super::live_sync::ScanProgress;
@@ -54,11 +54,7 @@ impl Engine {
             let mut buf = self.pool.take(d.gfns.len() * ps);
             self.machine.copy_pages_into(&d.gfns, &mut buf.0)?;
             let buf = bytes::Bytes::from_owner(buf);
-            d.gfns
-                .iter()
-                .enumerate()
-                .map(|(i, &gfn)| Page { gfn, data: Some(buf.slice(i * ps..(i + 1) * ps)) })
-                .collect()
+            d.gfns.iter().enumerate().map(|(i, &gfn)| Page::full(gfn, buf.slice(i * ps..(i + 1) * ps))).collect()
         };
         // a failed re-arm means this collection may be incomplete: never
         // ship it as a delta
@@ -102,16 +98,17 @@ impl Engine {
         let precopied = pre.len() as u64;
         self.shared.precopied_pages.fetch_add(precopied, Ordering::Relaxed);
         let pages = merge_pages(pages, pre);
-        let (pages, unchanged) = if full {
+        let (pages, unchanged, deltas) = if full {
             self.last_copied.clear();
-            (pages, 0)
+            (pages, 0, 0)
         } else {
-            self.skip_unchanged(pages)
+            self.against_last_copied(pages)
         };
         let phases = Phases {
             epoch,
             pages: dirty,
             unchanged,
+            deltas,
             stop_us: us(stop.elapsed),
             collect_us: us(t2 - t1),
             copy_us: us(t3 - t2),
@@ -180,28 +177,72 @@ impl Engine {
         out
     }
 
-    /// Drops the pages whose content equals their copy in the previous delta
-    /// epoch; returns the pages to ship and how many were dropped. Runs after
-    /// the guest resumed (the comparison is not part of the pause).
-    fn skip_unchanged(&mut self, pages: Vec<Page>) -> (Vec<Page>, u64) {
+    /// Compares each page with the copy the secondary holds of it (the last
+    /// one shipped, from the last [`BASE_EPOCHS`] delta epochs): an equal
+    /// page is not shipped, a page that changed in a few bytes ships as a
+    /// sub-page delta. Returns the pages to ship, how many were dropped and
+    /// how many are deltas. Runs after the guest resumed (not in the pause).
+    fn against_last_copied(&mut self, pages: Vec<Page>) -> (Vec<Page>, u64, u64) {
         let prev = std::mem::take(&mut self.last_copied);
+        let mut next = Vec::with_capacity(pages.len() + prev.len());
         let mut ship = Vec::with_capacity(pages.len());
-        let mut j = 0;
-        let mut unchanged = 0;
-        for p in &pages {
-            while j < prev.len() && prev[j].gfn < p.gfn {
-                j += 1;
+        // one buffer for the epoch's deltas (at most MAX_DELTA each)
+        let mut buf = bytes::BytesMut::with_capacity(pages.len().min(4096) * 256);
+        let (mut unchanged, mut deltas) = (0, 0);
+        // copies of a large epoch are not kept past it: each keeps its
+        // whole epoch buffer alive
+        let keep = pages.len() <= KEEP_BASES_UP_TO;
+        let mut older = prev.into_iter().peekable();
+        let age = |b: Base, next: &mut Vec<Base>| {
+            if b.keep && b.age + 1 < BASE_EPOCHS {
+                next.push(Base { age: b.age + 1, ..b });
             }
-            let same = j < prev.len() && prev[j].gfn == p.gfn && prev[j].data.is_some() && prev[j].data == p.data;
-            if same {
-                unchanged += 1;
-            } else {
-                ship.push(p.clone());
+        };
+        for p in pages {
+            let mut base = None;
+            while let Some(b) = older.next_if(|b| b.gfn <= p.gfn) {
+                if b.gfn == p.gfn {
+                    base = Some(b);
+                } else {
+                    age(b, &mut next);
+                }
             }
+            let Some(data) = p.full_data().cloned() else {
+                ship.push(p);
+                continue;
+            };
+            match base {
+                Some(b) if b.data == data => unchanged += 1,
+                Some(b) if b.data.len() == data.len() && delta::encode(&b.data, &data, &mut buf) => {
+                    deltas += 1;
+                    ship.push(Page { gfn: p.gfn, data: PageData::Delta(buf.split().freeze()) });
+                }
+                _ => ship.push(p.clone()),
+            }
+            next.push(Base { gfn: p.gfn, data, age: 0, keep });
         }
-        // keep this epoch's copies (slices of this epoch's buffer only, so no
-        // older buffer stays alive)
-        self.last_copied = pages;
-        (ship, unchanged)
+        for b in older {
+            age(b, &mut next);
+        }
+        self.last_copied = next;
+        (ship, unchanged, deltas)
     }
+}
+
+/// Delta epochs whose copies are kept as bases (a page dirtied every other
+/// epoch still finds its base).
+const BASE_EPOCHS: u8 = 4;
+/// Copies of an epoch with more pages than this are bases for the next epoch
+/// only (each copy is a slice of its epoch's buffer).
+const KEEP_BASES_UP_TO: usize = 4096;
+
+/// The content the secondary holds of one page: its last copy shipped (as a
+/// whole page, a delta or dropped as unchanged), `age` delta epochs ago.
+#[derive(Debug)]
+pub(super) struct Base {
+    gfn: u64,
+    data: bytes::Bytes,
+    age: u8,
+    /// Kept past the next epoch (its epoch was small).
+    keep: bool,
 }

@@ -191,7 +191,7 @@ impl Engine {
             let pages = self.read_pages(d.gfns.into_iter());
             let n = pages.len();
             sent += n as u64;
-            bytes += pages.iter().filter(|p| p.data.is_some()).count() as u64 * PAGE_SIZE;
+            bytes += common::proto::pages_bytes(&pages);
             tracing::info!(round, pages = n, "live sync: round");
             let queued = Queued::new(&self.shared, &pages);
             if !self.send(Packet::Sync { round, first: false, pages, queued }) {

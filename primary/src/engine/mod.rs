@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::proto::Page;
 use common::state::Output;
 use tokio::sync::mpsc;
 use vmm::Machine;
@@ -60,12 +59,13 @@ pub struct Engine {
     force_lost_every: Option<u64>,
     /// The epoch the test hook last forced lost.
     last_forced: Option<u64>,
-    /// The previous delta epoch's pages as copied (sorted by gfn). A page
-    /// reported dirty again (hot-page retention reports retained pages every
-    /// epoch) whose content equals its copy in the previous epoch is not
-    /// shipped again: the secondary applies epochs in order, so it holds that
-    /// content already. Emptied by anything that is not a delta epoch.
-    last_copied: Vec<Page>,
+    /// The recent delta epochs' pages as copied (sorted by gfn, the latest
+    /// copy of each): what the secondary holds of them, since it applies
+    /// epochs in order. A page reported dirty again (hot-page retention
+    /// reports retained pages every epoch) whose content equals its copy is
+    /// not shipped again; one that changed in a few bytes ships as a delta
+    /// against it. Emptied by anything that is not a delta epoch.
+    last_copied: Vec<boundary::Base>,
     /// When the guest last resumed after a boundary (the epoch's start).
     epoch_started: Instant,
     /// This epoch's pre-copy rounds.

@@ -43,7 +43,7 @@ impl PreCopy {
         keep.sort_unstable_by_key(|k| k.0);
         let ps = PAGE_SIZE as usize;
         let bufs: Vec<bytes::Bytes> = rounds.into_iter().map(|(_, b)| bytes::Bytes::from_owner(b)).collect();
-        keep.into_iter().map(|(gfn, (r, i))| Page { gfn, data: Some(bufs[r].slice(i * ps..(i + 1) * ps)) }).collect()
+        keep.into_iter().map(|(gfn, (r, i))| Page::full(gfn, bufs[r].slice(i * ps..(i + 1) * ps))).collect()
     }
 }
 
@@ -96,7 +96,7 @@ mod tests {
     }
 
     fn summary(pages: &[Page]) -> Vec<(u64, u8)> {
-        pages.iter().map(|p| (p.gfn, p.data.as_ref().map_or(0, |d| d[0]))).collect()
+        pages.iter().map(|p| (p.gfn, p.full_data().map_or(0, |d| d[0]))).collect()
     }
 
     #[test]
@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn boundary_pages_and_round_pages_merge_in_gfn_order() {
-        let page = |gfn: u64, b: u8| Page { gfn, data: Some(bytes::Bytes::from(vec![b; 8])) };
+        let page = |gfn: u64, b: u8| Page::full(gfn, bytes::Bytes::from(vec![b; 8]));
         let a = vec![page(2, b'x'), page(5, b'x'), page(8, b'x')];
         let b = vec![page(1, b'y'), page(3, b'y'), page(9, b'y')];
         let m = merge_pages(a, b);

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::proto::Page;
-use vmm::abi::PAGE_SIZE;
 
 /// A share of [`EngineShared::queued_bytes`]: page copies on their way to
 /// the secondary, given back when the packet that holds them is dropped
@@ -18,7 +17,7 @@ pub struct Queued {
 
 impl Queued {
     pub(super) fn new(shared: &Arc<EngineShared>, pages: &[Page]) -> Queued {
-        let bytes = pages.iter().filter(|p| p.data.is_some()).count() as u64 * PAGE_SIZE;
+        let bytes = common::proto::pages_bytes(pages);
         let now = shared.queued_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
         shared.queued_bytes_max.fetch_max(now, Ordering::Relaxed);
         Queued { bytes, shared: Arc::clone(shared) }

@@ -101,7 +101,7 @@ impl LinkMeter {
 }
 
 pub(super) fn page_bytes(pages: &[common::proto::Page]) -> u64 {
-    pages.iter().filter(|p| p.data.is_some()).count() as u64 * 4096
+    common::proto::pages_bytes(pages)
 }
 
 /// What an epoch puts on the link, estimated before it is encoded: its

@@ -252,6 +252,7 @@ impl Replicator {
             s.epoch_len_us_max = s.epoch_len_us_max.max(e.phases.len_us);
             s.pages_total += e.pages.len() as u64;
             s.pages_unchanged_total += e.phases.unchanged;
+            s.pages_delta_total += e.phases.deltas;
             s.bytes_total += bytes;
             s.epochs += 1;
         });

@@ -64,8 +64,13 @@ impl NodeStatus {
         );
         r.register(
             "pages_unchanged",
-            "Pages reported dirty but not shipped (same content as in the previous epoch)",
+            "Pages reported dirty but not shipped (same content as the copy last shipped)",
             ConstCounter::new(s.pages_unchanged_total),
+        );
+        r.register(
+            "pages_delta",
+            "Pages shipped as sub-page deltas against the copy the secondary holds",
+            ConstCounter::new(s.pages_delta_total),
         );
         r.register("bytes", "Page bytes shipped in epochs", ConstCounter::new(s.bytes_total));
         r.register("failovers", "Failovers this node performed", ConstCounter::new(s.failovers));

@@ -89,8 +89,10 @@ pub struct Phases {
     pub epoch: u64,
     /// Pages reported dirty (copied in the pause).
     pub pages: u64,
-    /// Of those, pages not shipped: same content as in the previous epoch.
+    /// Of those, pages not shipped: same content as the copy last shipped.
     pub unchanged: u64,
+    /// Pages shipped as sub-page deltas against the copy last shipped.
+    pub deltas: u64,
     pub stop_us: f64,
     pub collect_us: f64,
     pub copy_us: f64,
@@ -218,6 +220,9 @@ pub struct StatusSnapshot {
     pub pages_total: u64,
     /// Pages reported dirty but not shipped: unchanged since the previous epoch.
     pub pages_unchanged_total: u64,
+    /// Pages shipped as sub-page deltas (in `pages_total`; `bytes_total`
+    /// counts their delta bytes).
+    pub pages_delta_total: u64,
     pub bytes_total: u64,
     pub epochs_in_flight: u64,
     pub tracking_lost: u64,

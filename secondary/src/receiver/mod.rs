@@ -345,6 +345,14 @@ async fn serve_inner(
                         tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
                         resyncing = Some(Resyncing::default());
                     }
+                    Err(e @ ReplicaError::Delta { .. }) => {
+                        // nothing was written: the replica is its committed
+                        // epoch; the primary syncs it live again
+                        let reason = format!("an epoch's delta does not apply here: {e}");
+                        tracing::error!(%reason, "asking the primary for a resync");
+                        tx.send(Message::ResyncRequest { reason }.to_frame()).await.map_err(ReceiverError::Frame)?;
+                        resyncing = Some(Resyncing::default());
+                    }
                     Err(ReplicaError::Torn { epoch, why }) => {
                         // not acknowledged: the primary holds its output and
                         // resyncs it live: the sync's final epoch repairs it

@@ -127,9 +127,9 @@ async fn a_live_resync_stages_until_its_final_epoch_commits() {
     let img = GuestMem::new(64 << 20).expect("image");
     let round0: Vec<Page> = (0..300u64).map(|g| data_page(0x2000 + g, (g % 200) as u8 + 7)).collect();
     let round1: Vec<Page> = (0..20u64).map(|g| data_page(0x2000 + g * 5, 0xee)).collect();
-    let fin: Vec<Page> = vec![data_page(0x2001, 0x55), Page { gfn: 0x2002, data: None }];
+    let fin: Vec<Page> = vec![data_page(0x2001, 0x55), Page::zero(0x2002)];
     for p in round0.iter().chain(&round1).chain(&fin) {
-        let d = p.data.clone().unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
+        let d = p.full_data().cloned().unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]));
         img.write(p.gfn * PAGE_SIZE as u64, &d).expect("image write");
     }
     assert!(img.digest() != before.1);
