@@ -89,13 +89,12 @@ pub fn encode(base: &[u8], new: &[u8], out: &mut BytesMut) -> bool {
     true
 }
 
-/// The base CRC and the runs (offset in the page, bytes) of a delta,
-/// checked (order, bounds); the base itself is not checked.
-pub fn parse(delta: &[u8]) -> Result<(u32, Vec<(usize, &[u8])>), DeltaError> {
-    runs(delta)
-}
+/// The runs of a delta: (offset in the page, bytes to write there).
+pub type Runs<'a> = Vec<(usize, &'a [u8])>;
 
-fn runs(delta: &[u8]) -> Result<(u32, Vec<(usize, &[u8])>), DeltaError> {
+/// The base CRC and the runs of a delta, checked (order, bounds); the base
+/// itself is not checked.
+pub fn parse(delta: &[u8]) -> Result<(u32, Runs<'_>), DeltaError> {
     if delta.len() > MAX_DELTA {
         return Err(DeltaError::TooLong(delta.len()));
     }
@@ -125,12 +124,12 @@ fn runs(delta: &[u8]) -> Result<(u32, Vec<(usize, &[u8])>), DeltaError> {
 /// Checks that `delta` is well formed (what a receiver can check before it
 /// knows the base).
 pub fn check(delta: &[u8]) -> Result<(), DeltaError> {
-    runs(delta).map(|_| ())
+    parse(delta).map(|_| ())
 }
 
 /// Checks that `page` is the delta's base.
 pub fn check_base(page: &[u8], delta: &[u8]) -> Result<(), DeltaError> {
-    let (want, _) = runs(delta)?;
+    let (want, _) = parse(delta)?;
     let have = crc32fast::hash(page);
     if have != want {
         return Err(DeltaError::BaseMismatch { have, want });
@@ -140,8 +139,8 @@ pub fn check_base(page: &[u8], delta: &[u8]) -> Result<(), DeltaError> {
 
 /// The runs to write (offset in the page, bytes), after checking `page` is
 /// the base; nothing is written on an error.
-pub fn writes<'a>(page: &[u8], delta: &'a [u8]) -> Result<Vec<(usize, &'a [u8])>, DeltaError> {
-    let (want, runs) = runs(delta)?;
+pub fn writes<'a>(page: &[u8], delta: &'a [u8]) -> Result<Runs<'a>, DeltaError> {
+    let (want, runs) = parse(delta)?;
     let have = crc32fast::hash(page);
     if have != want {
         return Err(DeltaError::BaseMismatch { have, want });
