@@ -160,3 +160,39 @@ fn state_saved_as_the_vcpus_park_is_the_parked_state() {
     assert!(m.faults().is_empty() && m.exited_vcpus().is_empty(), "{:?} {:?}", m.faults(), m.exited_vcpus());
     wait_until(|| (0..2).all(|c| m.percpu(c, PC_WRITES) > first[c as usize] + 500));
 }
+
+/// The save point: the VM-wide chips (PIC, IOAPIC, PIT, kvmclock) are saved
+/// in the pause itself, once every vCPU is parked and the devices are
+/// quiesced, and before the vCPUs' LAPICs (which the parked threads save
+/// after that point), not when the owner takes the state after its copy:
+/// the PIT and the guest's timers raise interrupts all through a pause, and
+/// a tick between a LAPIC saved early and a chip saved late was in one saved
+/// state and not the other. A state taken 30 ms after the pause holds the
+/// chips as they were at the pause; the guest, whose timer ticks throughout,
+/// runs on after each.
+#[test]
+fn chips_are_saved_at_the_pause_with_the_vcpus_not_after_the_copy() {
+    let mut m = writing_machine(100);
+    for i in 0..5 {
+        m.pause_and_save().expect("pause and save");
+        let a = m.save().expect("save");
+        std::thread::sleep(Duration::from_millis(30));
+        let b = m.save().expect("save 30 ms later");
+        assert_eq!(a.vm.clock.clock, b.vm.clock.clock, "pause {i}: the kvmclock was read after the pause");
+        assert_eq!(bytes(&a.vm.pit), bytes(&b.vm.pit), "pause {i}: PIT");
+        assert_eq!(bytes(&a.vm.ioapic), bytes(&b.vm.ioapic), "pause {i}: IOAPIC");
+        m.resume().expect("resume");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // a pause without a save point (a plain pause) reads the chips when
+    // asked: the machine has been quiet since the pause
+    m.pause().expect("pause");
+    let a = m.save().expect("save");
+    std::thread::sleep(Duration::from_millis(30));
+    let b = m.save().expect("save later");
+    assert!(b.vm.clock.clock >= a.vm.clock.clock + 20_000_000, "a plain pause's save reads the clock when asked");
+    let ticks = m.percpu(0, vmm::abi::PC_TICKS);
+    m.resume().expect("resume");
+    wait_until(|| m.percpu(0, vmm::abi::PC_TICKS) > ticks + 2);
+    assert!(m.faults().is_empty() && m.exited_vcpus().is_empty(), "{:?} {:?}", m.faults(), m.exited_vcpus());
+}

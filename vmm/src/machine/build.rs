@@ -85,6 +85,7 @@ impl Machine {
             ring_pending: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             save_ctx: Arc::clone(&save_ctx),
             parked: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            save_point: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             vcpus: cfg.vcpus as usize,
         };
         let cpu = crate::cpu::model_of(
@@ -113,6 +114,7 @@ impl Machine {
             ring_flavour,
             started: false,
             paused: true,
+            vm_saved: None,
         };
         Ok((m, fds))
     }

@@ -92,6 +92,9 @@ pub struct Machine {
     ring_flavour: Option<RingFlavour>,
     started: bool,
     paused: bool,
+    /// The VM-wide chips saved at this pause's save point (see
+    /// [`Machine::pause_and_save`]).
+    vm_saved: Option<common::state::VmState>,
 }
 
 impl Machine {

@@ -43,6 +43,9 @@ impl Machine {
             }
             return Ok(PauseTiming { elapsed: t.elapsed() });
         }
+        // (before any vCPU is asked: a save it begins waits for the point)
+        self.ctx.save_point.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.vm_saved = None;
         for v in &self.vcpus {
             if save {
                 v.request_pause_saving()?;
@@ -53,9 +56,18 @@ impl Machine {
         for v in &self.vcpus {
             v.wait_parked(PAUSE_TIMEOUT)?;
         }
-        // the device contract: no device acts while the machine is paused,
-        // and output they hold joins this epoch's outbox
+        // The save point. The device contract: no device acts while the
+        // machine is paused, and output they hold joins this epoch's outbox.
+        // Then the chips, at once: the vCPUs' LAPICs are saved after this
+        // (the threads wait for it), not before, so no interrupt a device
+        // or the PIT raised during the pause is in one saved state and not
+        // the other; the PIT ticks on in the kernel meanwhile, and a tick
+        // between the two is at worst delivered twice, never lost.
         self.devices.quiesce();
+        if save {
+            self.vm_saved = Some(state::save_vm(&self.vm)?);
+        }
+        self.ctx.save_point.store(true, std::sync::atomic::Ordering::SeqCst);
         self.paused = true;
         Ok(PauseTiming { elapsed: t.elapsed() })
     }
@@ -102,7 +114,12 @@ impl Machine {
         if !self.paused {
             return Err(MachineError::NotPaused("saving state"));
         }
-        let vm = state::save_vm(&self.vm)?;
+        // the chips as saved at this pause's save point (a pause without
+        // one, e.g. the machine was paused before: saved now, all quiet)
+        let vm = match &self.vm_saved {
+            Some(vm) => vm.clone(),
+            None => state::save_vm(&self.vm)?,
+        };
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
             vcpus.push(v.take_state(&self.save_ctx)?);

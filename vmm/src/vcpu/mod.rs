@@ -141,6 +141,11 @@ pub struct VcpuContext {
     /// How many of the machine's vCPU threads are parked now: a save begun
     /// at a park reads the parts other vCPUs can change only once all are.
     pub parked: Arc<std::sync::atomic::AtomicUsize>,
+    /// The save point of this pause has passed: every vCPU is parked, the
+    /// devices are quiesced and the VM-wide chips (PIC, IOAPIC, PIT, clock)
+    /// are saved. A save begun at a park reads the parts other vCPUs and the
+    /// chips can change (LAPIC, pending events) only after it.
+    pub save_point: Arc<AtomicBool>,
     /// The machine's vCPU count.
     pub vcpus: usize,
 }

@@ -93,13 +93,14 @@ impl Vcpu {
     }
 
     /// On the vCPU thread, in a save of pause `gen`: polls (yielding) until
-    /// every vCPU thread of the machine is parked. False if that did not
+    /// every vCPU thread of the machine is parked and the owner has passed
+    /// the save point (devices quiesced, chips saved). False if that did not
     /// happen within [`SPIN_PARK`] or the pause ended or moved on (the owner
     /// then finishes the save).
     fn await_all_parked(&self, ctx: &VcpuContext, gen: u64) -> bool {
         let until = Instant::now() + SPIN_PARK;
         loop {
-            if ctx.parked.load(Ordering::SeqCst) >= ctx.vcpus {
+            if ctx.parked.load(Ordering::SeqCst) >= ctx.vcpus && ctx.save_point.load(Ordering::SeqCst) {
                 return true;
             }
             if !self.pause.load(Ordering::SeqCst)
@@ -168,8 +169,9 @@ impl Vcpu {
                 let core = self.core();
                 match state::save_vcpu_own(&core.fd, self.id, &ctx.save_ctx, slot.template.as_ref()) {
                     Err(e) => slot.done = Some((gen, Err(e))),
-                    // the rest only once every vCPU is parked: a vCPU still
-                    // running may send this one an IPI or an NMI
+                    // the rest only at the save point: a vCPU still running
+                    // may send this one an IPI or an NMI, a device or a chip
+                    // an interrupt
                     Ok(own) if self.await_all_parked(ctx, gen) => {
                         slot.done = Some((gen, state::save_vcpu_shared(&core.fd, self.id, own)))
                     }
