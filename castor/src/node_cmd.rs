@@ -68,6 +68,13 @@ pub struct CommonArgs {
     /// by measurement (docs/benchmarks.md: 300-2000 us tried).
     #[arg(long, default_value_t = 1000)]
     min_epoch_us: u64,
+    /// With output-driven epochs: end the epoch sooner, once the guest's
+    /// output (held frames and port writes) has stopped growing for this
+    /// many microseconds: the guest answered what it had and its clients
+    /// wait for this epoch's ack. 0: off (the epoch waits for
+    /// --min-epoch-us).
+    #[arg(long, default_value_t = 200)]
+    output_quiet_us: u64,
     /// End an epoch early past this many dirty pages.
     #[arg(long, default_value_t = 16384)]
     max_epoch_pages: u64,
@@ -273,6 +280,7 @@ fn engine_opts(c: &CommonArgs, guest_mem: u64) -> Result<EngineOptions, NodeCmdE
         unprotected,
         tracking_off: c.no_epochs,
         min_epoch: (c.min_epoch_us > 0).then(|| Duration::from_micros(c.min_epoch_us)),
+        output_quiet: (c.output_quiet_us > 0).then(|| Duration::from_micros(c.output_quiet_us)),
         precopy_min_pages: (c.precopy_min_pages > 0).then_some(c.precopy_min_pages),
         max_queued_bytes: queued_budget(c, guest_mem),
     })

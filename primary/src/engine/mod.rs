@@ -68,6 +68,9 @@ pub struct Engine {
     last_copied: Vec<boundary::Base>,
     /// When the guest last resumed after a boundary (the epoch's start).
     epoch_started: Instant,
+    /// The devices' output mark and when it last changed (output-driven
+    /// epochs end once it has been still for `output_quiet`).
+    output_mark: (u64, Instant),
     /// This epoch's pre-copy rounds.
     pre: PreCopy,
     /// When the rings were last skimmed for a pre-copy round.
@@ -106,6 +109,7 @@ impl Engine {
             last_forced: None,
             last_copied: Vec::new(),
             epoch_started: Instant::now(),
+            output_mark: (0, Instant::now()),
             pre: PreCopy::default(),
             last_skim: Instant::now(),
         }
@@ -187,7 +191,14 @@ impl Engine {
                 // flight bound the rate to what the link acknowledges)
                 let output_driven = self.opts.min_epoch.filter(|_| self.state.protecting());
                 if let Some(min) = output_driven {
-                    if now >= self.epoch_started + min && self.machine.devices().has_output() {
+                    // (or sooner: the output went quiet, the guest answered
+                    // what it had)
+                    let mark = self.machine.devices().output_mark();
+                    if mark != self.output_mark.0 {
+                        self.output_mark = (mark, now);
+                    }
+                    let quiet = self.opts.output_quiet.is_some_and(|q| now >= self.output_mark.1 + q);
+                    if (now >= self.epoch_started + min || quiet) && self.machine.devices().has_output() {
                         next = now;
                         break;
                     }

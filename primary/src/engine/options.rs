@@ -30,6 +30,10 @@ pub struct EngineOptions {
     /// output (held until its epoch is acknowledged), end the epoch as soon
     /// as it is this old instead of at `epoch`. `None`: timer only.
     pub min_epoch: Option<Duration>,
+    /// With output-driven epochs: end the epoch sooner, once the guest's
+    /// output has stopped growing for this long (it answered what it had
+    /// and waits; its clients wait for this epoch's ack). `None`: off.
+    pub output_quiet: Option<Duration>,
     /// Pre-copy: while an epoch runs, once this many pages wait in the dirty
     /// rings, re-arm their tracking and copy them while the guest runs, so
     /// the boundary's pause copies only what was written since (plus

@@ -186,6 +186,14 @@ impl Devices {
         !self.outbox.is_empty() || self.net.as_ref().is_some_and(|n| n.has_transmit())
     }
 
+    /// A mark that changes whenever the guest sends output (the outbox's
+    /// length and the card's transmit index; cheap, no exit): an epoch
+    /// engine sees from it when the output stopped growing.
+    pub fn output_mark(&self) -> u64 {
+        let tx = self.net.as_ref().map_or(0, |n| n.transmit_mark());
+        ((self.outbox.len() as u64) << 16) ^ tx
+    }
+
     /// The network card, if the machine has one.
     pub fn net(&self) -> Option<&Arc<NetDevice>> {
         self.net.as_ref()

@@ -204,6 +204,18 @@ impl NetDevice {
         q.avail_idx(self.mem.guest_memory(), Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
     }
 
+    /// The transmit queue's avail index as the guest last wrote it (an
+    /// ordinary memory read; 0 before the queue is ready): it changes with
+    /// every frame the guest queues.
+    pub fn transmit_mark(&self) -> u64 {
+        let g = self.lock();
+        let q = &g.queues[TX];
+        if !q.ready() {
+            return 0;
+        }
+        q.avail_idx(self.mem.guest_memory(), Ordering::Acquire).map_or(0, |i| i.0 as u64)
+    }
+
     /// Takes every frame the guest queued for transmission (call with the
     /// vCPUs parked, at the epoch boundary): returns them without their
     /// virtio-net header, in the order the guest queued them.
