@@ -421,6 +421,11 @@ impl Replica {
         Ok(())
     }
 
+    /// Page data bytes of the epoch being staged (0 when none is).
+    pub fn staged_bytes(&self) -> u64 {
+        self.staging.as_ref().map_or(0, |s| common::proto::pages_bytes(&s.pages))
+    }
+
     /// Drops a partly staged epoch (connection lost, bad frame): the replica stays committed.
     pub fn abort_staging(&mut self) -> Option<u64> {
         self.staging.take().map(|s| s.epoch)
