@@ -181,3 +181,62 @@ fn an_empty_live_sync_commits_and_a_refused_begin_keeps_the_sync() {
     let end = proto::EpochEnd { epoch: 9, page_count: 0, checksum: sum, digest: None, state: f.state.clone() };
     assert_eq!(r.end_epoch(end).expect("commit"), 9);
 }
+
+/// A page that changed in a few bytes travels as a delta against the copy
+/// the replica holds; a delta against another base (the replica missed the
+/// epoch that made it) is refused before anything is written: the replica
+/// stays at its committed epoch, asks for a resync, and skips the deltas in
+/// flight. Deltas where no base exists (a full epoch) are refused as bad
+/// input.
+#[tokio::test]
+async fn deltas_apply_onto_the_replica_and_a_wrong_base_asks_for_a_resync() {
+    use bytes::BytesMut;
+    use proto::{delta, PageData};
+    let f = bootstrap().await;
+    let (addr, server) = f.serve_one().await;
+    let mut s = f.session(addr).await;
+    // epoch 2: three pages the replica holds, each changed in a few bytes
+    let mut pages = Vec::new();
+    let mut base = vec![0u8; PAGE_SIZE];
+    for gfn in [0x401u64, 0x402, 0x500] {
+        f.shadow.read_page(gfn, &mut base).expect("read");
+        let mut new = base.clone();
+        new[10] ^= 0xff;
+        new[2000..2040].fill(0x5a);
+        let mut d = BytesMut::new();
+        assert!(delta::encode(&base, &new, &mut d));
+        f.shadow.write(gfn * PAGE_SIZE as u64, &new).expect("shadow write");
+        pages.push(Page { gfn, data: PageData::Delta(d.freeze()) });
+    }
+    s.send_epoch(2, false, pages, f.state.clone(), Some(f.shadow.digest())).await.expect("send");
+    s.wait_ack(2).await.expect("ack of the deltas");
+    assert_eq!(f.snapshot(), (Some(2), f.shadow.digest()), "the deltas made the primary's pages");
+    // epoch 3: a delta made against content the replica does not hold
+    let before = f.snapshot();
+    let mut d = BytesMut::new();
+    assert!(delta::encode(
+        &vec![0x33; PAGE_SIZE],
+        &vec![0x34; 8].into_iter().chain(vec![0x33; PAGE_SIZE - 8]).collect::<Vec<_>>(),
+        &mut d
+    ));
+    let wrong = vec![Page { gfn: 0x403, data: PageData::Delta(d.freeze()) }];
+    s.send_epoch(3, false, wrong, f.state.clone(), None).await.expect("send");
+    match s.recv().await.expect("recv") {
+        Some(Message::ResyncRequest { reason }) => assert!(reason.contains("delta"), "{reason}"),
+        other => panic!("expected a resync request, got {other:?}"),
+    }
+    assert_eq!(f.snapshot(), before, "a refused delta changed the replica");
+    assert!(f.replica.lock().expect("lock").needs_resync());
+    // a delta in flight is skipped, not applied
+    s.send_epoch(4, false, f.pages(4, 5), f.state.clone(), None).await.expect("send delta 4");
+    drop(s);
+    assert_eq!(server.await.expect("join").expect("the session survives"), SessionEnd::Closed);
+    assert_eq!(f.snapshot(), before);
+    // a full epoch carrying a delta is refused as bad input
+    let mut r = f.replica.lock().expect("lock");
+    r.begin_epoch(9, 1, true).expect("begin a full epoch");
+    let mut d = BytesMut::new();
+    assert!(delta::encode(&base, &base, &mut d));
+    let c = PageChunk { epoch: 9, pages: vec![Page { gfn: 0x401, data: PageData::Delta(d.freeze()) }] };
+    assert!(matches!(r.chunk(c), Err(secondary::replica::ReplicaError::DeltaWithoutBase { .. })));
+}
