@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use super::{f, serving, start_node, DemoArgs, DemoError};
 
-const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xca, 0x57, 0x01];
+use runtime::netns::GUEST_IP;
+const MAC: [u8; 6] = runtime::netns::guest_mac(1);
 
 fn benchmark(net: &TestNet, dir: &std::path::Path) -> Result<Child, DemoError> {
     let log = std::fs::File::create(dir.join("redis-benchmark.log")).map_err(|e| DemoError::Setup(e.to_string()))?;

@@ -31,6 +31,14 @@ pub const BRIDGE_MAC: &str = "02:ca:57:0e:00:01";
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// The guests' subnet prefix.
 pub const PREFIX_LEN: u8 = 24;
+/// The address the demo, the bench and the tests give their networked
+/// guest (each namespace holds one guest).
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// A locally administered MAC for a guest's card; `n` tells the users apart
+/// (their namespaces never meet, but a capture then names its source).
+pub const fn guest_mac(n: u8) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0xca, 0x57, n]
+}
 
 fn ip(args: &[&str]) -> Result<String, NetNsError> {
     let out = Command::new("ip").args(args).output().map_err(NetNsError::Spawn)?;

@@ -5,7 +5,6 @@
 //! protected primary's status). Skipped, with a note, where no namespace
 //! can be made.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 
 use runtime::harness::NodeProc;
@@ -15,8 +14,8 @@ use serde::Serialize;
 use super::BenchError;
 use crate::demo::{node_args, start_node};
 
-const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xbe, 0x4c, 0x01];
+use runtime::netns::GUEST_IP;
+const MAC: [u8; 6] = runtime::netns::guest_mac(2);
 
 /// One redis-benchmark run.
 #[derive(Debug, Clone, Serialize)]

@@ -7,7 +7,7 @@
 //! reply checked, counters read back), and reports the longest stall a
 //! client saw.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use client::resp::{RespLoad, RespReport};
@@ -17,8 +17,8 @@ use runtime::netns::TestNet;
 
 use super::{protected, rt, take_over, Row, T};
 
-const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
+use runtime::netns::GUEST_IP;
+const MAC: [u8; 6] = runtime::netns::guest_mac(3);
 /// Client connections (the 64).
 pub(super) const CLIENTS: usize = 64;
 
