@@ -185,6 +185,10 @@ pub async fn run_primary(
                     s.precopy_rounds = shared.precopy_rounds.load(Ordering::Relaxed);
                     s.precopied_pages = shared.precopied_pages.load(Ordering::Relaxed);
                     (s.console_dropped, s.marks_dropped) = devices.dropped_counts();
+                    if let Some(c) = devices.net().map(|n| n.counts()) {
+                        (s.net_rx_frames, s.net_rx_dropped, s.net_tx_frames, s.net_interrupts) =
+                            (c.rx_frames, c.rx_dropped, c.tx_frames, c.interrupts);
+                    }
                 });
             }
         });

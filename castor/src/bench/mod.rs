@@ -8,9 +8,11 @@
 //! 4. End to end: a primary/secondary pair on loopback with the kv guest.
 //! 5. The network row: redis-benchmark against the networked guest,
 //!    protected and unprotected.
+//! 6. What one interrupt (the card's MSI) costs the guest.
 
 mod collect;
 mod floor;
+mod irq;
 mod net;
 mod phases;
 mod plot;
@@ -163,6 +165,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     println!("castor bench ({}): host {host_line}", if a.quick { "quick" } else { "full" });
     let collect = collection_cost(a.quick, &live)?;
     let phases = pause_phases(a.quick, &live)?;
+    let irq = irq::interrupt_cost(a.quick, &live)?;
     let e2e = if a.no_e2e { E2e::default() } else { end_to_end(a.quick, &live)? };
     let network = if a.no_e2e { net::NetBench::default() } else { net::network(a.quick, &live)? };
     let c = |t: &str, mib: u64| {
@@ -219,6 +222,7 @@ pub fn bench(a: BenchArgs) -> Result<(), BenchError> {
     });
     let mut report = report;
     report["network"] = serde_json::to_value(&network).unwrap_or_default();
+    report["interrupt"] = serde_json::to_value(&irq).unwrap_or_default();
     println!(
         "summary: ring cost 16G/256M = {:.2}, bitmap cost 16G/256M = {:.2}; pause p99 at 1024 pages = {:.0} us vs floor {:.0} us ({:.2}x); epochs/s {:.0} at 256 clients ({:.0} saturated); throughput protected/unprotected {:.2}; failover p50 {:.0} ms",
         ratio("ring"),

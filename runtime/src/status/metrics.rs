@@ -87,6 +87,14 @@ impl NodeStatus {
         );
         r.register("syncs", "Secondary sessions started (initial syncs and resyncs)", ConstCounter::new(s.syncs));
         r.register("console_dropped", "Guest console lines dropped for backlog", ConstCounter::new(s.console_dropped));
+        r.register("net_rx_frames", "Frames the network card handed to the guest", ConstCounter::new(s.net_rx_frames));
+        r.register("net_rx_dropped", "Frames the network card dropped on receive", ConstCounter::new(s.net_rx_dropped));
+        r.register(
+            "net_tx_frames",
+            "Frames the guest sent through its network card",
+            ConstCounter::new(s.net_tx_frames),
+        );
+        r.register("net_interrupts", "Interrupts the network card raised", ConstCounter::new(s.net_interrupts));
         r.register("marks_dropped", "Guest marker writes dropped for backlog", ConstCounter::new(s.marks_dropped));
         if let Some(w) = &s.witness {
             r.register(

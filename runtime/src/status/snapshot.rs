@@ -257,6 +257,13 @@ pub struct StatusSnapshot {
     /// lines, marker writes.
     pub console_dropped: u64,
     pub marks_dropped: u64,
+    /// The network card (a primary's guest with one): frames received and
+    /// handed to the guest, dropped (no buffer, backlog full, bad buffer),
+    /// sent by the guest, and the interrupts it raised.
+    pub net_rx_frames: u64,
+    pub net_rx_dropped: u64,
+    pub net_tx_frames: u64,
+    pub net_interrupts: u64,
     /// Primary: the longest pause of the guest since start, us (epoch
     /// boundaries and live-sync rounds).
     pub pause_us_max: f64,

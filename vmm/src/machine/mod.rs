@@ -205,6 +205,14 @@ impl Machine {
         self.ctx.ring_pending.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Raises an MSI with `vector` to vCPU 0, as a device does (the
+    /// network card's is [`crate::abi::VEC_NET`]); the benchmark measures
+    /// what one costs the guest.
+    pub fn raise_msi(&self, vector: u32) -> Result<(), MachineError> {
+        let msi = kvm_bindings::kvm_msi { address_lo: 0xfee0_0000, data: vector, ..Default::default() };
+        self.vm.signal_msi(msi).map(|_| ()).map_err(|e| MachineError::Setup("KVM_SIGNAL_MSI", e))
+    }
+
     /// Reads a u64 from a cpu's per-cpu page (see abi PC_*).
     pub fn percpu(&self, cpu: u32, offset: u64) -> u64 {
         self.mem.read_u64(PERCPU_GPA + u64::from(cpu) * PAGE_SIZE + offset).unwrap_or(0)
