@@ -5,7 +5,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -154,13 +154,23 @@ impl Server {
     }
 
     /// One round: frames in, commands run, replies out. True if anything
-    /// happened (call again before sleeping).
+    /// happened (call again before sleeping). The replies are written
+    /// between ingress and egress, so a reply carries the ACK of its request
+    /// (one frame, not an ACK and then the reply: half the frames to hold,
+    /// release and deliver).
     pub fn poll<D: Device>(&mut self, now: Instant, dev: &mut D) -> bool {
-        let changed = self.iface.poll(now, dev, &mut self.sockets) == PollResult::SocketStateChanged;
+        self.iface.poll_maintenance(now);
+        let mut changed = false;
+        loop {
+            match self.iface.poll_ingress_single(now, dev, &mut self.sockets) {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => changed = true,
+            }
+        }
         let busy = self.serve_sockets();
-        if busy {
-            // push the replies out now, before waiting for more
-            self.iface.poll(now, dev, &mut self.sockets);
+        while self.iface.poll_egress(now, dev, &mut self.sockets) == PollResult::SocketStateChanged {
+            changed = true;
         }
         busy || changed
     }
