@@ -95,15 +95,18 @@ fn rss_kib(p: &NodeProc) -> u64 {
         .unwrap_or(0)
 }
 
-/// Epochs stretched to seconds at a high request rate (issue 13): 256
-/// clients, and the data link throttled to 128 KiB/s for 5 s (the heartbeat
-/// channel is throttled too, but its frames are small), so each epoch waits
-/// seconds for its ack and the engine stretches the next one. The session
+/// Epochs stretched to about a second at a high request rate (issue 13):
+/// 256 clients, and the data link throttled to 64 KiB/s for 5 s (the
+/// heartbeat channel is throttled too, but its frames are small), so each
+/// epoch waits long for its ack and the engine stretches the next one (at
+/// least 0.5 s, 50 epoch lengths, must be seen: since sub-page deltas an
+/// epoch of this load is a few KB, and 128 KiB/s stretched them to 0.5 s
+/// only; 32 KiB/s starved the link past the 2 s no-read limit). The session
 /// must live through it: no hold, no resync (a lost session would end in
 /// one), protection back once the link heals;
 /// then a kill -9 of the primary loses no acknowledged write.
 pub(super) fn stretched_epochs(row: &mut Row) {
-    const RATE: u64 = 128 << 10;
+    const RATE: u64 = 64 << 10;
     let c = Cluster::new("stretched");
     let o = NodeOpts { verify_digest: true, ..NodeOpts::default() };
     let rt = rt();
@@ -144,11 +147,11 @@ pub(super) fn stretched_epochs(row: &mut Row) {
         syncs0,
         st["syncs"].as_u64()
     );
-    if len0 >= 1e6 {
+    if len0 >= 5e5 {
         row.fail(format!("an epoch of {:.0} ms before the fault: the scenario proves nothing", len0 / 1e3));
-    } else if len_max < 1e6 {
+    } else if len_max < 5e5 {
         row.fail(format!(
-            "no epoch was stretched to a second (longest {:.0} ms): the scenario did not happen",
+            "no epoch was stretched to 0.5 s (longest {:.0} ms): the scenario did not happen",
             len_max / 1e3
         ));
     }
