@@ -198,6 +198,12 @@ impl Store {
         Ok(r.id())
     }
 
+    /// Gives `lease` back at once (its keys vanish); best effort.
+    pub async fn revoke(&self, lease: i64) {
+        let mut c = self.client.clone();
+        let _ = tokio::time::timeout(self.timeout, c.lease_revoke(lease)).await;
+    }
+
     /// Registers `host` on `lease`, with no slots claimed; refused while a
     /// host of that name is registered (its earlier lease still holds).
     pub async fn register(&self, host: &str, info: &HostInfo, lease: i64) -> Result<(), StoreError> {
