@@ -141,7 +141,7 @@ pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
                         host(&r["primary"]),
                         host(&r["secondary"]),
                         r["protection"].as_str().unwrap_or(""),
-                        r["term"],
+                        r["term"].as_u64().unwrap_or(0),
                         r["why"].as_str().unwrap_or("-"),
                     );
                 }

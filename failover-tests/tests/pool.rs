@@ -49,14 +49,34 @@ impl Host {
         Host { name: name.into(), child, log }
     }
 
-    /// kill -9 of the agent and of every node it started (a host dies).
-    fn kill_all(&mut self) {
+    /// Signals the agent and every node it started (its process group).
+    fn signal_all(&self, sig: i32) {
         // SAFETY: kill(2) takes no pointers; the group is our child's, which
         // we have not reaped (its id cannot be reused meanwhile).
         unsafe {
-            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+            libc::kill(-(self.child.id() as i32), sig);
         }
+    }
+
+    /// kill -9 of the agent and of every node it started (a host dies).
+    fn kill_all(&mut self) {
+        self.signal_all(libc::SIGCONT);
+        self.signal_all(libc::SIGKILL);
         let _ = self.child.wait();
+    }
+
+    /// The processes of its group other than the agent (its nodes).
+    fn nodes(&self) -> Vec<u32> {
+        let pgid = self.child.id() as i32;
+        let mut v = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            // SAFETY: getpgid(2) takes no pointers.
+            if pid != self.child.id() && unsafe { libc::getpgid(pid as i32) } == pgid {
+                v.push(pid);
+            }
+        }
+        v
     }
 
     fn log_tail(&self) -> String {
@@ -215,4 +235,156 @@ fn a_host_dies_its_vm_is_served_by_the_witness_and_reprotected_on_the_remaining_
     assert!(v.placement.is_empty() && v.witness.is_empty(), "nothing left of vm1: {v:?}");
     assert!(v.slots.values().all(|s| s.is_empty()), "every slot given back: {:?}", v.slots);
     drop(hosts);
+}
+
+fn vm_list(etcd: &str) -> Vec<serde_json::Value> {
+    let (code, out, err) = castor(&["vm", "list", "--witness", etcd, "--json"]);
+    assert_eq!(code, 0, "vm list: {err}");
+    serde_json::from_str::<serde_json::Value>(out.trim()).expect("vm list --json").as_array().cloned().unwrap()
+}
+
+/// Capacity: two hosts of capacity 1 run one primary each and no
+/// secondary (never both nodes on one host): both VMs wait unprotected and
+/// say why; a host with room joins and both are protected; a fourth host
+/// joins and nothing moves.
+#[test]
+fn capacity_exhausted_waits_with_its_reason_and_protects_once_a_host_joins_and_a_fourth_moves_nothing() {
+    let _g = serial();
+    let c = Cluster::new("pool-capacity");
+    let etcd = c.etcd();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    // both VMs exist before the hosts: a host claims a primary before a
+    // secondary (with the VMs created one by one, the second could find
+    // every slot taken by the first's nodes, and wait for a host)
+    for vm in ["vm1", "vm2"] {
+        let (code, out, err) = castor(&["vm", "create", vm, "--witness", &etcd.url, "--mem", "64M"]);
+        assert_eq!(code, 0, "vm create: {out}{err}");
+    }
+    let rows = vm_list(&etcd.url);
+    assert!(rows.iter().all(|r| r["reason"] == "no_host_for_primary"), "no host yet: {rows:?}");
+    let mut hosts = vec![Host::start(&c, &etcd.url, "h1", 1), Host::start(&c, &etcd.url, "h2", 1)];
+    let both_primaries = |v: &View| {
+        ["vm1", "vm2"]
+            .iter()
+            .all(|vm| v.placement.get(*vm).and_then(|p| p.primary.as_ref()).is_some_and(|p| p.addr.is_some()))
+    };
+    let Some(v) = wait_view(&rt, &store, T, both_primaries) else {
+        panic!("two primaries not placed: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    assert_ne!(v.placement["vm1"].primary.as_ref().unwrap().host, v.placement["vm2"].primary.as_ref().unwrap().host);
+    std::thread::sleep(Duration::from_secs(3)); // past the stagger: still nothing
+    let rows = vm_list(&etcd.url);
+    eprintln!("{}", castor(&["vm", "list", "--witness", &etcd.url]).1);
+    for r in &rows {
+        assert_eq!(r["protection"], "unprotected", "{r}");
+        assert_eq!(r["reason"], "no_host_for_secondary", "{r}");
+        assert!(r["secondary"].is_null(), "{r}");
+    }
+    let v = read(&rt, &store);
+    assert!(v.hosts.keys().all(|h| v.load(h) == 1), "capacity 1 each: {:?}", v.slots);
+
+    let t = Instant::now();
+    hosts.push(Host::start(&c, &etcd.url, "h3", 2));
+    let Some(v) =
+        wait_view(&rt, &store, T, |v| ["vm1", "vm2"].iter().all(|vm| protection(v, vm) == Protection::Protected))
+    else {
+        panic!("not protected once h3 joined: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    eprintln!("h3 joined: both VMs protected {:.0} ms later", t.elapsed().as_secs_f64() * 1e3);
+    for vm in ["vm1", "vm2"] {
+        assert_eq!(v.placement[vm].secondary.as_ref().unwrap().host, "h3");
+    }
+    let before = v.placement.clone();
+    hosts.push(Host::start(&c, &etcd.url, "h4", 2));
+    assert!(wait_view(&rt, &store, T, |v| v.hosts.contains_key("h4")).is_some());
+    std::thread::sleep(Duration::from_secs(3));
+    let v = read(&rt, &store);
+    assert_eq!(v.placement, before, "a fourth host joined: nothing moved");
+    assert_eq!(v.load("h4"), 0);
+    for vm in ["vm1", "vm2"] {
+        let (code, out, err) = castor(&["vm", "delete", vm, "--witness", &etcd.url]);
+        assert_eq!(code, 0, "vm delete: {out}{err}");
+    }
+    assert!(
+        wait_view(&rt, &store, Duration::from_secs(10), |_| hosts.iter().all(|h| h.nodes().is_empty())).is_some(),
+        "every node stopped after delete"
+    );
+}
+
+/// A host frozen past its lease (SIGSTOP of its agent and its nodes): the
+/// VM fails over by the witness and is re-protected elsewhere; thawed, the
+/// agent registers again holding nothing, stops the nodes it lost, and
+/// they decided no release after the freeze.
+#[test]
+fn a_host_frozen_past_its_lease_and_thawed_stops_the_nodes_it_lost() {
+    let _g = serial();
+    let c = Cluster::new("pool-frozen-host");
+    let etcd = c.etcd();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
+    let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
+    assert_eq!(code, 0, "vm create: {out}{err}");
+    let Some(v) = wait_view(&rt, &store, T, |v| protection(v, "vm1") == Protection::Protected) else {
+        panic!("vm1 never protected: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    let (pr, se) = (v.placement["vm1"].primary.clone().unwrap(), v.placement["vm1"].secondary.clone().unwrap());
+    let load = Load::start(&rt, vec![pr.service.unwrap(), se.service.unwrap()], 4, 16, 1);
+    assert!(load.wait_more(100, T), "the load runs");
+    let frozen = hosts.iter().find(|h| h.name == pr.host).unwrap();
+    let old_nodes = frozen.nodes();
+    assert_eq!(old_nodes.len(), 1, "the frozen host runs the primary");
+    frozen.signal_all(libc::SIGSTOP);
+    let frozen_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+    let t = Instant::now();
+    eprintln!("froze host {} (its agent and its primary)", pr.host);
+    let Some(v) = wait_view(&rt, &store, T, |v| {
+        protection(v, "vm1") == Protection::Protected
+            && !v.hosts.contains_key(&pr.host)
+            && v.placement["vm1"].primary.as_ref().is_some_and(|p| p.host == se.host)
+    }) else {
+        frozen.signal_all(libc::SIGCONT);
+        panic!("vm1 not re-protected while {} was frozen: {:?}\n{}", pr.host, read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    eprintln!(
+        "re-protected on {} {:.0} ms after the freeze, the frozen host's lease expired",
+        v.placement["vm1"].secondary.as_ref().unwrap().host,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    frozen.signal_all(libc::SIGCONT);
+    let t = Instant::now();
+    while t.elapsed() < T && !frozen.nodes().is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(frozen.nodes().is_empty(), "the thawed host still runs {:?}:\n{}", frozen.nodes(), frozen.log_tail());
+    assert!(
+        wait_view(&rt, &store, Duration::from_secs(10), |v| v.hosts.contains_key(&pr.host) && v.load(&pr.host) == 0)
+            .is_some(),
+        "the thawed host registered again, holding nothing"
+    );
+    eprintln!(
+        "thawed: {} stopped its node within {:.0} ms and registered again",
+        pr.host,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(frozen.log_tail().contains("stopped the primary of vm1"), "{}", frozen.log_tail());
+    // the old primary decided no release after the freeze
+    let old = format!("{}.vm1.primary", pr.host);
+    let late: Vec<String> = std::fs::read_to_string(c.release_log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(old.as_str()))
+        .filter(|l| {
+            l.split_whitespace().nth(4).and_then(|t| t.parse::<u128>().ok()).is_none_or(|t| t > frozen_at + 1000)
+        })
+        .map(str::to_string)
+        .collect();
+    assert!(late.is_empty(), "the frozen primary decided releases after the freeze: {:?}", &late[..late.len().min(3)]);
+    assert!(load.wait_more(100, T), "clients carry on");
+    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
+    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
+    let sb = split_brain(&c.release_log());
+    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
 }

@@ -16,7 +16,9 @@
 //!   gets a fresh primary (its state lives only in its nodes);
 //! * a VM whose primary is placed and running gets a secondary on another
 //!   host; the least loaded eligible host claims first, the others after a
-//!   stagger per rank (so a host that cannot act is replaced).
+//!   stagger per rank (so a host that cannot act is replaced);
+//! * a host claims primaries before secondaries (a VM that does not run
+//!   before one that runs unprotected), and no more than its free slots.
 
 pub mod store;
 
@@ -314,6 +316,7 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
         return out;
     }
     let has_child = |vm: &str, role: Role| local.children.iter().any(|c| c.vm == vm && c.role == role);
+    let mut claims = Vec::new();
     // a slot of ours with no node and no placement (a node stopped before
     // its slot was given back): give it back
     for (vm, role) in view.slots.get(me).into_iter().flatten() {
@@ -347,18 +350,24 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
         match (&p.primary, &p.secondary) {
             // a fresh VM: a primary; with a history, the witness decides
             (None, None) if w.term == 0 && w.primary.is_none() && may_claim(Role::Primary) => {
-                out.push(Action::ClaimPrimary { vm: vm.clone() });
+                claims.push(Action::ClaimPrimary { vm: vm.clone() });
             }
             (Some(pr), None) => {
                 if let Some(join) = pr.addr {
                     if w.primary.is_some() && may_claim(Role::Secondary) {
-                        out.push(Action::ClaimSecondary { vm: vm.clone(), join });
+                        claims.push(Action::ClaimSecondary { vm: vm.clone(), join });
                     }
                 }
             }
             _ => {}
         }
     }
+    // a VM that does not run comes before one that runs unprotected, and
+    // no more claims than the slots left (the rest would lose anyway)
+    claims.sort_by_key(|a| !matches!(a, Action::ClaimPrimary { .. }));
+    let room = view.hosts.get(me).map_or(0, |h| (h.capacity as usize).saturating_sub(view.load(me)));
+    claims.truncate(room);
+    out.extend(claims);
     out
 }
 

@@ -208,6 +208,24 @@ fn a_deleted_vm_is_stopped_and_an_exited_node_released() {
 }
 
 #[test]
+fn a_host_claims_primaries_first_and_no_more_than_its_free_slots() {
+    let mut v = view(&[("a", 1), ("b", 1)], &["vm1", "vm2", "vm3"]);
+    place(&mut v, "vm1", Role::Primary, "a", Some(7000));
+    serving(&mut v, "vm1", 1, false);
+    // b may protect vm1 or run vm2 or vm3, one slot: it runs vm2
+    assert_eq!(decide("b", &v, &Local::default()), vec![Action::ClaimPrimary { vm: "vm2".into() }]);
+    v.hosts.insert("b".into(), HostInfo { capacity: 3 });
+    assert_eq!(
+        decide("b", &v, &Local::default()),
+        vec![
+            Action::ClaimPrimary { vm: "vm2".into() },
+            Action::ClaimPrimary { vm: "vm3".into() },
+            Action::ClaimSecondary { vm: "vm1".into(), join: addr(7000).unwrap() }
+        ]
+    );
+}
+
+#[test]
 fn a_host_in_backoff_claims_nothing_for_that_vm() {
     let v = view(&[("a", 2)], &["vm"]);
     let mut l = Local::default();
