@@ -215,6 +215,16 @@ impl Agent {
                 return false;
             }
         };
+        if !view.hosts.contains_key(&self.a.host) {
+            // the host key lives on our lease: without it the lease is gone
+            // (expired while etcd or this host was out), whatever the
+            // keep-alive has seen so far
+            tracing::warn!(host = %self.a.host, "this host is not registered (its lease expired); registering again");
+            match self.register() {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, "registering again"),
+            }
+        }
         let local = self.local(&view);
         let actions = decide(&self.a.host, &view, &local);
         let acted = !actions.is_empty();
@@ -283,6 +293,7 @@ impl Agent {
                     Ok(proc) => {
                         let child = Child {
                             vm: vm.clone(),
+                            node: self.node_name(vm, *role),
                             role: *role,
                             exited: false,
                             serving: false,
@@ -321,6 +332,30 @@ impl Agent {
                     );
                     if let Some(n) = self.node(vm, Role::Secondary) {
                         n.child.role = Role::Primary;
+                    }
+                }
+            }
+            Action::Adopt { vm, role } => {
+                let Some(n) = self.nodes.iter().find(|n| n.child.vm == *vm) else { return Ok(()) };
+                let (addr, service) = (n.child.addr, n.child.service);
+                let lease = self.lease()?;
+                let won = self.rt.block_on(self.store.adopt(
+                    &host,
+                    lease,
+                    self.a.capacity,
+                    view,
+                    vm,
+                    *role,
+                    addr,
+                    service,
+                ))?;
+                if won {
+                    eprintln!(
+                        "castor agent {host}: took back the {} of {vm} (its place was free and the witness names it)",
+                        role.as_str()
+                    );
+                    if let Some(n) = self.nodes.iter_mut().find(|n| n.child.vm == *vm) {
+                        n.child.role = *role;
                     }
                 }
             }
@@ -386,7 +421,7 @@ impl Agent {
         };
         args.extend([
             "--name".into(),
-            format!("{}.{vm}.{}", self.a.host, role.as_str()),
+            self.node_name(vm, role),
             "--secret-file".into(),
             self.a.secret_file.display().to_string(),
             "--service-listen".into(),
@@ -401,6 +436,12 @@ impl Agent {
         args.extend(self.a.node_arg.iter().cloned());
         let spec = Spec { exe: self.exe.clone(), name, args, dir: self.a.state_dir.clone(), env: Vec::new() };
         spec.start()
+    }
+
+    /// A node's `--name` (the witness knows a primary by it, a secondary
+    /// by it and `#` and its instance).
+    fn node_name(&self, vm: &str, role: Role) -> String {
+        format!("{}.{vm}.{}", self.a.host, role.as_str())
     }
 
     /// An orderly stop: the nodes are killed and the lease given back, so

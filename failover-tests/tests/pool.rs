@@ -388,3 +388,57 @@ fn a_host_frozen_past_its_lease_and_thawed_stops_the_nodes_it_lost() {
     let sb = split_brain(&c.release_log());
     assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
 }
+
+/// etcd frozen (SIGSTOP) for twice the hosts' lease TTL: the agents keep
+/// their nodes running and start nothing; when etcd answers again, an agent
+/// whose lease was lost registers again and takes back the places of its
+/// nodes that the witness still names: the same processes run the VM,
+/// protected, nothing lost.
+#[test]
+fn an_etcd_outage_longer_than_the_lease_stops_nothing() {
+    let _g = serial();
+    let c = Cluster::new("pool-etcd-outage");
+    let etcd = c.etcd();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
+    let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
+    assert_eq!(code, 0, "vm create: {out}{err}");
+    let Some(v) = wait_view(&rt, &store, T, |v| protection(v, "vm1") == Protection::Protected) else {
+        panic!("vm1 never protected: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    let before = v.placement["vm1"].clone();
+    let (pr, se) = (before.primary.clone().unwrap(), before.secondary.clone().unwrap());
+    let load = Load::start(&rt, vec![pr.service.unwrap(), se.service.unwrap()], 4, 16, 1);
+    assert!(load.wait_more(100, T), "the load runs");
+    let nodes: Vec<Vec<u32>> = hosts.iter().map(Host::nodes).collect();
+    etcd.signal(libc::SIGSTOP);
+    eprintln!("froze etcd for 4 s (the hosts' lease TTL is 2 s)");
+    let acked = load.acked();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(load.acked() > acked + 50, "the guest served while etcd was frozen");
+    assert_eq!(
+        hosts.iter().map(Host::nodes).collect::<Vec<_>>(),
+        nodes,
+        "nothing stopped or started while etcd was out"
+    );
+    etcd.signal(libc::SIGCONT);
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let Some(v) = wait_view(&rt, &store, T, |v| {
+        v.hosts.len() == 3
+            && protection(v, "vm1") == Protection::Protected
+            && v.placement.get("vm1").is_some_and(|p| p.primary == before.primary && p.secondary == before.secondary)
+    }) else {
+        panic!("vm1 not placed as before: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    assert_eq!(hosts.iter().map(Host::nodes).collect::<Vec<_>>(), nodes, "the same nodes run");
+    let lost_leases = hosts.iter().filter(|h| h.log_tail().contains("registering again")).count();
+    eprintln!(
+        "etcd back: {lost_leases} of 3 agents had lost their lease; vm1 placed as before and protected {:.0} ms later",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
+    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
+}

@@ -227,6 +227,9 @@ pub const STAGGER: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Child {
     pub vm: String,
+    /// Its `--name`: the witness knows it by this name (a secondary by
+    /// this name and `#` and its instance).
+    pub node: String,
     /// The role it was started in.
     pub role: Role,
     /// It has exited.
@@ -266,10 +269,39 @@ pub enum Action {
     /// Our secondary was promoted by the witness: it is the VM's primary
     /// now (placement moves, the secondary slot is freed for another host).
     Promoted { vm: String },
+    /// Claim again the place of a node of ours that still runs, whose
+    /// placement vanished with our lease while nobody took it, and that the
+    /// witness still names (the serving primary of the current term, or
+    /// its caught-up secondary): an etcd outage longer than the lease TTL
+    /// must not stop every VM.
+    Adopt { vm: String, role: Role },
     /// Stop a node etcd no longer places here (or whose VM is deleted).
     Stop { vm: String, role: Role },
     /// A node of ours exited: give its placement and slot back.
     Release { vm: String, role: Role },
+}
+
+impl Child {
+    /// Whether the witness's `h` is this node.
+    pub fn is(&self, h: &Holder) -> bool {
+        h.node == self.node || h.node.strip_prefix(self.node.as_str()).is_some_and(|rest| rest.starts_with('#'))
+    }
+}
+
+/// Whether our running node `c` may take `role` of its VM back: the place
+/// is free, the VM's other node is not on this host, we have a free slot,
+/// and the witness names `c` in the current term (as the serving primary,
+/// or as the caught-up secondary).
+fn adoptable(me: &str, view: &View, c: &Child, role: Role, w: &WitnessView) -> bool {
+    let p = view.placement.get(&c.vm).cloned().unwrap_or_default();
+    let current = |h: &Option<Holder>| h.as_ref().is_some_and(|h| h.term == w.term && w.term > 0 && c.is(h));
+    p.get(role).is_none()
+        && p.get(role.other()).is_none_or(|o| o.host != me)
+        && view.free(me)
+        && match role {
+            Role::Primary => current(&w.primary),
+            Role::Secondary => current(&w.sync),
+        }
 }
 
 /// The agent `me`'s actions for this view. Pure: the same view and local
@@ -284,32 +316,42 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
             && view.slots.get(me).is_some_and(|s| s.contains(&(vm.to_string(), role)))
     };
     for c in &local.children {
-        let placed = placed_here(&c.vm, c.role);
-        if !view.vms.contains_key(&c.vm) || !placed {
-            // a secondary that was promoted moves its placement first
-            let promotable = registered
-                && c.role == Role::Secondary
-                && c.serving
-                && !c.exited
-                && view.vms.contains_key(&c.vm)
-                && view.slots.get(me).is_some_and(|s| s.contains(&(c.vm.clone(), Role::Secondary)))
-                && view.placement.get(&c.vm).and_then(|p| p.secondary.as_ref()).is_some_and(|s| s.host == me);
-            out.push(if promotable {
-                Action::Promoted { vm: c.vm.clone() }
-            } else {
-                Action::Stop { vm: c.vm.clone(), role: c.role }
-            });
+        let vm = c.vm.clone();
+        if !view.vms.contains_key(&vm) {
+            out.push(Action::Stop { vm, role: c.role });
             continue;
         }
-        if c.exited {
-            out.push(Action::Release { vm: c.vm.clone(), role: c.role });
-        } else if c.role == Role::Secondary && c.serving {
-            out.push(Action::Promoted { vm: c.vm.clone() });
-        } else if c.addr.is_some() {
-            let p = view.placement.get(&c.vm).and_then(|p| p.get(c.role));
-            if p.is_some_and(|p| p.addr != c.addr || p.service != c.service) {
-                out.push(Action::Publish { vm: c.vm.clone(), role: c.role });
+        if placed_here(&vm, c.role) {
+            if c.exited {
+                out.push(Action::Release { vm, role: c.role });
+            } else if c.role == Role::Secondary && c.serving {
+                // the witness promoted it: the placement follows
+                out.push(Action::Promoted { vm });
+            } else if c.addr.is_some() {
+                let p = view.placement.get(&vm).and_then(|p| p.get(c.role));
+                if p.is_some_and(|p| p.addr != c.addr || p.service != c.service) {
+                    out.push(Action::Publish { vm, role: c.role });
+                }
             }
+            continue;
+        }
+        // not placed here: another host holds its place (taken over while
+        // we were cut off or frozen), or our lease, and with it our
+        // placements, is gone
+        let now = if c.role == Role::Secondary && c.serving { Role::Primary } else { c.role };
+        let p = view.placement.get(&vm).cloned().unwrap_or_default();
+        let w = view.witness.get(&vm).cloned().unwrap_or_default();
+        if c.exited {
+            out.push(Action::Release { vm, role: c.role });
+        } else if p.get(now).is_some_and(|x| x.host != me) || p.get(c.role).is_some_and(|x| x.host != me) {
+            out.push(Action::Stop { vm, role: c.role });
+        } else if !registered || p.get(now).is_some() {
+            // until we are registered again (or a placement of ours
+            // without its slot settles), nothing: etcd decides
+        } else if adoptable(me, view, c, now, &w) {
+            out.push(Action::Adopt { vm, role: now });
+        } else {
+            out.push(Action::Stop { vm, role: c.role });
         }
     }
     if !registered {
@@ -339,7 +381,7 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
                 }
             }
         }
-        if local.backoff.contains(vm) {
+        if local.backoff.contains(vm) || local.children.iter().any(|c| c.vm == *vm) {
             continue;
         }
         let may_claim = |role: Role| {
@@ -354,7 +396,12 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
             }
             (Some(pr), None) => {
                 if let Some(join) = pr.addr {
-                    if w.primary.is_some() && may_claim(Role::Secondary) {
+                    // while the witness names a caught-up secondary of the
+                    // current term, that node lives (its host is taking its
+                    // place back) or the primary runs alone soon (which
+                    // deletes the record): no second secondary meanwhile
+                    let caught_up = w.sync.as_ref().is_some_and(|s| s.term == w.term);
+                    if w.primary.is_some() && !caught_up && may_claim(Role::Secondary) {
                         claims.push(Action::ClaimSecondary { vm: vm.clone(), join });
                     }
                 }
@@ -365,7 +412,8 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
     // a VM that does not run comes before one that runs unprotected, and
     // no more claims than the slots left (the rest would lose anyway)
     claims.sort_by_key(|a| !matches!(a, Action::ClaimPrimary { .. }));
-    let room = view.hosts.get(me).map_or(0, |h| (h.capacity as usize).saturating_sub(view.load(me)));
+    let adopting = out.iter().filter(|a| matches!(a, Action::Adopt { .. })).count();
+    let room = view.hosts.get(me).map_or(0, |h| (h.capacity as usize).saturating_sub(view.load(me) + adopting));
     claims.truncate(room);
     out.extend(claims);
     out

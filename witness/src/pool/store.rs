@@ -262,12 +262,43 @@ impl Store {
         vm: &str,
         role: Role,
     ) -> Result<bool, StoreError> {
+        let me = Placed { host: host.into(), addr: None, service: None };
+        self.place(lease, capacity, view, vm, role, me, role == Role::Primary).await
+    }
+
+    /// `host` takes back the place of a node of its own that still runs
+    /// (its placement vanished with the host's lease and nobody took it;
+    /// the caller checked that the witness still names the node): the
+    /// claim's compares, without the fresh-VM one, with its addresses.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn adopt(
+        &self,
+        host: &str,
+        lease: i64,
+        capacity: u32,
+        view: &View,
+        vm: &str,
+        role: Role,
+        addr: Option<std::net::SocketAddr>,
+        service: Option<std::net::SocketAddr>,
+    ) -> Result<bool, StoreError> {
+        self.place(lease, capacity, view, vm, role, Placed { host: host.into(), addr, service }, false).await
+    }
+
+    async fn place(
+        &self,
+        lease: i64,
+        capacity: u32,
+        view: &View,
+        vm: &str,
+        role: Role,
+        me: Placed,
+        fresh: bool,
+    ) -> Result<bool, StoreError> {
+        let host = me.host.as_str();
         let mine = view.slots.get(host).cloned().unwrap_or_default();
         let p = view.placement.get(vm).cloned().unwrap_or_default();
-        let other = match role {
-            Role::Primary => p.secondary.clone(),
-            Role::Secondary => p.primary.clone(),
-        };
+        let other = p.get(role.other()).cloned();
         if mine.len() >= capacity as usize || other.as_ref().is_some_and(|o| o.host == host) {
             return Ok(false);
         }
@@ -280,11 +311,10 @@ impl Store {
             holds(vm_key(vm), Some(serde_json::to_vec(spec).expect("vm spec"))),
             holds(placement_key(vm, role.other()), other.as_ref().map(placed_bytes)),
         ];
-        if role == Role::Primary {
+        if fresh {
             when.push(holds(format!("{ROOT}{vm}/term"), None));
         }
         let leased = Some(PutOptions::new().with_lease(lease));
-        let me = Placed { host: host.into(), addr: None, service: None };
         let txn = Txn::new().when(when).and_then([
             TxnOp::put(placement_key(vm, role), placed_bytes(&me), leased.clone()),
             TxnOp::put(slots_key(host), slots_bytes(&next), leased),

@@ -39,7 +39,15 @@ fn serving(v: &mut View, vm: &str, term: u64, sync: bool) {
 }
 
 fn child(vm: &str, role: Role) -> Child {
-    Child { vm: vm.into(), role, exited: false, serving: false, addr: addr(7000), service: addr(7001) }
+    Child {
+        vm: vm.into(),
+        node: format!("{vm}.{}", role.as_str()),
+        role,
+        exited: false,
+        serving: false,
+        addr: addr(7000),
+        service: addr(7001),
+    }
 }
 
 fn local(children: Vec<Child>) -> Local {
@@ -183,13 +191,70 @@ fn a_promoted_secondary_becomes_the_placed_primary_and_the_old_one_is_stopped() 
 }
 
 #[test]
-fn an_unregistered_agent_stops_what_etcd_no_longer_places_and_starts_nothing() {
-    // the agent's lease expired: its host key, slots and placements are gone
-    let mut v = view(&[("b", 2)], &["vm", "vm2"]);
+fn a_host_that_lost_its_lease_stops_the_nodes_others_replaced_and_takes_back_the_others() {
+    // a's lease expired: its host key, slots and placements are gone; b
+    // took the primary of vm over (term 2)
+    let mut v = view(&[("b", 2)], &["vm", "vm2", "vm3"]);
     place(&mut v, "vm", Role::Primary, "b", Some(7100));
     serving(&mut v, "vm", 2, false);
-    let l = local(vec![child("vm", Role::Secondary)]);
-    assert_eq!(decide("a", &v, &l), vec![Action::Stop { vm: "vm".into(), role: Role::Secondary }]);
+    let l = local(vec![child("vm", Role::Primary)]);
+    assert_eq!(decide("a", &v, &l), vec![Action::Stop { vm: "vm".into(), role: Role::Primary }]);
+    // vm2's primary and vm3's secondary ran on a; nobody took their places
+    // (etcd was out for longer than the lease, say); the witness still names them
+    let mut p2 = child("vm2", Role::Primary);
+    p2.node = "a.vm2.primary".into();
+    let mut s3 = child("vm3", Role::Secondary);
+    s3.node = "a.vm3.secondary".into();
+    v.witness.insert(
+        "vm2".into(),
+        WitnessView { term: 1, sync: None, primary: Some(Holder { node: "a.vm2.primary".into(), term: 1 }) },
+    );
+    v.witness.insert(
+        "vm3".into(),
+        WitnessView {
+            term: 4,
+            sync: Some(Holder { node: "a.vm3.secondary#77.123".into(), term: 4 }),
+            primary: Some(Holder { node: "x".into(), term: 4 }),
+        },
+    );
+    place(&mut v, "vm3", Role::Primary, "b", Some(7200));
+    let l = local(vec![p2.clone(), s3.clone()]);
+    // not registered again yet: nothing is stopped or started
+    assert_eq!(decide("a", &v, &l), vec![]);
+    v.hosts.insert("a".into(), HostInfo { capacity: 2 });
+    assert_eq!(
+        decide("a", &v, &l),
+        vec![
+            Action::Adopt { vm: "vm2".into(), role: Role::Primary },
+            Action::Adopt { vm: "vm3".into(), role: Role::Secondary }
+        ]
+    );
+    // a secondary the witness no longer counts as caught up (its primary
+    // ran alone) or a primary of an older term is stopped instead
+    v.witness.get_mut("vm3").unwrap().sync = None;
+    v.witness.get_mut("vm2").unwrap().term = 2;
+    // (vm's secondary is free: a, registered and empty, may claim it)
+    assert_eq!(
+        decide("a", &v, &l),
+        vec![
+            Action::Stop { vm: "vm2".into(), role: Role::Primary },
+            Action::Stop { vm: "vm3".into(), role: Role::Secondary },
+            Action::ClaimSecondary { vm: "vm".into(), join: addr(7100).unwrap() }
+        ]
+    );
+    // while the witness names a caught-up secondary, no other host claims
+    // the secondary (its host may be taking it back)
+    v.witness.get_mut("vm3").unwrap().sync = Some(Holder { node: "a.vm3.secondary#77.123".into(), term: 4 });
+    let b = Local {
+        children: vec![
+            Child { addr: addr(7100), service: addr(7101), ..child("vm", Role::Primary) },
+            Child { addr: addr(7200), service: addr(7201), ..child("vm3", Role::Primary) },
+        ],
+        ..waited("vm3", Role::Secondary, 100)
+    };
+    assert_eq!(decide("b", &v, &b), vec![]);
+    // and nothing fresh is claimed by a host that is not registered
+    v.hosts.remove("a");
     assert_eq!(decide("a", &v, &waited("vm2", Role::Primary, 100)), vec![]);
 }
 

@@ -108,9 +108,17 @@ async fn a_host_whose_lease_expires_loses_its_placements_and_a_promoted_secondar
     let la2 = host(&s, "a", 2, 30).await;
     let v = s.read().await.unwrap();
     assert_eq!(v.load("a"), 0);
-    // deleting the VM: b releases; the history is cleared once nothing runs
+    // a node of a's that still ran takes its free place back (once)
+    assert!(s.adopt("a", la2, 2, &v, "vm", Role::Secondary, addr(7300), addr(7301)).await.unwrap());
+    assert!(!s.adopt("a", la2, 2, &v, "vm", Role::Secondary, addr(7300), addr(7301)).await.unwrap());
+    let v = s.read().await.unwrap();
+    assert_eq!(v.placement["vm"].secondary, Some(Placed { host: "a".into(), addr: addr(7300), service: addr(7301) }));
+    assert_eq!(v.load("a"), 1);
+    // never the primary's place of a VM whose secondary it holds
+    assert!(!s.adopt("a", la2, 2, &v, "vm", Role::Primary, None, None).await.unwrap());
+    // deleting the VM: b and a release; the history is cleared once nothing runs
     s.release("b", lb, "vm", Role::Primary).await.unwrap();
-    let _ = la2;
+    s.release("a", la2, "vm", Role::Secondary).await.unwrap();
     s.delete_vm("vm", Duration::from_secs(5)).await.unwrap();
     let v = s.read().await.unwrap();
     assert!(!v.vms.contains_key("vm") && !v.placement.contains_key("vm") && v.load("b") == 0);
