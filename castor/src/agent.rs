@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use runtime::harness::{NodeProc, Spec};
 use witness::pool::store::{Store, StoreError};
-use witness::pool::{decide, Action, Child, HostInfo, Local, Role, View};
+use witness::pool::{decide, Action, Child, HostInfo, Local, Placed, Role, View};
 
 /// `castor agent`.
 #[derive(Debug, Args)]
@@ -320,13 +320,15 @@ impl Agent {
                 let Some(n) = self.node(vm, *role) else { return Ok(()) };
                 let (addr, service) = (n.child.addr, n.child.service);
                 let lease = self.lease()?;
-                self.rt.block_on(self.store.publish(&host, lease, view, vm, *role, addr, service))?;
+                let me = Placed { host: host.clone(), addr, service };
+                self.rt.block_on(self.store.publish(lease, view, vm, *role, me))?;
             }
             Action::Promoted { vm } => {
                 let Some(n) = self.node(vm, Role::Secondary) else { return Ok(()) };
                 let (addr, service) = (n.child.addr, n.child.service);
                 let lease = self.lease()?;
-                if self.rt.block_on(self.store.promoted(&host, lease, view, vm, addr, service))? {
+                let me = Placed { host: host.clone(), addr, service };
+                if self.rt.block_on(self.store.promoted(lease, view, vm, me))? {
                     eprintln!(
                         "castor agent {host}: the witness promoted our secondary of {vm}: it is the placed primary"
                     );
@@ -339,16 +341,8 @@ impl Agent {
                 let Some(n) = self.nodes.iter().find(|n| n.child.vm == *vm) else { return Ok(()) };
                 let (addr, service) = (n.child.addr, n.child.service);
                 let lease = self.lease()?;
-                let won = self.rt.block_on(self.store.adopt(
-                    &host,
-                    lease,
-                    self.a.capacity,
-                    view,
-                    vm,
-                    *role,
-                    addr,
-                    service,
-                ))?;
+                let me = Placed { host: host.clone(), addr, service };
+                let won = self.rt.block_on(self.store.adopt(lease, self.a.capacity, view, vm, *role, me))?;
                 if won {
                     eprintln!(
                         "castor agent {host}: took back the {} of {vm} (its place was free and the witness names it)",

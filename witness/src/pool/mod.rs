@@ -366,7 +366,7 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
             out.push(Action::Release { vm: vm.clone(), role: *role });
         }
     }
-    for (vm, _) in &view.vms {
+    for vm in view.vms.keys() {
         let p = view.placement.get(vm).cloned().unwrap_or_default();
         let w = view.witness.get(vm).cloned().unwrap_or_default();
         // placed here, not running: start it

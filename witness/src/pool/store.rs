@@ -263,26 +263,23 @@ impl Store {
         role: Role,
     ) -> Result<bool, StoreError> {
         let me = Placed { host: host.into(), addr: None, service: None };
-        self.place(lease, capacity, view, vm, role, me, role == Role::Primary).await
+        self.place(lease, capacity, view, (vm, role), me, role == Role::Primary).await
     }
 
-    /// `host` takes back the place of a node of its own that still runs
+    /// `me.host` takes back the place of a node of its own that still runs
     /// (its placement vanished with the host's lease and nobody took it;
     /// the caller checked that the witness still names the node): the
     /// claim's compares, without the fresh-VM one, with its addresses.
-    #[allow(clippy::too_many_arguments)]
     pub async fn adopt(
         &self,
-        host: &str,
         lease: i64,
         capacity: u32,
         view: &View,
         vm: &str,
         role: Role,
-        addr: Option<std::net::SocketAddr>,
-        service: Option<std::net::SocketAddr>,
+        me: Placed,
     ) -> Result<bool, StoreError> {
-        self.place(lease, capacity, view, vm, role, Placed { host: host.into(), addr, service }, false).await
+        self.place(lease, capacity, view, (vm, role), me, false).await
     }
 
     async fn place(
@@ -290,8 +287,7 @@ impl Store {
         lease: i64,
         capacity: u32,
         view: &View,
-        vm: &str,
-        role: Role,
+        (vm, role): (&str, Role),
         me: Placed,
         fresh: bool,
     ) -> Result<bool, StoreError> {
@@ -322,22 +318,19 @@ impl Store {
         Ok(self.txn(txn).await?.succeeded())
     }
 
-    /// Writes the addresses of `host`'s node of `vm` once it runs
-    /// (only while the placement is still ours as seen).
+    /// Writes the addresses of the node of `vm` on `next.host` once it runs
+    /// (only while the placement is still that host's, as seen).
     pub async fn publish(
         &self,
-        host: &str,
         lease: i64,
         view: &View,
         vm: &str,
         role: Role,
-        addr: Option<std::net::SocketAddr>,
-        service: Option<std::net::SocketAddr>,
+        next: Placed,
     ) -> Result<bool, StoreError> {
-        let Some(seen) = view.placement.get(vm).and_then(|p| p.get(role)).filter(|p| p.host == host) else {
+        let Some(seen) = view.placement.get(vm).and_then(|p| p.get(role)).filter(|p| p.host == next.host) else {
             return Ok(false);
         };
-        let next = Placed { host: host.into(), addr, service };
         let txn = Txn::new().when([holds(placement_key(vm, role), Some(placed_bytes(seen)))]).and_then([TxnOp::put(
             placement_key(vm, role),
             placed_bytes(&next),
@@ -346,19 +339,12 @@ impl Store {
         Ok(self.txn(txn).await?.succeeded())
     }
 
-    /// `host`'s secondary of `vm` was promoted by the witness: it becomes
+    /// `me.host`'s secondary of `vm` was promoted by the witness: it becomes
     /// the placed primary (on our lease), the secondary placement is freed
     /// and the host's slot changes role, in one transaction that holds only
     /// while the secondary placement and our slots are as seen.
-    pub async fn promoted(
-        &self,
-        host: &str,
-        lease: i64,
-        view: &View,
-        vm: &str,
-        addr: Option<std::net::SocketAddr>,
-        service: Option<std::net::SocketAddr>,
-    ) -> Result<bool, StoreError> {
+    pub async fn promoted(&self, lease: i64, view: &View, vm: &str, me: Placed) -> Result<bool, StoreError> {
+        let host = me.host.as_str();
         let Some(seen) = view.placement.get(vm).and_then(|p| p.secondary.as_ref()).filter(|p| p.host == host) else {
             return Ok(false);
         };
@@ -367,7 +353,6 @@ impl Store {
         next.remove(&(vm.to_string(), Role::Secondary));
         next.insert((vm.to_string(), Role::Primary));
         let leased = Some(PutOptions::new().with_lease(lease));
-        let me = Placed { host: host.into(), addr, service };
         let txn = Txn::new()
             .when([
                 holds(placement_key(vm, Role::Secondary), Some(placed_bytes(seen))),

@@ -23,6 +23,11 @@ fn addr(p: u16) -> Option<std::net::SocketAddr> {
     Some(std::net::SocketAddr::from(([127, 0, 0, 1], p)))
 }
 
+/// A node of `host` at replication port `p` (service `p + 1`).
+fn at(host: &str, p: u16) -> Placed {
+    Placed { host: host.into(), addr: addr(p), service: addr(p + 1) }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_racing_for_one_slot_one_wins_and_capacity_and_anti_affinity_hold() {
     let dir = tmp("race");
@@ -49,7 +54,7 @@ async fn two_agents_racing_for_one_slot_one_wins_and_capacity_and_anti_affinity_
     assert!(!s.claim("a", la, 1, &v, lost, Role::Primary).await.unwrap(), "a is full");
     // anti-affinity: a cannot take the secondary of its own primary (it is
     // full too; the same holds for a host with room, checked by b below)
-    assert!(s.publish("a", la, &v, won, Role::Primary, addr(7000), addr(7001)).await.unwrap());
+    assert!(s.publish(la, &v, won, Role::Primary, at("a", 7000)).await.unwrap());
 
     // b and c race for the one secondary of `won`, from the same view
     let v = s.read().await.unwrap();
@@ -82,7 +87,7 @@ async fn a_host_whose_lease_expires_loses_its_placements_and_a_promoted_secondar
     let v = s.read().await.unwrap();
     assert!(s.claim("a", la, 2, &v, "vm", Role::Primary).await.unwrap());
     let v = s.read().await.unwrap();
-    assert!(s.publish("a", la, &v, "vm", Role::Primary, addr(7000), addr(7001)).await.unwrap());
+    assert!(s.publish(la, &v, "vm", Role::Primary, at("a", 7000)).await.unwrap());
     let v = s.read().await.unwrap();
     assert!(s.claim("b", lb, 2, &v, "vm", Role::Secondary).await.unwrap());
     // a's lease expires (its agent stopped keeping it alive): its host key,
@@ -93,8 +98,8 @@ async fn a_host_whose_lease_expires_loses_its_placements_and_a_promoted_secondar
     assert_eq!(v.placement["vm"].primary, None);
     assert_eq!(v.placement["vm"].secondary.as_ref().unwrap().host, "b");
     // b's node was promoted by the witness: it becomes the placed primary
-    assert!(s.promoted("b", lb, &v, "vm", addr(7100), addr(7101)).await.unwrap());
-    assert!(!s.promoted("b", lb, &v, "vm", addr(7100), addr(7101)).await.unwrap(), "only once, from the view seen");
+    assert!(s.promoted(lb, &v, "vm", at("b", 7100)).await.unwrap());
+    assert!(!s.promoted(lb, &v, "vm", at("b", 7100)).await.unwrap(), "only once, from the view seen");
     let v = s.read().await.unwrap();
     assert_eq!(
         v.placement["vm"],
@@ -109,13 +114,13 @@ async fn a_host_whose_lease_expires_loses_its_placements_and_a_promoted_secondar
     let v = s.read().await.unwrap();
     assert_eq!(v.load("a"), 0);
     // a node of a's that still ran takes its free place back (once)
-    assert!(s.adopt("a", la2, 2, &v, "vm", Role::Secondary, addr(7300), addr(7301)).await.unwrap());
-    assert!(!s.adopt("a", la2, 2, &v, "vm", Role::Secondary, addr(7300), addr(7301)).await.unwrap());
+    assert!(s.adopt(la2, 2, &v, "vm", Role::Secondary, at("a", 7300)).await.unwrap());
+    assert!(!s.adopt(la2, 2, &v, "vm", Role::Secondary, at("a", 7300)).await.unwrap());
     let v = s.read().await.unwrap();
     assert_eq!(v.placement["vm"].secondary, Some(Placed { host: "a".into(), addr: addr(7300), service: addr(7301) }));
     assert_eq!(v.load("a"), 1);
     // never the primary's place of a VM whose secondary it holds
-    assert!(!s.adopt("a", la2, 2, &v, "vm", Role::Primary, None, None).await.unwrap());
+    assert!(!s.adopt(la2, 2, &v, "vm", Role::Primary, at("a", 7400)).await.unwrap());
     // deleting the VM: b and a release; the history is cleared once nothing runs
     s.release("b", lb, "vm", Role::Primary).await.unwrap();
     s.release("a", la2, "vm", Role::Secondary).await.unwrap();
