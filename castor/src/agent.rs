@@ -105,6 +105,8 @@ struct Agent {
     nodes: Vec<Running>,
     missing_since: BTreeMap<(String, Role), Instant>,
     backoff: BTreeMap<String, Instant>,
+    /// Switchovers asked of our primaries: (vm, term).
+    switched: BTreeSet<(String, u64)>,
     seq: u64,
     /// When etcd last answered (for the rate of the warning).
     unreachable_since: Option<Instant>,
@@ -143,6 +145,7 @@ pub fn agent(a: AgentArgs) -> Result<(), AgentError> {
         nodes: Vec::new(),
         missing_since: BTreeMap::new(),
         backoff: BTreeMap::new(),
+        switched: BTreeSet::new(),
         seq: 0,
         unreachable_since: None,
     };
@@ -261,10 +264,12 @@ impl Agent {
             self.missing_since.entry(k).or_insert(now);
         }
         self.backoff.retain(|_, until| *until > now);
+        self.switched.retain(|(vm, t)| view.switchover.get(vm) == Some(t));
         Local {
             children,
             missing_for: self.missing_since.iter().map(|(k, t)| (k.clone(), now - *t)).collect(),
             backoff: self.backoff.keys().cloned().collect(),
+            switched: self.switched.clone(),
         }
     }
 
@@ -353,6 +358,14 @@ impl Agent {
                     }
                 }
             }
+            Action::Switchover { vm } => {
+                let term = view.switchover.get(vm).copied().unwrap_or(0);
+                self.switched.insert((vm.clone(), term));
+                let Some(n) = self.node(vm, Role::Primary) else { return Ok(()) };
+                // the node answers once the handover is decided (or refused)
+                let answer = n.proc.command("switchover");
+                eprintln!("castor agent {host}: switchover of {vm} (term {term}) asked of its primary: {answer:?}");
+            }
             Action::Stop { vm, role } => {
                 if let Some(i) = self.nodes.iter().position(|n| n.child.vm == *vm && n.child.role == *role) {
                     let mut n = self.nodes.remove(i);
@@ -366,14 +379,18 @@ impl Agent {
             Action::Release { vm, role } => {
                 if let Some(i) = self.nodes.iter().position(|n| n.child.vm == *vm && n.child.role == *role) {
                     let mut n = self.nodes.remove(i);
-                    let code = n.proc.wait_exit(Duration::ZERO);
+                    // it exited (seen by `local`): its status is kept by the child
+                    let code = n.proc.child.try_wait().ok().flatten().map(|st| st.code().unwrap_or(-1));
                     eprintln!(
                         "castor agent {host}: the {} of {vm} exited ({}); giving its slot back; its log ends:\n{}",
                         role.as_str(),
                         runtime::harness::waited_text(code),
                         n.proc.log_tail()
                     );
-                    self.backoff.insert(vm.clone(), Instant::now() + BACKOFF);
+                    // exit 0: it handed over (a switchover), it did not fail
+                    if code != Some(0) {
+                        self.backoff.insert(vm.clone(), Instant::now() + BACKOFF);
+                    }
                 }
                 self.rt.block_on(self.store.release(&host, self.lease()?, vm, *role))?;
             }

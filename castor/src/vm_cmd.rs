@@ -45,6 +45,14 @@ enum VmCmd {
     },
     /// One VM as one JSON object (spec, placement with addresses, witness).
     Show { name: String },
+    /// Planned switchover: the VM's primary hands over to its secondary
+    /// (refused unless protected); the pool then protects it again.
+    Switchover {
+        name: String,
+        /// How long to wait for the handover.
+        #[arg(long, default_value_t = 30)]
+        wait_s: u64,
+    },
     /// Stop a VM everywhere: its agents stop its nodes; once none runs,
     /// its witness history is cleared (the name may be created again).
     Delete {
@@ -75,6 +83,7 @@ impl VmCmdError {
                 | StoreError::VmHasHistory { .. }
                 | StoreError::NoVm(_)
                 | StoreError::StillRunning { .. }
+                | StoreError::Busy(_)
                 | StoreError::HostTaken(_),
             ) => 8,
             VmCmdError::Store(StoreError::Unreachable(_) | StoreError::Corrupt { .. }) => 9,
@@ -153,6 +162,23 @@ pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
                 return Err(StoreError::NoVm(name).into());
             }
             println!("{}", vm_json(&view, &name));
+        }
+        VmCmd::Switchover { name, wait_s } => {
+            let view = rt.block_on(store.read())?;
+            if !view.vms.contains_key(&name) {
+                return Err(StoreError::NoVm(name).into());
+            }
+            if let Protection::Unprotected(why) = protection(&view, &name) {
+                return Err(StoreError::Busy(format!("{name} is not protected: {why}")).into());
+            }
+            let term = view.witness.get(&name).map_or(0, |w| w.term);
+            let from = view.placement.get(&name).and_then(|p| p.primary.as_ref()).map(|p| p.host.clone());
+            let after = rt.block_on(store.switchover(&name, term, Duration::from_secs(wait_s)))?;
+            let to = after.witness.get(&name).and_then(|w| w.primary.as_ref()).map(|h| h.node.clone());
+            println!(
+                "{}",
+                serde_json::json!({"ok": true, "name": name, "from_host": from, "term": after.witness[&name].term, "primary": to})
+            );
         }
         VmCmd::Delete { name, wait_s } => {
             rt.block_on(store.delete_vm(&name, Duration::from_secs(wait_s)))?;

@@ -442,3 +442,58 @@ fn an_etcd_outage_longer_than_the_lease_stops_nothing() {
     eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
     assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
 }
+
+/// `castor vm switchover`: the primary's agent asks its node to hand over,
+/// the witness promotes the secondary, the placement follows, and the
+/// third host protects the VM again; nothing acknowledged is lost.
+#[test]
+fn a_switchover_moves_the_primary_and_the_pool_protects_the_vm_again() {
+    let _g = serial();
+    let c = Cluster::new("pool-switchover");
+    let etcd = c.etcd();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
+    let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
+    assert_eq!(code, 0, "vm create: {out}{err}");
+    let Some(v) = wait_view(&rt, &store, T, |v| protection(v, "vm1") == Protection::Protected) else {
+        panic!("vm1 never protected: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    let (pr, se) = (v.placement["vm1"].primary.clone().unwrap(), v.placement["vm1"].secondary.clone().unwrap());
+    let load = Load::start(&rt, vec![pr.service.unwrap(), se.service.unwrap()], 4, 16, 1);
+    assert!(load.wait_more(100, T), "the load runs");
+    let t = Instant::now();
+    let (code, out, err) = castor(&["vm", "switchover", "vm1", "--witness", &etcd.url]);
+    assert_eq!(code, 0, "vm switchover: {out}{err}\n{}", logs(&hosts, &c.dir));
+    eprintln!("switchover: {} in {:.0} ms", out.trim(), t.elapsed().as_secs_f64() * 1e3);
+    let Some(v) = wait_view(&rt, &store, T, |v| {
+        let p = v.placement.get("vm1").cloned().unwrap_or_default();
+        protection(v, "vm1") == Protection::Protected
+            && p.primary.as_ref().is_some_and(|x| x.host == se.host)
+            && p.secondary.as_ref().is_some_and(|x| x.host != se.host)
+    }) else {
+        panic!("vm1 not protected again after the switchover: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    eprintln!(
+        "protected again (secondary on {}) {:.0} ms after the switchover was asked",
+        v.placement["vm1"].secondary.as_ref().unwrap().host,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(v.witness["vm1"].term, 2);
+    assert!(v.switchover.is_empty(), "the request is removed");
+    // the old primary exited 0 (handed over): its agent gave its slot back
+    assert!(
+        hosts.iter().find(|h| h.name == pr.host).unwrap().log_tail().contains("exited (exit code 0)"),
+        "{}",
+        logs(&hosts, &c.dir)
+    );
+    let (code, _, err) = castor(&["vm", "switchover", "nope", "--witness", &etcd.url]);
+    assert_eq!(code, 8, "no such vm: {err}");
+    load.add_node(v.placement["vm1"].secondary.clone().unwrap().service.unwrap());
+    assert!(load.wait_more(100, T), "clients carry on");
+    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
+    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
+    let sb = split_brain(&c.release_log());
+    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
+}

@@ -109,6 +109,9 @@ pub struct View {
     pub vms: BTreeMap<String, VmSpec>,
     pub placement: BTreeMap<String, VmPlacement>,
     pub witness: BTreeMap<String, WitnessView>,
+    /// Planned switchovers asked for (`/castor/pool/switchover/<vm>`): the
+    /// term whose primary is to hand over.
+    pub switchover: BTreeMap<String, u64>,
 }
 
 impl View {
@@ -251,6 +254,8 @@ pub struct Local {
     /// VMs whose node on this host failed recently: not claimed again here
     /// until the backoff ends.
     pub backoff: BTreeSet<String>,
+    /// Switchovers this agent asked its primary for: (vm, term).
+    pub switched: BTreeSet<(String, u64)>,
 }
 
 /// What the agent does next (each claim is a transaction that may lose).
@@ -275,6 +280,10 @@ pub enum Action {
     /// its caught-up secondary): an etcd outage longer than the lease TTL
     /// must not stop every VM.
     Adopt { vm: String, role: Role },
+    /// Ask our primary of `vm` for a planned switchover (`castor vm
+    /// switchover`): it hands over to its secondary (the witness's promote
+    /// transaction decides), exits, and the placement follows.
+    Switchover { vm: String },
     /// Stop a node etcd no longer places here (or whose VM is deleted).
     Stop { vm: String, role: Role },
     /// A node of ours exited: give its placement and slot back.
@@ -327,6 +336,13 @@ pub fn decide(me: &str, view: &View, local: &Local) -> Vec<Action> {
             } else if c.role == Role::Secondary && c.serving {
                 // the witness promoted it: the placement follows
                 out.push(Action::Promoted { vm });
+            } else if c.role == Role::Primary
+                && view.switchover.get(&vm).is_some_and(|t| {
+                    Some(*t) == view.witness.get(&vm).map(|w| w.term) && !local.switched.contains(&(vm.clone(), *t))
+                })
+                && protection(view, &vm) == Protection::Protected
+            {
+                out.push(Action::Switchover { vm });
             } else if c.addr.is_some() {
                 let p = view.placement.get(&vm).and_then(|p| p.get(c.role));
                 if p.is_some_and(|p| p.addr != c.addr || p.service != c.service) {

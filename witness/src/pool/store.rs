@@ -42,6 +42,8 @@ pub enum StoreError {
          (which clears the history once its nodes are gone) or use another name"
     )]
     VmHasHistory { vm: String, term: u64 },
+    #[error("{0}")]
+    Busy(String),
     #[error("no vm {0}")]
     NoVm(String),
     #[error("vm {vm} still has nodes or a serving primary after {secs} s: {what}")]
@@ -158,6 +160,11 @@ impl Store {
                     }
                     ["vms", vm] => {
                         v.vms.insert(json(vm)?, serde_json::from_slice(kv.value()).map_err(|_| corrupt())?);
+                    }
+                    ["switchover", vm] => {
+                        let t =
+                            std::str::from_utf8(kv.value()).ok().and_then(|s| s.parse().ok()).ok_or_else(corrupt)?;
+                        v.switchover.insert(vm.to_string(), t);
                     }
                     ["placement", vm, role] => {
                         let p: Placed = serde_json::from_slice(kv.value()).map_err(|_| corrupt())?;
@@ -424,6 +431,36 @@ impl Store {
         let term =
             gets.get(1).and_then(|g| g.first()).and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok());
         Err(StoreError::VmHasHistory { vm: vm.into(), term: term.unwrap_or(0) })
+    }
+
+    /// `castor vm switchover`: asks the agent of `vm`'s primary of `term`
+    /// to hand over to its secondary; waits up to `wait` until the term
+    /// moved on, and removes the request either way. Returns the new view.
+    pub async fn switchover(&self, vm: &str, term: u64, wait: Duration) -> Result<View, StoreError> {
+        let key = format!("{POOL}switchover/{vm}");
+        let txn =
+            Txn::new().when([holds(key.clone(), None)]).and_then([TxnOp::put(key.clone(), term.to_string(), None)]);
+        if !self.txn(txn).await?.succeeded() {
+            return Err(StoreError::Busy(format!("a switchover of {vm} is under way")));
+        }
+        let end = tokio::time::Instant::now() + wait;
+        let r = loop {
+            match self.read().await {
+                Ok(v) if v.witness.get(vm).is_some_and(|w| w.term > term) => break Ok(v),
+                Ok(_) | Err(StoreError::Unreachable(_)) if tokio::time::Instant::now() < end => {}
+                Ok(_) => {
+                    break Err(StoreError::Busy(format!(
+                        "the primary of {vm} did not hand over within {} s (see its agent's log)",
+                        wait.as_secs()
+                    )))
+                }
+                Err(e) => break Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let txn = Txn::new().and_then([TxnOp::delete(key, None)]);
+        self.txn(txn).await?;
+        r
     }
 
     /// `castor vm delete`: removes the desired VM (its agents stop its

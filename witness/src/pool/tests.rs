@@ -291,6 +291,29 @@ fn a_host_claims_primaries_first_and_no_more_than_its_free_slots() {
 }
 
 #[test]
+fn a_switchover_is_asked_of_the_protected_primary_once_per_term() {
+    let mut v = view(&[("a", 2), ("b", 2)], &["vm"]);
+    place(&mut v, "vm", Role::Primary, "a", Some(7000));
+    place(&mut v, "vm", Role::Secondary, "b", Some(7100));
+    serving(&mut v, "vm", 3, true);
+    let a = local(vec![child("vm", Role::Primary)]);
+    assert_eq!(decide("a", &v, &a), vec![]);
+    v.switchover.insert("vm".into(), 3);
+    assert_eq!(decide("a", &v, &a), vec![Action::Switchover { vm: "vm".into() }]);
+    let b = local(vec![Child { addr: addr(7100), service: addr(7101), ..child("vm", Role::Secondary) }]);
+    assert_eq!(decide("b", &v, &b), vec![], "only the primary's agent acts");
+    let mut asked = a.clone();
+    asked.switched.insert(("vm".into(), 3));
+    assert_eq!(decide("a", &v, &asked), vec![], "asked once");
+    // a request of an older term, or of an unprotected VM, is not acted on
+    v.switchover.insert("vm".into(), 2);
+    assert_eq!(decide("a", &v, &a), vec![]);
+    v.switchover.insert("vm".into(), 3);
+    v.witness.get_mut("vm").unwrap().sync = None;
+    assert_eq!(decide("a", &v, &a), vec![]);
+}
+
+#[test]
 fn a_host_in_backoff_claims_nothing_for_that_vm() {
     let v = view(&[("a", 2)], &["vm"]);
     let mut l = Local::default();
