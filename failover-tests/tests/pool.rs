@@ -499,3 +499,40 @@ fn a_switchover_moves_the_primary_and_the_pool_protects_the_vm_again() {
     let sb = split_brain(&c.release_log());
     assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
 }
+
+/// A 3-member etcd, one member killed: the agents and the nodes go on
+/// through the other two; nothing moves, nothing stops, nothing is lost.
+#[test]
+fn one_etcd_member_of_three_killed_changes_nothing() {
+    let _g = serial();
+    let c = Cluster::new("pool-etcd-member");
+    let mut members = c.etcd_cluster();
+    let urls = members.iter().map(|m| m.url.clone()).collect::<Vec<_>>().join(",");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(&urls, Duration::from_millis(500))).unwrap();
+    let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &urls, n, 2)).collect();
+    let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &urls, "--mem", "64M"]);
+    assert_eq!(code, 0, "vm create: {out}{err}");
+    let Some(v) = wait_view(&rt, &store, T, |v| protection(v, "vm1") == Protection::Protected) else {
+        panic!("vm1 never protected: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    let before = v.placement["vm1"].clone();
+    let (pr, se) = (before.primary.clone().unwrap(), before.secondary.clone().unwrap());
+    let load = Load::start(&rt, vec![pr.service.unwrap(), se.service.unwrap()], 4, 16, 1);
+    assert!(load.wait_more(100, T), "the load runs");
+    let nodes: Vec<Vec<u32>> = hosts.iter().map(Host::nodes).collect();
+    members[0].kill();
+    eprintln!("killed etcd member {}", members[0].name);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(load.wait_more(100, T), "clients carry on");
+    let Some(v) = wait_view(&rt, &store, T, |v| v.hosts.len() == 3 && protection(v, "vm1") == Protection::Protected)
+    else {
+        panic!("the pool changed: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    assert_eq!(v.placement["vm1"], before, "nothing moved");
+    assert_eq!(v.witness["vm1"].term, 1, "no failover");
+    assert_eq!(hosts.iter().map(Host::nodes).collect::<Vec<_>>(), nodes, "the same nodes run");
+    let verdict = load.finish(&rt, pr.service.unwrap());
+    eprintln!("one member of three killed: nothing changed; acked {}, lost {}", verdict.acked, verdict.lost);
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
+}
