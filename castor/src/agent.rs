@@ -163,6 +163,8 @@ pub fn agent(a: AgentArgs) -> Result<(), AgentError> {
         }
     }
     eprintln!("castor agent: host {} registered (capacity {})", agent.a.host, agent.a.capacity);
+    // registered: any earlier agent of this host is gone (its lease expired)
+    stop_orphans(&agent.a.state_dir);
     while !stop.load(Ordering::SeqCst) {
         let acted = agent.tick();
         if !acted {
@@ -171,6 +173,36 @@ pub fn agent(a: AgentArgs) -> Result<(), AgentError> {
     }
     agent.shutdown();
     Ok(())
+}
+
+/// Kills the nodes an earlier agent of this host left running (it crashed
+/// or was killed alone), once this agent is registered (so the earlier
+/// one's lease has expired and etcd places nothing here): this agent
+/// cannot supervise them. A node is recognised by its ready file in the
+/// state dir and by its command line naming that file, so a pid reused by
+/// another process is never signalled. The witness then fails their VMs
+/// over and the pool re-protects them.
+fn stop_orphans(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "ready") {
+            continue;
+        }
+        if let Some(r) = runtime::listen::Ready::read(&path) {
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.pid)).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let ours = args.iter().any(|a| *a == path.as_os_str().as_encoded_bytes());
+            if ours && r.pid > 1 {
+                // SAFETY: kill(2) takes no pointers.
+                unsafe {
+                    libc::kill(r.pid as i32, libc::SIGKILL);
+                }
+                eprintln!("castor agent: killed pid {} left by an earlier agent ({})", r.pid, path.display());
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 impl Agent {
@@ -408,7 +440,9 @@ impl Agent {
         join: Option<std::net::SocketAddr>,
     ) -> Result<NodeProc, runtime::harness::HarnessError> {
         self.seq += 1;
-        let name = format!("{vm}.{}.{}", role.as_str(), self.seq);
+        // the agent's pid too: a restarted agent's nodes do not overwrite
+        // the logs of the nodes it found left over
+        let name = format!("{vm}.{}.{}-{}", role.as_str(), std::process::id(), self.seq);
         let any = std::net::SocketAddr::new(self.a.bind, 0).to_string();
         let mut args: Vec<String> = match role {
             Role::Primary => vec![

@@ -58,6 +58,12 @@ impl Host {
         }
     }
 
+    /// kill -9 of the agent alone (its nodes run on, orphaned).
+    fn kill_agent(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// kill -9 of the agent and of every node it started (a host dies).
     fn kill_all(&mut self) {
         self.signal_all(libc::SIGCONT);
@@ -535,4 +541,66 @@ fn one_etcd_member_of_three_killed_changes_nothing() {
     let verdict = load.finish(&rt, pr.service.unwrap());
     eprintln!("one member of three killed: nothing changed; acked {}, lost {}", verdict.acked, verdict.lost);
     assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
+}
+
+/// An agent killed alone (its nodes run on without it) and restarted on the
+/// same state dir: the new agent kills the nodes it finds left over (it
+/// cannot supervise them and etcd no longer places them on it once the old
+/// lease expired); the witness fails the VM over, the pool re-protects it,
+/// nothing acknowledged is lost.
+#[test]
+fn an_agent_killed_alone_and_restarted_stops_the_nodes_it_left() {
+    let _g = serial();
+    let c = Cluster::new("pool-agent-restart");
+    let etcd = c.etcd();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let mut hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
+    let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
+    assert_eq!(code, 0, "vm create: {out}{err}");
+    let Some(v) = wait_view(&rt, &store, T, |v| protection(v, "vm1") == Protection::Protected) else {
+        panic!("vm1 never protected: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    let (pr, se) = (v.placement["vm1"].primary.clone().unwrap(), v.placement["vm1"].secondary.clone().unwrap());
+    let load = Load::start(&rt, vec![pr.service.unwrap(), se.service.unwrap()], 4, 16, 1);
+    assert!(load.wait_more(100, T), "the load runs");
+    let i = hosts.iter().position(|h| h.name == pr.host).unwrap();
+    let orphans = hosts[i].nodes();
+    hosts[i].kill_agent();
+    eprintln!("killed the agent of {} alone; its nodes {orphans:?} run on", pr.host);
+    assert!(load.wait_more(100, T), "the orphaned primary serves");
+    let t = Instant::now();
+    let restarted = Host::start(&c, &etcd.url, &pr.host, 2);
+    let Some(v) = wait_view(&rt, &store, T, |v| {
+        protection(v, "vm1") == Protection::Protected
+            && v.placement["vm1"].primary.as_ref().is_some_and(|p| p.host == se.host)
+    }) else {
+        panic!("vm1 not re-protected: {:?}\n{}\n{}", read(&rt, &store), logs(&hosts, &c.dir), restarted.log_tail());
+    };
+    eprintln!(
+        "restarted {}: it killed the nodes left over, vm1 failed over and was protected again (secondary on {}) {:.0} ms later",
+        pr.host,
+        v.placement["vm1"].secondary.as_ref().unwrap().host,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(restarted.log_tail().contains("left by an earlier agent"), "{}", restarted.log_tail());
+    // gone, or a zombie its new parent has not reaped yet
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).map(|st| st != "Z"))
+            .unwrap_or(false)
+    };
+    for pid in &orphans {
+        assert!(!alive(pid), "node {pid} left running");
+    }
+    assert_eq!(v.witness["vm1"].term, 2, "one failover");
+    load.add_node(v.placement["vm1"].secondary.clone().unwrap().service.unwrap());
+    assert!(load.wait_more(100, T), "clients carry on");
+    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
+    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
+    let sb = split_brain(&c.release_log());
+    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
+    drop(restarted);
 }
