@@ -604,3 +604,80 @@ fn an_agent_killed_alone_and_restarted_stops_the_nodes_it_left() {
     assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
     drop(restarted);
 }
+
+/// The scenario with two VMs under load: three hosts, the host
+/// holding vm1's primary (and, by placement, vm2's secondary) dies with
+/// everything it runs. vm1 fails over by the witness, vm2's primary runs
+/// alone by the witness; both are protected again on the two hosts left,
+/// nothing acknowledged lost in either.
+#[test]
+fn a_host_dies_under_two_vms_and_both_are_served_and_protected_again() {
+    let _g = serial();
+    let c = Cluster::new("pool-two-vms");
+    let etcd = c.etcd();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let mut hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
+    for vm in ["vm1", "vm2"] {
+        let (code, out, err) = castor(&["vm", "create", vm, "--witness", &etcd.url, "--mem", "64M"]);
+        assert_eq!(code, 0, "vm create: {out}{err}");
+    }
+    let both = |v: &View| ["vm1", "vm2"].iter().all(|vm| protection(v, vm) == Protection::Protected);
+    let Some(v) = wait_view(&rt, &store, T, both) else {
+        panic!("not protected: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    eprint!("{}", castor(&["vm", "list", "--witness", &etcd.url]).1);
+    let loads: Vec<Load> = ["vm1", "vm2"]
+        .iter()
+        .enumerate()
+        .map(|(i, vm)| {
+            let p = &v.placement[*vm];
+            let nodes =
+                vec![p.primary.as_ref().unwrap().service.unwrap(), p.secondary.as_ref().unwrap().service.unwrap()];
+            Load::start(&rt, nodes, 4, 16, 1 + 100 * i as u32)
+        })
+        .collect();
+    for l in &loads {
+        assert!(l.wait_more(100, T), "the load runs");
+    }
+    let dead = v.placement["vm1"].primary.as_ref().unwrap().host.clone();
+    let i = hosts.iter().position(|h| h.name == dead).unwrap();
+    let killed = Instant::now();
+    hosts[i].kill_all();
+    eprintln!("killed host {dead} (its agent and its nodes)");
+    let Some(v) = wait_view(&rt, &store, T, |v| {
+        both(v)
+            && ["vm1", "vm2"].iter().all(|vm| {
+                let p = &v.placement[*vm];
+                p.primary.as_ref().is_some_and(|x| x.host != dead)
+                    && p.secondary.as_ref().is_some_and(|x| x.host != dead)
+            })
+    }) else {
+        panic!("not protected again: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
+    };
+    eprintln!("both VMs protected again without {dead} {:.0} ms after the kill", killed.elapsed().as_secs_f64() * 1e3);
+    eprint!("{}", castor(&["vm", "list", "--witness", &etcd.url]).1);
+    for (l, vm) in loads.into_iter().zip(["vm1", "vm2"]) {
+        let p = &v.placement[vm];
+        l.add_node(p.secondary.as_ref().unwrap().service.unwrap());
+        l.add_node(p.primary.as_ref().unwrap().service.unwrap());
+        assert!(l.wait_more(100, T), "{vm}: clients carry on");
+        let verdict = l.finish(&rt, p.primary.as_ref().unwrap().service.unwrap());
+        eprintln!("{vm}: acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
+        assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{vm}");
+    }
+    // one release log for both VMs: each VM's generations apart (a node's
+    // name is <host>.<vm>.<role>)
+    let text = std::fs::read_to_string(c.release_log()).unwrap_or_default();
+    for vm in ["vm1", "vm2"] {
+        let path = c.dir.join(format!("released-{vm}.log"));
+        let mine: String = text
+            .lines()
+            .filter(|l| l.split_whitespace().next().and_then(|n| n.split('.').nth(1)) == Some(vm))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, mine).unwrap();
+        let sb = split_brain(&path);
+        assert!(sb.is_empty(), "{vm}: generations released by two nodes: {sb:?}");
+    }
+}
