@@ -209,7 +209,11 @@ impl Agent {
     fn register(&mut self) -> Result<(), StoreError> {
         let ttl = Duration::from_secs(self.a.lease_ttl_s.max(1));
         let lease = self.rt.block_on(self.store.lease(ttl))?;
-        self.rt.block_on(self.store.register(&self.a.host, &HostInfo { capacity: self.a.capacity }, lease))?;
+        let info = HostInfo { capacity: self.a.capacity };
+        if let Err(e) = self.rt.block_on(self.store.register(&self.a.host, &info, lease)) {
+            self.rt.block_on(self.store.revoke(lease));
+            return Err(e);
+        }
         self.lost.store(false, Ordering::SeqCst);
         let (store, lost) = (self.store.clone(), self.lost.clone());
         if let Some(k) = self.keeper.take() {
