@@ -8,7 +8,12 @@
 //! * 5: file I/O (snapshots, expectation files, secret files: a weak link
 //!   key, or `castor keygen` refusing to overwrite a file without `--force`)
 //! * 6: a verification the user asked for failed (e.g. `--kv-verify`)
+//! * 8: `castor vm`: refused (the VM exists, has a witness history, does
+//!   not exist, or its nodes still run)
+//! * 9: `castor vm`, `castor agent`: etcd unreachable (or its host name is
+//!   registered already)
 
+mod agent;
 mod bench;
 mod bench_e2e;
 mod demo;
@@ -16,6 +21,7 @@ mod kvload;
 mod net_arg;
 mod node_cmd;
 mod run;
+mod vm_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -84,6 +90,11 @@ enum Command {
         #[command(flatten)]
         control: node_cmd::ControlArgs,
     },
+    /// One per host of a pool: registers the host in etcd, claims
+    /// placements, starts and supervises the castor nodes placed on it.
+    Agent(agent::AgentArgs),
+    /// The pool's VMs: create, list, show, delete (desired state in etcd).
+    Vm(vm_cmd::VmArgs),
 }
 
 fn main() {
@@ -168,6 +179,20 @@ fn main() {
             Err(e) => {
                 eprintln!("castor keygen: {e}");
                 5
+            }
+        },
+        Command::Agent(a) => match agent::agent(a) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("castor agent: {e}");
+                e.exit_code()
+            }
+        },
+        Command::Vm(a) => match vm_cmd::vm(a) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("castor vm: {e}");
+                e.exit_code()
             }
         },
         Command::Primary(a) => node("primary", node_cmd::primary(a)),

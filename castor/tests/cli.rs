@@ -387,3 +387,41 @@ fn the_control_socket_refuses_other_uids_and_tcp_needs_the_token() {
     let v: Value = serde_json::from_slice(&yes.stdout).expect("status JSON");
     assert_eq!(v["role"], "primary");
 }
+
+/// `castor vm`: the exit codes of docs/operations.md against a real etcd
+/// (2 bad command line, 8 refused, 9 unreachable) and `list --json`.
+#[test]
+fn vm_commands_answer_with_their_documented_exit_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = witness::server::Etcd::start(&dir.path().join("etcd")).expect("etcd (scripts/deps.sh installs it)");
+    let vm = |args: &[&str]| {
+        let o = castor().arg("vm").args(args).output().expect("castor vm");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let url = etcd.url.as_str();
+    assert_eq!(vm(&["list"]).0, Some(2), "no --witness");
+    assert_eq!(vm(&["create", "a/b", "--witness", url]).0, Some(2), "a bad name");
+    assert_eq!(vm(&["create", "pool", "--witness", url]).0, Some(2), "a reserved name");
+    assert_eq!(vm(&["create", "x", "--guest", "redis", "--witness", url]).0, Some(2), "the pool runs kv");
+    let (code, out, err) = vm(&["create", "web1", "--witness", url, "--mem", "64M", "--vcpus", "1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(vm(&["create", "web1", "--witness", url]).0, Some(8), "exists");
+    let (code, out, _) = vm(&["list", "--witness", url, "--json"]);
+    assert_eq!(code, Some(0));
+    let rows: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON array");
+    assert_eq!(rows[0]["name"], "web1");
+    assert_eq!(rows[0]["spec"]["mem"], 64 << 20);
+    assert_eq!(rows[0]["protection"], "unprotected");
+    assert_eq!(rows[0]["reason"], "no_host_for_primary", "no agent runs: {rows}");
+    assert_eq!(vm(&["show", "nope", "--witness", url]).0, Some(8));
+    assert_eq!(vm(&["switchover", "web1", "--witness", url]).0, Some(8), "not protected");
+    let (code, out, err) = vm(&["delete", "web1", "--witness", url, "--wait-s", "5"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(vm(&["delete", "web1", "--witness", url]).0, Some(8), "gone");
+    // nothing listens on port 1
+    assert_eq!(vm(&["list", "--witness", "http://127.0.0.1:1", "--witness-timeout-ms", "200"]).0, Some(9));
+}

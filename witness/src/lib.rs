@@ -18,6 +18,7 @@
 //! (the fencing-token argument). A request that cannot reach etcd answers
 //! [`WitnessError::Unreachable`]: the caller holds, it never guesses.
 
+pub mod pool;
 pub mod server;
 
 use std::time::{Duration, Instant};

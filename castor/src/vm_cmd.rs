@@ -1,0 +1,189 @@
+//! `castor vm create|list|show|delete`: the pool's desired state in etcd,
+//! and what the agents and the witness made of it.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use witness::pool::store::{Store, StoreError};
+use witness::pool::{protection, Protection, View, VmSpec};
+
+use crate::run::{parse_size, GuestArg};
+
+/// `castor vm`.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// The pool's etcd client URLs (`http://HOST:PORT[,...]`).
+    #[arg(long, value_name = "URL[,URL...]", global = true)]
+    witness: Option<String>,
+    /// Deadline of one etcd request.
+    #[arg(long, default_value_t = 500, global = true)]
+    witness_timeout_ms: u64,
+    #[command(subcommand)]
+    cmd: VmCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Ask the pool to run and protect a VM (desired state).
+    Create {
+        name: String,
+        /// The built-in guest (the pool runs `kv` for now).
+        #[arg(long, value_enum, default_value = "kv")]
+        guest: GuestArg,
+        /// Guest memory (K, M or G suffix).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        mem: u64,
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+    },
+    /// Every VM: the hosts of its primary and secondary, protection, term,
+    /// and why it is not protected.
+    List {
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One VM as one JSON object (spec, placement with addresses, witness).
+    Show { name: String },
+    /// Planned switchover: the VM's primary hands over to its secondary
+    /// (refused unless protected); the pool then protects it again.
+    Switchover {
+        name: String,
+        /// How long to wait for the handover.
+        #[arg(long, default_value_t = 30)]
+        wait_s: u64,
+    },
+    /// Stop a VM everywhere: its agents stop its nodes; once none runs,
+    /// its witness history is cleared (the name may be created again).
+    Delete {
+        name: String,
+        /// How long to wait for its nodes to stop.
+        #[arg(long, default_value_t = 30)]
+        wait_s: u64,
+    },
+}
+
+/// Errors of `castor vm`.
+#[derive(Debug, thiserror::Error)]
+pub enum VmCmdError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl VmCmdError {
+    /// 2 bad command line; 8 refused (exists, has a history, no such vm,
+    /// still running); 9 etcd unreachable or holding what castor cannot read.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmCmdError::Usage(_) | VmCmdError::Store(StoreError::Config(_)) => 2,
+            VmCmdError::Store(
+                StoreError::VmExists(_)
+                | StoreError::VmHasHistory { .. }
+                | StoreError::NoVm(_)
+                | StoreError::StillRunning { .. }
+                | StoreError::Busy(_)
+                | StoreError::HostTaken(_),
+            ) => 8,
+            VmCmdError::Store(StoreError::Unreachable(_) | StoreError::Corrupt { .. }) => 9,
+        }
+    }
+}
+
+/// One VM as `list` and `show` report it.
+pub fn vm_json(view: &View, vm: &str) -> serde_json::Value {
+    let p = view.placement.get(vm).cloned().unwrap_or_default();
+    let w = view.witness.get(vm).cloned().unwrap_or_default();
+    let (protected, why) = match protection(view, vm) {
+        Protection::Protected => ("protected", None),
+        Protection::Unprotected(r) => ("unprotected", Some(r)),
+    };
+    serde_json::json!({
+        "name": vm,
+        "spec": view.vms.get(vm),
+        "primary": p.primary,
+        "secondary": p.secondary,
+        "protection": protected,
+        "reason": why,
+        "why": why.map(|r| r.to_string()),
+        "term": w.term,
+        "witness_primary": w.primary.as_ref().map(|h| &h.node),
+        "witness_sync": w.sync.as_ref().map(|h| &h.node),
+    })
+}
+
+pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
+    let Some(urls) = a.witness.clone() else {
+        return Err(VmCmdError::Usage("--witness URL[,URL...] is needed (the pool's etcd)".into()));
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let store = rt.block_on(Store::connect(&urls, Duration::from_millis(a.witness_timeout_ms.max(10))))?;
+    match a.cmd {
+        VmCmd::Create { name, guest, mem, vcpus } => {
+            if !matches!(guest, GuestArg::Kv) {
+                return Err(VmCmdError::Usage(format!(
+                    "--guest {guest:?}: the pool runs the kv guest for now (the network options come later)"
+                )));
+            }
+            if vcpus == 0 {
+                return Err(VmCmdError::Usage("--vcpus must be at least 1".into()));
+            }
+            rt.block_on(store.create_vm(&name, &VmSpec { guest: "kv".into(), mem, vcpus }))?;
+            println!("{}", serde_json::json!({"ok": true, "name": name}));
+        }
+        VmCmd::List { json } => {
+            let view = rt.block_on(store.read())?;
+            let rows: Vec<serde_json::Value> = view.vms.keys().map(|vm| vm_json(&view, vm)).collect();
+            if json {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<16} {:<12} {:<12} {:<12} {:>5}  WHY",
+                    "NAME", "PRIMARY", "SECONDARY", "PROTECTION", "TERM"
+                );
+                let host = |v: &serde_json::Value| v["host"].as_str().unwrap_or("-").to_string();
+                for r in rows {
+                    println!(
+                        "{:<16} {:<12} {:<12} {:<12} {:>5}  {}",
+                        r["name"].as_str().unwrap_or(""),
+                        host(&r["primary"]),
+                        host(&r["secondary"]),
+                        r["protection"].as_str().unwrap_or(""),
+                        r["term"].as_u64().unwrap_or(0),
+                        r["why"].as_str().unwrap_or("-"),
+                    );
+                }
+            }
+        }
+        VmCmd::Show { name } => {
+            let view = rt.block_on(store.read())?;
+            if !view.vms.contains_key(&name) {
+                return Err(StoreError::NoVm(name).into());
+            }
+            println!("{}", vm_json(&view, &name));
+        }
+        VmCmd::Switchover { name, wait_s } => {
+            let view = rt.block_on(store.read())?;
+            if !view.vms.contains_key(&name) {
+                return Err(StoreError::NoVm(name).into());
+            }
+            if let Protection::Unprotected(why) = protection(&view, &name) {
+                return Err(StoreError::Busy(format!("{name} is not protected: {why}")).into());
+            }
+            let term = view.witness.get(&name).map_or(0, |w| w.term);
+            let from = view.placement.get(&name).and_then(|p| p.primary.as_ref()).map(|p| p.host.clone());
+            let after = rt.block_on(store.switchover(&name, term, Duration::from_secs(wait_s)))?;
+            let to = after.witness.get(&name).and_then(|w| w.primary.as_ref()).map(|h| h.node.clone());
+            println!(
+                "{}",
+                serde_json::json!({"ok": true, "name": name, "from_host": from, "term": after.witness[&name].term, "primary": to})
+            );
+        }
+        VmCmd::Delete { name, wait_s } => {
+            rt.block_on(store.delete_vm(&name, Duration::from_secs(wait_s)))?;
+            println!("{}", serde_json::json!({"ok": true, "name": name}));
+        }
+    }
+    Ok(())
+}
