@@ -366,13 +366,13 @@ fn a_switchover_moves_the_primary_and_the_pool_protects_the_vm_again() {
     );
     assert_eq!(v.witness["vm1"].term, 2);
     assert!(v.switchover.is_empty(), "the request is removed");
-    // the old primary exited: 0 (handed over), or 7 (fenced) when the
-    // secondary's answer to the handover was lost with the link although
-    // the takeover was granted (castor's switchover, not the pool: seen in
-    // about 1 run of 6 here); either way its agent gave its slot back
+    // the old primary handed over and exited 0 (it exited 7 in about 1 run
+    // of 8 while a heartbeat channel the new primary closed could end the
+    // session before the data connection brought the acceptance; fixed in
+    // the primary's heartbeat task)
     let old = hosts.iter().find(|h| h.name == pr.host).unwrap().log_tail();
     let exit = ["exit code 0", "exit code 7"].into_iter().find(|c| old.contains(&format!("exited ({c})")));
-    assert!(exit.is_some(), "the old primary did not exit:\n{}", logs(&hosts, &c.dir));
+    assert_eq!(exit, Some("exit code 0"), "the old primary did not exit 0:\n{}", logs(&hosts, &c.dir));
     eprintln!("the old primary exited ({})", exit.unwrap());
     let (code, _, err) = castor(&["vm", "switchover", "nope", "--witness", &etcd.url]);
     assert_eq!(code, 8, "no such vm: {err}");

@@ -103,9 +103,10 @@ pub(super) struct HeartbeatShared {
     /// from the data connection than the one before.
     pub(super) data_progress: Arc<std::sync::Mutex<Instant>>,
     /// Set while a handover is out: the secondary raises its generation as
-    /// it takes over, and its heartbeat replies may show it before the data
-    /// connection brings its acceptance; the data connection decides then
-    /// (acceptance, refusal, or its loss).
+    /// it takes over, and its heartbeat replies may show it, or its
+    /// heartbeat channel close, before the data connection brings its
+    /// acceptance; the data connection decides then (acceptance, refusal,
+    /// or its loss), within the heartbeat timeout.
     pub(super) handing_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -123,19 +124,27 @@ pub(super) async fn heartbeats(
     let mut seq = 0u64;
     let mut last_reply = Instant::now();
     let start = Instant::now();
+    // false once the channel closed during a handover (the secondary took
+    // over and hung up; its acceptance may still be on its way on the data
+    // connection, which then ends the session)
+    let mut open = true;
+    let handing_over = || live.handing_over.load(std::sync::atomic::Ordering::SeqCst);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let time_us = start.elapsed().as_micros() as u64;
-                if hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
-                    return SessionExit::Lost(Loss::Closed("heartbeat"));
+                if open && hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
+                    if !handing_over() {
+                        return SessionExit::Lost(Loss::Closed("heartbeat"));
+                    }
+                    open = false;
                 }
                 seq += 1;
                 if last_reply.elapsed() > timeout {
                     return SessionExit::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
                 }
             }
-            m = hr.recv() => match m {
+            m = hr.recv(), if open => match m {
                 Ok(Some(Message::Heartbeat { generation, time_us, received, .. })) => {
                     if generation > gen && !live.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
                         return SessionExit::Fenced(generation);
@@ -155,6 +164,7 @@ pub(super) async fn heartbeats(
                     }
                 }
                 Ok(Some(other)) => return SessionExit::Lost(Loss::Unexpected(format!("{:?} on the heartbeat channel", other.kind()))),
+                Ok(None) | Err(_) if handing_over() => open = false,
                 Ok(None) => return SessionExit::Lost(Loss::Closed("heartbeat")),
                 Err(e) => return SessionExit::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
             }
