@@ -91,7 +91,7 @@ extern "C" fn net_main(boot_info: *const BootInfo) -> ! {
 const IDLE_SPINS: u32 = 64;
 /// How long the loop keeps polling the rings after its last work before it
 /// sleeps. On KVM-PVM a sleep (HC_WAIT) and the interrupt that ends it run
-/// emulated CPL0 code: ~100 us of guest time per interrupt (`castor bench`,
+/// emulated CPL0 code: ~50 us of guest time per interrupt (`castor bench`,
 /// part 6), more than the gap between two requests of a busy client set, so
 /// a guest that slept at once took one interrupt per request. Polling this
 /// long catches the next frame of a burst; an idle guest sleeps after it.
