@@ -375,25 +375,42 @@ impl Witness {
         );
         let mut warned = false;
         loop {
-            let mut c = self.client.clone();
-            let r = async {
-                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-                loop {
-                    keeper.keep_alive().await?;
-                    match stream.message().await? {
-                        Some(m) if m.ttl() > 0 => {}
-                        _ => return Ok::<(), etcd_client::Error>(()),
-                    }
-                    tokio::time::sleep(every).await;
-                }
-            }
-            .await;
+            let r = keep_alive_stream(&self.client, lease, every).await;
             if !warned {
                 tracing::warn!(lease, error = ?r.err(), "the witness lease of the primary key lapsed");
                 warned = true;
             }
             tokio::time::sleep(again.next().unwrap_or(every)).await;
         }
+    }
+}
+
+/// How one keep-alive stream of a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseEnd {
+    /// etcd answered a refresh with TTL 0: the lease is gone.
+    Expired,
+    /// The stream ended without saying so.
+    StreamClosed,
+}
+
+/// Refreshes `lease` every `every` on one keep-alive stream, until etcd
+/// says it expired or the stream ends (or fails).
+pub(crate) async fn keep_alive_stream(
+    client: &Client,
+    lease: i64,
+    every: Duration,
+) -> Result<LeaseEnd, etcd_client::Error> {
+    let mut c = client.clone();
+    let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+    loop {
+        keeper.keep_alive().await?;
+        match stream.message().await? {
+            Some(m) if m.ttl() > 0 => {}
+            Some(_) => return Ok(LeaseEnd::Expired),
+            None => return Ok(LeaseEnd::StreamClosed),
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -233,23 +233,9 @@ impl Store {
     pub async fn keep_alive(&self, lease: i64, ttl: Duration) {
         let every = (ttl / 3).max(Duration::from_millis(200));
         loop {
-            let mut c = self.client.clone();
-            let r = async {
-                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-                loop {
-                    keeper.keep_alive().await?;
-                    match stream.message().await? {
-                        Some(m) if m.ttl() > 0 => {}
-                        Some(_) => return Ok::<bool, etcd_client::Error>(true),
-                        None => return Ok(false),
-                    }
-                    tokio::time::sleep(every).await;
-                }
-            }
-            .await;
-            match r {
-                Ok(true) => return,
-                Ok(false) | Err(_) => tokio::time::sleep(every / 2).await,
+            match crate::keep_alive_stream(&self.client, lease, every).await {
+                Ok(crate::LeaseEnd::Expired) => return,
+                Ok(crate::LeaseEnd::StreamClosed) | Err(_) => tokio::time::sleep(every / 2).await,
             }
         }
     }
