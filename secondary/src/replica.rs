@@ -227,15 +227,15 @@ impl Replica {
         Ok(())
     }
 
-    /// Writes one page; a delta's base was checked by [`Self::check_bases`].
-    fn write_page(mem: &GuestMem, p: &Page) -> Result<(), ReplicaError> {
+    /// Writes one page of `epoch`; a delta's base was checked by
+    /// [`Self::check_bases`] (and its runs where its chunk was decoded).
+    fn write_page(mem: &GuestMem, epoch: u64, p: &Page) -> Result<(), ReplicaError> {
         let gpa = p.gfn * PAGE_SIZE as u64;
         match &p.data {
             PageData::Full(d) => mem.write(gpa, d)?,
             PageData::Zero => mem.write(gpa, &[0u8; PAGE_SIZE])?,
             PageData::Delta(d) => {
-                let (_, runs) =
-                    delta::parse(d).map_err(|source| ReplicaError::Delta { epoch: 0, gfn: p.gfn, source })?;
+                let (_, runs) = delta::parse(d).map_err(|source| ReplicaError::Delta { epoch, gfn: p.gfn, source })?;
                 for (off, bytes) in runs {
                     mem.write(gpa + off as u64, bytes)?;
                 }
@@ -272,7 +272,7 @@ impl Replica {
             if s.full && p.is_zero() {
                 continue; // already zero
             }
-            Self::write_page(mem, p)?;
+            Self::write_page(mem, s.epoch, p)?;
         }
         Ok(())
     }
@@ -348,7 +348,8 @@ impl Replica {
         }
         let mem = self.sync.as_ref().map_or_else(|| self.mem.clone(), |s| s.mem.clone());
         for p in &c.pages {
-            Self::write_page(&mem, p)?;
+            // (no delta reaches here: refused above)
+            Self::write_page(&mem, c.epoch, p)?;
         }
         mem.take_vmm_dirty();
         self.synced_pages += c.pages.len() as u64;

@@ -127,9 +127,10 @@ pub fn check(delta: &[u8]) -> Result<(), DeltaError> {
     parse(delta).map(|_| ())
 }
 
-/// Checks that `page` is the delta's base.
+/// Checks that `page` is the delta's base (its header's CRC only: the
+/// runs are [`check`]ed where the delta is decoded).
 pub fn check_base(page: &[u8], delta: &[u8]) -> Result<(), DeltaError> {
-    let (want, _) = parse(delta)?;
+    let want = u32::from_le_bytes(delta.get(..4).ok_or(DeltaError::NoHeader)?.try_into().expect("4"));
     let have = crc32fast::hash(page);
     if have != want {
         return Err(DeltaError::BaseMismatch { have, want });
@@ -137,20 +138,12 @@ pub fn check_base(page: &[u8], delta: &[u8]) -> Result<(), DeltaError> {
     Ok(())
 }
 
-/// The runs to write (offset in the page, bytes), after checking `page` is
-/// the base; nothing is written on an error.
-pub fn writes<'a>(page: &[u8], delta: &'a [u8]) -> Result<Runs<'a>, DeltaError> {
-    let (want, runs) = parse(delta)?;
-    let have = crc32fast::hash(page);
-    if have != want {
-        return Err(DeltaError::BaseMismatch { have, want });
-    }
-    Ok(runs)
-}
-
-/// Applies `delta` to `page` in place (checked first: an error changes nothing).
+/// Applies `delta` to `page` in place (base and runs checked first: an
+/// error changes nothing).
 pub fn apply(page: &mut [u8], delta: &[u8]) -> Result<(), DeltaError> {
-    for (off, bytes) in writes(page, delta)? {
+    let (_, runs) = parse(delta)?;
+    check_base(page, delta)?;
+    for (off, bytes) in runs {
         page[off..off + bytes.len()].copy_from_slice(bytes);
     }
     Ok(())
