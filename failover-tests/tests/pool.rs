@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use failover_tests::cluster::Cluster;
 use failover_tests::load::{split_brain, Load};
 use failover_tests::serial;
-use witness::pool::store::Store;
 use witness::pool::{protection, Protection, View};
 
 #[path = "pool/host.rs"]
@@ -22,8 +21,7 @@ fn a_host_dies_its_vm_is_served_by_the_witness_and_reprotected_on_the_remaining_
     let _g = serial();
     let c = Cluster::new("pool-host-dies");
     let etcd = c.etcd();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&etcd.url);
     let mut hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
     assert!(
         wait_view(&rt, &store, T, |v| v.hosts.len() == 3).is_some(),
@@ -116,8 +114,7 @@ fn a_host_dies_its_vm_is_served_by_the_witness_and_reprotected_on_the_remaining_
     );
     assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "nothing acknowledged lost or applied twice");
     assert!(verdict.keys_checked > 0);
-    let sb = split_brain(&c.release_log());
-    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
+    no_split_brain(&c);
 
     // delete: the agents stop its nodes; its history is cleared
     let (code, out, err) = castor(&["vm", "delete", "vm1", "--witness", &etcd.url, "--wait-s", "30"]);
@@ -137,8 +134,7 @@ fn capacity_exhausted_waits_with_its_reason_and_protects_once_a_host_joins_and_a
     let _g = serial();
     let c = Cluster::new("pool-capacity");
     let etcd = c.etcd();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&etcd.url);
     // both VMs exist before the hosts: a host claims a primary before a
     // secondary (with the VMs created one by one, the second could find
     // every slot taken by the first's nodes, and wait for a host)
@@ -206,8 +202,7 @@ fn a_host_frozen_past_its_lease_and_thawed_stops_the_nodes_it_lost() {
     let _g = serial();
     let c = Cluster::new("pool-frozen-host");
     let etcd = c.etcd();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&etcd.url);
     let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
     let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
     assert_eq!(code, 0, "vm create: {out}{err}");
@@ -267,11 +262,8 @@ fn a_host_frozen_past_its_lease_and_thawed_stops_the_nodes_it_lost() {
         .collect();
     assert!(late.is_empty(), "the frozen primary decided releases after the freeze: {:?}", &late[..late.len().min(3)]);
     assert!(load.wait_more(100, T), "clients carry on");
-    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
-    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
-    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
-    let sb = split_brain(&c.release_log());
-    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
+    nothing_lost(&rt, load, v.placement["vm1"].primary.clone().unwrap().service.unwrap(), "");
+    no_split_brain(&c);
 }
 
 /// etcd frozen (SIGSTOP) for twice the hosts' lease TTL: the agents keep
@@ -284,8 +276,7 @@ fn an_etcd_outage_longer_than_the_lease_stops_nothing() {
     let _g = serial();
     let c = Cluster::new("pool-etcd-outage");
     let etcd = c.etcd();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&etcd.url);
     let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
     let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
     assert_eq!(code, 0, "vm create: {out}{err}");
@@ -323,9 +314,7 @@ fn an_etcd_outage_longer_than_the_lease_stops_nothing() {
         "etcd back: {lost_leases} of 3 agents had lost their lease; vm1 placed as before and protected {:.0} ms later",
         t.elapsed().as_secs_f64() * 1e3
     );
-    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
-    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
-    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
+    nothing_lost(&rt, load, v.placement["vm1"].primary.clone().unwrap().service.unwrap(), "");
 }
 
 /// `castor vm switchover`: the primary's agent asks its node to hand over,
@@ -336,8 +325,7 @@ fn a_switchover_moves_the_primary_and_the_pool_protects_the_vm_again() {
     let _g = serial();
     let c = Cluster::new("pool-switchover");
     let etcd = c.etcd();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&etcd.url);
     let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
     let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
     assert_eq!(code, 0, "vm create: {out}{err}");
@@ -378,11 +366,8 @@ fn a_switchover_moves_the_primary_and_the_pool_protects_the_vm_again() {
     assert_eq!(code, 8, "no such vm: {err}");
     load.add_node(v.placement["vm1"].secondary.clone().unwrap().service.unwrap());
     assert!(load.wait_more(100, T), "clients carry on");
-    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
-    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
-    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
-    let sb = split_brain(&c.release_log());
-    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
+    nothing_lost(&rt, load, v.placement["vm1"].primary.clone().unwrap().service.unwrap(), "");
+    no_split_brain(&c);
 }
 
 /// A 3-member etcd, one member killed: the agents and the nodes go on
@@ -393,8 +378,7 @@ fn one_etcd_member_of_three_killed_changes_nothing() {
     let c = Cluster::new("pool-etcd-member");
     let mut members = c.etcd_cluster();
     let urls = members.iter().map(|m| m.url.clone()).collect::<Vec<_>>().join(",");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&urls, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&urls);
     let hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &urls, n, 2)).collect();
     let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &urls, "--mem", "64M"]);
     assert_eq!(code, 0, "vm create: {out}{err}");
@@ -432,8 +416,7 @@ fn an_agent_killed_alone_and_restarted_stops_the_nodes_it_left() {
     let _g = serial();
     let c = Cluster::new("pool-agent-restart");
     let etcd = c.etcd();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&etcd.url);
     let mut hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
     let (code, out, err) = castor(&["vm", "create", "vm1", "--witness", &etcd.url, "--mem", "64M"]);
     assert_eq!(code, 0, "vm create: {out}{err}");
@@ -476,11 +459,8 @@ fn an_agent_killed_alone_and_restarted_stops_the_nodes_it_left() {
     assert_eq!(v.witness["vm1"].term, 2, "one failover");
     load.add_node(v.placement["vm1"].secondary.clone().unwrap().service.unwrap());
     assert!(load.wait_more(100, T), "clients carry on");
-    let verdict = load.finish(&rt, v.placement["vm1"].primary.clone().unwrap().service.unwrap());
-    eprintln!("acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
-    assert_eq!((verdict.lost, verdict.duplicated), (0, 0));
-    let sb = split_brain(&c.release_log());
-    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
+    nothing_lost(&rt, load, v.placement["vm1"].primary.clone().unwrap().service.unwrap(), "");
+    no_split_brain(&c);
     drop(restarted);
 }
 
@@ -494,8 +474,7 @@ fn a_host_dies_under_two_vms_and_both_are_served_and_protected_again() {
     let _g = serial();
     let c = Cluster::new("pool-two-vms");
     let etcd = c.etcd();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let store = rt.block_on(Store::connect(&etcd.url, Duration::from_millis(500))).unwrap();
+    let (rt, store) = connect(&etcd.url);
     let mut hosts: Vec<Host> = ["h1", "h2", "h3"].iter().map(|n| Host::start(&c, &etcd.url, n, 2)).collect();
     for vm in ["vm1", "vm2"] {
         let (code, out, err) = castor(&["vm", "create", vm, "--witness", &etcd.url, "--mem", "64M"]);
@@ -541,9 +520,7 @@ fn a_host_dies_under_two_vms_and_both_are_served_and_protected_again() {
         l.add_node(p.secondary.as_ref().unwrap().service.unwrap());
         l.add_node(p.primary.as_ref().unwrap().service.unwrap());
         assert!(l.wait_more(100, T), "{vm}: clients carry on");
-        let verdict = l.finish(&rt, p.primary.as_ref().unwrap().service.unwrap());
-        eprintln!("{vm}: acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
-        assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{vm}");
+        nothing_lost(&rt, l, p.primary.as_ref().unwrap().service.unwrap(), &format!("{vm}: "));
     }
     // one release log for both VMs: each VM's generations apart (a node's
     // name is <host>.<vm>.<role>)

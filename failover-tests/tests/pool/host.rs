@@ -6,7 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use failover_tests::castor_bin;
+use std::net::SocketAddr;
+
 use failover_tests::cluster::Cluster;
+use failover_tests::load::{split_brain, Load, Verdict};
 use witness::pool::store::Store;
 use witness::pool::View;
 
@@ -130,4 +133,26 @@ pub fn vm_list(etcd: &str) -> Vec<serde_json::Value> {
     let (code, out, err) = castor(&["vm", "list", "--witness", etcd, "--json"]);
     assert_eq!(code, 0, "vm list: {err}");
     serde_json::from_str::<serde_json::Value>(out.trim()).expect("vm list --json").as_array().cloned().unwrap()
+}
+
+/// A runtime for the test's own etcd calls and a pool store on `urls`.
+pub fn connect(urls: &str) -> (tokio::runtime::Runtime, Store) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let store = rt.block_on(Store::connect(urls, Duration::from_millis(500))).unwrap();
+    (rt, store)
+}
+
+/// Ends `load` against `survivor` and checks that nothing acknowledged was
+/// lost or applied twice; `what` names the VM in the line it prints.
+pub fn nothing_lost(rt: &tokio::runtime::Runtime, load: Load, survivor: SocketAddr, what: &str) -> Verdict {
+    let verdict = load.finish(rt, survivor);
+    eprintln!("{what}acked {}, lost {}, duplicated {}", verdict.acked, verdict.lost, verdict.duplicated);
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{what}nothing acknowledged lost or applied twice");
+    verdict
+}
+
+/// No generation's responses were released by two nodes.
+pub fn no_split_brain(c: &Cluster) {
+    let sb = split_brain(&c.release_log());
+    assert!(sb.is_empty(), "generations released by two nodes: {sb:?}");
 }
