@@ -1,8 +1,9 @@
 //! `castor demo` with the networked guest (the default): the guest owns its
 //! TCP/IP stack (smoltcp) behind a virtio-net card and serves the Redis
 //! protocol; the clients are unmodified TCP clients in a network namespace
-//! of the demo's own: Debian's `redis-benchmark` (looping until the end; a
-//! single dropped connection ends it early) and castor's checking load
+//! of the demo's own (etcd, the nodes and the relay run in it too):
+//! Debian's `redis-benchmark` (looping until the end; a single dropped
+//! connection ends it early) and castor's checking load
 //! (client::resp: one connection per client, INCR on a counter of its own,
 //! every reply checked, counters read back at the end). Halfway the fault;
 //! the summary says whether every connection survived, the longest stall
@@ -37,6 +38,9 @@ pub(super) fn demo(a: &DemoArgs, dir: &std::path::Path, live: &dyn Fn(String)) -
     let net = TestNet::create("demo").map_err(|e| {
         DemoError::Setup(format!("{e}; the networked demo makes a network namespace of its own: run it as root, or run `castor demo --guest kv`"))
     })?;
+    // etcd, both nodes, the fault relay and the clients all run inside it:
+    // their loopback sockets are the namespace's, not the host's
+    let _inside = net.scope().map_err(|e| DemoError::Setup(e.to_string()))?;
     let tag = std::process::id() % 10_000;
     let net_arg = |tap: String, ip: Option<Ipv4Addr>| vec!["--net".to_string(), net.net_arg(&tap, MAC, ip)];
     let (setup, secondary, repl) = super::Setup::start(a, dir, live, net_arg(format!("cdb{tag}"), None))?;

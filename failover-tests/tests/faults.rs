@@ -252,6 +252,7 @@ fn failover_suite() {
     run("2n-switchover-fails", &mut |r| witness::planned_refused(r, "2n-switchover-fails", false));
     run("net-kill9", &mut net::net_kill9);
     run("net-kill9-random", &mut |r| net::net_kill_trials(r, trials, seed));
+    run("net-unwritten-frames", &mut net::net_unwritten_frames);
     run("net-partition", &mut net::net_partition);
     run("net-switchover", &mut net::net_switchover);
     run("net-standby-freeze", &mut net::net_standby_freeze);

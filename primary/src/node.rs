@@ -116,6 +116,8 @@ pub async fn run_primary(
         });
         s.protection = Protection::Unprotected;
         s.peer = cfg.peer.map(|p| p.to_string());
+        // a promoted secondary's restored outbox goes out again first
+        s.resent_frames = machine.devices().outbox_frames();
     });
     // background tasks, aborted when the set drops
     let mut tasks = tokio::task::JoinSet::new();
@@ -137,7 +139,7 @@ pub async fn run_primary(
     let _net_pump = attach_net(&cfg, machine.devices(), &router, &mut tasks)?;
     let shape = machine.shape().clone();
     let cpu = machine.cpu_model().clone();
-    let shared = Arc::new(EngineShared::default());
+    let shared = Arc::new(EngineShared { frames_released: router.frames_written(), ..EngineShared::default() });
     shared.next_epoch.store(cfg.first_epoch.max(1), Ordering::SeqCst);
     let (ptx, prx) = mpsc::channel(cfg.engine.max_in_flight as usize + 8);
     let (ctx, crx) = std::sync::mpsc::channel();

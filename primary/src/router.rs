@@ -3,6 +3,7 @@
 //! client that asked (and to the release log and console).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +49,15 @@ pub struct Router {
     closed: tokio::sync::watch::Sender<bool>,
     /// Where released frames of the guest's network card go.
     tap: std::sync::OnceLock<Arc<vmm::net::tap::Tap>>,
+    /// Frames released so far (written, or dropped with no TAP), counted
+    /// once a release has written them all (the engine's
+    /// [`crate::engine::EngineShared::frames_released`]).
+    frames_out: Arc<AtomicU64>,
+    /// Test hook (`CASTOR_TEST_UNWRITTEN_FRAMES_AFTER=N`, with
+    /// `--test-hooks`): after N frames, released frames are counted as
+    /// released but neither written nor counted as written, as if every
+    /// release from then on were cut short by a crash.
+    unwritten_after: Option<u64>,
 }
 
 impl Router {
@@ -78,6 +88,11 @@ impl Router {
             status,
             closed: tokio::sync::watch::channel(false).0,
             tap: std::sync::OnceLock::new(),
+            frames_out: Arc::new(AtomicU64::new(0)),
+            unwritten_after: std::env::var("CASTOR_TEST_UNWRITTEN_FRAMES_AFTER")
+                .ok()
+                .filter(|_| common::crashpoint::test_hooks_enabled())
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -85,6 +100,11 @@ impl Router {
     /// before have nowhere to go and are counted as released).
     pub fn attach_tap(&self, tap: Arc<vmm::net::tap::Tap>) {
         let _ = self.tap.set(tap);
+    }
+
+    /// The count of frames written out so far, in the order released.
+    pub fn frames_written(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.frames_out)
     }
 
     /// Stops serving: every client connection closes (its clients retry
@@ -140,7 +160,7 @@ impl Router {
         let mut waiting = lock(&self.waiting);
         let mut log_lines = String::new();
         let n = outputs.len() as u64;
-        let mut frames = 0u64;
+        let (mut frames, mut written) = (0u64, 0u64);
         for o in outputs {
             match o {
                 Output::Kv(resp) => {
@@ -167,6 +187,11 @@ impl Router {
                 Output::Mark { .. } => {}
                 Output::Frame(f) => {
                     frames += 1;
+                    let done = self.frames_out.load(Ordering::Relaxed) + written;
+                    if self.unwritten_after.is_some_and(|n| done >= n) {
+                        continue;
+                    }
+                    written += 1;
                     // a node that stopped serving (handed over, fenced)
                     // emits no frame
                     if let Some(t) = self.tap.get().filter(|_| !*self.closed.borrow()) {
@@ -178,6 +203,9 @@ impl Router {
         if let Some(f) = &self.log {
             use std::io::Write;
             let _ = lock(f).write_all(log_lines.as_bytes());
+        }
+        if written > 0 {
+            self.frames_out.fetch_add(written, Ordering::Release);
         }
         self.status.update(|s| {
             s.released_outputs += n;

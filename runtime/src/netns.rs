@@ -137,11 +137,42 @@ impl TestNet {
         enter(&self.name)
     }
 
+    /// Moves the calling thread into the namespace until the returned
+    /// scope is dropped, when it goes back to the namespace it was in.
+    /// Processes and threads it starts meanwhile stay in the namespace
+    /// (children and new threads inherit the creating thread's): a demo or a
+    /// test enters it before it starts etcd, the nodes and any runtime whose
+    /// threads connect to them, so their loopback sockets are the
+    /// namespace's own.
+    pub fn scope(&self) -> Result<NetNsScope, NetNsError> {
+        let back = std::fs::File::open("/proc/thread-self/ns/net").map_err(NetNsError::Spawn)?;
+        enter(&self.name)?;
+        Ok(NetNsScope { back })
+    }
+
     /// The `--net` value for a node's TAP `tap` in this namespace.
     pub fn net_arg(&self, tap: &str, mac: [u8; 6], guest_ip: Option<Ipv4Addr>) -> String {
         let mac = common::state::mac_text(&mac);
         let ip = guest_ip.map(|a| format!(",ip={a}/{PREFIX_LEN}")).unwrap_or_default();
         format!("tap={tap},mac={mac}{ip},bridge={BRIDGE},netns={}", self.name)
+    }
+}
+
+/// The calling thread's stay in a [`TestNet`] (see [`TestNet::scope`]).
+#[derive(Debug)]
+pub struct NetNsScope {
+    back: std::fs::File,
+}
+
+impl Drop for NetNsScope {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns takes the namespace file this scope opened (and still
+        // owns) and a flag; it changes only this thread's network namespace.
+        let rc = unsafe { libc::setns(self.back.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot return to the network namespace this thread left");
+        }
     }
 }
 
@@ -178,5 +209,35 @@ mod tests {
         ip(&["netns", "add", &dead]).expect("add");
         assert!(remove_stale() >= 1);
         assert!(!ip(&["netns", "list"]).expect("list").contains(&dead));
+    }
+
+    fn ns_of_this_thread() -> std::path::PathBuf {
+        std::fs::read_link("/proc/thread-self/ns/net").expect("readlink")
+    }
+
+    #[test]
+    fn a_scope_holds_the_thread_and_what_it_starts_inside_until_dropped() {
+        let Ok(net) = TestNet::create("scope") else {
+            // SAFETY: geteuid takes no arguments and cannot fail.
+            assert_ne!(unsafe { libc::geteuid() }, 0, "root can create namespaces");
+            return;
+        };
+        let root = ns_of_this_thread();
+        let scope = net.scope().expect("enter");
+        let inside = ns_of_this_thread();
+        assert_ne!(inside, root);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind on the namespace's loopback");
+        let addr = l.local_addr().expect("addr");
+        // a thread started inside stays inside, and reaches the listener
+        let t = std::thread::spawn(move || (ns_of_this_thread(), std::net::TcpStream::connect(addr).is_ok()));
+        let (child_ns, reached) = t.join().expect("join");
+        assert_eq!(child_ns, inside);
+        assert!(reached, "a thread started in the scope reaches the namespace's loopback");
+        // a child process too
+        let out = Command::new("readlink").arg("/proc/self/ns/net").output().expect("readlink");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), inside.to_string_lossy());
+        drop(scope);
+        assert_eq!(ns_of_this_thread(), root, "back where it was");
+        drop(l);
     }
 }

@@ -107,6 +107,8 @@ pub(super) fn network(quick: bool, live: &dyn Fn(String)) -> Result<NetBench, Be
             return Ok(NetBench { note: Some(note), ..Default::default() });
         }
     };
+    // the nodes run inside it (their sockets on its loopback)
+    let _inside = net.scope().map_err(|e| BenchError::E2e(e.to_string()))?;
     let dir = std::env::temp_dir().join(format!("castor-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(e.to_string()))?;
     let mut b = NetBench::default();

@@ -5,7 +5,9 @@
 //! the nodes' own sockets stay on loopback. Each scenario checks: no
 //! connection reset, no acknowledged INCR lost or applied twice (every
 //! reply checked, counters read back), and reports the longest stall a
-//! client saw.
+//! client saw. Everything runs inside the scenario's namespace: etcd, both
+//! nodes (their replication and heartbeat sockets on its loopback), the
+//! fault proxy and the clients; the thread goes back when it ends.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use client::resp::{RespLoad, RespReport};
 use failover_tests::cluster::{Cluster, NodeOpts, NodeProc};
 use failover_tests::proxy::{Fault, Proxy};
-use runtime::netns::TestNet;
+use runtime::netns::{NetNsScope, TestNet};
 
 use super::{protected, rt, take_over, Row, T};
 
@@ -22,11 +24,16 @@ const MAC: [u8; 6] = runtime::netns::guest_mac(3);
 /// Client connections (the 64).
 pub(super) const CLIENTS: usize = 64;
 
+/// Dropped in this order: the nodes, the proxy and its runtime, etcd, then
+/// the thread leaves the namespace and the namespace is removed.
 struct NetPair {
-    net: TestNet,
     s: NodeProc,
     p: NodeProc,
     proxy: Option<Proxy>,
+    _rt: tokio::runtime::Runtime,
+    _etcd: Option<witness::server::Etcd>,
+    _scope: NetNsScope,
+    net: TestNet,
 }
 
 /// Options for the node whose TAP is `tap` (the primary's with the guest's
@@ -41,28 +48,39 @@ fn opts(net: &TestNet, tap: &str, primary: bool, witness: Option<&str>) -> NodeO
     }
 }
 
+/// Frames after which the primary of `net-unwritten-frames` writes none.
+const UNWRITTEN_AFTER: u64 = 3000;
+
 /// How a pair is set up.
 #[derive(Clone, Copy, Default)]
-struct Setup<'a> {
+struct Setup {
     /// Through a fault proxy.
     proxied: bool,
-    /// With the witness at these URLs.
-    witness: Option<&'a str>,
+    /// With a witness (an etcd of the scenario's own).
+    witness: bool,
+    /// The primary writes no frame after this many (test hook): acked
+    /// frames stay unwritten, as if each release were cut short.
+    unwritten_after: Option<u64>,
 }
 
-/// A namespace, a secondary and a networked primary (through a proxy when
-/// `proxied`), protected; None when the namespace cannot be made (not
+/// A namespace (this thread enters it), etcd if `how.witness`, a secondary
+/// and a networked primary (through a proxy when `how.proxied`), all in
+/// the namespace, protected; None when the namespace cannot be made (not
 /// root: the failure is recorded) or the pair never protects.
-fn net_pair(c: &Cluster, row: &mut Row, name: &str, how: Setup, rt: &tokio::runtime::Runtime) -> Option<NetPair> {
-    let net = match TestNet::create("ft") {
+fn net_pair(c: &Cluster, row: &mut Row, name: &str, how: Setup) -> Option<NetPair> {
+    let (net, scope) = match TestNet::create("ft").and_then(|n| n.scope().map(|s| (n, s))) {
         Ok(n) => n,
         Err(e) => {
             row.fail(format!("{name}: {e}"));
             return None;
         }
     };
+    // after the scope: the runtime's threads (the proxy's) start inside
+    let rt = rt();
+    let etcd = how.witness.then(|| c.etcd());
+    let witness = etcd.as_ref().map(|e| e.url.as_str());
     let tag = std::process::id() % 10_000;
-    let s = c.secondary("s", &opts(&net, &format!("cs{tag}"), false, how.witness), None);
+    let s = c.secondary("s", &opts(&net, &format!("cs{tag}"), false, witness), None);
     let (proxy, to) = if how.proxied {
         let proxy = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
         let a = proxy.addr;
@@ -70,13 +88,17 @@ fn net_pair(c: &Cluster, row: &mut Row, name: &str, how: Setup, rt: &tokio::runt
     } else {
         (None, s.listen.expect("listen"))
     };
-    let p = c.primary("p", &opts(&net, &format!("cp{tag}"), true, how.witness), to);
+    let mut po = opts(&net, &format!("cp{tag}"), true, witness);
+    if let Some(n) = how.unwritten_after {
+        po.env.push(("CASTOR_TEST_UNWRITTEN_FRAMES_AFTER".into(), n.to_string()));
+    }
+    let p = c.primary("p", &po, to);
     row.trials += 1;
     if !protected(&p) {
         row.fail(format!("{name}: never protected:\n{}", p.log_tail()));
         return None;
     }
-    Some(NetPair { net, s, p, proxy })
+    Some(NetPair { s, p, proxy, _rt: rt, _etcd: etcd, _scope: scope, net })
 }
 
 fn load(net: &TestNet, tag: &str) -> RespLoad {
@@ -147,22 +169,66 @@ fn released_frames(p: &NodeProc) -> Option<u64> {
 pub(super) fn net_kill9(row: &mut Row) {
     let name = "net-kill9";
     let c = Cluster::new(name);
-    let rt = rt();
-    let Some(NetPair { net, mut s, mut p, .. }) = net_pair(&c, row, name, Setup::default(), &rt) else { return };
-    let l = load(&net, "k9");
+    let Some(mut np) = net_pair(&c, row, name, Setup::default()) else { return };
+    let NetPair { net, s, p, .. } = &mut np;
+    let l = load(net, "k9");
     if !wait_more(&l, 300) {
         row.fail(format!("{name}: the clients got no answers before the fault:\n{}", p.log_tail()));
     }
     eprintln!("{name}: kill -9 of the primary under {CLIENTS} connections ({} INCRs acknowledged)", l.acked());
     p.kill9();
-    match take_over(&s, 1) {
+    match take_over(s, 1) {
         Some(st) => row.failover(&st),
         None => row.fail(format!("{name}: no takeover:\n{}", s.log_tail())),
     }
     if !wait_more(&l, 300) {
         row.fail(format!("{name}: the clients did not carry on after the takeover:\n{}", s.log_tail()));
     }
-    finish(row, name, &net, l);
+    finish(row, name, net, l);
+    s.terminate();
+    let _ = s.wait_exit(T);
+}
+
+/// Frames of acknowledged epochs that the primary never wrote out (a test
+/// hook cuts every release short after [`UNWRITTEN_AFTER`] frames), then a
+/// kill -9: the state the secondary takes over from carries them (a state
+/// carries every frame not yet written when it was saved, not only its own
+/// epoch's), so the takeover sends them all again and the clients get
+/// their replies then, not when the guest's TCP retransmits (smoltcp's
+/// timeout is at least 1 s). Without that, the takeover sent only the last
+/// epoch's frames: fewer than those the old primary left unwritten.
+pub(super) fn net_unwritten_frames(row: &mut Row) {
+    let name = "net-unwritten-frames";
+    let c = Cluster::new(name);
+    let how = Setup { unwritten_after: Some(UNWRITTEN_AFTER), ..Setup::default() };
+    let Some(mut np) = net_pair(&c, row, name, how) else { return };
+    let NetPair { net, s, p, .. } = &mut np;
+    let l = load(net, "uw");
+    // the hook has engaged and every epoch is acknowledged: the frames past
+    // the hook's count are acked and unwritten
+    let st = p.wait_status(T, |v| {
+        v["released_frames"].as_u64().is_some_and(|f| f > UNWRITTEN_AFTER) && v["held_outputs"].as_u64() == Some(0)
+    });
+    let Some(unwritten) = st.and_then(|v| v["released_frames"].as_u64()).map(|f| f - UNWRITTEN_AFTER) else {
+        row.fail(format!("{name}: the primary never released past the hook:\n{}", p.log_tail()));
+        return;
+    };
+    p.kill9();
+    eprintln!("{name}: kill -9 of the primary with {unwritten} acknowledged frames unwritten");
+    let Some(st) = take_over(s, 1) else {
+        row.fail(format!("{name}: no takeover:\n{}", s.log_tail()));
+        return;
+    };
+    row.failover(&st);
+    let resent = st["resent_frames"].as_u64().unwrap_or(0);
+    eprintln!("  the takeover sent {resent} frames again");
+    if resent < unwritten {
+        row.fail(format!("{name}: the takeover sent {resent} frames again; the old primary left {unwritten} acknowledged frames unwritten"));
+    }
+    if !wait_more(&l, 300) {
+        row.fail(format!("{name}: the clients did not carry on after the takeover:\n{}", s.log_tail()));
+    }
+    finish(row, name, net, l);
     s.terminate();
     let _ = s.wait_exit(T);
 }
@@ -174,27 +240,23 @@ pub(super) fn net_kill9(row: &mut Row) {
 pub(super) fn net_partition(row: &mut Row) {
     let name = "net-partition";
     let c = Cluster::new(name);
-    let rt = rt();
-    let Some(NetPair { net, mut s, mut p, proxy }) =
-        net_pair(&c, row, name, Setup { proxied: true, ..Setup::default() }, &rt)
-    else {
-        return;
-    };
-    let proxy = proxy.expect("proxied");
-    let l = load(&net, "pt");
+    let Some(mut np) = net_pair(&c, row, name, Setup { proxied: true, ..Setup::default() }) else { return };
+    let NetPair { net, s, p, proxy, .. } = &mut np;
+    let proxy = proxy.as_ref().expect("proxied");
+    let l = load(net, "pt");
     if !wait_more(&l, 300) {
         row.fail(format!("{name}: the clients got no answers before the fault:\n{}", p.log_tail()));
     }
     proxy.set(Fault::Drop);
     // what was acknowledged before the cut may still be released: read after a beat
     std::thread::sleep(Duration::from_millis(50));
-    let before = released_frames(&p);
+    let before = released_frames(p);
     eprintln!("{name}: link cut; the primary had released {before:?} frames");
-    match take_over(&s, 1) {
+    match take_over(s, 1) {
         Some(st) => row.failover(&st),
         None => row.fail(format!("{name}: no takeover:\n{}", s.log_tail())),
     }
-    let during = released_frames(&p);
+    let during = released_frames(p);
     if during != before {
         row.fail(format!("{name}: the cut-off primary released frames without acks: {before:?} -> {during:?}"));
     }
@@ -210,7 +272,7 @@ pub(super) fn net_partition(row: &mut Row) {
             p.log_tail()
         )),
     }
-    finish(row, name, &net, l);
+    finish(row, name, net, l);
     s.terminate();
     let _ = s.wait_exit(T);
 }
@@ -219,7 +281,6 @@ pub(super) fn net_partition(row: &mut Row) {
 /// 64 connections, `trials` times (seeded).
 pub(super) fn net_kill_trials(row: &mut Row, trials: u64, seed: u64) {
     let mut x = seed | 1;
-    let rt = rt();
     let mut stalls = Vec::new();
     for t in 0..trials {
         x ^= x << 13;
@@ -228,14 +289,15 @@ pub(super) fn net_kill_trials(row: &mut Row, trials: u64, seed: u64) {
         let delay = Duration::from_millis(x % 1500);
         let name = format!("net-trial{t}");
         let c = Cluster::new(&name);
-        let Some(NetPair { net, mut s, mut p, .. }) = net_pair(&c, row, &name, Setup::default(), &rt) else { continue };
-        let l = load(&net, &format!("t{t}"));
+        let Some(mut np) = net_pair(&c, row, &name, Setup::default()) else { continue };
+        let NetPair { net, s, p, .. } = &mut np;
+        let l = load(net, &format!("t{t}"));
         if !wait_more(&l, 64) {
             row.fail(format!("{name}: no answers before the fault:\n{}", p.log_tail()));
         }
         std::thread::sleep(delay);
         p.kill9();
-        match take_over(&s, 1) {
+        match take_over(s, 1) {
             Some(st) => row.failover(&st),
             None => row.fail(format!("{name}: no takeover:\n{}", s.log_tail())),
         }
@@ -243,7 +305,7 @@ pub(super) fn net_kill_trials(row: &mut Row, trials: u64, seed: u64) {
             row.fail(format!("{name}: the clients did not carry on:\n{}", s.log_tail()));
         }
         eprintln!("trial {t}: kill -9 of the primary {} ms into the load", delay.as_millis());
-        if let Some(rep) = finish(row, &name, &net, l) {
+        if let Some(rep) = finish(row, &name, net, l) {
             stalls.push(rep.longest_stall_ms);
         }
         s.terminate();
@@ -265,17 +327,16 @@ pub(super) fn net_kill_trials(row: &mut Row, trials: u64, seed: u64) {
 pub(super) fn net_switchover(row: &mut Row) {
     let name = "net-switchover";
     let c = Cluster::new(name);
-    let etcd = c.etcd();
-    let rt = rt();
-    let how = Setup { witness: Some(&etcd.url), ..Setup::default() };
-    let Some(NetPair { net, mut s, mut p, .. }) = net_pair(&c, row, name, how, &rt) else { return };
-    let l = load(&net, "sw");
+    let how = Setup { witness: true, ..Setup::default() };
+    let Some(mut np) = net_pair(&c, row, name, how) else { return };
+    let NetPair { net, s, p, .. } = &mut np;
+    let l = load(net, "sw");
     if !wait_more(&l, 300) || p.wait_status(T, |v| v["witness"]["sync_recorded"] == true).is_none() {
         row.fail(format!("{name}: no answers, or the witness never recorded the secondary:\n{}", p.log_tail()));
     }
     let reply = p.command("switchover").unwrap_or_default();
     eprintln!("{name}: castor switchover -> {}", reply.trim());
-    match take_over(&s, 2) {
+    match take_over(s, 2) {
         Some(st) => row.failover(&st),
         None => row.fail(format!("{name}: no takeover:\n{}", s.log_tail())),
     }
@@ -286,7 +347,7 @@ pub(super) fn net_switchover(row: &mut Row) {
     if !wait_more(&l, 300) {
         row.fail(format!("{name}: the clients did not carry on after the switchover:\n{}", s.log_tail()));
     }
-    finish(row, name, &net, l);
+    finish(row, name, net, l);
     s.terminate();
     let _ = s.wait_exit(T);
 }
@@ -296,11 +357,10 @@ pub(super) fn net_switchover(row: &mut Row) {
 pub(super) fn net_standby_freeze(row: &mut Row) {
     let name = "net-standby-freeze";
     let c = Cluster::new(name);
-    let etcd = c.etcd();
-    let rt = rt();
-    let how = Setup { witness: Some(&etcd.url), ..Setup::default() };
-    let Some(NetPair { net, s, mut p, .. }) = net_pair(&c, row, name, how, &rt) else { return };
-    let l = load(&net, "fz");
+    let how = Setup { witness: true, ..Setup::default() };
+    let Some(mut np) = net_pair(&c, row, name, how) else { return };
+    let NetPair { net, s, p, .. } = &mut np;
+    let l = load(net, "fz");
     if !wait_more(&l, 300) {
         row.fail(format!("{name}: no answers before the fault:\n{}", p.log_tail()));
     }
@@ -312,7 +372,7 @@ pub(super) fn net_standby_freeze(row: &mut Row) {
     if !wait_more(&l, 300) {
         row.fail(format!("{name}: the clients did not carry on:\n{}", p.log_tail()));
     }
-    finish(row, name, &net, l);
+    finish(row, name, net, l);
     s.thaw();
     p.terminate();
     let _ = p.wait_exit(T);

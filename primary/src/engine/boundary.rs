@@ -70,7 +70,10 @@ impl Engine {
             pages = self.all_nonzero_pages();
         }
         let t3 = Instant::now();
-        let state = self.machine.save()?;
+        let mut state = self.machine.save()?;
+        // frames of earlier epochs the router has not written yet ride in
+        // this state too: a takeover from it sends them again
+        self.unreleased.prepend(&self.held, &mut state.devices.outbox);
         let digest = self.opts.digest.then(|| self.machine.memory().digest());
         common::crashpoint::hit("primary.after_save");
         let t4 = Instant::now();
@@ -78,6 +81,7 @@ impl Engine {
         // by a secondary that takes over from this state
         self.hold_output();
         let outputs = std::mem::take(&mut self.held);
+        self.unreleased.produced(&outputs);
         let outputs_since = self.held_since.take();
         let resume_us = if resume { us(self.machine.resume()?.elapsed) } else { 0.0 };
         common::crashpoint::hit("primary.after_resume");

@@ -13,6 +13,7 @@ mod precopy;
 mod schedule;
 mod shared;
 mod state;
+mod unreleased;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub struct Engine {
     held: Vec<Output>,
     /// When the oldest output in `held` was sent.
     held_since: Option<Instant>,
+    /// Frames produced and not yet written out, for every saved state.
+    unreleased: unreleased::Unreleased,
     pool: BufPool,
     /// Test hook (`CASTOR_FORCE_TRACKING_LOST_EVERY=N`, with `--test-hooks`): treat every N-th
     /// epoch as if dirty tracking had been lost.
@@ -94,6 +97,7 @@ impl Engine {
             .filter(|_| common::crashpoint::test_hooks_enabled())
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&n| n > 0);
+        let unreleased = unreleased::Unreleased::new(Arc::clone(&shared.frames_released));
         Engine {
             machine,
             opts,
@@ -104,6 +108,7 @@ impl Engine {
             budget_said: None,
             held: Vec::new(),
             held_since: None,
+            unreleased,
             pool: BufPool::default(),
             force_lost_every,
             last_forced: None,

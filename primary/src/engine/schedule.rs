@@ -119,6 +119,7 @@ impl Engine {
         self.held_since = None;
         let mut out = std::mem::take(&mut self.held);
         out.extend(self.machine.devices().drain());
+        self.unreleased.produced(&out);
         if !out.is_empty() {
             self.send(Packet::Release(out));
         }

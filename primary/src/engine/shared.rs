@@ -68,6 +68,9 @@ pub struct EngineShared {
     ///
     /// [`EngineOptions::max_queued_bytes`]: super::EngineOptions::max_queued_bytes
     pub budget_pauses: AtomicU64,
+    /// Frames the router has written out (or dropped, with no TAP), in the
+    /// order the engine produced them ([`super::unreleased`]).
+    pub frames_released: Arc<AtomicU64>,
 }
 
 impl EngineShared {

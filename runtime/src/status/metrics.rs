@@ -85,6 +85,11 @@ impl NodeStatus {
             "Network frames of the guest released by output commit",
             ConstCounter::new(s.released_frames),
         );
+        r.register(
+            "resent_frames",
+            "Network frames sent again at takeover (the restored state's unwritten frames)",
+            ConstCounter::new(s.resent_frames),
+        );
         r.register("syncs", "Secondary sessions started (initial syncs and resyncs)", ConstCounter::new(s.syncs));
         r.register("console_dropped", "Guest console lines dropped for backlog", ConstCounter::new(s.console_dropped));
         r.register("net_rx_frames", "Frames the network card handed to the guest", ConstCounter::new(s.net_rx_frames));

@@ -232,6 +232,10 @@ pub struct StatusSnapshot {
     pub released_outputs: u64,
     /// Of the released outputs: the guest's network frames.
     pub released_frames: u64,
+    /// Frames this node sent again when it took the guest over: those of
+    /// the restored state's outbox (its epoch's, and any earlier epoch's
+    /// the old primary had not written out when that state was saved).
+    pub resent_frames: u64,
     pub held_outputs: u64,
     pub syncs: u64,
     /// `None` without `--witness`.

@@ -180,6 +180,11 @@ impl Devices {
         self.outbox.len()
     }
 
+    /// Network frames waiting in the outbox (e.g. restored with a state).
+    pub fn outbox_frames(&self) -> u64 {
+        self.outbox.snapshot().iter().filter(|o| matches!(o, Output::Frame(_))).count() as u64
+    }
+
     /// The guest has sent output since the last [`Devices::drain`] (or
     /// queued frames its network card has not taken yet).
     pub fn has_output(&self) -> bool {
