@@ -10,7 +10,8 @@
 //!
 //! One test runs every scenario in turn and ends with a summary table.
 //! `FAILOVER_TRIALS=N` sets the random kill trials (default 30),
-//! `FAILOVER_SEED=S` their schedule, `FAILOVER_SCENARIOS=a,b` a subset.
+//! `FAILOVER_SEED=S` their schedule, `FAILOVER_SCENARIOS=a,b` a subset,
+//! `FAILOVER_NET_HEARTBEAT_MS=T` the net scenarios' heartbeat timeout.
 
 use std::time::{Duration, Instant};
 

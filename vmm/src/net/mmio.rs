@@ -182,6 +182,7 @@ impl NetDevice {
             let dropped = g.rx_backlog.len() as u64;
             self.counters.rx_dropped.fetch_add(dropped, Ordering::Relaxed);
             g.rx_backlog.clear();
+            g.rx_kicks = false;
             g.transport = Transport { config_generation: g.transport.config_generation, ..Transport::default() };
             for q in g.queues.iter_mut() {
                 q.reset();

@@ -100,6 +100,10 @@ struct Inner {
     quiesced: bool,
     /// An interrupt was due while quiesced: raised at [`NetDevice::unquiesce`].
     irq_due: bool,
+    /// The receive queue may be asking the driver for kicks (it ran out of
+    /// buffers): turned off again once the backlog is delivered, and only
+    /// then (each turn is a write to guest memory).
+    rx_kicks: bool,
 }
 
 /// The virtio-net device of one machine.
@@ -130,6 +134,7 @@ impl NetDevice {
                 rx_backlog: VecDeque::new(),
                 quiesced: false,
                 irq_due: false,
+                rx_kicks: false,
             }),
             counters: NetCounters::default(),
             bad: LogLimiter::default(),
@@ -300,6 +305,9 @@ impl NetDevice {
         g.quiesced = true;
         // the interrupt status says whether one was raised and not taken
         g.irq_due = st.regs.interrupt_status != 0;
+        // the restored ring's flags may ask for kicks: the first delivery
+        // that empties the backlog turns them off
+        g.rx_kicks = true;
         Ok(())
     }
 }

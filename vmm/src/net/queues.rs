@@ -26,6 +26,7 @@ impl NetDevice {
             let Some(chain) = g.queues[RX].pop_descriptor_chain(mem) else {
                 // out of receive buffers: ask the driver to kick when it
                 // posts more (and look once more: it may just have)
+                g.rx_kicks = true;
                 match g.queues[RX].enable_notification(mem) {
                     Ok(true) => continue,
                     _ => break,
@@ -60,9 +61,10 @@ impl NetDevice {
             }
             delivered += 1;
         }
-        if g.rx_backlog.is_empty() {
+        if g.rx_backlog.is_empty() && g.rx_kicks {
             // buffers to spare again: no kicks wanted
             let _ = g.queues[RX].disable_notification(mem);
+            g.rx_kicks = false;
         }
         if delivered > 0 && !self.interrupt_suppressed(g, RX) {
             self.interrupt(g);
