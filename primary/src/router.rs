@@ -53,11 +53,11 @@ pub struct Router {
     /// once a release has written them all (the engine's
     /// [`crate::engine::EngineShared::frames_released`]).
     frames_out: Arc<AtomicU64>,
-    /// Test hook (`CASTOR_TEST_UNWRITTEN_FRAMES_AFTER=N`, with
-    /// `--test-hooks`): after N frames, released frames are counted as
+    /// Test hook (`CASTOR_TEST_UNWRITTEN_FRAMES_WHILE=PATH`, with
+    /// `--test-hooks`): while PATH exists, released frames are counted as
     /// released but neither written nor counted as written, as if every
-    /// release from then on were cut short by a crash.
-    unwritten_after: Option<u64>,
+    /// release then were cut short by a crash.
+    unwritten_while: Option<std::path::PathBuf>,
 }
 
 impl Router {
@@ -89,10 +89,9 @@ impl Router {
             closed: tokio::sync::watch::channel(false).0,
             tap: std::sync::OnceLock::new(),
             frames_out: Arc::new(AtomicU64::new(0)),
-            unwritten_after: std::env::var("CASTOR_TEST_UNWRITTEN_FRAMES_AFTER")
-                .ok()
+            unwritten_while: std::env::var_os("CASTOR_TEST_UNWRITTEN_FRAMES_WHILE")
                 .filter(|_| common::crashpoint::test_hooks_enabled())
-                .and_then(|v| v.parse().ok()),
+                .map(std::path::PathBuf::from),
         }
     }
 
@@ -161,6 +160,7 @@ impl Router {
         let mut log_lines = String::new();
         let n = outputs.len() as u64;
         let (mut frames, mut written) = (0u64, 0u64);
+        let unwritten = self.unwritten_while.as_deref().is_some_and(std::path::Path::exists);
         for o in outputs {
             match o {
                 Output::Kv(resp) => {
@@ -187,8 +187,7 @@ impl Router {
                 Output::Mark { .. } => {}
                 Output::Frame(f) => {
                     frames += 1;
-                    let done = self.frames_out.load(Ordering::Relaxed) + written;
-                    if self.unwritten_after.is_some_and(|n| done >= n) {
+                    if unwritten {
                         continue;
                     }
                     written += 1;

@@ -59,19 +59,16 @@ fn heartbeat_ms() -> u64 {
         .unwrap_or(NodeOpts::default().heartbeat_timeout_ms)
 }
 
-/// Frames after which the primary of `net-unwritten-frames` writes none.
-const UNWRITTEN_AFTER: u64 = 3000;
-
 /// How a pair is set up.
 #[derive(Clone, Copy, Default)]
-struct Setup {
+struct Setup<'a> {
     /// Through a fault proxy.
     proxied: bool,
     /// With a witness (an etcd of the scenario's own).
     witness: bool,
-    /// The primary writes no frame after this many (test hook): acked
-    /// frames stay unwritten, as if each release were cut short.
-    unwritten_after: Option<u64>,
+    /// Both nodes write no frame while this file exists (test hook):
+    /// acked frames stay unwritten, as if each release were cut short.
+    unwritten_while: Option<&'a std::path::Path>,
 }
 
 /// A namespace (this thread enters it), etcd if `how.witness`, a secondary
@@ -91,7 +88,13 @@ fn net_pair(c: &Cluster, row: &mut Row, name: &str, how: Setup) -> Option<NetPai
     let etcd = how.witness.then(|| c.etcd());
     let witness = etcd.as_ref().map(|e| e.url.as_str());
     let tag = std::process::id() % 10_000;
-    let s = c.secondary("s", &opts(&net, &format!("cs{tag}"), false, witness), None);
+    let hooked = |mut o: NodeOpts| {
+        if let Some(f) = how.unwritten_while {
+            o.env.push(("CASTOR_TEST_UNWRITTEN_FRAMES_WHILE".into(), f.display().to_string()));
+        }
+        o
+    };
+    let s = c.secondary("s", &hooked(opts(&net, &format!("cs{tag}"), false, witness)), None);
     let (proxy, to) = if how.proxied {
         let proxy = rt.block_on(Proxy::start(s.listen.expect("listen"))).expect("start the proxy");
         let a = proxy.addr;
@@ -99,11 +102,7 @@ fn net_pair(c: &Cluster, row: &mut Row, name: &str, how: Setup) -> Option<NetPai
     } else {
         (None, s.listen.expect("listen"))
     };
-    let mut po = opts(&net, &format!("cp{tag}"), true, witness);
-    if let Some(n) = how.unwritten_after {
-        po.env.push(("CASTOR_TEST_UNWRITTEN_FRAMES_AFTER".into(), n.to_string()));
-    }
-    let p = c.primary("p", &po, to);
+    let p = c.primary("p", &hooked(opts(&net, &format!("cp{tag}"), true, witness)), to);
     row.trials += 1;
     if !protected(&p) {
         row.fail(format!("{name}: never protected:\n{}", p.log_tail()));
@@ -201,47 +200,93 @@ pub(super) fn net_kill9(row: &mut Row) {
 }
 
 /// Frames of acknowledged epochs that the primary never wrote out (a test
-/// hook cuts every release short after [`UNWRITTEN_AFTER`] frames), then a
-/// kill -9: the state the secondary takes over from carries them (a state
+/// hook cuts every release short while a flag file exists), then a kill
+/// -9: the state the secondary takes over from carries them (a state
 /// carries every frame not yet written when it was saved, not only its own
 /// epoch's), so the takeover sends them all again and the clients get
 /// their replies then, not when the guest's TCP retransmits (smoltcp's
-/// timeout is at least 1 s). Without that, the takeover sent only the last
-/// epoch's frames: fewer than those the old primary left unwritten.
+/// timeout is at least 1 s). Twice: the second time on the promoted node,
+/// after it ran alone and a new secondary joined it (its count of frames
+/// written must still line up with the frames it produced).
 pub(super) fn net_unwritten_frames(row: &mut Row) {
     let name = "net-unwritten-frames";
     let c = Cluster::new(name);
-    let how = Setup { unwritten_after: Some(UNWRITTEN_AFTER), ..Setup::default() };
+    let flag = c.dir.join("unwritten");
+    let how = Setup { unwritten_while: Some(&flag), ..Setup::default() };
     let Some(mut np) = net_pair(&c, row, name, how) else { return };
     let NetPair { net, s, p, .. } = &mut np;
     let l = load(net, "uw");
-    // the hook has engaged and every epoch is acknowledged: the frames past
-    // the hook's count are acked and unwritten
-    let st = p.wait_status(T, |v| {
-        v["released_frames"].as_u64().is_some_and(|f| f > UNWRITTEN_AFTER) && v["held_outputs"].as_u64() == Some(0)
-    });
-    let Some(unwritten) = st.and_then(|v| v["released_frames"].as_u64()).map(|f| f - UNWRITTEN_AFTER) else {
-        row.fail(format!("{name}: the primary never released past the hook:\n{}", p.log_tail()));
+    if !cut_releases_then_kill(row, name, &l, &flag, p, s, 1) {
         return;
-    };
+    }
+    // the promoted node runs alone, then a new secondary joins it
+    if !wait_more(&l, 300) {
+        row.fail(format!("{name}: the clients did not carry on after the takeover:\n{}", s.log_tail()));
+    }
+    let tag = std::process::id() % 10_000;
+    let mut o = opts(net, &format!("ct{tag}"), false, None);
+    o.env.push(("CASTOR_TEST_UNWRITTEN_FRAMES_WHILE".into(), flag.display().to_string()));
+    let mut s2 = c.secondary("s2", &o, s.listen);
+    if s.wait_status(T, |v| v["protection"] == "protected").is_none() {
+        row.fail(format!("{name}: the promoted node was never protected by s2:\n{}", s.log_tail()));
+        return;
+    }
+    let _ = cut_releases_then_kill(row, name, &l, &flag, s, &s2, 2);
+    if !wait_more(&l, 300) {
+        row.fail(format!("{name}: the clients did not carry on after the second takeover:\n{}", s2.log_tail()));
+    }
+    finish(row, name, net, l);
+    s2.terminate();
+    let _ = s2.wait_exit(T);
+}
+
+/// Turns `p`'s frame writes off until its clients all wait on replies it
+/// left unwritten (every epoch acknowledged), kills it, and checks that the
+/// takeover by `s` (generation `gen`) sent at least one frame per client
+/// again. False when no takeover happened.
+fn cut_releases_then_kill(
+    row: &mut Row,
+    name: &str,
+    l: &RespLoad,
+    flag: &std::path::Path,
+    p: &mut NodeProc,
+    s: &NodeProc,
+    gen: u64,
+) -> bool {
+    if !wait_more(l, 300) {
+        row.fail(format!("{name}: no answers before the cut:\n{}", p.log_tail()));
+    }
+    std::fs::write(flag, b"").expect("the hook's flag");
+    // every client waits (acks stop growing) and every epoch is acked: one
+    // reply per client was released and not written
+    let mut last = (l.acked(), Instant::now());
+    let end = Instant::now() + T;
+    while Instant::now() < end && last.1.elapsed() < Duration::from_millis(300) {
+        std::thread::sleep(Duration::from_millis(20));
+        if l.acked() != last.0 {
+            last = (l.acked(), Instant::now());
+        }
+    }
+    let held = p.wait_status(T, |v| v["held_outputs"].as_u64() == Some(0)).is_some();
+    let _ = std::fs::remove_file(flag);
+    if !held {
+        row.fail(format!("{name}: epochs stayed unacknowledged:\n{}", p.log_tail()));
+    }
     p.kill9();
-    eprintln!("{name}: kill -9 of the primary with {unwritten} acknowledged frames unwritten");
-    let Some(st) = take_over(s, 1) else {
+    eprintln!("{name}: kill -9 of generation {} with its clients' replies acked and unwritten", gen - 1);
+    let Some(st) = take_over(s, gen) else {
         row.fail(format!("{name}: no takeover:\n{}", s.log_tail()));
-        return;
+        return false;
     };
     row.failover(&st);
     let resent = st["resent_frames"].as_u64().unwrap_or(0);
     eprintln!("  the takeover sent {resent} frames again");
-    if resent < unwritten {
-        row.fail(format!("{name}: the takeover sent {resent} frames again; the old primary left {unwritten} acknowledged frames unwritten"));
+    if resent < CLIENTS as u64 {
+        row.fail(format!(
+            "{name}: the takeover (generation {gen}) sent {resent} frames again; the old primary left at least {CLIENTS} acknowledged frames unwritten"
+        ));
     }
-    if !wait_more(&l, 300) {
-        row.fail(format!("{name}: the clients did not carry on after the takeover:\n{}", s.log_tail()));
-    }
-    finish(row, name, net, l);
-    s.terminate();
-    let _ = s.wait_exit(T);
+    true
 }
 
 /// A partition between the nodes: the secondary takes over, the held

@@ -216,9 +216,7 @@ impl Engine {
                     // runs, its ring writes tracked)
                     self.machine.devices().take_device_output();
                     let out = self.machine.devices().drain();
-                    if !out.is_empty() {
-                        self.send(Packet::Release(out));
-                    }
+                    self.release_now(out);
                 }
                 // (a guest paused until a secondary syncs has nothing to pre-copy)
                 let precopy =
@@ -254,9 +252,7 @@ impl Engine {
                     }
                     self.machine.devices().take_device_output();
                     let out = self.machine.devices().drain();
-                    if !out.is_empty() {
-                        self.send(Packet::Release(out));
-                    }
+                    self.release_now(out);
                     std::thread::sleep(Duration::from_millis(1));
                     next = Instant::now();
                     continue;
@@ -302,6 +298,17 @@ impl Engine {
             if !self.send(Packet::Epoch(Box::new(packet))) {
                 return Ok(());
             }
+        }
+    }
+
+    /// Sends output out at once (no secondary to wait for). Every frame
+    /// the router writes must pass [`unreleased::Unreleased::produced`]
+    /// first, in the same order: the router's count of frames written
+    /// indexes the frames produced.
+    fn release_now(&mut self, out: Vec<Output>) {
+        if !out.is_empty() {
+            self.unreleased.produced(&out);
+            self.send(Packet::Release(out));
         }
     }
 

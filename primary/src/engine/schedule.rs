@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use vmm::abi::PAGE_SIZE;
 
-use super::{Engine, Packet, UnprotectedPolicy};
+use super::{Engine, UnprotectedPolicy};
 
 impl Engine {
     /// Page copies held for the link plus the pages waiting in the dirty
@@ -119,10 +119,7 @@ impl Engine {
         self.held_since = None;
         let mut out = std::mem::take(&mut self.held);
         out.extend(self.machine.devices().drain());
-        self.unreleased.produced(&out);
-        if !out.is_empty() {
-            self.send(Packet::Release(out));
-        }
+        self.release_now(out);
         self.shared.next_epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
