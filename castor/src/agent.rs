@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use runtime::harness::{NodeProc, Spec};
 use witness::pool::store::{Store, StoreError};
-use witness::pool::{decide, Action, Child, HostInfo, Local, Placed, Role, View};
+use witness::pool::{decide, marks, unix_ms, Action, Child, HostInfo, Local, Placed, Role, View};
 
 /// `castor agent`.
 #[derive(Debug, Args)]
@@ -238,6 +238,8 @@ impl Agent {
                 tracing::warn!(error = %e, "registering again");
             }
         }
+        // the clock an unprotected VM's record is dated by: when the view was asked for
+        let read_at = unix_ms();
         let view = match self.rt.block_on(self.store.read()) {
             Ok(v) => {
                 if let Some(t) = self.unreachable_since.take() {
@@ -270,6 +272,16 @@ impl Agent {
         for action in actions {
             if let Err(e) = self.act(&view, &action) {
                 tracing::warn!(?action, error = %e, "the action failed; the next round decides again");
+            }
+        }
+        if view.hosts.contains_key(&self.a.host) {
+            // since when each VM is unprotected: recorded by whichever agent
+            // reads the change first (the transaction compares the view)
+            for m in marks(&view) {
+                match self.rt.block_on(self.store.mark(&view, &m, read_at, &self.a.host)) {
+                    Ok(won) => tracing::debug!(?m, won, "unprotected record"),
+                    Err(e) => tracing::warn!(?m, error = %e, "recording a VM's protection"),
+                }
             }
         }
         acted
