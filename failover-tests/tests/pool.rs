@@ -15,6 +15,8 @@ use witness::pool::{protection, Protection, View};
 #[path = "pool/host.rs"]
 mod host;
 use host::*;
+#[path = "pool/race.rs"]
+mod race;
 
 #[test]
 fn a_host_dies_its_vm_is_served_by_the_witness_and_reprotected_on_the_remaining_host() {
