@@ -15,6 +15,8 @@ use witness::pool::{protection, Protection, View};
 #[path = "pool/host.rs"]
 mod host;
 use host::*;
+#[path = "pool/demo.rs"]
+mod demo;
 #[path = "pool/race.rs"]
 mod race;
 
