@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use runtime::harness::{NodeProc, Spec};
 use witness::pool::store::{Store, StoreError};
-use witness::pool::{decide, Action, Child, HostInfo, Local, Placed, Role, View};
+use witness::pool::{decide, marks, unix_ms, Action, Child, HostInfo, Local, Placed, Role, View};
 
 /// `castor agent`.
 #[derive(Debug, Args)]
@@ -62,6 +62,11 @@ pub struct AgentArgs {
     /// pass the same (the nodes of a pair check their settings agree).
     #[arg(long, allow_hyphen_values = true)]
     node_arg: Vec<String>,
+    /// Test hook: before each claim transaction, wait (at most 60 s) until
+    /// the file `<vm>.<role>` exists in this directory, so a test can line
+    /// agents up on one free slot and let their transactions go at once.
+    #[arg(long, hide = true, value_name = "DIR")]
+    test_claim_barrier: Option<PathBuf>,
 }
 
 /// Errors of `castor agent`.
@@ -238,6 +243,8 @@ impl Agent {
                 tracing::warn!(error = %e, "registering again");
             }
         }
+        // the clock an unprotected VM's record is dated by: when the view was asked for
+        let read_at = unix_ms();
         let view = match self.rt.block_on(self.store.read()) {
             Ok(v) => {
                 if let Some(t) = self.unreachable_since.take() {
@@ -270,6 +277,16 @@ impl Agent {
         for action in actions {
             if let Err(e) = self.act(&view, &action) {
                 tracing::warn!(?action, error = %e, "the action failed; the next round decides again");
+            }
+        }
+        if view.hosts.contains_key(&self.a.host) {
+            // since when each VM is unprotected: recorded by whichever agent
+            // reads the change first (the transaction compares the view)
+            for m in marks(&view) {
+                match self.rt.block_on(self.store.mark(&view, &m, read_at, &self.a.host)) {
+                    Ok(won) => tracing::debug!(?m, won, "unprotected record"),
+                    Err(e) => tracing::warn!(?m, error = %e, "recording a VM's protection"),
+                }
             }
         }
         acted
@@ -322,10 +339,16 @@ impl Agent {
         match action {
             Action::ClaimPrimary { vm } | Action::ClaimSecondary { vm, .. } => {
                 let role = if matches!(action, Action::ClaimPrimary { .. }) { Role::Primary } else { Role::Secondary };
+                self.claim_barrier(vm, role);
                 let won = self.rt.block_on(self.store.claim(&host, self.lease()?, self.a.capacity, view, vm, role))?;
                 tracing::info!(vm, role = role.as_str(), won, "claimed");
                 if won {
                     eprintln!("castor agent {host}: claimed the {} of {vm}", role.as_str());
+                } else {
+                    eprintln!(
+                        "castor agent {host}: lost the claim for the {} of {vm} (the pool changed since it was read)",
+                        role.as_str()
+                    );
                 }
             }
             Action::Start { vm, role, join } => {
@@ -432,6 +455,18 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The test hook `--test-claim-barrier`: waits until `<dir>/<vm>.<role>`
+    /// exists (at most 60 s; then the claim goes on as without the hook).
+    fn claim_barrier(&self, vm: &str, role: Role) {
+        let Some(dir) = &self.a.test_claim_barrier else { return };
+        let gate = dir.join(format!("{vm}.{}", role.as_str()));
+        eprintln!("castor agent {}: test hook: at the claim barrier for the {} of {vm}", self.a.host, role.as_str());
+        let end = Instant::now() + Duration::from_secs(60);
+        while !gate.exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Starts the node of `vm` placed here (waits until it has bound its

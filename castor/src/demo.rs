@@ -20,6 +20,8 @@ use serde_json::Value;
 
 #[path = "demo_net.rs"]
 mod net;
+#[path = "demo_pool.rs"]
+mod pool;
 #[path = "demo_steps.rs"]
 mod steps;
 
@@ -99,9 +101,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 10)]
     epoch_ms: u64,
     /// Silence after which a node counts its peer as gone (ms); the same
-    /// for both nodes.
-    #[arg(long, default_value_t = 100)]
-    heartbeat_timeout_ms: u64,
+    /// for both nodes [default: 100; 250 with --pool, where three agents,
+    /// four nodes and the clients share the machine].
+    #[arg(long)]
+    heartbeat_timeout_ms: Option<u64>,
     /// Dirty tracker of both nodes.
     #[arg(long, value_enum, default_value = "ring")]
     tracker: crate::run::TrackerArg,
@@ -115,6 +118,21 @@ pub struct DemoArgs {
     /// default the demo starts a real etcd on loopback as the witness.
     #[arg(long)]
     no_witness: bool,
+    /// A pool instead of a pair: this many `castor agent`s (hosts, at
+    /// least 3) on this machine, two kv VMs created in it under client
+    /// load; at --kill-primary-at a host holding a primary dies with
+    /// everything it runs (kill -9 of its agent and its nodes); the demo
+    /// waits until every VM is served and protected again and checks that
+    /// nothing acknowledged was lost. --guest and --scenario do not apply.
+    #[arg(long, value_name = "HOSTS")]
+    pool: Option<u32>,
+}
+
+impl DemoArgs {
+    /// The nodes' heartbeat timeout (ms).
+    fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_timeout_ms.unwrap_or(if self.pool.is_some() { 250 } else { 100 })
+    }
 }
 
 /// Errors of the demo.
@@ -126,6 +144,10 @@ pub enum DemoError {
     Node(String),
     #[error("{0}")]
     Args(String),
+    #[error("verification failed: {0}")]
+    Verify(String),
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl DemoError {
@@ -134,6 +156,8 @@ impl DemoError {
             DemoError::Setup(_) => 5,
             DemoError::Node(_) => 4,
             DemoError::Args(_) => 2,
+            DemoError::Verify(_) => 6,
+            DemoError::Interrupted => 130,
         }
     }
 }
@@ -166,15 +190,92 @@ fn f(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// What the demo's kv clients did.
 #[derive(Default)]
-struct Load {
+pub(crate) struct Load {
     acked: AtomicU64,
+    /// When each acknowledgement arrived and the generation of the node
+    /// that released it (the pool demo finds each VM's failover in them).
+    acked_at: Mutex<Vec<(Instant, u64)>>,
     /// (client, key) -> acknowledged ADDs
     counts: Mutex<HashMap<u64, u64>>,
     /// keys whose last request never got an answer (excluded from the check)
     uncertain: Mutex<Vec<u64>>,
     latencies_us: Mutex<Vec<f64>>,
     failed_calls: AtomicU64,
+}
+
+/// Starts the kv clients `ids` against `nodes` (tried in order): each
+/// ADDs 1 to keys of its own (`id << 32 | i % keys`) until `stop`, counting
+/// every acknowledged write in `load`; a client whose request got no answer
+/// stops, its key uncertain.
+pub(crate) fn spawn_clients(
+    rt: &tokio::runtime::Runtime,
+    load: &Arc<Load>,
+    stop: &Arc<AtomicBool>,
+    nodes: Vec<std::net::SocketAddr>,
+    ids: std::ops::RangeInclusive<u32>,
+    keys: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut handles = Vec::new();
+    for id in ids {
+        let (load, stop, nodes) = (load.clone(), stop.clone(), nodes.clone());
+        handles.push(rt.spawn(async move {
+            let mut c = KvClient::new(id, nodes);
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let k = (u64::from(id) << 32) | (i % keys);
+                let t = Instant::now();
+                match c.call(KvOp::Add, k, 1).await {
+                    Ok(r) => {
+                        common::sync::lock(&load.latencies_us).push(t.elapsed().as_secs_f64() * 1e6);
+                        common::sync::lock(&load.acked_at).push((Instant::now(), r.generation));
+                        *common::sync::lock(&load.counts).entry(k).or_insert(0) += 1;
+                        load.acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => {
+                        load.failed_calls.fetch_add(1, Ordering::SeqCst);
+                        common::sync::lock(&load.uncertain).push(k);
+                        break;
+                    }
+                }
+                i += 1;
+            }
+        }));
+    }
+    handles
+}
+
+/// Reads every key the clients of `load` wrote back from the node at `svc`
+/// (keys whose last request went unanswered aside): acknowledged ADDs
+/// missing (lost), applied more often than acknowledged (duplicated), and
+/// how many keys were checked.
+pub(crate) fn read_back(
+    rt: &tokio::runtime::Runtime,
+    load: &Load,
+    svc: std::net::SocketAddr,
+) -> Result<(u64, u64, u64), DemoError> {
+    let counts = common::sync::lock(&load.counts).clone();
+    let uncertain: std::collections::HashSet<u64> = common::sync::lock(&load.uncertain).iter().copied().collect();
+    rt.block_on(async {
+        let mut c = KvClient::new(0x7fff_fff0, vec![svc]);
+        let (mut lost, mut dup, mut checked) = (0u64, 0u64, 0u64);
+        for (k, n) in &counts {
+            if uncertain.contains(k) {
+                continue;
+            }
+            match c.call(KvOp::Get, *k, 0).await {
+                Ok(r) => {
+                    checked += 1;
+                    let v = if r.resp.status == 0 { r.resp.value } else { 0 };
+                    lost += n.saturating_sub(v);
+                    dup += v.saturating_sub(*n);
+                }
+                Err(e) => return Err(DemoError::Node(format!("reading the table back: {e}"))),
+            }
+        }
+        Ok((lost, dup, checked))
+    })
 }
 
 pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
@@ -200,6 +301,19 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
             println!("{s}");
         }
     };
+    if let Some(hosts) = a.pool {
+        // every process it started is gone when it returns, on error too;
+        // so is its temporary directory (--dir keeps the logs)
+        let r = pool::demo(&a, hosts, &dir, &live);
+        if a.dir.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let (report, verdict) = r?;
+        if a.json {
+            println!("{report}");
+        }
+        return verdict;
+    }
     if a.guest == DemoGuest::Redis {
         let report = net::demo(&a, &dir, &live)?;
         if a.json {
@@ -248,31 +362,7 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let load = Arc::new(Load::default());
     let stop = Arc::new(AtomicBool::new(false));
     let nodes = vec![svc_p, svc_s];
-    let mut handles = Vec::new();
-    for id in 1..=a.clients {
-        let (load, stop, nodes, keys) = (load.clone(), stop.clone(), nodes.clone(), a.keys);
-        handles.push(rt.spawn(async move {
-            let mut c = KvClient::new(id, nodes);
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let k = (u64::from(id) << 32) | (i % keys);
-                let t = Instant::now();
-                match c.call(KvOp::Add, k, 1).await {
-                    Ok(_) => {
-                        common::sync::lock(&load.latencies_us).push(t.elapsed().as_secs_f64() * 1e6);
-                        *common::sync::lock(&load.counts).entry(k).or_insert(0) += 1;
-                        load.acked.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(_) => {
-                        load.failed_calls.fetch_add(1, Ordering::SeqCst);
-                        common::sync::lock(&load.uncertain).push(k);
-                        break;
-                    }
-                }
-                i += 1;
-            }
-        }));
-    }
+    let handles = spawn_clients(&rt, &load, &stop, nodes, 1..=a.clients, a.keys);
 
     let start = Instant::now();
     let kill_at = Duration::from_secs_f64(a.kill_primary_at.unwrap_or(a.seconds / 2.0).max(0.0));
@@ -340,27 +430,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
         Some(st) => (st, svc_s),
         None => return Err(DemoError::Node(format!("no node serves at the end; logs in {}", dir.display()))),
     };
-    let counts = common::sync::lock(&load.counts).clone();
-    let uncertain: std::collections::HashSet<u64> = common::sync::lock(&load.uncertain).iter().copied().collect();
-    let (lost, dup, checked) = rt.block_on(async {
-        let mut c = KvClient::new(0x7fff_fff0, vec![svc]);
-        let (mut lost, mut dup, mut checked) = (0u64, 0u64, 0u64);
-        for (k, n) in &counts {
-            if uncertain.contains(k) {
-                continue;
-            }
-            match c.call(KvOp::Get, *k, 0).await {
-                Ok(r) => {
-                    checked += 1;
-                    let v = if r.resp.status == 0 { r.resp.value } else { 0 };
-                    lost += n.saturating_sub(v);
-                    dup += v.saturating_sub(*n);
-                }
-                Err(e) => return Err(DemoError::Node(format!("reading the table back: {e}"))),
-            }
-        }
-        Ok((lost, dup, checked))
-    })?;
+    let (lost, dup, checked) = read_back(&rt, &load, svc)?;
+    let uncertain = common::sync::lock(&load.uncertain).iter().copied().collect::<std::collections::HashSet<u64>>();
     let failover = survivor["node"] == "node-b" && survivor["failovers"].as_u64().unwrap_or(0) > 0;
     let failover_ms = survivor["last_failover_ms"].as_f64();
     let pk = pre_kill.unwrap_or(Value::Null);

@@ -59,7 +59,7 @@ impl Setup {
             "--epoch-ms".into(),
             a.epoch_ms.to_string(),
             "--heartbeat-timeout-ms".into(),
-            a.heartbeat_timeout_ms.to_string(),
+            a.heartbeat_ms().to_string(),
             "--tracker".into(),
             a.tracker.name().into(),
         ]);

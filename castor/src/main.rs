@@ -12,6 +12,8 @@
 //!   not exist, or its nodes still run)
 //! * 9: `castor vm`, `castor agent`: etcd unreachable (or its host name is
 //!   registered already)
+//! * 130: `castor demo --pool` interrupted (SIGINT, SIGTERM), once it has
+//!   stopped every process it started
 
 mod agent;
 mod bench;
@@ -47,6 +49,7 @@ enum Command {
     },
     /// Secondary + primary on loopback with the kv guest and clients; injects a
     /// fault halfway (--scenario: kill-primary, standby-dies, partition, switchover).
+    /// With --pool N: N agents, two VMs under load, a host killed with its nodes.
     Demo(demo::DemoArgs),
     /// Measure epoch latency, ring vs bitmap, the physical floor, and the service end to end.
     Bench(bench::BenchArgs),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use witness::pool::store::{Store, StoreError};
-use witness::pool::{protection, Protection, View, VmSpec};
+use witness::pool::{protection, unix_ms, unprotected_for, Protection, View, VmSpec};
 
 use crate::run::{parse_size, GuestArg};
 
@@ -91,14 +91,29 @@ impl VmCmdError {
     }
 }
 
-/// One VM as `list` and `show` report it.
-pub fn vm_json(view: &View, vm: &str) -> serde_json::Value {
+/// A duration as the table shows it: `850ms`, `12.3s`, `4m05s`, `2h07m`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1000..=59_999 => format!("{:.1}s", ms as f64 / 1e3),
+        60_000..=3_599_999 => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+/// One VM as `list` and `show` report it, at `now_ms` (Unix ms): for how
+/// long it has been unprotected comes from its record in etcd (the time
+/// the VM was created, or an agent first read it unprotected), not from
+/// when this command first saw it.
+pub fn vm_json(view: &View, vm: &str, now_ms: u64) -> serde_json::Value {
     let p = view.placement.get(vm).cloned().unwrap_or_default();
     let w = view.witness.get(vm).cloned().unwrap_or_default();
     let (protected, why) = match protection(view, vm) {
         Protection::Protected => ("protected", None),
         Protection::Unprotected(r) => ("unprotected", Some(r)),
     };
+    let record = view.unprotected.get(vm).filter(|_| why.is_some());
     serde_json::json!({
         "name": vm,
         "spec": view.vms.get(vm),
@@ -107,6 +122,9 @@ pub fn vm_json(view: &View, vm: &str) -> serde_json::Value {
         "protection": protected,
         "reason": why,
         "why": why.map(|r| r.to_string()),
+        "unprotected_since_ms": record.map(|u| u.since_ms),
+        "unprotected_for_ms": unprotected_for(view, vm, now_ms).map(|d| d.as_millis() as u64),
+        "unprotected_recorded_by": record.map(|u| &u.by),
         "term": w.term,
         "witness_primary": w.primary.as_ref().map(|h| &h.node),
         "witness_sync": w.sync.as_ref().map(|h| &h.node),
@@ -134,23 +152,31 @@ pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
         }
         VmCmd::List { json } => {
             let view = rt.block_on(store.read())?;
-            let rows: Vec<serde_json::Value> = view.vms.keys().map(|vm| vm_json(&view, vm)).collect();
+            let now = unix_ms();
+            let rows: Vec<serde_json::Value> = view.vms.keys().map(|vm| vm_json(&view, vm, now)).collect();
             if json {
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 println!(
-                    "{:<16} {:<12} {:<12} {:<12} {:>5}  WHY",
-                    "NAME", "PRIMARY", "SECONDARY", "PROTECTION", "TERM"
+                    "{:<16} {:<12} {:<12} {:<12} {:>5} {:>8}  WHY",
+                    "NAME", "PRIMARY", "SECONDARY", "PROTECTION", "TERM", "FOR"
                 );
                 let host = |v: &serde_json::Value| v["host"].as_str().unwrap_or("-").to_string();
                 for r in rows {
+                    // unprotected but not recorded yet (no agent has read it so): "?"
+                    let for_ = match (&r["reason"], r["unprotected_for_ms"].as_u64()) {
+                        (serde_json::Value::Null, _) => "-".to_string(),
+                        (_, Some(ms)) => human(Duration::from_millis(ms)),
+                        (_, None) => "?".to_string(),
+                    };
                     println!(
-                        "{:<16} {:<12} {:<12} {:<12} {:>5}  {}",
+                        "{:<16} {:<12} {:<12} {:<12} {:>5} {:>8}  {}",
                         r["name"].as_str().unwrap_or(""),
                         host(&r["primary"]),
                         host(&r["secondary"]),
                         r["protection"].as_str().unwrap_or(""),
                         r["term"].as_u64().unwrap_or(0),
+                        for_,
                         r["why"].as_str().unwrap_or("-"),
                     );
                 }
@@ -161,7 +187,7 @@ pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
             if !view.vms.contains_key(&name) {
                 return Err(StoreError::NoVm(name).into());
             }
-            println!("{}", vm_json(&view, &name));
+            println!("{}", vm_json(&view, &name, unix_ms()));
         }
         VmCmd::Switchover { name, wait_s } => {
             let view = rt.block_on(store.read())?;
@@ -186,4 +212,51 @@ pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(human(Duration::from_millis(0)), "0ms");
+        assert_eq!(human(Duration::from_millis(850)), "850ms");
+        assert_eq!(human(Duration::from_millis(12_340)), "12.3s");
+        assert_eq!(human(Duration::from_millis(245_000)), "4m05s");
+        assert_eq!(human(Duration::from_secs(2 * 3600 + 7 * 60 + 5)), "2h07m");
+    }
+
+    #[test]
+    fn list_tells_for_how_long_and_why_from_the_record_in_etcd() {
+        let mut v = View::default();
+        v.hosts.insert("a".into(), witness::pool::HostInfo { capacity: 1 });
+        v.vms.insert("vm".into(), VmSpec { guest: "kv".into(), mem: 64 << 20, vcpus: 1 });
+        let placed = |host: &str, port| witness::pool::Placed {
+            host: host.into(),
+            addr: Some(([127, 0, 0, 1], port).into()),
+            service: Some(([127, 0, 0, 1], port + 1).into()),
+        };
+        v.placement
+            .insert("vm".into(), witness::pool::VmPlacement { primary: Some(placed("a", 7000)), secondary: None });
+        let node = |n: &str| Some(witness::Holder { node: n.into(), term: 1 });
+        v.witness.insert("vm".into(), witness::pool::WitnessView { term: 1, sync: None, primary: node("p") });
+        let j = vm_json(&v, "vm", 10_000);
+        assert_eq!(j["reason"], "no_host_for_secondary");
+        assert_eq!(j["unprotected_for_ms"], serde_json::Value::Null, "not recorded yet: unknown");
+        v.unprotected.insert("vm".into(), witness::pool::Unprotected { since_ms: 2_500, by: "a".into() });
+        let j = vm_json(&v, "vm", 10_000);
+        assert_eq!((j["unprotected_since_ms"].as_u64(), j["unprotected_for_ms"].as_u64()), (Some(2_500), Some(7_500)));
+        assert_eq!(j["unprotected_recorded_by"], "a");
+        assert!(j["why"].as_str().unwrap().starts_with("no host with capacity"), "{j}");
+        // protected (a stale record not removed yet is not shown)
+        v.placement.get_mut("vm").unwrap().secondary = Some(placed("b", 7100));
+        v.witness.get_mut("vm").unwrap().sync = node("s");
+        let j = vm_json(&v, "vm", 10_000);
+        assert_eq!(j["protection"], "protected");
+        assert_eq!(
+            (&j["unprotected_for_ms"], &j["unprotected_since_ms"]),
+            (&serde_json::Value::Null, &serde_json::Value::Null)
+        );
+    }
 }

@@ -15,6 +15,10 @@ use witness::pool::{protection, Protection, View};
 #[path = "pool/host.rs"]
 mod host;
 use host::*;
+#[path = "pool/demo.rs"]
+mod demo;
+#[path = "pool/race.rs"]
+mod race;
 
 #[test]
 fn a_host_dies_its_vm_is_served_by_the_witness_and_reprotected_on_the_remaining_host() {
@@ -156,11 +160,24 @@ fn capacity_exhausted_waits_with_its_reason_and_protects_once_a_host_joins_and_a
     assert_ne!(v.placement["vm1"].primary.as_ref().unwrap().host, v.placement["vm2"].primary.as_ref().unwrap().host);
     std::thread::sleep(Duration::from_secs(3)); // past the stagger: still nothing
     let rows = vm_list(&etcd.url);
-    eprintln!("{}", castor(&["vm", "list", "--witness", &etcd.url]).1);
+    let table = castor(&["vm", "list", "--witness", &etcd.url]).1;
+    eprintln!("{table}");
     for r in &rows {
         assert_eq!(r["protection"], "unprotected", "{r}");
         assert_eq!(r["reason"], "no_host_for_secondary", "{r}");
         assert!(r["secondary"].is_null(), "{r}");
+        // unprotected since its creation (recorded in etcd by `vm create`),
+        // which was more than the 3 s waited above ago
+        assert!(r["unprotected_for_ms"].as_u64().is_some_and(|ms| ms >= 3000), "{r}");
+        assert_eq!(r["unprotected_recorded_by"], "castor vm create", "{r}");
+    }
+    for vm in ["vm1", "vm2"] {
+        let line = table.lines().find(|l| l.starts_with(vm)).unwrap_or_default();
+        assert!(line.contains("no host with capacity for its secondary") && line.contains('s'), "{table}");
+        let (code, out, _) = castor(&["vm", "show", vm, "--witness", &etcd.url]);
+        let shown: serde_json::Value = serde_json::from_str(out.trim()).expect("vm show");
+        assert_eq!((code, &shown["reason"]), (0, &serde_json::json!("no_host_for_secondary")));
+        assert!(shown["unprotected_for_ms"].as_u64().is_some_and(|ms| ms >= 3000), "{shown}");
     }
     let v = read(&rt, &store);
     assert!(v.hosts.keys().all(|h| v.load(h) == 1), "capacity 1 each: {:?}", v.slots);
@@ -173,6 +190,13 @@ fn capacity_exhausted_waits_with_its_reason_and_protects_once_a_host_joins_and_a
         panic!("not protected once h3 joined: {:?}\n{}", read(&rt, &store), logs(&hosts, &c.dir));
     };
     eprintln!("h3 joined: both VMs protected {:.0} ms later", t.elapsed().as_secs_f64() * 1e3);
+    // the record goes with the first agent that reads them protected
+    assert!(
+        wait_view(&rt, &store, Duration::from_secs(10), |v| v.unprotected.is_empty()).is_some(),
+        "the unprotected records are removed: {:?}",
+        read(&rt, &store).unprotected
+    );
+    assert!(vm_list(&etcd.url).iter().all(|r| r["unprotected_for_ms"].is_null() && r["reason"].is_null()));
     for vm in ["vm1", "vm2"] {
         assert_eq!(v.placement[vm].secondary.as_ref().unwrap().host, "h3");
     }

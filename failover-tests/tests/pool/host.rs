@@ -25,6 +25,11 @@ pub struct Host {
 
 impl Host {
     pub fn start(c: &Cluster, etcd: &str, name: &str, capacity: u32) -> Host {
+        Host::start_with(c, etcd, name, capacity, &[])
+    }
+
+    /// As [`Host::start`], with more agent options.
+    pub fn start_with(c: &Cluster, etcd: &str, name: &str, capacity: u32, extra: &[String]) -> Host {
         let dir = c.dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let log = c.dir.join(format!("agent-{name}.log"));
@@ -36,6 +41,7 @@ impl Host {
             .arg("--node-arg=--heartbeat-timeout-ms=250")
             .arg("--node-arg=--epoch-ms=10")
             .arg(format!("--node-arg=--release-log={}", c.release_log().display()))
+            .args(extra)
             .env("CASTOR_LOG", std::env::var("FAILOVER_NODE_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
@@ -70,16 +76,7 @@ impl Host {
 
     /// The processes of its group other than the agent (its nodes).
     pub fn nodes(&self) -> Vec<u32> {
-        let pgid = self.child.id() as i32;
-        let mut v = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
-            // SAFETY: getpgid(2) takes no pointers.
-            if pid != self.child.id() && unsafe { libc::getpgid(pid as i32) } == pgid {
-                v.push(pid);
-            }
-        }
-        v
+        group_nodes(self.child.id())
     }
 
     pub fn log_tail(&self) -> String {
@@ -91,6 +88,19 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.kill_all();
     }
+}
+
+/// The processes of the group led by `agent` other than itself.
+pub fn group_nodes(agent: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        // SAFETY: getpgid(2) takes no pointers.
+        if pid != agent && unsafe { libc::getpgid(pid as i32) } == agent as i32 {
+            v.push(pid);
+        }
+    }
+    v
 }
 
 pub fn read(rt: &tokio::runtime::Runtime, s: &Store) -> View {

@@ -112,6 +112,9 @@ pub struct View {
     /// Planned switchovers asked for (`/castor/pool/switchover/<vm>`): the
     /// term whose primary is to hand over.
     pub switchover: BTreeMap<String, u64>,
+    /// Since when each VM has been unprotected, as recorded in etcd
+    /// (`/castor/pool/unprotected/<vm>`; see [`marks`]).
+    pub unprotected: BTreeMap<String, Unprotected>,
 }
 
 impl View {
@@ -168,7 +171,11 @@ pub enum Reason {
     NoHostForSecondary,
     /// A host may claim its secondary (within the stagger).
     SecondaryUnclaimed,
-    /// A secondary is placed and joining or syncing.
+    /// A secondary is placed (claimed) and starting: it has not bound its
+    /// listeners yet.
+    SecondaryStarting,
+    /// A secondary runs and is joining or syncing (or its host died and its
+    /// lease has not expired yet).
     Syncing,
     /// The VM has a history but no placed primary: the witness's primary
     /// or caught-up secondary is being followed (a failover under way).
@@ -181,14 +188,15 @@ pub enum Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Reason::NoHostForPrimary => "no live host has a free slot for its primary",
-            Reason::PrimaryStarting => "its primary is starting",
+            Reason::NoHostForPrimary => "no host with capacity for its primary",
+            Reason::PrimaryStarting => "primary starting",
             Reason::NoHostForSecondary => {
-                "no live host other than the primary's has a free slot (anti-affinity: never both nodes on one host)"
+                "no host with capacity for its secondary but the primary's (anti-affinity: never both nodes on one host)"
             }
             Reason::SecondaryUnclaimed => "waiting for a host to claim its secondary",
-            Reason::Syncing => "its secondary is joining or syncing",
-            Reason::FailingOver => "failing over (following the witness)",
+            Reason::SecondaryStarting => "secondary starting",
+            Reason::Syncing => "secondary syncing",
+            Reason::FailingOver => "no live primary host: failing over (following the witness)",
             Reason::Lost => "lost: its primary and every caught-up copy are gone",
         })
     }
@@ -218,8 +226,70 @@ pub fn protection(view: &View, vm: &str) -> Protection {
         None if view.eligible(vm, Role::Secondary).is_empty() => Protection::Unprotected(Reason::NoHostForSecondary),
         None => Protection::Unprotected(Reason::SecondaryUnclaimed),
         Some(_) if w.sync.as_ref().is_some_and(|s| s.term == w.term && w.term > 0) => Protection::Protected,
+        Some(s) if s.addr.is_none() => Protection::Unprotected(Reason::SecondaryStarting),
         Some(_) => Protection::Unprotected(Reason::Syncing),
     }
+}
+
+/// The pool's record that a VM is unprotected
+/// (`/castor/pool/unprotected/<vm>`, no lease): written in the transaction
+/// that creates the VM (`castor vm create`), or by the first agent that
+/// reads the VM unprotected, and removed by the first that reads it
+/// protected (each a transaction comparing the keys protection depends on,
+/// as read: see [`marks`]). `vm list` and `vm show` tell from it for how
+/// long the VM has been unprotected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unprotected {
+    /// When it was first read unprotected: Unix time in ms, by the clock
+    /// of `by` when it read the view (so within one `--poll-ms` of the
+    /// change, plus the clocks' skew).
+    pub since_ms: u64,
+    /// Who recorded it: `castor vm create`, or the agent of host `by`.
+    pub by: String,
+}
+
+/// A change of a VM's [`Unprotected`] record that the view calls for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mark {
+    /// The VM is unprotected and has no record: record it (since now).
+    Unprotected { vm: String },
+    /// The VM is protected, or no longer desired, and has a record: remove it.
+    Protected { vm: String },
+}
+
+/// The record changes this view calls for (pure; every agent runs it, the
+/// store's transaction settles a race: exactly one record per stretch of
+/// unprotected time).
+pub fn marks(view: &View) -> Vec<Mark> {
+    let mut out = Vec::new();
+    for vm in view.vms.keys() {
+        let recorded = view.unprotected.contains_key(vm);
+        match protection(view, vm) {
+            Protection::Protected if recorded => out.push(Mark::Protected { vm: vm.clone() }),
+            Protection::Unprotected(_) if !recorded => out.push(Mark::Unprotected { vm: vm.clone() }),
+            _ => {}
+        }
+    }
+    for vm in view.unprotected.keys() {
+        if !view.vms.contains_key(vm) {
+            out.push(Mark::Protected { vm: vm.clone() });
+        }
+    }
+    out
+}
+
+/// For how long `vm` has been unprotected at `now_ms` (Unix ms), by its
+/// record in etcd; None while it is protected or not recorded yet.
+pub fn unprotected_for(view: &View, vm: &str, now_ms: u64) -> Option<Duration> {
+    if protection(view, vm) == Protection::Protected {
+        return None;
+    }
+    view.unprotected.get(vm).map(|u| Duration::from_millis(now_ms.saturating_sub(u.since_ms)))
+}
+
+/// Now, in Unix ms (the clock [`Unprotected::since_ms`] is read by).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How long after a placement went missing the host of rank `r` (0: the

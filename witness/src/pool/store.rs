@@ -6,6 +6,8 @@
 //! | `/castor/pool/slots/<host>` | the host's claimed `[vm, role]` pairs | the host's agent |
 //! | `/castor/pool/vms/<vm>` | [`VmSpec`] (desired state) | none |
 //! | `/castor/pool/placement/<vm>/<role>` | [`Placed`] | the placed host's agent |
+//! | `/castor/pool/switchover/<vm>` | the term whose primary is to hand over | none |
+//! | `/castor/pool/unprotected/<vm>` | [`Unprotected`]: since when it is unprotected | none |
 //!
 //! A host's death is its lease expiring: its host key, slots and
 //! placements vanish in one revision. Every claim is one transaction that
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
-use super::{HostInfo, Placed, Role, View, VmPlacement, VmSpec, WitnessView};
+use super::{HostInfo, Mark, Placed, Role, Unprotected, View, VmPlacement, VmSpec, WitnessView};
 use crate::Holder;
 
 const ROOT: &str = "/castor/";
@@ -79,6 +81,13 @@ fn vm_key(vm: &str) -> String {
 }
 fn placement_key(vm: &str, r: Role) -> String {
     format!("{POOL}placement/{vm}/{}", r.as_str())
+}
+fn unprotected_key(vm: &str) -> String {
+    format!("{POOL}unprotected/{vm}")
+}
+
+fn unprotected_bytes(u: &Unprotected) -> Vec<u8> {
+    serde_json::to_vec(u).expect("an unprotected record serialises")
 }
 
 /// The bytes of a host's slots (sorted: the same set is the same bytes,
@@ -160,6 +169,10 @@ impl Store {
                     }
                     ["vms", vm] => {
                         v.vms.insert(json(vm)?, serde_json::from_slice(kv.value()).map_err(|_| corrupt())?);
+                    }
+                    ["unprotected", vm] => {
+                        v.unprotected
+                            .insert(vm.to_string(), serde_json::from_slice(kv.value()).map_err(|_| corrupt())?);
                     }
                     ["switchover", vm] => {
                         let t =
@@ -390,6 +403,42 @@ impl Store {
         Err(StoreError::Unreachable(format!("the slots of {host} kept changing while releasing {vm}")))
     }
 
+    /// Records a VM unprotected since `now_ms` (by host `by`), or removes
+    /// the record of one protected or deleted, as [`super::marks`] decided
+    /// from `view`: only while the record and every key the VM's protection
+    /// depends on (its placements, its witness `term` and `sync`, whether
+    /// it is desired) are as read, so a view read before a change can never
+    /// undo the record of the change. Returns whether it was written.
+    pub async fn mark(&self, view: &View, mark: &Mark, now_ms: u64, by: &str) -> Result<bool, StoreError> {
+        let vm = match mark {
+            Mark::Unprotected { vm } | Mark::Protected { vm } => vm.as_str(),
+        };
+        let p = view.placement.get(vm).cloned().unwrap_or_default();
+        let w = view.witness.get(vm).cloned().unwrap_or_default();
+        let mut when = vec![
+            holds(unprotected_key(vm), view.unprotected.get(vm).map(unprotected_bytes)),
+            holds(vm_key(vm), view.vms.get(vm).map(|s| serde_json::to_vec(s).expect("vm spec"))),
+            holds(placement_key(vm, Role::Primary), p.primary.as_ref().map(placed_bytes)),
+            holds(placement_key(vm, Role::Secondary), p.secondary.as_ref().map(placed_bytes)),
+            holds(format!("{ROOT}{vm}/term"), (w.term > 0).then(|| w.term.to_string().into_bytes())),
+            holds(format!("{ROOT}{vm}/sync"), w.sync.as_ref().map(Holder::bytes)),
+        ];
+        let op = match mark {
+            Mark::Unprotected { .. } => {
+                let u = Unprotected { since_ms: now_ms, by: by.into() };
+                TxnOp::put(unprotected_key(vm), unprotected_bytes(&u), None)
+            }
+            Mark::Protected { .. } => {
+                // a record of a VM no longer desired goes whatever its keys say
+                if !view.vms.contains_key(vm) {
+                    when.truncate(2);
+                }
+                TxnOp::delete(unprotected_key(vm), None)
+            }
+        };
+        Ok(self.txn(Txn::new().when(when).and_then([op])).await?.succeeded())
+    }
+
     /// `castor vm create`: the desired VM, unless it exists or its name has
     /// a witness history.
     pub async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<(), StoreError> {
@@ -397,7 +446,15 @@ impl Store {
         let term = format!("{ROOT}{vm}/term");
         let txn = Txn::new()
             .when([holds(vm_key(vm), None), holds(term.clone(), None)])
-            .and_then([TxnOp::put(vm_key(vm), serde_json::to_vec(spec).expect("vm spec"), None)])
+            .and_then([
+                TxnOp::put(vm_key(vm), serde_json::to_vec(spec).expect("vm spec"), None),
+                // a new VM is unprotected from its creation on
+                TxnOp::put(
+                    unprotected_key(vm),
+                    unprotected_bytes(&Unprotected { since_ms: super::unix_ms(), by: "castor vm create".into() }),
+                    None,
+                ),
+            ])
             .or_else([TxnOp::get(vm_key(vm), None), TxnOp::get(term, None)]);
         let r = self.txn(txn).await?;
         if r.succeeded() {
@@ -477,10 +534,10 @@ impl Store {
                         holds(placement_key(vm, Role::Secondary), None),
                         holds(format!("{ROOT}{vm}/primary"), None),
                     ])
-                    .and_then([TxnOp::delete(
-                        format!("{ROOT}{vm}/"),
-                        Some(etcd_client::DeleteOptions::new().with_prefix()),
-                    )]);
+                    .and_then([
+                        TxnOp::delete(format!("{ROOT}{vm}/"), Some(etcd_client::DeleteOptions::new().with_prefix())),
+                        TxnOp::delete(unprotected_key(vm), None),
+                    ]);
                 if self.txn(txn).await?.succeeded() {
                     return Ok(());
                 }

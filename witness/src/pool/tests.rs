@@ -156,7 +156,48 @@ fn a_placed_node_is_started_and_its_addresses_published() {
         decide("b", &v, &Local::default()),
         vec![Action::Start { vm: "vm".into(), role: Role::Secondary, join: addr(7000) }]
     );
+    assert_eq!(protection(&v, "vm"), Protection::Unprotected(Reason::SecondaryStarting));
+    place(&mut v, "vm", Role::Secondary, "b", Some(7100));
     assert_eq!(protection(&v, "vm"), Protection::Unprotected(Reason::Syncing));
+}
+
+#[test]
+fn an_unprotected_vm_is_recorded_once_with_its_time_and_the_record_goes_when_it_is_protected() {
+    let mut v = view(&[("a", 2), ("b", 2)], &["vm", "other"]);
+    // fresh, no record yet (a VM created before records existed, or whose
+    // record an agent has not written yet): record both
+    assert_eq!(marks(&v), vec![Mark::Unprotected { vm: "other".into() }, Mark::Unprotected { vm: "vm".into() }]);
+    assert_eq!(unprotected_for(&v, "vm", 5_000), None, "no record: unknown, not zero");
+    let rec = |since_ms| Unprotected { since_ms, by: "a".into() };
+    v.unprotected.insert("vm".into(), rec(1_000));
+    v.unprotected.insert("other".into(), rec(1_000));
+    assert_eq!(marks(&v), vec![], "recorded: nothing to do while it stays unprotected");
+    // its duration is from the record, whatever the reason now
+    place(&mut v, "vm", Role::Primary, "a", Some(7000));
+    serving(&mut v, "vm", 1, false);
+    assert_eq!(protection(&v, "vm"), Protection::Unprotected(Reason::SecondaryUnclaimed));
+    assert_eq!(unprotected_for(&v, "vm", 4_500), Some(Duration::from_millis(3_500)));
+    assert_eq!(unprotected_for(&v, "vm", 500), Some(Duration::ZERO), "a clock behind the recorder's: 0, not negative");
+    place(&mut v, "vm", Role::Secondary, "b", Some(7100));
+    assert_eq!(protection(&v, "vm"), Protection::Unprotected(Reason::Syncing));
+    assert_eq!(unprotected_for(&v, "vm", 6_000), Some(Duration::from_millis(5_000)));
+    assert_eq!(marks(&v), vec![]);
+    // caught up: protected, the record goes
+    serving(&mut v, "vm", 1, true);
+    assert_eq!(unprotected_for(&v, "vm", 7_000), None);
+    assert_eq!(marks(&v), vec![Mark::Protected { vm: "vm".into() }]);
+    v.unprotected.remove("vm");
+    assert_eq!(marks(&v), vec![]);
+    // the primary's host dies and the witness promotes the secondary: a
+    // new stretch, recorded anew
+    v.placement.get_mut("vm").unwrap().primary = None;
+    v.slots.get_mut("a").unwrap().remove(&("vm".to_string(), Role::Primary));
+    serving(&mut v, "vm", 2, false);
+    assert_eq!(protection(&v, "vm"), Protection::Unprotected(Reason::FailingOver));
+    assert_eq!(marks(&v), vec![Mark::Unprotected { vm: "vm".into() }]);
+    // a deleted VM's record goes whatever its keys say
+    v.vms.remove("other");
+    assert_eq!(marks(&v), vec![Mark::Unprotected { vm: "vm".into() }, Mark::Protected { vm: "other".into() }]);
 }
 
 #[test]

@@ -147,3 +147,58 @@ async fn a_name_with_a_witness_history_is_not_created_again_until_deleted() {
     s.create_vm("old", &spec()).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprotected_record_is_written_by_create_and_a_stale_view_cannot_undo_it() {
+    let dir = tmp("unprotected");
+    let etcd = Etcd::start(&dir).unwrap();
+    let s = Store::connect(&etcd.url, Duration::from_millis(500)).await.unwrap();
+    let la = host(&s, "a", 2, 30).await;
+    let lb = host(&s, "b", 2, 30).await;
+    let before = crate::pool::unix_ms();
+    s.create_vm("vm", &spec()).await.unwrap();
+    let v = s.read().await.unwrap();
+    let rec = v.unprotected.get("vm").cloned().expect("create records the VM unprotected");
+    assert_eq!(rec.by, "castor vm create");
+    assert!(rec.since_ms >= before && rec.since_ms <= crate::pool::unix_ms(), "{rec:?}");
+    assert_eq!(super::super::marks(&v), vec![], "recorded once");
+    // primary and secondary placed and caught up: protected
+    assert!(s.claim("a", la, 2, &v, "vm", Role::Primary).await.unwrap());
+    let v = s.read().await.unwrap();
+    assert!(s.publish(la, &v, "vm", Role::Primary, at("a", 7000)).await.unwrap());
+    let mut c = Client::connect([&etcd.url], None).await.unwrap();
+    c.put("/castor/vm/term", "1", None).await.unwrap();
+    c.put("/castor/vm/primary", r#"{"node":"p","term":1}"#, None).await.unwrap();
+    let v = s.read().await.unwrap();
+    assert!(s.claim("b", lb, 2, &v, "vm", Role::Secondary).await.unwrap());
+    let v = s.read().await.unwrap();
+    assert!(s.publish(lb, &v, "vm", Role::Secondary, at("b", 7100)).await.unwrap());
+    let unprotected_view = s.read().await.unwrap();
+    c.put("/castor/vm/sync", r#"{"node":"s","term":1}"#, None).await.unwrap();
+    let v = s.read().await.unwrap();
+    let m = super::super::marks(&v);
+    assert_eq!(m, vec![Mark::Protected { vm: "vm".into() }]);
+    assert!(s.mark(&v, &m[0], 1, "a").await.unwrap());
+    assert!(!s.mark(&v, &m[0], 1, "b").await.unwrap(), "of two agents racing, one writes");
+    // an agent that read the VM unprotected before it caught up (and saw
+    // no record: say one it read earlier still) cannot record it again
+    let mut stale = unprotected_view.clone();
+    stale.unprotected.clear();
+    let m = Mark::Unprotected { vm: "vm".into() };
+    assert!(!s.mark(&stale, &m, 2, "b").await.unwrap(), "a stale view writes nothing");
+    assert!(s.read().await.unwrap().unprotected.is_empty());
+    // the primary runs alone (the witness's sync deleted): a new record
+    c.delete("/castor/vm/sync", None).await.unwrap();
+    let v = s.read().await.unwrap();
+    assert_eq!(super::super::marks(&v), vec![m.clone()]);
+    assert!(s.mark(&v, &m, 1234, "b").await.unwrap());
+    assert_eq!(s.read().await.unwrap().unprotected["vm"], Unprotected { since_ms: 1234, by: "b".into() });
+    // delete clears it with the history
+    c.delete("/castor/vm/primary", None).await.unwrap();
+    s.release("a", la, "vm", Role::Primary).await.unwrap();
+    s.release("b", lb, "vm", Role::Secondary).await.unwrap();
+    s.delete_vm("vm", Duration::from_secs(2)).await.unwrap();
+    let v = s.read().await.unwrap();
+    assert!(v.unprotected.is_empty() && v.witness.is_empty(), "{v:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
