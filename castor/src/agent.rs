@@ -62,6 +62,15 @@ pub struct AgentArgs {
     /// pass the same (the nodes of a pair check their settings agree).
     #[arg(long, allow_hyphen_values = true)]
     node_arg: Vec<String>,
+    /// The bridge this host puts its guests' TAPs on (it must exist, e.g.
+    /// enslaving the NIC that faces the clients; the same L2 segment on
+    /// every host). Without it the host runs no VM with a network card.
+    #[arg(long, value_name = "BR")]
+    net_bridge: Option<String>,
+    /// The network namespace the bridge lives in, if not the agent's (the
+    /// TAP is moved there; the nodes' own sockets stay in the agent's).
+    #[arg(long, value_name = "NS", requires = "net_bridge")]
+    net_netns: Option<String>,
     /// Test hook: before each claim transaction, wait (at most 60 s) until
     /// the file `<vm>.<role>` exists in this directory, so a test can line
     /// agents up on one free slot and let their transactions go at once.
@@ -88,6 +97,39 @@ impl AgentError {
             AgentError::StateDir { .. } => 5,
         }
     }
+}
+
+/// The `--net` of `vm`'s `role` node here: a TAP of its own (at most 15
+/// characters: `c`, a hash of host and VM, the role and the start's
+/// number, so a node started again never meets its predecessor's TAP, and
+/// the hosts of one machine in the tests never share one), the VM's MAC,
+/// and its address on the primary (a secondary takes the guest's from its
+/// state).
+fn net_arg(
+    host: &str,
+    vm: &str,
+    role: Role,
+    seq: u64,
+    n: &witness::pool::VmNet,
+    bridge: &str,
+    netns: Option<&str>,
+) -> String {
+    let h = format!("{host}/{vm}").bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let r = match role {
+        Role::Primary => 'p',
+        Role::Secondary => 's',
+    };
+    let mut s = format!("tap=c{h:08x}{r}{:02x},mac={},bridge={bridge}", seq % 256, n.mac);
+    if role == Role::Primary {
+        s += &format!(",ip={}", n.ip);
+        if let Some(g) = &n.gw {
+            s += &format!(",gw={g}");
+        }
+    }
+    if let Some(ns) = netns {
+        s += &format!(",netns={ns}");
+    }
+    s
 }
 
 /// How long a VM whose node failed here is not claimed here again.
@@ -214,7 +256,7 @@ impl Agent {
     fn register(&mut self) -> Result<(), StoreError> {
         let ttl = Duration::from_secs(self.a.lease_ttl_s.max(1));
         let lease = self.rt.block_on(self.store.lease(ttl))?;
-        let info = HostInfo { capacity: self.a.capacity };
+        let info = HostInfo { capacity: self.a.capacity, net: self.a.net_bridge.is_some() };
         if let Err(e) = self.rt.block_on(self.store.register(&self.a.host, &info, lease)) {
             self.rt.block_on(self.store.revoke(lease));
             return Err(e);
@@ -517,6 +559,17 @@ impl Agent {
             "--vm-id".into(),
             vm.into(),
         ]);
+        if let Some(n) = &spec.net {
+            let Some(bridge) = &self.a.net_bridge else {
+                // (decide places a VM with a card only on a host with a bridge)
+                let err = std::io::Error::other(format!("{vm} has a network card and this agent has no --net-bridge"));
+                return Err(runtime::harness::HarnessError::Spawn { name, err });
+            };
+            args.extend([
+                "--net".into(),
+                net_arg(&self.a.host, vm, role, self.seq, n, bridge, self.a.net_netns.as_deref()),
+            ]);
+        }
         args.extend(self.a.node_arg.iter().cloned());
         let spec = Spec { exe: self.exe.clone(), name, args, dir: self.a.state_dir.clone(), env: Vec::new() };
         spec.start()

@@ -246,7 +246,7 @@ pub(super) fn demo(
     ));
     let t = Instant::now();
     for vm in VMS {
-        let spec = VmSpec { guest: "kv".into(), mem: a.mem, vcpus: a.vcpus };
+        let spec = VmSpec { guest: "kv".into(), mem: a.mem, vcpus: a.vcpus, net: None };
         rt.block_on(pool.store.create_vm(vm, &spec)).map_err(|e| setup(e.to_string()))?;
     }
     let v = pool.wait(Duration::from_secs(120), "the VMs were not protected", |v| {
@@ -466,7 +466,7 @@ mod tests {
         let mut v = View::default();
         let placed = |h: &str| Some(witness::pool::Placed { host: h.into(), addr: None, service: None });
         for (h, slots) in [("h1", 1), ("h2", 2), ("h3", 1)] {
-            v.hosts.insert(h.into(), witness::pool::HostInfo { capacity: 2 });
+            v.hosts.insert(h.into(), witness::pool::HostInfo { capacity: 2, net: false });
             let s = v.slots.entry(h.into()).or_default();
             for i in 0..slots {
                 s.insert((format!("x{i}"), Role::Secondary));

@@ -27,9 +27,20 @@ enum VmCmd {
     /// Ask the pool to run and protect a VM (desired state).
     Create {
         name: String,
-        /// The built-in guest (the pool runs `kv` for now).
+        /// The built-in guest: `kv`, or `redis` (the networked guest: needs
+        /// `--ip`, and hosts whose agents have `--net-bridge`).
         #[arg(long, value_enum, default_value = "kv")]
         guest: GuestArg,
+        /// The networked guest's static IPv4 address and prefix (`redis`).
+        #[arg(long, value_name = "A.B.C.D/P")]
+        ip: Option<String>,
+        /// Its default gateway, if any (`redis`).
+        #[arg(long, value_name = "A.B.C.D")]
+        gw: Option<String>,
+        /// Its MAC (`redis`); default: a locally administered one made from
+        /// the VM's name (02:ca:57:..).
+        #[arg(long, value_name = "MAC")]
+        mac: Option<String>,
         /// Guest memory (K, M or G suffix).
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         mem: u64,
@@ -131,6 +142,33 @@ pub fn vm_json(view: &View, vm: &str, now_ms: u64) -> serde_json::Value {
     })
 }
 
+/// A locally administered MAC made from a VM's name (FNV-1a of the name,
+/// so the same name gives the same MAC on every host and every run).
+pub fn mac_for(name: &str) -> String {
+    let h = name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let b = h.to_be_bytes();
+    format!("02:ca:57:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
+}
+
+/// The network identity of a `--guest redis` VM, checked as a node's
+/// `--net` would be.
+fn vm_net(
+    name: &str,
+    ip: Option<String>,
+    gw: Option<String>,
+    mac: Option<String>,
+) -> Result<witness::pool::VmNet, VmCmdError> {
+    let Some(ip) = ip else {
+        return Err(VmCmdError::Usage("--guest redis needs --ip A.B.C.D/P (the guest's static address)".into()));
+    };
+    let mac = mac.unwrap_or_else(|| mac_for(name));
+    let gw_part = gw.as_ref().map(|g| format!(",gw={g}")).unwrap_or_default();
+    format!("tap=check,mac={mac},ip={ip}{gw_part}")
+        .parse::<crate::net_arg::NetArg>()
+        .map_err(|e| VmCmdError::Usage(e.to_string()))?;
+    Ok(witness::pool::VmNet { mac, ip, gw })
+}
+
 pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
     let Some(urls) = a.witness.clone() else {
         return Err(VmCmdError::Usage("--witness URL[,URL...] is needed (the pool's etcd)".into()));
@@ -138,16 +176,25 @@ pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let store = rt.block_on(Store::connect(&urls, Duration::from_millis(a.witness_timeout_ms.max(10))))?;
     match a.cmd {
-        VmCmd::Create { name, guest, mem, vcpus } => {
-            if !matches!(guest, GuestArg::Kv) {
-                return Err(VmCmdError::Usage(format!(
-                    "--guest {guest:?}: the pool runs the kv guest for now (the network options come later)"
-                )));
-            }
+        VmCmd::Create { name, guest, mem, vcpus, ip, gw, mac } => {
             if vcpus == 0 {
                 return Err(VmCmdError::Usage("--vcpus must be at least 1".into()));
             }
-            rt.block_on(store.create_vm(&name, &VmSpec { guest: "kv".into(), mem, vcpus }))?;
+            let (guest, net) = match guest {
+                GuestArg::Kv if ip.is_none() && gw.is_none() && mac.is_none() => ("kv", None),
+                GuestArg::Kv => {
+                    return Err(VmCmdError::Usage(
+                        "--ip, --gw and --mac are for --guest redis (kv has no network card)".into(),
+                    ))
+                }
+                GuestArg::Redis => ("redis", Some(vm_net(&name, ip, gw, mac)?)),
+                other => {
+                    return Err(VmCmdError::Usage(format!(
+                        "--guest {other:?}: the pool runs the kv and redis guests (the others are benchmarks)"
+                    )))
+                }
+            };
+            rt.block_on(store.create_vm(&name, &VmSpec { guest: guest.into(), mem, vcpus, net }))?;
             println!("{}", serde_json::json!({"ok": true, "name": name}));
         }
         VmCmd::List { json } => {
@@ -219,6 +266,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_networked_vm_needs_a_valid_address_and_gets_a_stable_local_mac() {
+        let n = vm_net("web", Some("10.0.0.2/24".into()), None, None).expect("valid");
+        assert_eq!(n.mac, mac_for("web"));
+        assert_eq!(mac_for("web"), mac_for("web"));
+        assert_ne!(mac_for("web"), mac_for("web2"));
+        assert!(n.mac.starts_with("02:"), "locally administered, unicast");
+        assert!(matches!(vm_net("web", None, None, None), Err(VmCmdError::Usage(_))), "--ip is needed");
+        for bad in ["10.0.0.2", "10.0.0.300/24", "10.0.0.2/40"] {
+            assert!(vm_net("web", Some(bad.into()), None, None).is_err(), "{bad}");
+        }
+        assert!(vm_net("web", Some("10.0.0.2/24".into()), Some("nope".into()), None).is_err());
+        assert!(vm_net("web", Some("10.0.0.2/24".into()), None, Some("52:54:00:12:34".into())).is_err());
+        let n = vm_net("web", Some("10.0.0.2/24".into()), Some("10.0.0.1".into()), Some("52:54:00:12:34:56".into()))
+            .expect("valid");
+        assert_eq!((n.mac.as_str(), n.gw.as_deref()), ("52:54:00:12:34:56", Some("10.0.0.1")));
+    }
+
+    #[test]
     fn durations_read_at_a_glance() {
         assert_eq!(human(Duration::from_millis(0)), "0ms");
         assert_eq!(human(Duration::from_millis(850)), "850ms");
@@ -230,8 +295,8 @@ mod tests {
     #[test]
     fn list_tells_for_how_long_and_why_from_the_record_in_etcd() {
         let mut v = View::default();
-        v.hosts.insert("a".into(), witness::pool::HostInfo { capacity: 1 });
-        v.vms.insert("vm".into(), VmSpec { guest: "kv".into(), mem: 64 << 20, vcpus: 1 });
+        v.hosts.insert("a".into(), witness::pool::HostInfo { capacity: 1, net: false });
+        v.vms.insert("vm".into(), VmSpec { guest: "kv".into(), mem: 64 << 20, vcpus: 1, net: None });
         let placed = |host: &str, port| witness::pool::Placed {
             host: host.into(),
             addr: Some(([127, 0, 0, 1], port).into()),

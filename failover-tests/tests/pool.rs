@@ -17,6 +17,8 @@ mod host;
 use host::*;
 #[path = "pool/demo.rs"]
 mod demo;
+#[path = "pool/net.rs"]
+mod net;
 #[path = "pool/race.rs"]
 mod race;
 

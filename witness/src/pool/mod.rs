@@ -51,6 +51,10 @@ impl Role {
 pub struct HostInfo {
     /// How many castor nodes (primaries and secondaries) it may run.
     pub capacity: u32,
+    /// It can give a node the guest's network (its agent has a bridge for
+    /// the guests' TAPs): only such hosts run VMs with a network card.
+    #[serde(default)]
+    pub net: bool,
 }
 
 /// A desired VM (`/castor/pool/vms/<name>`).
@@ -60,6 +64,22 @@ pub struct VmSpec {
     /// Guest memory in bytes.
     pub mem: u64,
     pub vcpus: u32,
+    /// The guest's network card, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<VmNet>,
+}
+
+/// A VM's network identity: the same on every host that runs it (the MAC
+/// moves with the guest at a failover; the address is the service's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNet {
+    /// `52:54:00:12:34:56`.
+    pub mac: String,
+    /// The guest's static IPv4 address and prefix, `A.B.C.D/P`.
+    pub ip: String,
+    /// Its default gateway, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gw: Option<String>,
 }
 
 /// One node of a VM placed on a host
@@ -127,13 +147,21 @@ impl View {
         self.hosts.get(host).is_some_and(|h| (self.load(host) as u64) < u64::from(h.capacity))
     }
 
+    /// `host` can run `vm`'s nodes (a VM with a network card needs a host
+    /// with a bridge for it).
+    fn fits(&self, host: &str, vm: &str) -> bool {
+        let needs_net = self.vms.get(vm).is_some_and(|s| s.net.is_some());
+        !needs_net || self.hosts.get(host).is_some_and(|h| h.net)
+    }
+
     fn holds(&self, host: &str, vm: &str) -> bool {
         self.slots.get(host).is_some_and(|s| s.iter().any(|(v, _)| v == vm))
     }
 
     /// Hosts that may take `role` of `vm`, best first (least loaded, then
-    /// by name): live, below capacity, holding no node of the VM already,
-    /// and (anti-affinity) not the host of its other node.
+    /// by name): live, below capacity, able to run it (a network card
+    /// needs a host with a bridge), holding no node of the VM already, and
+    /// (anti-affinity) not the host of its other node.
     pub fn eligible(&self, vm: &str, role: Role) -> Vec<String> {
         let p = self.placement.get(vm).cloned().unwrap_or_default();
         let other = match role {
@@ -143,7 +171,7 @@ impl View {
         let mut v: Vec<String> = self
             .hosts
             .keys()
-            .filter(|h| self.free(h) && !self.holds(h, vm) && other.as_deref() != Some(h.as_str()))
+            .filter(|h| self.free(h) && self.fits(h, vm) && !self.holds(h, vm) && other.as_deref() != Some(h.as_str()))
             .cloned()
             .collect();
         v.sort_by_key(|h| (self.load(h), h.clone()));
@@ -188,7 +216,7 @@ pub enum Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Reason::NoHostForPrimary => "no host with capacity for its primary",
+            Reason::NoHostForPrimary => "no host with capacity for its primary (and a bridge, for a network card)",
             Reason::PrimaryStarting => "primary starting",
             Reason::NoHostForSecondary => {
                 "no host with capacity for its secondary but the primary's (anti-affinity: never both nodes on one host)"

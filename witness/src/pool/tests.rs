@@ -13,10 +13,10 @@ fn addr(p: u16) -> Option<SocketAddr> {
 fn view(hosts: &[(&str, u32)], vms: &[&str]) -> View {
     let mut v = View::default();
     for (h, c) in hosts {
-        v.hosts.insert(h.to_string(), HostInfo { capacity: *c });
+        v.hosts.insert(h.to_string(), HostInfo { capacity: *c, net: false });
     }
     for vm in vms {
-        v.vms.insert(vm.to_string(), VmSpec { guest: "kv".into(), mem: 128 << 20, vcpus: 2 });
+        v.vms.insert(vm.to_string(), VmSpec { guest: "kv".into(), mem: 128 << 20, vcpus: 2, net: None });
     }
     v
 }
@@ -85,6 +85,35 @@ fn a_fresh_vm_is_claimed_first_by_the_least_loaded_host_then_by_the_others_after
 }
 
 #[test]
+fn a_vm_with_a_network_card_runs_only_on_hosts_with_a_bridge() {
+    let mut v = view(&[("a", 2), ("b", 2), ("c", 2)], &["net", "kv"]);
+    v.vms.get_mut("net").unwrap().net =
+        Some(VmNet { mac: "52:54:00:00:00:01".into(), ip: "10.0.0.2/24".into(), gw: None });
+    v.hosts.get_mut("b").unwrap().net = true;
+    // a has no bridge: it may claim the kv VM, never the networked one
+    assert_eq!(v.eligible("net", Role::Primary), vec!["b".to_string()]);
+    assert_eq!(v.eligible("kv", Role::Primary).len(), 3);
+    assert_eq!(decide("a", &v, &Local::default()), vec![Action::ClaimPrimary { vm: "kv".into() }]);
+    assert!(decide("b", &v, &Local::default()).contains(&Action::ClaimPrimary { vm: "net".into() }));
+    // its primary on b: no other host has a bridge, so it waits unprotected
+    // rather than place its secondary on a host that cannot run it
+    place(&mut v, "net", Role::Primary, "b", Some(7000));
+    serving(&mut v, "net", 1, false);
+    assert!(v.eligible("net", Role::Secondary).is_empty());
+    let net_claims = |d: Vec<Action>| {
+        d.into_iter().filter(|x| matches!(x, Action::ClaimSecondary { vm, .. } if vm == "net")).count()
+    };
+    assert_eq!(net_claims(decide("a", &v, &waited("net", Role::Secondary, 100))), 0);
+    assert_eq!(protection(&v, "net"), Protection::Unprotected(Reason::NoHostForSecondary));
+    // c gets a bridge: its secondary goes there
+    v.hosts.get_mut("c").unwrap().net = true;
+    assert_eq!(
+        decide("c", &v, &waited("net", Role::Secondary, 100)),
+        vec![Action::ClaimSecondary { vm: "net".into(), join: addr(7000).unwrap() }]
+    );
+}
+
+#[test]
 fn a_vm_with_a_history_never_gets_a_fresh_primary() {
     let mut v = view(&[("a", 2), ("b", 2)], &["vm"]);
     v.witness.insert("vm".into(), WitnessView { term: 3, sync: None, primary: None });
@@ -105,7 +134,7 @@ fn the_secondary_goes_to_another_host_and_waits_when_there_is_none() {
     assert_eq!(decide("a", &v, &a), vec![]);
     assert_eq!(protection(&v, "vm"), Protection::Unprotected(Reason::NoHostForSecondary));
     // a full host does not claim either
-    v.hosts.insert("b".into(), HostInfo { capacity: 1 });
+    v.hosts.insert("b".into(), HostInfo { capacity: 1, net: false });
     place(&mut v, "other", Role::Primary, "b", Some(7000));
     v.vms.insert("other".into(), v.vms["vm"].clone());
     serving(&mut v, "other", 1, false);
@@ -113,7 +142,7 @@ fn the_secondary_goes_to_another_host_and_waits_when_there_is_none() {
     assert_eq!(decide("b", &v, &b), vec![]);
     assert_eq!(protection(&v, "vm"), Protection::Unprotected(Reason::NoHostForSecondary));
     // capacity appears: it is claimed, joining the primary's address
-    v.hosts.insert("b".into(), HostInfo { capacity: 2 });
+    v.hosts.insert("b".into(), HostInfo { capacity: 2, net: false });
     assert_eq!(
         decide("b", &v, &local(vec![child("other", Role::Primary)])),
         vec![Action::ClaimSecondary { vm: "vm".into(), join: addr(7000).unwrap() }]
@@ -262,7 +291,7 @@ fn a_host_that_lost_its_lease_stops_the_nodes_others_replaced_and_takes_back_the
     let l = local(vec![p2.clone(), s3.clone()]);
     // not registered again yet: nothing is stopped or started
     assert_eq!(decide("a", &v, &l), vec![]);
-    v.hosts.insert("a".into(), HostInfo { capacity: 2 });
+    v.hosts.insert("a".into(), HostInfo { capacity: 2, net: false });
     assert_eq!(
         decide("a", &v, &l),
         vec![
@@ -320,7 +349,7 @@ fn a_host_claims_primaries_first_and_no_more_than_its_free_slots() {
     serving(&mut v, "vm1", 1, false);
     // b may protect vm1 or run vm2 or vm3, one slot: it runs vm2
     assert_eq!(decide("b", &v, &Local::default()), vec![Action::ClaimPrimary { vm: "vm2".into() }]);
-    v.hosts.insert("b".into(), HostInfo { capacity: 3 });
+    v.hosts.insert("b".into(), HostInfo { capacity: 3, net: false });
     assert_eq!(
         decide("b", &v, &Local::default()),
         vec![

@@ -10,12 +10,12 @@ fn tmp(name: &str) -> std::path::PathBuf {
 }
 
 fn spec() -> VmSpec {
-    VmSpec { guest: "kv".into(), mem: 128 << 20, vcpus: 2 }
+    VmSpec { guest: "kv".into(), mem: 128 << 20, vcpus: 2, net: None }
 }
 
 async fn host(s: &Store, name: &str, cap: u32, ttl: u64) -> i64 {
     let lease = s.lease(Duration::from_secs(ttl)).await.unwrap();
-    s.register(name, &HostInfo { capacity: cap }, lease).await.unwrap();
+    s.register(name, &HostInfo { capacity: cap, net: false }, lease).await.unwrap();
     lease
 }
 
@@ -36,7 +36,10 @@ async fn two_agents_racing_for_one_slot_one_wins_and_capacity_and_anti_affinity_
     let (la, lb, lc) = (host(&s, "a", 1, 30).await, host(&s, "b", 2, 30).await, host(&s, "c", 2, 30).await);
     // a second agent of the same host name is refused
     let l2 = s.lease(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(s.register("a", &HostInfo { capacity: 1 }, l2).await, Err(StoreError::HostTaken("a".into())));
+    assert_eq!(
+        s.register("a", &HostInfo { capacity: 1, net: false }, l2).await,
+        Err(StoreError::HostTaken("a".into()))
+    );
     s.create_vm("vm1", &spec()).await.unwrap();
     s.create_vm("vm2", &spec()).await.unwrap();
     assert_eq!(s.create_vm("vm1", &spec()).await, Err(StoreError::VmExists("vm1".into())));
