@@ -21,6 +21,8 @@ mod demo;
 mod net;
 #[path = "pool/race.rs"]
 mod race;
+#[path = "pool/second.rs"]
+mod second;
 
 #[test]
 fn a_host_dies_its_vm_is_served_by_the_witness_and_reprotected_on_the_remaining_host() {
