@@ -81,6 +81,9 @@ pub enum VmCmdError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Usage(String),
+    /// Another VM of the pool has this address or MAC.
+    #[error("{what} {value} is already vm {vm}'s (every VM of a pool needs its own address and MAC)")]
+    NetTaken { what: &'static str, value: String, vm: String },
 }
 
 impl VmCmdError {
@@ -97,6 +100,7 @@ impl VmCmdError {
                 | StoreError::Busy(_)
                 | StoreError::HostTaken(_),
             ) => 8,
+            VmCmdError::NetTaken { .. } => 8,
             VmCmdError::Store(StoreError::Unreachable(_) | StoreError::Corrupt { .. }) => 9,
         }
     }
@@ -162,11 +166,30 @@ fn vm_net(
         return Err(VmCmdError::Usage("--guest redis needs --ip A.B.C.D/P (the guest's static address)".into()));
     };
     let mac = mac.unwrap_or_else(|| mac_for(name));
+    if u8::from_str_radix(mac.get(..2).unwrap_or_default(), 16).is_ok_and(|b| b & 1 == 1) {
+        return Err(VmCmdError::Usage(format!("--mac {mac}: a multicast address (its first byte is odd)")));
+    }
     let gw_part = gw.as_ref().map(|g| format!(",gw={g}")).unwrap_or_default();
     format!("tap=check,mac={mac},ip={ip}{gw_part}")
         .parse::<crate::net_arg::NetArg>()
         .map_err(|e| VmCmdError::Usage(e.to_string()))?;
     Ok(witness::pool::VmNet { mac, ip, gw })
+}
+
+/// No other VM of the pool has `n`'s address or MAC (as etcd holds them
+/// now: two creates racing with one address are not caught).
+fn net_free(view: &View, n: &witness::pool::VmNet) -> Result<(), VmCmdError> {
+    let addr = |ip: &str| ip.split('/').next().unwrap_or_default().to_string();
+    for (vm, spec) in &view.vms {
+        let Some(o) = &spec.net else { continue };
+        if addr(&o.ip) == addr(&n.ip) {
+            return Err(VmCmdError::NetTaken { what: "address", value: addr(&n.ip), vm: vm.clone() });
+        }
+        if o.mac.eq_ignore_ascii_case(&n.mac) {
+            return Err(VmCmdError::NetTaken { what: "MAC", value: n.mac.clone(), vm: vm.clone() });
+        }
+    }
+    Ok(())
 }
 
 pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
@@ -187,7 +210,11 @@ pub fn vm(a: VmArgs) -> Result<(), VmCmdError> {
                         "--ip, --gw and --mac are for --guest redis (kv has no network card)".into(),
                     ))
                 }
-                GuestArg::Redis => ("redis", Some(vm_net(&name, ip, gw, mac)?)),
+                GuestArg::Redis => {
+                    let n = vm_net(&name, ip, gw, mac)?;
+                    net_free(&rt.block_on(store.read())?, &n)?;
+                    ("redis", Some(n))
+                }
                 other => {
                     return Err(VmCmdError::Usage(format!(
                         "--guest {other:?}: the pool runs the kv and redis guests (the others are benchmarks)"
@@ -281,6 +308,24 @@ mod tests {
         let n = vm_net("web", Some("10.0.0.2/24".into()), Some("10.0.0.1".into()), Some("52:54:00:12:34:56".into()))
             .expect("valid");
         assert_eq!((n.mac.as_str(), n.gw.as_deref()), ("52:54:00:12:34:56", Some("10.0.0.1")));
+        assert!(
+            vm_net("web", Some("10.0.0.2/24".into()), None, Some("01:00:5e:00:00:01".into())).is_err(),
+            "multicast"
+        );
+    }
+
+    #[test]
+    fn two_vms_never_share_an_address_or_a_mac() {
+        let mut v = View::default();
+        let taken = vm_net("a", Some("10.0.0.2/24".into()), None, None).unwrap();
+        v.vms.insert("a".into(), VmSpec { guest: "redis".into(), mem: 64 << 20, vcpus: 1, net: Some(taken.clone()) });
+        v.vms.insert("k".into(), VmSpec { guest: "kv".into(), mem: 64 << 20, vcpus: 1, net: None });
+        let same_ip = vm_net("b", Some("10.0.0.2/16".into()), None, None).unwrap();
+        assert!(matches!(net_free(&v, &same_ip), Err(VmCmdError::NetTaken { what: "address", .. })));
+        let same_mac = vm_net("b", Some("10.0.0.3/24".into()), None, Some(taken.mac.to_uppercase())).unwrap();
+        assert!(matches!(net_free(&v, &same_mac), Err(VmCmdError::NetTaken { what: "MAC", .. })));
+        assert!(net_free(&v, &vm_net("b", Some("10.0.0.3/24".into()), None, None).unwrap()).is_ok());
+        assert_eq!(VmCmdError::NetTaken { what: "MAC", value: String::new(), vm: String::new() }.exit_code(), 8);
     }
 
     #[test]

@@ -147,7 +147,7 @@ impl TestNet {
     pub fn scope(&self) -> Result<NetNsScope, NetNsError> {
         let back = std::fs::File::open("/proc/thread-self/ns/net").map_err(NetNsError::Spawn)?;
         enter(&self.name)?;
-        Ok(NetNsScope { back })
+        Ok(NetNsScope { back, _here: std::marker::PhantomData })
     }
 
     /// The `--net` value for a node's TAP `tap` in this namespace.
@@ -162,6 +162,8 @@ impl TestNet {
 #[derive(Debug)]
 pub struct NetNsScope {
     back: std::fs::File,
+    /// Not `Send`: dropped on another thread, it would move that thread.
+    _here: std::marker::PhantomData<*const ()>,
 }
 
 impl Drop for NetNsScope {

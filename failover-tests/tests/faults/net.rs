@@ -268,11 +268,13 @@ fn cut_releases_then_kill(
         }
     }
     let held = p.wait_status(T, |v| v["held_outputs"].as_u64() == Some(0)).is_some();
-    let _ = std::fs::remove_file(flag);
     if !held {
         row.fail(format!("{name}: epochs stayed unacknowledged:\n{}", p.log_tail()));
     }
     p.kill9();
+    // (only now: a frame the killed node wrote after the flag went would
+    // count as written in place of one it skipped)
+    let _ = std::fs::remove_file(flag);
     eprintln!("{name}: kill -9 of generation {} with its clients' replies acked and unwritten", gen - 1);
     let Some(st) = take_over(s, gen) else {
         row.fail(format!("{name}: no takeover:\n{}", s.log_tail()));

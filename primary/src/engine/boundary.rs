@@ -71,21 +71,26 @@ impl Engine {
         }
         let t3 = Instant::now();
         let mut state = self.machine.save()?;
-        // frames of earlier epochs the router has not written yet ride in
-        // this state too: a takeover from it sends them again
-        self.unreleased.prepend(&self.held, &mut state.devices.outbox);
         let digest = self.opts.digest.then(|| self.machine.memory().digest());
         common::crashpoint::hit("primary.after_save");
         let t4 = Instant::now();
         // drain after saving: output still in the saved outbox is re-released
         // by a secondary that takes over from this state
+        // (output held from before this save, by a boundary whose
+        // collection was lost, is not in the saved outbox)
+        let earlier = self.held.len();
         self.hold_output();
         let outputs = std::mem::take(&mut self.held);
-        self.unreleased.produced(&outputs);
         let outputs_since = self.held_since.take();
         let resume_us = if resume { us(self.machine.resume()?.elapsed) } else { 0.0 };
         common::crashpoint::hit("primary.after_resume");
         let t5 = Instant::now();
+        // (after the resume: copies) frames of earlier epochs the router has
+        // not written yet ride in this state too, so a takeover from it
+        // sends them again; reading the router's count later than the save
+        // only leaves out frames that were written meanwhile
+        self.unreleased.prepend(&outputs[..earlier], &mut state.devices.outbox);
+        self.unreleased.produced(&outputs);
         let len_us = us(t0.saturating_duration_since(self.epoch_started));
         self.epoch_started = t5;
         self.shared.next_epoch.store(epoch + 1, Ordering::SeqCst);

@@ -23,10 +23,13 @@ use std::sync::Arc;
 
 use common::state::Output;
 
-/// At most this many bytes of unreleased frames are kept for states; past
-/// it the oldest are forgotten (a node that holds output this long, e.g.
-/// fenced or holding without a witness, re-releases only the newest).
-pub const MAX_UNRELEASED_BYTES: usize = 8 << 20;
+/// At most this many bytes of earlier frames ride in one state (a state
+/// must stay well below [`common::proto::MAX_STATE_BYTES`], and each of them
+/// travels in every state until it is written); past it the oldest are
+/// left out: a takeover then sends only the newest, and the guest's TCP
+/// retransmits the rest. In protected operation the frames not yet written
+/// are those of the epochs waiting for their ack: far less.
+pub const MAX_UNRELEASED_BYTES: usize = 2 << 20;
 
 #[derive(Debug)]
 pub struct Unreleased {
@@ -39,6 +42,9 @@ pub struct Unreleased {
     released: Arc<AtomicU64>,
     /// Frames forgotten past [`MAX_UNRELEASED_BYTES`].
     pub forgotten: u64,
+    /// Frames left out of states past [`MAX_UNRELEASED_BYTES`] (a frame
+    /// counts once per state it missed).
+    pub left_out: u64,
 }
 
 impl Unreleased {
@@ -46,7 +52,7 @@ impl Unreleased {
         // frames the router wrote before this engine began (none: a node
         // has one engine) are not ours
         let produced = released.load(Ordering::Acquire);
-        Unreleased { frames: VecDeque::new(), bytes: 0, produced, released, forgotten: 0 }
+        Unreleased { frames: VecDeque::new(), bytes: 0, produced, released, forgotten: 0, left_out: 0 }
     }
 
     /// Drops the frames the router has written.
@@ -61,6 +67,8 @@ impl Unreleased {
 
     /// The frames among `outputs` were produced now (in this order).
     pub fn produced(&mut self, outputs: &[Output]) {
+        // (a node running alone writes at once: keep no copies of those)
+        self.trim();
         for o in outputs {
             if let Output::Frame(f) = o {
                 self.produced += 1;
@@ -79,13 +87,26 @@ impl Unreleased {
     /// saved outbox, oldest first; `earlier` (output held from before the
     /// save, not in the outbox, not yet [`Unreleased::produced`]) goes
     /// between them.
+    ///
+    /// At most [`MAX_UNRELEASED_BYTES`] of them, the newest.
     pub fn prepend(&mut self, earlier: &[Output], outbox: &mut Vec<Output>) {
         self.trim();
-        let early = earlier.iter().filter(|o| matches!(o, Output::Frame(_)));
-        if self.frames.is_empty() && early.clone().next().is_none() {
+        let early = earlier.iter().filter_map(|o| match o {
+            Output::Frame(f) => Some(f),
+            _ => None,
+        });
+        let all: Vec<&Vec<u8>> = self.frames.iter().chain(early).collect();
+        if all.is_empty() {
             return;
         }
-        let mut v: Vec<Output> = self.frames.iter().cloned().map(Output::Frame).chain(early.cloned()).collect();
+        // the newest that fit
+        let (mut bytes, mut first) = (0usize, all.len());
+        while first > 0 && bytes + all[first - 1].len() <= MAX_UNRELEASED_BYTES {
+            first -= 1;
+            bytes += all[first].len();
+        }
+        self.left_out += first as u64;
+        let mut v: Vec<Output> = all[first..].iter().map(|f| Output::Frame((*f).clone())).collect();
         v.append(outbox);
         *outbox = v;
     }
@@ -156,6 +177,38 @@ mod tests {
         let mut outbox = Vec::new();
         u.prepend(&[], &mut outbox);
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_state_carries_at_most_the_cap_the_newest_first() {
+        let out = Arc::new(AtomicU64::new(0));
+        let mut u = Unreleased::new(out);
+        let n = MAX_UNRELEASED_BYTES >> 16;
+        for i in 0..n {
+            u.produced(&[Output::Frame(vec![(i % 250) as u8; 1 << 16])]);
+        }
+        // n frames kept; two more held from before the save: the two oldest
+        // kept are left out of the state
+        let earlier = [Output::Frame(vec![251; 1 << 16]), Output::Frame(vec![252; 1 << 16])];
+        let mut outbox = vec![frame(253)];
+        u.prepend(&earlier, &mut outbox);
+        let got = frames_of(&outbox);
+        assert_eq!(got.len(), n + 1);
+        assert_eq!(&got[got.len() - 3..], &[251, 252, 253]);
+        assert_eq!(got[0], 2, "the oldest two left out");
+        assert_eq!(u.left_out, 2);
+    }
+
+    #[test]
+    fn a_node_running_alone_keeps_no_copies_of_what_it_wrote() {
+        let out = Arc::new(AtomicU64::new(0));
+        let mut u = Unreleased::new(Arc::clone(&out));
+        for i in 0..100u8 {
+            u.produced(&[frame(i)]);
+            out.fetch_add(1, Ordering::Release);
+        }
+        u.produced(&[frame(100)]);
+        assert_eq!(u.frames.len(), 1, "only the frame not yet written");
     }
 
     #[test]

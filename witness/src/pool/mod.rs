@@ -219,7 +219,7 @@ impl std::fmt::Display for Reason {
             Reason::NoHostForPrimary => "no host with capacity for its primary (and a bridge, for a network card)",
             Reason::PrimaryStarting => "primary starting",
             Reason::NoHostForSecondary => {
-                "no host with capacity for its secondary but the primary's (anti-affinity: never both nodes on one host)"
+                "no host with capacity (and a bridge, for a network card) for its secondary but the primary's (anti-affinity: never both nodes on one host)"
             }
             Reason::SecondaryUnclaimed => "waiting for a host to claim its secondary",
             Reason::SecondaryStarting => "secondary starting",
