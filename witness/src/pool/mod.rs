@@ -216,10 +216,12 @@ pub enum Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Reason::NoHostForPrimary => "no host with capacity for its primary (and a bridge, for a network card)",
+            Reason::NoHostForPrimary => {
+                "no host with capacity for its primary (a VM with a network card also needs a host with a bridge)"
+            }
             Reason::PrimaryStarting => "primary starting",
             Reason::NoHostForSecondary => {
-                "no host with capacity (and a bridge, for a network card) for its secondary but the primary's (anti-affinity: never both nodes on one host)"
+                "no host with capacity for its secondary but the primary's (anti-affinity: never both nodes on one host; a VM with a network card also needs a host with a bridge)"
             }
             Reason::SecondaryUnclaimed => "waiting for a host to claim its secondary",
             Reason::SecondaryStarting => "secondary starting",
