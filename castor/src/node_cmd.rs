@@ -75,6 +75,12 @@ pub struct CommonArgs {
     /// --min-epoch-us).
     #[arg(long, default_value_t = 200)]
     output_quiet_us: u64,
+    /// With output-driven epochs and a network card: end the epoch as soon
+    /// as the guest has handled every frame it received (it posted every
+    /// receive buffer again and none waits) and has output held, without
+    /// waiting for --output-quiet-us.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    end_when_settled: bool,
     /// End an epoch early past this many dirty pages.
     #[arg(long, default_value_t = 16384)]
     max_epoch_pages: u64,
@@ -281,6 +287,7 @@ fn engine_opts(c: &CommonArgs, guest_mem: u64) -> Result<EngineOptions, NodeCmdE
         tracking_off: c.no_epochs,
         min_epoch: (c.min_epoch_us > 0).then(|| Duration::from_micros(c.min_epoch_us)),
         output_quiet: (c.output_quiet_us > 0).then(|| Duration::from_micros(c.output_quiet_us)),
+        end_when_settled: c.end_when_settled,
         precopy_min_pages: (c.precopy_min_pages > 0).then_some(c.precopy_min_pages),
         max_queued_bytes: queued_budget(c, guest_mem),
     })

@@ -340,3 +340,35 @@ fn restoring_half_in_a_new_process() {
     assert!(other.restore(&st).is_err());
     println!("restored card carried on");
 }
+
+#[test]
+fn the_card_is_settled_only_once_the_driver_handled_every_frame() {
+    let mut d = Driver::new();
+    assert!(!d.card.rx_settled(), "not before the driver is ready");
+    d.init();
+    for slot in 0..QSIZE - 1 {
+        d.post(0, slot, BUF_LEN);
+    }
+    assert!(!d.card.rx_settled(), "a buffer short of the queue's size");
+    d.post(0, QSIZE - 1, BUF_LEN);
+    assert!(d.card.rx_settled(), "every buffer posted, nothing delivered");
+    d.card.receive(frame(1, 80));
+    d.card.receive(frame(2, 80));
+    assert!(!d.card.rx_settled(), "two frames with the driver");
+    let got = d.reap(0);
+    assert_eq!(got.len(), 2);
+    // the driver handled the first and posts its buffer again
+    d.post(0, got[0].0 as u16, BUF_LEN);
+    assert!(!d.card.rx_settled(), "one frame still with the driver");
+    d.post(0, got[1].0 as u16, BUF_LEN);
+    assert!(d.card.rx_settled(), "every frame handled");
+    // a frame waiting in the backlog (quiesced) is not handled
+    d.card.quiesce();
+    d.card.receive(frame(3, 80));
+    assert!(!d.card.rx_settled(), "a frame waits in the backlog");
+    d.card.unquiesce();
+    assert!(!d.card.rx_settled(), "delivered, not handled");
+    let got = d.reap(0);
+    d.post(0, got[0].0 as u16, BUF_LEN);
+    assert!(d.card.rx_settled());
+}

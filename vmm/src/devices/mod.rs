@@ -191,6 +191,12 @@ impl Devices {
         !self.outbox.is_empty() || self.net.as_ref().is_some_and(|n| n.has_transmit())
     }
 
+    /// The network card's guest has handled every frame it was given (see
+    /// [`NetDevice::rx_settled`]); false without a card.
+    pub fn rx_settled(&self) -> bool {
+        self.net.as_ref().is_some_and(|n| n.rx_settled())
+    }
+
     /// A mark that changes whenever the guest sends output (the outbox's
     /// length and the card's transmit index; cheap, no exit): an epoch
     /// engine sees from it when the output stopped growing.

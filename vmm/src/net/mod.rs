@@ -209,6 +209,24 @@ impl NetDevice {
         q.avail_idx(self.mem.guest_memory(), Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
     }
 
+    /// Whether the guest has handled every frame the device gave it: nothing
+    /// waits in the backlog and the driver has posted again every receive
+    /// buffer the device used (all `size` buffers are available to the
+    /// device). An ordinary memory read. A driver that keeps fewer buffers
+    /// posted never looks settled.
+    pub fn rx_settled(&self) -> bool {
+        let g = self.lock();
+        if !g.rx_backlog.is_empty() {
+            return false;
+        }
+        let q = &g.queues[RX];
+        if !q.ready() || !mmio::driver_ok(&g.transport) {
+            return false;
+        }
+        q.avail_idx(self.mem.guest_memory(), Ordering::Acquire)
+            .is_ok_and(|i| i.0.wrapping_sub(q.next_avail()) == q.size())
+    }
+
     /// The transmit queue's avail index as the guest last wrote it (an
     /// ordinary memory read; 0 before the queue is ready): it changes with
     /// every frame the guest queues.
