@@ -25,6 +25,10 @@ pub struct NetRow {
     pub requests_per_s: f64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
+    /// Protected rows: the pair stayed protected through the run (no loss
+    /// of the secondary, no resync). A row where it did not is reported
+    /// but not compared.
+    pub protected_throughout: bool,
 }
 
 /// The network row's figures.
@@ -40,6 +44,23 @@ pub struct NetBench {
     pub output_hold_us_p50: f64,
     pub output_hold_us_p99: f64,
     pub note: Option<String>,
+}
+
+/// Why a protected run does not count: the pair did not stay protected
+/// through it (`before` and `after` are the primary's status around it).
+fn pair_broke(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> Option<String> {
+    let (Some(b), Some(a)) = (before, after) else {
+        return Some("the primary's status could not be read".into());
+    };
+    if a["protection"] != "protected" {
+        return Some(format!("the primary ended {} ({})", a["protection"], a["pair_error"]));
+    }
+    for k in ["syncs", "live_syncs", "tracking_lost"] {
+        if a[k] != b[k] {
+            return Some(format!("{k} {} -> {}: the pair synced again during the run", b[k], a[k]));
+        }
+    }
+    None
 }
 
 fn bench_one(net: &TestNet, c: u32, n: u32) -> Result<(f64, f64, f64), BenchError> {
@@ -116,17 +137,28 @@ pub(super) fn network(quick: bool, live: &dyn Fn(String)) -> Result<NetBench, Be
         let ns = nodes(&net, &dir, protected)?;
         for c in [1u32, 16, 64] {
             let n = if quick { 1000 } else { 5000 } * if c == 1 { 1 } else { 2 };
+            let before = ns.last().and_then(NodeProc::status);
             let (rps, p50, p99) = bench_one(&net, c, n)?;
+            let broke = if protected {
+                pair_broke(before.as_ref(), ns.last().and_then(NodeProc::status).as_ref())
+            } else {
+                None
+            };
             live(format!(
-                "network: {} {c:>2} connections: {rps:>8.0} INCR/s, latency p50 {p50:.2} ms p99 {p99:.2} ms",
-                if protected { "protected  " } else { "unprotected" }
+                "network: {} {c:>2} connections: {rps:>8.0} INCR/s, latency p50 {p50:.2} ms p99 {p99:.2} ms{}",
+                if protected { "protected  " } else { "unprotected" },
+                broke.as_deref().map(|w| format!(" (NOT COMPARED: {w})")).unwrap_or_default()
             ));
+            if let Some(why) = &broke {
+                tracing::warn!(connections = c, %why, "the pair did not stay protected through a network bench run");
+            }
             b.rows.push(NetRow {
                 protected,
                 connections: c,
                 requests_per_s: rps,
                 latency_ms_p50: p50,
                 latency_ms_p99: p99,
+                protected_throughout: protected && broke.is_none(),
             });
         }
         if protected {
@@ -137,7 +169,10 @@ pub(super) fn network(quick: bool, live: &dyn Fn(String)) -> Result<NetBench, Be
         }
         drop(ns);
     }
-    let get = |p: bool, c: u32| b.rows.iter().find(|r| r.protected == p && r.connections == c).cloned();
+    // (a protected row whose pair broke is not compared)
+    let get = |p: bool, c: u32| {
+        b.rows.iter().find(|r| r.protected == p && r.connections == c && (!p || r.protected_throughout)).cloned()
+    };
     if let (Some(u), Some(p)) = (get(false, 64), get(true, 64)) {
         b.throughput_ratio_64 = p.requests_per_s / u.requests_per_s.max(1e-9);
     }
@@ -145,10 +180,46 @@ pub(super) fn network(quick: bool, live: &dyn Fn(String)) -> Result<NetBench, Be
         b.added_latency_ms_p50_16 = p.latency_ms_p50 - u.latency_ms_p50;
         b.added_latency_ms_p99_16 = p.latency_ms_p99 - u.latency_ms_p99;
     }
+    let ratio = match (get(false, 64), get(true, 64)) {
+        (Some(_), Some(_)) => format!("{:.2}", b.throughput_ratio_64),
+        _ => "not compared".into(),
+    };
+    let added = match (get(false, 16), get(true, 16)) {
+        (Some(_), Some(_)) => {
+            format!("p50 {:.2} ms, p99 {:.2} ms", b.added_latency_ms_p50_16, b.added_latency_ms_p99_16)
+        }
+        _ => "not compared".into(),
+    };
     live(format!(
-        "network: protected/unprotected INCR/s at 64 connections {:.2}; added latency at 16 connections p50 {:.2} ms, p99 {:.2} ms; output hold inside castor p50 {:.0} us, p99 {:.0} us",
-        b.throughput_ratio_64, b.added_latency_ms_p50_16, b.added_latency_ms_p99_16, b.output_hold_us_p50, b.output_hold_us_p99
+        "network: protected/unprotected INCR/s at 64 connections {ratio}; added latency at 16 connections {added}; output hold inside castor p50 {:.0} us, p99 {:.0} us",
+        b.output_hold_us_p50, b.output_hold_us_p99
     ));
-    let _ = std::fs::remove_dir_all(&dir);
+    if b.rows.iter().any(|r| r.protected && !r.protected_throughout) {
+        // the nodes' logs stay for a look at why
+        let note =
+            format!("the pair did not stay protected through every run; the nodes' logs are kept in {}", dir.display());
+        live(format!("network: {note}"));
+        b.note = Some(note);
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pair_broke;
+    use serde_json::json;
+
+    #[test]
+    fn a_protected_run_counts_only_if_the_pair_stayed_protected() {
+        let s = |p: &str, syncs: u64, live: u64, lost: u64| json!({"protection": p, "pair_error": null, "syncs": syncs, "live_syncs": live, "tracking_lost": lost});
+        let ok = s("protected", 1, 0, 0);
+        assert_eq!(pair_broke(Some(&ok), Some(&ok)), None);
+        assert!(pair_broke(Some(&ok), Some(&s("unprotected", 1, 0, 0))).is_some(), "lost its secondary");
+        assert!(pair_broke(Some(&ok), Some(&s("protected", 2, 0, 0))).is_some(), "synced again in between");
+        assert!(pair_broke(Some(&ok), Some(&s("protected", 1, 1, 0))).is_some(), "a live resync");
+        assert!(pair_broke(Some(&ok), Some(&s("protected", 1, 0, 1))).is_some(), "tracking lost");
+        assert!(pair_broke(None, Some(&ok)).is_some(), "no status");
+    }
 }
