@@ -160,6 +160,23 @@ fn impossible_machines_are_refused_with_exit_3() {
     }
 }
 
+/// A node refuses a dirty ring too small to be trusted after an overflow
+/// (exit 2, naming the known bug), unless the test hooks are on.
+#[test]
+fn nodes_refuse_rings_under_2048_entries() {
+    for (role, extra) in [("primary", &[][..]), ("secondary", &["--listen", "127.0.0.1:0"][..])] {
+        let base = [role, "--secret-file", "/nonexistent/secret", "--service-listen", "127.0.0.1:0"];
+        let out = castor().args(base).args(extra).args(["--ring-entries", "1024"]).output().expect("spawn");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{role}: {err}");
+        assert!(err.contains("--ring-entries 1024") && err.contains("docs/machine.md"), "{role}: {err}");
+        // with the test hooks the ring passes and the missing secret is what stops it (exit 5)
+        let out =
+            castor().args(base).args(extra).args(["--ring-entries", "1024", "--test-hooks"]).output().expect("spawn");
+        assert_eq!(out.status.code(), Some(5), "{role}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// The control commands' exit codes: a command the node's mode refuses
 /// exits 8 with the node's reason; a taken address exits 4; a bad enumerated
 /// option exits 2.
