@@ -37,9 +37,10 @@ pub use shared::{EngineShared, Queued};
 const PRECOPY_POLL: Duration = Duration::from_micros(500);
 
 /// How often the engine looks for output while an output-driven epoch runs
-/// (and, unprotected, passes output on). 50 us rather than 100 cut the
-/// networked guest's latency at 16 connections by ~0.1 ms, protected and
-/// unprotected alike (docs/benchmarks.md, 2026-12-07 third session).
+/// (and, unprotected, passes output on). 50 us rather than 100: with the
+/// settled rule, 2 rounds at 16 connections gave a protected p50 of
+/// 0.967 / 0.919 ms against 1.135 / 0.935 at 100 us (not measured alone
+/// for the unprotected path; docs/benchmarks.md, 2026-12-07).
 const OUTPUT_POLL: Duration = Duration::from_micros(50);
 
 /// The engine.
