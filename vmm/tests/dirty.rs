@@ -216,6 +216,37 @@ fn small_ring_full_exits_lose_nothing() {
     assert!(biggest > 512, "collections should exceed the ring size (largest {biggest})");
 }
 
+/// The `kwrite` workload over 4096 pages (CPL0 writes, emulated on KVM-PVM)
+/// with a ring of `entries`, started; and the gpa of its first page.
+fn kernel_writer(entries: u32, ring_verify: bool) -> (Machine, u64) {
+    let mut w = WorkloadConfig::idle();
+    w.kind = WorkloadKind::KernelWrite;
+    w.ws_pages = KERNEL_WRITER_PAGES as u64;
+    let mut cfg = MachineConfig::new(256 * MIB, 1, TrackerKind::Ring { entries }, w);
+    cfg.ring_verify = ring_verify;
+    let mut m = Machine::new(cfg).expect("machine");
+    let base = m.memory().linear_to_gpa(KERNEL_END);
+    m.start().expect("start");
+    (m, base)
+}
+
+const KERNEL_WRITER_PAGES: usize = 4096;
+
+/// The `kwrite` pages whose stamp changed since `last` (updated in place),
+/// read with the machine paused.
+fn kernel_writes(m: &Machine, base: u64, last: &mut [u64]) -> BTreeSet<u64> {
+    let mut written = BTreeSet::new();
+    for (j, last) in last.iter_mut().enumerate() {
+        let gpa = base + j as u64 * PAGE_SIZE;
+        let now = m.memory().read_u64(gpa).expect("read");
+        if now != *last {
+            written.insert(gpa / PAGE_SIZE);
+            *last = now;
+        }
+    }
+    written
+}
+
 /// CPL0 writes are emulated on KVM-PVM and can push the ring past its hard
 /// limit: the machine must say "tracking lost", never hand out a partial set.
 /// Where the host does not overflow, every set must still be exact.
@@ -223,34 +254,20 @@ fn small_ring_full_exits_lose_nothing() {
 /// A 2048-entry ring: with 512 or 1024 entries (smaller than two of KVM-PVM's
 /// batches of up to 512 entries) about 1% of the collections right after a
 /// loss miss pages while reported exact, a known bug reproduced by
-/// `tests/dirty_recovery.rs` (ignored) and described in docs/machine.md;
-/// this test found it once at 512 entries (2026-12-07). castor's rings are
-/// 65536 entries unless `--ring-entries` says otherwise.
+/// `exact_collections_after_a_loss_hold_every_write` (ignored) and described
+/// in docs/machine.md; this test found it once at 512 entries (2026-12-07).
+/// castor's rings are 65536 entries unless `--ring-entries` says otherwise.
 #[test]
 fn emulated_writes_overflow_is_reported_as_tracking_lost() {
-    let mut w = WorkloadConfig::idle();
-    w.kind = WorkloadKind::KernelWrite;
-    w.ws_pages = 4096;
-    let mut m =
-        Machine::new(MachineConfig::new(256 * MIB, 1, TrackerKind::Ring { entries: 2048 }, w)).expect("machine");
-    let base = m.memory().linear_to_gpa(KERNEL_END);
-    m.start().expect("start");
+    let (mut m, base) = kernel_writer(2048, false);
     let mut lost = 0;
     let mut exact = 0;
-    let mut last_stamps = vec![0u64; 4096];
+    let mut last_stamps = vec![0u64; KERNEL_WRITER_PAGES];
     for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(20));
         m.pause().expect("pause");
         let d = m.collect().expect("collect");
-        let mut written = BTreeSet::new();
-        for (j, last) in last_stamps.iter_mut().enumerate() {
-            let gpa = base + j as u64 * PAGE_SIZE;
-            let now = m.memory().read_u64(gpa).expect("read");
-            if now != *last {
-                written.insert(gpa / PAGE_SIZE);
-                *last = now;
-            }
-        }
+        let written = kernel_writes(&m, base, &mut last_stamps);
         if d.tracking_lost {
             lost += 1;
         } else {
@@ -264,6 +281,71 @@ fn emulated_writes_overflow_is_reported_as_tracking_lost() {
     assert!(m.faults().is_empty(), "{:?}", m.faults());
     eprintln!("emulated writer: {lost} collections reported tracking lost, {exact} exact");
     assert!(lost > 0, "a 2048-entry ring under 4096-page emulated rounds never reported an overflow");
+}
+
+/// A known bug, kept as a reproducer (ignored: it fails today). After a
+/// collection that reported "tracking lost" (a ring overflowed under emulated
+/// CPL0 writes on KVM-PVM), the recovery re-protects every slot and trusts the
+/// next collection once its reset recycled what it harvested; with a small
+/// ring about 1% of those next collections (and a few of the ones after a
+/// collection that missed) say "exact" yet miss pages the guest wrote, some
+/// report no page at all (an undetected desynchronisation). Measured
+/// 2026-12-07 on KVM-PVM (nested, 2 cores), per 2000-2500 collections:
+/// 512 entries, 2-12 misses in every run (distance 1 from a loss, some at 2);
+/// 1024 entries, 3-5; 2048 entries, 0 of 1943 exact collections (558 right
+/// after a loss); 4096 entries, 0 of ~7000. castor's rings are 65536 entries
+/// unless `--ring-entries` says otherwise. Run:
+/// `PROBE_ITERS=2000 [PROBE_RING=512] [PROBE_SCALE=1] [PROBE_VERIFY=1] cargo
+/// test --release -p castor-vmm --test dirty -- --ignored --nocapture
+/// exact_collections_after_a_loss` (PROBE_SCALE stretches the waits between
+/// collections; PROBE_VERIFY scans the whole ring after each harvest, which
+/// did not stop the misses right after a loss). See docs/machine.md, "Ring
+/// overflow".
+#[test]
+#[ignore = "a known bug: exact collections right after a tracking loss can miss writes (see its doc)"]
+fn exact_collections_after_a_loss_hold_every_write() {
+    let env = |k: &str, default: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (iters, scale) = (env("PROBE_ITERS", 300), env("PROBE_SCALE", 1));
+    let (mut m, base) = kernel_writer(env("PROBE_RING", 512) as u32, std::env::var_os("PROBE_VERIFY").is_some());
+    let (mut lost, mut bad) = (0, 0);
+    let mut last_stamps = vec![0u64; KERNEL_WRITER_PAGES];
+    // exact collections since the last lost one
+    let mut since_lost = 0u64;
+    // per distance from the last lost collection (9: 9 or more): (exact collections, misses)
+    let mut by_dist = std::collections::BTreeMap::<u64, (u64, u64)>::new();
+    for i in 0..iters {
+        std::thread::sleep(Duration::from_micros((200 + (i * 7919) % 3000) * scale));
+        m.pause().expect("pause");
+        let d = m.collect().expect("collect");
+        let written = kernel_writes(&m, base, &mut last_stamps);
+        if d.tracking_lost {
+            lost += 1;
+            since_lost = 0;
+        } else {
+            since_lost += 1;
+            let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
+            let missing: Vec<_> = written.difference(&dirty).copied().collect();
+            let e = by_dist.entry(since_lost.min(9)).or_default();
+            e.0 += 1;
+            if !missing.is_empty() {
+                e.1 += 1;
+                bad += 1;
+                eprintln!(
+                    "iter {i}: exact collection {since_lost} after a lost one missed {} of {} written (dirty {}): first {:x?}",
+                    missing.len(),
+                    written.len(),
+                    dirty.len(),
+                    &missing[..missing.len().min(6)]
+                );
+            }
+        }
+        m.resume().expect("resume");
+    }
+    eprintln!(
+        "dirty recovery: {lost} lost, {} exact, {bad} exact-but-missing; by distance from the last lost one (collections, misses): {by_dist:?}",
+        iters - lost
+    );
+    assert_eq!(bad, 0);
 }
 
 /// Hot-page retention: re-arming is deferred, so retained pages stay
