@@ -173,22 +173,20 @@ pub(super) fn network(quick: bool, live: &dyn Fn(String)) -> Result<NetBench, Be
     let get = |p: bool, c: u32| {
         b.rows.iter().find(|r| r.protected == p && r.connections == c && (!p || r.protected_throughout)).cloned()
     };
-    if let (Some(u), Some(p)) = (get(false, 64), get(true, 64)) {
-        b.throughput_ratio_64 = p.requests_per_s / u.requests_per_s.max(1e-9);
-    }
-    if let (Some(u), Some(p)) = (get(false, 16), get(true, 16)) {
-        b.added_latency_ms_p50_16 = p.latency_ms_p50 - u.latency_ms_p50;
-        b.added_latency_ms_p99_16 = p.latency_ms_p99 - u.latency_ms_p99;
-    }
-    let ratio = match (get(false, 64), get(true, 64)) {
-        (Some(_), Some(_)) => format!("{:.2}", b.throughput_ratio_64),
-        _ => "not compared".into(),
+    let ratio = match get(false, 64).zip(get(true, 64)) {
+        Some((u, p)) => {
+            b.throughput_ratio_64 = p.requests_per_s / u.requests_per_s.max(1e-9);
+            format!("{:.2}", b.throughput_ratio_64)
+        }
+        None => "not compared".into(),
     };
-    let added = match (get(false, 16), get(true, 16)) {
-        (Some(_), Some(_)) => {
+    let added = match get(false, 16).zip(get(true, 16)) {
+        Some((u, p)) => {
+            b.added_latency_ms_p50_16 = p.latency_ms_p50 - u.latency_ms_p50;
+            b.added_latency_ms_p99_16 = p.latency_ms_p99 - u.latency_ms_p99;
             format!("p50 {:.2} ms, p99 {:.2} ms", b.added_latency_ms_p50_16, b.added_latency_ms_p99_16)
         }
-        _ => "not compared".into(),
+        None => "not compared".into(),
     };
     live(format!(
         "network: protected/unprotected INCR/s at 64 connections {ratio}; added latency at 16 connections {added}; output hold inside castor p50 {:.0} us, p99 {:.0} us",
