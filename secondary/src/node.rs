@@ -73,6 +73,13 @@ const HANDOVER_DECISION: Duration = Duration::from_secs(5);
 /// How often an unanswered takeover claim is asked again.
 const CLAIM_RETRY: Duration = Duration::from_millis(200);
 
+/// A silence check (5 ms after the loop last went round) that comes later
+/// than this after it was armed found this process stalled: it waits one
+/// more check, so the
+/// heartbeats that arrived meanwhile are read before the primary is judged
+/// silent (a failover then comes at most one check later).
+const SELF_STALL: Duration = Duration::from_millis(25);
+
 /// A claim's answer: the term claimed from, (granted lease | refusal
 /// reason | unreachable), ms.
 type ClaimResult = (u64, Result<(witness::Decision, Option<i64>), witness::WitnessError>, f64);
@@ -353,6 +360,8 @@ pub async fn run_secondary(
                 _ => {}
             }
         }
+        // when the silence check below was armed
+        let armed = Instant::now();
         tokio::select! {
             r = claim_rx.recv() => if let Some((term, r, ms)) = r {
                 status.update(|s| if let Some(w) = &mut s.witness {
@@ -394,6 +403,13 @@ pub async fn run_secondary(
                 set(m, &mut mode);
             },
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                // a check that comes late found this process stalled (a
+                // frozen host, a blocked runtime): heartbeats may be
+                // waiting in its socket, unread; the readers run before the
+                // silence is judged, at the next check
+                if armed.elapsed() > SELF_STALL {
+                    continue;
+                }
                 let (heard, since) = {
                     let l = lock(&live);
                     (l.heard, l.last_heard.elapsed())

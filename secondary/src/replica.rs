@@ -490,11 +490,12 @@ impl Replica {
                 pages = stage.pages,
                 "live sync committed: the staged copy is the replica now"
             );
-            // the old copy is unmapped on a thread of its own: dropping
-            // gigabytes of touched memory takes long, and the ack waits
-            // for this apply
+            // the old copy is released on a thread of its own, a chunk at a
+            // time: dropping gigabytes of touched memory takes long (the ack
+            // waits for this apply), and at once it held up every thread
+            // of this process that maps memory meanwhile
             let old = std::mem::replace(&mut self.mem, stage.mem);
-            let _ = std::thread::Builder::new().name("castor-unmap".into()).spawn(move || drop(old));
+            GuestMem::release_in_background(old, "castor-unmap");
             self.torn = None;
             self.needs_resync = false;
         } else {

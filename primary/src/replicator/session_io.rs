@@ -131,19 +131,11 @@ pub(super) async fn heartbeats(
     let handing_over = || live.handing_over.load(std::sync::atomic::Ordering::SeqCst);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let time_us = start.elapsed().as_micros() as u64;
-                if open && hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
-                    if !handing_over() {
-                        return SessionExit::Lost(Loss::Closed("heartbeat"));
-                    }
-                    open = false;
-                }
-                seq += 1;
-                if last_reply.elapsed() > timeout {
-                    return SessionExit::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
-                }
-            }
+            // replies first: a task that woke late (a stalled host or
+            // runtime) reads the replies that wait in its socket before it
+            // judges the silence at the tick, instead of a coin toss
+            // between the two
+            biased;
             m = hr.recv(), if open => match m {
                 Ok(Some(Message::Heartbeat { generation, time_us, received, .. })) => {
                     if generation > gen && !live.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
@@ -167,6 +159,19 @@ pub(super) async fn heartbeats(
                 Ok(None) | Err(_) if handing_over() => open = false,
                 Ok(None) => return SessionExit::Lost(Loss::Closed("heartbeat")),
                 Err(e) => return SessionExit::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
+            },
+            _ = tick.tick() => {
+                let time_us = start.elapsed().as_micros() as u64;
+                if open && hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
+                    if !handing_over() {
+                        return SessionExit::Lost(Loss::Closed("heartbeat"));
+                    }
+                    open = false;
+                }
+                seq += 1;
+                if last_reply.elapsed() > timeout {
+                    return SessionExit::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
+                }
             }
         }
     }
