@@ -302,8 +302,19 @@ fn tracker(c: &CommonArgs) -> TrackerKind {
     }
 }
 
+/// A node's runtime: one worker thread beside the main thread (which runs
+/// the node's own loop: the primary's session, the secondary's mode). Two
+/// workers made a protected request slower: the link's tasks (writer, ack
+/// reader, receiver) woke each other across threads, each hop a futex wake
+/// and a wait for a core, on top of the vCPU, the epoch engine and the TAP
+/// reader. Interleaved on this project's 2-core host (docs/benchmarks.md,
+/// 2026-12-07): 64 connections 23.5k / 19.2k / 25.6k INCR/s against 19.5k /
+/// 18.7k / 19.7k with two. Nothing on the runtime runs long between awaits
+/// (the link's tasks yield between frames, large applies go to a thread of
+/// their own), so heartbeats keep their turn: the suite's 1 GiB sync test at
+/// the 100 ms timeout checks it.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime")
 }
 
 /// Stops on SIGINT/SIGTERM.
