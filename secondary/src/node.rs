@@ -80,6 +80,32 @@ const CLAIM_RETRY: Duration = Duration::from_millis(200);
 /// silent (a failover then comes at most one check later).
 const SELF_STALL: Duration = Duration::from_millis(25);
 
+/// What one silence check concludes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Silence {
+    /// The check itself came late: this process was stalled (a frozen
+    /// host, a blocked runtime) and heartbeats may wait in its socket,
+    /// unread. Nothing is judged this round.
+    Stalled,
+    /// The primary was heard once and not for longer than the timeout.
+    Silent,
+    /// Heard recently, or never heard yet (nothing to fail over from).
+    Heard,
+}
+
+/// The secondary's silence check: `check_waited` since the check was armed
+/// (5 ms nominal), whether the primary was ever heard, for how long not,
+/// and the heartbeat timeout.
+fn judge_silence(check_waited: Duration, heard: bool, since: Duration, timeout: Duration) -> Silence {
+    if check_waited > SELF_STALL {
+        Silence::Stalled
+    } else if heard && since > timeout {
+        Silence::Silent
+    } else {
+        Silence::Heard
+    }
+}
+
 /// A claim's answer: the term claimed from, (granted lease | refusal
 /// reason | unreachable), ms.
 type ClaimResult = (u64, Result<(witness::Decision, Option<i64>), witness::WitnessError>, f64);
@@ -403,18 +429,17 @@ pub async fn run_secondary(
                 set(m, &mut mode);
             },
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
-                // a check that comes late found this process stalled (a
-                // frozen host, a blocked runtime): heartbeats may be
-                // waiting in its socket, unread; the readers run before the
-                // silence is judged, at the next check
-                if armed.elapsed() > SELF_STALL {
-                    continue;
-                }
                 let (heard, since) = {
                     let l = lock(&live);
                     (l.heard, l.last_heard.elapsed())
                 };
-                if heard && since > cfg.heartbeat_timeout {
+                let judged = judge_silence(armed.elapsed(), heard, since, cfg.heartbeat_timeout);
+                if judged == Silence::Stalled {
+                    // the readers run before the silence is judged, at the
+                    // next check
+                    continue;
+                }
+                if judged == Silence::Silent {
                     if let Ok(m) = mode.step(SecondaryEvent::PrimarySilent, witness_term()) {
                         if m != mode {
                             tracing::warn!(silent_ms = since.as_millis() as u64, "primary silent: failing over");
@@ -583,4 +608,23 @@ pub async fn run_secondary(
         commands: cmd_rx,
         tasks,
     })))
+}
+
+#[cfg(test)]
+mod silence_tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_check_judges_nothing_and_an_on_time_one_judges_the_timeout() {
+        let ms = Duration::from_millis;
+        let timeout = ms(100);
+        // on time: silent only once heard and past the timeout
+        assert_eq!(judge_silence(ms(5), true, ms(101), timeout), Silence::Silent);
+        assert_eq!(judge_silence(ms(5), true, ms(100), timeout), Silence::Heard);
+        assert_eq!(judge_silence(ms(5), false, ms(5000), timeout), Silence::Heard);
+        // a check that fired late (this process stalled) judges nothing,
+        // however long the primary seems silent: its heartbeats may be unread
+        assert_eq!(judge_silence(SELF_STALL + ms(1), true, ms(500), timeout), Silence::Stalled);
+        assert_eq!(judge_silence(SELF_STALL, true, ms(500), timeout), Silence::Silent);
+    }
 }
