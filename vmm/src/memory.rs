@@ -313,9 +313,11 @@ impl GuestMem {
     /// over 100 ms late (the suite's 1 GiB sync test failed on it). Here the
     /// pages go back [`RELEASE_CHUNK`] at a time (`MADV_DONTNEED`, which
     /// leaves the mapping to others meanwhile) with a short sleep between
-    /// chunks, at idle scheduling priority, and the empty mapping is dropped
-    /// last. The memory is gone from the host's view within a few hundred
-    /// milliseconds instead of at once.
+    /// chunks, and the empty mapping is dropped last. The memory is gone
+    /// from the host's view within a few hundred milliseconds instead of at
+    /// once. (At normal priority, not idle: on a saturated host an idle
+    /// thread could hold a GiB for a minute, and syncs that follow each
+    /// other would pile old copies up.)
     /// If another holder of `mem` remains, this one is only dropped there
     /// (the last holder frees it at once, as any drop does).
     pub fn release_in_background(mem: std::sync::Arc<GuestMem>, name: &str) {
@@ -323,11 +325,6 @@ impl GuestMem {
             let Ok(this) = std::sync::Arc::try_unwrap(mem) else {
                 return;
             };
-            // (best effort: at normal priority it is only less polite)
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: 0 names the calling thread; `param` is a valid
-            // sched_param read during the call; a refusal is an error return.
-            let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
             for (_, size, host) in this.regions() {
                 let mut off = 0u64;
                 while off < size {
