@@ -3,6 +3,7 @@
 //! [`node::Promotion`]).
 
 pub mod apply;
+mod liveness;
 pub mod mode;
 pub mod node;
 pub mod receiver;

@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use vmm::{Machine, TrackerKind};
 
+use crate::liveness::{Liveness, Silence};
 use crate::mode::{Ask, SecondaryEvent, SecondaryMode, WitnessAnswer};
-use crate::receiver::{serve_connection, ReceiverConfig, ReceiverEvent};
+use crate::receiver::{log_refusal, serve_connection, ReceiverConfig, ReceiverEvent};
 use crate::replica::Replica;
 use crate::takeover::TakeoverAsk;
 
@@ -73,39 +74,6 @@ const HANDOVER_DECISION: Duration = Duration::from_secs(5);
 /// How often an unanswered takeover claim is asked again.
 const CLAIM_RETRY: Duration = Duration::from_millis(200);
 
-/// A silence check (5 ms after the loop last went round) that comes later
-/// than this after it was armed found this process stalled: it waits one
-/// more check, so the
-/// heartbeats that arrived meanwhile are read before the primary is judged
-/// silent (a failover then comes at most one check later).
-const SELF_STALL: Duration = Duration::from_millis(25);
-
-/// What one silence check concludes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Silence {
-    /// The check itself came late: this process was stalled (a frozen
-    /// host, a blocked runtime) and heartbeats may wait in its socket,
-    /// unread. Nothing is judged this round.
-    Stalled,
-    /// The primary was heard once and not for longer than the timeout.
-    Silent,
-    /// Heard recently, or never heard yet (nothing to fail over from).
-    Heard,
-}
-
-/// The secondary's silence check: `check_waited` since the check was armed
-/// (5 ms nominal), whether the primary was ever heard, for how long not,
-/// and the heartbeat timeout.
-fn judge_silence(check_waited: Duration, heard: bool, since: Duration, timeout: Duration) -> Silence {
-    if check_waited > SELF_STALL {
-        Silence::Stalled
-    } else if heard && since > timeout {
-        Silence::Silent
-    } else {
-        Silence::Heard
-    }
-}
-
 /// A claim's answer: the term claimed from, (granted lease | refusal
 /// reason | unreachable), ms.
 type ClaimResult = (u64, Result<(witness::Decision, Option<i64>), witness::WitnessError>, f64);
@@ -137,34 +105,6 @@ pub enum SecondaryExit {
 /// Connections that may be on their way to authenticating at once; more
 /// wait their turn, fairly across their sources (`runtime::admission`).
 pub const MAX_UNAUTHENTICATED: usize = 16;
-
-struct Liveness {
-    last_heard: Instant,
-    heard: bool,
-}
-
-/// Logs a replication session that ended in an error, at most once per
-/// kind and peer every 10 s (a peer can repeat it at will); settings that
-/// do not fit the primary's also go into the status (`pair_error`), where
-/// an operator sees why the pair does not protect.
-pub(crate) fn log_refusal(
-    limiter: &runtime::lograte::LogLimiter,
-    status: &NodeStatus,
-    peer: SocketAddr,
-    e: &crate::receiver::ReceiverError,
-) {
-    let code = e.code();
-    if code == "pair-settings" {
-        status.update(|s| s.pair_error = Some(e.to_string()));
-    }
-    if let Some(skipped) = limiter.allow(&format!("{code} {}", peer.ip())) {
-        if code == "pair-settings" {
-            tracing::error!(%peer, skipped, error = %e, "a primary with settings that do not fit ours was refused: this pair does not protect until they agree");
-        } else {
-            tracing::warn!(%peer, code, skipped, error = %e, "replication session refused");
-        }
-    }
-}
 
 /// Runs until stopped or promoted.
 pub async fn run_secondary(
@@ -230,7 +170,7 @@ pub async fn run_secondary(
     // the primary (with the time by which the witness must have decided)
     let mut prebuilt: Option<(u64, Machine)> = None;
     let mut handover_reply: Option<(oneshot::Sender<Result<(), String>>, Instant)> = None;
-    let live = Arc::new(Mutex::new(Liveness { last_heard: Instant::now(), heard: false }));
+    let live = Arc::new(Mutex::new(Liveness::new()));
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<ControlRequest>(4);
@@ -251,9 +191,7 @@ pub async fn run_secondary(
     let on_event = {
         let (live, replica, status) = (live.clone(), replica.clone(), status.clone());
         move |e: ReceiverEvent| {
-            let mut l = lock(&live);
-            l.last_heard = Instant::now();
-            l.heard = true;
+            lock(&live).heard_now();
             if let ReceiverEvent::Authenticated { generation, .. } = e {
                 status.update(|s| {
                     s.generation = s.generation.max(generation);
@@ -429,11 +367,7 @@ pub async fn run_secondary(
                 set(m, &mut mode);
             },
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
-                let (heard, since) = {
-                    let l = lock(&live);
-                    (l.heard, l.last_heard.elapsed())
-                };
-                let judged = judge_silence(armed.elapsed(), heard, since, cfg.heartbeat_timeout);
+                let (judged, since) = lock(&live).judge(armed.elapsed(), cfg.heartbeat_timeout);
                 if judged == Silence::Stalled {
                     // the readers run before the silence is judged, at the
                     // next check
@@ -608,23 +542,4 @@ pub async fn run_secondary(
         commands: cmd_rx,
         tasks,
     })))
-}
-
-#[cfg(test)]
-mod silence_tests {
-    use super::*;
-
-    #[test]
-    fn a_stalled_check_judges_nothing_and_an_on_time_one_judges_the_timeout() {
-        let ms = Duration::from_millis;
-        let timeout = ms(100);
-        // on time: silent only once heard and past the timeout
-        assert_eq!(judge_silence(ms(5), true, ms(101), timeout), Silence::Silent);
-        assert_eq!(judge_silence(ms(5), true, ms(100), timeout), Silence::Heard);
-        assert_eq!(judge_silence(ms(5), false, ms(5000), timeout), Silence::Heard);
-        // a check that fired late (this process stalled) judges nothing,
-        // however long the primary seems silent: its heartbeats may be unread
-        assert_eq!(judge_silence(SELF_STALL + ms(1), true, ms(500), timeout), Silence::Stalled);
-        assert_eq!(judge_silence(SELF_STALL, true, ms(500), timeout), Silence::Silent);
-    }
 }

@@ -12,7 +12,7 @@ use runtime::status::NodeStatus;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::node::log_refusal;
+use crate::receiver::log_refusal;
 use crate::receiver::{serve_connection, ReceiverConfig, ReceiverEvent};
 use crate::replica::Replica;
 

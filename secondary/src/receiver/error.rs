@@ -79,3 +79,26 @@ impl ReceiverError {
         }
     }
 }
+
+/// Logs a replication session that ended in an error, at most once per
+/// kind and peer every 10 s (a peer can repeat it at will); settings that
+/// do not fit the primary's also go into the status (`pair_error`), where
+/// an operator sees why the pair does not protect.
+pub(crate) fn log_refusal(
+    limiter: &runtime::lograte::LogLimiter,
+    status: &runtime::status::NodeStatus,
+    peer: std::net::SocketAddr,
+    e: &ReceiverError,
+) {
+    let code = e.code();
+    if code == "pair-settings" {
+        status.update(|s| s.pair_error = Some(e.to_string()));
+    }
+    if let Some(skipped) = limiter.allow(&format!("{code} {}", peer.ip())) {
+        if code == "pair-settings" {
+            tracing::error!(%peer, skipped, error = %e, "a primary with settings that do not fit ours was refused: this pair does not protect until they agree");
+        } else {
+            tracing::warn!(%peer, code, skipped, error = %e, "replication session refused");
+        }
+    }
+}

@@ -22,6 +22,7 @@ use counting::CountingRead;
 use resync::Resyncing;
 
 pub use config::ReceiverConfig;
+pub(crate) use error::log_refusal;
 pub use error::ReceiverError;
 pub use resync::MAX_SKIPPED_EPOCHS;
 pub use trial::{TrialRestore, TRIAL_RETRY};
