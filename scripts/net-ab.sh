@@ -39,7 +39,7 @@ if [ "$PROT" = 1 ]; then
   PEER=(--peer "$(sed -n 's/.*"replication": *"\([^"]*\)".*/\1/p' "$D/s.ready")")
 fi
 # shellcheck disable=SC2086
-CASTOR_LOG=warn "$BIN" primary --secret-file "$D/secret" --service-listen 127.0.0.1:0 "${PEER[@]}" --guest redis --vcpus 1 \
+CASTOR_LOG=${PLOG:-warn} "$BIN" primary --secret-file "$D/secret" --service-listen 127.0.0.1:0 "${PEER[@]}" --guest redis --vcpus 1 \
   --net "tap=caa$$,mac=$MAC,ip=10.77.0.2/24,bridge=br0,netns=$NS" --control "$D/p.ctl" $EXTRA >"$D/p.log" 2>&1 &
 PIDS+=($!)
 want=unprotected; [ "$PROT" = 1 ] && want=protected

@@ -106,11 +106,12 @@ impl DirtyTracker {
         }
     }
 
-    pub fn new(kind: TrackerKind, slots: SlotTable) -> Self {
+    /// `hot_page_epochs`: see [`crate::MachineConfig::hot_page_epochs`].
+    pub fn new(kind: TrackerKind, slots: SlotTable, hot_page_epochs: u32) -> Self {
         DirtyTracker {
             kind,
             slots,
-            retention: Retention::default(),
+            retention: Retention::new(hot_page_epochs),
             lost_pending: false,
             reset_in_flight: false,
             trust: Trust::Whole,

@@ -211,16 +211,19 @@ pub fn reprotect_all(vm: &VmFd, slots: &SlotTable) -> Result<u64, TrackerError> 
 /// Re-arming happens with the vCPUs stopped, so no write falls in between.
 ///
 /// Policy (decided at each collection, after reading what KVM reported):
-/// re-arm when tracking was lost, after [`RETAIN_MAX_EPOCHS`] collections
-/// (so pages no longer written leave the set), or when the set would exceed
+/// re-arm when tracking was lost, after a number of collections (default
+/// [`RETAIN_MAX_EPOCHS`], so pages no longer written leave the set), or when
+/// the set would exceed
 /// [`RETAIN_MAX_PAGES`]. The cap bounds what retention adds to the pause: at
 /// most that many extra page copies per epoch (a streaming writer, whose
 /// pages are not rewritten, reaches it quickly and then re-arms). Retained
 /// pages whose content did not change are copied but not shipped (the
 /// primary compares them with the previous epoch), so an idle retained page
 /// costs a copy and a compare, ~0.5 us, against ~30 us for a write fault.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Retention {
+    /// Collections after which tracking is re-armed regardless.
+    max_epochs: u32,
     /// Sorted, unique: pages reported since the last re-arm.
     retained: Vec<u64>,
     /// Collections since the last re-arm.
@@ -229,8 +232,17 @@ pub struct Retention {
     rearms: u64,
 }
 
-/// Collections after which tracking is re-armed regardless.
-pub const RETAIN_MAX_EPOCHS: u32 = 64;
+/// Collections after which tracking is re-armed regardless (the default of
+/// [`crate::MachineConfig::hot_page_epochs`]).
+///
+/// Why 512 and not fewer: each re-arm makes the guest fault on every page it
+/// keeps writing (the networked guest at 64 connections: ~200 pages within 1-3
+/// epochs, ~6 ms of faults at ~30 us each, its clients' p99), while a page
+/// kept in the set but no longer written costs a copy and a compare (~0.5
+/// us) per epoch. That guest's set grows by ~1 page in 3 epochs beyond its
+/// hot core, so a longer period costs little; docs/benchmarks.md has the
+/// sweep (64 / 128 / 256 / 512). The page cap still bounds the set.
+pub const RETAIN_MAX_EPOCHS: u32 = 512;
 /// Largest retained set (pages); beyond it tracking is re-armed.
 pub const RETAIN_MAX_PAGES: usize = 1024;
 
@@ -244,7 +256,19 @@ pub struct RetentionDecision {
     pub report: Vec<u64>,
 }
 
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::new(RETAIN_MAX_EPOCHS)
+    }
+}
+
 impl Retention {
+    /// Retention that re-arms at the latest after `max_epochs` collections
+    /// (at least 1).
+    pub fn new(max_epochs: u32) -> Self {
+        Retention { max_epochs: max_epochs.max(1), retained: Vec::new(), since_rearm: 0, rearms: 0 }
+    }
+
     /// Forgets the retained set (tracking was re-armed by other means: every
     /// page is write-protected again).
     pub fn clear(&mut self) {
@@ -263,7 +287,7 @@ impl Retention {
         merge_sorted(&self.retained, &new, &mut report);
         // pages reported now that were not retained
         let fresh = report.len() - self.retained.len();
-        let rearm = must || self.since_rearm + 1 >= RETAIN_MAX_EPOCHS || report.len() > RETAIN_MAX_PAGES;
+        let rearm = must || self.since_rearm + 1 >= self.max_epochs || report.len() > RETAIN_MAX_PAGES;
         tracing::debug!(
             must,
             since = self.since_rearm,
@@ -344,20 +368,21 @@ mod tests {
 
     #[test]
     fn retention_keeps_a_stable_working_set_and_rearms_on_schedule() {
-        let mut r = Retention::default();
+        const EPOCHS: u32 = 64;
+        let mut r = Retention::new(EPOCHS);
         let ws: Vec<u64> = (100..400).collect();
         let d = r.decide(&ws, false);
         assert!(!d.rearm);
         assert_eq!(d.report, ws);
         // the same pages are no longer reported by KVM (writable), yet reported
-        for i in 1..RETAIN_MAX_EPOCHS - 1 {
+        for i in 1..EPOCHS - 1 {
             let d = r.decide(&[5, 5, 1000], false);
             assert!(!d.rearm, "collection {i}");
             assert_eq!(d.report.len(), 300 + 2);
             assert_eq!(r.retained(), 302);
         }
         let d = r.decide(&[7], false);
-        assert!(d.rearm, "re-armed after RETAIN_MAX_EPOCHS");
+        assert!(d.rearm, "re-armed after EPOCHS collections");
         assert_eq!(d.report.len(), 303, "the re-arming collection still reports everything retained");
         assert_eq!(r.retained(), 0);
         assert_eq!(r.rearms(), 1);

@@ -348,6 +348,8 @@ fn hot_pages_never_miss_a_write(tracker: TrackerKind, pattern: Pattern, ws: u64,
     w.report_ms = 0;
     let mut cfg = MachineConfig::new(256 * MIB, 2, tracker, w);
     cfg.hot_pages = true;
+    // re-arm on schedule within the run, as well as at the cap
+    cfg.hot_page_epochs = 64;
     let mut m = Machine::new(cfg).expect("machine");
     let c = Checker::new(&m);
     let mut stamps = c.stamps.clone();
@@ -422,13 +424,14 @@ fn ring_short_reset_keeps_tracking_lost_until_whole() {
     w.report_ms = 0;
     let mut cfg = MachineConfig::new(256 * MIB, 2, TrackerKind::Ring { entries: 65536 }, w);
     cfg.hot_pages = true;
+    cfg.hot_page_epochs = 64;
     let mut m = Machine::new(cfg).expect("machine");
     let mut stamps = Checker::new(&m).stamps;
     m.start().expect("start");
     let (mut lost, mut lost_after_injection, mut last_lost) = (0, 0, None);
     // a short reset is armed at collection 10 and again 10 collections after
     // the first one happened (with retention, the next synchronous reset can
-    // be up to RETAIN_MAX_EPOCHS collections away)
+    // be up to `hot_page_epochs` collections away)
     let mut injected_at: Vec<usize> = Vec::new();
     let mut fired_at: Vec<usize> = Vec::new();
     for i in 0..220 {

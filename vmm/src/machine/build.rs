@@ -102,7 +102,7 @@ impl Machine {
         let m = Machine {
             _kvm: kvm,
             vm,
-            tracker: DirtyTracker::new(cfg.tracker, SlotTable::new(&regions)),
+            tracker: DirtyTracker::new(cfg.tracker, SlotTable::new(&regions), cfg.hot_page_epochs),
             mem,
             vcpus: Vec::new(),
             devices,

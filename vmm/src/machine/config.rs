@@ -21,6 +21,11 @@ pub struct MachineConfig {
     /// collection until the next re-arm (see [`tracker::Retention`]).
     /// Collections then report a superset of the pages written.
     pub hot_pages: bool,
+    /// With retention on: collections after which tracking is re-armed
+    /// regardless of the set's size (default
+    /// [`crate::tracker::RETAIN_MAX_EPOCHS`]).
+    #[serde(default = "default_hot_page_epochs")]
+    pub hot_page_epochs: u32,
     pub workload: WorkloadConfig,
     /// Bytes of guest RAM above the workload's area filled with non-zero
     /// data (distinct per page) before boot: a guest whose memory is full,
@@ -29,6 +34,10 @@ pub struct MachineConfig {
     pub fill_bytes: u64,
     /// The network card, if the guest has one.
     pub net: Option<crate::net::NetConfig>,
+}
+
+fn default_hot_page_epochs() -> u32 {
+    crate::tracker::RETAIN_MAX_EPOCHS
 }
 
 impl MachineConfig {
@@ -40,6 +49,7 @@ impl MachineConfig {
             ring_verify: false,
             timer_hz: 250,
             hot_pages: false,
+            hot_page_epochs: crate::tracker::RETAIN_MAX_EPOCHS,
             workload,
             fill_bytes: 0,
             net: None,
