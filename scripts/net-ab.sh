@@ -9,7 +9,8 @@
 # BIN: a castor binary; PROTECTED: 1 (pair) or 0 (alone). Prints
 # redis-benchmark's INCR csv row and the primary's status before and after
 # (status0.json, status.json) in the kept directory it names. Needs root,
-# iproute2 and redis-tools (scripts/deps.sh).
+# iproute2 and redis-tools (scripts/deps.sh). PLOG sets the primary's CASTOR_LOG
+# (default warn; e.g. PLOG=warn,vmm::retention=debug), its log kept as p.log.
 set -euo pipefail
 BIN=$1 PROT=$2 C=$3 N=$4 EXTRA=${5:-}
 NS=castor-ab-$$-0

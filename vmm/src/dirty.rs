@@ -425,6 +425,11 @@ impl DirtyTracker {
     pub fn rearms(&self) -> u64 {
         self.retention.rearms()
     }
+
+    /// See [`Retention::note_changed`].
+    pub fn note_changed(&mut self, changed: impl IntoIterator<Item = u64>) {
+        self.retention.note_changed(changed);
+    }
 }
 
 /// Harvests every ring into its pending list while the vCPUs may run (no

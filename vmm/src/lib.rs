@@ -20,6 +20,7 @@ mod dirty;
 pub mod machine;
 pub mod memory;
 pub mod net;
+mod retention;
 pub mod ring;
 pub mod snapshot;
 pub mod state;

@@ -113,6 +113,9 @@ impl Engine {
         } else {
             self.against_last_copied(pages)
         };
+        // what changed keeps its retained pages from being let go as idle
+        // (pages are sorted by frame number)
+        self.machine.note_changed_pages(pages.iter().map(|p| p.gfn));
         let phases = Phases {
             epoch,
             pages: dirty,

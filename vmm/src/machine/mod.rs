@@ -167,6 +167,15 @@ impl Machine {
         self.tracker.rearms()
     }
 
+    /// Tells hot-page retention which pages (sorted ascending) changed in
+    /// the epoch last collected, as a comparison with their previous copies
+    /// found: retained pages among them are not idle, so the set is not let
+    /// go early (see [`crate::tracker::Retention`]). Advisory: it never
+    /// changes what a collection reports. Works while the guest runs.
+    pub fn note_changed_pages(&mut self, changed: impl IntoIterator<Item = u64>) {
+        self.tracker.note_changed(changed);
+    }
+
     /// Whether dirty tracking is known to be whole (see [`Trust`]).
     pub fn tracking_trust(&self) -> Trust {
         self.tracker.trust()
