@@ -109,10 +109,20 @@ impl Replicator {
             )),
             _ => None,
         };
+        // the sync that made this mode counts in the same update: the
+        // periodic refresh of the engine's counters may come later, and a
+        // reader that saw "protected" with the old count took a sync that
+        // had ended for one made after
+        let (live_syncs, tracking_lost) = (
+            self.shared.live_syncs.load(std::sync::atomic::Ordering::Relaxed),
+            self.shared.tracking_lost.load(std::sync::atomic::Ordering::Relaxed),
+        );
         self.status.update(|s| {
             s.protection = mode;
             s.held_outputs = held;
             s.syncs += u64::from(session_up);
+            s.live_syncs = live_syncs;
+            s.tracking_lost = tracking_lost;
             s.hold = hold;
             if let Some(w) = &mut s.witness {
                 w.sync_recorded = recorded;
