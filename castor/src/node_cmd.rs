@@ -302,19 +302,19 @@ fn tracker(c: &CommonArgs) -> TrackerKind {
     }
 }
 
-/// A node's runtime: one worker thread beside the main thread (which runs
-/// the node's own loop: the primary's session, the secondary's mode). Two
-/// workers made a protected request slower: the link's tasks (writer, ack
-/// reader, receiver) woke each other across threads, each hop a futex wake
-/// and a wait for a core, on top of the vCPU, the epoch engine and the TAP
-/// reader. Interleaved on this project's 2-core host (docs/benchmarks.md,
-/// 2026-12-07): 64 connections 23.5k / 19.2k / 25.6k INCR/s against 19.5k /
-/// 18.7k / 19.7k with two. Nothing on the runtime runs long between awaits
-/// (the link's tasks yield between frames, large applies go to a thread of
-/// their own), so heartbeats keep their turn: the suite's 1 GiB sync test at
-/// the 100 ms timeout checks it.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime")
+/// Runtime workers of a node: two, beside the main thread (the node's own
+/// loop). One was tried (2026-12-07): the link's tasks then hand off without
+/// cross-thread wakes, 5-20% more INCR/s at 64 connections on this project's
+/// 2-core host, but heartbeats shared the one worker with a sync's frames
+/// being sealed and opened. With two busy loops beside the suite's 1 GiB
+/// sync test at the 100 ms timeout, the pair lost its session in 2 of 8
+/// runs with one worker each, 1 of 8 with one on the primary only, 0 of 16
+/// with two each (docs/benchmarks.md, fifth session).
+const NODE_WORKERS: usize = 2;
+
+/// A node's runtime, with `workers` worker threads.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("tokio runtime")
 }
 
 /// Stops on SIGINT/SIGTERM.
@@ -402,7 +402,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let mut cfg = PrimaryConfig { generation, peer: a.peer, ..primary_config(c, &name, secret, a.mem)? };
     cfg.net = c.net.as_ref().map(|n| n.open()).transpose()?;
     let (listen, c) = (a.listen, a.common.clone());
-    runtime().block_on(async move {
+    runtime(NODE_WORKERS).block_on(async move {
         let stop = stop_signal();
         let _lease = match witness_of(&c, &name).await? {
             Some(w) => {
@@ -517,7 +517,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         pair: promoted.pair.clone(),
     };
     let (listen, c) = (a.listen, a.common.clone());
-    runtime().block_on(async move {
+    runtime(NODE_WORKERS).block_on(async move {
         let stop = stop_signal();
         let state = c.state_dir.as_deref().map(runtime::state_dir::StateDir::open).transpose()?;
         cfg.node_id = match &state {

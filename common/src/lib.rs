@@ -11,6 +11,7 @@ pub mod codec;
 pub mod crashpoint;
 pub mod frame;
 pub mod link;
+pub mod liveness;
 pub mod proto;
 pub mod retry;
 pub mod service;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::liveness::Silence;
 use common::proto::{Message, RefuseCode};
 use tokio::sync::mpsc;
 
@@ -160,7 +161,10 @@ pub(super) async fn heartbeats(
                 Ok(None) => return SessionExit::Lost(Loss::Closed("heartbeat")),
                 Err(e) => return SessionExit::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
             },
-            _ = tick.tick() => {
+            due = tick.tick() => {
+                // how late this tick ran: a late one found this process
+                // stalled, and judges nothing (see `common::liveness`)
+                let late = due.elapsed();
                 let time_us = start.elapsed().as_micros() as u64;
                 if open && hw.send(&Message::Heartbeat { generation: gen, seq, time_us, received: 0 }).await.is_err() {
                     if !handing_over() {
@@ -169,8 +173,15 @@ pub(super) async fn heartbeats(
                     open = false;
                 }
                 seq += 1;
-                if last_reply.elapsed() > timeout {
-                    return SessionExit::Lost(Loss::HeartbeatTimeout(last_reply.elapsed()));
+                let since = last_reply.elapsed();
+                match common::liveness::judge_silence(late, true, since, timeout) {
+                    Silence::Silent => return SessionExit::Lost(Loss::HeartbeatTimeout(since)),
+                    Silence::Stalled => tracing::debug!(
+                        late_ms = late.as_millis() as u64,
+                        silent_ms = since.as_millis() as u64,
+                        "heartbeat tick ran late (this process stalled): silence judged at the next tick"
+                    ),
+                    Silence::Heard => {}
                 }
             }
         }
