@@ -25,11 +25,12 @@ impl Liveness {
         self.heard = true;
     }
 
-    /// One silence check, `check_waited` after it was armed, at `timeout`:
-    /// what it concludes and how long the primary has not been heard.
-    pub(crate) fn judge(&self, check_waited: Duration, timeout: Duration) -> (Silence, Duration) {
+    /// One silence check, `check_waited` after it was armed (and whether
+    /// the check before it found this process stalled), at `timeout`: what
+    /// it concludes and how long the primary has not been heard.
+    pub(crate) fn judge(&self, check_waited: Duration, stalled_last: bool, timeout: Duration) -> (Silence, Duration) {
         let since = self.last_heard.elapsed();
-        (judge_silence(check_waited, self.heard, since, timeout), since)
+        (judge_silence(check_waited, stalled_last, self.heard, since, timeout), since)
     }
 }
 
@@ -40,9 +41,9 @@ mod tests {
     #[test]
     fn a_liveness_never_heard_is_never_silent() {
         let mut l = Liveness::new();
-        assert_eq!(l.judge(Duration::ZERO, Duration::ZERO).0, Silence::Heard);
+        assert_eq!(l.judge(Duration::ZERO, false, Duration::ZERO).0, Silence::Heard);
         l.heard_now();
         std::thread::sleep(Duration::from_millis(2));
-        assert_eq!(l.judge(Duration::ZERO, Duration::from_millis(1)).0, Silence::Silent);
+        assert_eq!(l.judge(Duration::ZERO, false, Duration::from_millis(1)).0, Silence::Silent);
     }
 }

@@ -171,6 +171,8 @@ pub async fn run_secondary(
     let mut prebuilt: Option<(u64, Machine)> = None;
     let mut handover_reply: Option<(oneshot::Sender<Result<(), String>>, Instant)> = None;
     let live = Arc::new(Mutex::new(Liveness::new()));
+    // the last silence check found this process stalled (the next judges)
+    let mut stalled_last = false;
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (join_tx, join_rx) = mpsc::channel::<Joiner>(8);
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<ControlRequest>(4);
@@ -367,8 +369,9 @@ pub async fn run_secondary(
                 set(m, &mut mode);
             },
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
-                let (judged, since) = lock(&live).judge(armed.elapsed(), cfg.heartbeat_timeout);
-                if judged == Silence::Stalled {
+                let (judged, since) = lock(&live).judge(armed.elapsed(), stalled_last, cfg.heartbeat_timeout);
+                stalled_last = judged == Silence::Stalled;
+                if stalled_last {
                     // the readers run before the silence is judged, at the
                     // next check
                     continue;

@@ -124,6 +124,8 @@ pub(super) async fn heartbeats(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut last_reply = Instant::now();
+    // the last tick ran late and judged nothing (the next one judges)
+    let mut stalled_last = false;
     let start = Instant::now();
     // false once the channel closed during a handover (the secondary took
     // over and hung up; its acceptance may still be on its way on the data
@@ -174,7 +176,9 @@ pub(super) async fn heartbeats(
                 }
                 seq += 1;
                 let since = last_reply.elapsed();
-                match common::liveness::judge_silence(late, true, since, timeout) {
+                let judged = common::liveness::judge_silence(late, stalled_last, true, since, timeout);
+                stalled_last = judged == Silence::Stalled;
+                match judged {
                     Silence::Silent => return SessionExit::Lost(Loss::HeartbeatTimeout(since)),
                     Silence::Stalled => tracing::debug!(
                         late_ms = late.as_millis() as u64,
