@@ -122,8 +122,7 @@ impl Retention {
         let fresh = report.len() - self.retained.len();
         let cold = idle.iter().filter(|&&i| i >= COLD_AFTER).count();
         let cold_rule = self.since_rearm + 1 >= COLD_CHECK_AFTER && 2 * cold > report.len();
-        let rearm =
-            must || self.since_rearm + 1 >= self.max_epochs || report.len() > RETAIN_MAX_PAGES || cold_rule;
+        let rearm = must || self.since_rearm + 1 >= self.max_epochs || report.len() > RETAIN_MAX_PAGES || cold_rule;
         tracing::debug!(
             must,
             since = self.since_rearm,
