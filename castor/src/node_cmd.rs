@@ -312,9 +312,13 @@ fn tracker(c: &CommonArgs) -> TrackerKind {
 /// with two each (docs/benchmarks.md, fifth session).
 const NODE_WORKERS: usize = 2;
 
-/// A node's runtime, with `workers` worker threads.
-fn runtime(workers: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("tokio runtime")
+/// A node's runtime ([`NODE_WORKERS`] worker threads).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(NODE_WORKERS)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 /// Stops on SIGINT/SIGTERM.
@@ -402,7 +406,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let mut cfg = PrimaryConfig { generation, peer: a.peer, ..primary_config(c, &name, secret, a.mem)? };
     cfg.net = c.net.as_ref().map(|n| n.open()).transpose()?;
     let (listen, c) = (a.listen, a.common.clone());
-    runtime(NODE_WORKERS).block_on(async move {
+    runtime().block_on(async move {
         let stop = stop_signal();
         let _lease = match witness_of(&c, &name).await? {
             Some(w) => {
@@ -517,7 +521,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         pair: promoted.pair.clone(),
     };
     let (listen, c) = (a.listen, a.common.clone());
-    runtime(NODE_WORKERS).block_on(async move {
+    runtime().block_on(async move {
         let stop = stop_signal();
         let state = c.state_dir.as_deref().map(runtime::state_dir::StateDir::open).transpose()?;
         cfg.node_id = match &state {
