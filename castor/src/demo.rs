@@ -454,6 +454,8 @@ pub fn demo(a: DemoArgs) -> Result<(), DemoError> {
     let r1 = |x: f64| (x * 10.0).round() / 10.0;
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
     let report = serde_json::json!({
+        // the guest, as the networked demo reports it
+        "guest": "kv",
         "scenario": a.scenario.name(),
         "serving": survivor["node"],
         "failover": failover,
