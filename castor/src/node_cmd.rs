@@ -302,15 +302,16 @@ fn tracker(c: &CommonArgs) -> TrackerKind {
     }
 }
 
-/// Runtime workers of a node: two, beside the main thread (the node's own
-/// loop). One was tried (2026-12-07): the link's tasks then hand off without
-/// cross-thread wakes, 5-20% more INCR/s at 64 connections on this project's
-/// 2-core host, but heartbeats shared the one worker with a sync's frames
-/// being sealed and opened. With two busy loops beside the suite's 1 GiB
-/// sync test at the 100 ms timeout, the pair lost its session in 2 of 8
-/// runs with one worker each, 1 of 8 with one on the primary only, 0 of 16
-/// with two each (docs/benchmarks.md, fifth session).
-const NODE_WORKERS: usize = 2;
+/// Runtime workers of a node: one, beside the main thread (the node's own
+/// loop) and the heartbeat thread (`common::beats`). With one worker the
+/// link's tasks hand off without cross-thread wakes: 5-20% more INCR/s at
+/// 64 connections on this project's 2-core host, ~0.1 ms less added
+/// latency at 16. One worker was tried before with the heartbeats on it:
+/// they waited behind a sync's frames being sealed and opened, and with two
+/// busy loops beside the suite's 1 GiB sync test at the 100 ms timeout the
+/// pair lost its session in 2 of 8 runs (docs/benchmarks.md, fifth
+/// session). Heartbeats now have a thread of their own.
+const NODE_WORKERS: usize = 1;
 
 /// A node's runtime ([`NODE_WORKERS`] worker threads).
 fn runtime() -> tokio::runtime::Runtime {

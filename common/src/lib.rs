@@ -7,6 +7,7 @@
 //! * [`auth`]: shared-secret handshake and session keys.
 
 pub mod auth;
+pub mod beats;
 pub mod codec;
 pub mod crashpoint;
 pub mod frame;

@@ -303,6 +303,32 @@ impl RawSession {
     }
 }
 
+/// Takes a session's two halves off the runtime they were made on, to be
+/// opened again on the heartbeat thread ([`attach_halves`]).
+pub fn detach_halves(r: SessionReader, w: SessionWriter) -> Result<common::beats::Moved, common::beats::BeatsError> {
+    common::beats::Moved::detach(r.rx, w.tx)
+}
+
+/// Opens a moved session again on the runtime this runs in.
+pub fn attach_halves(
+    m: common::beats::Moved,
+) -> Result<(common::beats::BeatRx, SessionWriter), common::beats::BeatsError> {
+    let (rx, tx) = m.attach()?;
+    Ok((rx, SessionWriter { tx }))
+}
+
+/// Receives one message from a moved session's read side (`None` when the
+/// peer closed cleanly).
+pub async fn recv_moved(rx: &mut common::beats::BeatRx) -> Result<Option<Message>, SenderError> {
+    match rx.next().await {
+        None => Ok(None),
+        Some(f) => {
+            let f = f?;
+            Ok(Some(Message::decode(f.kind, f.payload)?))
+        }
+    }
+}
+
 /// The receiving half of a session.
 #[derive(Debug)]
 pub struct SessionReader {

@@ -71,21 +71,26 @@ impl Replicator {
         // each on its own task: a writer busy sealing megabytes of a sync
         // must not delay a heartbeat (the secondary counts a primary that
         // sends none for its timeout as dead), nor the reading of replies.
+        // The heartbeats run on a thread of their own (`common::beats`), so
+        // they wait for nothing the node's runtime does.
         // Aborted when the session ends (the guards drop with `io`).
         let writer = AbortOnDropHandle::new(tokio::spawn(write_loop(dw, ship_rx, queued_w, meter_w)));
         let acks = AbortOnDropHandle::new(tokio::spawn(read_acks(dr, heard_tx, gen)));
-        let beats = AbortOnDropHandle::new(tokio::spawn(heartbeats(
-            hr,
-            hw,
-            gen,
-            interval,
-            timeout,
-            HeartbeatShared {
-                heard: last_reply_hb,
-                data_progress: data_progress_hb,
-                handing_over: handing_over.clone(),
-            },
-        )));
+        let moved = match crate::sender::detach_halves(hr, hw) {
+            Ok(m) => m,
+            Err(e) => return SessionExit::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
+        };
+        let shared = HeartbeatShared {
+            heard: last_reply_hb,
+            data_progress: data_progress_hb,
+            handing_over: handing_over.clone(),
+        };
+        let beats = AbortOnDropHandle::new(common::beats::spawn(async move {
+            match crate::sender::attach_halves(moved) {
+                Ok((hr, hw)) => heartbeats(hr, hw, gen, interval, timeout, shared).await,
+                Err(e) => SessionExit::Lost(Loss::Channel { channel: "heartbeat", err: e.to_string() }),
+            }
+        }));
         let io = async move {
             // the first to end decides; the others are aborted as they drop
             let ended = tokio::select! {

@@ -41,6 +41,10 @@ pub enum ReceiverError {
     TrialRestore(String),
     #[error("{skipped} delta epochs skipped since the resync request, and no resync began")]
     ResyncNotStarted { skipped: u64 },
+    #[error(transparent)]
+    Beats(#[from] common::beats::BeatsError),
+    #[error("the heartbeat task ended: {0}")]
+    BeatsTask(String),
     #[error("{kind:?} of epoch {got} inside skipped epoch {skipping}")]
     SkippedEpoch { kind: Kind, got: u64, skipping: u64 },
 }
@@ -76,6 +80,7 @@ impl ReceiverError {
             ReceiverError::Cpu(_) | ReceiverError::TrialRestore(_) => "cannot-restore",
             ReceiverError::ResyncNotStarted { .. } => "resync-not-started",
             ReceiverError::SkippedEpoch { .. } => "protocol-order",
+            ReceiverError::Beats(_) | ReceiverError::BeatsTask(_) => "io",
         }
     }
 }

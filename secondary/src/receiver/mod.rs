@@ -1,6 +1,7 @@
 //! The secondary's side of a replication connection: handshake, then epochs
 //! into the replica, acknowledging each commit.
 
+mod beats;
 mod config;
 mod counting;
 mod error;
@@ -200,25 +201,7 @@ async fn serve_inner(
     on_event(ReceiverEvent::Authenticated { generation: hello.generation, channel: hello.channel });
     tracing::info!(generation = hello.generation, ?committed_epoch, channel = ?hello.channel, "primary authenticated");
     if hello.channel == Channel::Heartbeat {
-        // Heartbeat channel: answer each heartbeat with ours (our generation
-        // tells a fenced primary that it has been replaced).
-        loop {
-            let Some(frame) = rx.next().await else {
-                return Ok(SessionEnd::Closed);
-            };
-            let frame = frame.map_err(ReceiverError::Frame)?;
-            match Message::decode(frame.kind, frame.payload)? {
-                Message::Heartbeat { generation, seq, time_us, .. } => {
-                    on_event(ReceiverEvent::Heartbeat { generation, seq });
-                    let received = cfg.data_received.load(Ordering::Relaxed);
-                    let reply = Message::Heartbeat { generation: cfg.generation(), seq, time_us, received };
-                    tx.send(reply.to_frame()).await.map_err(ReceiverError::Frame)?;
-                }
-                Message::Shutdown { .. } => return Ok(SessionEnd::Shutdown),
-                Message::Refused { code, reason } => return Err(ReceiverError::RefusedByPrimary { code, reason }),
-                other => return Err(ReceiverError::Unexpected(other.kind(), "on the heartbeat channel")),
-            }
-        }
+        return beats::answer(rx, tx, cfg, on_event).await;
     }
 
     // an authenticated data session: its bytes count as the link's progress

@@ -1,0 +1,77 @@
+//! The heartbeat channel: every heartbeat is answered on the heartbeat
+//! thread (`common::beats`), so a reply waits for nothing the node's
+//! runtime does (a sync's frames being opened and stored, an epoch's
+//! apply). The node learns of each heartbeat through a watch, read on its
+//! runtime: its silence check runs there too, and a check that ran late
+//! judges nothing (`common::liveness`).
+
+use std::sync::atomic::Ordering;
+
+use common::beats::Moved;
+use common::frame::{FrameOpener, FrameSealer};
+use common::proto::Message;
+use futures::{SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::task::AbortOnDropHandle;
+
+use super::counting::CountingRead;
+use super::{ReceiverConfig, ReceiverError, ReceiverEvent, SessionEnd};
+
+/// Answers the heartbeats of an authenticated heartbeat channel until it
+/// ends. Each reply carries our generation (it tells a fenced primary that
+/// it has been replaced) and how many bytes of data sessions we have read.
+pub(super) async fn answer(
+    rx: FramedRead<CountingRead<OwnedReadHalf>, FrameOpener>,
+    tx: FramedWrite<OwnedWriteHalf, FrameSealer>,
+    cfg: &ReceiverConfig,
+    on_event: &mut impl FnMut(ReceiverEvent),
+) -> Result<SessionEnd, ReceiverError> {
+    let moved = Moved::detach_mapped(rx, |c| c.inner, tx)?;
+    let (generation, received) = (cfg.generation.clone(), cfg.data_received.clone());
+    // the newest heartbeat heard (generation, seq): the node needs only to
+    // know one came, so heartbeats the node's runtime has not read yet
+    // are folded into the next
+    let (heard_tx, mut heard_rx) = tokio::sync::watch::channel::<Option<(u64, u64)>>(None);
+    let mut replies = AbortOnDropHandle::new(common::beats::spawn(async move {
+        let (mut rx, mut tx) = moved.attach()?;
+        loop {
+            let Some(frame) = rx.next().await else {
+                return Ok(SessionEnd::Closed);
+            };
+            let frame = frame.map_err(ReceiverError::Frame)?;
+            match Message::decode(frame.kind, frame.payload)? {
+                Message::Heartbeat { generation: theirs, seq, time_us, .. } => {
+                    heard_tx.send_replace(Some((theirs, seq)));
+                    let reply = Message::Heartbeat {
+                        generation: generation.load(Ordering::SeqCst),
+                        seq,
+                        time_us,
+                        received: received.load(Ordering::Relaxed),
+                    };
+                    tx.send(reply.to_frame()).await.map_err(ReceiverError::Frame)?;
+                }
+                Message::Shutdown { .. } => return Ok(SessionEnd::Shutdown),
+                Message::Refused { code, reason } => return Err(ReceiverError::RefusedByPrimary { code, reason }),
+                other => return Err(ReceiverError::Unexpected(other.kind(), "on the heartbeat channel")),
+            }
+        }
+    }));
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            changed = heard_rx.changed(), if watching => match changed {
+                Ok(()) => {
+                    if let Some((generation, seq)) = *heard_rx.borrow_and_update() {
+                        on_event(ReceiverEvent::Heartbeat { generation, seq });
+                    }
+                }
+                // the reply task ended (its result is next)
+                Err(_) => watching = false,
+            },
+            end = &mut replies => {
+                return end.unwrap_or_else(|e| Err(ReceiverError::BeatsTask(e.to_string())));
+            }
+        }
+    }
+}
