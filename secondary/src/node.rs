@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use vmm::{Machine, TrackerKind};
 
-use crate::liveness::{Liveness, Silence};
+use crate::liveness::Silence;
 use crate::mode::{Ask, SecondaryEvent, SecondaryMode, WitnessAnswer};
 use crate::receiver::{log_refusal, serve_connection, ReceiverConfig, ReceiverEvent};
 use crate::replica::Replica;
@@ -170,7 +170,8 @@ pub async fn run_secondary(
     // the primary (with the time by which the witness must have decided)
     let mut prebuilt: Option<(u64, Machine)> = None;
     let mut handover_reply: Option<(oneshot::Sender<Result<(), String>>, Instant)> = None;
-    let live = Arc::new(Mutex::new(Liveness::new()));
+    // (shared with the heartbeat thread, which marks every heartbeat)
+    let live = rcfg.liveness.clone();
     // the last silence check found this process stalled (the next judges)
     let mut stalled_last = false;
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -193,7 +194,12 @@ pub async fn run_secondary(
     let on_event = {
         let (live, replica, status) = (live.clone(), replica.clone(), status.clone());
         move |e: ReceiverEvent| {
-            lock(&live).heard_now();
+            // (heartbeats were marked by the heartbeat thread as it read
+            // them: marked again here, later, they would stretch the
+            // primary's life by however long this runtime took)
+            if !matches!(e, ReceiverEvent::Heartbeat { .. }) {
+                lock(&live).heard_now();
+            }
             if let ReceiverEvent::Authenticated { generation, .. } = e {
                 status.update(|s| {
                     s.generation = s.generation.max(generation);

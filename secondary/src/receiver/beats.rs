@@ -1,9 +1,10 @@
 //! The heartbeat channel: every heartbeat is answered on the heartbeat
 //! thread (`common::beats`), so a reply waits for nothing the node's
 //! runtime does (a sync's frames being opened and stored, an epoch's
-//! apply). The node learns of each heartbeat through a watch, read on its
-//! runtime: its silence check runs there too, and a check that ran late
-//! judges nothing (`common::liveness`).
+//! apply). The thread marks each heartbeat in the node's liveness record
+//! at once (`ReceiverConfig::liveness`), so the node's silence check sees it
+//! even while the node's runtime is busy; the receiver's event for it is
+//! delivered on the node's runtime, through a watch that keeps the newest.
 
 use std::sync::atomic::Ordering;
 
@@ -28,7 +29,7 @@ pub(super) async fn answer(
     on_event: &mut impl FnMut(ReceiverEvent),
 ) -> Result<SessionEnd, ReceiverError> {
     let moved = Moved::detach_mapped(rx, |c| c.inner, tx)?;
-    let (generation, received) = (cfg.generation.clone(), cfg.data_received.clone());
+    let (generation, received, liveness) = (cfg.generation.clone(), cfg.data_received.clone(), cfg.liveness.clone());
     // the newest heartbeat heard (generation, seq): the node needs only to
     // know one came, so heartbeats the node's runtime has not read yet
     // are folded into the next
@@ -42,6 +43,7 @@ pub(super) async fn answer(
             let frame = frame.map_err(ReceiverError::Frame)?;
             match Message::decode(frame.kind, frame.payload)? {
                 Message::Heartbeat { generation: theirs, seq, time_us, .. } => {
+                    common::sync::lock(&liveness).heard_now();
                     heard_tx.send_replace(Some((theirs, seq)));
                     let reply = Message::Heartbeat {
                         generation: generation.load(Ordering::SeqCst),

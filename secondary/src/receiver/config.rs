@@ -34,6 +34,10 @@ pub struct ReceiverConfig {
     /// heartbeat reply: the primary's sign that a slow link still moves
     /// (an epoch's ack can take seconds on it).
     pub data_received: Arc<AtomicU64>,
+    /// When the primary was last heard: the heartbeat thread marks every
+    /// heartbeat here as it reads it, so the node's silence check sees it
+    /// even while the node's runtime is busy (the node marks other frames).
+    pub(crate) liveness: Arc<std::sync::Mutex<crate::liveness::Liveness>>,
 }
 
 impl ReceiverConfig {
@@ -48,6 +52,7 @@ impl ReceiverConfig {
             state: None,
             generation: Arc::new(AtomicU64::new(generation)),
             data_received: Arc::default(),
+            liveness: Arc::new(std::sync::Mutex::new(crate::liveness::Liveness::new())),
         }
     }
 
