@@ -16,6 +16,8 @@ use secondary::replica::{data_page, Replica};
 use tokio::net::TcpListener;
 use vmm::memory::GuestMem;
 use vmm::{Machine, MachineConfig, TrackerKind, WorkloadConfig};
+#[path = "wire/beats.rs"]
+mod beats;
 #[path = "wire/epochs.rs"]
 mod epochs;
 #[path = "wire/handshake.rs"]
