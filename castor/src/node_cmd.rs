@@ -302,21 +302,33 @@ fn tracker(c: &CommonArgs) -> TrackerKind {
     }
 }
 
-/// Runtime workers of a node: one, beside the main thread (the node's own
-/// loop) and the heartbeat thread (`common::beats`). With one worker the
-/// link's tasks hand off without cross-thread wakes: 5-20% more INCR/s at
-/// 64 connections on this project's 2-core host, ~0.1 ms less added
-/// latency at 16. One worker was tried before with the heartbeats on it:
-/// they waited behind a sync's frames being sealed and opened, and with two
-/// busy loops beside the suite's 1 GiB sync test at the 100 ms timeout the
-/// pair lost its session in 2 of 8 runs (docs/benchmarks.md, fifth
-/// session). Heartbeats now have a thread of their own.
-const NODE_WORKERS: usize = 1;
+/// Runtime workers of a node, beside its main thread (the node's own loop)
+/// and the heartbeat thread (`common::beats`): one for a node with a
+/// network card (`--net`), two without.
+///
+/// With a card the guest's clients talk to the guest through the TAP, and
+/// the runtime carries the link and the card's frames: with one worker the
+/// link's tasks hand off without cross-thread wakes (this project's 2-core
+/// host, interleaved rounds: +4% INCR/s at 64 connections, ~0.07 ms less
+/// added p50 at 16; docs/benchmarks.md, sixth session). Without a card the
+/// kv guest's clients (thousands of connections) are served on this
+/// runtime, and one worker cost 15-20% of their unprotected rate in
+/// `castor bench --quick`. Heartbeats no longer share these workers: with
+/// them on a single worker, the pair lost its session in 2 of 8 runs of the
+/// 1 GiB sync test beside two busy loops (fifth session); on their own
+/// thread, 0 of 8.
+fn node_workers(net: bool) -> usize {
+    if net {
+        1
+    } else {
+        2
+    }
+}
 
-/// A node's runtime ([`NODE_WORKERS`] worker threads).
-fn runtime() -> tokio::runtime::Runtime {
+/// A node's runtime ([`node_workers`] worker threads).
+fn runtime(net: bool) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(NODE_WORKERS)
+        .worker_threads(node_workers(net))
         .enable_all()
         .build()
         .expect("tokio runtime")
@@ -407,7 +419,7 @@ pub fn primary(a: PrimaryArgs) -> Result<(), NodeCmdError> {
     let mut cfg = PrimaryConfig { generation, peer: a.peer, ..primary_config(c, &name, secret, a.mem)? };
     cfg.net = c.net.as_ref().map(|n| n.open()).transpose()?;
     let (listen, c) = (a.listen, a.common.clone());
-    runtime().block_on(async move {
+    runtime(c.net.is_some()).block_on(async move {
         let stop = stop_signal();
         let _lease = match witness_of(&c, &name).await? {
             Some(w) => {
@@ -522,7 +534,7 @@ pub fn secondary(a: SecondaryArgs) -> Result<(), NodeCmdError> {
         pair: promoted.pair.clone(),
     };
     let (listen, c) = (a.listen, a.common.clone());
-    runtime().block_on(async move {
+    runtime(c.net.is_some()).block_on(async move {
         let stop = stop_signal();
         let state = c.state_dir.as_deref().map(runtime::state_dir::StateDir::open).transpose()?;
         cfg.node_id = match &state {

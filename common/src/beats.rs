@@ -18,11 +18,11 @@
 use std::future::Future;
 use std::sync::OnceLock;
 
+use bytes::BytesMut;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use bytes::BytesMut;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::frame::{FrameOpener, FrameSealer};

@@ -38,9 +38,7 @@ fn heartbeats_are_answered_while_the_node_runtime_is_blocked() {
             tokio::time::timeout(Duration::from_secs(5), hb.recv()).await
         })
     };
-    let answered = |got: &Result<Result<Option<Message>, _>, _>, seq: u64| {
-        matches!(got, Ok(Ok(Some(Message::Heartbeat { seq: s, .. }))) if *s == seq)
-    };
+    let answered = |got: &Result<Result<Option<Message>, _>, _>, seq: u64| matches!(got, Ok(Ok(Some(Message::Heartbeat { seq: s, .. }))) if *s == seq);
     let got = exchange(&mut hb, 0);
     assert!(answered(&got, 0), "{got:?}");
     // the node runtime's one worker is taken (at most 20 s)
