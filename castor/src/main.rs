@@ -22,6 +22,7 @@ mod demo;
 mod kvload;
 mod net_arg;
 mod node_cmd;
+mod node_rt;
 mod run;
 mod vm_cmd;
 
