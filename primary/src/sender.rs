@@ -61,7 +61,11 @@ fn refused(m: Message) -> SenderError {
     }
 }
 
-async fn recv(rx: &mut Rx) -> Result<Option<Message>, SenderError> {
+/// Receives one message (`None` when the peer closed cleanly), from a
+/// session's reader or a moved one's ([`attach_halves`]).
+pub(crate) async fn recv<R: tokio::io::AsyncRead + Unpin>(
+    rx: &mut FramedRead<R, FrameOpener>,
+) -> Result<Option<Message>, SenderError> {
     match rx.next().await {
         None => Ok(None),
         Some(f) => {
@@ -315,18 +319,6 @@ pub fn attach_halves(
 ) -> Result<(common::beats::BeatRx, SessionWriter), common::beats::BeatsError> {
     let (rx, tx) = m.attach()?;
     Ok((rx, SessionWriter { tx }))
-}
-
-/// Receives one message from a moved session's read side (`None` when the
-/// peer closed cleanly).
-pub async fn recv_moved(rx: &mut common::beats::BeatRx) -> Result<Option<Message>, SenderError> {
-    match rx.next().await {
-        None => Ok(None),
-        Some(f) => {
-            let f = f?;
-            Ok(Some(Message::decode(f.kind, f.payload)?))
-        }
-    }
 }
 
 /// The receiving half of a session.

@@ -139,7 +139,7 @@ pub(super) async fn heartbeats(
             // judges the silence at the tick, instead of a coin toss
             // between the two
             biased;
-            m = crate::sender::recv_moved(&mut hr), if open => match m {
+            m = crate::sender::recv(&mut hr), if open => match m {
                 Ok(Some(Message::Heartbeat { generation, time_us, received, .. })) => {
                     if generation > gen && !live.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
                         return SessionExit::Fenced(generation);
