@@ -194,12 +194,7 @@ pub async fn run_secondary(
     let on_event = {
         let (live, replica, status) = (live.clone(), replica.clone(), status.clone());
         move |e: ReceiverEvent| {
-            // (heartbeats were marked by the heartbeat thread as it read
-            // them: marked again here, later, they would stretch the
-            // primary's life by however long this runtime took)
-            if !matches!(e, ReceiverEvent::Heartbeat { .. }) {
-                lock(&live).heard_now();
-            }
+            lock(&live).heard_now();
             if let ReceiverEvent::Authenticated { generation, .. } = e {
                 status.update(|s| {
                     s.generation = s.generation.max(generation);

@@ -3,8 +3,7 @@
 //! runtime does (a sync's frames being opened and stored, an epoch's
 //! apply). The thread marks each heartbeat in the node's liveness record
 //! at once (`ReceiverConfig::liveness`), so the node's silence check sees it
-//! even while the node's runtime is busy; the receiver's event for it is
-//! delivered on the node's runtime, through a watch that keeps the newest.
+//! even while the node's runtime is busy.
 
 use std::sync::atomic::Ordering;
 
@@ -17,7 +16,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::counting::CountingRead;
-use super::{ReceiverConfig, ReceiverError, ReceiverEvent, SessionEnd};
+use super::{ReceiverConfig, ReceiverError, SessionEnd};
 
 /// Answers the heartbeats of an authenticated heartbeat channel until it
 /// ends. Each reply carries our generation (it tells a fenced primary that
@@ -26,15 +25,10 @@ pub(super) async fn answer(
     rx: FramedRead<CountingRead<OwnedReadHalf>, FrameOpener>,
     tx: FramedWrite<OwnedWriteHalf, FrameSealer>,
     cfg: &ReceiverConfig,
-    on_event: &mut impl FnMut(ReceiverEvent),
 ) -> Result<SessionEnd, ReceiverError> {
     let moved = Moved::detach_mapped(rx, |c| c.inner, tx)?;
     let (generation, received, liveness) = (cfg.generation.clone(), cfg.data_received.clone(), cfg.liveness.clone());
-    // the newest heartbeat heard (generation, seq): the node needs only to
-    // know one came, so heartbeats the node's runtime has not read yet
-    // are folded into the next
-    let (heard_tx, mut heard_rx) = tokio::sync::watch::channel::<Option<(u64, u64)>>(None);
-    let mut replies = AbortOnDropHandle::new(common::beats::spawn(async move {
+    let replies = AbortOnDropHandle::new(common::beats::spawn(async move {
         let (mut rx, mut tx) = moved.attach()?;
         loop {
             let Some(frame) = rx.next().await else {
@@ -42,9 +36,8 @@ pub(super) async fn answer(
             };
             let frame = frame.map_err(ReceiverError::Frame)?;
             match Message::decode(frame.kind, frame.payload)? {
-                Message::Heartbeat { generation: theirs, seq, time_us, .. } => {
+                Message::Heartbeat { seq, time_us, .. } => {
                     common::sync::lock(&liveness).heard_now();
-                    heard_tx.send_replace(Some((theirs, seq)));
                     let reply = Message::Heartbeat {
                         generation: generation.load(Ordering::SeqCst),
                         seq,
@@ -59,21 +52,5 @@ pub(super) async fn answer(
             }
         }
     }));
-    let mut watching = true;
-    loop {
-        tokio::select! {
-            changed = heard_rx.changed(), if watching => match changed {
-                Ok(()) => {
-                    if let Some((generation, seq)) = *heard_rx.borrow_and_update() {
-                        on_event(ReceiverEvent::Heartbeat { generation, seq });
-                    }
-                }
-                // the reply task ended (its result is next)
-                Err(_) => watching = false,
-            },
-            end = &mut replies => {
-                return end.unwrap_or_else(|e| Err(ReceiverError::BeatsTask(e.to_string())));
-            }
-        }
-    }
+    replies.await.unwrap_or_else(|e| Err(ReceiverError::BeatsTask(e.to_string())))
 }

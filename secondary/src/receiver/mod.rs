@@ -59,6 +59,8 @@ pub enum ReceiverEvent {
     Committed {
         epoch: u64,
     },
+    /// A heartbeat on a data channel (those of the heartbeat channel are
+    /// marked in `ReceiverConfig::liveness` by the heartbeat thread).
     Heartbeat {
         generation: u64,
         seq: u64,
@@ -201,7 +203,7 @@ async fn serve_inner(
     on_event(ReceiverEvent::Authenticated { generation: hello.generation, channel: hello.channel });
     tracing::info!(generation = hello.generation, ?committed_epoch, channel = ?hello.channel, "primary authenticated");
     if hello.channel == Channel::Heartbeat {
-        return beats::answer(rx, tx, cfg, on_event).await;
+        return beats::answer(rx, tx, cfg).await;
     }
 
     // an authenticated data session: its bytes count as the link's progress
