@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use common::proto::{delta, Page, PageData};
+use common::proto::Page;
 use vmm::abi::PAGE_SIZE;
 
 use super::live_sync::ScanProgress;
@@ -107,11 +107,12 @@ impl Engine {
         let precopied = pre.len() as u64;
         self.shared.precopied_pages.fetch_add(precopied, Ordering::Relaxed);
         let pages = merge_pages(pages, pre);
+        // (after the resume) against what the secondary holds
         let (pages, unchanged, deltas) = if full {
-            self.last_copied.clear();
+            self.bases.clear();
             (pages, 0, 0)
         } else {
-            self.against_last_copied(pages)
+            self.bases.against(pages)
         };
         // what changed keeps its retained pages from being let go as idle
         // (pages are sorted by frame number)
@@ -161,7 +162,7 @@ impl Engine {
     /// (the epoch number is kept for the sync's final epoch); its output is
     /// held for that epoch, the guest runs on, and a live resync starts.
     fn resync_instead(&mut self, t0: Instant) -> Result<(), vmm::MachineError> {
-        self.last_copied.clear();
+        self.bases.clear();
         self.pre.clear();
         self.hold_output();
         self.machine.resume()?;
@@ -188,73 +189,4 @@ impl Engine {
         }
         out
     }
-
-    /// Compares each page with the copy the secondary holds of it (the last
-    /// one shipped, from the last [`BASE_EPOCHS`] delta epochs): an equal
-    /// page is not shipped, a page that changed in a few bytes ships as a
-    /// sub-page delta. Returns the pages to ship, how many were dropped and
-    /// how many are deltas. Runs after the guest resumed (not in the pause).
-    fn against_last_copied(&mut self, pages: Vec<Page>) -> (Vec<Page>, u64, u64) {
-        let prev = std::mem::take(&mut self.last_copied);
-        let mut next = Vec::with_capacity(pages.len() + prev.len());
-        let mut ship = Vec::with_capacity(pages.len());
-        // one buffer for the epoch's deltas (at most MAX_DELTA each)
-        let mut buf = bytes::BytesMut::with_capacity(pages.len().min(4096) * 256);
-        let (mut unchanged, mut deltas) = (0, 0);
-        // copies of a large epoch are not kept past it: each keeps its
-        // whole epoch buffer alive
-        let keep = pages.len() <= KEEP_BASES_UP_TO;
-        let mut older = prev.into_iter().peekable();
-        let age = |b: Base, next: &mut Vec<Base>| {
-            if b.keep && b.age + 1 < BASE_EPOCHS {
-                next.push(Base { age: b.age + 1, ..b });
-            }
-        };
-        for p in pages {
-            let mut base = None;
-            while let Some(b) = older.next_if(|b| b.gfn <= p.gfn) {
-                if b.gfn == p.gfn {
-                    base = Some(b);
-                } else {
-                    age(b, &mut next);
-                }
-            }
-            let Some(data) = p.full_data().cloned() else {
-                ship.push(p);
-                continue;
-            };
-            match base {
-                Some(b) if b.data == data => unchanged += 1,
-                Some(b) if b.data.len() == data.len() && delta::encode(&b.data, &data, &mut buf) => {
-                    deltas += 1;
-                    ship.push(Page { gfn: p.gfn, data: PageData::Delta(buf.split().freeze()) });
-                }
-                _ => ship.push(p.clone()),
-            }
-            next.push(Base { gfn: p.gfn, data, age: 0, keep });
-        }
-        for b in older {
-            age(b, &mut next);
-        }
-        self.last_copied = next;
-        (ship, unchanged, deltas)
-    }
-}
-
-/// Delta epochs whose copies are kept as bases (a page dirtied every other
-/// epoch still finds its base).
-const BASE_EPOCHS: u8 = 4;
-/// Copies of an epoch with more pages than this are bases for the next epoch
-/// only (each copy is a slice of its epoch's buffer).
-const KEEP_BASES_UP_TO: usize = 4096;
-
-/// The content the secondary holds of one page: its last copy shipped (as a
-/// whole page, a delta or dropped as unchanged), `age` delta epochs ago.
-#[derive(Debug)]
-pub(super) struct Base {
-    gfn: u64,
-    data: bytes::Bytes,
-    age: u8,
-    /// Kept past the next epoch (its epoch was small).
-    keep: bool,
 }

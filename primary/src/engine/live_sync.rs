@@ -71,7 +71,7 @@ impl Engine {
     /// [`SYNC_ATTEMPTS`] lost attempts the sync ends with an in-pause full
     /// epoch instead.
     pub(super) fn live_sync(&mut self) -> Result<(), vmm::MachineError> {
-        self.last_copied.clear();
+        self.bases.clear();
         self.pre.clear();
         if self.state.step(EngineEvent::SyncStarted).reset_sync_pauses {
             self.shared.sync_max_pause_us.store(0, Ordering::Relaxed);

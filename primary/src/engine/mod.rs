@@ -4,6 +4,7 @@
 //! device output, and resumes the guest; the packet goes to the network side,
 //! so shipping epoch N overlaps with running N+1.
 
+mod bases;
 mod boundary;
 mod live_sync;
 mod options;
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use vmm::Machine;
 
 use crate::mode::EngineCommand;
+use bases::Bases;
 use pool::BufPool;
 use precopy::PreCopy;
 use state::{EngineEvent, EngineState};
@@ -66,13 +68,11 @@ pub struct Engine {
     force_lost_every: Option<u64>,
     /// The epoch the test hook last forced lost.
     last_forced: Option<u64>,
-    /// The recent delta epochs' pages as copied (sorted by gfn, the latest
-    /// copy of each): what the secondary holds of them, since it applies
-    /// epochs in order. A page reported dirty again (hot-page retention
-    /// reports retained pages every epoch) whose content equals its copy is
-    /// not shipped again; one that changed in a few bytes ships as a delta
-    /// against it. Emptied by anything that is not a delta epoch.
-    last_copied: Vec<boundary::Base>,
+    /// What the secondary holds of the pages shipped lately: a page
+    /// reported dirty again (hot-page retention reports retained pages
+    /// every epoch) whose content equals it is not shipped again; one that
+    /// changed in a few bytes ships as a delta against it.
+    bases: Bases,
     /// When the guest last resumed after a boundary (the epoch's start).
     epoch_started: Instant,
     /// The devices' output mark and when it last changed (output-driven
@@ -116,7 +116,7 @@ impl Engine {
             pool: BufPool::default(),
             force_lost_every,
             last_forced: None,
-            last_copied: Vec::new(),
+            bases: Bases::default(),
             epoch_started: Instant::now(),
             output_mark: (0, Instant::now()),
             pre: PreCopy::default(),

@@ -96,7 +96,7 @@ impl Engine {
     }
 
     pub(super) fn unprotected_epoch(&mut self) -> Result<(), vmm::MachineError> {
-        self.last_copied.clear();
+        self.bases.clear();
         self.pre.clear();
         let policy = if self.state.keeps_guest_paused() { UnprotectedPolicy::Pause } else { self.opts.unprotected };
         match policy {
