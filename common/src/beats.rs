@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::OnceLock;
 
 use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
@@ -36,6 +37,9 @@ pub enum BeatsError {
     Move(std::io::Error),
 }
 
+/// A moved connection's read half: the bytes its old reader had buffered,
+/// then the socket.
+pub type BeatRead = tokio::io::Chain<std::io::Cursor<BytesMut>, OwnedReadHalf>;
 /// A heartbeat connection's read side on this thread.
 pub type BeatRx = FramedRead<BeatRead, FrameOpener>;
 /// A heartbeat connection's write side on this thread.
@@ -112,34 +116,10 @@ impl Moved {
         let (r, w) = stream.into_split();
         // (the buffered bytes are read first, as if from the socket: a new
         // reader decodes nothing before its first read returns)
-        let rx = FramedRead::new(BeatRead { pre: self.read_buf, inner: r }, self.opener);
+        let rx = FramedRead::new(std::io::Cursor::new(self.read_buf).chain(r), self.opener);
         let mut tx = FramedWrite::new(w, self.sealer);
         tx.write_buffer_mut().extend_from_slice(&self.write_buf);
         Ok((rx, tx))
-    }
-}
-
-/// A moved connection's read half: the bytes its old reader had buffered,
-/// then the socket.
-#[derive(Debug)]
-pub struct BeatRead {
-    pre: BytesMut,
-    inner: OwnedReadHalf,
-}
-
-impl tokio::io::AsyncRead for BeatRead {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.pre.is_empty() {
-            let n = self.pre.len().min(buf.remaining());
-            let head = self.pre.split_to(n);
-            buf.put_slice(&head);
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
