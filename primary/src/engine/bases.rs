@@ -20,10 +20,10 @@ use common::proto::{delta, Page, PageData};
 
 /// Pages of the epochs whose copies are kept, at most (64 MiB), unless the
 /// latest epoch alone has more.
-pub(super) const WINDOW_PAGES: usize = 16 * 1024;
+const WINDOW_PAGES: usize = 16 * 1024;
 /// Epochs whose copies are kept, at most (the cost of a longer window is a
 /// longer list to walk at each boundary).
-pub(super) const MAX_EPOCHS: usize = 64;
+const MAX_EPOCHS: usize = 64;
 
 /// The content the secondary holds of one page: its last copy shipped (as
 /// a whole page, a delta or dropped as unchanged), `age` delta epochs ago.
