@@ -15,8 +15,13 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 use crate::abi::BootInfo;
 use crate::resp::{Conn, Limits, Store};
 
-/// Connections served at once (one smoltcp socket each).
-pub const SOCKETS: usize = 80;
+/// Connections served at once (one smoltcp socket each). smoltcp has no
+/// backlog: a SYN finds a listening socket or is refused. A client that
+/// replaces its connections at once (redis-benchmark opens new ones for each
+/// test) sends its new SYNs while the old sockets are still closing, so 64
+/// connections need twice that: with 80, `redis-benchmark -c 64 -t ping`
+/// hung at its second test with 48 connections refused.
+pub const SOCKETS: usize = 160;
 const SOCK_RX: usize = 16 << 10;
 const SOCK_TX: usize = 16 << 10;
 /// Bytes of keys and values the store may hold.
