@@ -126,8 +126,9 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value = "ring")]
     tracker: TrackerArg,
     /// Dirty ring entries per vCPU (a power of two, 2048 to 65536; smaller
-    /// rings are refused, exit 2: after an overflow they can miss pages, a
-    /// known bug described in docs/machine.md).
+    /// rings are refused, exit 2: they overflow on most epochs of a guest
+    /// writing at CPL0, and each overflow costs a full resync; see
+    /// docs/machine.md).
     #[arg(long, default_value_t = vmm::tracker::DEFAULT_RING_ENTRIES)]
     ring_entries: u32,
     /// Hot-page retention (both trackers): defer re-arming dirty tracking so
@@ -337,18 +338,19 @@ fn hooks(c: &CommonArgs) {
     }
 }
 
-/// Smallest dirty ring a node runs outside tests: with fewer entries, a
-/// collection right after a ring overflow can miss pages while reported
-/// complete (a known bug, docs/machine.md "Ring overflow").
+/// Smallest dirty ring a node runs outside tests: smaller rings overflow on
+/// most epochs of a guest writing at CPL0 on KVM-PVM, and every overflow is
+/// a lost collection, so a full resync (docs/machine.md "Ring overflow").
 pub const MIN_SAFE_RING_ENTRIES: u32 = 2048;
 
-/// Refuses a ring too small to be trusted after an overflow, unless the
-/// test hooks are on (the failover suite's tiny-ring scenario).
+/// Refuses a ring so small that it overflows all the time, unless the test
+/// hooks are on (the failover suite's tiny-ring scenario).
 fn check_ring(c: &CommonArgs) -> Result<(), NodeCmdError> {
     if matches!(c.tracker, TrackerArg::Ring) && c.ring_entries < MIN_SAFE_RING_ENTRIES && !c.test_hooks {
         return Err(NodeCmdError::Usage(format!(
-            "--ring-entries {}: rings under {MIN_SAFE_RING_ENTRIES} entries can miss written pages after an overflow \
-             (a known bug, docs/machine.md); use {MIN_SAFE_RING_ENTRIES} or more (the default is {})",
+            "--ring-entries {}: rings under {MIN_SAFE_RING_ENTRIES} entries overflow on most epochs of a guest \
+             writing at CPL0, each overflow a full resync (docs/machine.md); use {MIN_SAFE_RING_ENTRIES} or more \
+             (the default is {})",
             c.ring_entries,
             vmm::tracker::DEFAULT_RING_ENTRIES
         )));

@@ -160,8 +160,8 @@ fn impossible_machines_are_refused_with_exit_3() {
     }
 }
 
-/// A node refuses a dirty ring too small to be trusted after an overflow
-/// (exit 2, naming the known bug), unless the test hooks are on.
+/// A node refuses a dirty ring so small that it overflows all the time
+/// (exit 2, naming docs/machine.md), unless the test hooks are on.
 #[test]
 fn nodes_refuse_rings_under_2048_entries() {
     for (role, extra) in [("primary", &[][..]), ("secondary", &["--listen", "127.0.0.1:0"][..])] {

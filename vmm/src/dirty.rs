@@ -9,7 +9,8 @@ use std::sync::Arc;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::memory::GuestMem;
-use crate::ring::{self, DirtyRing, RingError, RingFlavour};
+use crate::ring::{self, Desync, DirtyRing, RingError, RingFlavour};
+use crate::ring_set::{cut_short_reset, harvest_running, resynchronise};
 use crate::tracker::{self, DirtySet, Retention, SlotTable, TrackerError, TrackerKind};
 use crate::vcpu::{RingState, Vcpu, VcpuContext};
 
@@ -17,42 +18,6 @@ use crate::vcpu::{RingState, Vcpu, VcpuContext};
 /// reset to a parked vCPU thread (below it the reset is cheaper than the
 /// hand-off).
 const OVERLAP_RESET_MIN_PAGES: usize = 256;
-
-/// Ring entries harvested (marked RESET) but not yet recycled by
-/// KVM_RESET_DIRTY_RINGS, over all rings. With hot-page retention the
-/// collector defers the reset, so a reset on a ring-full exit recycles the
-/// collector's entries too: every reset compares KVM's count with this.
-#[derive(Debug, Default)]
-pub struct RingLedger {
-    pub unreset: u64,
-    /// A reset on a ring-full exit found a count mismatch: the collector must
-    /// treat every ring as desynchronised and the collection as lost.
-    pub suspect: bool,
-}
-
-impl RingLedger {
-    /// Resets the rings; false if tracking was lost. KVM must recycle exactly
-    /// the entries marked RESET. A short count is a loss too: on this host a
-    /// reset cut short (by a signal pending on the calling thread) left
-    /// recycled pages writable, so writes to them went unlogged. Callers on
-    /// vCPU threads therefore block the kick signal around the reset.
-    pub fn reset(&mut self, vm: &VmFd) -> bool {
-        let expected = std::mem::take(&mut self.unreset);
-        match ring::reset_rings(vm) {
-            Ok(n) if u64::from(n) == expected => true,
-            Ok(n) => {
-                tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
-                self.suspect = true;
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "dirty ring reset failed: tracking lost");
-                self.suspect = true;
-                false
-            }
-        }
-    }
-}
 
 /// Whether a collection can be trusted to hold every write since the one
 /// before. After any doubt about a ring or log (a short or failed reset, an
@@ -90,6 +55,13 @@ pub(crate) struct DirtyTracker {
     short_resets_injected: u64,
     /// Times every slot was re-protected after a loss.
     reprotects: u64,
+    /// Fault injection: vCPU 0's ring is made desynchronised and its entries
+    /// are forgotten (never recycled) at every collection until its vCPU is
+    /// stuck ring-full with nothing pushed.
+    stuck_armed: bool,
+    /// Desynchronised rings re-aligned, and stuck ones stepped forward.
+    realigns: u64,
+    unsticks: u64,
     /// Pre-copy rounds done (tracking re-armed while the guest ran).
     precopy_rounds: u64,
 }
@@ -118,6 +90,9 @@ impl DirtyTracker {
             short_reset_armed: false,
             short_resets_injected: 0,
             reprotects: 0,
+            stuck_armed: false,
+            realigns: 0,
+            unsticks: 0,
             precopy_rounds: 0,
         }
     }
@@ -139,6 +114,20 @@ impl DirtyTracker {
         self.short_resets_injected
     }
 
+    /// Fault injection (tests): from the next collection on, vCPU 0's ring
+    /// is treated as desynchronised and what it holds is read and forgotten
+    /// (never recycled), so KVM's count of used entries only grows, until
+    /// its vCPU is stuck ring-full with nothing pushed; that collection
+    /// unsticks it as it would after an overflow. No effect with the bitmap.
+    pub fn inject_stuck_ring(&mut self) {
+        self.stuck_armed = matches!(self.kind, TrackerKind::Ring { .. });
+    }
+
+    /// (desynchronised rings re-aligned, stuck rings stepped forward) so far.
+    pub fn resyncs(&self) -> (u64, u64) {
+        (self.realigns, self.unsticks)
+    }
+
     /// Times every slot was re-protected after a loss.
     pub fn reprotects(&self) -> u64 {
         self.reprotects
@@ -153,6 +142,7 @@ impl DirtyTracker {
                 lost: false,
                 full_exits: 0,
                 stalls: 0,
+                stuck: false,
                 pending_overflows: 0,
                 verify,
             })),
@@ -218,11 +208,57 @@ impl DirtyTracker {
                 let mut entries = Vec::new();
                 let mut rings: Vec<_> = vcpus.iter().map(|v| v.ring()).collect();
                 let mut harvested = Vec::with_capacity(rings.len());
+                // desynchronised rings to re-synchronise: (index, KVM's push position)
+                let mut align = Vec::new();
+                let mut unstick = Vec::new();
                 ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
-                for g in rings.iter_mut() {
+                for (k, g) in rings.iter_mut().enumerate() {
                     let rs = g.as_mut().expect("ring tracker has rings");
                     entries.append(&mut rs.pending);
                     lost |= std::mem::take(&mut rs.lost);
+                    let stuck = std::mem::take(&mut rs.stuck);
+                    if self.stuck_armed && k == 0 {
+                        rs.ring.mark_desynchronised();
+                    }
+                    if rs.ring.is_desynchronised() {
+                        let d = rs.ring.desync_harvest(&mut entries);
+                        if self.stuck_armed && k == 0 {
+                            if d == Desync::Empty && stuck {
+                                self.stuck_armed = false;
+                            } else {
+                                rs.ring.forget();
+                                lost = true;
+                                harvested.push(0);
+                                continue;
+                            }
+                        }
+                        match d {
+                            // nothing pushed: nothing written (every page is
+                            // write-protected since the last collection)
+                            Desync::Empty if !stuck => {}
+                            Desync::Empty => {
+                                lost = true;
+                                unstick.push(k);
+                            }
+                            Desync::AllDirty => {
+                                lost = true;
+                                ledger.unreset += u64::from(rs.ring.entries());
+                            }
+                            // the run is every push since the last collection,
+                            // but the re-alignment's reset cannot be checked:
+                            // call it lost, the next collection checks
+                            Desync::Run { end } => {
+                                lost = true;
+                                align.push((k, end));
+                            }
+                            Desync::Runs => {
+                                tracing::warn!(vcpu = k, "dirty ring holds several runs of entries: tracking lost");
+                                lost = true;
+                            }
+                        }
+                        harvested.push(0);
+                        continue;
+                    }
                     let h = rs.ring.harvest(&mut entries, rs.verify);
                     lost |= h.overflow || h.stray;
                     ledger.unreset += u64::from(h.expected_reset());
@@ -287,6 +323,9 @@ impl DirtyTracker {
                         }
                         ledger.unreset = 0;
                         ledger.suspect = false;
+                        let (a, u) = resynchronise(vm, &mut rings, &align, &unstick);
+                        self.realigns += a;
+                        self.unsticks += u;
                     }
                 }
             }
@@ -430,46 +469,4 @@ impl DirtyTracker {
     pub fn note_changed(&mut self, changed: impl IntoIterator<Item = u64>) {
         self.retention.note_changed(changed);
     }
-}
-
-/// Harvests every ring into its pending list while the vCPUs may run (no
-/// verification scan: a running vCPU adds entries meanwhile); an overflow
-/// marks the ring's tracking lost. Entries stay marked RESET, counted in the
-/// ledger, until a reset recycles them.
-fn harvest_running(
-    vcpus: &[Arc<Vcpu>],
-    rings: &mut [std::sync::MutexGuard<'_, Option<RingState>>],
-    ledger: &mut RingLedger,
-) {
-    for (v, g) in vcpus.iter().zip(rings.iter_mut()) {
-        let Some(rs) = g.as_mut() else { continue };
-        v.note_foreign_harvest();
-        let h = rs.ring.harvest(&mut rs.pending, false);
-        if h.overflow {
-            rs.lost = true;
-        }
-        ledger.unreset += u64::from(h.expected_reset());
-    }
-}
-
-/// The injected short reset: the last half of each ring's fresh harvest is
-/// held back, the rings are reset (KVM stops at the first entry not marked
-/// RESET, so it recycles less than was harvested and says so), and the held
-/// entries are marked again: the state a signal-interrupted reset leaves.
-fn cut_short_reset(
-    ledger: &mut RingLedger,
-    vm: &VmFd,
-    rings: &mut [std::sync::MutexGuard<'_, Option<RingState>>],
-    harvested: &[u32],
-) -> bool {
-    let held: Vec<u32> = harvested.iter().map(|&n| n / 2).collect();
-    for (g, &n) in rings.iter_mut().zip(&held) {
-        g.as_mut().expect("ring").ring.hold_back(n);
-    }
-    let ok = ledger.reset(vm);
-    for (g, &n) in rings.iter_mut().zip(&held) {
-        g.as_mut().expect("ring").ring.release_held(n);
-    }
-    tracing::warn!(held = held.iter().sum::<u32>(), "injected a short ring reset");
-    ok
 }

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod net;
 mod retention;
 pub mod ring;
+mod ring_set;
 pub mod snapshot;
 pub mod state;
 pub mod tracker;

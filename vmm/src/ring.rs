@@ -13,11 +13,28 @@
 //! * a reset count that differs from what we marked (checked by the caller);
 //! * in verification mode, a DIRTY entry left anywhere after a harvest.
 //!
-//! After an overflow the ring is *desynchronised*: the kernel's next entry is at
-//! an unknown position. We find it as the start of the run of DIRTY entries,
-//! mark the skipped (invalid) entries RESET so the kernel's reset index walks
-//! past them, and carry on in sync. The machine's tracker then re-protects every slot and
-//! reports collections lost until a reset is exact again (dirty.rs, `Trust`).
+//! After an overflow the ring is *desynchronised*: the kernel's push index
+//! (`D`) and reset index (`R`) are at unknown positions, and KVM may count
+//! more entries as used than the ring holds. Only a collection (every vCPU
+//! parked) re-synchronises it ([`DirtyRing::desync_harvest`],
+//! [`DirtyRing::align`]): it reads every DIRTY entry; when they form one run
+//! (the pushes since the last collection) the run's end is `D`, and marking
+//! every other entry RESET makes one reset walk `R` exactly to `D`, so KVM's
+//! used count becomes a multiple of the ring size (a multiple left over shows
+//! as ring-full exits with nothing pushed, each undone by one full circle of
+//! RESET entries, [`DirtyRing::full_circle`]). A desynchronised ring with
+//! nothing pushed whose vCPU is stuck ring-full has its reset index found
+//! and stepped forward by less than KVM's soft limit
+//! ([`DirtyRing::unstick`]), and is re-aligned at a later collection. The
+//! machine's tracker re-protects every slot after any loss and reports
+//! collections lost until a reset is exact again (dirty.rs, `Trust`).
+//!
+//! Found on this host (2026-12-08): the run of a desynchronised ring can wrap
+//! past the position the previous harvest stopped at. Skipping from that
+//! position to the run's start dropped the run's last entries unharvested,
+//! and left our position short of `D`, so the next collections found nothing
+//! where KVM was pushing and were reported exact (a few thousand pages
+//! missed at 2048 and 4096 entries). Nothing is skipped any more.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -107,8 +124,6 @@ pub fn reset_rings(vm: &VmFd) -> Result<u32, RingError> {
 pub struct Harvest {
     /// Entries harvested (and marked RESET).
     pub harvested: u32,
-    /// Invalid entries marked RESET to re-synchronise with the kernel.
-    pub skipped: u32,
     /// Every entry was DIRTY: the ring overflowed, pages may be lost.
     pub overflow: bool,
     /// After the harvest a DIRTY entry was still in the ring (verification mode).
@@ -118,8 +133,21 @@ pub struct Harvest {
 impl Harvest {
     /// Entries the next `KVM_RESET_DIRTY_RINGS` must recycle for this ring.
     pub fn expected_reset(&self) -> u32 {
-        self.harvested + self.skipped
+        self.harvested
     }
+}
+
+/// What [`DirtyRing::desync_harvest`] found in a desynchronised ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Desync {
+    /// Nothing pushed since the last collection.
+    Empty,
+    /// Every entry DIRTY: the ring overflowed again (all marked RESET).
+    AllDirty,
+    /// One run of DIRTY entries, ending before `end`: KVM pushes at `end` next.
+    Run { end: u32 },
+    /// Several runs: KVM did not push where the model says.
+    Runs,
 }
 
 /// One vCPU's mapped dirty ring.
@@ -203,40 +231,18 @@ impl DirtyRing {
         self.flags(i).load(Ordering::Acquire) & DIRTY != 0
     }
 
-    /// Start of the run of DIRTY entries (a DIRTY entry after a clean one).
-    fn run_start(&self) -> Option<u32> {
-        let mask = self.entries - 1;
-        (0..self.entries).find(|&i| self.is_dirty(i) && !self.is_dirty(i.wrapping_sub(1) & mask))
-    }
-
     /// Harvests every DIRTY entry in order into `out` as (slot, offset), marking
     /// each RESET. The vCPU may be running (KVM publishes an entry's contents
     /// before its DIRTY flag, read here with acquire ordering): then `verify`
     /// must be false. With `verify` (vCPU parked, or this is its own thread
     /// handling a ring-full exit), the whole ring is scanned afterwards for
-    /// DIRTY entries that should not be there.
+    /// DIRTY entries that should not be there. A desynchronised ring harvests
+    /// nothing here ([`DirtyRing::desync_harvest`] does, in a collection).
     pub fn harvest(&mut self, out: &mut Vec<(u32, u64)>, verify: bool) -> Harvest {
         let mask = self.entries - 1;
         let mut h = Harvest::default();
         if self.desync {
-            let pos = (self.fetch as u32) & mask;
-            match self.run_start() {
-                None if self.is_dirty(pos) => {
-                    // every entry DIRTY again
-                    h.overflow = true;
-                }
-                None => return h, // nothing written since: an empty, complete set
-                Some(start) => {
-                    let mut i = pos;
-                    while i != start {
-                        self.flags(i).store(RESET, Ordering::Release);
-                        i = (i + 1) & mask;
-                        h.skipped += 1;
-                        self.fetch += 1;
-                    }
-                    self.desync = false;
-                }
-            }
+            return h;
         }
         loop {
             if h.harvested == self.entries {
@@ -261,24 +267,137 @@ impl DirtyRing {
         h
     }
 
-    /// Un-stalls a desynchronised ring. Called on a ring-full exit that found
-    /// nothing to harvest: KVM counts entries as used that were overwritten and
-    /// already recycled, so the vCPU would exit forever. While KVM reports the
-    /// ring soft-full, at least `soft_limit` entries lie between its reset and
-    /// push indexes, so marking a step of entries below that bound RESET cannot
-    /// move its reset index past its push index. Returns the entries marked
-    /// (the next reset must recycle exactly these).
-    pub fn step_stalled(&mut self) -> u32 {
-        // KVM reserves 64 entries plus the CPU's dirty-log buffer (at most 512)
-        // below the ring size: the soft limit is at least entries - 576.
-        let step = self.entries.saturating_sub(1024).max(1);
+    /// A desynchronised ring, every vCPU parked: clears every mark left on
+    /// entries that are not DIRTY (so no reset can walk through stale marks),
+    /// appends every DIRTY entry to `out`, and says how they lie. With
+    /// [`Desync::AllDirty`] every entry is marked RESET (the next reset must
+    /// recycle `entries`: KVM pushed at least a ring's worth since nothing
+    /// was recycled, so the reset index cannot pass the push index); otherwise
+    /// the DIRTY entries stay DIRTY for [`DirtyRing::align`].
+    pub fn desync_harvest(&mut self, out: &mut Vec<(u32, u64)>) -> Desync {
         let mask = self.entries - 1;
-        for _ in 0..step {
-            self.flags((self.fetch as u32) & mask).store(RESET, Ordering::Release);
-            self.fetch += 1;
+        let mut dirty = 0u32;
+        for i in 0..self.entries {
+            if self.is_dirty(i) {
+                dirty += 1;
+                out.push(self.entry(i));
+            } else {
+                self.flags(i).store(0, Ordering::Release);
+            }
         }
-        self.desync = true;
-        step
+        if dirty == 0 {
+            return Desync::Empty;
+        }
+        if dirty == self.entries {
+            for i in 0..self.entries {
+                self.flags(i).store(RESET, Ordering::Release);
+            }
+            return Desync::AllDirty;
+        }
+        // the start of a run: a DIRTY entry after a clean one
+        let start = (0..self.entries)
+            .find(|&i| self.is_dirty(i) && !self.is_dirty(i.wrapping_sub(1) & mask))
+            .expect("some entry is DIRTY and some is not");
+        let mut end = start;
+        let mut run = 0;
+        while self.is_dirty(end) {
+            end = (end + 1) & mask;
+            run += 1;
+        }
+        if run == dirty {
+            Desync::Run { end }
+        } else {
+            Desync::Runs
+        }
+    }
+
+    /// First half of re-synchronising after [`Desync::Run`]: marks every
+    /// entry but `end` (KVM's push position) RESET, and `end` not, so the
+    /// next reset walks KVM's reset index to `end` whatever it was (it
+    /// recycles between 0 and `entries - 1` entries, which cannot pass the
+    /// push index). The caller resets, then calls [`DirtyRing::finish_align`].
+    pub fn align(&mut self, end: u32) {
+        for i in 0..self.entries {
+            self.flags(i).store(if i == end { 0 } else { RESET }, Ordering::Release);
+        }
+    }
+
+    /// Second half: clears the marks the reset did not walk through, and
+    /// carries on in sync from `end`.
+    pub fn finish_align(&mut self, end: u32) {
+        for i in 0..self.entries {
+            self.flags(i).store(0, Ordering::Release);
+        }
+        let mask = u64::from(self.entries - 1);
+        self.fetch = (self.fetch & !mask) + u64::from(end);
+        self.desync = false;
+    }
+
+    /// Fault injection (tests): clears every entry's flags without a reset,
+    /// so KVM keeps counting them as used.
+    pub fn forget(&mut self) {
+        for i in 0..self.entries {
+            self.flags(i).store(0, Ordering::Release);
+        }
+    }
+
+    /// A ring in sync whose vCPU exits ring-full with nothing pushed: KVM's
+    /// reset index equals its push index modulo the ring size (the ring was
+    /// re-aligned, and every entry pushed since was harvested and recycled),
+    /// so its used count is a non-zero multiple of the size, left over from
+    /// an overflow. Marks every entry RESET: the next reset must recycle
+    /// `entries`, taking one ring size off the count. Returns `entries`.
+    pub fn full_circle(&mut self) -> u32 {
+        for i in 0..self.entries {
+            self.flags(i).store(RESET, Ordering::Release);
+        }
+        self.entries
+    }
+
+    /// A desynchronised ring with nothing pushed whose vCPU is stuck
+    /// ring-full: KVM counts at least its soft limit (>= entries - 576) as
+    /// used. Moves KVM's reset index `max(1, entries - 1024)` entries forward,
+    /// fewer than that count, so it cannot pass the push index: blocks of
+    /// that many entries are marked RESET one at a time (every other entry
+    /// clear) until a reset recycles some, which shows where the index was
+    /// and leaves it at the block's end; a second reset moves it the rest of
+    /// the way. No other ring may hold a mark (resets are VM-wide). False if
+    /// KVM did not do what this model says; the ring stays desynchronised.
+    pub fn unstick(&mut self, vm: &VmFd) -> Result<bool, RingError> {
+        let mask = self.entries - 1;
+        let step = self.entries.saturating_sub(1024).max(1);
+        self.forget();
+        let mut moved = None;
+        let mut start = 0;
+        while start < self.entries {
+            let end = (start + step).min(self.entries);
+            for i in start..end {
+                self.flags(i).store(RESET, Ordering::Release);
+            }
+            let n = reset_rings(vm)?;
+            self.forget();
+            if n > end - start {
+                return Ok(false);
+            }
+            if n > 0 {
+                moved = Some((end & mask, n));
+                break;
+            }
+            start = end;
+        }
+        let Some((at, n)) = moved else { return Ok(false) };
+        let rest = step - n;
+        if rest > 0 {
+            for k in 0..rest {
+                self.flags((at + k) & mask).store(RESET, Ordering::Release);
+            }
+            let m = reset_rings(vm)?;
+            self.forget();
+            if m != rest {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Fault injection (tests): takes the RESET mark off the last `n` entries

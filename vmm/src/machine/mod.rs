@@ -193,6 +193,18 @@ impl Machine {
         self.tracker.inject_short_reset();
     }
 
+    /// Fault injection for tests: vCPU 0's dirty ring is treated as
+    /// desynchronised and its entries are forgotten until the vCPU is stuck
+    /// ring-full (see `DirtyTracker::inject_stuck_ring`).
+    pub fn inject_stuck_ring(&mut self) {
+        self.tracker.inject_stuck_ring();
+    }
+
+    /// (desynchronised dirty rings re-aligned, stuck ones stepped forward) so far.
+    pub fn ring_resyncs(&self) -> (u64, u64) {
+        self.tracker.resyncs()
+    }
+
     /// Short resets injected so far.
     pub fn short_resets_injected(&self) -> u64 {
         self.tracker.short_resets_injected()
@@ -203,7 +215,8 @@ impl Machine {
         self.vcpus.iter().map(|v| v.ring().as_ref().map_or(0, |r| r.full_exits)).sum()
     }
 
-    /// Ring-full exits that found the ring desynchronised, summed over vCPUs.
+    /// Ring-full exits with nothing to harvest (KVM counting more entries as
+    /// used than the ring holds, or the ring desynchronised), summed over vCPUs.
     pub fn ring_stalls(&self) -> u64 {
         self.vcpus.iter().map(|v| v.ring().as_ref().map_or(0, |r| r.stalls)).sum()
     }

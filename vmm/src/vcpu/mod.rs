@@ -24,8 +24,8 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::devices::{Devices, GuestFault};
-pub use crate::dirty::RingLedger;
 use crate::memory::GuestMem;
+pub use crate::ring_set::RingLedger;
 use crate::state::SaveContext;
 
 pub use kick::kick_signal;

@@ -19,8 +19,12 @@ pub struct RingState {
     pub full_exits: u64,
     /// Scan the ring for stray entries after each harvest.
     pub verify: bool,
-    /// Ring-full exits that found nothing to harvest (desynchronised ring).
+    /// Ring-full exits that found nothing to harvest (KVM's count of used
+    /// entries ran ahead of the ring after an overflow).
     pub stalls: u64,
+    /// Since the last collection the vCPU exited ring-full while its ring
+    /// was desynchronised (it cannot run until a collection unsticks it).
+    pub stuck: bool,
     /// Times `pending` passed [`pending_cap`] and was dropped (tracking
     /// marked lost).
     pub pending_overflows: u64,
@@ -42,6 +46,19 @@ pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
     let mut ring = vcpu.ring();
     let Some(rs) = ring.as_mut() else { return };
     rs.full_exits += 1;
+    if rs.ring.is_desynchronised() {
+        // KVM's indexes are unknown: only a collection, every vCPU parked,
+        // can re-synchronise the ring. The vCPU cannot run until then (KVM
+        // exits ring-full at every entry): wait for the pause.
+        rs.lost = true;
+        if !std::mem::replace(&mut rs.stuck, true) {
+            rs.stalls += 1;
+        }
+        drop(ring);
+        drop(ledger);
+        std::thread::sleep(std::time::Duration::from_micros(100));
+        return;
+    }
     let emptied_meanwhile = vcpu.foreign_harvests.load(Ordering::SeqCst) != harvests_seen;
     let h = rs.ring.harvest(&mut rs.pending, rs.verify);
     ctx.ring_pending.fetch_add(u64::from(h.harvested), Ordering::Relaxed);
@@ -67,11 +84,12 @@ pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
     }
     if expected == 0 && ledger.unreset == 0 {
         // Soft-full with nothing to harvest and nothing harvested waiting for
-        // a reset (hot-page retention defers resets): KVM's indexes ran ahead
-        // of the ring's contents (an overflow overwrote entries). Pages are lost.
+        // a reset (hot-page retention defers resets), in a ring in sync: KVM
+        // counts a whole ring more as used than it holds, left over from an
+        // overflow. Take one ring size off its count; the epoch is lost.
         rs.lost = true;
         rs.stalls += 1;
-        expected = rs.ring.step_stalled();
+        expected = rs.ring.full_circle();
     }
     ledger.unreset += u64::from(expected);
     // With a kick pending on this thread KVM cuts a reset short, and on this
