@@ -142,7 +142,7 @@ impl DirtyTracker {
                 lost: false,
                 full_exits: 0,
                 stalls: 0,
-                stuck: false,
+                stuck: None,
                 pending_overflows: 0,
                 verify,
             })),
@@ -212,11 +212,14 @@ impl DirtyTracker {
                 let mut align = Vec::new();
                 let mut unstick = Vec::new();
                 ctx.ring_pending.store(0, std::sync::atomic::Ordering::Relaxed);
+                // a stuck vCPU is believed only if no reset happened since
+                // it saw its ring full (a reset may have freed it)
+                let resets_now = ledger.resets.load(std::sync::atomic::Ordering::SeqCst);
                 for (k, g) in rings.iter_mut().enumerate() {
                     let rs = g.as_mut().expect("ring tracker has rings");
                     entries.append(&mut rs.pending);
                     lost |= std::mem::take(&mut rs.lost);
-                    let stuck = std::mem::take(&mut rs.stuck);
+                    let stuck = rs.stuck.take() == Some(resets_now);
                     if self.stuck_armed && k == 0 {
                         rs.ring.mark_desynchronised();
                     }
@@ -259,7 +262,8 @@ impl DirtyTracker {
                         harvested.push(0);
                         continue;
                     }
-                    let h = rs.ring.harvest(&mut entries, rs.verify);
+                    let scan = rs.ring.take_just_aligned() || rs.verify;
+                    let h = rs.ring.harvest(&mut entries, scan);
                     lost |= h.overflow || h.stray;
                     ledger.unreset += u64::from(h.expected_reset());
                     harvested.push(h.harvested);
@@ -316,16 +320,24 @@ impl DirtyTracker {
                         // (a loss always re-arms, here) recycle whatever a
                         // short reset left marked, so that the next reset
                         // counts only the next harvest
+                        let mut clean = false;
                         for _ in 0..4 {
-                            if !matches!(ring::reset_rings(vm), Ok(n) if n > 0) {
+                            if let Ok(n) = ledger.reset_raw(vm) {
+                                clean = n == 0;
+                            }
+                            if clean {
                                 break;
                             }
                         }
                         ledger.unreset = 0;
                         ledger.suspect = false;
-                        let (a, u) = resynchronise(vm, &mut rings, &align, &unstick);
-                        self.realigns += a;
-                        self.unsticks += u;
+                        // re-synchronising needs no mark left in any ring
+                        // (its resets are VM-wide); else the next collection
+                        if clean {
+                            let (a, u) = resynchronise(vm, &ledger, &mut rings, &align, &unstick);
+                            self.realigns += a;
+                            self.unsticks += u;
+                        }
                     }
                 }
             }

@@ -157,6 +157,8 @@ pub struct DirtyRing {
     entries: u32,
     fetch: u64,
     desync: bool,
+    /// Re-aligned at the last collection: the next harvest scans the ring.
+    just_aligned: bool,
 }
 
 // SAFETY: the mapping is owned by this value (unmapped on drop) and all access
@@ -186,7 +188,7 @@ impl DirtyRing {
         }
         let gfns = NonNull::new(addr.cast::<kvm_dirty_gfn>())
             .ok_or_else(|| RingError::Map(std::io::ErrorKind::Other.into()))?;
-        let ring = DirtyRing { gfns, entries, fetch: 0, desync: false };
+        let ring = DirtyRing { gfns, entries, fetch: 0, desync: false, just_aligned: false };
         // Fault the whole mapping in now: KVM maps ring pages on first
         // access, and a harvest that walks onto new pages paid a page fault
         // per 256 entries inside the epoch pause.
@@ -267,13 +269,17 @@ impl DirtyRing {
         h
     }
 
-    /// A desynchronised ring, every vCPU parked: clears every mark left on
-    /// entries that are not DIRTY (so no reset can walk through stale marks),
-    /// appends every DIRTY entry to `out`, and says how they lie. With
-    /// [`Desync::AllDirty`] every entry is marked RESET (the next reset must
-    /// recycle `entries`: KVM pushed at least a ring's worth since nothing
-    /// was recycled, so the reset index cannot pass the push index); otherwise
-    /// the DIRTY entries stay DIRTY for [`DirtyRing::align`].
+    /// A desynchronised ring, every vCPU parked: appends every DIRTY entry
+    /// to `out` and says how they lie. Marks on other entries stay (every
+    /// mark this module leaves between operations is on an entry KVM pushed,
+    /// so a reset walking through it cannot pass KVM's push index; the
+    /// ledger counts it). With [`Desync::AllDirty`] every entry is marked
+    /// RESET (the next reset must recycle `entries`: every entry was pushed
+    /// since it was last recycled, so KVM's push index is at least a ring
+    /// ahead of its reset index); with [`Desync::Runs`] every DIRTY entry is
+    /// cleared unrecycled (KVM did not push where the model says; its pages
+    /// stay writable until the lost collection re-protects every slot);
+    /// otherwise the DIRTY entries stay DIRTY for [`DirtyRing::align`].
     pub fn desync_harvest(&mut self, out: &mut Vec<(u32, u64)>) -> Desync {
         let mask = self.entries - 1;
         let mut dirty = 0u32;
@@ -281,8 +287,6 @@ impl DirtyRing {
             if self.is_dirty(i) {
                 dirty += 1;
                 out.push(self.entry(i));
-            } else {
-                self.flags(i).store(0, Ordering::Release);
             }
         }
         if dirty == 0 {
@@ -294,7 +298,7 @@ impl DirtyRing {
             }
             return Desync::AllDirty;
         }
-        // the start of a run: a DIRTY entry after a clean one
+        // the start of a run: a DIRTY entry after one that is not
         let start = (0..self.entries)
             .find(|&i| self.is_dirty(i) && !self.is_dirty(i.wrapping_sub(1) & mask))
             .expect("some entry is DIRTY and some is not");
@@ -307,15 +311,23 @@ impl DirtyRing {
         if run == dirty {
             Desync::Run { end }
         } else {
+            for i in 0..self.entries {
+                if self.is_dirty(i) {
+                    self.flags(i).store(0, Ordering::Release);
+                }
+            }
             Desync::Runs
         }
     }
 
     /// First half of re-synchronising after [`Desync::Run`]: marks every
     /// entry but `end` (KVM's push position) RESET, and `end` not, so the
-    /// next reset walks KVM's reset index to `end` whatever it was (it
-    /// recycles between 0 and `entries - 1` entries, which cannot pass the
-    /// push index). The caller resets, then calls [`DirtyRing::finish_align`].
+    /// next reset walks KVM's reset index to `end` whatever it was. It
+    /// cannot pass the push index: every DIRTY entry was pushed after the
+    /// reset index last moved, so the run lies between the two indexes (or
+    /// they are a ring or more apart), and `end` follows the run. The caller
+    /// resets (no other ring holding a mark), then calls
+    /// [`DirtyRing::finish_align`].
     pub fn align(&mut self, end: u32) {
         for i in 0..self.entries {
             self.flags(i).store(if i == end { 0 } else { RESET }, Ordering::Release);
@@ -323,14 +335,19 @@ impl DirtyRing {
     }
 
     /// Second half: clears the marks the reset did not walk through, and
-    /// carries on in sync from `end`.
+    /// carries on in sync from `end`. The next harvest scans the whole ring
+    /// (a stray DIRTY entry there means `end` was not KVM's push position).
     pub fn finish_align(&mut self, end: u32) {
-        for i in 0..self.entries {
-            self.flags(i).store(0, Ordering::Release);
-        }
+        self.forget();
         let mask = u64::from(self.entries - 1);
         self.fetch = (self.fetch & !mask) + u64::from(end);
         self.desync = false;
+        self.just_aligned = true;
+    }
+
+    /// True once after [`DirtyRing::finish_align`]: the caller should scan.
+    pub fn take_just_aligned(&mut self) -> bool {
+        std::mem::take(&mut self.just_aligned)
     }
 
     /// Fault injection (tests): clears every entry's flags without a reset,
@@ -341,29 +358,54 @@ impl DirtyRing {
         }
     }
 
-    /// A ring in sync whose vCPU exits ring-full with nothing pushed: KVM's
-    /// reset index equals its push index modulo the ring size (the ring was
-    /// re-aligned, and every entry pushed since was harvested and recycled),
-    /// so its used count is a non-zero multiple of the size, left over from
-    /// an overflow. Marks every entry RESET: the next reset must recycle
-    /// `entries`, taking one ring size off the count. Returns `entries`.
-    pub fn full_circle(&mut self) -> u32 {
-        for i in 0..self.entries {
-            self.flags(i).store(RESET, Ordering::Release);
+    /// A ring in sync whose vCPU exits ring-full with nothing pushed (its
+    /// own thread, no ring holding a mark): if KVM's reset index is where
+    /// this ring says (checked by a reset of the one entry there) and no
+    /// entry is DIRTY, KVM's push index is there too modulo the ring size,
+    /// so its used count is a non-zero multiple of the size (left over from
+    /// an overflow): the rest of the ring is marked RESET and recycled,
+    /// taking one ring size off the count. Otherwise (false) the ring is
+    /// not where it seems: it is marked desynchronised, for a collection.
+    pub fn full_circle(&mut self, reset: &mut dyn FnMut() -> Result<u32, RingError>) -> Result<bool, RingError> {
+        let mask = self.entries - 1;
+        let at = (self.fetch as u32) & mask;
+        let ok = (|| {
+            if (0..self.entries).any(|i| self.is_dirty(i)) {
+                return Ok(false);
+            }
+            self.forget();
+            self.flags(at).store(RESET, Ordering::Release);
+            if reset()? != 1 {
+                return Ok(false);
+            }
+            for k in 1..self.entries {
+                self.flags((at + k) & mask).store(RESET, Ordering::Release);
+            }
+            Ok(reset()? == self.entries - 1)
+        })();
+        self.forget();
+        if !matches!(ok, Ok(true)) {
+            self.desync = true;
         }
-        self.entries
+        ok
     }
 
     /// A desynchronised ring with nothing pushed whose vCPU is stuck
-    /// ring-full: KVM counts at least its soft limit (>= entries - 576) as
-    /// used. Moves KVM's reset index `max(1, entries - 1024)` entries forward,
+    /// ring-full (seen after the last reset): KVM counts at least its soft
+    /// limit (>= entries - 576) as used. Moves KVM's reset index `max(1, entries - 1024)` entries forward,
     /// fewer than that count, so it cannot pass the push index: blocks of
     /// that many entries are marked RESET one at a time (every other entry
     /// clear) until a reset recycles some, which shows where the index was
     /// and leaves it at the block's end; a second reset moves it the rest of
     /// the way. No other ring may hold a mark (resets are VM-wide). False if
     /// KVM did not do what this model says; the ring stays desynchronised.
-    pub fn unstick(&mut self, vm: &VmFd) -> Result<bool, RingError> {
+    pub fn unstick(&mut self, reset: &mut dyn FnMut() -> Result<u32, RingError>) -> Result<bool, RingError> {
+        let r = self.step_forward(reset);
+        self.forget();
+        r
+    }
+
+    fn step_forward(&mut self, reset: &mut dyn FnMut() -> Result<u32, RingError>) -> Result<bool, RingError> {
         let mask = self.entries - 1;
         let step = self.entries.saturating_sub(1024).max(1);
         self.forget();
@@ -374,7 +416,7 @@ impl DirtyRing {
             for i in start..end {
                 self.flags(i).store(RESET, Ordering::Release);
             }
-            let n = reset_rings(vm)?;
+            let n = reset()?;
             self.forget();
             if n > end - start {
                 return Ok(false);
@@ -391,11 +433,7 @@ impl DirtyRing {
             for k in 0..rest {
                 self.flags((at + k) & mask).store(RESET, Ordering::Release);
             }
-            let m = reset_rings(vm)?;
-            self.forget();
-            if m != rest {
-                return Ok(false);
-            }
+            return Ok(reset()? == rest);
         }
         Ok(true)
     }

@@ -3,6 +3,7 @@
 //! while the vCPUs run, the injected short reset, and re-synchronising rings
 //! after an overflow. The tracker (dirty.rs) calls them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use kvm_ioctls::VmFd;
@@ -20,9 +21,24 @@ pub struct RingLedger {
     /// A reset on a ring-full exit found a count mismatch: the collector must
     /// treat every ring as desynchronised and the collection as lost.
     pub suspect: bool,
+    /// Resets so far (bumped before each): a vCPU reads it before it enters
+    /// the guest, so a ring-full exit can tell whether a reset since may
+    /// have made it stale (the machine's `VcpuContext::ring_resets`).
+    pub resets: Arc<AtomicU64>,
 }
 
 impl RingLedger {
+    /// A ledger counting its resets in `resets`.
+    pub fn new(resets: Arc<AtomicU64>) -> Self {
+        RingLedger { unreset: 0, suspect: false, resets }
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`, counted; no check of what it recycled.
+    pub fn reset_raw(&self, vm: &VmFd) -> Result<u32, ring::RingError> {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        ring::reset_rings(vm)
+    }
+
     /// Resets the rings; false if tracking was lost. KVM must recycle exactly
     /// the entries marked RESET. A short count is a loss too: on this host a
     /// reset cut short (by a signal pending on the calling thread) left
@@ -30,7 +46,7 @@ impl RingLedger {
     /// vCPU threads therefore block the kick signal around the reset.
     pub fn reset(&mut self, vm: &VmFd) -> bool {
         let expected = std::mem::take(&mut self.unreset);
-        match ring::reset_rings(vm) {
+        match self.reset_raw(vm) {
             Ok(n) if u64::from(n) == expected => true,
             Ok(n) => {
                 tracing::warn!(expected, reset = n, "dirty ring reset count mismatch: tracking lost");
@@ -47,12 +63,14 @@ impl RingLedger {
 }
 
 /// Re-synchronises desynchronised rings in a lost collection, every vCPU
-/// parked and no ring holding a mark: `align` (ring, KVM's push position)
-/// get one reset that walks KVM's reset index to that position; `unstick`
-/// (nothing pushed, vCPU stuck ring-full) get their reset index stepped
-/// forward. See ring.rs. Returns how many of each succeeded.
+/// parked and no ring holding a mark (the caller's last reset recycled
+/// nothing): `align` (ring, KVM's push position) get one reset that walks
+/// KVM's reset index to that position; `unstick` (nothing pushed, vCPU stuck
+/// ring-full) get their reset index stepped forward. See ring.rs. Returns
+/// how many of each succeeded.
 pub(crate) fn resynchronise(
     vm: &VmFd,
+    ledger: &RingLedger,
     rings: &mut [MutexGuard<'_, Option<RingState>>],
     align: &[(usize, u32)],
     unstick: &[usize],
@@ -62,7 +80,7 @@ pub(crate) fn resynchronise(
         for &(k, end) in align {
             rings[k].as_mut().expect("ring").ring.align(end);
         }
-        let r = ring::reset_rings(vm);
+        let r = ledger.reset_raw(vm);
         for &(k, end) in align {
             rings[k].as_mut().expect("ring").ring.finish_align(end);
         }
@@ -81,7 +99,7 @@ pub(crate) fn resynchronise(
     }
     for &k in unstick {
         let rs = rings[k].as_mut().expect("ring");
-        match rs.ring.unstick(vm) {
+        match rs.ring.unstick(&mut || ledger.reset_raw(vm)) {
             Ok(true) => {
                 tracing::info!(vcpu = k, "stuck dirty ring stepped forward");
                 unstuck += 1;
@@ -105,9 +123,8 @@ pub(crate) fn harvest_running(
     for (v, g) in vcpus.iter().zip(rings.iter_mut()) {
         let Some(rs) = g.as_mut() else { continue };
         if rs.ring.is_desynchronised() {
-            // only a collection (every vCPU parked) re-synchronises a ring;
-            // the window is lost already (every desynchronisation is)
-            rs.lost = true;
+            // only a collection (every vCPU parked) re-synchronises a ring:
+            // what it pushes meanwhile stays in it for that collection
             continue;
         }
         v.note_foreign_harvest();

@@ -205,13 +205,14 @@ fn small_ring_full_exits_lose_nothing() {
     assert!(biggest > 512, "collections should exceed the ring size (largest {biggest})");
 }
 
-/// The `kwrite` workload over 4096 pages (CPL0 writes, emulated on KVM-PVM)
-/// with a ring of `entries`, started; and the gpa of its first page.
-fn kernel_writer(entries: u32, ring_verify: bool) -> (Machine, u64) {
+/// The `kwrite` workload over 4096 pages a vCPU (CPL0 writes, emulated on
+/// KVM-PVM) with a ring of `entries`, started; and the gpa of its first page
+/// (vCPU `c` writes the 4096 pages from page `4096 c`).
+fn kernel_writer(entries: u32, ring_verify: bool, vcpus: u32) -> (Machine, u64) {
     let mut w = WorkloadConfig::idle();
     w.kind = WorkloadKind::KernelWrite;
     w.ws_pages = KERNEL_WRITER_PAGES as u64;
-    let mut cfg = MachineConfig::new(256 * MIB, 1, TrackerKind::Ring { entries }, w);
+    let mut cfg = MachineConfig::new(256 * MIB, vcpus, TrackerKind::Ring { entries }, w);
     cfg.ring_verify = ring_verify;
     let mut m = Machine::new(cfg).expect("machine");
     let base = m.memory().linear_to_gpa(KERNEL_END);
@@ -247,7 +248,7 @@ fn kernel_writes(m: &Machine, base: u64, last: &mut [u64]) -> BTreeSet<u64> {
 /// castor's rings are 65536 entries unless `--ring-entries` says otherwise.
 #[test]
 fn emulated_writes_overflow_is_reported_as_tracking_lost() {
-    let (mut m, base) = kernel_writer(2048, false);
+    let (mut m, base) = kernel_writer(2048, false, 1);
     let mut lost = 0;
     let mut exact = 0;
     let mut last_stamps = vec![0u64; KERNEL_WRITER_PAGES];
@@ -281,20 +282,26 @@ fn emulated_writes_overflow_is_reported_as_tracking_lost() {
 /// next collections found nothing where KVM pushed. With waits 8 times the
 /// base (2-26 ms) about 3% of the collections right after a loss missed pages
 /// at 2048 and 4096 entries (one reported none of 3861 pages written); see
-/// docs/machine.md, "Ring overflow". Longer or more runs:
-/// `PROBE_ITERS=2000 PROBE_RING=512 PROBE_SCALE=1 [PROBE_VERIFY=1] cargo test
-/// --release -p castor-vmm --test dirty -- --nocapture
-/// exact_collections_after_a_loss` (PROBE_SCALE stretches the waits between
-/// collections; PROBE_VERIFY scans the whole ring after each harvest).
+/// docs/machine.md, "Ring overflow". Runs 2 vCPUs (each ring re-aligned
+/// with the other's marks recycled first). Longer or more runs:
+/// `PROBE_ITERS=2000 PROBE_RING=512 PROBE_SCALE=1 PROBE_VCPUS=1
+/// [PROBE_VERIFY=1] cargo test --release -p castor-vmm --test dirty --
+/// --nocapture exact_collections_after_a_loss` (PROBE_SCALE stretches the
+/// waits between collections; PROBE_VERIFY scans the whole ring after each
+/// harvest).
 #[test]
 fn exact_collections_after_a_loss_hold_every_write() {
     let env = |k: &str, default: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (iters, scale) = (env("PROBE_ITERS", 300), env("PROBE_SCALE", 8));
-    let (mut m, base) = kernel_writer(env("PROBE_RING", 2048) as u32, std::env::var_os("PROBE_VERIFY").is_some());
+    let vcpus = env("PROBE_VCPUS", 2) as u32;
+    let (mut m, base) =
+        kernel_writer(env("PROBE_RING", 2048) as u32, std::env::var_os("PROBE_VERIFY").is_some(), vcpus);
     let (mut lost, mut bad) = (0, 0);
-    let mut last_stamps = vec![0u64; KERNEL_WRITER_PAGES];
+    let mut last_stamps = vec![0u64; KERNEL_WRITER_PAGES * vcpus as usize];
     // exact collections since the last lost one
     let mut since_lost = 0u64;
+    let mut first_lost = None;
+    let mut exact_after_loss = 0u64;
     // per distance from the last lost collection (9: 9 or more): (exact collections, misses)
     let mut by_dist = std::collections::BTreeMap::<u64, (u64, u64)>::new();
     for i in 0..iters {
@@ -305,8 +312,10 @@ fn exact_collections_after_a_loss_hold_every_write() {
         if d.tracking_lost {
             lost += 1;
             since_lost = 0;
+            first_lost.get_or_insert(i);
         } else {
             since_lost += 1;
+            exact_after_loss += u64::from(first_lost.is_some());
             let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
             let missing: Vec<_> = written.difference(&dirty).copied().collect();
             let e = by_dist.entry(since_lost.min(9)).or_default();
@@ -331,6 +340,11 @@ fn exact_collections_after_a_loss_hold_every_write() {
         m.ring_resyncs()
     );
     assert_eq!(bad, 0);
+    // tracking must come back after a loss (a wedged ring is lost for good)
+    assert!(
+        exact_after_loss > 0 || first_lost.is_none_or(|f| f + 30 > iters),
+        "no exact collection after the first loss (collection {first_lost:?} of {iters})"
+    );
 }
 
 /// Hot-page retention: re-arming is deferred, so retained pages stay
@@ -491,7 +505,7 @@ fn ring_short_reset_keeps_tracking_lost_until_whole() {
 /// A desynchronised ring whose vCPU is stuck ring-full with nothing pushed
 /// (KVM counts at least its soft limit of entries as used, none of them
 /// DIRTY, its indexes unknown): the collection finds KVM's reset index with
-/// single-entry resets and steps it forward; the vCPU runs again, the ring is
+/// resets of marked blocks and steps it forward; the vCPU runs again, the ring is
 /// re-aligned and tracking becomes whole, and no collection said exact
 /// misses a write. The stuck state is made by forgetting vCPU 0's entries
 /// (never recycled) at every collection until it sticks
@@ -548,7 +562,7 @@ fn stuck_desynchronised_ring_is_stepped_forward_and_loses_nothing() {
         "stuck ring: {lost} collections lost, {exact_after} exact after the unstick; {realigns} re-alignments, {unsticks} unsticks, {} stalled exits",
         m.ring_stalls()
     );
-    assert_eq!(unsticks, 1, "the stuck ring was not stepped forward exactly once");
+    assert!(unsticks >= 1, "the stuck ring was never stepped forward");
     assert!(realigns >= 1, "the ring was never re-aligned after the unstick");
     assert!(exact_after >= 10, "tracking did not come back after the unstick ({exact_after} exact collections)");
     assert_eq!(m.tracking_trust(), Trust::Whole, "tracking never became whole again");

@@ -76,11 +76,13 @@ impl Machine {
         let save_ctx = Arc::new(SaveContext::probe(&kvm, &vm, &fds[0])?);
         let vm = Arc::new(vm);
         let devices = Arc::new(Devices::new(Arc::clone(&mem), Arc::clone(&vm), cfg.vcpus, cfg.net));
+        let ring_resets = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let ctx = VcpuContext {
             vm: Arc::clone(&vm),
             mem: Arc::clone(&mem),
             devices: Arc::clone(&devices),
-            reset_lock: Arc::new(Mutex::new(RingLedger::default())),
+            reset_lock: Arc::new(Mutex::new(RingLedger::new(Arc::clone(&ring_resets)))),
+            ring_resets,
             faults: Arc::new(Mutex::new(Vec::new())),
             ring_pending: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             save_ctx: Arc::clone(&save_ctx),

@@ -133,6 +133,9 @@ pub struct VcpuContext {
     /// and keeps the count of entries marked RESET but not yet recycled.
     pub reset_lock: Arc<Mutex<RingLedger>>,
     pub faults: Arc<Mutex<Vec<GuestFault>>>,
+    /// Dirty ring resets so far (the ledger's count: see
+    /// [`RingLedger::resets`]).
+    pub ring_resets: Arc<std::sync::atomic::AtomicU64>,
     /// Ring entries harvested on ring-full exits since the last collection
     /// (summed over vCPUs): lets an epoch engine end an epoch early.
     pub ring_pending: Arc<std::sync::atomic::AtomicU64>,

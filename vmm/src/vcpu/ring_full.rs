@@ -22,9 +22,11 @@ pub struct RingState {
     /// Ring-full exits that found nothing to harvest (KVM's count of used
     /// entries ran ahead of the ring after an overflow).
     pub stalls: u64,
-    /// Since the last collection the vCPU exited ring-full while its ring
-    /// was desynchronised (it cannot run until a collection unsticks it).
-    pub stuck: bool,
+    /// The vCPU exited ring-full while its ring was desynchronised, with no
+    /// reset since it entered the guest: the value of the machine's reset
+    /// count then (it cannot run until a collection unsticks it, which
+    /// believes this only if no reset happened since).
+    pub stuck: Option<u64>,
     /// Times `pending` passed [`pending_cap`] and was dropped (tracking
     /// marked lost).
     pub pending_overflows: u64,
@@ -39,9 +41,9 @@ pub fn pending_cap(mem_bytes: u64) -> usize {
 }
 
 /// Ring-full exit: harvest this vCPU's ring into its pending set, reset, re-enter.
-/// `harvests_seen`: the vCPU's foreign harvest count before it entered the
-/// guest.
-pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
+/// `harvests_seen`, `resets_seen`: the vCPU's foreign harvest count and the
+/// machine's reset count before it entered the guest.
+pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64, resets_seen: u64) {
     let mut ledger = common::sync::lock(&ctx.reset_lock);
     let mut ring = vcpu.ring();
     let Some(rs) = ring.as_mut() else { return };
@@ -49,9 +51,9 @@ pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
     if rs.ring.is_desynchronised() {
         // KVM's indexes are unknown: only a collection, every vCPU parked,
         // can re-synchronise the ring. The vCPU cannot run until then (KVM
-        // exits ring-full at every entry): wait for the pause.
-        rs.lost = true;
-        if !std::mem::replace(&mut rs.stuck, true) {
+        // exits ring-full at every entry): wait for the pause. An exit with
+        // a reset since the vCPU entered may be stale: it is not noted.
+        if ctx.ring_resets.load(Ordering::SeqCst) == resets_seen && rs.stuck.replace(resets_seen).is_none() {
             rs.stalls += 1;
         }
         drop(ring);
@@ -62,7 +64,7 @@ pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
     let emptied_meanwhile = vcpu.foreign_harvests.load(Ordering::SeqCst) != harvests_seen;
     let h = rs.ring.harvest(&mut rs.pending, rs.verify);
     ctx.ring_pending.fetch_add(u64::from(h.harvested), Ordering::Relaxed);
-    let mut expected = h.expected_reset();
+    let expected = h.expected_reset();
     if h.overflow || h.stray {
         rs.lost = true;
     }
@@ -86,10 +88,16 @@ pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64) {
         // Soft-full with nothing to harvest and nothing harvested waiting for
         // a reset (hot-page retention defers resets), in a ring in sync: KVM
         // counts a whole ring more as used than it holds, left over from an
-        // overflow. Take one ring size off its count; the epoch is lost.
+        // overflow. Take one ring size off its count if the ring is where it
+        // seems (ring.rs, `full_circle`), else leave it to a collection. The
+        // epoch is lost either way.
         rs.lost = true;
         rs.stalls += 1;
-        expected = rs.ring.full_circle();
+        let _blocked = KickBlocked::new();
+        if !matches!(rs.ring.full_circle(&mut || ledger.reset_raw(&ctx.vm)), Ok(true)) {
+            tracing::warn!(vcpu = vcpu.id, "a stalled dirty ring is not where it seemed: left to the next collection");
+        }
+        return;
     }
     ledger.unreset += u64::from(expected);
     // With a kick pending on this thread KVM cuts a reset short, and on this

@@ -37,6 +37,7 @@ impl Vcpu {
             }
             let c = core.as_mut().expect("core held while running");
             let harvests_seen = self.foreign_harvests.load(Ordering::SeqCst);
+            let resets_seen = ctx.ring_resets.load(Ordering::SeqCst);
             let exit = c.fd.run();
             match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -62,7 +63,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Unsupported(r)) if r == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL => {
                     io_pending = false;
-                    ring_full(self, ctx, harvests_seen);
+                    ring_full(self, ctx, harvests_seen, resets_seen);
                 }
                 Ok(VcpuExit::Intr) => io_pending = false,
                 Ok(VcpuExit::Hlt) => return "guest halted with no in-kernel irqchip to wake it".into(),
