@@ -220,6 +220,9 @@ impl DirtyTracker {
                     entries.append(&mut rs.pending);
                     lost |= std::mem::take(&mut rs.lost);
                     let stuck = rs.stuck.take() == Some(resets_now);
+                    // this collection's reset recycles the ring's own marks,
+                    // which may free its vCPU: no unstick on top of that
+                    let stuck = stuck && !rs.ring.has_marks();
                     if self.stuck_armed && k == 0 {
                         rs.ring.mark_desynchronised();
                     }

@@ -204,6 +204,11 @@ impl DirtyRing {
         self.entries
     }
 
+    /// True if any entry is marked RESET (harvested, not yet recycled).
+    pub fn has_marks(&self) -> bool {
+        (0..self.entries).any(|i| self.flags(i).load(Ordering::Acquire) & RESET != 0)
+    }
+
     /// True while the ring is waiting to re-synchronise after an overflow.
     pub fn is_desynchronised(&self) -> bool {
         self.desync

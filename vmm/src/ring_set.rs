@@ -15,15 +15,16 @@ use crate::vcpu::{RingState, Vcpu};
 /// KVM_RESET_DIRTY_RINGS, over all rings. With hot-page retention the
 /// collector defers the reset, so a reset on a ring-full exit recycles the
 /// collector's entries too: every reset compares KVM's count with this.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RingLedger {
     pub unreset: u64,
     /// A reset on a ring-full exit found a count mismatch: the collector must
     /// treat every ring as desynchronised and the collection as lost.
     pub suspect: bool,
-    /// Resets so far (bumped before each): a vCPU reads it before it enters
-    /// the guest, so a ring-full exit can tell whether a reset since may
-    /// have made it stale (the machine's `VcpuContext::ring_resets`).
+    /// Resets so far (bumped before and after each, so a reader during one
+    /// sees a change after it): a vCPU reads it before it enters the guest,
+    /// so a ring-full exit can tell whether a reset since may have made it
+    /// stale (the machine's `VcpuContext::ring_resets`).
     pub resets: Arc<AtomicU64>,
 }
 
@@ -36,7 +37,9 @@ impl RingLedger {
     /// `KVM_RESET_DIRTY_RINGS`, counted; no check of what it recycled.
     pub fn reset_raw(&self, vm: &VmFd) -> Result<u32, ring::RingError> {
         self.resets.fetch_add(1, Ordering::SeqCst);
-        ring::reset_rings(vm)
+        let r = ring::reset_rings(vm);
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        r
     }
 
     /// Resets the rings; false if tracking was lost. KVM must recycle exactly

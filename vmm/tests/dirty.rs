@@ -208,12 +208,13 @@ fn small_ring_full_exits_lose_nothing() {
 /// The `kwrite` workload over 4096 pages a vCPU (CPL0 writes, emulated on
 /// KVM-PVM) with a ring of `entries`, started; and the gpa of its first page
 /// (vCPU `c` writes the 4096 pages from page `4096 c`).
-fn kernel_writer(entries: u32, ring_verify: bool, vcpus: u32) -> (Machine, u64) {
+fn kernel_writer(entries: u32, ring_verify: bool, vcpus: u32, hot_pages: bool) -> (Machine, u64) {
     let mut w = WorkloadConfig::idle();
     w.kind = WorkloadKind::KernelWrite;
     w.ws_pages = KERNEL_WRITER_PAGES as u64;
     let mut cfg = MachineConfig::new(256 * MIB, vcpus, TrackerKind::Ring { entries }, w);
     cfg.ring_verify = ring_verify;
+    cfg.hot_pages = hot_pages;
     let mut m = Machine::new(cfg).expect("machine");
     let base = m.memory().linear_to_gpa(KERNEL_END);
     m.start().expect("start");
@@ -248,7 +249,7 @@ fn kernel_writes(m: &Machine, base: u64, last: &mut [u64]) -> BTreeSet<u64> {
 /// castor's rings are 65536 entries unless `--ring-entries` says otherwise.
 #[test]
 fn emulated_writes_overflow_is_reported_as_tracking_lost() {
-    let (mut m, base) = kernel_writer(2048, false, 1);
+    let (mut m, base) = kernel_writer(2048, false, 1, false);
     let mut lost = 0;
     let mut exact = 0;
     let mut last_stamps = vec![0u64; KERNEL_WRITER_PAGES];
@@ -291,11 +292,24 @@ fn emulated_writes_overflow_is_reported_as_tracking_lost() {
 /// harvest).
 #[test]
 fn exact_collections_after_a_loss_hold_every_write() {
+    loss_recovery_probe(false);
+}
+
+/// The same, paced as the epoch engine does it: hot-page retention on, the
+/// rings skimmed while the guest runs, a pre-copy round in every other
+/// epoch (its pages count as reported), and every other boundary an
+/// overlapped collection (the reset handed to a parked vCPU thread).
+#[test]
+fn exact_collections_after_a_loss_hold_every_write_engine_paced() {
+    loss_recovery_probe(true);
+}
+
+fn loss_recovery_probe(engine: bool) {
     let env = |k: &str, default: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (iters, scale) = (env("PROBE_ITERS", 300), env("PROBE_SCALE", 8));
     let vcpus = env("PROBE_VCPUS", 2) as u32;
     let (mut m, base) =
-        kernel_writer(env("PROBE_RING", 2048) as u32, std::env::var_os("PROBE_VERIFY").is_some(), vcpus);
+        kernel_writer(env("PROBE_RING", 2048) as u32, std::env::var_os("PROBE_VERIFY").is_some(), vcpus, engine);
     let (mut lost, mut bad) = (0, 0);
     let mut last_stamps = vec![0u64; KERNEL_WRITER_PAGES * vcpus as usize];
     // exact collections since the last lost one
@@ -304,19 +318,47 @@ fn exact_collections_after_a_loss_hold_every_write() {
     let mut exact_after_loss = 0u64;
     // per distance from the last lost collection (9: 9 or more): (exact collections, misses)
     let mut by_dist = std::collections::BTreeMap::<u64, (u64, u64)>::new();
+    // each vCPU's kwrite rounds when the last 100 collections began: a vCPU
+    // stuck for good (its ring's reset index moved past its push index)
+    // would make no more
+    let mut rounds_before = Vec::new();
     for i in 0..iters {
-        std::thread::sleep(Duration::from_micros((200 + (i * 7919) % 3000) * scale));
-        m.pause().expect("pause");
-        let d = m.collect().expect("collect");
+        let wait = Duration::from_micros((200 + (i * 7919) % 3000) * scale);
+        let mut precopied = BTreeSet::new();
+        if engine {
+            for k in 0..4 {
+                std::thread::sleep(wait / 4);
+                m.skim();
+                if k == 2 && i % 2 == 1 {
+                    precopied.extend(m.precopy_round().expect("pre-copy").unwrap_or_default());
+                }
+            }
+        } else {
+            std::thread::sleep(wait);
+        }
+        let overlapped = engine && i % 2 == 0;
+        let (d, reset_ok) = if overlapped {
+            m.pause_and_save().expect("pause");
+            let d = m.collect_overlapped().expect("collect");
+            let ok = m.finish_reset();
+            m.save().expect("save");
+            (d, ok)
+        } else {
+            m.pause().expect("pause");
+            (m.collect().expect("collect"), true)
+        };
+        if i + 100 == iters {
+            rounds_before = (0..vcpus).map(|c| m.percpu(c, vmm::abi::PC_WRITES)).collect();
+        }
         let written = kernel_writes(&m, base, &mut last_stamps);
-        if d.tracking_lost {
+        if d.tracking_lost || !reset_ok {
             lost += 1;
             since_lost = 0;
             first_lost.get_or_insert(i);
         } else {
             since_lost += 1;
             exact_after_loss += u64::from(first_lost.is_some());
-            let dirty: BTreeSet<u64> = d.gfns.iter().copied().collect();
+            let dirty: BTreeSet<u64> = d.gfns.iter().copied().chain(precopied).collect();
             let missing: Vec<_> = written.difference(&dirty).copied().collect();
             let e = by_dist.entry(since_lost.min(9)).or_default();
             e.0 += 1;
@@ -335,11 +377,18 @@ fn exact_collections_after_a_loss_hold_every_write() {
         m.resume().expect("resume");
     }
     eprintln!(
-        "dirty recovery: {lost} lost, {} exact, {bad} exact-but-missing; by distance from the last lost one (collections, misses): {by_dist:?}; (re-alignments, unsticks) {:?}",
+        "dirty recovery{}: {lost} lost, {} exact, {bad} exact-but-missing; by distance from the last lost one (collections, misses): {by_dist:?}; (re-alignments, unsticks) {:?}, pre-copy rounds {}",
+        if engine { " (engine-paced)" } else { "" },
         iters - lost,
-        m.ring_resyncs()
+        m.ring_resyncs(),
+        m.precopy_rounds()
     );
     assert_eq!(bad, 0);
+    m.pause().expect("pause");
+    for (c, before) in rounds_before.iter().enumerate() {
+        let now = m.percpu(c as u32, vmm::abi::PC_WRITES);
+        assert!(now > *before, "vCPU {c} made no kwrite round in the last 100 collections ({before} -> {now})");
+    }
     // tracking must come back after a loss (a wedged ring is lost for good)
     assert!(
         exact_after_loss > 0 || first_lost.is_none_or(|f| f + 30 > iters),

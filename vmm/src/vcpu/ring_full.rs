@@ -84,6 +84,10 @@ pub(super) fn ring_full(vcpu: &Vcpu, ctx: &VcpuContext, harvests_seen: u64, rese
         // and here: KVM is no longer soft-full, re-enter
         return;
     }
+    if expected == 0 && ledger.unreset == 0 && ctx.ring_resets.load(Ordering::SeqCst) != resets_seen {
+        // a reset since the vCPU entered the guest may have freed it: re-enter
+        return;
+    }
     if expected == 0 && ledger.unreset == 0 {
         // Soft-full with nothing to harvest and nothing harvested waiting for
         // a reset (hot-page retention defers resets), in a ring in sync: KVM
