@@ -162,6 +162,9 @@ impl DirtyTracker {
             None => true,
         };
         if !ok {
+            // pages the reset did not recycle stay writable: the next
+            // collection is lost too (and re-protects every slot)
+            self.lost_pending = true;
             common::sync::lock(&ctx.reset_lock).suspect = false;
             for v in vcpus {
                 if let Some(rs) = v.ring().as_mut() {
@@ -220,9 +223,6 @@ impl DirtyTracker {
                     entries.append(&mut rs.pending);
                     lost |= std::mem::take(&mut rs.lost);
                     let stuck = rs.stuck.take() == Some(resets_now);
-                    // this collection's reset recycles the ring's own marks,
-                    // which may free its vCPU: no unstick on top of that
-                    let stuck = stuck && !rs.ring.has_marks();
                     if self.stuck_armed && k == 0 {
                         rs.ring.mark_desynchronised();
                     }
@@ -242,9 +242,12 @@ impl DirtyTracker {
                             // nothing pushed: nothing written (every page is
                             // write-protected since the last collection)
                             Desync::Empty if !stuck => {}
+                            // this collection's resets may walk the ring's
+                            // own marks and free its vCPU: it is unstuck only
+                            // if every mark is still there after them
                             Desync::Empty => {
                                 lost = true;
-                                unstick.push(k);
+                                unstick.push((k, rs.ring.marked()));
                             }
                             Desync::AllDirty => {
                                 lost = true;
@@ -272,7 +275,12 @@ impl DirtyTracker {
                     harvested.push(h.harvested);
                 }
                 if std::mem::take(&mut ledger.suspect) {
+                    // a reset on a ring-full exit recycled more or less than
+                    // the rings held: any ring may be off, not only its own
                     lost = true;
+                    for g in rings.iter_mut() {
+                        g.as_mut().expect("ring").ring.mark_desynchronised();
+                    }
                 }
                 from_kvm = entries.len();
                 for (slot, offset) in entries {

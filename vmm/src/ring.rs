@@ -204,9 +204,16 @@ impl DirtyRing {
         self.entries
     }
 
-    /// True if any entry is marked RESET (harvested, not yet recycled).
-    pub fn has_marks(&self) -> bool {
-        (0..self.entries).any(|i| self.flags(i).load(Ordering::Acquire) & RESET != 0)
+    /// The entries marked RESET (harvested, not yet recycled).
+    pub fn marked(&self) -> Vec<u32> {
+        (0..self.entries).filter(|&i| self.flags(i).load(Ordering::Acquire) & RESET != 0).collect()
+    }
+
+    /// True if every entry in `marks` is still marked RESET: no reset since
+    /// [`DirtyRing::marked`] walked any of them (KVM clears what it walks),
+    /// so none moved this ring's reset index.
+    pub fn still_marked(&self, marks: &[u32]) -> bool {
+        marks.iter().all(|&i| self.flags(i).load(Ordering::Acquire) & RESET != 0)
     }
 
     /// True while the ring is waiting to re-synchronise after an overflow.

@@ -69,14 +69,16 @@ impl RingLedger {
 /// parked and no ring holding a mark (the caller's last reset recycled
 /// nothing): `align` (ring, KVM's push position) get one reset that walks
 /// KVM's reset index to that position; `unstick` (nothing pushed, vCPU stuck
-/// ring-full) get their reset index stepped forward. See ring.rs. Returns
-/// how many of each succeeded.
+/// ring-full; with the entries it had marked before this collection's
+/// resets, all of which must still be marked: then those resets did not
+/// move its reset index) get their reset index stepped forward. See
+/// ring.rs. Returns how many of each succeeded.
 pub(crate) fn resynchronise(
     vm: &VmFd,
     ledger: &RingLedger,
     rings: &mut [MutexGuard<'_, Option<RingState>>],
     align: &[(usize, u32)],
-    unstick: &[usize],
+    unstick: &[(usize, Vec<u32>)],
 ) -> (u64, u64) {
     let (mut aligned, mut unstuck) = (0, 0);
     if !align.is_empty() {
@@ -100,8 +102,14 @@ pub(crate) fn resynchronise(
             }
         }
     }
-    for &k in unstick {
+    for (k, marks) in unstick {
+        let k = *k;
         let rs = rings[k].as_mut().expect("ring");
+        if !rs.ring.still_marked(marks) {
+            // a reset of this collection walked the ring: its vCPU may run
+            // again; a later ring-full exit says if it does not
+            continue;
+        }
         match rs.ring.unstick(&mut || ledger.reset_raw(vm)) {
             Ok(true) => {
                 tracing::info!(vcpu = k, "stuck dirty ring stepped forward");
