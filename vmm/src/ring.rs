@@ -305,9 +305,7 @@ impl DirtyRing {
             return Desync::Empty;
         }
         if dirty == self.entries {
-            for i in 0..self.entries {
-                self.flags(i).store(RESET, Ordering::Release);
-            }
+            self.store_all(RESET);
             return Desync::AllDirty;
         }
         // the start of a run: a DIRTY entry after one that is not
@@ -341,9 +339,8 @@ impl DirtyRing {
     /// resets (no other ring holding a mark), then calls
     /// [`DirtyRing::finish_align`].
     pub fn align(&mut self, end: u32) {
-        for i in 0..self.entries {
-            self.flags(i).store(if i == end { 0 } else { RESET }, Ordering::Release);
-        }
+        self.store_all(RESET);
+        self.flags(end).store(0, Ordering::Release);
     }
 
     /// Second half: clears the marks the reset did not walk through, and
@@ -362,11 +359,16 @@ impl DirtyRing {
         std::mem::take(&mut self.just_aligned)
     }
 
-    /// Fault injection (tests): clears every entry's flags without a reset,
-    /// so KVM keeps counting them as used.
+    /// Clears every entry's flags without a reset (KVM keeps counting them
+    /// as used): drops the marks an operation left behind its reset, and,
+    /// as fault injection, the entries a stuck ring is made of.
     pub fn forget(&mut self) {
+        self.store_all(0);
+    }
+
+    fn store_all(&mut self, flag: u32) {
         for i in 0..self.entries {
-            self.flags(i).store(0, Ordering::Release);
+            self.flags(i).store(flag, Ordering::Release);
         }
     }
 
@@ -379,27 +381,29 @@ impl DirtyRing {
     /// taking one ring size off the count. Otherwise (false) the ring is
     /// not where it seems: it is marked desynchronised, for a collection.
     pub fn full_circle(&mut self, reset: &mut dyn FnMut() -> Result<u32, RingError>) -> Result<bool, RingError> {
-        let mask = self.entries - 1;
-        let at = (self.fetch as u32) & mask;
-        let ok = (|| {
-            if (0..self.entries).any(|i| self.is_dirty(i)) {
-                return Ok(false);
-            }
-            self.forget();
-            self.flags(at).store(RESET, Ordering::Release);
-            if reset()? != 1 {
-                return Ok(false);
-            }
-            for k in 1..self.entries {
-                self.flags((at + k) & mask).store(RESET, Ordering::Release);
-            }
-            Ok(reset()? == self.entries - 1)
-        })();
+        let ok = self.checked_circle(reset);
         self.forget();
         if !matches!(ok, Ok(true)) {
             self.desync = true;
         }
         ok
+    }
+
+    fn checked_circle(&mut self, reset: &mut dyn FnMut() -> Result<u32, RingError>) -> Result<bool, RingError> {
+        let mask = self.entries - 1;
+        let at = (self.fetch as u32) & mask;
+        if (0..self.entries).any(|i| self.is_dirty(i)) {
+            return Ok(false);
+        }
+        self.forget();
+        self.flags(at).store(RESET, Ordering::Release);
+        if reset()? != 1 {
+            return Ok(false);
+        }
+        for k in 1..self.entries {
+            self.flags((at + k) & mask).store(RESET, Ordering::Release);
+        }
+        Ok(reset()? == self.entries - 1)
     }
 
     /// A desynchronised ring with nothing pushed whose vCPU is stuck
